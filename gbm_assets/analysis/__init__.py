@@ -1,0 +1,1 @@
+"""Pure analysis: evaluation, clustering, figures, reports (no Dagster)."""

@@ -1,0 +1,1 @@
+"""Pure image handling: reading, plate layout, synthetic plates, cell finding, crops (no Dagster)."""

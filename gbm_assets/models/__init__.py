@@ -1,0 +1,1 @@
+"""Pure Keras models: variant registry, encoders, losses, augmentation, tf.data input (no Dagster)."""

@@ -1,0 +1,41 @@
+"""Where things live on disk: the data root and the materialized datasets under it.
+
+The data root is GBM_ASSETS_DATA if set, else data/ in the current project directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_root() -> Path:
+    """The repository root (the folder holding pyproject.toml), else the working directory."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("GBM_ASSETS_DATA", project_root() / "data")).resolve()
+
+
+def raw_dir(root: Path | None = None) -> Path:
+    """Incoming plates: one folder per plate with a manifest.csv."""
+    return (root or data_root()) / "raw"
+
+
+def cell_coordinates_dir(root: Path | None = None) -> Path:
+    return (root or data_root()) / "cell_coordinates.parquet"
+
+
+def cell_masks_dir(root: Path | None = None) -> Path:
+    return (root or data_root()) / "cell_masks"
+
+
+def cell_crops_dir(root: Path | None = None) -> Path:
+    return (root or data_root()) / "cell_crops.parquet"
+
+
+def plate_file(dataset_dir: Path, plate_id: str) -> Path:
+    """The one Parquet file of a plate inside a hive-partitioned dataset (plate=<id>/part-0.parquet)."""
+    return dataset_dir / f"plate={plate_id}" / "part-0.parquet"
