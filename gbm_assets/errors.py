@@ -13,6 +13,10 @@ class InputError(ValueError):
         self.problem = problem
         super().__init__(f"{where}: {problem}")
 
+    def __reduce__(self):
+        # Errors cross process-pool boundaries: rebuild them from both fields, not from args.
+        return (type(self), (self.where, self.problem))
+
 
 class ImageReadError(InputError):
     """An image file that is missing, unreadable, corrupt or of an unsupported kind."""

@@ -1,0 +1,40 @@
+"""Where the data lives, as a resource so tests and deployments can point it elsewhere."""
+
+
+from pathlib import Path
+
+import dagster as dg
+
+from gbm_assets import paths
+
+
+class DataDirs(dg.ConfigurableResource):
+    """Root of the data folder (inputs under raw/, materialized datasets beside it).
+
+    Empty means GBM_ASSETS_DATA if set, else data/ in the project.
+    """
+
+    root: str = ""
+
+    @property
+    def base(self) -> Path:
+        return Path(self.root).resolve() if self.root else paths.data_root()
+
+    @property
+    def raw(self) -> Path:
+        return paths.raw_dir(self.base)
+
+    def plate_dir(self, plate_id: str) -> Path:
+        return self.raw / plate_id
+
+    @property
+    def coordinates(self) -> Path:
+        return paths.cell_coordinates_dir(self.base)
+
+    @property
+    def masks(self) -> Path:
+        return paths.cell_masks_dir(self.base)
+
+    @property
+    def crops(self) -> Path:
+        return paths.cell_crops_dir(self.base)

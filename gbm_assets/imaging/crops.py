@@ -1,0 +1,86 @@
+"""Single-cell crops centred on each cell, with per-crop intensity normalisation to 8 bits.
+
+Normalisation: each crop is stretched so that its 1st and 99th intensity percentiles map to
+0 and 255 (clipped), then stored as uint8. Per-crop (rather than per-image or raw 16-bit)
+removes illumination and exposure differences between images, plates and microscopes and
+raises the contrast of each cell, as the thesis' per-image normalisation meant to; the
+encoders see intensities in [0, 1] anyway, and 256 levels over a crop's own range are finer
+than phase-contrast noise. uint8 is 2x smaller than float16 and 4x smaller than float32, which
+matters at millions of crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pandas as pd
+
+LOW_PERCENTILE = 1.0
+HIGH_PERCENTILE = 99.0
+
+
+@dataclass
+class CropBatch:
+    """Crops of one image: the kept cells (with integer crop centres x, y) and their pixels/masks."""
+
+    cells: pd.DataFrame
+    pixels: np.ndarray  # (N, S, S) uint8, normalised
+    masks: np.ndarray  # (N, S, S) uint8, 1 inside the cell's component at the centre
+
+
+def normalise_crops(windows: np.ndarray) -> np.ndarray:
+    """Stretch each crop's [p1, p99] to [0, 255] and return uint8 (N, S, S)."""
+    flat = windows.reshape(len(windows), -1).astype(np.float32)
+    lo, hi = np.percentile(flat, [LOW_PERCENTILE, HIGH_PERCENTILE], axis=1)
+    scale = 255.0 / np.maximum(hi - lo, 1e-6)
+    out = (flat - lo[:, None]) * scale[:, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(windows.shape)
+
+
+def crop_origin(x: float, y: float, crop_size: int) -> tuple[int, int, int, int]:
+    """Integer centre (cx, cy) and top-left corner (x0, y0) of the crop around (x, y)."""
+    cx, cy = int(round(float(x))), int(round(float(y)))
+    half = crop_size // 2
+    return cx, cy, cx - half, cy - half
+
+
+def centre_component(cell_mask: np.ndarray) -> np.ndarray:
+    """Keep only the connected component of a binary crop mask at (or nearest to) the centre."""
+    n, comp = cv2.connectedComponents(cell_mask.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return (comp > 0).astype(np.uint8)
+    c = cell_mask.shape[0] // 2
+    label = comp[c, c]
+    if label == 0:
+        ys, xs = np.nonzero(comp)
+        nearest = np.argmin((ys - c) ** 2 + (xs - c) ** 2)
+        label = comp[ys[nearest], xs[nearest]]
+    return (comp == label).astype(np.uint8)
+
+
+def extract_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, crop_size: int = 128) -> CropBatch:
+    """Crop every cell whose crop_size x crop_size window lies fully inside the image.
+
+    cells needs columns cell_id, x, y (the cell's label value in `labels` and its centroid).
+    A crop that would cross the image edge is dropped, as in the thesis.
+    """
+    if crop_size <= 0 or crop_size % 2:
+        raise ValueError(f"crop_size must be a positive even number, got {crop_size}")
+    h, w = image.shape
+    kept, windows, masks = [], [], []
+    for row in cells.itertuples(index=False):
+        cx, cy, x0, y0 = crop_origin(row.x, row.y, crop_size)
+        if x0 < 0 or y0 < 0 or x0 + crop_size > w or y0 + crop_size > h:
+            continue
+        windows.append(image[y0 : y0 + crop_size, x0 : x0 + crop_size])
+        masks.append(centre_component(labels[y0 : y0 + crop_size, x0 : x0 + crop_size] == row.cell_id))
+        kept.append((row.cell_id, cx, cy))
+    out = cells.set_index("cell_id").loc[[k[0] for k in kept]].reset_index()
+    out["x"] = np.array([k[1] for k in kept], dtype=np.int32)
+    out["y"] = np.array([k[2] for k in kept], dtype=np.int32)
+    if not kept:
+        empty = np.zeros((0, crop_size, crop_size), np.uint8)
+        return CropBatch(out, empty, empty.copy())
+    return CropBatch(out, normalise_crops(np.stack(windows)), np.stack(masks))

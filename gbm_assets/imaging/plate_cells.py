@@ -1,0 +1,223 @@
+"""Cell finding and cropping over a whole plate, image by image, on all cores.
+
+Work is spread over a process pool (one image per task); results come back in manifest
+order so output is deterministic whatever the number of workers. Label masks travel and are
+stored as 16-bit PNG bytes (small, lossless).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from scipy import ndimage as ndi
+
+from gbm_assets.imaging.crops import extract_crops
+from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, measure_cells
+from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, PROVENANCE_COLUMNS, make_crop_id
+
+Progress = Callable[[int, int], None] | None
+
+
+def encode_labels(labels: np.ndarray, where: str = "labels") -> bytes:
+    """Lossless 16-bit PNG of an instance label image."""
+    if labels.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{where}: more than 65535 cells in one image cannot be stored")
+    ok, buf = cv2.imencode(".png", labels.astype(np.uint16))
+    if not ok:
+        raise ValueError(f"{where}: could not encode label mask")
+    return buf.tobytes()
+
+
+def decode_labels(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).astype(np.int32)
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _map_in_order(fn, tasks: list, workers: int, progress: Progress) -> Iterator:
+    """Run fn over tasks, in a process pool when workers > 1, yielding results in task order."""
+    total = len(tasks)
+    if workers <= 1 or total <= 1:
+        for i, task in enumerate(tasks):
+            yield fn(task)
+            if progress:
+                progress(i + 1, total)
+        return
+    # forkserver: safe when the parent has threads (Dagster, TensorFlow), cheaper than spawn.
+    ctx = mp.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx, initializer=_init_worker) as pool:
+        for i, result in enumerate(pool.map(fn, tasks, chunksize=1)):
+            yield result
+            if progress:
+                progress(i + 1, total)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)
+
+
+# ---------------------------------------------------------------- cell finding
+
+
+@dataclass
+class ImageCells:
+    """Cells found in one image and its label mask (PNG bytes)."""
+
+    image: str
+    cells: pd.DataFrame
+    labels_png: bytes
+    height: int
+    width: int
+
+
+def _segment_task(task: tuple[Path, str, SegmentationParams]) -> ImageCells:
+    plate_dir, name, params = task
+    image = read_image(plate_dir / name)
+    cells, labels = find_cells(image, params)
+    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *image.shape)
+
+
+def _objects_task(task: tuple[Path, str, SegmentationParams, pd.DataFrame]) -> ImageCells:
+    """Cells at CellProfiler's coordinates; shapes from our segmentation, split between the points.
+
+    Every point seeds a marker-based watershed over the segmented foreground (plus a small disc
+    around each point, so a point on background still gets a mask); points sharing one region
+    divide it, as CellProfiler's seeded identification would.
+    """
+    plate_dir, name, params, objects = task
+    image = read_image(plate_dir / name)
+    _, seg = find_cells(image, params)
+    h, w = seg.shape
+    xy = np.rint(objects[["x", "y"]].to_numpy(float)).astype(int)
+    xy[:, 0] = xy[:, 0].clip(0, w - 1)
+    xy[:, 1] = xy[:, 1].clip(0, h - 1)
+    foreground = (seg > 0).astype(np.uint8)
+    markers = np.zeros((h, w), np.int32)
+    seed_radius = max(2, int(round(params.cell_diameter_px / 8)))
+    for obj_id, (cx, cy) in enumerate(xy, start=1):
+        cv2.circle(foreground, (int(cx), int(cy)), seed_radius, 1, -1)
+    for obj_id, (cx, cy) in enumerate(xy, start=1):
+        cv2.circle(markers, (int(cx), int(cy)), 1, obj_id, -1)
+    distance = cv2.distanceTransform(foreground, cv2.DIST_L2, 5)
+    cost = (255 - 255 * distance / max(float(distance.max()), 1e-6)).astype(np.uint8)
+    labels = ndi.watershed_ift(cost, markers) * foreground
+    measured = measure_cells(labels).set_index("cell_id")
+    cells = pd.DataFrame({"cell_id": np.arange(1, len(objects) + 1, dtype=np.int32)})
+    cells["x"] = objects["x"].to_numpy(float)
+    cells["y"] = objects["y"].to_numpy(float)
+    for col in MEASUREMENT_COLUMNS:
+        given = objects[col].to_numpy(float) if col in objects else np.full(len(objects), np.nan)
+        fallback = measured[col].reindex(cells["cell_id"]).to_numpy(float)
+        cells[col] = np.where(np.isnan(given), fallback, given)
+    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), h, w)
+
+
+def find_plate_cells(
+    plate_dir: str | Path,
+    images: Iterable[str],
+    params: SegmentationParams = SegmentationParams(),
+    objects: pd.DataFrame | None = None,
+    workers: int = 1,
+    progress: Progress = None,
+) -> Iterator[ImageCells]:
+    """Find cells in each image of a plate (or place them at `objects`, a CellProfiler table)."""
+    plate_dir = Path(plate_dir)
+    images = list(images)
+    if objects is None:
+        tasks = [(plate_dir, name, params) for name in images]
+        yield from _map_in_order(_segment_task, tasks, workers, progress)
+    else:
+        groups = {name: g.reset_index(drop=True) for name, g in objects.groupby("image", sort=False)}
+        empty = objects.iloc[0:0]
+        tasks = [(plate_dir, name, params, groups.get(name, empty)) for name in images]
+        yield from _map_in_order(_objects_task, tasks, workers, progress)
+
+
+# ---------------------------------------------------------------- crops
+
+
+@dataclass
+class CropFilters:
+    """The thesis' image filters; None switches a filter off."""
+
+    max_cells_per_image: int | None = None  # keep images with fewer cells than this (thesis: 100)
+    min_timepoint_h: float | None = None  # keep images at or after this time point
+    max_timepoint_h: float | None = None  # keep images at or before this time point (thesis: 1)
+
+    def keep_image(self, n_cells: int, timepoint_h: float) -> bool:
+        if self.max_cells_per_image is not None and n_cells >= self.max_cells_per_image:
+            return False
+        if self.min_timepoint_h is not None and timepoint_h < self.min_timepoint_h:
+            return False
+        if self.max_timepoint_h is not None and timepoint_h > self.max_timepoint_h:
+            return False
+        return True
+
+
+def _crop_task(task) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    plate_dir, name, cells, labels_png, crop_size = task
+    image = read_image(plate_dir / name)
+    labels = decode_labels(labels_png)
+    if labels.shape != image.shape:
+        raise ValueError(f"{plate_dir / name}: label mask {labels.shape} does not match image {image.shape}")
+    batch = extract_crops(image, cells, labels, crop_size)
+    return batch.cells, batch.pixels, batch.masks
+
+
+def crop_plate(
+    plate_id: str,
+    plate_dir: str | Path,
+    manifest: pd.DataFrame,
+    coordinates: pd.DataFrame,
+    masks: dict[str, bytes],
+    crop_size: int = 128,
+    filters: CropFilters = CropFilters(),
+    workers: int = 1,
+    progress: Progress = None,
+) -> Iterator[pa.Table]:
+    """Yield one Arrow table (CROP_SCHEMA) per kept image of a plate, in manifest order."""
+    plate_dir = Path(plate_dir)
+    by_image = {name: g.reset_index(drop=True) for name, g in coordinates.groupby("image", sort=False)}
+    tasks, meta = [], []
+    for row in manifest.itertuples(index=False):
+        cells = by_image.get(row.image)
+        if cells is None or cells.empty or not filters.keep_image(len(cells), row.timepoint_h):
+            continue
+        tasks.append((plate_dir, row.image, cells[["cell_id", "x", "y", *MEASUREMENT_COLUMNS]], masks[row.image], crop_size))
+        meta.append(row)
+    for row, (cells, pixels, crop_masks) in zip(meta, _map_in_order(_crop_task, tasks, workers, progress)):
+        yield crops_table(plate_id, row, cells, pixels, crop_masks, crop_size)
+
+
+def crops_table(plate_id: str, row, cells: pd.DataFrame, pixels: np.ndarray, masks: np.ndarray, crop_size: int) -> pa.Table:
+    """Arrow table of one image's crops with full provenance (CROP_SCHEMA column order)."""
+    n = len(cells)
+    cols = {
+        "crop_id": [make_crop_id(plate_id, row.image, c) for c in cells["cell_id"]],
+        "plate": [plate_id] * n,
+        "image": [row.image] * n,
+        "x": cells["x"].to_numpy(np.int32),
+        "y": cells["y"].to_numpy(np.int32),
+        "culture": [row.culture] * n,
+        "concentration": [str(row.concentration)] * n,
+        "replicate": np.full(n, row.replicate, np.int32),
+        "timepoint_h": np.full(n, row.timepoint_h, np.float64),
+        "cell_id": cells["cell_id"].to_numpy(np.int32),
+        **{m: cells[m].to_numpy(np.float64) for m in MEASUREMENT_COLUMNS},
+        "crop_size": np.full(n, crop_size, np.int16),
+        "pixels": [p.tobytes() for p in pixels],
+        "mask": [m.tobytes() for m in masks],
+    }
+    return pa.table(cols, schema=CROP_SCHEMA)

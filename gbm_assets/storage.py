@@ -1,0 +1,60 @@
+"""Atomic file writes: a reader sees the previous file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success rename it over `final`, else delete it.
+
+    The temporary file lives in the same folder so that os.replace is an atomic rename.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_parquet_atomic(table: pa.Table, final: str | Path, row_group_size: int = 2048) -> Path:
+    """Write one Parquet file atomically, in row groups small enough to stream back in batches."""
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+    return Path(final)
+
+
+class AtomicParquetWriter:
+    """Stream record batches into one Parquet file that appears only when closed without error."""
+
+    def __init__(self, final: str | Path, schema: pa.Schema):
+        self._ctx = atomic_path(final)
+        self._tmp = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def __enter__(self) -> "AtomicParquetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._writer.close()
+        self._ctx.__exit__(exc_type, exc, tb)
+        return False

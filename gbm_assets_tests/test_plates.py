@@ -1,0 +1,126 @@
+"""The plate format: reading images, manifests, and every kind of bad input named clearly."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from gbm_assets.errors import ImageReadError, PlateError
+from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.plates import check_plate_id, find_ready_plates, read_manifest, validate_plate
+from gbm_assets_tests.conftest import write_tiny_plate
+
+
+def test_valid_plate_defaults_optional_columns(tmp_path):
+    plate = write_tiny_plate(tmp_path / "p1", n=3)
+    summary = validate_plate(plate)
+    assert summary.plate_id == "p1" and summary.n_images == 3
+    assert (summary.height, summary.width, summary.bits) == (64, 64, 16)
+    m = summary.manifest
+    assert list(m["concentration"].unique()) == ["na"]
+    assert m["replicate"].tolist() == [1, 1, 1] and m["timepoint_h"].tolist() == [0.0] * 3
+
+
+def test_reads_8bit_tiff_and_png(tmp_path):
+    img = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) % 251
+    tifffile.imwrite(tmp_path / "a.tif", img.astype(np.uint8))
+    cv2.imwrite(str(tmp_path / "b.png"), (img * 200).astype(np.uint16))
+    rgb = np.repeat(img.astype(np.uint8)[..., None], 3, axis=2)
+    cv2.imwrite(str(tmp_path / "c.png"), rgb)
+    assert read_image(tmp_path / "a.tif").dtype == np.uint8
+    assert np.array_equal(read_image(tmp_path / "b.png"), (img * 200).astype(np.uint16))
+    assert np.array_equal(read_image(tmp_path / "c.png"), img.astype(np.uint8))
+
+
+def test_corrupt_image_is_named(tmp_path):
+    plate = write_tiny_plate(tmp_path / "p", n=3)
+    (plate / "img1.tif").write_bytes(b"II*\x00garbage" * 10)
+    with pytest.raises(ImageReadError, match=r"img1\.tif.*(unreadable|corrupt)"):
+        validate_plate(plate)
+
+
+def test_manifest_missing(tmp_path):
+    plate = write_tiny_plate(tmp_path / "p")
+    (plate / "manifest.csv").unlink()
+    with pytest.raises(PlateError, match=r"manifest\.csv.*missing"):
+        validate_plate(plate)
+
+
+@pytest.mark.parametrize("column", ["image", "culture"])
+def test_manifest_missing_required_column(tmp_path, column):
+    plate = write_tiny_plate(tmp_path / "p")
+    m = pd.read_csv(plate / "manifest.csv").drop(columns=[column])
+    m.to_csv(plate / "manifest.csv", index=False)
+    with pytest.raises(PlateError, match=rf"manifest\.csv.*required column.*{column}"):
+        validate_plate(plate)
+
+
+def test_manifest_row_without_file(tmp_path):
+    plate = write_tiny_plate(tmp_path / "p")
+    m = pd.read_csv(plate / "manifest.csv")
+    m.loc[len(m)] = ["ghost.tif", "A"]
+    m.to_csv(plate / "manifest.csv", index=False)
+    with pytest.raises(PlateError, match=r"ghost\.tif.*does not exist"):
+        validate_plate(plate)
+
+
+def test_mixed_image_sizes(tmp_path):
+    plate = write_tiny_plate(tmp_path / "p", n=2)
+    tifffile.imwrite(plate / "img1.tif", np.zeros((32, 48), np.uint16))
+    with pytest.raises(PlateError, match=r"img1\.tif.*mixed image sizes"):
+        validate_plate(plate)
+
+
+def test_empty_plate(tmp_path):
+    plate = tmp_path / "p"
+    plate.mkdir()
+    (plate / "manifest.csv").write_text("image,culture\n")
+    with pytest.raises(PlateError, match="empty plate"):
+        validate_plate(plate)
+
+
+@pytest.mark.parametrize("bad", ["..", "a/b", "a\\b", "x\x07y", "", ".hidden", "a..b", "sp ace"])
+def test_unsafe_plate_ids(bad):
+    with pytest.raises(PlateError, match="plate id"):
+        check_plate_id(bad)
+
+
+@pytest.mark.parametrize("name", ["../escape.tif", "/etc/passwd.tif", "sub/../../x.tif"])
+def test_path_traversal_image_name(tmp_path, name):
+    plate = write_tiny_plate(tmp_path / "p")
+    pd.DataFrame({"image": [name], "culture": ["A"]}).to_csv(plate / "manifest.csv", index=False)
+    with pytest.raises(PlateError, match="escapes the plate folder"):
+        read_manifest(plate)
+
+
+def test_non_numeric_replicate(tmp_path):
+    plate = write_tiny_plate(tmp_path / "p")
+    m = pd.read_csv(plate / "manifest.csv")
+    m["replicate"] = ["one", "two"]
+    m.to_csv(plate / "manifest.csv", index=False)
+    with pytest.raises(PlateError, match="replicate.*numeric"):
+        read_manifest(plate)
+
+
+def test_find_ready_plates_needs_manifest_and_safe_name(tmp_path):
+    write_tiny_plate(tmp_path / "ready")
+    (tmp_path / "not_ready").mkdir()
+    write_tiny_plate(tmp_path / "bad name")
+    assert find_ready_plates(tmp_path) == ["ready"]
+
+
+def test_t98g_frames_load_as_a_plate(tmp_path, t98g):
+    """The real frames, linked (not copied) into a plate folder, validate as one plate."""
+    plate = tmp_path / "t98g"
+    plate.mkdir()
+    names = sorted(p.name for p in (t98g / "images").glob("*.tif"))
+    for name in names:
+        (plate / name).symlink_to(t98g / "images" / name)
+    pd.DataFrame({"image": names, "culture": "T98G"}).to_csv(plate / "manifest.csv", index=False)
+    summary = validate_plate(plate)
+    assert summary.n_images == 6
+    assert (summary.width, summary.height, summary.bits) == (1024, 1022, 16)
+    assert summary.cultures == ["T98G"]
