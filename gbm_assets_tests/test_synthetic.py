@@ -1,0 +1,191 @@
+"""The synthetic plates are ground truth for cell finding, so they must be reproducible, match
+their own labels, follow each culture's mixture, and look like phase contrast."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.plates import check_plate_id, read_manifest, validate_plate
+from gbm_assets.imaging.synthetic import (
+    CELLS_PER_FIELD,
+    CONCENTRATIONS,
+    CULTURE_MIXTURES,
+    CULTURES,
+    GROUND_TRUTH_COLUMNS,
+    MORPHOTYPES,
+    culture_mixture,
+    synthesize_image,
+    write_plates,
+)
+
+SMALL = dict(n_cultures=2, n_concentrations=2, images_per_plate=2, size=256)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def plates(tmp_path_factory) -> list[Path]:
+    """Two cultures at all five concentrations, four 512x512 images each (dense enough to count)."""
+    out = tmp_path_factory.mktemp("synth")
+    return write_plates(out, n_cultures=2, n_concentrations=5, images_per_plate=4, size=512, seed=3)
+
+
+def test_same_seed_gives_byte_identical_plates(tmp_path):
+    a = write_plates(tmp_path / "a", seed=7, **SMALL)
+    write_plates(tmp_path / "b", seed=7, **SMALL)
+    files_a = _files(tmp_path / "a")
+    assert files_a == _files(tmp_path / "b")
+    assert {p.name for p in a} == {"synth-GBM01-c250-r1", "synth-GBM01-c500-r1",
+                                   "synth-GBM02-c250-r1", "synth-GBM02-c500-r1"}
+    # A plate does not depend on how many other plates were asked for.
+    write_plates(tmp_path / "c", seed=7, n_cultures=1, n_concentrations=1, images_per_plate=2, size=256)
+    assert _files(tmp_path / "c") == {k: v for k, v in files_a.items() if k.startswith("synth-GBM01-c250-r1/")}
+
+
+def test_different_seeds_and_plates_differ(tmp_path):
+    one = write_plates(tmp_path / "s1", seed=1, **SMALL)
+    two = write_plates(tmp_path / "s2", seed=2, **SMALL)
+    images = [tifffile.imread(p / "img000.tif") for p in one + two]
+    for x, y in itertools.combinations(images, 2):
+        assert not np.array_equal(x, y)
+
+
+def test_existing_plate_is_kept_when_unchanged_and_replaced_otherwise(tmp_path):
+    calls = []
+    (plate,) = write_plates(tmp_path, n_cultures=1, n_concentrations=1, images_per_plate=1, size=256,
+                            progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)]
+    before = (plate / "img000.tif").stat().st_mtime_ns
+    write_plates(tmp_path, n_cultures=1, n_concentrations=1, images_per_plate=1, size=256)
+    assert (plate / "img000.tif").stat().st_mtime_ns == before
+    write_plates(tmp_path, n_cultures=1, n_concentrations=1, images_per_plate=1, size=128)
+    assert tifffile.imread(plate / "img000.tif").shape == (128, 128)
+    assert not list(plate.glob(".*"))  # no temporary manifest left behind
+
+
+def test_written_plates_pass_validation(plates):
+    assert len(plates) == 10
+    for plate in plates:
+        summary = validate_plate(plate)
+        assert check_plate_id(plate.name) == summary.plate_id
+        assert (summary.height, summary.width, summary.bits) == (512, 512, 16)
+        culture, conc, rep = plate.name.split("-")[1:]
+        assert summary.cultures == [culture]
+        assert summary.concentrations == [conc[1:]]
+        assert summary.manifest["replicate"].tolist() == [int(rep[1:])] * 4
+
+
+def test_manifest_ground_truth_and_masks_agree(plates):
+    for plate in plates:
+        manifest = read_manifest(plate)
+        truth = pd.read_csv(plate / "ground_truth.csv")
+        assert tuple(truth.columns) == GROUND_TRUTH_COLUMNS
+        assert set(truth["image"]) <= set(manifest["image"])
+        assert set(truth["culture"]) <= set(manifest["culture"])
+        assert set(truth["morphotype"]) <= set(MORPHOTYPES)
+        newest = max(p.stat().st_mtime_ns for p in plate.rglob("*") if p.is_file())
+        assert (plate / "manifest.csv").stat().st_mtime_ns == newest  # the manifest comes last
+        for name in manifest["image"]:
+            image = read_image(plate / name)
+            labels = cv2.imread(str(plate / "masks" / (Path(name).stem + ".png")), cv2.IMREAD_UNCHANGED)
+            assert image.shape == labels.shape == (512, 512)
+            assert image.dtype == labels.dtype == np.uint16
+            cells = truth[truth["image"] == name]
+            assert sorted(cells["mask_id"]) == sorted(set(np.unique(labels)) - {0})
+            for cell in cells.itertuples():
+                ys, xs = np.nonzero(labels == cell.mask_id)
+                assert (cell.bbox_x0, cell.bbox_y0, cell.bbox_x1, cell.bbox_y1) == (
+                    xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+                assert cell.bbox_x0 <= cell.x < cell.bbox_x1 and cell.bbox_y0 <= cell.y < cell.bbox_y1
+                assert np.hypot(xs - cell.x, ys - cell.y).min() <= 2.0  # centroid on or next to the cell
+
+
+def test_cells_are_distinct_and_clump_members_touch(plates):
+    clump_cells = touching = 0
+    for plate in plates:
+        truth = pd.read_csv(plate / "ground_truth.csv")
+        for name, cells in truth.groupby("image"):
+            xy = cells[["x", "y"]].to_numpy()
+            if len(xy) > 1:
+                d = np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1))
+                assert d[np.triu_indices(len(xy), 1)].min() > 8.0  # findable within the 8 px match
+            labels = cv2.imread(str(plate / "masks" / (Path(name).stem + ".png")), cv2.IMREAD_UNCHANGED)
+            clump_ids = cells.loc[cells["morphotype"] == "clump", "mask_id"].tolist()
+            for mask_id in clump_ids:
+                ring = cv2.dilate((labels == mask_id).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+                clump_cells += 1
+                touching += bool(np.isin(labels[ring], [i for i in clump_ids if i != mask_id]).any())
+    assert clump_cells > 20 and touching >= 0.85 * clump_cells
+
+
+def test_cell_count_grows_with_concentration(plates):
+    counts = {c: 0 for c in CONCENTRATIONS}
+    for plate in plates:
+        counts[read_manifest(plate)["concentration"][0]] += len(pd.read_csv(plate / "ground_truth.csv"))
+    series = [counts[c] for c in CONCENTRATIONS]
+    assert series == sorted(series) and series[-1] > 5 * series[0]
+    expected = 2 * 4 * CELLS_PER_FIELD["4000"] * (512 / 1024) ** 2  # 2 cultures x 4 images
+    assert 0.7 * expected < series[-1] < 1.2 * expected
+
+
+def test_mixtures_are_valid_and_distinct():
+    assert len(CULTURES) == 10 and set(CULTURE_MIXTURES) == set(CULTURES)
+    vectors = []
+    for culture in CULTURES:
+        mixture = culture_mixture(culture)
+        assert set(mixture) == set(MORPHOTYPES)
+        assert sum(mixture.values()) == pytest.approx(1.0)
+        assert sum(p >= 0.05 for p in mixture.values()) >= 3
+        vectors.append(np.array([mixture[m] for m in MORPHOTYPES]))
+    assert min(np.abs(a - b).sum() for a, b in itertools.combinations(vectors, 2)) >= 0.3
+    with pytest.raises(ValueError):
+        culture_mixture("GBM99")
+    with pytest.raises(ValueError):
+        synthesize_image(np.random.default_rng(0), {"small_round": 0.5}, 5, 256)
+
+
+def _observed_mixture(culture: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    cells = pd.concat([synthesize_image(rng, culture_mixture(culture), 110).cells for _ in range(5)])
+    return cells["morphotype"].value_counts(normalize=True).reindex(list(MORPHOTYPES), fill_value=0).to_numpy()
+
+
+def test_morphotype_mixture_is_respected():
+    seen = {c: _observed_mixture(c, seed=i) for i, c in enumerate(("GBM01", "GBM04"))}
+    for culture, observed in seen.items():
+        expected = np.array([CULTURE_MIXTURES[culture][m] for m in MORPHOTYPES])
+        assert np.abs(observed - expected).max() < 0.06, (culture, observed, expected)
+    assert np.abs(seen["GBM01"] - seen["GBM04"]).sum() > 0.5
+
+
+def test_phase_contrast_look():
+    field = synthesize_image(np.random.default_rng(0), culture_mixture("GBM10"), 40, 512)
+    image, labels = field.image.astype(np.float64), field.labels
+    cells = (labels > 0).astype(np.uint8)
+    background = np.median(image[cv2.dilate(cells, np.ones((31, 31), np.uint8)) == 0])
+    assert 27000 < background < 36000
+    ring = (cv2.dilate(cells, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))) > 0) & (cells == 0)
+    assert image[ring].mean() > 1.05 * background  # bright halo just outside the cells
+    for cell in field.cells.itertuples():
+        inside = image[labels == cell.mask_id].mean()
+        if cell.morphotype == "small_round":
+            assert inside > background  # dead, rounded cells are bright, refractile
+        else:
+            assert inside < 0.97 * background  # living cells are darker than the background
+
+
+def test_empty_field_has_background_and_no_cells():
+    field = synthesize_image(np.random.default_rng(5), culture_mixture("GBM01"), 0, 256)
+    assert field.cells.empty and not field.labels.any()
+    assert field.image.dtype == np.uint16 and 27000 < field.image.mean() < 36000
+    assert field.image.std() > 200  # noise and uneven illumination, not a flat frame

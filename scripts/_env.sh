@@ -1,0 +1,20 @@
+# Shared set-up for the scripts: a virtualenv in .venv with the project installed, the embedded
+# Dagster instance in .dagster_home and the MLflow store under mlruns/.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+STAMP=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -f "$STAMP" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[dev]'
+  touch "$STAMP"
+fi
+export PATH="$ROOT/.venv/bin:$PATH"
+export DAGSTER_HOME="${DAGSTER_HOME:-$ROOT/.dagster_home}"
+export KERAS_BACKEND=tensorflow
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+mkdir -p "$DAGSTER_HOME" mlruns data
