@@ -49,19 +49,28 @@ def default_workers() -> int:
 def _map_in_order(fn, tasks: list, workers: int, progress: Progress) -> Iterator:
     """Run fn over tasks, in a process pool when workers > 1, yielding results in task order."""
     total = len(tasks)
-    if workers <= 1 or total <= 1:
-        for i, task in enumerate(tasks):
-            yield fn(task)
-            if progress:
-                progress(i + 1, total)
-        return
-    # forkserver: safe when the parent has threads (Dagster, TensorFlow), cheaper than spawn.
-    ctx = mp.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx, initializer=_init_worker) as pool:
-        for i, result in enumerate(pool.map(fn, tasks, chunksize=1)):
-            yield result
-            if progress:
-                progress(i + 1, total)
+    results = map(fn, tasks) if workers <= 1 or total <= 1 else _pool(workers).map(fn, tasks, chunksize=1)
+    for i, result in enumerate(results):
+        yield result
+        if progress:
+            progress(i + 1, total)
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool kept for the life of the process, so plate after plate reuses warm workers.
+
+    forkserver: safe when the parent has threads (Dagster, TensorFlow); preloading this module
+    in the server makes each worker a cheap fork rather than a fresh interpreter importing OpenCV.
+    """
+    pool = _POOLS.get(workers)
+    if pool is None or getattr(pool, "_broken", False):
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        pool = _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    return pool
 
 
 def _init_worker() -> None:
