@@ -3,7 +3,10 @@
 import dagster as dg
 
 from gbm_assets.assets.cells import cell_coordinates, cell_crops
-from gbm_assets.assets.partitions import plates
+from gbm_assets.assets.clusters import clusters, composition_report
+from gbm_assets.assets.encoders import embeddings, trained_encoders
+from gbm_assets.assets.mlflow_tracking import MLflowTracking
+from gbm_assets.assets.partitions import plates, variants
 from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.assets.sensors import INGEST_JOB_NAME, new_plate_sensor
@@ -15,9 +18,29 @@ ingest_plate = dg.define_asset_job(
     description="Validate a plate, find its cells and crop them.",
 )
 
+train_all_variants = dg.define_asset_job(
+    "train_all_variants",
+    selection=dg.AssetSelection.assets(trained_encoders, embeddings),
+    partitions_def=variants,
+    description="Train every model variant's encoder on all plates, embed every crop and score it.",
+)
+
+cluster_all_variants = dg.define_asset_job(
+    "cluster_all_variants",
+    selection=dg.AssetSelection.assets(clusters),
+    partitions_def=variants,
+    description="Cluster every variant's embeddings (labels new cells without refitting unless refit is set).",
+)
+
+refresh_report = dg.define_asset_job(
+    "refresh_report",
+    selection=dg.AssetSelection.assets(composition_report),
+    description="Rebuild the composition report from every variant's clusters.",
+)
+
 defs = dg.Definitions(
-    assets=[raw_plates, cell_coordinates, cell_crops],
-    jobs=[ingest_plate],
+    assets=[raw_plates, cell_coordinates, cell_crops, trained_encoders, embeddings, clusters, composition_report],
+    jobs=[ingest_plate, train_all_variants, cluster_all_variants, refresh_report],
     sensors=[new_plate_sensor],
-    resources={"data": DataDirs()},
+    resources={"data": DataDirs(), "mlflow_tracking": MLflowTracking()},
 )

@@ -7,7 +7,6 @@ reported and skipped, leaving the others (and its own earlier outputs) intact.
 
 from __future__ import annotations
 
-import logging
 
 import dagster as dg
 
@@ -15,9 +14,9 @@ from gbm_assets import paths
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.sensors import INGEST_JOB_NAME
 from gbm_assets.imaging.plates import find_ready_plates
+from gbm_assets.models.variants import variant_names
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-log = logging.getLogger("gbm_assets")
 
 
 def register_plates(instance: dg.DagsterInstance) -> list[str]:
@@ -30,19 +29,17 @@ def register_plates(instance: dg.DagsterInstance) -> list[str]:
     return ready
 
 
-def ingest_plates(instance: dg.DagsterInstance, defs: dg.Definitions, plate_ids: list[str], bar) -> list[str]:
-    """Run the ingest job per plate; return the plates that failed."""
-    job = defs.resolve_job_def(INGEST_JOB_NAME)
+def run_partitions(instance, defs, job_name: str, keys: list[str], bar, what: str, unit: str) -> list[str]:
+    """Run a partitioned job once per key, with a progress bar; return the keys that failed."""
+    job = defs.resolve_job_def(job_name)
     failed = []
-    with bar(len(plate_ids), "ingesting plates", "plate") as progress:
-        for plate_id in plate_ids:
-            progress.set_postfix_str(plate_id)
-            result = job.execute_in_process(
-                run_config=QUIET, instance=instance, partition_key=plate_id, raise_on_error=False
-            )
+    with bar(len(keys), what, unit) as progress:
+        for key in keys:
+            progress.set_postfix_str(key)
+            result = job.execute_in_process(run_config=QUIET, instance=instance, partition_key=key, raise_on_error=False)
             if not result.success:
-                failed.append(plate_id)
-                progress.write(f"plate {plate_id} failed: {_first_error(result)}")
+                failed.append(key)
+                progress.write(f"{unit} {key} failed: {_first_error(result)}")
             progress.update(1)
     return failed
 
@@ -67,9 +64,20 @@ def run_main_job(bar, refresh: bool = False) -> int:
     done = set() if refresh else instance.get_materialized_partitions(dg.AssetKey("cell_crops"))
     todo = [p for p in ready if p not in done]
     print(f"{len(ready)} plates under {raw}; {len(todo)} to ingest")
-    failed = ingest_plates(instance, defs, todo, bar)
+    failed = run_partitions(instance, defs, INGEST_JOB_NAME, todo, bar, "ingesting plates", "plate")
     if failed:
         print(f"{len(failed)} plate(s) failed: {', '.join(failed)}; the others were processed")
+    # Encoders retrain when plates changed (or on --refresh); clusters then label every cell.
+    trained = set() if (refresh or todo) else instance.get_materialized_partitions(dg.AssetKey("embeddings"))
+    to_train = [v for v in variant_names() if v not in trained]
+    bad = run_partitions(instance, defs, "train_all_variants", to_train, bar, "training encoders", "variant")
+    good = [v for v in variant_names() if v not in bad]
+    bad += run_partitions(instance, defs, "cluster_all_variants", good, bar, "clustering", "variant")
+    report = defs.resolve_job_def("refresh_report").execute_in_process(run_config=QUIET, instance=instance, raise_on_error=False)
+    if not report.success:
+        print(f"composition report failed: {_first_error(report)}")
         return 1
-    print("done: open the Dagster UI to see the runs and assets")
-    return 0
+    path = report.asset_materializations_for_node("composition_report")[0].metadata["report"].value
+    print(f"report: {path}")
+    print("open the Dagster UI (bash scripts/dagster-ui.sh) and MLflow UI (bash scripts/mlflow-ui.sh) to explore")
+    return 1 if failed or bad else 0

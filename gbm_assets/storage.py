@@ -58,3 +58,14 @@ class AtomicParquetWriter:
         self._writer.close()
         self._ctx.__exit__(exc_type, exc, tb)
         return False
+
+
+def plate_dataset(path: str | Path):
+    """A per-plate Parquet dataset (plate=<id>/part-0.parquet) as one pyarrow dataset.
+
+    The folder key is declared a string so that it merges with the `plate` column the files
+    carry themselves (each file stays self-describing when read alone).
+    """
+    import pyarrow.dataset as pds
+
+    return pds.dataset(path, format="parquet", partitioning=pds.partitioning(pa.schema([("plate", pa.string())]), flavor="hive"))

@@ -21,6 +21,7 @@ from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.plates import find_ready_plates
 from gbm_assets.paths import plate_file
 from gbm_assets.schema import PROVENANCE_COLUMNS
+from gbm_assets.storage import plate_dataset
 
 INGEST = [raw_plates, cell_coordinates, cell_crops]
 SMALL_CROPS = {"ops": {"cell_crops": {"config": {"crop_size": 64, "workers": 2}}}}
@@ -132,9 +133,7 @@ def test_ingest_writes_crops_with_provenance(ingested):
 
 def test_crops_stream_in_batches(ingested):
     data_root, plate_id, *_ = ingested
-    import pyarrow.dataset as ds
-
-    dataset = ds.dataset(data_root / "cell_crops.parquet", format="parquet", partitioning="hive")
+    dataset = plate_dataset(data_root / "cell_crops.parquet")
     batches = list(dataset.to_batches(columns=["crop_id", "pixels"], batch_size=16))
     assert len(batches) > 1 and max(b.num_rows for b in batches) <= 16
 

@@ -38,3 +38,23 @@ class DataDirs(dg.ConfigurableResource):
     @property
     def crops(self) -> Path:
         return paths.cell_crops_dir(self.base)
+
+    @property
+    def encoders(self) -> Path:
+        return self.base / "encoders"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.base / "embeddings.parquet"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.base / "evaluation"
+
+    @property
+    def clusters(self) -> Path:
+        return self.base / "clusters.parquet"
+
+    @property
+    def reports(self) -> Path:
+        return self.base / "reports"

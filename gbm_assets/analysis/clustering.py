@@ -1,0 +1,344 @@
+"""Cell types without labels: UMAP to 2-D, then HDBSCAN, an 11-component GMM and a GMM with
+an automatically chosen number of components (thesis, "Clustering").
+
+Fitted models are kept (FittedClustering, picklable with joblib) so that cells of plates that
+arrive later are placed into the same clusters without refitting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    adjusted_rand_score,
+    normalized_mutual_info_score,
+    silhouette_score,
+)
+from sklearn.mixture import GaussianMixture
+
+from gbm_assets.schema import PROVENANCE_COLUMNS
+
+
+def _import_umap():
+    """Import umap without TensorFlow.
+
+    umap/__init__ imports ParametricUMAP, which loads TensorFlow (seconds and gigabytes of
+    address space) that clustering never uses. Hiding TensorFlow for that one import makes
+    ParametricUMAP a stub in this process; if TensorFlow is already loaded it is left alone.
+    """
+    if "umap" in sys.modules or "tensorflow" in sys.modules:
+        import umap
+        return umap
+    sys.modules["tensorflow"] = None  # `import tensorflow` now raises ImportError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import umap
+    finally:
+        del sys.modules["tensorflow"]
+    return umap
+
+
+# Imported at module load, not lazily: unpickling a FittedClustering imports this module
+# before the UMAP object inside it, so the TensorFlow-free import always wins.
+umap = _import_umap()
+import hdbscan  # noqa: E402
+
+NOISE = -1
+EMBEDDING_COLUMN = "embedding"
+LABEL_COLUMNS = (
+    "umap_x", "umap_y", "hdbscan", "hdbscan_noise", "gmm", "gmm_prob", "gmm_probs", "auto",
+)
+
+# The thesis chose min_cluster_size 220 to get 11 clusters on 7,500 cells.
+THESIS_MIN_CLUSTER_SIZE = 220
+THESIS_N_CELLS = 7_500
+
+
+def scaled_min_cluster_size(n_cells: int, floor: int = 15) -> int:
+    """HDBSCAN min_cluster_size for n_cells, scaled linearly from the thesis' 220 at 7,500.
+
+    A cluster is a fixed share of the cells (220 / 7,500 = 2.9 %), so the same cell types
+    stay clusters as the data grows; the floor keeps tiny data sets from splitting into
+    dozens of micro-clusters.
+    """
+    return max(floor, round(THESIS_MIN_CLUSTER_SIZE * n_cells / THESIS_N_CELLS))
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """Thesis settings by default; the auto_k_* and umap_n_epochs fields are our additions.
+
+    hdbscan_min_cluster_size None means scaled_min_cluster_size(number of cells).
+    umap_n_epochs None means UMAP's own default (200 above 10,000 cells, else 500).
+    """
+
+    seed: int = 0
+    umap_neighbors: int = 15
+    umap_min_dist: float = 0.1
+    umap_n_epochs: int | None = None
+    hdbscan_min_samples: int = 10
+    hdbscan_min_cluster_size: int | None = None
+    hdbscan_selection: str = "leaf"
+    gmm_components: int = 11
+    auto_k_min: int = 2
+    auto_k_max: int = 20
+    auto_k_max_cells: int = 10_000      # the k sweep runs on a random subsample this large
+    auto_k_bic_tolerance: float = 0.05  # share of the BIC range counted as "flat bottom"
+    auto_k_stability_runs: int = 5
+    auto_k_subsample: float = 0.8
+    auto_k_min_stability: float = 0.9   # mean pairwise ARI a k must reach
+    n_jobs: int = -1                    # HDBSCAN core distances; UMAP is seeded, so 1 thread
+
+    def min_cluster_size(self, n_cells: int) -> int:
+        return self.hdbscan_min_cluster_size or scaled_min_cluster_size(n_cells)
+
+
+@dataclass
+class AutoK:
+    """The chosen k and the evidence: per k its BIC, whether it is a candidate, its stability."""
+
+    k: int
+    table: pd.DataFrame  # columns k, bic, candidate, stability (NaN where not measured)
+    rule: str
+
+
+@dataclass
+class FittedClustering:
+    """Everything fitted on the training cells, kept to label later cells the same way.
+
+    umap is a umap.UMAP, hdbscan an hdbscan.HDBSCAN with prediction data; gmm has
+    config.gmm_components components, auto_gmm auto_k.k. Picklable (joblib.dump/load).
+    """
+
+    config: ClusteringConfig
+    n_features: int
+    n_train: int
+    min_cluster_size: int
+    umap: object
+    hdbscan: object
+    gmm: GaussianMixture
+    auto_gmm: GaussianMixture
+    auto_k: AutoK
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """sha256 over every fitted parameter, to prove that assigning new cells changed nothing."""
+        h = hashlib.sha256()
+        arrays = [
+            self.umap.embedding_,
+            self.hdbscan.labels_,
+            self.hdbscan.probabilities_,
+            self.hdbscan.prediction_data_.raw_data,
+            self.hdbscan.prediction_data_.core_distances,
+        ]
+        for gmm in (self.gmm, self.auto_gmm):
+            arrays += [gmm.weights_, gmm.means_, gmm.covariances_]
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+
+def split_embedding_table(table: pd.DataFrame | np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    """Provenance columns and float32 features of an embeddings table (or a bare matrix).
+
+    Features are the list-valued column 'embedding' if present, else every column that is not
+    provenance. Rows keep their order, so labels line up with provenance by position.
+    """
+    if not isinstance(table, pd.DataFrame):
+        x = np.asarray(table, dtype=np.float32)
+        return pd.DataFrame(index=pd.RangeIndex(len(x))), x
+    prov = [c for c in PROVENANCE_COLUMNS if c in table.columns]
+    if EMBEDDING_COLUMN in table.columns:
+        x = np.stack(table[EMBEDDING_COLUMN].to_numpy()).astype(np.float32, copy=False)
+    else:
+        x = table.drop(columns=prov).to_numpy(dtype=np.float32)
+    return table[prov].reset_index(drop=True), x
+
+
+def _checked(x: np.ndarray, n_features: int | None = None) -> np.ndarray:
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"features must be a non-empty 2-D matrix, got shape {x.shape}")
+    if n_features is not None and x.shape[1] != n_features:
+        raise ValueError(f"features have {x.shape[1]} columns, the fitted models {n_features}")
+    if not np.isfinite(x).all():
+        raise ValueError("features contain NaN or infinite values")
+    return x
+
+
+def _gmm(k: int, seed: int) -> GaussianMixture:
+    return GaussianMixture(n_components=k, random_state=seed)
+
+
+def choose_k(points_2d: np.ndarray, config: ClusteringConfig) -> AutoK:
+    """Pick the number of GMM components on the 2-D UMAP by BIC, then by stability.
+
+    Rule: (1) fit a GMM for every k in [auto_k_min, auto_k_max] and compute BIC; on UMAP
+    output BIC tends to keep falling slowly with k (clusters are not Gaussian), so every k
+    whose BIC lies within auto_k_bic_tolerance of the BIC range above the minimum is a
+    candidate. (2) For each candidate, fit auto_k_stability_runs GMMs on random subsamples
+    (auto_k_subsample of the cells, without replacement, as in consensus clustering), label
+    all cells with each, and take the mean pairwise adjusted Rand index. (3) Choose the
+    smallest candidate reaching auto_k_min_stability (candidates are tried in ascending k and
+    the search stops there, so larger ones show no stability), else the most stable one.
+    The sweep runs on at most auto_k_max_cells cells.
+    """
+    rng = np.random.default_rng(config.seed)
+    if len(points_2d) > config.auto_k_max_cells:
+        points_2d = points_2d[rng.choice(len(points_2d), config.auto_k_max_cells, replace=False)]
+    n = len(points_2d)
+    ks = [k for k in range(config.auto_k_min, config.auto_k_max + 1) if k < n]
+    if not ks:
+        raise ValueError(f"too few cells ({n}) to choose a number of clusters")
+    bic = np.array([_gmm(k, config.seed).fit(points_2d).bic(points_2d) for k in ks])
+    span = bic.max() - bic.min()
+    candidate = bic - bic.min() <= config.auto_k_bic_tolerance * span
+    stability = np.full(len(ks), np.nan)
+    m = max(2, int(round(config.auto_k_subsample * n)))
+    chosen, how = None, "smallest BIC candidate with stability >= threshold"
+    for i in np.flatnonzero(candidate):  # ascending k: stop at the first stable one
+        runs = []
+        for r in range(config.auto_k_stability_runs):
+            idx = rng.choice(n, m, replace=False)
+            runs.append(_gmm(ks[i], config.seed + 1 + r).fit(points_2d[idx]).predict(points_2d))
+        stability[i] = np.mean(
+            [adjusted_rand_score(a, b) for a, b in itertools.combinations(runs, 2)]
+        )
+        if stability[i] >= config.auto_k_min_stability:
+            chosen = i
+            break
+    if chosen is None:
+        chosen = int(np.nanargmax(stability))
+        how = "most stable BIC candidate (none reached the threshold)"
+    table = pd.DataFrame({"k": ks, "bic": bic, "candidate": candidate, "stability": stability})
+    rule = (
+        f"{how}; candidates: BIC within {config.auto_k_bic_tolerance:.0%} of its range above "
+        f"the minimum; stability: mean pairwise ARI of {config.auto_k_stability_runs} fits on "
+        f"{config.auto_k_subsample:.0%} subsamples, threshold {config.auto_k_min_stability}"
+    )
+    return AutoK(k=ks[chosen], table=table, rule=rule)
+
+
+def fit_clusters(
+    features: pd.DataFrame | np.ndarray, config: ClusteringConfig = ClusteringConfig()
+) -> tuple[FittedClustering, pd.DataFrame]:
+    """Fit UMAP, HDBSCAN, the GMM and the auto-k GMM; return them and one label row per cell.
+
+    The labels frame starts with the input's provenance columns, in input order.
+    """
+    prov, x = split_embedding_table(features)
+    x = _checked(x)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    reducer = umap.UMAP(
+        n_neighbors=config.umap_neighbors,
+        min_dist=config.umap_min_dist,
+        n_components=2,
+        n_epochs=config.umap_n_epochs,
+        random_state=config.seed,
+        transform_seed=config.seed,
+        low_memory=True,
+        n_jobs=1,  # a seeded UMAP runs single-threaded anyway; saying so silences its warning
+    )
+    xy = reducer.fit_transform(x).astype(np.float32)
+    timings["umap"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    min_size = config.min_cluster_size(len(x))
+    clusterer = hdbscan.HDBSCAN(
+        min_cluster_size=min_size,
+        min_samples=config.hdbscan_min_samples,
+        cluster_selection_method=config.hdbscan_selection,
+        prediction_data=True,
+        core_dist_n_jobs=config.n_jobs,
+    ).fit(xy)
+    timings["hdbscan"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    gmm = _gmm(config.gmm_components, config.seed).fit(xy)
+    timings["gmm"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    auto_k = choose_k(xy, config)
+    auto_gmm = _gmm(auto_k.k, config.seed).fit(xy)
+    timings["auto_k"] = time.perf_counter() - t
+
+    fitted = FittedClustering(
+        config=config,
+        n_features=x.shape[1],
+        n_train=len(x),
+        min_cluster_size=min_size,
+        umap=reducer,
+        hdbscan=clusterer,
+        gmm=gmm,
+        auto_gmm=auto_gmm,
+        auto_k=auto_k,
+        timings=timings,
+    )
+    return fitted, _labels(prov, xy, clusterer.labels_, gmm, auto_gmm)
+
+
+def assign_new(fitted: FittedClustering, features: pd.DataFrame | np.ndarray) -> pd.DataFrame:
+    """Label cells of later plates with the fitted models, without refitting any of them."""
+    prov, x = split_embedding_table(features)
+    x = _checked(x, fitted.n_features)
+    xy = fitted.umap.transform(x).astype(np.float32)
+    hdb, _strength = hdbscan.approximate_predict(fitted.hdbscan, xy)
+    return _labels(prov, xy, hdb, fitted.gmm, fitted.auto_gmm)
+
+
+def _labels(prov: pd.DataFrame, xy: np.ndarray, hdb: np.ndarray, gmm, auto_gmm) -> pd.DataFrame:
+    probs = gmm.predict_proba(xy).astype(np.float32)
+    labels = pd.DataFrame(
+        {
+            "umap_x": xy[:, 0],
+            "umap_y": xy[:, 1],
+            "hdbscan": np.asarray(hdb, dtype=np.int32),
+            "hdbscan_noise": np.asarray(hdb) == NOISE,
+            "gmm": probs.argmax(axis=1).astype(np.int32),
+            "gmm_prob": probs.max(axis=1),
+            "gmm_probs": list(probs),  # one float32 array per cell: list<float32> in Parquet
+            "auto": auto_gmm.predict(xy).astype(np.int32),
+        }
+    )
+    return pd.concat([prov, labels], axis=1)
+
+
+def cluster_metrics(
+    features_2d: np.ndarray,
+    labels: np.ndarray,
+    truth: np.ndarray | pd.Series | None = None,
+    max_silhouette_cells: int = 10_000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Cluster count, noise share, silhouette on clustered cells and, given truth, ARI and NMI.
+
+    Silhouette is O(n^2), hence the subsample. ARI and NMI are over all cells with noise as
+    one more group (so noise costs agreement); ari_clustered leaves noise cells out.
+    """
+    labels = np.asarray(labels)
+    xy = np.asarray(features_2d)
+    clustered = labels != NOISE
+    out: dict[str, float] = {
+        "n_clusters": int(len(np.unique(labels[clustered]))),
+        "noise_fraction": float(1 - clustered.mean()),
+        "silhouette": float("nan"),
+    }
+    idx = np.flatnonzero(clustered)
+    if len(idx) > max_silhouette_cells:
+        idx = np.random.default_rng(seed).choice(idx, max_silhouette_cells, replace=False)
+    if 2 <= len(np.unique(labels[idx])) < len(idx):
+        out["silhouette"] = float(silhouette_score(xy[idx], labels[idx]))
+    if truth is not None:
+        truth = np.asarray(truth)
+        out["ari"] = float(adjusted_rand_score(truth, labels))
+        out["nmi"] = float(normalized_mutual_info_score(truth, labels))
+        out["ari_clustered"] = float(adjusted_rand_score(truth[clustered], labels[clustered]))
+    return out

@@ -1,0 +1,95 @@
+"""How much of a cell's origin an embedding predicts: a random forest, split by image.
+
+There is no ground truth for cell types, so, as in the thesis, an embedding is judged by how
+well a default random forest predicts a known label (culture of origin, plated concentration)
+from it. The split keeps all crops of one image on the same side: neighbouring crops overlap
+and share an image's illumination, so a random split would leak and overstate accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix
+from sklearn.model_selection import StratifiedGroupKFold
+
+from gbm_assets.imaging.plates import natural_key
+
+
+def split_by_group(labels: pd.Series, groups: pd.Series, seed: int = 0, test_size: float = 0.2):
+    """(train, test) row positions: one fold of a stratified group k-fold, k = round(1 / test_size)."""
+    folds = max(2, round(1 / test_size))
+    n_groups = pd.Series(groups).nunique()
+    if n_groups < folds:
+        raise ValueError(f"need at least {folds} images (groups) for a {test_size:.0%} test split, got {n_groups}")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    y = np.asarray(pd.Series(labels).astype(str))
+    return next(splitter.split(np.zeros(len(y)), y, np.asarray(groups)))
+
+
+def evaluate_features(
+    features: np.ndarray, labels: pd.Series, groups: pd.Series, seed: int = 0, test_size: float = 0.2
+) -> dict:
+    """Accuracy, Cohen's kappa, majority-class baseline and confusion matrix on held-out images."""
+    features = np.asarray(features)
+    labels = pd.Series(labels).reset_index(drop=True)
+    train, test = split_by_group(labels, groups, seed, test_size)
+    y_train, y_test = labels.iloc[train].to_numpy(), labels.iloc[test].to_numpy()
+    forest = RandomForestClassifier(random_state=seed, n_jobs=2)
+    forest.fit(features[train], y_train)
+    predicted = forest.predict(features[test])
+    majority = pd.Series(y_train).value_counts().idxmax()
+    classes = sorted(labels.unique().tolist(), key=lambda v: natural_key(str(v)))
+    return {
+        "accuracy": float(accuracy_score(y_test, predicted)),
+        "kappa": float(cohen_kappa_score(y_test, predicted)),
+        "majority_baseline": float(np.mean(y_test == majority)),
+        "confusion": confusion_matrix(y_test, predicted, labels=classes),
+        "classes": classes,
+        "n_train": len(train),
+        "n_test": len(test),
+    }
+
+
+def raw_pixel_features(pixels: np.ndarray, size: int = 32) -> np.ndarray:
+    """The thesis' raw-pixel baseline: crops block-averaged to size x size, flattened (float32)."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 4:
+        pixels = pixels[..., 0]
+    n, side = pixels.shape[0], pixels.shape[1]
+    if side % size:
+        raise ValueError(f"crop side {side} is not a multiple of the feature size {size}")
+    f = side // size
+    blocks = pixels.reshape(n, size, f, size, f).astype(np.float32)
+    return blocks.mean(axis=(2, 4)).reshape(n, size * size)
+
+
+def plot_confusion(result: dict, title: str, path: str | Path) -> Path:
+    """Write the confusion matrix as a PNG: colour = share of the true class, text = counts."""
+    counts = np.asarray(result["confusion"])
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    classes = [str(c) for c in result["classes"]]
+    side = max(4.0, 0.6 * len(classes) + 2.0)
+    fig = Figure(figsize=(side + 1.0, side))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    for (i, j), count in np.ndenumerate(counts):
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if shares[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}\naccuracy {result['accuracy']:.3f}, kappa {result['kappa']:.3f}, "
+                 f"majority {result['majority_baseline']:.3f}")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

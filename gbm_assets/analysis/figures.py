@@ -1,0 +1,156 @@
+"""Figures of the clustering: UMAP scatters, stacked composition bars, crop montages.
+
+Each function writes one PNG (matplotlib Agg, no display needed) and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+NOISE = -1
+NOISE_COLOUR = "#d3d3d3"
+DPI = 120
+
+
+def _order(values) -> list:
+    """Categories in natural order: numerically when every label is a number ("250" < "1000")."""
+    unique = pd.unique(pd.Series(values).dropna())
+    try:
+        return sorted(unique, key=float)
+    except (TypeError, ValueError):
+        return sorted(unique, key=str)
+
+
+def _colours(n: int) -> list:
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "turbo")
+    return [cmap(i if n <= 20 else i / max(n - 1, 1)) for i in range(n)]
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def umap_scatter(
+    df: pd.DataFrame,
+    color_by: str,
+    path: str | Path,
+    max_points: int = 50_000,
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
+    """UMAP plane coloured by a column (culture, concentration or a cluster label).
+
+    A random max_points subsample keeps huge sets legible and small; points are rasterised.
+    Cluster label -1 (HDBSCAN noise) is drawn first, in light grey, under the clusters.
+    """
+    if len(df) > max_points:
+        df = df.sample(n=max_points, random_state=seed)
+    values = df[color_by]
+    categories = _order(values)
+    noise = [c for c in categories if c == NOISE]
+    others = [c for c in categories if c != NOISE]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    size = max(0.5, min(8.0, 20_000 / max(len(df), 1)))
+    for cat, colour in [(c, NOISE_COLOUR) for c in noise] + list(zip(others, _colours(len(others)))):
+        sel = (values == cat).to_numpy()
+        ax.scatter(
+            df["umap_x"].to_numpy()[sel], df["umap_y"].to_numpy()[sel],
+            s=size, color=colour, linewidths=0, rasterized=True,
+            label="noise" if cat == NOISE else str(cat),
+        )
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_title(title or f"UMAP coloured by {color_by}")
+    if len(categories) <= 30:
+        ax.legend(title=color_by, markerscale=max(1.0, 6 / np.sqrt(size)), fontsize=8,
+                  loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return _save(fig, path)
+
+
+def stacked_composition_bar(
+    comp_df: pd.DataFrame,
+    path: str | Path,
+    error_bars: bool = True,
+    title: str = "Cell-type composition per culture",
+) -> Path:
+    """One bar per culture stacked by cluster proportion (output of composition.composition).
+
+    Error bars mark each segment's confidence interval at the segment's top edge.
+    """
+    cultures = _order(comp_df["culture"])
+    clusters = _order(comp_df["cluster"])
+    wide = comp_df.pivot(index="culture", columns="cluster", values="proportion")
+    wide = wide.reindex(index=cultures, columns=clusters).fillna(0.0)
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(cultures) + 3), 5))
+    x = np.arange(len(cultures))
+    bottom = np.zeros(len(cultures))
+    for cluster, colour in zip(clusters, _colours(len(clusters))):
+        p = wide[cluster].to_numpy()
+        ax.bar(x, p, bottom=bottom, color=NOISE_COLOUR if cluster == NOISE else colour,
+               width=0.8, label="noise" if cluster == NOISE else str(cluster))
+        if error_bars and {"ci_low", "ci_high"} <= set(comp_df.columns):
+            ci = (comp_df[comp_df["cluster"] == cluster].set_index("culture")
+                  .reindex(cultures)[["ci_low", "ci_high"]].fillna(0.0).to_numpy())
+            yerr = np.clip(np.stack([p - ci[:, 0], ci[:, 1] - p]), 0, None)
+            ax.errorbar(x, bottom + p, yerr=yerr, fmt="none", ecolor="black",
+                        elinewidth=0.6, capsize=2)
+        bottom += p
+    ax.set_xticks(x, [str(c) for c in cultures], rotation=45, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("culture")
+    ax.set_ylabel("proportion of cells")
+    ax.set_title(title)
+    ax.legend(title="cluster", fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
+              frameon=False)
+    return _save(fig, path)
+
+
+def crop_montage(
+    crops: np.ndarray,
+    labels,
+    path: str | Path,
+    per_cluster: int = 10,
+    seed: int = 0,
+    include_noise: bool = False,
+) -> Path:
+    """A grid of per_cluster random crops for every cluster (one row each), to inspect by eye.
+
+    The grid is assembled into one image before plotting: one imshow, however many crops.
+    """
+    crops = np.asarray(crops)
+    labels = np.asarray(labels)
+    if crops.ndim != 3 or len(crops) != len(labels):
+        raise ValueError(f"crops must be (N, H, W) with N = len(labels), got {crops.shape}")
+    clusters = [c for c in _order(labels) if include_noise or c != NOISE]
+    h, w = crops.shape[1:]
+    pad = 2
+    grid = np.full((max(len(clusters), 1) * (h + pad), per_cluster * (w + pad)), 255, np.uint8)
+    rng = np.random.default_rng(seed)
+    for row, cluster in enumerate(clusters):
+        members = np.flatnonzero(labels == cluster)
+        pick = rng.choice(members, size=min(per_cluster, len(members)), replace=False)
+        for col, i in enumerate(pick):
+            grid[row * (h + pad):row * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = crops[i]
+    # At least one screen pixel per crop pixel, so large crops keep their detail.
+    fig, ax = plt.subplots(figsize=(max(grid.shape[1] / DPI, per_cluster * 0.9) + 1.5,
+                                    max(grid.shape[0] / DPI, len(clusters) * 0.9) + 0.6))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+    counts = {c: int((labels == c).sum()) for c in clusters}
+    ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(clusters))],
+                  [f"{'noise' if c == NOISE else f'cluster {c}'} (n={counts[c]})" for c in clusters])
+    ax.set_xticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(f"{per_cluster} random crops per cluster")
+    return _save(fig, path)

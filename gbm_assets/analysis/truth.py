@@ -1,0 +1,39 @@
+"""Ground truth for synthetic plates: the true morphotype of each crop, where the plate has one.
+
+Synthetic plates ship ground_truth.csv (image, x, y, morphotype). A crop takes the morphotype of
+the nearest true cell of its image within max_dist pixels (the detection-matching rule of cell
+finding); crops of real plates, or without a match, get None.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+GROUND_TRUTH_NAME = "ground_truth.csv"
+
+
+def true_morphotypes(rows: pd.DataFrame, raw_dir: str | Path, max_dist: float = 8.0) -> pd.Series:
+    """Morphotype per row of (plate, image, x, y), aligned with rows.index; None where unknown."""
+    out = pd.Series([None] * len(rows), index=rows.index, dtype=object)
+    for plate, group in rows.groupby("plate", sort=False):
+        path = Path(raw_dir) / str(plate) / GROUND_TRUTH_NAME
+        if not path.is_file():
+            continue
+        truth = pd.read_csv(path, usecols=["image", "x", "y", "morphotype"])
+        for image, cells in group.groupby("image", sort=False):
+            t = truth[truth["image"] == image]
+            if t.empty:
+                continue
+            dist, idx = cKDTree(t[["x", "y"]].to_numpy(float)).query(cells[["x", "y"]].to_numpy(float))
+            hit = dist <= max_dist
+            out.loc[cells.index[hit]] = t["morphotype"].to_numpy()[idx[hit]]
+    return out
+
+
+def has_truth(series: pd.Series, min_fraction: float = 0.5) -> bool:
+    """Whether enough rows have a known morphotype to score against."""
+    return len(series) > 0 and float(series.notna().mean()) >= min_fraction and series.nunique() > 1

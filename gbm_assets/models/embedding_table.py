@@ -1,0 +1,79 @@
+"""The embeddings Parquet table: provenance columns plus fixed-size float32 vectors, streamed.
+
+One file per variant (embeddings.parquet/variant=<name>/part-0.parquet). Columns: every
+PROVENANCE_COLUMNS entry, `embedding` (the encoder's output) and `embedding_invariant` (the mean
+over the 8 rotations/flips of the crop).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gbm_assets.schema import PROVENANCE_COLUMNS, PROVENANCE_SCHEMA
+
+VECTOR_COLUMNS = ("embedding", "embedding_invariant")
+
+
+def embedding_schema(features: int) -> pa.Schema:
+    vector = pa.list_(pa.float32(), features)
+    return pa.schema(list(PROVENANCE_SCHEMA) + [(name, vector) for name in VECTOR_COLUMNS])
+
+
+def _vectors(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def embedding_batch(rows: pd.DataFrame, embedding: np.ndarray, invariant: np.ndarray) -> pa.Table:
+    """One batch of the table; rows[i] is the provenance of embedding[i] and invariant[i]."""
+    if not (len(rows) == len(embedding) == len(invariant)):
+        raise ValueError(f"{len(rows)} rows but {len(embedding)} / {len(invariant)} vectors")
+    schema = embedding_schema(embedding.shape[1])
+    arrays = [pa.array(rows[c].to_numpy(), type=schema.field(c).type) for c in PROVENANCE_COLUMNS]
+    return pa.Table.from_arrays(arrays + [_vectors(embedding), _vectors(invariant)], schema=schema)
+
+
+def iter_embeddings(
+    path: str | Path, batch_size: int = 4096, columns: Sequence[str] = PROVENANCE_COLUMNS, vector: str = "embedding"
+) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """(provenance rows, (n, features) float32) per record batch of an embeddings file."""
+    with pq.ParquetFile(path) as pf:
+        for batch in pf.iter_batches(batch_size=batch_size, columns=[*columns, vector]):
+            col = batch.column(vector)
+            width = col.type.list_size
+            values = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+            yield batch.drop_columns([vector]).to_pandas(), values
+
+
+def sample_embeddings(
+    path: str | Path, max_rows: int | None, seed: int = 0, vectors: Sequence[str] = VECTOR_COLUMNS
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """A seeded uniform sample of at most max_rows rows and their vectors, read in batches.
+
+    Memory stays at the sample's size however large the table: rows are chosen from the row
+    count first, then picked out of each streamed batch.
+    """
+    with pq.ParquetFile(path) as pf:
+        total = pf.metadata.num_rows
+        keep = np.arange(total) if max_rows is None or total <= max_rows else np.sort(
+            np.random.default_rng(seed).choice(total, size=max_rows, replace=False)
+        )
+        frames, mats, start = [], {v: [] for v in vectors}, 0
+        for batch in pf.iter_batches(batch_size=8192, columns=[*PROVENANCE_COLUMNS, *vectors]):
+            local = keep[(keep >= start) & (keep < start + batch.num_rows)] - start
+            start += batch.num_rows
+            if not len(local):
+                continue
+            picked = batch.take(pa.array(local))
+            frames.append(picked.select(list(PROVENANCE_COLUMNS)).to_pandas())
+            for v in vectors:
+                col = picked.column(v)
+                mats[v].append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(local), col.type.list_size))
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PROVENANCE_COLUMNS))
+    return rows, {v: np.concatenate(m) if m else np.zeros((0, 0), np.float32) for v, m in mats.items()}

@@ -1,0 +1,72 @@
+"""The two encoder architectures of the thesis as Keras 3 functional models.
+
+Both take crops of shape (S, S, 1) with intensities in [0, 1]. Four down-sampling blocks of
+16-32-64-128 filters with one 3x3 convolution each keep a forward pass near 60 MMAC per 128x128
+crop, so training on a few CPU cores stays feasible; S must be a multiple of 16.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
+
+FILTERS = (16, 32, 64, 128)
+DROPOUT = 0.1
+
+
+def _check_crop_size(crop_size: int) -> None:
+    step = 2 ** len(FILTERS)
+    if crop_size < step or crop_size % step:
+        raise ValueError(f"crop_size must be a positive multiple of {step}, got {crop_size}")
+
+
+def build_autoencoder(crop_size: int = 128, features: int = 64) -> tuple[keras.Model, keras.Model]:
+    """A U-Net without skip connections: (autoencoder, encoder).
+
+    Without skips every bit of the reconstruction has to pass through the `features`-wide
+    bottleneck, which is what makes the bottleneck a morphology embedding.
+    """
+    _check_crop_size(crop_size)
+    inputs = keras.Input((crop_size, crop_size, 1), name="crop")
+    x = inputs
+    for filters in FILTERS:
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D()(x)
+    bottom = x.shape[1:]
+    code = layers.Dense(features, name="embedding")(layers.Flatten()(x))
+    encoder = keras.Model(inputs, code, name="ae_encoder")
+
+    y = layers.Dense(bottom[0] * bottom[1] * bottom[2], activation="relu")(code)
+    y = layers.Reshape(bottom)(y)
+    for filters in reversed(FILTERS):
+        y = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", use_bias=False)(y)
+        y = layers.BatchNormalization()(y)
+        y = layers.ReLU()(y)
+    outputs = layers.Conv2D(1, 3, padding="same", activation="sigmoid", name="reconstruction")(y)
+    autoencoder = keras.Model(inputs, outputs, name="autoencoder")
+    return autoencoder, encoder
+
+
+def build_siamese_encoder(crop_size: int = 128, features: int = 128) -> keras.Model:
+    """The shared Barlow Twins branch: conv/max-pool/dropout blocks, GAP, dense, batch norm.
+
+    Global average pooling makes the embedding independent of where in the crop a structure
+    lies; the final batch normalisation matches the standardisation inside the loss.
+    """
+    _check_crop_size(crop_size)
+    inputs = keras.Input((crop_size, crop_size, 1), name="crop")
+    x = inputs
+    for filters in FILTERS:
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D()(x)
+        x = layers.Dropout(DROPOUT)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dense(features)(x)
+    outputs = layers.BatchNormalization(name="embedding")(x)
+    return keras.Model(inputs, outputs, name="siamese_encoder")

@@ -1,0 +1,178 @@
+"""Training one encoder variant on the streamed crops, and embedding crops with it."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from gbm_assets.errors import InputError  # noqa: E402
+from gbm_assets.models.augmentation import dihedral_8  # noqa: E402
+from gbm_assets.models.dataset import (  # noqa: E402
+    CropSelection,
+    count_crops,
+    iter_crop_batches,
+    read_crop_size,
+    training_dataset,
+)
+from gbm_assets.models.encoders import build_autoencoder, build_siamese_encoder  # noqa: E402
+from gbm_assets.models.losses import barlow_twins_loss  # noqa: E402
+from gbm_assets.models.variants import Variant  # noqa: E402
+
+
+def limit_cpu_threads(intra_op: int = 2, inter_op: int = 1) -> None:
+    """Cap TensorFlow's thread pools (must run before TF's first op; later calls are no-ops)."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:
+        pass
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps_per_epoch: int | None = None  # None: one pass over the selected crops
+    batch_size: int = 128
+    crop_size: int | None = None  # None: read from the dataset
+    seed: int = 0
+    shuffle_buffer: int = 2048  # crops held for shuffling (bounds memory)
+    plates: tuple[str, ...] | None = None  # None: all plates
+    max_crops: int | None = None  # seeded random subset for quick runs
+
+
+@dataclass
+class TrainResult:
+    encoder: keras.Model  # the functional encoder, ready for embedding and logging
+    history: list[dict]  # per epoch: epoch (0-based), loss, seconds, crops_per_s
+    n_crops: int
+
+
+class BarlowTwins(keras.Model):
+    """Siamese wrapper: one shared encoder, trained on the Barlow Twins loss of a pair.
+
+    The loss is reported as 'bt_loss' through its own Mean tracker: a custom train_step
+    returning 'loss' after compile() without a loss shows 0.0 in Keras 3.
+    """
+
+    def __init__(self, encoder: keras.Model, lambda_: float, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.lambda_ = lambda_
+        self.loss_tracker = keras.metrics.Mean(name="bt_loss")
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+    def call(self, inputs, training=False):
+        return self.encoder(inputs, training=training)
+
+    def train_step(self, data):
+        view1, view2 = data
+        with tf.GradientTape() as tape:
+            z1 = self.encoder(view1, training=True)
+            z2 = self.encoder(view2, training=True)
+            loss = barlow_twins_loss(z1, z2, self.lambda_)
+        weights = self.encoder.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
+        self.loss_tracker.update_state(loss)
+        return {"bt_loss": self.loss_tracker.result()}
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """Collects loss and throughput per epoch and forwards them to the caller's hook."""
+
+    def __init__(self, loss_key: str, crops_per_epoch: int, hook: Callable[[int, dict], None] | None):
+        super().__init__()
+        self.loss_key, self.crops_per_epoch, self.hook = loss_key, crops_per_epoch, hook
+        self.history: list[dict] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.started
+        row = {
+            "epoch": epoch,
+            "loss": float(logs[self.loss_key]),
+            "seconds": seconds,
+            "crops_per_s": self.crops_per_epoch / seconds,
+        }
+        self.history.append(row)
+        if self.hook is not None:
+            self.hook(epoch, row)
+
+
+def build_trainable(variant: Variant, crop_size: int) -> tuple[keras.Model, keras.Model, str]:
+    """(compiled model to fit, its functional encoder, the history key of its loss)."""
+    optimizer = keras.optimizers.Adam(learning_rate=variant.learning_rate)
+    if variant.kind == "autoencoder":
+        model, encoder = build_autoencoder(crop_size, variant.features)
+        model.compile(optimizer=optimizer, loss="mse")
+        return model, encoder, "loss"
+    encoder = build_siamese_encoder(crop_size, variant.features)
+    model = BarlowTwins(encoder, variant.lambda_)
+    model.compile(optimizer=optimizer)
+    return model, encoder, "bt_loss"
+
+
+def train_encoder(
+    variant: Variant,
+    crops_dir,
+    config: TrainConfig,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train one variant on streamed, freshly augmented crops; deterministic given config.seed.
+
+    An epoch is one pass over the selected crops, or max_steps_per_epoch batches if smaller;
+    the stream continues where the previous epoch stopped, so short epochs still cover the data.
+    on_epoch_end(epoch, row) receives each history row (for progress logs and MLflow metrics).
+    """
+    keras.utils.set_random_seed(config.seed)
+    selection = CropSelection.of(crops_dir, config.plates, config.max_crops, config.seed)
+    n_crops = count_crops(selection)
+    if n_crops < config.batch_size:
+        raise InputError(crops_dir, f"{n_crops} crops selected, fewer than one batch of {config.batch_size}")
+    crop_size = config.crop_size or read_crop_size(crops_dir)
+    steps = n_crops // config.batch_size
+    if config.max_steps_per_epoch is not None:
+        steps = min(steps, config.max_steps_per_epoch)
+    model, encoder, loss_key = build_trainable(variant, crop_size)
+    data = training_dataset(selection, variant, config.batch_size, config.shuffle_buffer, crop_size)
+    log = _EpochLog(loss_key, steps * config.batch_size, on_epoch_end)
+    model.fit(data, epochs=config.epochs, steps_per_epoch=steps, callbacks=[log], shuffle=False, verbose=0)
+    return TrainResult(encoder=encoder, history=log.history, n_crops=n_crops)
+
+
+def embed_batch(encoder: keras.Model, pixels, invariant: bool = False) -> np.ndarray:
+    """Embeddings (n, features) of one batch in inference mode.
+
+    predict_on_batch reuses the model's compiled predict function across calls (no retracing
+    per embed_crops call) and measured as fast as a hand-written tf.function. invariant=True
+    averages over the 8 rotations/flips, one transform at a time to bound memory.
+    """
+    if not invariant:
+        return encoder.predict_on_batch(pixels)
+    views = dihedral_8(tf.convert_to_tensor(pixels))
+    return sum(encoder.predict_on_batch(views[k]) for k in range(8)) / np.float32(8.0)
+
+
+def embed_crops(
+    encoder: keras.Model,
+    crops_dir,
+    batch_size: int = 256,
+    invariant: bool = False,
+    plates: Sequence[str] | None = None,
+) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """(provenance rows, float32 embeddings) per batch; row i of the frame is vector i."""
+    for rows, pixels in iter_crop_batches(crops_dir, batch_size, plates=plates):
+        yield rows, embed_batch(encoder, pixels, invariant).astype(np.float32, copy=False)

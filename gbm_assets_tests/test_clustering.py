@@ -1,0 +1,221 @@
+"""Clustering, new-plate assignment and composition statistics on small synthetic embeddings.
+
+One UMAP fit for the whole module (numba compiles on first use, which dominates the time).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import homogeneity_score
+
+from gbm_assets.analysis.clustering import (
+    LABEL_COLUMNS,
+    ClusteringConfig,
+    assign_new,
+    choose_k,
+    cluster_metrics,
+    fit_clusters,
+    scaled_min_cluster_size,
+    split_embedding_table,
+)
+from gbm_assets.analysis.composition import (
+    chi_square_culture_vs_type,
+    composition,
+    composition_error,
+)
+from gbm_assets.schema import PROVENANCE_COLUMNS
+
+N_TYPES = 4
+DIMS = 12
+# gmm_components = number of planted types, so GMM labels are well defined (11 would split
+# blobs at arbitrary borders); the auto-k GMM must find that number by itself.
+CONFIG = ClusteringConfig(
+    seed=0, umap_n_epochs=60, gmm_components=N_TYPES, auto_k_max=8, auto_k_stability_runs=3
+)
+
+
+def embedding_table(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """Provenance plus a list column 'embedding' of well-separated types, rows in random order."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(0, 4, size=(N_TYPES, DIMS))
+    types = rng.integers(0, N_TYPES, size=n)
+    x = (centres[types] + rng.normal(0, 1, size=(n, DIMS))).astype(np.float32)
+    cultures = rng.choice(["GBM03", "GBM11", "GBM27"], size=n)
+    table = pd.DataFrame({
+        "crop_id": [f"P{seed}:img{i % 7}.tif:{i}" for i in range(n)],
+        "plate": f"P{seed}",
+        "image": [f"img{i % 7}.tif" for i in range(n)],
+        "x": rng.integers(64, 1000, size=n).astype(np.int32),
+        "y": rng.integers(64, 1000, size=n).astype(np.int32),
+        "culture": cultures,
+        "concentration": rng.choice(["250", "1000"], size=n),
+        "replicate": np.int32(1),
+        "timepoint_h": 0.0,
+        "embedding": list(x),
+    })
+    return table, types
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    table, types = embedding_table(900)
+    model, labels = fit_clusters(table, CONFIG)
+    return table, types, model, labels
+
+
+def test_import_does_not_load_tensorflow():
+    code = "import sys, gbm_assets.analysis.clustering; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_scaled_min_cluster_size_matches_thesis_and_scales():
+    assert scaled_min_cluster_size(7_500) == 220
+    assert scaled_min_cluster_size(75_000) == 2_200
+    assert scaled_min_cluster_size(100) == 15
+
+
+def test_labels_align_with_provenance_rows(fitted):
+    table, _, _, labels = fitted
+    assert list(labels.columns) == [*PROVENANCE_COLUMNS, *LABEL_COLUMNS]
+    assert labels["crop_id"].tolist() == table["crop_id"].tolist()
+    pd.testing.assert_frame_equal(labels[list(PROVENANCE_COLUMNS)], table[list(PROVENANCE_COLUMNS)])
+    assert (labels["hdbscan_noise"] == (labels["hdbscan"] == -1)).all()
+    probs = np.stack(labels["gmm_probs"].to_numpy())
+    assert probs.shape == (len(table), CONFIG.gmm_components)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-4)
+    np.testing.assert_array_equal(probs.argmax(axis=1), labels["gmm"])
+    np.testing.assert_allclose(probs.max(axis=1), labels["gmm_prob"])
+
+
+def test_labels_store_in_parquet(fitted, tmp_path):
+    labels = fitted[3]
+    labels.to_parquet(tmp_path / "labels.parquet")
+    schema = pq.read_schema(tmp_path / "labels.parquet")
+    assert str(schema.field("gmm_probs").type) == "list<element: float>"
+    assert str(schema.field("hdbscan").type) == "int32"
+
+
+def test_planted_types_are_recovered(fitted):
+    table, types, model, labels = fitted
+    xy = labels[["umap_x", "umap_y"]].to_numpy()
+    # Leaf selection may split a type into several clusters and leave noise (as in the
+    # thesis), but must not mix types.
+    hdb = labels["hdbscan"].to_numpy()
+    assert homogeneity_score(types[hdb != -1], hdb[hdb != -1]) > 0.95
+    assert model.auto_k.k == N_TYPES
+    assert composition_error(labels["auto"], types, table["culture"])["mae"] < 0.01
+    for method in ("gmm", "auto"):
+        assert cluster_metrics(xy, labels[method], truth=types)["ari"] > 0.95
+    assert model.auto_k.table["k"].tolist() == list(range(2, 9))
+
+
+def test_assign_new_does_not_refit(fitted, tmp_path):
+    table, types, model, labels = fitted
+    before = model.fingerprint()
+    joblib.dump(model, tmp_path / "model.joblib")
+    restored = joblib.load(tmp_path / "model.joblib")
+    assert restored.fingerprint() == before
+
+    copy = table.iloc[:300].copy()
+    again = assign_new(restored, copy)
+    assert model.fingerprint() == before and restored.fingerprint() == before
+    assert again["crop_id"].tolist() == copy["crop_id"].tolist()
+    for method in ("gmm", "auto"):
+        assert (again[method].to_numpy() == labels[method].to_numpy()[:300]).mean() > 0.9
+    both = ~again["hdbscan_noise"].to_numpy() & ~labels["hdbscan_noise"].to_numpy()[:300]
+    assert (again["hdbscan"].to_numpy()[both] == labels["hdbscan"].to_numpy()[:300][both]).mean() > 0.9
+
+    new_plate, new_types = embedding_table(200, seed=1)
+    new = assign_new(model, new_plate)
+    assert model.fingerprint() == before
+    assert cluster_metrics(new[["umap_x", "umap_y"]].to_numpy(), new["auto"], new_types)["ari"] > 0.9
+
+
+def test_assign_new_rejects_wrong_width(fitted):
+    with pytest.raises(ValueError, match="columns"):
+        assign_new(fitted[2], np.zeros((5, DIMS + 1), np.float32))
+
+
+def test_split_embedding_table_takes_list_or_numeric_columns():
+    table, _ = embedding_table(5)
+    prov, x = split_embedding_table(table)
+    wide = pd.concat([prov, pd.DataFrame(x, columns=[f"f{i}" for i in range(DIMS)])], axis=1)
+    prov2, x2 = split_embedding_table(wide)
+    pd.testing.assert_frame_equal(prov, prov2)
+    np.testing.assert_array_equal(x, x2)
+    assert x2.dtype == np.float32 and list(prov.columns) == list(PROVENANCE_COLUMNS)
+
+
+def test_choose_k_on_plain_blobs():
+    rng = np.random.default_rng(3)
+    centres = np.array([[0, 0], [10, 0], [0, 10], [10, 10], [5, 20]])
+    points = centres[rng.integers(0, 5, 2_000)] + rng.normal(0, 1, (2_000, 2))
+    result = choose_k(points, ClusteringConfig(auto_k_max=9, auto_k_stability_runs=3))
+    assert result.k == 5
+    assert result.table.loc[result.table["k"] == 5, "stability"].item() >= 0.9
+
+
+def test_cluster_metrics_noise_and_degenerate_cases():
+    xy = np.random.default_rng(0).normal(size=(40, 2))
+    labels = np.r_[np.zeros(10), np.ones(10), -np.ones(20)].astype(int)
+    m = cluster_metrics(xy, labels)
+    assert m["n_clusters"] == 2 and m["noise_fraction"] == 0.5 and np.isfinite(m["silhouette"])
+    all_noise = cluster_metrics(xy, -np.ones(40, int))
+    assert all_noise["n_clusters"] == 0 and np.isnan(all_noise["silhouette"])
+
+
+# --- composition -------------------------------------------------------------------------
+
+def planted(n: int, differ: bool, seed: int):
+    rng = np.random.default_rng(seed)
+    cultures = rng.choice(["A", "B", "C"], size=n)
+    p_null = [0.4, 0.3, 0.2, 0.1]
+    p = {"A": p_null, "B": [0.1, 0.2, 0.3, 0.4] if differ else p_null, "C": p_null}
+    labels = np.array([rng.choice(4, p=p[c]) for c in cultures])
+    return labels, cultures
+
+
+def test_composition_sums_to_one_and_ci_contains_estimate():
+    labels, cultures = planted(1_500, differ=True, seed=0)
+    labels[:100] = -1
+    comp = composition(labels, cultures, n_boot=500, seed=0)
+    assert set(comp.columns) >= {"culture", "cluster", "proportion", "ci_low", "ci_high", "n_cells"}
+    assert -1 not in comp["cluster"].to_numpy()
+    np.testing.assert_allclose(comp.groupby("culture")["proportion"].sum(), 1.0)
+    assert (comp["ci_low"] <= comp["proportion"]).all() and (comp["proportion"] <= comp["ci_high"]).all()
+    assert (comp["ci_high"] - comp["ci_low"] > 0).all()
+    assert comp["n_cells"].sum() == 1_400
+    with_noise = composition(labels, cultures, n_boot=50, include_noise=True)
+    assert -1 in with_noise["cluster"].to_numpy()
+    np.testing.assert_allclose(with_noise.groupby("culture")["proportion"].sum(), 1.0)
+    pd.testing.assert_frame_equal(comp, composition(labels, cultures, n_boot=500, seed=0))
+
+
+def test_chi_square_detects_planted_difference_only():
+    labels, cultures = planted(1_500, differ=True, seed=1)
+    planted_result = chi_square_culture_vs_type(labels, cultures)
+    assert planted_result["p_value"] < 0.01 and planted_result["cramers_v"] > 0.1
+    labels, cultures = planted(1_500, differ=False, seed=1)
+    null_result = chi_square_culture_vs_type(labels, cultures)
+    assert null_result["p_value"] > 0.05 and null_result["dof"] == 6
+    assert np.isnan(chi_square_culture_vs_type(np.zeros(10, int), np.array(list("ABABABABAB")))["p_value"])
+
+
+def test_composition_error_zero_when_recovered_positive_when_scrambled():
+    labels, cultures = planted(1_200, differ=True, seed=2)
+    renamed = np.array([7, 3, 9, 1])[labels]
+    perfect = composition_error(renamed, labels, cultures)
+    assert perfect["mae"] == pytest.approx(0, abs=1e-12)
+    assert perfect["mapping"] == {1: 3, 3: 1, 7: 0, 9: 2}
+    split = np.where(np.arange(len(labels)) % 2 == 0, labels, labels + 10)
+    assert composition_error(split, labels, cultures)["mae"] == pytest.approx(0, abs=1e-12)
+    scrambled = np.random.default_rng(0).permutation(labels)
+    assert composition_error(scrambled, labels, cultures)["mae"] > 0.02

@@ -1,0 +1,169 @@
+"""Figures and the HTML report, from small fake labels (no UMAP fit needed)."""
+
+from __future__ import annotations
+
+import base64
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from gbm_assets.analysis.composition import (
+    chi_square_culture_vs_type,
+    composition,
+    composition_error,
+)
+from gbm_assets.analysis.figures import crop_montage, stacked_composition_bar, umap_scatter
+from gbm_assets.analysis.report import (
+    COMPARISON_COLUMNS,
+    VariantSection,
+    best_variant,
+    markdown_summary,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_labels(n: int = 600, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    cluster = rng.integers(-1, 5, size=n)
+    centres = rng.normal(0, 5, size=(6, 2))
+    xy = centres[cluster + 1] + rng.normal(0, 0.5, size=(n, 2))
+    return pd.DataFrame({
+        "umap_x": xy[:, 0], "umap_y": xy[:, 1],
+        "hdbscan": cluster,
+        "gmm": np.where(cluster < 0, 0, cluster),
+        "culture": rng.choice(["GBM03", "GBM11", "GBM27"], size=n),
+        "concentration": rng.choice(["250", "1000", "4000"], size=n),
+        "morphotype": np.where(cluster < 0, 0, cluster),
+    })
+
+
+def comparison_table() -> pd.DataFrame:
+    return pd.DataFrame([
+        ("raw pixels", 16384, np.nan, "none", 0.276, 0.430, 0.90),  # baseline never wins
+        ("autoencoder", 64, np.nan, "none", 0.299, 0.435, 0.083),
+        ("A", 128, 0.01, "none", 0.41, 0.47, 0.31),
+        ("B", 128, 0.1, "none", 0.463, 0.488, 0.37),
+        ("E", 128, 0.1, "PBR", 0.13, 0.43, 0.03),
+    ], columns=list(COMPARISON_COLUMNS))
+
+
+def confusion_png(path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.imshow(np.eye(3))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.tables, self.in_best, self.best = [], 0, False, ""
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.imgs.append(attrs)
+        self.tables += tag == "table"
+        self.in_best = self.in_best or attrs.get("id") == "best-variant"
+
+    def handle_endtag(self, tag):
+        if tag == "strong":
+            self.in_best = False
+
+    def handle_data(self, data):
+        if self.in_best:
+            self.best += data
+
+
+@pytest.fixture(scope="module")
+def sections(tmp_path_factory):
+    d = tmp_path_factory.mktemp("figs")
+    out = []
+    for variant, seed in (("A", 0), ("B", 1)):
+        df = fake_labels(seed=seed)
+        comp = composition(df["hdbscan"], df["culture"], n_boot=200)
+        crops = np.random.default_rng(seed).integers(0, 256, size=(len(df), 16, 16), dtype=np.uint8)
+        out.append(VariantSection(
+            variant=variant,
+            confusion_matrices=[confusion_png(d / f"{variant}_cm_culture.png"),
+                                confusion_png(d / f"{variant}_cm_concentration.png")],
+            umap_scatters=[umap_scatter(df, c, d / f"{variant}_umap_{c}.png")
+                           for c in ("culture", "hdbscan", "concentration")],
+            composition_bar=stacked_composition_bar(comp, d / f"{variant}_composition.png"),
+            montage=crop_montage(crops, df["hdbscan"], d / f"{variant}_montage.png"),
+            composition=comp,
+            chi_square=chi_square_culture_vs_type(df["hdbscan"], df["culture"]),
+            cluster_metrics={"hdbscan": {"n_clusters": 5, "noise_fraction": 0.17},
+                             "gmm": {"n_clusters": 5, "noise_fraction": 0.0}},
+            auto_k=5,
+            composition_error=composition_error(df["hdbscan"], df["morphotype"], df["culture"]),
+        ))
+    return out
+
+
+def test_figures_are_pngs(sections):
+    for s in sections:
+        for png in [*s.confusion_matrices, *s.umap_scatters, s.composition_bar, s.montage]:
+            assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_umap_scatter_downsamples_and_montage_handles_small_clusters(tmp_path):
+    df = fake_labels(n=3_000)
+    assert umap_scatter(df, "gmm", tmp_path / "u.png", max_points=500).stat().st_size > 0
+    crops = np.zeros((3, 8, 8), np.uint8)
+    assert crop_montage(crops, [0, 1, 1], tmp_path / "m.png", per_cluster=10).exists()
+    with pytest.raises(ValueError):
+        crop_montage(crops, [0, 1], tmp_path / "bad.png")
+
+
+def test_report_embeds_every_figure_and_names_best_variant(sections, tmp_path):
+    html_path = write_report(tmp_path / "report", comparison_table(), sections)
+    page = _Page()
+    page.feed(html_path.read_text(encoding="utf-8"))
+
+    expected = sum(len(s.confusion_matrices) + len(s.umap_scatters) + 2 for s in sections)
+    assert len(page.imgs) == expected
+    for img in page.imgs:
+        prefix, _, data = img["src"].partition(",")
+        assert prefix == "data:image/png;base64" and data
+        assert base64.b64decode(data)[:8] == PNG_MAGIC
+        assert img["alt"]
+    # comparison + per variant: cluster metrics, composition, chi-square, composition error
+    assert page.tables == 1 + 4 * len(sections)
+    assert page.best.strip() == "B"
+
+    out = html_path.parent
+    assert (out / "comparison.csv").exists()
+    for s in sections:
+        assert (out / f"{s.variant}_composition.csv").exists()
+        assert (out / f"{s.variant}_cluster_metrics.csv").exists()
+    assert len(list((out / "figures").glob("*.png"))) == expected
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_report_rewrites_in_place(sections, tmp_path):
+    first = write_report(tmp_path, comparison_table(), sections[:1])
+    second = write_report(tmp_path, comparison_table(), sections)
+    assert first == second and "Variant B" in second.read_text(encoding="utf-8")
+
+
+def test_best_variant_and_markdown_summary(sections):
+    table = comparison_table()
+    assert best_variant(table)["variant"] == "B"
+    md = markdown_summary(table, sections)
+    assert md.splitlines()[0].startswith("| variant | features | lambda")
+    assert "| B | 128 | 0.100 | none |" in md
+    assert "**Best variant by culture kappa: B**" in md
+    assert md.count("\n| A |") == 2  # comparison row and cluster row
+
+
+def test_comparison_table_must_have_thesis_columns(tmp_path):
+    with pytest.raises(ValueError, match="culture_kappa"):
+        write_report(tmp_path, comparison_table().drop(columns=["culture_kappa"]))
