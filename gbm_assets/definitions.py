@@ -3,6 +3,14 @@
 import dagster as dg
 
 from gbm_assets.assets.cells import cell_coordinates, cell_crops
+from gbm_assets.assets.automation import (
+    REPORT_JOB_NAME,
+    TRAIN_JOB_NAME,
+    UPDATE_JOB_NAME,
+    nightly_retraining,
+    report_sensor,
+    stale_variants_sensor,
+)
 from gbm_assets.assets.clusters import clusters, composition_report
 from gbm_assets.assets.encoders import embeddings, trained_encoders
 from gbm_assets.assets.mlflow_tracking import MLflowTracking
@@ -19,7 +27,7 @@ ingest_plate = dg.define_asset_job(
 )
 
 train_all_variants = dg.define_asset_job(
-    "train_all_variants",
+    TRAIN_JOB_NAME,
     selection=dg.AssetSelection.assets(trained_encoders, embeddings),
     partitions_def=variants,
     description="Train every model variant's encoder on all plates, embed every crop and score it.",
@@ -32,15 +40,23 @@ cluster_all_variants = dg.define_asset_job(
     description="Cluster every variant's embeddings (labels new cells without refitting unless refit is set).",
 )
 
+update_variant = dg.define_asset_job(
+    UPDATE_JOB_NAME,
+    selection=dg.AssetSelection.assets(embeddings, clusters),
+    partitions_def=variants,
+    description="Re-embed every crop with a variant's current encoder and label new cells (no refit).",
+)
+
 refresh_report = dg.define_asset_job(
-    "refresh_report",
+    REPORT_JOB_NAME,
     selection=dg.AssetSelection.assets(composition_report),
     description="Rebuild the composition report from every variant's clusters.",
 )
 
 defs = dg.Definitions(
     assets=[raw_plates, cell_coordinates, cell_crops, trained_encoders, embeddings, clusters, composition_report],
-    jobs=[ingest_plate, train_all_variants, cluster_all_variants, refresh_report],
-    sensors=[new_plate_sensor],
+    jobs=[ingest_plate, train_all_variants, update_variant, cluster_all_variants, refresh_report],
+    sensors=[new_plate_sensor, stale_variants_sensor, report_sensor],
+    schedules=[nightly_retraining],
     resources={"data": DataDirs(), "mlflow_tracking": MLflowTracking()},
 )
