@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from gbm_assets import paths
 from gbm_assets.assets.cells import cell_crops
-from gbm_assets.assets.mlflow_tracking import MLflowTracking
+from gbm_assets.assets.mlflow_tracking import MLflowTracking, MLflowUnavailable
 from gbm_assets.assets.partitions import variants
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.models.variants import get_variant
@@ -35,6 +35,8 @@ class TrainingConfig(dg.Config):
     seed: int = 0
     max_crops: int | None = None  # seeded random subset of the crops (None: all)
     shuffle_buffer: int = 2048
+    mlflow_retries: int = 3  # retries of the step while the MLflow server is unreachable
+    mlflow_retry_wait_s: float = 60.0
 
 
 class EmbeddingConfig(dg.Config):
@@ -49,6 +51,12 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _retry_if_unreachable(exc: Exception, tracking: MLflowTracking, config: "TrainingConfig") -> None:
+    """Ask Dagster to retry the step later when the tracking server is down (not for other errors)."""
+    if isinstance(exc, MLflowUnavailable) or not tracking.reachable():
+        raise dg.RetryRequested(max_retries=config.mlflow_retries, seconds_to_wait=config.mlflow_retry_wait_s) from exc
 
 
 def _crop_plates(data: DataDirs) -> list[str]:
@@ -79,6 +87,10 @@ def trained_encoders(
 
     limit_cpu_threads()
     variant = get_variant(context.partition_key)
+    try:
+        mlflow_tracking.check_reachable()  # fail fast, before an hour of training is lost
+    except MLflowUnavailable as exc:
+        _retry_if_unreachable(exc, mlflow_tracking, config)
     plates_used = _crop_plates(data)
     crop_size = read_crop_size(data.crops)
     n_crops = count_crops(CropSelection.of(data.crops, None, config.max_crops, config.seed))
@@ -108,19 +120,25 @@ def trained_encoders(
 
         out_dir = _encoder_dir(data, variant.name)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_dir / "encoder.keras") as tmp:
-            keras.saving.save_model(result.encoder, tmp.with_suffix(".keras"))
-            os.replace(tmp.with_suffix(".keras"), tmp)
-        example = np.zeros((2, crop_size, crop_size, 1), np.float32)
-        registered = f"gbm-encoder-{variant.name}"
-        info = mlflow.keras.log_model(
-            result.encoder, name="encoder", signature=infer_signature(example, result.encoder.predict_on_batch(example)),
-            registered_model_name=registered, pip_requirements=["tensorflow-cpu", "keras>=3"],
-        )
-        client = mlflow.MlflowClient()
-        version = info.registered_model_version
-        client.set_registered_model_alias(registered, "current", version)
-        record = {"run_id": run.info.run_id, "model_uri": info.model_uri, "registered_model": registered, "version": version, "trained_at": time.time()}
+        staged = out_dir / f".encoder-{run.info.run_id}.keras"
+        try:
+            keras.saving.save_model(result.encoder, staged)
+            example = np.zeros((2, crop_size, crop_size, 1), np.float32)
+            registered = f"gbm-encoder-{variant.name}"
+            info = mlflow.keras.log_model(
+                result.encoder, name="encoder", signature=infer_signature(example, result.encoder.predict_on_batch(example)),
+                registered_model_name=registered, pip_requirements=["tensorflow-cpu", "keras>=3"],
+            )
+            version = info.registered_model_version
+            mlflow.MlflowClient().set_registered_model_alias(registered, "current", version)
+        except Exception as exc:
+            staged.unlink(missing_ok=True)  # the previous encoder stays in place, untouched
+            _retry_if_unreachable(exc, mlflow_tracking, config)
+            raise
+        # Only now, with the run and model logged, does the new encoder replace the old one.
+        os.replace(staged, out_dir / "encoder.keras")
+        record = {"run_id": run.info.run_id, "model_uri": info.model_uri, "registered_model": registered,
+                  "version": version, "trained_at": time.time()}
         with atomic_path(out_dir / "run.json") as tmp:
             tmp.write_text(json.dumps(record, indent=2))
         url = mlflow_tracking.run_url(run)

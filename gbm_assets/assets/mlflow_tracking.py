@@ -16,6 +16,10 @@ from gbm_assets import paths
 EXPERIMENT = "gbm-assets"
 
 
+class MLflowUnavailable(RuntimeError):
+    """The tracking server cannot be reached: retrying later may help, nothing was written."""
+
+
 class MLflowTracking(dg.ConfigurableResource):
     """Where runs go and how to link to them from Dagster metadata."""
 
@@ -39,6 +43,30 @@ class MLflowTracking(dg.ConfigurableResource):
         if self.resolved_uri().startswith("sqlite:"):
             return (paths.project_root() / "mlruns" / "artifacts").as_uri()
         return None
+
+    def check_reachable(self, timeout_s: float = 5.0) -> None:
+        """Raise MLflowUnavailable unless the tracking store answers (a server's /health, or the local store)."""
+        uri = self.resolved_uri()
+        if not uri.startswith(("http://", "https://")):
+            return
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            problem = str(getattr(exc, "reason", exc))
+        raise MLflowUnavailable(f"MLflow tracking server {uri} is unreachable ({problem}); nothing was written")
+
+    def reachable(self) -> bool:
+        try:
+            self.check_reachable()
+            return True
+        except MLflowUnavailable:
+            return False
 
     def setup(self):
         """Point MLflow at the store and return the experiment id (created on first use)."""
