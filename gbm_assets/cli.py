@@ -66,6 +66,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_plate(args: argparse.Namespace) -> int:
+    from gbm_assets.imaging.plates import make_plate, validate_plate
+
+    raw = Path(args.raw or paths.raw_dir())
+    plate = make_plate(args.source, raw, args.plate_id, args.culture, args.concentration, args.replicate,
+                       args.timepoint_pattern, link=not args.copy)
+    summary = validate_plate(plate)
+    print(f"plate {summary.plate_id}: {summary.n_images} images of {summary.width}x{summary.height}, {summary.bits}-bit -> {plate}")
+    return 0
+
+
 def _dagster_home() -> Path:
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(paths.project_root() / ".dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
@@ -83,6 +94,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.no_synth and not find_ready_plates(raw):
         print(f"no plates under {raw}: synthesizing the demo data set")
         cmd_synth(build_parser().parse_args(["synth", "--out", str(raw)]))
+        real = paths.project_root().parent / "shared" / "data" / "t98g" / "images"
+        if real.is_dir():  # the real T98G frames join the demo as one more plate (linked, not copied)
+            cmd_add_plate(build_parser().parse_args(
+                ["add-plate", str(real), "--plate-id", "t98g", "--culture", "T98G", "--raw", str(raw),
+                 "--timepoint-pattern", r"t(\d+)\.tif"]))
     return run_main_job(bar=_bar, refresh=args.refresh)
 
 
@@ -107,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cell-diameter", type=float, default=40.0, help="expected cell diameter in pixels")
     g.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     g.set_defaults(func=cmd_segment)
+
+    a = sub.add_parser("add-plate", help="make a plate from a folder of images (linked, manifest written last)")
+    a.add_argument("source", help="folder of TIFF/PNG images")
+    a.add_argument("--plate-id", required=True)
+    a.add_argument("--culture", required=True)
+    a.add_argument("--concentration", default="na")
+    a.add_argument("--replicate", type=int, default=1)
+    a.add_argument("--timepoint-pattern", help=r"regex whose first group in a file name is the time point, e.g. 't(\d+)'")
+    a.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
+    a.add_argument("--raw", help="raw plates folder (default: data/raw)")
+    a.set_defaults(func=cmd_add_plate)
 
     r = sub.add_parser("run", help="the main job: ingest every plate under data/raw, then every later stage")
     r.add_argument("--data", help="data folder (default: data/ or GBM_ASSETS_DATA)")

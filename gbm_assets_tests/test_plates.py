@@ -10,7 +10,7 @@ import tifffile
 
 from gbm_assets.errors import ImageReadError, PlateError
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.plates import check_plate_id, find_ready_plates, read_manifest, validate_plate
+from gbm_assets.imaging.plates import check_plate_id, find_ready_plates, make_plate, read_manifest, validate_plate
 from gbm_assets_tests.conftest import write_tiny_plate
 
 
@@ -114,13 +114,10 @@ def test_find_ready_plates_needs_manifest_and_safe_name(tmp_path):
 
 def test_t98g_frames_load_as_a_plate(tmp_path, t98g):
     """The real frames, linked (not copied) into a plate folder, validate as one plate."""
-    plate = tmp_path / "t98g"
-    plate.mkdir()
-    names = sorted(p.name for p in (t98g / "images").glob("*.tif"))
-    for name in names:
-        (plate / name).symlink_to(t98g / "images" / name)
-    pd.DataFrame({"image": names, "culture": "T98G"}).to_csv(plate / "manifest.csv", index=False)
+    plate = make_plate(t98g / "images", tmp_path, "t98g", "T98G", timepoint_pattern=r"t(\d+)\.tif")
+    assert all((plate / n).is_symlink() for n in read_manifest(plate)["image"])
     summary = validate_plate(plate)
     assert summary.n_images == 6
+    assert summary.manifest["timepoint_h"].tolist() == [7.0, 13.0, 19.0, 25.0, 31.0, 37.0]
     assert (summary.width, summary.height, summary.bits) == (1024, 1022, 16)
     assert summary.cultures == ["T98G"]

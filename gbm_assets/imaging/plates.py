@@ -176,3 +176,43 @@ def find_ready_plates(raw: str | Path) -> list[str]:
             except InputError:
                 continue  # unsafe names are never registered; raw_plates reports them if asked
     return ready
+
+
+def make_plate(
+    source: str | Path, raw: str | Path, plate_id: str, culture: str, concentration: str = "na",
+    replicate: int = 1, timepoint_pattern: str | None = None, link: bool = True,
+) -> Path:
+    """Turn a folder of images into a plate under raw/: images linked (or copied), manifest last.
+
+    timepoint_pattern: a regular expression whose first group, read from each file name, is the
+    time point in hours (e.g. r"t(\d+)"); without it every image is time point 0.
+    """
+    import os
+    import shutil
+
+    source = Path(source)
+    images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise PlateError(source, "no TIFF or PNG images in this folder")
+    plate_dir = Path(raw) / check_plate_id(plate_id)
+    plate_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in images:
+        target = plate_dir / path.name
+        if not target.exists():
+            if link:
+                target.symlink_to(path.resolve())
+            else:
+                shutil.copy2(path, target)
+        hours = 0.0
+        if timepoint_pattern:
+            match = re.search(timepoint_pattern, path.name)
+            if not match:
+                raise PlateError(path, f"file name does not match the time-point pattern {timepoint_pattern!r}")
+            hours = float(match.group(1))
+        rows.append((path.name, culture, concentration, replicate, hours))
+    manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    tmp = plate_dir / f".{MANIFEST_NAME}.tmp"
+    manifest.to_csv(tmp, index=False)
+    os.replace(tmp, plate_dir / MANIFEST_NAME)
+    return plate_dir
