@@ -31,6 +31,13 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def write_bytes_atomic(final: str | Path, data: bytes) -> Path:
+    """Write a whole file atomically."""
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+    return Path(final)
+
+
 def write_parquet_atomic(table: pa.Table, final: str | Path, row_group_size: int = 2048) -> Path:
     """Write one Parquet file atomically, in row groups small enough to stream back in batches."""
     with atomic_path(final) as tmp:

@@ -123,8 +123,11 @@ def crop_montage(
     per_cluster: int = 10,
     seed: int = 0,
     include_noise: bool = False,
+    cluster_sizes: dict | None = None,
 ) -> Path:
     """A grid of per_cluster random crops for every cluster (one row each), to inspect by eye.
+
+    cluster_sizes: cells per cluster for the row labels, when `crops` is only a sample of them.
 
     The grid is assembled into one image before plotting: one imshow, however many crops.
     """
@@ -146,7 +149,7 @@ def crop_montage(
     fig, ax = plt.subplots(figsize=(max(grid.shape[1] / DPI, per_cluster * 0.9) + 1.5,
                                     max(grid.shape[0] / DPI, len(clusters) * 0.9) + 0.6))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
-    counts = {c: int((labels == c).sum()) for c in clusters}
+    counts = cluster_sizes or {c: int((labels == c).sum()) for c in clusters}
     ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(clusters))],
                   [f"{'noise' if c == NOISE else f'cluster {c}'} (n={counts[c]})" for c in clusters])
     ax.set_xticks([])

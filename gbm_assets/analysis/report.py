@@ -10,15 +10,15 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from gbm_assets.storage import write_bytes_atomic
 
 BASELINE = "raw pixels"
 # Thesis Table 3 style: one row per encoder variant plus the raw-pixel baseline.
@@ -62,18 +62,6 @@ def _check_comparison(comparison: pd.DataFrame) -> None:
     missing = [c for c in COMPARISON_COLUMNS if c not in comparison.columns]
     if missing:
         raise ValueError(f"comparison table lacks columns {missing}")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _slug(text: str) -> str:
@@ -127,17 +115,17 @@ def _variant_html(v: VariantSection, out_dir: Path) -> str:
     for png, caption in figures:
         target = out_dir / "figures" / f"{slug}_{Path(png).name}"
         if Path(png).resolve() != target.resolve():
-            _atomic_write(target, Path(png).read_bytes())
+            write_bytes_atomic(target, Path(png).read_bytes())
         parts.append(_figure(target, caption))
     if v.cluster_metrics:
         metrics = (pd.DataFrame.from_dict(v.cluster_metrics, orient="index")
                    .rename_axis("method").reset_index())
-        _atomic_write(out_dir / f"{slug}_cluster_metrics.csv", metrics.to_csv(index=False).encode())
+        write_bytes_atomic(out_dir / f"{slug}_cluster_metrics.csv", metrics.to_csv(index=False).encode())
         parts += ["<h3>Cluster metrics</h3>", _table(metrics)]
     if v.auto_k is not None:
         parts.append(f"<p>Automatically chosen number of clusters: <strong>{v.auto_k}</strong>.</p>")
     if v.composition is not None:
-        _atomic_write(out_dir / f"{slug}_composition.csv", v.composition.to_csv(index=False).encode())
+        write_bytes_atomic(out_dir / f"{slug}_composition.csv", v.composition.to_csv(index=False).encode())
         parts += ["<h3>Composition per culture</h3>",
                   "<p>Share of the clustered cells of each culture in each cluster, with its "
                   "bootstrap confidence interval.</p>", _table(_composition_wide(v.composition))]
@@ -189,7 +177,7 @@ def write_report(
     _check_comparison(comparison)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "comparison.csv", comparison.to_csv(index=False).encode())
+    write_bytes_atomic(out_dir / "comparison.csv", comparison.to_csv(index=False).encode())
     best = best_variant(comparison)
     best_text = ("No variant has a culture kappa yet." if best is None else
                  f'Best variant by culture Cohen\'s kappa: <strong id="best-variant">'
@@ -210,7 +198,7 @@ def write_report(
         + "\n".join(body) + "\n</body></html>\n"
     )
     path = out_dir / "report.html"
-    _atomic_write(path, page.encode("utf-8"))
+    write_bytes_atomic(path, page.encode("utf-8"))
     return path
 
 

@@ -74,7 +74,8 @@ def build_section(
     montage = None
     if len(picks):
         crops = read_crops(crops_dir, labels["crop_id"].iloc[picks])
-        montage = crop_montage(crops, labels["hdbscan"].to_numpy()[picks], out_dir / "montage.png", seed=seed)
+        montage = crop_montage(crops, labels["hdbscan"].to_numpy()[picks], out_dir / "montage.png", seed=seed,
+                               cluster_sizes=labels["hdbscan"].value_counts().to_dict())
     error = None
     if truth is not None:
         known = truth.notna().to_numpy()

@@ -10,7 +10,7 @@ from gbm_assets.assets.mlflow_tracking import MLflowTracking
 from gbm_assets.assets.partitions import variants
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.models.variants import get_variant, variant_names
-from gbm_assets.storage import AtomicParquetWriter, atomic_path
+from gbm_assets.storage import AtomicParquetWriter, atomic_path, write_bytes_atomic
 
 
 class ClusterConfig(dg.Config):
@@ -77,8 +77,7 @@ def clusters(
         meta = {"encoder_run_id": encoder_run, "vector": config.vector, "n_train": fitted.n_train,
                 "auto_k": int(fitted.auto_k.k), "auto_k_rule": fitted.auto_k.rule, "min_cluster_size": fitted.min_cluster_size,
                 "fingerprint": fitted.fingerprint(), "timings_s": fitted.timings}
-        with atomic_path(meta_path) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2))
+        write_bytes_atomic(meta_path, json.dumps(meta, indent=2).encode())
         mode = "fit"
 
     n_total = n_new = 0

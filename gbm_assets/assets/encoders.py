@@ -19,7 +19,7 @@ from gbm_assets.assets.mlflow_tracking import MLflowTracking, MLflowUnavailable
 from gbm_assets.assets.partitions import variants
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.models.variants import get_variant
-from gbm_assets.storage import AtomicParquetWriter, atomic_path, write_parquet_atomic
+from gbm_assets.storage import AtomicParquetWriter, write_bytes_atomic, write_parquet_atomic
 
 ALL_PLATES = dg.AssetDep(cell_crops, partition_mapping=dg.AllPartitionMapping())
 # Training in two processes at once would share 2 cores badly and lock the SQLite MLflow store.
@@ -139,8 +139,7 @@ def trained_encoders(
         os.replace(staged, out_dir / "encoder.keras")
         record = {"run_id": run.info.run_id, "model_uri": info.model_uri, "registered_model": registered,
                   "version": version, "trained_at": time.time()}
-        with atomic_path(out_dir / "run.json") as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
+        write_bytes_atomic(out_dir / "run.json", json.dumps(record, indent=2).encode())
         url = mlflow_tracking.run_url(run)
     return dg.MaterializeResult(
         metadata={

@@ -149,11 +149,17 @@ def make_pair(images, keep, seed, segmentation: str = "none"):
     return images, distort(images, keep, seed, segmentation)
 
 
+def dihedral_views(x):
+    """The 8 rotations/reflections of a batch (B, S, S, C), one at a time (bounded memory)."""
+    for view in (x, tf.reverse(x, axis=[2])):
+        for k in range(4):
+            yield tf.image.rot90(view, k)
+
+
 def dihedral_8(x):
     """The 8 rotations/reflections of a batch (B, S, S, C), stacked to (8, B, S, S, C).
 
     Averaging an encoder over this group gives an embedding that is exactly invariant to
     90-degree rotations and flips, which the thesis wished it had.
     """
-    flipped = tf.reverse(x, axis=[2])
-    return tf.stack([tf.image.rot90(v, k) for v in (x, flipped) for k in range(4)])
+    return tf.stack(list(dihedral_views(x)))

@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from gbm_assets.errors import InputError  # noqa: E402
-from gbm_assets.models.augmentation import dihedral_8  # noqa: E402
+from gbm_assets.models.augmentation import dihedral_views  # noqa: E402
 from gbm_assets.models.dataset import (  # noqa: E402
     CropSelection,
     count_crops,
@@ -42,7 +42,7 @@ class TrainConfig:
     epochs: int = 10
     max_steps_per_epoch: int | None = None  # None: one pass over the selected crops
     batch_size: int = 128
-    crop_size: int | None = None  # None: read from the dataset
+    crop_size: int | None = None  # None: as stored; else checked against the dataset
     seed: int = 0
     shuffle_buffer: int = 2048  # crops held for shuffling (bounds memory)
     plates: tuple[str, ...] | None = None  # None: all plates
@@ -142,7 +142,9 @@ def train_encoder(
     n_crops = count_crops(selection)
     if n_crops < config.batch_size:
         raise InputError(crops_dir, f"{n_crops} crops selected, fewer than one batch of {config.batch_size}")
-    crop_size = config.crop_size or read_crop_size(crops_dir)
+    crop_size = read_crop_size(crops_dir)
+    if config.crop_size not in (None, crop_size):
+        raise InputError(crops_dir, f"crops are {crop_size}x{crop_size}, the config asks for {config.crop_size}")
     steps = n_crops // config.batch_size
     if config.max_steps_per_epoch is not None:
         steps = min(steps, config.max_steps_per_epoch)
@@ -158,12 +160,12 @@ def embed_batch(encoder: keras.Model, pixels, invariant: bool = False) -> np.nda
 
     predict_on_batch reuses the model's compiled predict function across calls (no retracing
     per embed_crops call) and measured as fast as a hand-written tf.function. invariant=True
-    averages over the 8 rotations/flips, one transform at a time to bound memory.
+    averages over the 8 rotations/flips (dihedral_8), one transform at a time to bound memory.
     """
     if not invariant:
         return encoder.predict_on_batch(pixels)
-    views = dihedral_8(tf.convert_to_tensor(pixels))
-    return sum(encoder.predict_on_batch(views[k]) for k in range(8)) / np.float32(8.0)
+    views = dihedral_views(tf.convert_to_tensor(pixels))
+    return sum(encoder.predict_on_batch(view) for view in views) / np.float32(8.0)
 
 
 def embed_crops(
