@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import dagster as dg
@@ -178,3 +179,15 @@ def test_cellprofiler_table_is_used_instead_of_segmentation(data_root):
     coords = pd.read_parquet(plate_file(data_root / "cell_coordinates.parquet", plate_id))
     assert len(coords) == len(truth)
     assert np.allclose(np.sort(coords["x"]), np.sort(truth["x"]))
+
+
+def test_sensor_skips_ingested_plates_and_reruns_a_changed_manifest(ingested):
+    data_root, plate_id, instance, _ = ingested
+    data = DataDirs(root=str(data_root))
+    first = new_plate_sensor(dg.build_sensor_context(instance=instance, resources={"data": data}))
+    assert plate_id not in [r.partition_key for r in first.run_requests]  # already ingested
+    manifest = data_root / "raw" / plate_id / "manifest.csv"
+    manifest.write_text(manifest.read_text())  # rewritten: a new version
+    os.utime(manifest, ns=(manifest.stat().st_atime_ns, manifest.stat().st_mtime_ns + 10**9))
+    second = new_plate_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor, resources={"data": data}))
+    assert [r.partition_key for r in second.run_requests].count(plate_id) == 1

@@ -1,6 +1,8 @@
 """The new-plate sensor: registers plates that appear under data/raw/ and requests their ingestion."""
 
 
+import json
+
 import dagster as dg
 
 from gbm_assets.assets.partitions import plates
@@ -10,28 +12,40 @@ from gbm_assets.imaging.plates import MANIFEST_NAME, find_ready_plates
 INGEST_JOB_NAME = "ingest_plate"
 
 
-def plate_run_key(data: DataDirs, plate_id: str) -> str:
-    """One run per plate and manifest version: re-writing a manifest re-runs the plate, once."""
-    mtime = (data.plate_dir(plate_id) / MANIFEST_NAME).stat().st_mtime_ns
-    return f"{plate_id}@{mtime}"
+def manifest_version(data: DataDirs, plate_id: str) -> int:
+    return (data.plate_dir(plate_id) / MANIFEST_NAME).stat().st_mtime_ns
 
 
 @dg.sensor(
     job_name=INGEST_JOB_NAME,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Registers each new plate folder (with manifest.csv) under data/raw/ and ingests it.",
+    description="Registers each new plate folder (with manifest.csv) under data/raw/ and ingests it; "
+    "a rewritten manifest re-ingests its plate once.",
 )
 def new_plate_sensor(context: dg.SensorEvaluationContext, data: DataDirs) -> dg.SensorResult:
+    """Run keys are plate@manifest-version, so a plate is ingested once per manifest version.
+
+    The cursor remembers the manifest versions seen: a plate already ingested (by the command
+    line, say) is not re-run when the sensor first sees it, only when its manifest changes.
+    """
     ready = find_ready_plates(data.raw)
-    known = set(context.instance.get_dynamic_partitions(plates.name))
-    new = [p for p in ready if p not in known]
-    requests = [
-        dg.RunRequest(run_key=plate_run_key(data, p), partition_key=p, tags={"gbm/plate": p}) for p in ready
-    ]
     if not ready:
         return dg.SensorResult(skip_reason=f"no plate with {MANIFEST_NAME} under {data.raw}")
+    instance = context.instance
+    known = set(instance.get_dynamic_partitions(plates.name))
+    done = instance.get_materialized_partitions(dg.AssetKey("cell_crops"))
+    seen = json.loads(context.cursor) if context.cursor else {}
+    requests = []
+    for plate_id in ready:
+        version = manifest_version(data, plate_id)
+        unchanged = seen.get(plate_id, version) == version
+        if plate_id not in done or not unchanged:
+            requests.append(dg.RunRequest(run_key=f"{plate_id}@{version}", partition_key=plate_id, tags={"gbm/plate": plate_id}))
+        seen[plate_id] = version
+    new = [p for p in ready if p not in known]
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[plates.build_add_request(new)] if new else [],
+        cursor=json.dumps(seen, sort_keys=True),
     )
