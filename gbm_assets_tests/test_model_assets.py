@@ -142,3 +142,17 @@ def test_report_renders_with_every_figure(trained):
     assert len(images) >= 2 * 7 and all(len(b) > 100 for b in images)
     assert "raw pixels" in page and 'id="best-variant"' in page
     assert "Best variant by culture kappa" in meta["summary"].value
+
+
+def test_explorer_is_made_per_variant_and_linked(trained):
+    root, tracking, results, instance, resources, report = trained
+    import mlflow
+
+    page = root / "reports" / "explorer" / "siamese_f.html"
+    assert page.is_file() and page.stat().st_size > 1000
+    html_text = (root / "reports" / "composition" / "report.html").read_text(encoding="utf-8")
+    assert 'href="../explorer/siamese_f.html"' in html_text
+    mlflow.set_tracking_uri(tracking.resolved_uri())
+    runs = mlflow.search_runs(experiment_names=["gbm-assets"], filter_string="tags.`gbm.variant` = 'siamese_f'")
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"], "explorer")}
+    assert "explorer/siamese_f.html" in artifacts

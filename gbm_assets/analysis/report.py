@@ -49,6 +49,7 @@ class VariantSection:
     auto_k: int | None = None
     composition_error: Mapping | None = None
     notes: str = ""
+    explorer: str | None = None  # link (relative to the report) to the variant's cell explorer page
 
 
 def best_variant(comparison: pd.DataFrame) -> pd.Series | None:
@@ -105,6 +106,9 @@ def _variant_html(v: VariantSection, out_dir: Path) -> str:
     parts = [f'<section id="variant-{html.escape(slug)}"><h2>Variant {html.escape(v.variant)}</h2>']
     if v.notes:
         parts.append(f"<p>{html.escape(v.notes)}</p>")
+    if v.explorer:
+        parts.append(f'<p><a class="explorer" href="{html.escape(v.explorer)}">Open the cell explorer for '
+                     f"{html.escape(v.variant)}</a>: hover any point of the map to see its cell.</p>")
     figures = (
         [(p, f"{v.variant}: confusion matrix ({Path(p).stem})") for p in v.confusion_matrices]
         + [(p, f"{v.variant}: UMAP ({Path(p).stem})") for p in v.umap_scatters]

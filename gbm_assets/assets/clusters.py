@@ -1,6 +1,7 @@
 """clusters (per variant) and composition_report: cell types and the composition of each culture."""
 
 import json
+import os
 
 import dagster as dg
 import pandas as pd
@@ -23,10 +24,15 @@ class ClusterConfig(dg.Config):
     gmm_components: int = 11
     hdbscan_min_samples: int = 10
     hdbscan_min_cluster_size: int | None = None  # None: 220 scaled by cells / 7,500
+    explorer_max_points: int = 20_000  # cells shown in the explorer page (sampled across cultures and clusters)
 
 
 def _model_dir(data: DataDirs, variant: str):
     return data.base / "cluster_models" / variant
+
+
+def explorer_file(data: DataDirs, variant: str):
+    return data.reports / "explorer" / f"{variant}.html"
 
 
 def labels_file(data: DataDirs, variant: str):
@@ -49,7 +55,9 @@ def clusters(
     from gbm_assets.analysis.cell_labels import fit_on_sample, label_cells, labels_schema, labels_table
     from gbm_assets.analysis.clustering import ClusteringConfig, cluster_metrics
     from gbm_assets.analysis.truth import has_truth, true_morphotypes
+    from gbm_assets.analysis.explorer import sample_for_explorer, write_explorer
     from gbm_assets.analysis.variant_report import sample_labels
+    from gbm_assets.imaging.crop_lookup import read_crops
 
     variant = get_variant(context.partition_key)
     emb_path = data.embeddings / f"variant={variant.name}" / "part-0.parquet"
@@ -95,6 +103,10 @@ def clusters(
         use = truth.notna().to_numpy() if has_truth(truth) else slice(None)
         scored[column] = cluster_metrics(sample[["umap_x", "umap_y"]].to_numpy()[use], sample[column].to_numpy()[use],
                                          truth[use].astype(str).to_numpy() if has_truth(truth) else None, seed=config.seed)
+    points = sample_for_explorer(sample_labels(out, 5 * config.explorer_max_points, seed=config.seed),
+                                 config.explorer_max_points, seed=config.seed)
+    explorer = write_explorer(explorer_file(data, variant.name), variant.name, points, read_crops(data.crops, points["crop_id"]))
+    context.log.info(f"{variant.name}: cell explorer with {len(points)} cells at {explorer}")
     with mlflow_tracking.start_run(context, run_name=f"cluster-{variant.name}") as run:
         mlflow.set_tags({"gbm.encoder_run_id": encoder_run, "gbm.variant": variant.name, "gbm.mode": mode})
         mlflow.log_params({"variant": variant.name, "vector": config.vector, "fit_max_cells": config.fit_max_cells,
@@ -102,11 +114,14 @@ def clusters(
                            "hdbscan_min_samples": config.hdbscan_min_samples, "seed": config.seed, "n_train": meta["n_train"]})
         mlflow.log_metrics({"auto_k": meta["auto_k"], "n_cells": n_total, "n_predicted": n_new,
                             **{f"{c}.{k}": float(v) for c, m in scored.items() for k, v in m.items()}})
+        mlflow.log_artifact(str(explorer), "explorer")
         url = mlflow_tracking.run_url(run)
     hdb = scored["hdbscan"]
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
+            "explorer": dg.MetadataValue.path(str(explorer)),
+            "explorer_points": len(points),
             "mode": mode,
             "n_cells": n_total,
             "n_predicted_without_refit": n_new,
@@ -147,7 +162,10 @@ def composition_report(
         labels["morphotype"] = true_morphotypes(labels, data.raw)
         meta = json.loads((_model_dir(data, name) / "model.json").read_text())
         confusion = sorted((data.evaluation / name).glob("confusion_embedding_*.png"))
-        sections.append(build_section(name, labels, data.crops, out_dir / name, confusion, auto_k=meta["auto_k"]))
+        section = build_section(name, labels, data.crops, out_dir / name, confusion, auto_k=meta["auto_k"])
+        if explorer_file(data, name).is_file():
+            section.explorer = os.path.relpath(explorer_file(data, name), out_dir)
+        sections.append(section)
     comparison = comparison_table(data.evaluation, done)
     path = write_report(out_dir, comparison, sections)
     summary = markdown_summary(comparison, sections)
