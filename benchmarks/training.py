@@ -5,11 +5,13 @@
 On a generated crops dataset (in a temporary folder) it measures, in one run:
 - training pairs/s of a siamese variant fed by the streaming, augmenting tf.data pipeline,
   by pre-made in-memory tensors (the ceiling: no input cost at all), and the thesis' way
-  (every pair precomputed into NumPy arrays, then model.fit on the arrays);
-- embedding crops/s of embed_crops (Parquet -> pixels -> encoder) against the bare compiled
-  forward pass on in-memory tensors, plus eager encoder(x) and predict_on_batch for reference;
+  (every pair precomputed into NumPy arrays, then model.fit on the arrays); also a PBR
+  variant (mask decoding, dilation, blackout) and the autoencoder, streamed and in memory;
+- embedding crops/s of embed_crops (Parquet -> pixels -> encoder) against the bare forward
+  pass on in-memory tensors (predict_on_batch, a tf.function, eager encoder(x));
 - peak RSS of a fresh process that streams one training pass and embeds every crop, for two
   dataset sizes, to show that memory does not grow with the number of crops.
+Rates are medians of per-step (per-batch) rates over interleaved rounds.
 Goals: streaming >= 0.9x the ceiling, embed_crops >= 0.8x the bare forward pass.
 """
 
@@ -44,7 +46,13 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from gbm_assets.models.augmentation import make_pair  # noqa: E402
-from gbm_assets.models.dataset import CropSelection, count_crops, decode_crops, iter_record_batches, training_dataset  # noqa: E402
+from gbm_assets.models.dataset import (  # noqa: E402
+    CropSelection,
+    count_crops,
+    decode_crops,
+    iter_record_batches,
+    training_dataset,
+)
 from gbm_assets.models.encoders import build_siamese_encoder  # noqa: E402
 from gbm_assets.models.training import build_trainable, embed_crops  # noqa: E402
 from gbm_assets.models.variants import get_variant  # noqa: E402
@@ -53,12 +61,12 @@ from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id  # 
 PLATE_CROPS = 500
 
 
-def write_synthetic_crops(root: Path, n_crops: int, size: int, seed: int = 0) -> Path:
-    """n_crops crops of three shape classes (round, elongated, ring), PLATE_CROPS per plate file."""
+def write_synthetic_crops(root: Path, n_crops: int, size: int, seed: int = 0, plate_crops: int = PLATE_CROPS) -> Path:
+    """n_crops crops of three shape classes (round, elongated, ring), plate_crops per plate file."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size].astype(np.float32) - (size - 1) / 2
-    for p, start in enumerate(range(0, n_crops, PLATE_CROPS)):
-        n = min(PLATE_CROPS, n_crops - start)
+    for p, start in enumerate(range(0, n_crops, plate_crops)):
+        n = min(plate_crops, n_crops - start)
         shape = rng.integers(0, 3, n)
         angle = rng.uniform(0, np.pi, (n, 1, 1)).astype(np.float32)
         radius = rng.uniform(0.1, 0.16, (n, 1, 1)).astype(np.float32) * size
@@ -97,43 +105,63 @@ def write_synthetic_crops(root: Path, n_crops: int, size: int, seed: int = 0) ->
     return root
 
 
-def interleaved_best(runs: dict, rounds: int) -> dict:
-    """Best rate (items/s) of each named (run, items) pair; run() returns its seconds.
+def clock() -> np.ndarray:
+    """(wall, CPU) seconds now; CPU time is this process' user + system time, all threads."""
+    t = os.times()
+    return np.array([time.perf_counter(), t.user + t.system])
 
-    Every run is called once untimed first (tracing, warm caches). The cores are shared with
-    other jobs: interleaving exposes each run to the same load, and the best round is the
-    least disturbed one.
+
+def interleaved_median(runs: dict, rounds: int) -> dict:
+    """Per named run: median items/s (wall clock) and median CPU milliseconds per item.
+
+    A run returns (items, [wall, cpu] seconds) samples: one per training step or embedded
+    batch. Each run is called once untimed first (tracing, warm caches). The cores are shared
+    with other jobs, so wall-clock rates carry their load; interleaving exposes every run to
+    the same load, and CPU time per item, which another job's load barely changes, gives the
+    steadier comparison of input overhead.
     """
-    for run, _ in runs.values():
+    for run in runs.values():
         run()
-    best = dict.fromkeys(runs, 0.0)
+    samples: dict[str, list] = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, (run, items) in runs.items():
-            best[name] = max(best[name], items / run())
-    return {name: round(rate, 1) for name, rate in best.items()}
+        for name, run in runs.items():
+            samples[name] += run()
+    return {
+        name: {
+            "per_s": round(float(np.median([n / spent[0] for n, spent in got])), 1),
+            "cpu_ms": round(float(np.median([1000 * spent[1] / n for n, spent in got])), 2),
+        }
+        for name, got in samples.items()
+    }
 
 
-def timed(fn):
-    """A run for interleaved_best: fn's wall time."""
+def ratio(rates: dict, fast: str, slow: str) -> dict:
+    """How close `fast` (e.g. streaming) comes to `slow` (e.g. the in-memory ceiling)."""
+    return {
+        "wall": round(rates[fast]["per_s"] / rates[slow]["per_s"], 3),
+        "cpu": round(rates[slow]["cpu_ms"] / rates[fast]["cpu_ms"], 3),
+    }
 
-    def run() -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
 
-    return run
+def batch_samples(batches, size_of) -> list:
+    """(items, [wall, cpu] seconds) for each batch an iterator yields, since the previous one."""
+    samples, last = [], clock()
+    for batch in batches:
+        now = clock()
+        samples.append((size_of(batch), now - last))
+        last = now
+    return samples
 
 
 class StepClock(keras.callbacks.Callback):
-    """Time between the end of the first and the last training step of a fit: steady state,
-    without the one-off start of a fit (iterator creation, shuffle buffer fill)."""
+    """clock() at the end of every training step (after waiting for the step's result)."""
 
     def on_train_begin(self, logs=None):
-        self.times = []
+        self.times = [clock()]
 
     def on_train_batch_end(self, batch, logs=None):
-        float(next(iter(logs.values())))  # wait for the step to finish
-        self.times.append(time.perf_counter())
+        float(next(iter(logs.values())))
+        self.times.append(clock())
 
 
 def all_pairs_in_numpy(crops_dir: Path, size: int, segmentation: str) -> tuple[np.ndarray, np.ndarray]:
@@ -164,14 +192,18 @@ def training_rates(crops_dir: Path, variant_name: str, size: int, batch: int, st
     precompute_s = time.perf_counter() - start
 
     def fit(trainee, data, **kwargs):
-        def run() -> float:
-            clock = StepClock()
-            trainee.fit(data, epochs=1, steps_per_epoch=steps + 1, verbose=0, shuffle=False, callbacks=[clock], **kwargs)
-            return clock.times[-1] - clock.times[0]
+        """Per-step samples of one fit; the first step (iterator start, shuffle fill) is left out."""
 
-        return run, steps * batch
+        def run() -> list:
+            stamps = StepClock()
+            trainee.fit(
+                data, epochs=1, steps_per_epoch=steps + 1, callbacks=[stamps], verbose=0, shuffle=False, **kwargs
+            )
+            return [(batch, b - a) for a, b in zip(stamps.times[1:], stamps.times[2:])]
 
-    rates = interleaved_best(
+        return run
+
+    rates = interleaved_median(
         {
             "streaming": fit(model, streamed),
             "ceiling": fit(model, in_memory),
@@ -184,17 +216,14 @@ def training_rates(crops_dir: Path, variant_name: str, size: int, batch: int, st
     )
     return {
         "variant": variant_name,
-        "streaming_pairs_per_s": rates["streaming"],
-        "in_memory_ceiling_pairs_per_s": rates["ceiling"],
-        "thesis_numpy_fit_pairs_per_s": rates["thesis"],
+        "pairs_per_s": {name: r["per_s"] for name, r in rates.items()},
+        "cpu_ms_per_pair": {name: r["cpu_ms"] for name, r in rates.items()},
+        "streaming_vs_ceiling": ratio(rates, "streaming", "ceiling"),
+        "pbr_streaming_vs_ceiling": ratio(rates, "pbr_streaming", "ceiling"),
+        "thesis_vs_ceiling": ratio(rates, "thesis", "ceiling"),
+        "autoencoder_streaming_vs_ceiling": ratio(rates, "ae_streaming", "ae_ceiling"),
         "thesis_precompute_s": round(precompute_s, 2),
         "thesis_pairs_memory_mb": round((first.nbytes + second.nbytes) / 2**20, 1),
-        "streaming_vs_ceiling": round(rates["streaming"] / rates["ceiling"], 3),
-        "pbr_siamese_f_streaming_pairs_per_s": rates["pbr_streaming"],
-        "pbr_streaming_vs_ceiling": round(rates["pbr_streaming"] / rates["ceiling"], 3),
-        "autoencoder_streaming_crops_per_s": rates["ae_streaming"],
-        "autoencoder_ceiling_crops_per_s": rates["ae_ceiling"],
-        "autoencoder_streaming_vs_ceiling": round(rates["ae_streaming"] / rates["ae_ceiling"], 3),
     }
 
 
@@ -204,28 +233,26 @@ def embedding_rates(crops_dir: Path, n_crops: int, size: int, batch: int, rounds
     repeats = max(1, n_crops // batch)
     compiled = tf.function(lambda t: encoder(t, training=False))
 
-    def consume(batches) -> None:
-        for _ in batches:
-            pass
+    def bare(forward):
+        return lambda: batch_samples((forward(x) for _ in range(repeats)), len)
 
-    rates = interleaved_best(
+    rates = interleaved_median(
         {
-            "embed_crops": (timed(lambda: consume(embed_crops(encoder, crops_dir, batch))), n_crops),
-            "predict_on_batch": (timed(lambda: [encoder.predict_on_batch(x) for _ in range(repeats)]), repeats * batch),
-            "tf_function": (timed(lambda: [compiled(x).numpy() for _ in range(repeats)]), repeats * batch),
-            "eager_call": (timed(lambda: [encoder(x, training=False).numpy() for _ in range(repeats)]), repeats * batch),
+            "embed_crops": lambda: batch_samples(embed_crops(encoder, crops_dir, batch), lambda b: len(b[0])),
+            "predict_on_batch": bare(encoder.predict_on_batch),
+            "tf_function": bare(lambda t: compiled(t).numpy()),
+            "eager_call": bare(lambda t: encoder(t, training=False).numpy()),
         },
         rounds,
     )
-    start = time.perf_counter()
-    consume(embed_crops(encoder, crops_dir, batch, invariant=True))
-    invariant = n_crops / (time.perf_counter() - start)
-    bare = max(rates["predict_on_batch"], rates["tf_function"], rates["eager_call"])
+    one_plate = embed_crops(encoder, crops_dir, batch, invariant=True, plates=["B000"])  # 8 passes: keep it short
+    invariant = batch_samples(one_plate, lambda b: len(b[0]))
+    fastest_bare = max(("predict_on_batch", "tf_function", "eager_call"), key=lambda k: rates[k]["per_s"])
     return {
-        "embed_crops_per_s": rates["embed_crops"],
-        "bare_forward_crops_per_s": {k: rates[k] for k in ("predict_on_batch", "tf_function", "eager_call")},
-        "embed_vs_best_bare": round(rates["embed_crops"] / bare, 3),
-        "invariant_embed_crops_per_s": round(invariant, 1),
+        "crops_per_s": {name: r["per_s"] for name, r in rates.items()},
+        "cpu_ms_per_crop": {name: r["cpu_ms"] for name, r in rates.items()},
+        "embed_vs_fastest_bare": ratio(rates, "embed_crops", fastest_bare),
+        "invariant_embed_crops_per_s": round(sum(n for n, _ in invariant) / sum(t[0] for _, t in invariant), 1),
     }
 
 
@@ -241,7 +268,10 @@ def peak_rss_mb() -> float:
 
 
 def rss_probe(crops_dir: Path, size: int, batch: int) -> dict:
-    """In a fresh process: one full pass of the PBR training stream, then embed every crop."""
+    """In a fresh process: one full pass of the PBR training stream, then embed every crop.
+
+    The two data sets have 4 plates each, so a flat peak shows that memory depends neither on
+    the number of crops nor on the size of a plate file."""
     selection = CropSelection.of(crops_dir)
     stream = training_dataset(selection, get_variant("siamese_f"), batch, crop_size=size)
     for _ in stream.take(count_crops(selection) // batch):
@@ -254,9 +284,10 @@ def rss_probe(crops_dir: Path, size: int, batch: int) -> dict:
 def peak_rss(tmp: Path, sizes: list[int], size: int, batch: int) -> list[dict]:
     out = []
     for n in sizes:
-        crops_dir = write_synthetic_crops(tmp / f"rss_{n}.parquet", n, size, seed=n)
+        crops_dir = write_synthetic_crops(tmp / f"rss_{n}.parquet", n, size, seed=n, plate_crops=n // 4)
         probe = subprocess.run(
-            [sys.executable, __file__, "--rss-probe", str(crops_dir), "--crop-size", str(size), "--batch-size", str(batch)],
+            [sys.executable, __file__, "--rss-probe", str(crops_dir), "--crop-size", str(size),
+             "--batch-size", str(batch)],
             check=True, capture_output=True, text=True,
         )
         out.append(json.loads(probe.stdout.strip().splitlines()[-1]))
@@ -269,8 +300,8 @@ def main() -> None:
     parser.add_argument("--crop-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--variant", default="siamese_a")
-    parser.add_argument("--steps", type=int, default=4, help="training steps per timed round")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved timed rounds (best is kept)")
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
     parser.add_argument("--rss-probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_probe:

@@ -97,7 +97,8 @@ def crops_dir(tmp_path_factory) -> Path:
 
 
 def read_all(crops_dir: Path) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f, columns=["crop_id", "pixels"]) for f in sorted(crops_dir.glob("*/*.parquet")))
+    files = sorted(crops_dir.glob("plate=*/*.parquet"))
+    return pa.concat_tables(pq.read_table(f, columns=["crop_id", "pixels"]) for f in files)
 
 
 # --- variant registry ---------------------------------------------------------------------
@@ -399,9 +400,11 @@ def test_siamese_training_is_finite_learning_and_seeded(crops_dir):
     np.testing.assert_allclose([row["loss"] for row in again.history], losses, rtol=1e-4)
 
 
-def test_training_needs_a_full_batch(crops_dir):
+def test_training_rejects_unusable_configs(crops_dir):
     with pytest.raises(InputError, match="fewer than one batch"):
         train_encoder(get_variant("siamese_a"), crops_dir, TrainConfig(epochs=1, batch_size=128))
+    with pytest.raises(InputError, match="config asks for 64"):
+        train_encoder(get_variant("siamese_a"), crops_dir, TrainConfig(epochs=1, batch_size=8, crop_size=64))
 
 
 def test_embeddings_stay_aligned_with_provenance(crops_dir):
@@ -426,3 +429,14 @@ def test_invariant_embedding_ignores_rotation_and_flip():
         np.testing.assert_allclose(embed_batch(encoder, np.ascontiguousarray(moved), invariant=True), plain,
                                    rtol=1e-4, atol=1e-5)
     assert not np.allclose(embed_batch(encoder, np.rot90(x, 1, axes=(1, 2)).copy()), embed_batch(encoder, x))
+
+
+def test_embed_batch_both_matches_the_separate_calls():
+    from gbm_assets.models.encoders import build_siamese_encoder
+    from gbm_assets.models.training import embed_batch, embed_batch_both
+
+    encoder = build_siamese_encoder(32, 8)
+    pixels = np.random.default_rng(0).random((5, 32, 32, 1), dtype=np.float32)
+    plain, invariant = embed_batch_both(encoder, pixels)
+    np.testing.assert_allclose(plain, embed_batch(encoder, pixels), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(invariant, embed_batch(encoder, pixels, invariant=True), rtol=1e-5, atol=1e-5)

@@ -80,7 +80,8 @@ def plot_confusion(result: dict, title: str, path: str | Path) -> Path:
     ax = fig.add_subplot()
     image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     for (i, j), count in np.ndenumerate(counts):
-        ax.text(j, i, str(count), ha="center", va="center", color="white" if shares[i, j] > 0.5 else "black", fontsize=8)
+        colour = "white" if shares[i, j] > 0.5 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", color=colour, fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")

@@ -29,7 +29,7 @@ TF_POOL = "tensorflow"
 class TrainingConfig(dg.Config):
     """Training budget. The default keeps the demo short on 2 cores; raise epochs for real data."""
 
-    epochs: int = 3
+    epochs: int = 2
     max_steps_per_epoch: int | None = 12  # None: a full pass over the crops per epoch
     batch_size: int = 128
     seed: int = 0
@@ -174,7 +174,7 @@ def embeddings(
     from gbm_assets.analysis.variant_evaluation import evaluate_variant, raw_pixels_for
     from gbm_assets.models.dataset import CropSelection, count_crops, iter_crop_batches
     from gbm_assets.models.embedding_table import embedding_batch, embedding_schema, sample_embeddings
-    from gbm_assets.models.training import embed_batch, limit_cpu_threads
+    from gbm_assets.models.training import embed_batch_both, limit_cpu_threads
 
     limit_cpu_threads()
     variant = get_variant(context.partition_key)
@@ -186,7 +186,7 @@ def embeddings(
     done, started, next_log = 0, time.time(), 0.0
     with AtomicParquetWriter(out, embedding_schema(variant.features)) as writer:
         for rows, pixels in iter_crop_batches(data.crops, config.batch_size):
-            writer.write(embedding_batch(rows, embed_batch(encoder, pixels), embed_batch(encoder, pixels, invariant=True)))
+            writer.write(embedding_batch(rows, *embed_batch_both(encoder, pixels)))
             done += len(rows)
             if done / total >= next_log or done == total:
                 context.log.info(f"{variant.name}: embedded {done}/{total} crops ({done / max(time.time() - started, 1e-9):.0f}/s)")

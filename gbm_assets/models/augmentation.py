@@ -1,9 +1,10 @@
 """Distortions for Barlow Twins pairs, as batched TensorFlow ops with stateless seeds.
 
 Every TF function takes a whole batch (B, S, S, 1) of float32 images in [0, 1] (and, where it
-matters, the matching 0/1 masks) and a seed of shape [2]. Batched ops amortise the per-op cost
-inside tf.data; stateless seeds make a pair depend only on its seed, so a training run is
-reproducible and every epoch can still draw fresh distortions from a fresh seed.
+matters, the matching 0/1 masks, moved exactly like the images) and a seed of shape [2].
+Batched ops amortise the per-op cost inside tf.data; stateless seeds make a pair depend only
+on its seed, so a training run is reproducible and every epoch can still draw fresh
+distortions from a fresh seed.
 
 PBR/FBR spare the cell: the stored mask (already only the connected component at the crop
 centre) dilated with a 5x5 disc. Dilation commutes with rotations and flips, so it is done once
@@ -32,7 +33,7 @@ def disc(radius: int) -> np.ndarray:
 
 def dilate_masks(masks: np.ndarray, radius: int = 2) -> np.ndarray:
     """Dilate 0/1 uint8 masks (n, S, S) with a disc: the maximum over the disc's pixel shifts."""
-    n, h, w = masks.shape
+    _, h, w = masks.shape
     padded = np.pad(masks, ((0, 0), (radius, radius), (radius, radius)))
     out = masks.copy()
     for dy, dx in np.argwhere(disc(radius)):

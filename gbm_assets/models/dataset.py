@@ -86,24 +86,24 @@ def _fragment_batches(fragment, rows, columns, batch_size) -> Iterator[pa.Record
     """Stream one plate file. ParquetFile.iter_batches with a buffered input stream holds about
     one record batch of decoded data at a time, where a dataset Scanner (read-ahead of batches
     and whole column chunks) measured 3-6x more memory on a 10,000-crop plate."""
-    reader = pq.ParquetFile(fragment.path, buffer_size=_READ_BUFFER, pre_buffer=False)
-    present = [c for c in columns if c in reader.schema_arrow.names]
     keys = pds.get_partition_keys(fragment.partition_expression)  # plate, if not stored in the file
-    missing = [c for c in columns if c not in present and c not in keys]
-    if missing:
-        raise InputError(fragment.path, f"crops file lacks column(s) {', '.join(missing)}")
-    seen = 0
-    for batch in reader.iter_batches(batch_size=batch_size, columns=present, use_threads=False):
-        if rows is not None:
-            local = rows[(rows >= seen) & (rows < seen + batch.num_rows)] - seen
-            seen += batch.num_rows
-            batch = batch.take(pa.array(local))
-        if not batch.num_rows:
-            continue
-        for name in columns:
-            if name not in present:
-                batch = batch.append_column(name, pa.array([keys[name]] * batch.num_rows, pa.string()))
-        yield batch.select(list(columns))
+    with pq.ParquetFile(fragment.path, buffer_size=_READ_BUFFER, pre_buffer=False) as reader:
+        present = [c for c in columns if c in reader.schema_arrow.names]
+        missing = [c for c in columns if c not in present and c not in keys]
+        if missing:
+            raise InputError(fragment.path, f"crops file lacks column(s) {', '.join(missing)}")
+        seen = 0
+        for batch in reader.iter_batches(batch_size=batch_size, columns=present, use_threads=False):
+            if rows is not None:
+                local = rows[(rows >= seen) & (rows < seen + batch.num_rows)] - seen
+                seen += batch.num_rows
+                batch = batch.take(pa.array(local))
+            if not batch.num_rows:
+                continue
+            for name in columns:
+                if name not in present:
+                    batch = batch.append_column(name, pa.array([keys[name]] * batch.num_rows, pa.string()))
+            yield batch.select(list(columns))
 
 
 def iter_record_batches(
@@ -160,9 +160,9 @@ def training_dataset(
     """An endless, seeded stream of training batches: (x, x) for the autoencoder, else a pair.
 
     Each pass over the data (an epoch of the generator) gets a new plate order, a reshuffle
-    and new distortion seeds, so a siamese variant sees fresh pairs every epoch. Augmenting
-    whole batches in a parallel map, then prefetching, keeps the CPU work off the training
-    step's critical path. Batches depend only on the selection's seed (and TF's global seed,
+    and new distortion seeds, so a siamese variant sees fresh pairs every epoch. Masks are read
+    (and dilated, in NumPy) only for PBR/FBR variants. Augmenting whole batches in a parallel
+    map, then prefetching, keeps the CPU work off the training step's critical path. Batches depend only on the selection's seed (and TF's global seed,
     which training sets from the same seed).
     """
     size = crop_size or read_crop_size(selection.crops_dir)

@@ -164,8 +164,16 @@ def embed_batch(encoder: keras.Model, pixels, invariant: bool = False) -> np.nda
     """
     if not invariant:
         return encoder.predict_on_batch(pixels)
-    views = dihedral_views(tf.convert_to_tensor(pixels))
-    return sum(encoder.predict_on_batch(view) for view in views) / np.float32(8.0)
+    return embed_batch_both(encoder, pixels)[1]
+
+
+def embed_batch_both(encoder: keras.Model, pixels) -> tuple[np.ndarray, np.ndarray]:
+    """(plain, rotation/flip-invariant) embeddings in 8 forward passes, not 9.
+
+    The first dihedral view is the identity, so its output is the plain embedding.
+    """
+    outputs = [encoder.predict_on_batch(view) for view in dihedral_views(tf.convert_to_tensor(pixels))]
+    return outputs[0], sum(outputs) / np.float32(8.0)
 
 
 def embed_crops(
