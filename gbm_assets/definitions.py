@@ -1,5 +1,8 @@
 """Dagster Definitions: the asset graph, its checks, resources, jobs and sensors."""
 
+import importlib
+import os
+
 import dagster as dg
 
 from gbm_assets.assets.cells import cell_coordinates, cell_crops
@@ -53,7 +56,24 @@ refresh_report = dg.define_asset_job(
     description="Rebuild the composition report from every variant's clusters.",
 )
 
+# Where a run's steps execute is deployment configuration: GBM_EXECUTOR=celery or k8s picks
+# dagster-celery's or dagster-k8s's executor (install that package); unset keeps Dagster's default
+# (multiprocess, or in-process via run config). Their settings go in run config (docs/deployment.md).
+EXECUTORS = {"celery": ("dagster_celery", "celery_executor"), "k8s": ("dagster_k8s", "k8s_job_executor")}
+
+
+def configured_executor():
+    kind = os.environ.get("GBM_EXECUTOR", "").strip().lower()
+    if not kind:
+        return None
+    if kind not in EXECUTORS:
+        raise ValueError(f"GBM_EXECUTOR={kind!r}: use one of {sorted(EXECUTORS)} or leave it unset")
+    module, name = EXECUTORS[kind]
+    return getattr(importlib.import_module(module), name)
+
+
 defs = dg.Definitions(
+    executor=configured_executor(),
     assets=[raw_plates, cell_coordinates, cell_crops, trained_encoders, embeddings, clusters, composition_report],
     jobs=[ingest_plate, train_all_variants, update_variant, cluster_all_variants, refresh_report],
     sensors=[new_plate_sensor, stale_variants_sensor, report_sensor],

@@ -61,3 +61,23 @@ def test_nightly_schedule_retrains_every_variant():
 def test_named_jobs_exist():
     for name in ("ingest_plate", "train_all_variants", "update_variant", "cluster_all_variants", "refresh_report"):
         assert defs.resolve_job_def(name) is not None
+
+
+def test_executor_is_deployment_configuration(monkeypatch):
+    import sys
+    import types
+
+    import pytest
+
+    from gbm_assets.definitions import configured_executor
+
+    monkeypatch.delenv("GBM_EXECUTOR", raising=False)
+    assert configured_executor() is None
+    fake = types.ModuleType("dagster_celery")
+    fake.celery_executor = object()
+    monkeypatch.setitem(sys.modules, "dagster_celery", fake)
+    monkeypatch.setenv("GBM_EXECUTOR", "celery")
+    assert configured_executor() is fake.celery_executor
+    monkeypatch.setenv("GBM_EXECUTOR", "spark")
+    with pytest.raises(ValueError, match="GBM_EXECUTOR"):
+        configured_executor()
