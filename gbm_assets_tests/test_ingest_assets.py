@@ -16,7 +16,6 @@ from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.assets.sensors import new_plate_sensor
-from gbm_assets.errors import PlateError
 from gbm_assets.imaging.crops import normalise_crops
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.plates import find_ready_plates

@@ -6,7 +6,6 @@ MLFLOW_TRACKING_URI (or the resource's config) points it at a tracking server in
 
 import os
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import dagster as dg

@@ -23,7 +23,7 @@ from scipy import ndimage as ndi
 from gbm_assets.imaging.crops import extract_crops
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, measure_cells
-from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, PROVENANCE_COLUMNS, make_crop_id
+from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
 
 Progress = Callable[[int, int], None] | None
 
