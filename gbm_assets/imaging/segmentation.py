@@ -1,19 +1,28 @@
 """Finding cells in phase-contrast images with OpenCV, and measuring their shape.
 
-Phase contrast does not separate cells from background by brightness: cell bodies can be
-darker or brighter than the medium and are ringed by bright halos. What separates them is
-texture: the medium is flat, cells are not. So cell finding is
+Phase contrast does not separate cells from the medium by brightness: cell bodies can be
+darker or brighter than the medium and are ringed by bright halos. What does separate them:
 
-1. flatten the background (large blur) and scale robustly, so thresholds mean the same
-   thing on every microscope and bit depth;
-2. take a local standard deviation (texture) map and threshold it with Otsu;
-3. clean the mask: close small gaps, fill holes, open away debris, thin halos and fibres;
-4. split touching cells by distance-transform watershed, then merge pieces whose neck is
-   nearly as wide as the pieces themselves (an elongated cell is not a clump);
-5. drop objects outside the area limits and measure the rest.
+- texture: the medium is flat, cells are not. A local standard deviation map thresholded with
+  Otsu gives the cell mask, whatever the microscope or bit depth;
+- darkness: a cell body (cytoplasm, granules around the nucleus) is darker than the medium on
+  average, so each cell holds a blob in a smoothed darkness map. Blobs are the cell seeds;
+- halos: the bright rims that phase contrast draws around every cell also run between
+  touching cells. Two seeds joined by a dark path that crosses no halo belong to one cell.
 
-All sizes are given relative to the expected cell diameter, so one parameter adapts the
-method to another magnification.
+Cells come in two kinds, so seeds are looked for at two scales. Spread, flat cells (the
+usual adherent culture) are textured, grey and granular: their body only shows as a blob at
+a coarse scale (a quarter of a cell diameter). Rounded or compact cells (freshly plated,
+dividing, clumped) are solid dark discs that touch each other: they need a fine scale (a
+tenth of a diameter) or a whole clump becomes one blob. A halo-enclosed body that is small,
+roundish and solidly dark gets fine seeds, everything else coarse ones; in a field of spread
+cells the few such bodies are organelles or debris, so fine seeds need compact bodies to
+hold a share of the cell area. Rounded cells that phase contrast shows bright (no dark blob)
+are found as bright textured objects and split at their necks.
+
+Every pixel of a connected foreground object then goes to its nearest seed group, objects
+outside the area limits are dropped, and measure_cells computes CellProfiler's AreaShape
+measurements. All sizes are fractions or multiples of cell_diameter_px.
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ import cv2
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
@@ -32,19 +44,36 @@ CELL_COLUMNS = ("cell_id", "x", "y", *MEASUREMENT_COLUMNS)
 
 @dataclass
 class SegmentationParams:
-    """Cell-finding settings; every size is a fraction or multiple of cell_diameter_px."""
+    """Cell-finding settings. Sizes are in cell diameters (d) or cell areas (pi d^2 / 4);
+    intensities are in units of the image's robust spread ("spread") or of the background
+    noise ("noise"), so the defaults carry over between microscopes and bit depths."""
 
-    cell_diameter_px: float = 40.0  # expected diameter of a cell body in pixels
-    background_scale: float = 2.0  # Gaussian sigma of the background estimate, in diameters
-    texture_scale: float = 0.2  # side of the local-std window, in diameters
-    threshold_correction: float = 1.0  # multiplies the Otsu threshold (as in CellProfiler)
-    closing_scale: float = 0.1  # radius closing gaps between textured patches, in diameters
-    opening_scale: float = 0.15  # radius removing debris and thin halos/fibres, in diameters
-    min_area_scale: float = 0.2  # smallest object, in expected cell areas
-    max_area_scale: float = 12.0  # largest object, in expected cell areas
+    cell_diameter_px: float = 40.0  # expected diameter of a cell in pixels
+    background_scale: float = 2.0  # Gaussian sigma of the background (flat-field) estimate, d
+    texture_scale: float = 0.2  # side of the local standard deviation window, d
+    threshold_correction: float = 1.0  # multiplies the Otsu texture threshold (as in CellProfiler)
+    closing_scale: float = 0.1  # radius closing gaps between textured patches, d
+    opening_scale: float = 0.15  # radius opening away thin halos and fibres, d
+    min_object_area_scale: float = 0.35  # smallest foreground object (else debris), cell areas
+    min_object_thickness_scale: float = 0.2  # thinnest foreground object (else debris), d
+    min_area_scale: float = 0.1  # smallest cell, cell areas
+    max_area_scale: float = 12.0  # largest cell, cell areas
     declump: bool = True  # split touching cells
-    min_peak_distance_scale: float = 0.5  # closest two cell centres may be, in diameters
-    merge_neck_ratio: float = 0.7  # merge two pieces when neck width >= this x smaller width
+    coarse_seed_scale: float = 0.25  # darkness smoothing for spread cells, d
+    fine_seed_scale: float = 0.1  # darkness smoothing for compact dark cells, d
+    seed_spacing: float = 2.0  # closest seeds at one scale, in that scale's smoothing widths
+    seed_darkness: float = 1.5  # least smoothed darkness of a seed, spread
+    halo_level: float = 3.0  # brighter than this is halo, not body, noise
+    dark_level: float = 5.0  # darker than this is solid body, noise
+    solid_fraction: float = 0.7  # a body this dark throughout is compact: fine seeds
+    compact_radius_scale: float = 0.3  # a compact body is at most this thick (inscribed radius), d
+    compact_elongation: float = 4.0  # and at most this many inscribed discs in area (not a strip)
+    min_compact_share: float = 0.01  # compact bodies count when they cover this share of objects
+    merge_halo: float = 12.0  # a path crossing pixels this bright crosses a cell border, noise
+    merge_darkness_ratio: float = 0.8  # a path dimming below this x the seeds' darkness leaves the cell
+    bright_level: float = 10.0  # bright-cell pixels, noise
+    bright_area_scale: float = 0.1  # a seedless object with this much bright area is a cell, cell areas
+    neck_ratio: float = 0.7  # bright cells: pieces joined by a neck this wide are one cell
 
 
 def _disc(radius: float) -> np.ndarray:
@@ -52,53 +81,55 @@ def _disc(radius: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
+def _cell_area(params: SegmentationParams) -> float:
+    return np.pi * params.cell_diameter_px**2 / 4
+
+
+# ---- foreground ---------------------------------------------------------------------------
+
+
 def normalise(image: np.ndarray, params: SegmentationParams) -> np.ndarray:
-    """Background-flattened image in units of the background's robust standard deviation."""
+    """Background-flattened float32 image in units of its robust spread (IQR / 1.349)."""
     image = image.astype(np.float32)
     sigma = params.background_scale * params.cell_diameter_px
     # Blurring a downsampled copy is as good for a smooth background and far faster.
     factor = max(1, int(sigma // 8))
     small = cv2.resize(image, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
     small = cv2.GaussianBlur(small, (0, 0), sigma / factor, borderType=cv2.BORDER_REFLECT)
-    flat = image - cv2.resize(small, image.shape[::-1], interpolation=cv2.INTER_LINEAR)
+    flat = cv2.subtract(image, cv2.resize(small, image.shape[::-1], interpolation=cv2.INTER_LINEAR))
     q25, q50, q75 = np.percentile(flat[::4, ::4], (25, 50, 75))
-    spread = max(float(q75 - q25) / 1.349, 1e-6)
-    return (flat - q50) / spread
+    flat -= q50
+    flat *= 1.349 / max(float(q75 - q25), 1e-6)
+    return flat
 
 
 def texture(norm: np.ndarray, params: SegmentationParams) -> np.ndarray:
     """Local standard deviation over a window a fraction of a cell wide."""
-    side = max(3, int(round(params.texture_scale * params.cell_diameter_px)) | 1)
-    mean = cv2.blur(norm, (side, side))
-    mean_sq = cv2.blur(norm * norm, (side, side))
-    return np.sqrt(np.maximum(mean_sq - mean * mean, 0))
+    window = (max(3, int(round(params.texture_scale * params.cell_diameter_px)) | 1),) * 2
+    mean = cv2.blur(norm, window)
+    variance = cv2.subtract(cv2.blur(cv2.multiply(norm, norm), window), cv2.multiply(mean, mean))
+    return cv2.sqrt(cv2.max(variance, 0))
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold on log values, where cell and background texture are closer to normal."""
-    logs = np.log(values[::2, ::2] + 1e-3).ravel()
+    """Otsu's threshold on log values, where medium and cell texture are closer to normal."""
+    logs = np.log(values[::4, ::4] + 1e-3).ravel()
     lo, hi = np.percentile(logs, (0.5, 99.5))
+    if hi - lo < 1e-6:  # a featureless image: nothing is textured
+        return float("inf")
     hist, edges = np.histogram(logs, bins=bins, range=(lo, hi))
     centres = (edges[:-1] + edges[1:]) / 2
     weight_lo = np.cumsum(hist)
     weight_hi = weight_lo[-1] - weight_lo
-    mean_lo = np.cumsum(hist * centres) / np.maximum(weight_lo, 1)
-    mean_hi = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(weight_hi, 1)
+    sum_lo = np.cumsum(hist * centres)
+    mean_lo = sum_lo / np.maximum(weight_lo, 1)
+    mean_hi = (sum_lo[-1] - sum_lo) / np.maximum(weight_hi, 1)
     between = weight_lo * weight_hi * (mean_lo - mean_hi) ** 2
     return float(np.exp(centres[int(np.argmax(between[:-1]))]))
 
 
-def foreground(tex: np.ndarray, params: SegmentationParams) -> np.ndarray:
-    """Binary cell mask: textured, gap-closed, hole-filled, with debris and thin rims removed."""
-    d = params.cell_diameter_px
-    mask = (tex > otsu_threshold(tex) * params.threshold_correction).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disc(params.closing_scale * d))
-    mask = fill_holes(mask, max_hole_area=np.pi * d * d / 4)
-    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disc(params.opening_scale * d))
-
-
 def fill_holes(mask: np.ndarray, max_hole_area: float) -> np.ndarray:
-    """Fill holes up to a cell's size; larger ones are medium enclosed by a ring of cells."""
+    """Fill holes up to max_hole_area; larger ones are medium enclosed by a ring of cells."""
     contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return mask
@@ -108,78 +139,216 @@ def fill_holes(mask: np.ndarray, max_hole_area: float) -> np.ndarray:
     return filled
 
 
-def split_clumps(mask: np.ndarray, params: SegmentationParams) -> np.ndarray:
-    """Instance labels: connected components, each clump cut at its distance-transform necks."""
-    _, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
-    if not params.declump:
-        return labels
-    dist = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_5)
-    seeds = _seeds(dist, params)
-    next_label = int(labels.max()) + 1
-    for index, box in enumerate(ndi.find_objects(labels), start=1):
-        if box is None:
-            continue
-        inside = labels[box] == index
-        box_seeds = np.where(inside, seeds[box], 0)
-        if len(np.unique(box_seeds)) < 3:  # background plus at most one seed: nothing to split
-            continue
-        pieces = _watershed(dist[box], inside, box_seeds)
-        pieces = _merge_wide_necks(pieces, dist[box], params.merge_neck_ratio)
-        ids = np.unique(pieces[pieces > 0])
-        relabel = np.zeros(int(pieces.max()) + 1, np.int32)
-        relabel[ids] = np.arange(next_label, next_label + len(ids), dtype=np.int32)
-        labels[box][inside] = relabel[pieces[inside]]
-        next_label += len(ids)
-    return labels
-
-
-def _seeds(dist: np.ndarray, params: SegmentationParams) -> np.ndarray:
-    """Labelled distance-transform maxima at least min_peak_distance apart."""
+def foreground(tex: np.ndarray, params: SegmentationParams) -> np.ndarray:
+    """uint8 cell mask: textured, gap-closed, hole-filled, with thin halos and fibres opened away."""
     d = params.cell_diameter_px
-    smooth = cv2.GaussianBlur(dist, (0, 0), max(1.0, 0.05 * d))
-    spacing = params.min_peak_distance_scale * d
-    peaks = (smooth >= cv2.dilate(smooth, _disc(spacing / 2))) & (dist >= 0.1 * d)
-    _, seeds = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-    return seeds
+    mask = (tex > otsu_threshold(tex) * params.threshold_correction).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disc(params.closing_scale * d))
+    mask = fill_holes(mask, max_hole_area=_cell_area(params))
+    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disc(params.opening_scale * d))
 
 
-_EIGHT = np.ones((3, 3), bool)
+def objects(mask: np.ndarray, params: SegmentationParams) -> np.ndarray:
+    """Connected foreground objects (int32 labels) big and thick enough to hold a cell.
 
-
-def _watershed(dist: np.ndarray, inside: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    """Flood the inverted distance transform from the seeds, within one connected component."""
-    relief = np.where(inside, (dist.max() - dist) * 64, np.iinfo(np.uint16).max)
-    markers = np.where(inside, seeds, -1).astype(np.int32)
-    flooded = ndi.watershed_ift(relief.astype(np.uint16), markers, structure=_EIGHT)
-    return np.where(inside, np.maximum(flooded, 0), 0)
-
-
-def _merge_wide_necks(pieces: np.ndarray, dist: np.ndarray, ratio: float) -> np.ndarray:
-    """Merge adjacent pieces whose shared boundary is nearly as wide as the narrower piece.
-
-    The neck between two pieces is the largest distance-transform value along their border;
-    a true clump of two cells has a neck much thinner than either cell, an elongated or
-    lobed single cell does not. Pairs are merged widest neck first, like Kruskal's algorithm.
+    Debris and dish texture make small or thin textured specks; a cell is at least a fraction
+    of a cell's area and somewhere a fraction of a diameter thick.
     """
-    n = int(pieces.max())
-    peak = ndi.maximum(dist, pieces, index=np.arange(n + 1)).astype(float)
-    pairs = []
-    for a_pix, b_pix, da, db in (
-        (pieces[:, :-1], pieces[:, 1:], dist[:, :-1], dist[:, 1:]),
-        (pieces[:-1, :], pieces[1:, :], dist[:-1, :], dist[1:, :]),
-    ):
-        touching = (a_pix != b_pix) & (a_pix > 0) & (b_pix > 0)
-        pairs.append(np.stack([a_pix[touching], b_pix[touching], np.minimum(da[touching], db[touching])], 1))
-    pairs = np.concatenate(pairs)
+    n, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
+    half_thickness = params.min_object_thickness_scale * params.cell_diameter_px / 2
+    thick = np.zeros(n, bool)
+    thick[labels[cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_5) >= half_thickness]] = True
+    keep = thick & (np.bincount(labels.ravel(), minlength=n) >= params.min_object_area_scale * _cell_area(params))
+    keep[0] = False
+    return np.where(keep[labels], labels, 0).astype(np.int32)
+
+
+def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Lightly smoothed image in units of the background noise, measured off the cells."""
+    smooth = cv2.GaussianBlur(norm, (0, 0), 1.0)
+    values = smooth[::4, ::4][background[::4, ::4]]
+    if values.size < 100:  # a confluent field: fall back to the whole image
+        values = smooth[::4, ::4].ravel()
+    q25, q50, q75 = np.percentile(values, (25, 50, 75))
+    smooth -= q50
+    smooth *= 1.349 / max(float(q75 - q25), 1e-6)
+    return smooth
+
+
+# ---- seeds --------------------------------------------------------------------------------
+
+
+def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
+    """Boolean map of compact cell bodies: halo-enclosed, small and solidly dark.
+
+    Removing halo pixels from the objects leaves each cell's body; touching rounded cells
+    stay separate bodies or join through narrow dark contacts, while a spread cell's body is
+    large, grey and granular. Compact bodies get fine-scale seeds, the rest coarse ones.
+    A few compact specks in a field of spread cells are organelles or debris on the cells,
+    not cells: compact bodies count only when they hold a noticeable share of the cell area.
+    """
+    core = ((obj > 0) & (z < params.halo_level)).astype(np.uint8)
+    core = cv2.morphologyEx(core, cv2.MORPH_OPEN, _disc(1))
+    n, bodies = cv2.connectedComponents(core, connectivity=4, ltype=cv2.CV_32S)
+    where = np.flatnonzero(core)
+    body = bodies.ravel()[where]
+    area = np.maximum(np.bincount(body, minlength=n), 1)
+    dark = np.bincount(body, weights=z.ravel()[where] < -params.dark_level, minlength=n) / area
+    radius = np.zeros(n, np.float32)
+    np.maximum.at(radius, body, cv2.distanceTransform(core, cv2.DIST_L2, cv2.DIST_MASK_5).ravel()[where])
+    small = radius < params.compact_radius_scale * params.cell_diameter_px
+    roundish = area <= params.compact_elongation * np.pi * radius**2
+    compact = (dark >= params.solid_fraction) & small & roundish
+    compact[0] = False
+    if area[compact].sum() < params.min_compact_share * np.count_nonzero(obj):
+        return np.zeros(obj.shape, bool)
+    return compact[bodies]
+
+
+@dataclass
+class _BlobMap:
+    """A smoothed darkness map kept at reduced resolution (factor) with its peaks (x, y)."""
+
+    smooth: np.ndarray
+    factor: int
+    xy: np.ndarray
+
+    def sample(self, xy: np.ndarray) -> np.ndarray:
+        h, w = self.smooth.shape
+        cols = np.clip((xy[..., 0] / self.factor).astype(int), 0, w - 1)
+        rows = np.clip((xy[..., 1] / self.factor).astype(int), 0, h - 1)
+        return self.smooth[rows, cols]
+
+
+def blob_map(darkness: np.ndarray, sigma: float, params: SegmentationParams) -> _BlobMap:
+    """Darkness smoothed at sigma and its local maxima at least seed_spacing * sigma apart.
+
+    Work happens on a copy downsampled to about sigma / 2 per pixel: the smoothed map has
+    nothing finer, and a 1024 x 1024 image costs a few milliseconds.
+    """
+    factor = max(1, int(sigma // 2))
+    small = darkness
+    if factor > 1:
+        small = cv2.resize(darkness, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+    smooth = cv2.GaussianBlur(small, (0, 0), sigma / factor)
+    peaks = (smooth >= cv2.dilate(smooth, _disc(params.seed_spacing * sigma / factor))) & (
+        smooth > params.seed_darkness
+    )
+    _, _, _, centroids = cv2.connectedComponentsWithStats(peaks.astype(np.uint8), connectivity=8)
+    return _BlobMap(smooth, factor, centroids[1:] * factor + (factor - 1) / 2)
+
+
+def dark_seeds(
+    norm: np.ndarray, obj: np.ndarray, compact: np.ndarray, params: SegmentationParams
+) -> tuple[np.ndarray, np.ndarray, list[_BlobMap]]:
+    """Seed points (x, y), the scale each was found at (0 fine, 1 coarse) and both maps.
+
+    Fine seeds count only inside compact bodies, coarse seeds only outside them.
+    """
+    darkness = -np.minimum(norm, 0)
+    d = params.cell_diameter_px
+    maps = [blob_map(darkness, params.fine_seed_scale * d, params), blob_map(darkness, params.coarse_seed_scale * d, params)]
+    h, w = obj.shape
+    points, scales = [], []
+    for scale, blobs in enumerate(maps):
+        cols = np.clip(np.rint(blobs.xy[:, 0]).astype(int), 0, w - 1)
+        rows = np.clip(np.rint(blobs.xy[:, 1]).astype(int), 0, h - 1)
+        keep = (obj[rows, cols] > 0) & (compact[rows, cols] == (scale == 0))
+        points.append(np.stack([cols[keep], rows[keep]], 1))
+        scales.append(np.full(int(keep.sum()), scale))
+    return np.concatenate(points).astype(float), np.concatenate(scales), maps
+
+
+def group_seeds(
+    xy: np.ndarray, scale: np.ndarray, maps: list[_BlobMap], z: np.ndarray, obj: np.ndarray,
+    params: SegmentationParams,
+) -> np.ndarray:
+    """Group index per seed: seeds joined by a path inside one cell form one group.
+
+    Two nearby seeds lie in one cell when a path between them crosses no halo and a path
+    between them stays nearly as dark as the seeds (at the finer of the two seeds' scales),
+    both without leaving the object. A few paths are tried for each test, so that one bright
+    vesicle or a curved cell does not cut a cell in two, while a border between two cells
+    stops them all: for the halo, the straight path and two parallel to it; for darkness,
+    the straight path and paths bowed to either side. Groups are the connected components.
+    """
+    n = len(xy)
+    d = params.cell_diameter_px
+    pairs = cKDTree(xy).query_pairs(1.5 * d, output_type="ndarray") if n > 1 else np.zeros((0, 2), int)
     if len(pairs) == 0:
+        return np.arange(n)
+    a, b = xy[pairs[:, 0]], xy[pairs[:, 1]]
+    steps = np.linspace(0, 1, int(1.5 * d) + 2)[None, :, None]
+    straight = a[:, None, :] + (b - a)[:, None, :] * steps
+    normal = np.stack([a[:, 1] - b[:, 1], b[:, 0] - a[:, 0]], 1)
+    normal = (normal / np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9))[:, None, :]
+    start = obj[a[:, 1].astype(int), a[:, 0].astype(int)]
+    finer = np.minimum(scale[pairs[:, 0]], scale[pairs[:, 1]])[:, None]
+    ends = np.minimum(
+        np.where(finer[:, 0] == 0, maps[0].sample(a), maps[1].sample(a)),
+        np.where(finer[:, 0] == 0, maps[0].sample(b), maps[1].sample(b)),
+    )
+
+    def follow(path: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        h, w = obj.shape
+        cols = np.clip(np.rint(path[..., 0]).astype(int), 0, w - 1)
+        rows = np.clip(np.rint(path[..., 1]).astype(int), 0, h - 1)
+        return (obj[rows, cols] == start[:, None]).all(1), rows, cols
+
+    no_halo = np.zeros(len(pairs), bool)
+    for offset in (0.0, -0.1 * d, 0.1 * d):
+        inside, rows, cols = follow(straight + normal * offset)
+        no_halo |= inside & (z[rows, cols].max(1) < params.merge_halo)
+    dark = np.zeros(len(pairs), bool)
+    bow = np.sin(np.pi * steps)
+    for offset in (0.0, -0.15 * d, 0.15 * d, -0.3 * d, 0.3 * d):
+        path = straight + normal * offset * bow
+        inside, _, _ = follow(path)
+        profile = np.where(finer == 0, maps[0].sample(path), maps[1].sample(path))
+        dark |= inside & (profile.min(1) >= params.merge_darkness_ratio * ends)
+    same = pairs[no_halo & dark]
+    graph = coo_matrix((np.ones(len(same)), (same[:, 0], same[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+# ---- cells --------------------------------------------------------------------------------
+
+
+def nearest_label(seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Give every mask pixel the label of its nearest labelled seed pixel (a Voronoi split)."""
+    background = (seeds == 0).astype(np.uint8)
+    _, nearest = cv2.distanceTransformWithLabels(
+        background, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL
+    )
+    rows, cols = np.nonzero(seeds)
+    lut = np.zeros(int(nearest.max()) + 1, np.int32)
+    lut[nearest[rows, cols]] = seeds[rows, cols]
+    return np.where(mask > 0, lut[nearest], 0).astype(np.int32)
+
+
+def merge_wide_necks(pieces: np.ndarray, dist: np.ndarray, ratio: float) -> np.ndarray:
+    """Merge touching pieces whose shared border is nearly as wide as the narrower piece.
+
+    The neck between two pieces is the largest distance-transform value on their border;
+    two touching round cells meet at a neck much thinner than either, one lobed cell does
+    not. Pairs are merged widest neck first, like Kruskal's algorithm.
+    """
+    n = int(pieces.max()) + 1
+    peak = ndi.maximum(dist, pieces, np.arange(n))
+    found = []
+    for p, q, dp, dq in (
+        (pieces[:, :-1], pieces[:, 1:], dist[:, :-1], dist[:, 1:]),
+        (pieces[:-1], pieces[1:], dist[:-1], dist[1:]),
+    ):
+        touch = (p != q) & (p > 0) & (q > 0)
+        found.append(np.stack([np.minimum(p[touch], q[touch]), np.maximum(p[touch], q[touch]), np.minimum(dp[touch], dq[touch])], 1))
+    border = np.concatenate(found)
+    if len(border) == 0:
         return pieces
-    lo = np.minimum(pairs[:, 0], pairs[:, 1]).astype(np.int64)
-    hi = np.maximum(pairs[:, 0], pairs[:, 1]).astype(np.int64)
-    key = lo * (n + 1) + hi
-    keys, inverse = np.unique(key, return_inverse=True)
+    keys, inverse = np.unique(border[:, 0].astype(np.int64) * n + border[:, 1].astype(np.int64), return_inverse=True)
     neck = np.zeros(len(keys))
-    np.maximum.at(neck, inverse, pairs[:, 2])
-    parent = np.arange(n + 1)
+    np.maximum.at(neck, inverse, border[:, 2])
+    parent = np.arange(n)
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -188,17 +357,65 @@ def _merge_wide_necks(pieces: np.ndarray, dist: np.ndarray, ratio: float) -> np.
         return i
 
     for k in np.argsort(-neck):
-        a, b = root(int(keys[k] // (n + 1))), root(int(keys[k] % (n + 1)))
+        a, b = root(int(keys[k] // n)), root(int(keys[k] % n))
         if a != b and neck[k] >= ratio * min(peak[a], peak[b]):
             parent[b] = a
             peak[a] = max(peak[a], peak[b])
-    return np.array([root(i) for i in range(n + 1)])[pieces]
+    return np.array([root(i) for i in range(n)], np.int32)[pieces]
+
+
+def split_at_necks(mask: np.ndarray, params: SegmentationParams) -> np.ndarray:
+    """Pieces (1..k) of one seedless object, cut where its outline pinches (round cells)."""
+    d = params.cell_diameter_px
+    padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_5)
+    smooth = cv2.GaussianBlur(dist, (0, 0), 1.0)
+    peaks = (smooth >= cv2.dilate(smooth, _disc(0.25 * d))) & (dist >= 0.1 * d)
+    count, seeds = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    if count <= 2:
+        return mask.astype(np.int32)
+    pieces = merge_wide_necks(nearest_label(seeds, padded), dist, params.neck_ratio)
+    return pieces[1:-1, 1:-1]
+
+
+def assign_cells(
+    obj: np.ndarray, xy: np.ndarray, group: np.ndarray, z: np.ndarray, params: SegmentationParams
+) -> np.ndarray:
+    """Instance labels: each object split among its seed groups (nearest group wins).
+
+    An object without seeds is a bright (rounded) cell when enough of it is bright, split at
+    its necks; otherwise it is debris or dish texture and dropped.
+    """
+    cols, rows = xy[:, 0].astype(int), xy[:, 1].astype(int)
+    seeds = np.zeros(obj.shape, np.int32)
+    seeds[rows, cols] = group + 1
+    groups_per_object = np.zeros(int(obj.max()) + 1, np.int64)
+    pairs = np.unique(np.stack([obj[rows, cols], group]), axis=1)
+    np.add.at(groups_per_object, pairs[0], 1)
+    sole_group = np.zeros_like(groups_per_object, dtype=np.int32)
+    sole = groups_per_object[pairs[0]] == 1
+    sole_group[pairs[0][sole]] = pairs[1][sole] + 1
+    labels = sole_group[obj]
+    next_label = int(group.max(initial=-1)) + 2
+    min_bright = params.bright_area_scale * _cell_area(params)
+    for index, box in enumerate(ndi.find_objects(obj), start=1):
+        if box is None or groups_per_object[index] == 1:
+            continue
+        inside = obj[box] == index
+        if groups_per_object[index] > 1:
+            labels[box][inside] = nearest_label(np.where(inside, seeds[box], 0), inside)[inside]
+        elif np.count_nonzero(z[box][inside] > params.bright_level) >= min_bright:
+            pieces = split_at_necks(inside, params) if params.declump else inside.astype(np.int32)
+            ids, piece = np.unique(pieces[inside], return_inverse=True)
+            labels[box][inside] = piece.astype(np.int32) + next_label
+            next_label += len(ids)
+    return labels
 
 
 def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray:
-    """Drop objects outside the area limits and renumber the rest 1..n in raster order."""
-    cell_area = np.pi * params.cell_diameter_px**2 / 4
+    """Drop objects outside the area limits and renumber the rest 1..n in label order."""
     area = np.bincount(labels.ravel())
+    cell_area = _cell_area(params)
     keep = (area >= params.min_area_scale * cell_area) & (area <= params.max_area_scale * cell_area)
     keep[0] = False
     relabel = np.zeros(len(area), np.int32)
@@ -206,9 +423,11 @@ def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray
     return relabel[labels]
 
 
-# skimage.measure.perimeter (4-connectivity): each border pixel is scored by which of its
-# neighbours are also border pixels; straight runs count 1, diagonal steps sqrt(2), corners
-# in between. The same weights make our perimeter equal to CellProfiler's.
+# ---- measurements -------------------------------------------------------------------------
+
+# skimage.measure.perimeter (4-connectivity), which CellProfiler's AreaShape uses: each border
+# pixel is scored by which neighbours are also border pixels; straight runs count 1, diagonal
+# steps sqrt(2), corners in between.
 _PERIMETER_KERNEL = np.array([[10, 2, 10], [2, 1, 2], [10, 2, 10]], np.float32)
 _PERIMETER_WEIGHTS = np.zeros(50)
 _PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1
@@ -228,9 +447,8 @@ def _perimeter(obj: np.ndarray) -> float:
 def _convex_area(obj: np.ndarray) -> int:
     """Pixels inside the convex hull of the object (never fewer than the object has)."""
     contours, _ = cv2.findContours(obj, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    hull = cv2.convexHull(np.concatenate(contours))
     filled = obj.copy()
-    cv2.fillConvexPoly(filled, hull, 1)
+    cv2.fillConvexPoly(filled, cv2.convexHull(np.concatenate(contours)), 1)
     return int(np.count_nonzero(filled))
 
 
@@ -239,11 +457,12 @@ def measure_cells(labels: np.ndarray) -> pd.DataFrame:
 
     Axis lengths are those of the ellipse with the same second central moments
     (4 * sqrt(eigenvalue), as skimage and CellProfiler define them); solidity is area over
-    convex-hull area; form factor is 4 pi area / perimeter^2. Work is done per object on its
-    bounding box, so cost grows with cell pixels, not image size.
+    convex-hull area; form factor is 4 pi area / perimeter^2. Each object is measured on its
+    bounding box, so the cost grows with cell pixels, not with the image size.
     """
+    labels = np.asarray(labels)
     rows = []
-    for index, box in enumerate(ndi.find_objects(np.asarray(labels)), start=1):
+    for index, box in enumerate(ndi.find_objects(labels), start=1):
         if box is None:
             continue
         obj = cv2.copyMakeBorder((labels[box] == index).astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
@@ -276,11 +495,19 @@ def find_cells(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Find the cells of one phase-contrast image.
 
-    Returns (cells, labels): a table with one row per cell (see measure_cells; cell_id is
-    the cell's value in labels) and an int32 instance mask, 0 for background.
+    Returns (cells, labels): a table with one row per cell (see measure_cells; cell_id is the
+    cell's value in labels) and an int32 instance mask, 0 for background.
     """
+    image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D single-channel image, got shape {image.shape}")
-    tex = texture(normalise(image, params), params)
-    labels = filter_by_area(split_clumps(foreground(tex, params), params), params)
+    norm = normalise(image, params)
+    obj = objects(foreground(texture(norm, params), params), params)
+    z = noise_units(norm, obj == 0)
+    xy, scale, maps = dark_seeds(norm, obj, compact_bodies(z, obj, params), params)
+    if params.declump:
+        group = group_seeds(xy, scale, maps, z, obj, params)
+    else:  # one cell per object
+        group = np.unique(obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
+    labels = filter_by_area(assign_cells(obj, xy, group, z, params), params)
     return measure_cells(labels), labels
