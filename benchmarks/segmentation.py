@@ -29,11 +29,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gbm_assets.imaging.io import read_image  # noqa: E402
-from gbm_assets.imaging.reference_segmentation import reference_find_cells  # noqa: E402
-from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance  # noqa: E402
-from gbm_assets.imaging.segmentation import find_cells  # noqa: E402
-from gbm_assets.imaging.synthetic import GROUND_TRUTH_NAME, write_plates  # noqa: E402
+from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.reference_segmentation import reference_find_cells
+from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
+from gbm_assets.imaging.segmentation import find_cells
+from gbm_assets.imaging.synthetic import GROUND_TRUTH_NAME, write_plates
 
 try:
     from gbm_assets.imaging.crops import extract_crops
@@ -58,11 +58,11 @@ def _process(task: tuple[str, str]) -> tuple[str, np.ndarray, int]:
     return path, cells[["x", "y"]].to_numpy(float), n_crops
 
 
-def run_pool(finder: str, paths: list[str]) -> tuple[dict[str, np.ndarray], float, int]:
+def run_pool(finder: str, paths: list[str], workers: int = WORKERS) -> tuple[dict, float, int]:
     """Centres per image, wall seconds for all images (workers warm), and crops made."""
     # spawn: forking a parent whose OpenCV thread pool has run can deadlock the children.
-    with ProcessPoolExecutor(WORKERS, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
-        list(pool.map(_process, [(finder, paths[0])] * WORKERS))  # imports and first calls
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
+        list(pool.map(_process, [(finder, paths[0])] * workers))  # imports and first calls
         start = time.perf_counter()
         results = list(pool.map(_process, [(finder, p) for p in paths], chunksize=1))
         wall = time.perf_counter() - start
@@ -74,7 +74,7 @@ def _pooled(scores: list[dict]) -> dict:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "n_cells": tp + fn}
+    return {k: round(v, 4) for k, v in (("precision", precision), ("recall", recall), ("f1", f1))} | {"n_cells": tp + fn}
 
 
 def synthetic_images(root: Path) -> tuple[list[str], dict[str, pd.DataFrame], dict[str, str]]:
@@ -102,8 +102,10 @@ def main() -> None:
 
     t98g_paths = sorted(str(p) for p in (args.t98g / "images").glob("*.tif"))
     with tempfile.TemporaryDirectory(prefix="gbm-seg-bench-") as tmp:
-        write_plates(tmp, n_cultures=args.cultures, n_concentrations=5, images_per_plate=args.images_per_plate,
-                     size=args.size, seed=args.seed)
+        write_plates(
+            tmp, n_cultures=args.cultures, n_concentrations=5, images_per_plate=args.images_per_plate,
+            size=args.size, seed=args.seed,
+        )
         synth_paths, truth, concentration = synthetic_images(Path(tmp))
         paths = synth_paths + t98g_paths
         megapixels = sum(np.prod(read_image(p).shape) for p in paths) / 1e6
@@ -112,7 +114,7 @@ def main() -> None:
             "n_synthetic_images": len(synth_paths),
             "n_t98g_images": len(t98g_paths),
             "workers": WORKERS,
-            "timed": "read + find_cells + extract_crops" if extract_crops else "read + find_cells (no extract_crops)",
+            "timed": "read + find_cells + " + ("extract_crops" if extract_crops else "no cropping (no extract_crops)"),
         }
         for finder in FINDERS:
             centres, wall, n_crops = run_pool(finder, paths)
@@ -120,13 +122,18 @@ def main() -> None:
             report[f"{finder}_crops"] = n_crops
             if finder == "ours":
                 report["megapixels_per_s"] = round(megapixels / wall, 2)
+                one_worker_wall = run_pool(finder, paths, workers=1)[1]
+                report["ours_images_per_s_one_worker"] = round(len(paths) / one_worker_wall, 2)
             frames = []
             for path in t98g_paths:
                 mask_path = args.t98g / "masks" / (Path(path).stem + ".png")
-                frames.append(score_point_in_mask(centres[path], cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)))
+                truth_labels = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
+                frames.append(score_point_in_mask(centres[path], truth_labels))
             report[f"{finder}_f1"] = round(float(np.mean([s["f1"] for s in frames])), 4) if frames else None
             report[f"{finder}_f1_per_frame"] = [round(s["f1"], 4) for s in frames]
-            scores = {p: score_within_distance(centres[p], truth[p][["x", "y"]].to_numpy(float), 8.0) for p in synth_paths}
+            scores = {
+                p: score_within_distance(centres[p], truth[p][["x", "y"]].to_numpy(float), 8.0) for p in synth_paths
+            }
             overall = _pooled(list(scores.values()))
             report[f"{finder}_synthetic_precision"] = overall["precision"]
             report[f"{finder}_synthetic_recall"] = overall["recall"]
@@ -135,7 +142,7 @@ def main() -> None:
                 for c in sorted(set(concentration.values()), key=float)
             }
         report["speedup"] = round(report["ours_images_per_s"] / report["reference_images_per_s"], 2)
-    rss_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    rss_kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     report["peak_rss_mb"] = round(rss_kb / 1024, 1)
     report["cpu_count"] = os.cpu_count()
     print(json.dumps(report, indent=2))

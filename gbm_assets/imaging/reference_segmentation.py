@@ -15,26 +15,29 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage import feature, filters, measure, morphology, segmentation
 
-from gbm_assets.imaging.segmentation import CELL_COLUMNS, SegmentationParams
+from gbm_assets.imaging.segmentation import CELL_COLUMNS
+
+# CellProfiler asks for the typical object diameter range; objects outside it are discarded.
+MIN_DIAMETER_SCALE = 0.5
+MAX_DIAMETER_SCALE = 4.0
+TEXTURE_SCALE = 0.2  # texture window, in cell diameters (as in segmentation.find_cells)
 
 
-def reference_find_cells(
-    image: np.ndarray, params: SegmentationParams = SegmentationParams()
-) -> tuple[pd.DataFrame, np.ndarray]:
+def reference_find_cells(image: np.ndarray, cell_diameter_px: float = 40.0) -> tuple[pd.DataFrame, np.ndarray]:
     """Same contract as segmentation.find_cells: (cells table, int32 instance labels)."""
-    d = params.cell_diameter_px
-    cell_area = np.pi * d * d / 4
+    d = cell_diameter_px
+    min_area = np.pi * (MIN_DIAMETER_SCALE * d) ** 2 / 4
+    max_area = np.pi * (MAX_DIAMETER_SCALE * d) ** 2 / 4
     img = image.astype(np.float64)
     lo, hi = np.percentile(img, (1, 99))
     img = (img - lo) / max(hi - lo, 1e-9)
-    side = max(3, int(round(params.texture_scale * d)) | 1)
+    side = max(3, round(TEXTURE_SCALE * d) | 1)
     mean = ndi.uniform_filter(img, side)
     texture = np.sqrt(np.maximum(ndi.uniform_filter(img * img, side) - mean * mean, 0))
     # CellProfiler's automatic smoothing: a Gaussian filter of size diameter / 3.5.
     texture = filters.gaussian(texture, sigma=d / 3.5 / 2.35)
-    mask = texture > filters.threshold_otsu(texture) * params.threshold_correction
-    mask = ndi.binary_fill_holes(mask)
-    mask = morphology.remove_small_objects(mask, max_size=int(params.min_area_scale * cell_area))
+    mask = ndi.binary_fill_holes(texture > filters.threshold_otsu(texture))
+    mask = morphology.remove_small_objects(mask, max_size=int(min_area))
     distance = ndi.distance_transform_edt(mask)
     peaks = feature.peak_local_max(
         filters.gaussian(distance, sigma=2), min_distance=max(1, int(d / 4)), labels=measure.label(mask)
@@ -43,9 +46,7 @@ def reference_find_cells(
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = segmentation.watershed(-distance, markers, mask=mask)
     areas = np.bincount(labels.ravel())
-    too_small = areas < params.min_area_scale * cell_area
-    too_big = areas > params.max_area_scale * cell_area
-    labels[(too_small | too_big)[labels]] = 0
+    labels[((areas < min_area) | (areas > max_area))[labels]] = 0
     labels, _, _ = segmentation.relabel_sequential(labels)
     labels = labels.astype(np.int32)
     return regionprops_cells(labels), labels

@@ -18,7 +18,8 @@ tenth of a diameter) or a whole clump becomes one blob. A halo-enclosed body tha
 roundish and solidly dark gets fine seeds, everything else coarse ones; in a field of spread
 cells the few such bodies are organelles or debris, so fine seeds need compact bodies to
 hold a share of the cell area. Rounded cells that phase contrast shows bright (no dark blob)
-are found as bright textured objects and split at their necks.
+seed themselves as compact bright bodies where compact cells are, and anywhere as bright
+objects of their own, split at their necks.
 
 Every pixel of a connected foreground object then goes to its nearest seed group, objects
 outside the area limits are dropped, and measure_cells computes CellProfiler's AreaShape
@@ -42,11 +43,12 @@ from gbm_assets.schema import MEASUREMENT_COLUMNS
 CELL_COLUMNS = ("cell_id", "x", "y", *MEASUREMENT_COLUMNS)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegmentationParams:
     """Cell-finding settings. Sizes are in cell diameters (d) or cell areas (pi d^2 / 4);
     intensities are in units of the image's robust spread ("spread") or of the background
-    noise ("noise"), so the defaults carry over between microscopes and bit depths."""
+    noise ("noise"), so the defaults carry over between microscopes and bit depths.
+    Frozen, so the default instance shared by every call can never be changed."""
 
     cell_diameter_px: float = 40.0  # expected diameter of a cell in pixels
     background_scale: float = 2.0  # Gaussian sigma of the background (flat-field) estimate, d
@@ -77,7 +79,7 @@ class SegmentationParams:
 
 
 def _disc(radius: float) -> np.ndarray:
-    size = 2 * max(1, int(round(radius))) + 1
+    size = 2 * max(1, round(radius)) + 1
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
@@ -105,7 +107,7 @@ def normalise(image: np.ndarray, params: SegmentationParams) -> np.ndarray:
 
 def texture(norm: np.ndarray, params: SegmentationParams) -> np.ndarray:
     """Local standard deviation over a window a fraction of a cell wide."""
-    window = (max(3, int(round(params.texture_scale * params.cell_diameter_px)) | 1),) * 2
+    window = (max(3, round(params.texture_scale * params.cell_diameter_px) | 1),) * 2
     mean = cv2.blur(norm, window)
     variance = cv2.subtract(cv2.blur(cv2.multiply(norm, norm), window), cv2.multiply(mean, mean))
     return cv2.sqrt(cv2.max(variance, 0))
@@ -158,9 +160,10 @@ def objects(mask: np.ndarray, params: SegmentationParams) -> np.ndarray:
     half_thickness = params.min_object_thickness_scale * params.cell_diameter_px / 2
     thick = np.zeros(n, bool)
     thick[labels[cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_5) >= half_thickness]] = True
-    keep = thick & (np.bincount(labels.ravel(), minlength=n) >= params.min_object_area_scale * _cell_area(params))
+    big = np.bincount(labels.ravel(), minlength=n) >= params.min_object_area_scale * _cell_area(params)
+    keep = thick & big
     keep[0] = False
-    return np.where(keep[labels], labels, 0).astype(np.int32)
+    return np.where(keep, np.arange(n, dtype=np.int32), 0)[labels]
 
 
 def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -205,6 +208,25 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     return compact[bodies]
 
 
+def bright_seeds(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
+    """Centres (x, y) of compact bright bodies: rounded cells, which phase contrast shows bright.
+
+    A bright body is a hole-filled region brighter than bright_level, thick enough not to be
+    a halo line and as small and roundish as a compact dark body.
+    """
+    d = params.cell_diameter_px
+    bright = fill_holes(((obj > 0) & (z > params.bright_level)).astype(np.uint8), 0.1 * _cell_area(params))
+    n, bodies, stats, centroids = cv2.connectedComponentsWithStats(bright, connectivity=8)
+    radius = np.zeros(n, np.float32)
+    dist = cv2.distanceTransform(bright, cv2.DIST_L2, cv2.DIST_MASK_5)
+    np.maximum.at(radius, bodies.ravel(), dist.ravel())
+    keep = (radius >= params.fine_seed_scale * d) & (radius < params.compact_radius_scale * d)
+    keep &= stats[:, cv2.CC_STAT_AREA] <= params.compact_elongation * np.pi * radius**2
+    keep[0] = False
+    centres = np.rint(centroids[keep])
+    return centres[obj[centres[:, 1].astype(int), centres[:, 0].astype(int)] > 0]
+
+
 @dataclass
 class _BlobMap:
     """A smoothed darkness map kept at reduced resolution (factor) with its peaks (x, y)."""
@@ -247,7 +269,7 @@ def dark_seeds(
     """
     darkness = -np.minimum(norm, 0)
     d = params.cell_diameter_px
-    maps = [blob_map(darkness, params.fine_seed_scale * d, params), blob_map(darkness, params.coarse_seed_scale * d, params)]
+    maps = [blob_map(darkness, scale * d, params) for scale in (params.fine_seed_scale, params.coarse_seed_scale)]
     h, w = obj.shape
     points, scales = [], []
     for scale, blobs in enumerate(maps):
@@ -341,11 +363,13 @@ def merge_wide_necks(pieces: np.ndarray, dist: np.ndarray, ratio: float) -> np.n
         (pieces[:-1], pieces[1:], dist[:-1], dist[1:]),
     ):
         touch = (p != q) & (p > 0) & (q > 0)
-        found.append(np.stack([np.minimum(p[touch], q[touch]), np.maximum(p[touch], q[touch]), np.minimum(dp[touch], dq[touch])], 1))
+        p, q = p[touch], q[touch]
+        found.append(np.stack([np.minimum(p, q), np.maximum(p, q), np.minimum(dp[touch], dq[touch])], 1))
     border = np.concatenate(found)
     if len(border) == 0:
         return pieces
-    keys, inverse = np.unique(border[:, 0].astype(np.int64) * n + border[:, 1].astype(np.int64), return_inverse=True)
+    pair_key = border[:, 0].astype(np.int64) * n + border[:, 1].astype(np.int64)
+    keys, inverse = np.unique(pair_key, return_inverse=True)
     neck = np.zeros(len(keys))
     np.maximum.at(neck, inverse, border[:, 2])
     parent = np.arange(n)
@@ -395,6 +419,7 @@ def assign_cells(
     sole_group = np.zeros_like(groups_per_object, dtype=np.int32)
     sole = groups_per_object[pairs[0]] == 1
     sole_group[pairs[0][sole]] = pairs[1][sole] + 1
+    sole_group[0] = 0  # background stays background
     labels = sole_group[obj]
     next_label = int(group.max(initial=-1)) + 2
     min_bright = params.bright_area_scale * _cell_area(params)
@@ -465,7 +490,8 @@ def measure_cells(labels: np.ndarray) -> pd.DataFrame:
     for index, box in enumerate(ndi.find_objects(labels), start=1):
         if box is None:
             continue
-        obj = cv2.copyMakeBorder((labels[box] == index).astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        obj = (labels[box] == index).astype(np.uint8)
+        obj = cv2.copyMakeBorder(obj, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
         m = cv2.moments(obj, binaryImage=True)
         area = m["m00"]
         a, b, c = m["mu20"] / area, m["mu11"] / area, m["mu02"] / area
@@ -504,7 +530,11 @@ def find_cells(
     norm = normalise(image, params)
     obj = objects(foreground(texture(norm, params), params), params)
     z = noise_units(norm, obj == 0)
-    xy, scale, maps = dark_seeds(norm, obj, compact_bodies(z, obj, params), params)
+    compact = compact_bodies(z, obj, params)
+    xy, scale, maps = dark_seeds(norm, obj, compact, params)
+    if compact.any():  # where compact cells are, rounded bright ones are cells too
+        bright = bright_seeds(z, obj, params)
+        xy, scale = np.concatenate([xy, bright]), np.concatenate([scale, np.zeros(len(bright), int)])
     if params.declump:
         group = group_seeds(xy, scale, maps, z, obj, params)
     else:  # one cell per object

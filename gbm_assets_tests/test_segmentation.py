@@ -1,0 +1,201 @@
+"""Cell finding and measurement: shapes of known geometry, touching cells, scoring, and quality
+on real T98G phase-contrast frames and on synthetic plates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
+from gbm_assets.imaging.segmentation import CELL_COLUMNS, SegmentationParams, find_cells, measure_cells
+from gbm_assets.schema import MEASUREMENT_COLUMNS
+
+T98G = Path(__file__).resolve().parents[2] / "shared" / "data" / "t98g"
+
+
+def _ellipse(a: float, b: float, angle: float = 0.0, size: int = 200, label: int = 1) -> np.ndarray:
+    """Pixels whose centres lie inside the ellipse with semi-axes a, b centred in the image."""
+    y, x = np.mgrid[:size, :size] - size // 2
+    t = np.deg2rad(angle)
+    u, v = x * np.cos(t) + y * np.sin(t), -x * np.sin(t) + y * np.cos(t)
+    return np.where((u / a) ** 2 + (v / b) ** 2 <= 1, label, 0).astype(np.int32)
+
+
+# ---- measurements on drawn shapes ---------------------------------------------------------
+
+
+def test_disc_measurements():
+    cells = measure_cells(_ellipse(30, 30))
+    assert list(cells.columns) == list(CELL_COLUMNS)
+    disc = cells.iloc[0]
+    assert disc.cell_id == 1
+    assert disc.x == pytest.approx(100, abs=0.5) and disc.y == pytest.approx(100, abs=0.5)
+    assert disc.area == pytest.approx(np.pi * 30**2, rel=0.02)
+    assert disc.major_axis_length == pytest.approx(60, rel=0.02)
+    assert disc.minor_axis_length == pytest.approx(60, rel=0.02)
+    assert disc.eccentricity < 0.1
+    assert disc.solidity > 0.97
+    assert disc.perimeter == pytest.approx(2 * np.pi * 30, rel=0.05)
+    assert disc.form_factor > 0.9
+
+
+def test_ellipse_axes_eccentricity_and_form_factor():
+    ellipse = measure_cells(_ellipse(60, 20, angle=30)).iloc[0]
+    assert ellipse.major_axis_length == pytest.approx(120, rel=0.02)
+    assert ellipse.minor_axis_length == pytest.approx(40, rel=0.03)
+    assert ellipse.eccentricity == pytest.approx(np.sqrt(1 - (20 / 60) ** 2), abs=0.02)
+    assert ellipse.solidity > 0.97
+    disc = measure_cells(_ellipse(35, 35)).iloc[0]
+    assert ellipse.form_factor < disc.form_factor - 0.15
+
+
+def test_concave_shape_has_low_solidity():
+    labels = np.zeros((120, 120), np.int32)
+    labels[10:110, 10:30] = 1  # an L: two bars at a right angle
+    labels[90:110, 10:110] = 1
+    cell = measure_cells(labels).iloc[0]
+    assert cell.area == 100 * 20 + 20 * 80
+    assert cell.solidity < 0.75
+
+
+def test_measurements_keep_label_ids_and_skip_missing_ones():
+    labels = _ellipse(20, 20, size=200, label=3)
+    labels[10:30, 10:40] = 7
+    cells = measure_cells(labels)
+    assert cells.cell_id.tolist() == [3, 7]
+    assert cells.loc[cells.cell_id == 7, "area"].item() == 20 * 30
+    assert measure_cells(np.zeros((50, 50), np.int32)).empty
+
+
+def test_measurements_match_scikit_image_regionprops():
+    pytest.importorskip("skimage")
+    from gbm_assets.imaging.reference_segmentation import regionprops_cells
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((300, 300), np.int32)
+    for i in range(1, 13):
+        centre, axes = rng.integers(30, 270, 2), rng.integers(5, 25, 2)
+        cv2.ellipse(labels, (int(centre[0]), int(centre[1])), (int(axes[0]), int(axes[1])), float(rng.uniform(0, 180)),
+                    0, 360, i, -1)
+    ours = measure_cells(labels).set_index("cell_id")
+    theirs = regionprops_cells(labels).set_index("cell_id").loc[ours.index]
+    exact = [c for c in ("x", "y", *MEASUREMENT_COLUMNS) if c != "solidity"]
+    np.testing.assert_allclose(ours[exact].to_numpy(), theirs[exact].to_numpy(), rtol=1e-6, atol=1e-6)
+    # Convex hulls are rasterised slightly differently; solidity agrees to about a percent.
+    np.testing.assert_allclose(ours["solidity"], theirs["solidity"], atol=0.03)
+
+
+# ---- finding cells ------------------------------------------------------------------------
+
+
+def _phase_contrast(centres: list[tuple[int, int]], radius: int, size: int = 256) -> np.ndarray:
+    """Phase-contrast-like image: dark bodies, bright halos, noise (the optics in one line:
+    the image is light x (1 - high-passed optical thickness - absorption))."""
+    phase = np.zeros((size, size), np.float32)
+    for cx, cy in centres:
+        body = np.zeros_like(phase)
+        cv2.circle(body, (cx, cy), radius, 1.0, -1)
+        dist = cv2.distanceTransform(body.astype(np.uint8), cv2.DIST_L2, 3)
+        phase += np.sqrt(dist / dist.max()) * 1.2
+    contrast = phase - cv2.GaussianBlur(phase, (0, 0), 3.0)
+    image = 32000 * (1 - contrast - 0.08 * phase)
+    image += np.random.default_rng(0).normal(0, 400, image.shape)
+    return np.clip(image, 0, 65535).astype(np.uint16)
+
+
+def test_find_cells_contract():
+    image = _phase_contrast([(80, 80), (180, 170)], radius=18)
+    cells, labels = find_cells(image)
+    assert labels.dtype == np.int32 and labels.shape == image.shape
+    assert list(cells.columns) == list(CELL_COLUMNS)
+    assert sorted(cells.cell_id) == list(range(1, len(cells) + 1)) == sorted(np.unique(labels[labels > 0]))
+    assert len(cells) == 2
+    for cell in cells.itertuples():
+        assert labels[round(cell.y), round(cell.x)] == cell.cell_id
+    with pytest.raises(ValueError):
+        find_cells(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_two_touching_cells_are_split():
+    centres = [(110, 128), (146, 128)]  # radius 18: the two bodies touch
+    cells, _ = find_cells(_phase_contrast(centres, radius=18))
+    assert len(cells) == 2
+    found = sorted(cells[["x", "y"]].itertuples(index=False))
+    for (x, y), (cx, cy) in zip(found, centres):
+        assert np.hypot(x - cx, y - cy) < 6
+
+
+def test_featureless_images_have_no_cells():
+    for image in (np.zeros((128, 128), np.uint8), np.full((100, 140), 3000, np.uint16)):
+        cells, labels = find_cells(image)
+        assert cells.empty and not labels.any()
+
+
+def test_without_declumping_touching_cells_stay_one():
+    image = _phase_contrast([(110, 128), (146, 128)], radius=18)
+    cells, _ = find_cells(image, SegmentationParams(declump=False))
+    assert len(cells) == 1
+
+
+# ---- scoring ------------------------------------------------------------------------------
+
+
+def test_score_point_in_mask():
+    truth = np.zeros((50, 50), np.int32)
+    truth[5:15, 5:15] = 1
+    truth[30:40, 30:40] = 2
+    truth[5:15, 30:40] = 3
+    detections = [(10, 10), (12, 12), (35, 35), (25, 25), (-5, 80)]  # a double, a hit, 2 misses
+    score = score_point_in_mask(detections, truth)
+    assert (score["tp"], score["fp"], score["fn"]) == (2, 3, 1)
+    assert score["precision"] == pytest.approx(2 / 5)
+    assert score["recall"] == pytest.approx(2 / 3)
+    assert score["f1"] == pytest.approx(2 * 0.4 * (2 / 3) / (0.4 + 2 / 3))
+    assert score_point_in_mask(np.zeros((0, 2)), truth)["fn"] == 3
+
+
+def test_score_within_distance_is_one_to_one_and_optimal():
+    truth = [(0, 0), (8, 0)]
+    # Greedy nearest-first would give the middle detection to (8, 0) and match only one cell.
+    score = score_within_distance([(5, 0), (14, 0)], truth, max_dist=8.0)
+    assert (score["tp"], score["fp"], score["fn"]) == (2, 0, 0)
+    score = score_within_distance([(0, 1), (0, -1), (40, 40)], [(0, 0), (6, 0)], max_dist=8.0)
+    assert (score["tp"], score["fp"], score["fn"]) == (2, 1, 0)
+    assert score_within_distance([(100, 100)], truth)["tp"] == 0
+    empty = score_within_distance([], truth)
+    assert (empty["tp"], empty["fn"], empty["precision"], empty["f1"]) == (0, 2, 0.0, 0.0)
+
+
+# ---- quality on real and synthetic images -------------------------------------------------
+
+
+@pytest.mark.skipif(not (T98G / "images").is_dir(), reason=f"T98G frames not found at {T98G}")
+def test_real_t98g_frames_f1():
+    f1 = []
+    for path in sorted((T98G / "images").glob("*.tif")):
+        truth = cv2.imread(str(T98G / "masks" / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED)
+        cells, _ = find_cells(read_image(path))
+        f1.append(score_point_in_mask(cells[["x", "y"]].to_numpy(), truth)["f1"])
+    assert len(f1) == 6
+    assert np.mean(f1) >= 0.8, f1
+    assert min(f1) >= 0.7, f1
+
+
+def test_synthetic_plates_precision_recall(tmp_path):
+    synthetic = pytest.importorskip("gbm_assets.imaging.synthetic")
+    plates = synthetic.write_plates(tmp_path, n_cultures=4, n_concentrations=3, images_per_plate=1, seed=0)
+    scores = []
+    for plate in plates:
+        truth = pd.read_csv(plate / synthetic.GROUND_TRUTH_NAME)
+        for path in sorted(plate.glob("img*.tif")):
+            cells, _ = find_cells(read_image(path))
+            true_xy = truth.loc[truth.image == path.name, ["x", "y"]].to_numpy()
+            scores.append(score_within_distance(cells[["x", "y"]].to_numpy(), true_xy, max_dist=8.0))
+    tp, fp, fn = (sum(s[k] for s in scores) for k in ("tp", "fp", "fn"))
+    assert tp + fn > 100
+    assert tp / (tp + fp) >= 0.9 and tp / (tp + fn) >= 0.9, (tp, fp, fn)
