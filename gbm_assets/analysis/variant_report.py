@@ -18,6 +18,7 @@ from gbm_assets.analysis.figures import crop_montage, stacked_composition_bar, u
 from gbm_assets.analysis.report import VariantSection
 from gbm_assets.analysis.truth import has_truth
 from gbm_assets.imaging.crop_lookup import read_crops
+from gbm_assets.storage import sample_batches
 
 LABELINGS = {"hdbscan": "HDBSCAN (leaf)", "gmm": "Gaussian mixture", "auto": "automatic k"}
 
@@ -25,18 +26,16 @@ LABELINGS = {"hdbscan": "HDBSCAN (leaf)", "gmm": "Gaussian mixture", "auto": "au
 def sample_labels(path: str | Path, max_cells: int, seed: int = 0) -> pd.DataFrame:
     """A seeded sample of a labels file (all rows if it is small), without the probability vectors."""
     columns = [c for c in pq.ParquetFile(path).schema_arrow.names if c != "gmm_probs"]
-    with pq.ParquetFile(path) as pf:
-        total = pf.metadata.num_rows
-        keep = None if total <= max_cells else np.sort(np.random.default_rng(seed).choice(total, max_cells, replace=False))
-        frames, start = [], 0
-        for batch in pf.iter_batches(batch_size=65536, columns=columns):
-            frame = batch.to_pandas()
-            if keep is not None:
-                local = keep[(keep >= start) & (keep < start + len(frame))] - start
-                frame = frame.iloc[local]
-            start += batch.num_rows
-            frames.append(frame)
+    frames = [b.to_pandas() for b in sample_batches(path, max_cells, seed, columns, batch_size=65536)]
     return pd.concat(frames, ignore_index=True)
+
+
+def labeling_metrics(labels: pd.DataFrame, truth: pd.Series | None = None, seed: int = 0) -> dict[str, dict]:
+    """cluster_metrics of every labelling in LABELINGS; with truth, scored on the cells whose type is known."""
+    known = truth.notna().to_numpy() if truth is not None else np.ones(len(labels), bool)
+    xy = labels[["umap_x", "umap_y"]].to_numpy()[known]
+    expected = truth[known].astype(str).to_numpy() if truth is not None else None
+    return {column: cluster_metrics(xy, labels[column].to_numpy()[known], expected, seed=seed) for column in LABELINGS}
 
 
 def montage_picks(labels: pd.Series, per_cluster: int = 10, seed: int = 0) -> np.ndarray:
@@ -58,12 +57,7 @@ def build_section(
     """
     out_dir = Path(out_dir)
     truth = labels["morphotype"] if "morphotype" in labels and has_truth(labels["morphotype"]) else None
-    xy = labels[["umap_x", "umap_y"]].to_numpy()
-    metrics = {}
-    for column in LABELINGS:
-        known = truth.notna().to_numpy() if truth is not None else np.ones(len(labels), bool)
-        metrics[column] = cluster_metrics(xy[known], labels[column].to_numpy()[known],
-                                          truth[known].astype(str).to_numpy() if truth is not None else None, seed=seed)
+    metrics = labeling_metrics(labels, truth, seed)
     scatters = [
         umap_scatter(labels, color, out_dir / f"umap_{color}.png", seed=seed, title=f"{variant}: UMAP by {color}")
         for color in ("culture", "hdbscan", "gmm", "concentration")

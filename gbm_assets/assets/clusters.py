@@ -53,10 +53,10 @@ def clusters(
     import mlflow
 
     from gbm_assets.analysis.cell_labels import fit_on_sample, label_cells, labels_schema, labels_table
-    from gbm_assets.analysis.clustering import ClusteringConfig, cluster_metrics
+    from gbm_assets.analysis.clustering import ClusteringConfig
     from gbm_assets.analysis.truth import has_truth, true_morphotypes
     from gbm_assets.analysis.explorer import sample_for_explorer, write_explorer
-    from gbm_assets.analysis.variant_report import sample_labels
+    from gbm_assets.analysis.variant_report import labeling_metrics, sample_labels
     from gbm_assets.imaging.crop_lookup import read_crops
 
     variant = get_variant(context.partition_key)
@@ -98,11 +98,7 @@ def clusters(
 
     sample = sample_labels(out, 20_000, seed=config.seed)
     truth = true_morphotypes(sample, data.raw)
-    scored = {}
-    for column in ("hdbscan", "gmm", "auto"):
-        use = truth.notna().to_numpy() if has_truth(truth) else slice(None)
-        scored[column] = cluster_metrics(sample[["umap_x", "umap_y"]].to_numpy()[use], sample[column].to_numpy()[use],
-                                         truth[use].astype(str).to_numpy() if has_truth(truth) else None, seed=config.seed)
+    scored = labeling_metrics(sample, truth if has_truth(truth) else None, seed=config.seed)
     points = sample_for_explorer(sample_labels(out, 5 * config.explorer_max_points, seed=config.seed),
                                  config.explorer_max_points, seed=config.seed)
     explorer = write_explorer(explorer_file(data, variant.name), variant.name, points, read_crops(data.crops, points["crop_id"]))

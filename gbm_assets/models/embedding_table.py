@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gbm_assets.schema import PROVENANCE_COLUMNS, PROVENANCE_SCHEMA
+from gbm_assets.storage import sample_batches
 
 VECTOR_COLUMNS = ("embedding", "embedding_invariant")
 
@@ -54,26 +55,12 @@ def iter_embeddings(
 def sample_embeddings(
     path: str | Path, max_rows: int | None, seed: int = 0, vectors: Sequence[str] = VECTOR_COLUMNS
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """A seeded uniform sample of at most max_rows rows and their vectors, read in batches.
-
-    Memory stays at the sample's size however large the table: rows are chosen from the row
-    count first, then picked out of each streamed batch.
-    """
-    with pq.ParquetFile(path) as pf:
-        total = pf.metadata.num_rows
-        keep = np.arange(total) if max_rows is None or total <= max_rows else np.sort(
-            np.random.default_rng(seed).choice(total, size=max_rows, replace=False)
-        )
-        frames, mats, start = [], {v: [] for v in vectors}, 0
-        for batch in pf.iter_batches(batch_size=8192, columns=[*PROVENANCE_COLUMNS, *vectors]):
-            local = keep[(keep >= start) & (keep < start + batch.num_rows)] - start
-            start += batch.num_rows
-            if not len(local):
-                continue
-            picked = batch.take(pa.array(local))
-            frames.append(picked.select(list(PROVENANCE_COLUMNS)).to_pandas())
-            for v in vectors:
-                col = picked.column(v)
-                mats[v].append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(local), col.type.list_size))
+    """A seeded uniform sample of at most max_rows rows and their vectors, read in batches."""
+    frames, mats = [], {v: [] for v in vectors}
+    for batch in sample_batches(path, max_rows, seed, [*PROVENANCE_COLUMNS, *vectors]):
+        frames.append(batch.select(list(PROVENANCE_COLUMNS)).to_pandas())
+        for v in vectors:
+            col = batch.column(v)
+            mats[v].append(col.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, col.type.list_size))
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PROVENANCE_COLUMNS))
     return rows, {v: np.concatenate(m) if m else np.zeros((0, 0), np.float32) for v, m in mats.items()}
