@@ -204,8 +204,8 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     compact = (dark >= params.solid_fraction) & small & roundish
     compact[0] = False
     if area[compact].sum() < params.min_compact_share * np.count_nonzero(obj):
-        return np.zeros(obj.shape, bool)
-    return compact[bodies]
+        return np.zeros(obj.shape, np.int32)
+    return np.where(compact, np.arange(n, dtype=np.int32), 0)[bodies]
 
 
 def bright_seeds(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
@@ -220,7 +220,7 @@ def bright_seeds(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> 
     radius = np.zeros(n, np.float32)
     dist = cv2.distanceTransform(bright, cv2.DIST_L2, cv2.DIST_MASK_5)
     np.maximum.at(radius, bodies.ravel(), dist.ravel())
-    keep = (radius >= params.fine_seed_scale * d) & (radius < params.compact_radius_scale * d)
+    keep = (radius >= params.fine_seed_scale * d) & (radius < 0.4 * d)
     keep &= stats[:, cv2.CC_STAT_AREA] <= params.compact_elongation * np.pi * radius**2
     keep[0] = False
     centres = np.rint(centroids[keep])
@@ -275,7 +275,7 @@ def dark_seeds(
     for scale, blobs in enumerate(maps):
         cols = np.clip(np.rint(blobs.xy[:, 0]).astype(int), 0, w - 1)
         rows = np.clip(np.rint(blobs.xy[:, 1]).astype(int), 0, h - 1)
-        keep = (obj[rows, cols] > 0) & (compact[rows, cols] == (scale == 0))
+        keep = (obj[rows, cols] > 0) & ((compact[rows, cols] > 0) == (scale == 0))
         points.append(np.stack([cols[keep], rows[keep]], 1))
         scales.append(np.full(int(keep.sum()), scale))
     return np.concatenate(points).astype(float), np.concatenate(scales), maps
@@ -283,7 +283,7 @@ def dark_seeds(
 
 def group_seeds(
     xy: np.ndarray, scale: np.ndarray, maps: list[_BlobMap], z: np.ndarray, obj: np.ndarray,
-    params: SegmentationParams,
+    compact: np.ndarray, params: SegmentationParams,
 ) -> np.ndarray:
     """Group index per seed: seeds joined by a path inside one cell form one group.
 
@@ -328,7 +328,10 @@ def group_seeds(
         inside, _, _ = follow(path)
         profile = np.where(finer == 0, maps[0].sample(path), maps[1].sample(path))
         dark |= inside & (profile.min(1) >= params.merge_darkness_ratio * ends)
-    same = pairs[no_halo & dark]
+    body_a = compact[a[:, 1].astype(int), a[:, 0].astype(int)]
+    body_b = compact[b[:, 1].astype(int), b[:, 0].astype(int)]
+    one_body = (finer[:, 0] == 1) | (body_a == body_b)
+    same = pairs[no_halo & dark & one_body]
     graph = coo_matrix((np.ones(len(same)), (same[:, 0], same[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
@@ -402,6 +405,22 @@ def split_at_necks(mask: np.ndarray, params: SegmentationParams) -> np.ndarray:
     return pieces[1:-1, 1:-1]
 
 
+def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params: SegmentationParams) -> np.ndarray:
+    """Split one object among its seed groups along the halos between them."""
+    core = (inside & (z < params.halo_level)).astype(np.uint8)
+    core = cv2.morphologyEx(core, cv2.MORPH_OPEN, _disc(1))
+    n, comp = cv2.connectedComponents(core, connectivity=4, ltype=cv2.CV_32S)
+    out = np.zeros(inside.shape, np.int32)
+    rows, cols = np.nonzero(seeds * (core > 0))
+    for c in np.unique(comp[rows, cols]):
+        if c == 0:
+            continue
+        part = comp == c
+        out[part] = nearest_label(np.where(part, seeds, 0), part)[part]
+    voronoi = nearest_label(np.where(inside, seeds, 0), inside)
+    return np.where(out > 0, out, voronoi)
+
+
 def assign_cells(
     obj: np.ndarray, xy: np.ndarray, group: np.ndarray, z: np.ndarray, params: SegmentationParams
 ) -> np.ndarray:
@@ -428,7 +447,7 @@ def assign_cells(
             continue
         inside = obj[box] == index
         if groups_per_object[index] > 1:
-            labels[box][inside] = nearest_label(np.where(inside, seeds[box], 0), inside)[inside]
+            labels[box][inside] = split_by_cores(inside, seeds[box], z[box], params)[inside]
         elif np.count_nonzero(z[box][inside] > params.bright_level) >= min_bright:
             pieces = split_at_necks(inside, params) if params.declump else inside.astype(np.int32)
             ids, piece = np.unique(pieces[inside], return_inverse=True)
@@ -536,7 +555,7 @@ def find_cells(
         bright = bright_seeds(z, obj, params)
         xy, scale = np.concatenate([xy, bright]), np.concatenate([scale, np.zeros(len(bright), int)])
     if params.declump:
-        group = group_seeds(xy, scale, maps, z, obj, params)
+        group = group_seeds(xy, scale, maps, z, obj, compact, params)
     else:  # one cell per object
         group = np.unique(obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
     labels = filter_by_area(assign_cells(obj, xy, group, z, params), params)
