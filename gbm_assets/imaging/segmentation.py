@@ -203,9 +203,25 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     roundish = area <= params.compact_elongation * np.pi * radius**2
     compact = (dark >= params.solid_fraction) & small & roundish
     compact[0] = False
-    if area[compact].sum() < params.min_compact_share * np.count_nonzero(obj):
+    out = np.where(compact, np.arange(n, dtype=np.int32), 0)[bodies]
+    clumps = (dark >= params.solid_fraction) & small & ~roundish
+    clumps[0] = False
+    next_id = n
+    boxes = ndi.find_objects(bodies)
+    for index in np.flatnonzero(clumps):
+        box = boxes[index - 1]
+        inside = bodies[box] == index
+        pieces = split_at_necks(inside, params)
+        ids = np.unique(pieces[inside])
+        for piece in ids:
+            part = inside & (pieces == piece)
+            r = cv2.distanceTransform(part.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5).max()
+            if r >= params.fine_seed_scale * params.cell_diameter_px and np.count_nonzero(part) <= 2 * np.pi * r**2:
+                out[box][part] = next_id
+                next_id += 1
+    if np.count_nonzero(out) < params.min_compact_share * np.count_nonzero(obj):
         return np.zeros(obj.shape, np.int32)
-    return np.where(compact, np.arange(n, dtype=np.int32), 0)[bodies]
+    return out
 
 
 def bright_seeds(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
