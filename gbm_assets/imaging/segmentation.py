@@ -432,6 +432,8 @@ def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params:
         if c == 0:
             continue
         part = comp == c
+        if np.count_nonzero(part) > 3.0 * _cell_area(params):
+            continue
         out[part] = nearest_label(np.where(part, seeds, 0), part)[part]
     voronoi = nearest_label(np.where(inside, seeds, 0), inside)
     return np.where(out > 0, out, voronoi)
