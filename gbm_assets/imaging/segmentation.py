@@ -73,6 +73,7 @@ class SegmentationParams:
     min_compact_share: float = 0.01  # compact bodies count when they cover this share of objects
     merge_halo: float = 12.0  # a path crossing pixels this bright crosses a cell border, noise
     merge_darkness_ratio: float = 0.8  # a path dimming below this x the seeds' darkness leaves the cell
+    merge_neck_ratio: float = 0.8  # a path through an outline this much narrower than at the seeds crosses a waist
     bright_level: float = 10.0  # bright-cell pixels, noise
     bright_area_scale: float = 0.1  # a seedless object with this much bright area is a cell, cell areas
     neck_ratio: float = 0.7  # bright cells: pieces joined by a neck this wide are one cell
@@ -344,10 +345,14 @@ def group_seeds(
         inside, _, _ = follow(path)
         profile = np.where(finer == 0, maps[0].sample(path), maps[1].sample(path))
         dark |= inside & (profile.min(1) >= params.merge_darkness_ratio * ends)
+    width = cv2.distanceTransform((obj > 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
+    _, rows, cols = follow(straight)
+    profile = width[rows, cols]
+    no_neck = profile.min(1) >= params.merge_neck_ratio * np.minimum(profile[:, 0], profile[:, -1])
     body_a = compact[a[:, 1].astype(int), a[:, 0].astype(int)]
     body_b = compact[b[:, 1].astype(int), b[:, 0].astype(int)]
     one_body = (finer[:, 0] == 1) | (body_a == body_b)
-    same = pairs[no_halo & dark & one_body]
+    same = pairs[no_halo & dark & one_body & no_neck]
     graph = coo_matrix((np.ones(len(same)), (same[:, 0], same[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
