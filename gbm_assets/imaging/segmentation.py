@@ -441,7 +441,10 @@ def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params:
             continue
         out[part] = nearest_label(np.where(part, seeds, 0), part)[part]
     voronoi = nearest_label(np.where(inside, seeds, 0), inside)
-    return np.where(out > 0, out, voronoi)
+    body = np.where(out > 0, out, np.where(core > 0, voronoi, 0))
+    lost = np.isin(seeds, np.unique(body), invert=True) & (seeds > 0)
+    body[lost] = seeds[lost]
+    return nearest_label(body, inside)
 
 
 def assign_cells(
