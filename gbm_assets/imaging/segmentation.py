@@ -63,7 +63,7 @@ class SegmentationParams:
     declump: bool = True  # split touching cells
     coarse_seed_scale: float = 0.25  # darkness smoothing for spread cells, d
     fine_seed_scale: float = 0.1  # darkness smoothing for compact dark cells, d
-    seed_spacing: float = 2.0  # closest seeds at one scale, in that scale's smoothing widths
+    seed_spacing: float = 1.5  # closest seeds at one scale, in that scale's smoothing widths
     seed_darkness: float = 1.5  # least smoothed darkness of a seed, spread
     halo_level: float = 3.0  # brighter than this is halo, not body, noise
     dark_level: float = 5.0  # darker than this is solid body, noise
