@@ -73,6 +73,7 @@ class SegmentationParams:
     min_compact_share: float = 0.01  # compact bodies count when they cover this share of objects
     merge_halo: float = 12.0  # a path crossing pixels this bright crosses a cell border, noise
     merge_darkness_ratio: float = 0.8  # a path dimming below this x the seeds' darkness leaves the cell
+    max_body_scale: float = 3.0  # a halo-bounded body up to this big is one cell's, cell areas
     merge_neck_ratio: float = 0.8  # a path through an outline this much narrower than at the seeds crosses a waist
     bright_level: float = 10.0  # bright-cell pixels, noise
     bright_area_scale: float = 0.1  # a seedless object with this much bright area is a cell, cell areas
@@ -427,21 +428,33 @@ def split_at_necks(mask: np.ndarray, params: SegmentationParams) -> np.ndarray:
 
 
 def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params: SegmentationParams) -> np.ndarray:
-    """Split one object among its seed groups along the halos between them."""
-    core = (inside & (z < params.halo_level)).astype(np.uint8)
-    core = cv2.morphologyEx(core, cv2.MORPH_OPEN, _disc(1))
+    """Split one object (a box of it) among its seed groups along the halos between them.
+
+    The object's cores (pixels darker than halo) are bodies bounded by halos. A body holding
+    one seed group belongs to that cell whole; one holding several is shared by nearest seed.
+    A body bigger than max_body_scale cell areas is several cells whose borders do not show,
+    so it is shared by nearest seed too. Halo pixels then join the nearest body, so each cell
+    keeps the halo that rings it.
+    """
+    core = cv2.morphologyEx((inside & (z < params.halo_level)).astype(np.uint8), cv2.MORPH_OPEN, _disc(1))
     n, comp = cv2.connectedComponents(core, connectivity=4, ltype=cv2.CV_32S)
-    out = np.zeros(inside.shape, np.int32)
-    rows, cols = np.nonzero(seeds * (core > 0))
-    for c in np.unique(comp[rows, cols]):
-        if c == 0:
-            continue
-        part = comp == c
-        if np.count_nonzero(part) > 3.0 * _cell_area(params):
-            continue
-        out[part] = nearest_label(np.where(part, seeds, 0), part)[part]
     voronoi = nearest_label(np.where(inside, seeds, 0), inside)
-    body = np.where(out > 0, out, np.where(core > 0, voronoi, 0))
+    rows, cols = np.nonzero(seeds * core)
+    pairs = np.unique(np.stack([comp[rows, cols], seeds[rows, cols]]), axis=1)
+    groups = np.bincount(pairs[0], minlength=n)
+    claim = (groups > 0) & (np.bincount(comp.ravel(), minlength=n) <= params.max_body_scale * _cell_area(params))
+    claim[0] = False
+    owner = np.zeros(n, np.int32)
+    sole = (groups == 1)[pairs[0]]
+    owner[pairs[0][sole]] = pairs[1][sole]
+    body = np.where(claim[comp], owner[comp], np.where(core > 0, voronoi, 0))
+    shared = np.flatnonzero(claim & (groups > 1))
+    if len(shared):
+        boxes = ndi.find_objects(comp)
+        for index in shared:
+            part = comp[boxes[index - 1]] == index
+            local = nearest_label(np.where(part, seeds[boxes[index - 1]], 0), part)
+            body[boxes[index - 1]][part] = local[part]
     lost = np.isin(seeds, np.unique(body), invert=True) & (seeds > 0)
     body[lost] = seeds[lost]
     return nearest_label(body, inside)
