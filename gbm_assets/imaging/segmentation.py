@@ -15,15 +15,19 @@ usual adherent culture) are textured, grey and granular: their body only shows a
 a coarse scale (a quarter of a cell diameter). Rounded or compact cells (freshly plated,
 dividing, clumped) are solid dark discs that touch each other: they need a fine scale (a
 tenth of a diameter) or a whole clump becomes one blob. A halo-enclosed body that is small,
-roundish and solidly dark gets fine seeds, everything else coarse ones; in a field of spread
-cells the few such bodies are organelles or debris, so fine seeds need compact bodies to
-hold a share of the cell area. Rounded cells that phase contrast shows bright (no dark blob)
-seed themselves as compact bright bodies where compact cells are, and anywhere as bright
-objects of their own, split at their necks.
+roundish and solidly dark gets fine seeds, everything else coarse ones; a body that is a
+chain of such discs is cut at its necks first, one compact body per disc. In a field of
+spread cells the few compact bodies are organelles or debris, so fine seeds need compact
+bodies to hold a share of the cell area. Rounded cells that phase contrast shows bright (no
+dark blob) seed themselves as compact bright bodies where compact cells are, and anywhere as
+bright objects of their own, split at their necks.
 
-Every pixel of a connected foreground object then goes to its nearest seed group, objects
-outside the area limits are dropped, and measure_cells computes CellProfiler's AreaShape
-measurements. All sizes are fractions or multiples of cell_diameter_px.
+Seeds of one cell are grouped (no halo, no dimming and no waist between them; fine seeds
+only within one compact body). Each object is then shared among its groups along the halos:
+a halo-bounded body goes whole to the group whose seeds it holds, shared bodies and the rest
+by nearest seed, and halo pixels join the nearest body. Objects outside the area limits are
+dropped, and measure_cells computes CellProfiler's AreaShape measurements. All sizes are
+fractions or multiples of cell_diameter_px.
 """
 
 from __future__ import annotations
@@ -184,13 +188,15 @@ def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
 
 
 def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
-    """Boolean map of compact cell bodies: halo-enclosed, small and solidly dark.
+    """Labels (0 elsewhere) of compact cell bodies: halo-enclosed, small and solidly dark.
 
     Removing halo pixels from the objects leaves each cell's body; touching rounded cells
     stay separate bodies or join through narrow dark contacts, while a spread cell's body is
     large, grey and granular. Compact bodies get fine-scale seeds, the rest coarse ones.
     A few compact specks in a field of spread cells are organelles or debris on the cells,
     not cells: compact bodies count only when they hold a noticeable share of the cell area.
+    A thin, dark body too long to be roundish is either a spindle or a chain of touching
+    round cells: cut at its necks, the chain falls into discs, each its own compact body.
     """
     core = ((obj > 0) & (z < params.halo_level)).astype(np.uint8)
     core = cv2.morphologyEx(core, cv2.MORPH_OPEN, _disc(1))
@@ -206,20 +212,20 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     compact = (dark >= params.solid_fraction) & small & roundish
     compact[0] = False
     out = np.where(compact, np.arange(n, dtype=np.int32), 0)[bodies]
-    clumps = (dark >= params.solid_fraction) & small & ~roundish
-    clumps[0] = False
+    chains = (dark >= params.solid_fraction) & small & ~roundish
+    chains[0] = False
     next_id = n
     boxes = ndi.find_objects(bodies)
-    for index in np.flatnonzero(clumps):
+    for index in np.flatnonzero(chains):
         box = boxes[index - 1]
         inside = bodies[box] == index
         pieces = split_at_necks(inside, params)
-        ids = np.unique(pieces[inside])
-        for piece in ids:
-            part = inside & (pieces == piece)
-            r = cv2.distanceTransform(part.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5).max()
-            if r >= params.fine_seed_scale * params.cell_diameter_px and np.count_nonzero(part) <= 2 * np.pi * r**2:
-                out[box][part] = next_id
+        for piece in np.unique(pieces[inside]):
+            disc = (inside & (pieces == piece)).astype(np.uint8)
+            r = cv2.distanceTransform(disc, cv2.DIST_L2, cv2.DIST_MASK_5).max()
+            # a disc: thick enough for a fine seed and at most twice its inscribed circle
+            if r >= params.fine_seed_scale * params.cell_diameter_px and disc.sum() <= 2 * np.pi * r**2:
+                out[box][disc > 0] = next_id
                 next_id += 1
     if np.count_nonzero(out) < params.min_compact_share * np.count_nonzero(obj):
         return np.zeros(obj.shape, np.int32)
@@ -310,7 +316,10 @@ def group_seeds(
     both without leaving the object. A few paths are tried for each test, so that one bright
     vesicle or a curved cell does not cut a cell in two, while a border between two cells
     stops them all: for the halo, the straight path and two parallel to it; for darkness,
-    the straight path and paths bowed to either side. Groups are the connected components.
+    the straight path and paths bowed to either side. Two more rules keep touching cells
+    apart where no halo shows between them: the object must not narrow to a waist on the
+    straight path (merge_neck_ratio of its width at the seeds), and fine seeds must share
+    one compact body. Groups are the connected components.
     """
     n = len(xy)
     d = params.cell_diameter_px
