@@ -130,6 +130,16 @@ def test_two_touching_cells_are_split():
         assert np.hypot(x - cx, y - cy) < 6
 
 
+@pytest.mark.parametrize("radius, step", [(10, 19), (9, 18)])
+def test_chain_of_touching_round_cells_is_split(radius, step):
+    centres = [(90 + i * step, 128) for i in range(4)]  # four small dark discs in a row, touching
+    cells, _ = find_cells(_phase_contrast(centres, radius=radius))
+    assert len(cells) == 4
+    found = sorted(cells[["x", "y"]].itertuples(index=False))
+    for (x, y), (cx, cy) in zip(found, centres):
+        assert np.hypot(x - cx, y - cy) < 5
+
+
 def test_featureless_images_have_no_cells():
     for image in (np.zeros((128, 128), np.uint8), np.full((100, 140), 3000, np.uint16)):
         cells, labels = find_cells(image)
@@ -186,16 +196,22 @@ def test_real_t98g_frames_f1():
     assert min(f1) >= 0.7, f1
 
 
-def test_synthetic_plates_precision_recall(tmp_path):
-    synthetic = pytest.importorskip("gbm_assets.imaging.synthetic")
-    plates = synthetic.write_plates(tmp_path, n_cultures=4, n_concentrations=3, images_per_plate=1, seed=0)
-    scores = []
+def test_synthetic_plates_precision_recall_per_concentration(tmp_path):
+    """Every plated density, the crowded ones included (touching and clumped cells)."""
+    from gbm_assets.imaging import synthetic
+
+    plates = synthetic.write_plates(tmp_path, n_cultures=4, n_concentrations=5, images_per_plate=1, seed=1)
+    scores: dict[str, list[dict]] = {}
     for plate in plates:
         truth = pd.read_csv(plate / synthetic.GROUND_TRUTH_NAME)
+        concentration = pd.read_csv(plate / "manifest.csv", dtype=str)["concentration"].iloc[0]
         for path in sorted(plate.glob("img*.tif")):
             cells, _ = find_cells(read_image(path))
             true_xy = truth.loc[truth.image == path.name, ["x", "y"]].to_numpy()
-            scores.append(score_within_distance(cells[["x", "y"]].to_numpy(), true_xy, max_dist=8.0))
-    tp, fp, fn = (sum(s[k] for s in scores) for k in ("tp", "fp", "fn"))
-    assert tp + fn > 100
-    assert tp / (tp + fp) >= 0.9 and tp / (tp + fn) >= 0.9, (tp, fp, fn)
+            score = score_within_distance(cells[["x", "y"]].to_numpy(), true_xy, max_dist=8.0)
+            scores.setdefault(concentration, []).append(score)
+    assert sorted(scores, key=float) == list(synthetic.CONCENTRATIONS)
+    for concentration, found in scores.items():
+        tp, fp, fn = (sum(s[k] for s in found) for k in ("tp", "fp", "fn"))
+        assert tp / (tp + fp) >= 0.9 and tp / (tp + fn) >= 0.9, (concentration, tp, fp, fn)
+    assert sum(s["tp"] + s["fn"] for found in scores.values() for s in found) > 500

@@ -80,6 +80,7 @@ class SegmentationParams:
     max_body_scale: float = 3.0  # a halo-bounded body up to this big is one cell's, cell areas
     merge_neck_ratio: float = 0.8  # a path through an outline this much narrower than at the seeds crosses a waist
     bright_level: float = 10.0  # bright-cell pixels, noise
+    bright_radius_scale: float = 0.4  # a bright body thicker than this (inscribed radius) is no rounded cell, d
     bright_area_scale: float = 0.1  # a seedless object with this much bright area is a cell, cell areas
     neck_ratio: float = 0.7  # bright cells: pieces joined by a neck this wide are one cell
 
@@ -200,7 +201,7 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     """
     core = ((obj > 0) & (z < params.halo_level)).astype(np.uint8)
     core = cv2.morphologyEx(core, cv2.MORPH_OPEN, _disc(1))
-    n, bodies = cv2.connectedComponents(core, connectivity=4, ltype=cv2.CV_32S)
+    n, bodies, stats, _ = cv2.connectedComponentsWithStats(core, connectivity=4, ltype=cv2.CV_32S)
     where = np.flatnonzero(core)
     body = bodies.ravel()[where]
     area = np.maximum(np.bincount(body, minlength=n), 1)
@@ -215,9 +216,9 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     chains = (dark >= params.solid_fraction) & small & ~roundish
     chains[0] = False
     next_id = n
-    boxes = ndi.find_objects(bodies)
     for index in np.flatnonzero(chains):
-        box = boxes[index - 1]
+        x, y, w, h = stats[index, :4]
+        box = np.s_[y : y + h, x : x + w]
         inside = bodies[box] == index
         pieces = split_at_necks(inside, params)
         for piece in np.unique(pieces[inside]):
@@ -242,9 +243,10 @@ def bright_seeds(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> 
     bright = fill_holes(((obj > 0) & (z > params.bright_level)).astype(np.uint8), 0.1 * _cell_area(params))
     n, bodies, stats, centroids = cv2.connectedComponentsWithStats(bright, connectivity=8)
     radius = np.zeros(n, np.float32)
+    where = np.flatnonzero(bright)
     dist = cv2.distanceTransform(bright, cv2.DIST_L2, cv2.DIST_MASK_5)
-    np.maximum.at(radius, bodies.ravel(), dist.ravel())
-    keep = (radius >= params.fine_seed_scale * d) & (radius < 0.4 * d)
+    np.maximum.at(radius, bodies.ravel()[where], dist.ravel()[where])
+    keep = (radius >= params.fine_seed_scale * d) & (radius < params.bright_radius_scale * d)
     keep &= stats[:, cv2.CC_STAT_AREA] <= params.compact_elongation * np.pi * radius**2
     keep[0] = False
     centres = np.rint(centroids[keep])
