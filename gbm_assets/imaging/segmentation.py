@@ -449,7 +449,6 @@ def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params:
     """
     core = cv2.morphologyEx((inside & (z < params.halo_level)).astype(np.uint8), cv2.MORPH_OPEN, _disc(1))
     n, comp = cv2.connectedComponents(core, connectivity=4, ltype=cv2.CV_32S)
-    voronoi = nearest_label(np.where(inside, seeds, 0), inside)
     rows, cols = np.nonzero(seeds * core)
     pairs = np.unique(np.stack([comp[rows, cols], seeds[rows, cols]]), axis=1)
     groups = np.bincount(pairs[0], minlength=n)
@@ -458,7 +457,10 @@ def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params:
     owner = np.zeros(n, np.int32)
     sole = (groups == 1)[pairs[0]]
     owner[pairs[0][sole]] = pairs[1][sole]
-    body = np.where(claim[comp], owner[comp], np.where(core > 0, voronoi, 0))
+    body = np.where(claim[comp], owner[comp], 0)
+    rest = (core > 0) & ~claim[comp]
+    if rest.any():
+        body[rest] = nearest_label(np.where(inside, seeds, 0), inside)[rest]
     shared = np.flatnonzero(claim & (groups > 1))
     if len(shared):
         boxes = ndi.find_objects(comp)
