@@ -188,6 +188,36 @@ def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
 # ---- seeds --------------------------------------------------------------------------------
 
 
+def _components(mask: np.ndarray, connectivity: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Connected components of a uint8 mask, with statistics from its pixels alone.
+
+    Returns (n, labels, where, label_of_where, area, radius): where holds the flat indices of
+    the mask's pixels; area (at least 1) and radius (of the largest inscribed disc) are per
+    label. Counting only mask pixels is several times faster than OpenCV's full-image stats.
+    """
+    n, labels = cv2.connectedComponents(mask, connectivity=connectivity, ltype=cv2.CV_32S)
+    where = np.flatnonzero(mask)
+    label = labels.ravel()[where]
+    area = np.maximum(np.bincount(label, minlength=n), 1)
+    radius = np.zeros(n, np.float32)
+    np.maximum.at(radius, label, cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_5).ravel()[where])
+    return n, labels, where, label, area, radius
+
+
+def _boxes(where: np.ndarray, label: np.ndarray, width: int) -> list[tuple[int, tuple[slice, slice]]]:
+    """(label, bounding box) of each label among the pixels at flat indices where."""
+    if len(label) == 0:
+        return []
+    order = np.argsort(label, kind="stable")
+    label, (rows, cols) = label[order], np.divmod(where[order], width)
+    starts = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
+    bounds = [f.reduceat(v, starts) for v in (rows, cols) for f in (np.minimum, np.maximum)]
+    return [
+        (int(label[s]), (slice(int(r0), int(r1) + 1), slice(int(c0), int(c1) + 1)))
+        for s, r0, r1, c0, c1 in zip(starts, *bounds)
+    ]
+
+
 def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
     """Labels (0 elsewhere) of compact cell bodies: halo-enclosed, small and solidly dark.
 
@@ -201,13 +231,8 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     """
     core = ((obj > 0) & (z < params.halo_level)).astype(np.uint8)
     core = cv2.morphologyEx(core, cv2.MORPH_OPEN, _disc(1))
-    n, bodies, stats, _ = cv2.connectedComponentsWithStats(core, connectivity=4, ltype=cv2.CV_32S)
-    where = np.flatnonzero(core)
-    body = bodies.ravel()[where]
-    area = np.maximum(np.bincount(body, minlength=n), 1)
+    n, bodies, where, body, area, radius = _components(core, connectivity=4)
     dark = np.bincount(body, weights=z.ravel()[where] < -params.dark_level, minlength=n) / area
-    radius = np.zeros(n, np.float32)
-    np.maximum.at(radius, body, cv2.distanceTransform(core, cv2.DIST_L2, cv2.DIST_MASK_5).ravel()[where])
     small = radius < params.compact_radius_scale * params.cell_diameter_px
     roundish = area <= params.compact_elongation * np.pi * radius**2
     compact = (dark >= params.solid_fraction) & small & roundish
@@ -216,9 +241,7 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     chains = (dark >= params.solid_fraction) & small & ~roundish
     chains[0] = False
     next_id = n
-    for index in np.flatnonzero(chains):
-        x, y, w, h = stats[index, :4]
-        box = np.s_[y : y + h, x : x + w]
+    for index, box in _boxes(where[chains[body]], body[chains[body]], core.shape[1]):
         inside = bodies[box] == index
         pieces = split_at_necks(inside, params)
         for piece in np.unique(pieces[inside]):
@@ -241,15 +264,12 @@ def bright_seeds(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> 
     """
     d = params.cell_diameter_px
     bright = fill_holes(((obj > 0) & (z > params.bright_level)).astype(np.uint8), 0.1 * _cell_area(params))
-    n, bodies, stats, centroids = cv2.connectedComponentsWithStats(bright, connectivity=8)
-    radius = np.zeros(n, np.float32)
-    where = np.flatnonzero(bright)
-    dist = cv2.distanceTransform(bright, cv2.DIST_L2, cv2.DIST_MASK_5)
-    np.maximum.at(radius, bodies.ravel()[where], dist.ravel()[where])
+    n, _, where, body, area, radius = _components(bright, connectivity=8)
+    rows, cols = np.divmod(where, bright.shape[1])
     keep = (radius >= params.fine_seed_scale * d) & (radius < params.bright_radius_scale * d)
-    keep &= stats[:, cv2.CC_STAT_AREA] <= params.compact_elongation * np.pi * radius**2
+    keep &= area <= params.compact_elongation * np.pi * radius**2
     keep[0] = False
-    centres = np.rint(centroids[keep])
+    centres = np.rint(np.stack([np.bincount(body, cols, n), np.bincount(body, rows, n)], 1)[keep] / area[keep, None])
     return centres[obj[centres[:, 1].astype(int), centres[:, 0].astype(int)] > 0]
 
 
@@ -468,8 +488,11 @@ def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params:
             part = comp[boxes[index - 1]] == index
             local = nearest_label(np.where(part, seeds[boxes[index - 1]], 0), part)
             body[boxes[index - 1]][part] = local[part]
-    lost = np.isin(seeds, np.unique(body), invert=True) & (seeds > 0)
-    body[lost] = seeds[lost]
+    present = np.zeros(int(seeds.max()) + 1, bool)
+    present[body[body <= seeds.max()]] = True
+    rows, cols = np.nonzero(seeds)
+    lost = ~present[seeds[rows, cols]]  # a group none of whose seeds lies in a body
+    body[rows[lost], cols[lost]] = seeds[rows[lost], cols[lost]]
     return nearest_label(body, inside)
 
 
