@@ -157,16 +157,17 @@ def foreground(tex: np.ndarray, params: SegmentationParams) -> np.ndarray:
     return cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disc(params.opening_scale * d))
 
 
-def objects(mask: np.ndarray, params: SegmentationParams) -> np.ndarray:
+def objects(mask: np.ndarray, depth: np.ndarray, params: SegmentationParams) -> np.ndarray:
     """Connected foreground objects (int32 labels) big and thick enough to hold a cell.
 
     Debris and dish texture make small or thin textured specks; a cell is at least a fraction
-    of a cell's area and somewhere a fraction of a diameter thick.
+    of a cell's area and somewhere a fraction of a diameter thick (depth: the mask's distance
+    transform).
     """
     n, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
     half_thickness = params.min_object_thickness_scale * params.cell_diameter_px / 2
     thick = np.zeros(n, bool)
-    thick[labels[cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_5) >= half_thickness]] = True
+    thick[labels[depth >= half_thickness]] = True
     big = np.bincount(labels.ravel(), minlength=n) >= params.min_object_area_scale * _cell_area(params)
     keep = thick & big
     keep[0] = False
@@ -329,7 +330,7 @@ def dark_seeds(
 
 def group_seeds(
     xy: np.ndarray, scale: np.ndarray, maps: list[_BlobMap], z: np.ndarray, obj: np.ndarray,
-    compact: np.ndarray, params: SegmentationParams,
+    depth: np.ndarray, compact: np.ndarray, params: SegmentationParams,
 ) -> np.ndarray:
     """Group index per seed: seeds joined by a path inside one cell form one group.
 
@@ -377,9 +378,8 @@ def group_seeds(
         inside, _, _ = follow(path)
         profile = np.where(finer == 0, maps[0].sample(path), maps[1].sample(path))
         dark |= inside & (profile.min(1) >= params.merge_darkness_ratio * ends)
-    width = cv2.distanceTransform((obj > 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
     _, rows, cols = follow(straight)
-    profile = width[rows, cols]
+    profile = depth[rows, cols]
     no_neck = profile.min(1) >= params.merge_neck_ratio * np.minimum(profile[:, 0], profile[:, -1])
     body_a = compact[a[:, 1].astype(int), a[:, 0].astype(int)]
     body_b = compact[b[:, 1].astype(int), b[:, 0].astype(int)]
@@ -622,7 +622,9 @@ def find_cells(
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D single-channel image, got shape {image.shape}")
     norm = normalise(image, params)
-    obj = objects(foreground(texture(norm, params), params), params)
+    mask = foreground(texture(norm, params), params)
+    depth = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_5)  # distance to the medium
+    obj = objects(mask, depth, params)
     z = noise_units(norm, obj == 0)
     compact = compact_bodies(z, obj, params)
     xy, scale, maps = dark_seeds(norm, obj, compact, params)
@@ -630,7 +632,7 @@ def find_cells(
         bright = bright_seeds(z, obj, params)
         xy, scale = np.concatenate([xy, bright]), np.concatenate([scale, np.zeros(len(bright), int)])
     if params.declump:
-        group = group_seeds(xy, scale, maps, z, obj, compact, params)
+        group = group_seeds(xy, scale, maps, z, obj, depth, compact, params)
     else:  # one cell per object
         group = np.unique(obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
     labels = filter_by_area(assign_cells(obj, xy, group, z, params), params)
