@@ -398,10 +398,12 @@ def nearest_label(seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
     _, nearest = cv2.distanceTransformWithLabels(
         background, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL
     )
-    rows, cols = np.nonzero(seeds)
-    lut = np.zeros(int(nearest.max()) + 1, np.int32)
-    lut[nearest[rows, cols]] = seeds[rows, cols]
-    return np.where(mask > 0, lut[nearest], 0).astype(np.int32)
+    at = np.flatnonzero(seeds)
+    lut = np.zeros(len(at) + 1, np.int32)  # DIST_LABEL_PIXEL numbers the seed pixels 1..k
+    lut[nearest.ravel()[at]] = seeds.ravel()[at]
+    labels = lut[nearest]
+    labels[mask == 0] = 0
+    return labels
 
 
 def merge_wide_necks(pieces: np.ndarray, dist: np.ndarray, ratio: float) -> np.ndarray:
@@ -469,8 +471,10 @@ def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params:
     """
     core = cv2.morphologyEx((inside & (z < params.halo_level)).astype(np.uint8), cv2.MORPH_OPEN, _disc(1))
     n, comp = cv2.connectedComponents(core, connectivity=4, ltype=cv2.CV_32S)
-    rows, cols = np.nonzero(seeds * core)
-    pairs = np.unique(np.stack([comp[rows, cols], seeds[rows, cols]]), axis=1)
+    rows, cols = np.nonzero(seeds)
+    key = np.unique(comp[rows, cols].astype(np.int64) * (int(seeds.max()) + 1) + seeds[rows, cols])
+    pairs = np.stack(np.divmod(key, int(seeds.max()) + 1))
+    pairs = pairs[:, pairs[0] > 0]  # (body, group) for every seed in a body
     groups = np.bincount(pairs[0], minlength=n)
     claim = (groups > 0) & (np.bincount(comp.ravel(), minlength=n) <= params.max_body_scale * _cell_area(params))
     claim[0] = False
@@ -489,9 +493,8 @@ def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params:
             local = nearest_label(np.where(part, seeds[boxes[index - 1]], 0), part)
             body[boxes[index - 1]][part] = local[part]
     present = np.zeros(int(seeds.max()) + 1, bool)
-    present[body[body <= seeds.max()]] = True
-    rows, cols = np.nonzero(seeds)
-    lost = ~present[seeds[rows, cols]]  # a group none of whose seeds lies in a body
+    present[seeds[rows, cols][body[rows, cols] == seeds[rows, cols]]] = True
+    lost = ~present[seeds[rows, cols]]  # a group that holds none of its own seeds
     body[rows[lost], cols[lost]] = seeds[rows[lost], cols[lost]]
     return nearest_label(body, inside)
 
