@@ -165,13 +165,17 @@ def objects(mask: np.ndarray, depth: np.ndarray, params: SegmentationParams) -> 
     transform).
     """
     n, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
+    where = np.flatnonzero(mask)
+    label = labels.ravel()[where]
     half_thickness = params.min_object_thickness_scale * params.cell_diameter_px / 2
     thick = np.zeros(n, bool)
-    thick[labels[depth >= half_thickness]] = True
-    big = np.bincount(labels.ravel(), minlength=n) >= params.min_object_area_scale * _cell_area(params)
+    thick[label[depth.ravel()[where] >= half_thickness]] = True
+    big = np.bincount(label, minlength=n) >= params.min_object_area_scale * _cell_area(params)
     keep = thick & big
     keep[0] = False
-    return np.where(keep, np.arange(n, dtype=np.int32), 0)[labels]
+    out = np.zeros(labels.shape, np.int32)
+    out.ravel()[where] = np.where(keep, np.arange(n, dtype=np.int32), 0)[label]
+    return out
 
 
 def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -238,7 +242,8 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     roundish = area <= params.compact_elongation * np.pi * radius**2
     compact = (dark >= params.solid_fraction) & small & roundish
     compact[0] = False
-    out = np.where(compact, np.arange(n, dtype=np.int32), 0)[bodies]
+    out = np.zeros(bodies.shape, np.int32)
+    out.ravel()[where] = np.where(compact, np.arange(n, dtype=np.int32), 0)[body]
     chains = (dark >= params.solid_fraction) & small & ~roundish
     chains[0] = False
     next_id = n
@@ -536,13 +541,17 @@ def assign_cells(
 
 def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray:
     """Drop objects outside the area limits and renumber the rest 1..n in label order."""
-    area = np.bincount(labels.ravel())
+    where = np.flatnonzero(labels)
+    label = labels.ravel()[where]
+    area = np.bincount(label, minlength=int(labels.max(initial=0)) + 1)
     cell_area = _cell_area(params)
     keep = (area >= params.min_area_scale * cell_area) & (area <= params.max_area_scale * cell_area)
     keep[0] = False
     relabel = np.zeros(len(area), np.int32)
     relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return relabel[labels]
+    out = np.zeros(labels.shape, np.int32)
+    out.ravel()[where] = relabel[label]
+    return out
 
 
 # ---- measurements -------------------------------------------------------------------------
