@@ -44,7 +44,10 @@ def normalise_crops(windows: np.ndarray) -> np.ndarray:
     above = np.minimum(below + 1, n - 1)
     part = np.partition(flat, np.unique(np.r_[below, above]), axis=1)
     frac = (pos - below).astype(np.float32)
-    lo, hi = (part[:, b].astype(np.float32) * (1 - f) + part[:, a].astype(np.float32) * f for b, a, f in zip(below, above, frac))
+    lo, hi = (
+        part[:, i].astype(np.float32) * (1 - f) + part[:, j].astype(np.float32) * f
+        for i, j, f in zip(below, above, frac)
+    )
     out = flat.astype(np.float32)
     out -= lo[:, None]
     out *= (255.0 / np.maximum(hi - lo, 1e-6))[:, None]

@@ -78,9 +78,9 @@ class SegmentationParams:
     merge_halo: float = 12.0  # a path crossing pixels this bright crosses a cell border, noise
     merge_darkness_ratio: float = 0.8  # a path dimming below this x the seeds' darkness leaves the cell
     max_body_scale: float = 3.0  # a halo-bounded body up to this big is one cell's, cell areas
-    merge_neck_ratio: float = 0.8  # a path through an outline this much narrower than at the seeds crosses a waist
+    merge_neck_ratio: float = 0.8  # an outline narrower than this x its width at the seeds is a waist
     bright_level: float = 10.0  # bright-cell pixels, noise
-    bright_radius_scale: float = 0.4  # a bright body thicker than this (inscribed radius) is no rounded cell, d
+    bright_radius_scale: float = 0.4  # thickest rounded bright cell (inscribed radius), d
     bright_area_scale: float = 0.1  # a seedless object with this much bright area is a cell, cell areas
     neck_ratio: float = 0.7  # bright cells: pieces joined by a neck this wide are one cell
 
@@ -193,7 +193,7 @@ def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
 # ---- seeds --------------------------------------------------------------------------------
 
 
-def _components(mask: np.ndarray, connectivity: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _components(mask: np.ndarray, connectivity: int) -> tuple[int, *tuple[np.ndarray, ...]]:
     """Connected components of a uint8 mask, with statistics from its pixels alone.
 
     Returns (n, labels, where, label_of_where, area, radius): where holds the flat indices of
@@ -275,7 +275,8 @@ def bright_seeds(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> 
     keep = (radius >= params.fine_seed_scale * d) & (radius < params.bright_radius_scale * d)
     keep &= area <= params.compact_elongation * np.pi * radius**2
     keep[0] = False
-    centres = np.rint(np.stack([np.bincount(body, cols, n), np.bincount(body, rows, n)], 1)[keep] / area[keep, None])
+    sums = np.stack([np.bincount(body, cols, n), np.bincount(body, rows, n)], 1)
+    centres = np.rint(sums[keep] / area[keep, None])
     return centres[obj[centres[:, 1].astype(int), centres[:, 0].astype(int)] > 0]
 
 
@@ -465,14 +466,17 @@ def split_at_necks(mask: np.ndarray, params: SegmentationParams) -> np.ndarray:
     return pieces[1:-1, 1:-1]
 
 
-def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params: SegmentationParams) -> np.ndarray:
-    """Split one object (a box of it) among its seed groups along the halos between them.
+def split_along_halos(
+    inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params: SegmentationParams
+) -> np.ndarray:
+    """Split one object (inside: its mask in a box) among its seed groups along the halos.
 
-    The object's cores (pixels darker than halo) are bodies bounded by halos. A body holding
-    one seed group belongs to that cell whole; one holding several is shared by nearest seed.
-    A body bigger than max_body_scale cell areas is several cells whose borders do not show,
-    so it is shared by nearest seed too. Halo pixels then join the nearest body, so each cell
-    keeps the halo that rings it.
+    Pixels darker than halo form bodies bounded by halos. A body holding one seed group
+    belongs to that cell whole; one holding several is shared by nearest seed. A body bigger
+    than max_body_scale cell areas is several cells whose borders do not show, so it is
+    shared by nearest seed too, as are bodies without seeds. Halo pixels then join the
+    nearest body, so each cell keeps the halo that rings it. Shared borders therefore follow
+    halos where the image shows them and are straight (nearest seed) where it does not.
     """
     core = cv2.morphologyEx((inside & (z < params.halo_level)).astype(np.uint8), cv2.MORPH_OPEN, _disc(1))
     n, comp = cv2.connectedComponents(core, connectivity=4, ltype=cv2.CV_32S)
@@ -481,7 +485,8 @@ def split_by_cores(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params:
     pairs = np.stack(np.divmod(key, int(seeds.max()) + 1))
     pairs = pairs[:, pairs[0] > 0]  # (body, group) for every seed in a body
     groups = np.bincount(pairs[0], minlength=n)
-    claim = (groups > 0) & (np.bincount(comp.ravel(), minlength=n) <= params.max_body_scale * _cell_area(params))
+    one_cell = np.bincount(comp.ravel(), minlength=n) <= params.max_body_scale * _cell_area(params)
+    claim = (groups > 0) & one_cell
     claim[0] = False
     owner = np.zeros(n, np.int32)
     sole = (groups == 1)[pairs[0]]
@@ -530,7 +535,7 @@ def assign_cells(
             continue
         inside = obj[box] == index
         if groups_per_object[index] > 1:
-            labels[box][inside] = split_by_cores(inside, seeds[box], z[box], params)[inside]
+            labels[box][inside] = split_along_halos(inside, seeds[box], z[box], params)[inside]
         elif np.count_nonzero(z[box][inside] > params.bright_level) >= min_bright:
             pieces = split_at_necks(inside, params) if params.declump else inside.astype(np.int32)
             ids, piece = np.unique(pieces[inside], return_inverse=True)
