@@ -12,7 +12,13 @@ import pytest
 
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
-from gbm_assets.imaging.segmentation import CELL_COLUMNS, SegmentationParams, find_cells, measure_cells
+from gbm_assets.imaging.segmentation import (
+    CELL_COLUMNS,
+    SegmentationParams,
+    find_cells,
+    measure_cells,
+    split_along_halos,
+)
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
 T98G = Path(__file__).resolve().parents[2] / "shared" / "data" / "t98g"
@@ -138,6 +144,19 @@ def test_chain_of_touching_round_cells_is_split(radius, step):
     found = sorted(cells[["x", "y"]].itertuples(index=False))
     for (x, y), (cx, cy) in zip(found, centres):
         assert np.hypot(x - cx, y - cy) < 5
+
+
+def test_touching_cells_are_shared_along_the_halo_between_them():
+    """A big and a small cell: the border is the halo line, not the midpoint of their seeds."""
+    inside = np.ones((40, 84), bool)
+    z = np.full(inside.shape, -10.0, np.float32)  # dark cell bodies, in noise units
+    z[:, 60:62] = 20.0  # the bright halo between them
+    seeds = np.zeros(inside.shape, np.int32)
+    seeds[20, 30], seeds[20, 73] = 1, 2  # Voronoi would cut at column 51
+    labels = split_along_halos(inside, seeds, z, SegmentationParams())
+    assert (labels[:, :60] == 1).all() and (labels[:, 62:] == 2).all()
+    no_halo = split_along_halos(inside, seeds, np.full(inside.shape, -10.0, np.float32), SegmentationParams())
+    assert (no_halo[:, 52:] == 2).all()  # without a halo, nearest seed decides
 
 
 def test_featureless_images_have_no_cells():
