@@ -12,13 +12,8 @@ import pytest
 
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
-from gbm_assets.imaging.segmentation import (
-    CELL_COLUMNS,
-    SegmentationParams,
-    find_cells,
-    measure_cells,
-    split_along_halos,
-)
+from gbm_assets.imaging.measurements import CELL_COLUMNS, measure_cells
+from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, split_along_halos
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
 T98G = Path(__file__).resolve().parents[2] / "shared" / "data" / "t98g"

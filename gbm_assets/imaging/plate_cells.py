@@ -22,7 +22,8 @@ from scipy import ndimage as ndi
 
 from gbm_assets.imaging.crops import extract_crops
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, measure_cells
+from gbm_assets.imaging.measurements import measure_cells
+from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
 from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
 
 Progress = Callable[[int, int], None] | None

@@ -15,7 +15,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage import feature, filters, measure, morphology, segmentation
 
-from gbm_assets.imaging.segmentation import CELL_COLUMNS
+from gbm_assets.imaging.measurements import CELL_COLUMNS
 
 # CellProfiler asks for the typical object diameter range; objects outside it are discarded.
 MIN_DIAMETER_SCALE = 0.5
