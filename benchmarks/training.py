@@ -45,11 +45,11 @@ limit_cpu_threads(2, 1)
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from gbm_assets.imaging.crops import decode_crops  # noqa: E402
 from gbm_assets.models.augmentation import make_pair  # noqa: E402
 from gbm_assets.models.dataset import (  # noqa: E402
     CropSelection,
     count_crops,
-    decode_crops,
     iter_record_batches,
     training_dataset,
 )

@@ -22,12 +22,12 @@ limit_cpu_threads(2, 1)
 import tensorflow as tf  # noqa: E402
 
 from gbm_assets.errors import InputError  # noqa: E402
+from gbm_assets.imaging.crops import decode_crops  # noqa: E402
 from gbm_assets.models import augmentation as aug  # noqa: E402
 from gbm_assets.models.augmentation import dilate_masks  # noqa: E402
 from gbm_assets.models.dataset import (  # noqa: E402
     CropSelection,
     count_crops,
-    decode_crops,
     iter_crop_batches,
     iter_record_batches,
     read_crop_size,

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
+from gbm_assets.imaging.crops import decode_crops
 from gbm_assets.storage import plate_dataset
 
 
@@ -27,7 +28,7 @@ def read_crops(crops_dir: str | Path, crop_ids, column: str = "pixels") -> np.nd
         if not batch.num_rows:
             continue
         where = wanted.get_indexer(batch.column("crop_id").to_pylist())
-        out[where] = np.stack([np.frombuffer(b, np.uint8) for b in batch.column(column).to_pylist()]).reshape(-1, side, side)
+        out[where] = decode_crops(batch.column(column), side)
         found[where] = True
     if not found.all():
         missing = wanted[~found][:3].tolist()

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+
+from gbm_assets.errors import InputError
 
 LOW_PERCENTILE = 1.0
 HIGH_PERCENTILE = 99.0
@@ -100,3 +103,18 @@ def extract_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, cr
         empty = np.zeros((0, crop_size, crop_size), np.uint8)
         return CropBatch(out, empty, empty.copy())
     return CropBatch(out, normalise_crops(np.stack(windows)), np.stack(masks))
+
+
+def decode_crops(column: pa.Array, crop_size: int) -> np.ndarray:
+    """View a binary column of n crops as an (n, S, S) uint8 array without copying."""
+    if column.null_count:
+        raise InputError("cell_crops", "pixels/mask column holds nulls")
+    offsets_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    _, offsets, data = column.buffers()
+    n = len(column)
+    offsets = np.frombuffer(offsets, offsets_type)[column.offset : column.offset + n + 1]
+    if n and not np.all(np.diff(offsets) == crop_size * crop_size):
+        raise InputError("cell_crops", f"crops are not all {crop_size}x{crop_size} bytes")
+    if n == 0:
+        return np.zeros((0, crop_size, crop_size), np.uint8)
+    return np.frombuffer(data, np.uint8)[offsets[0] : offsets[-1]].reshape(n, crop_size, crop_size)

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from gbm_assets.errors import InputError
+from gbm_assets.imaging.crops import decode_crops
 from gbm_assets.models.augmentation import dilate_masks, make_pair
 from gbm_assets.models.variants import Variant
 from gbm_assets.schema import PROVENANCE_COLUMNS
@@ -133,21 +134,6 @@ def iter_record_batches(
                 active.remove(reader)
             else:
                 yield batch
-
-
-def decode_crops(column: pa.Array, crop_size: int) -> np.ndarray:
-    """View a binary column of n crops as an (n, S, S) uint8 array without copying."""
-    if column.null_count:
-        raise InputError("cell_crops", "pixels/mask column holds nulls")
-    offsets_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
-    _, offsets, data = column.buffers()
-    n = len(column)
-    offsets = np.frombuffer(offsets, offsets_type)[column.offset : column.offset + n + 1]
-    if n and not np.all(np.diff(offsets) == crop_size * crop_size):
-        raise InputError("cell_crops", f"crops are not all {crop_size}x{crop_size} bytes")
-    if n == 0:
-        return np.zeros((0, crop_size, crop_size), np.uint8)
-    return np.frombuffer(data, np.uint8)[offsets[0] : offsets[-1]].reshape(n, crop_size, crop_size)
 
 
 def training_dataset(
