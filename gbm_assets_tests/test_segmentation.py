@@ -3,6 +3,7 @@ on real T98G phase-contrast frames and on synthetic plates."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import cv2
@@ -94,7 +95,7 @@ def test_measurements_match_scikit_image_regionprops():
 # ---- finding cells ------------------------------------------------------------------------
 
 
-def _phase_contrast(centres: list[tuple[int, int]], radius: int, size: int = 256) -> np.ndarray:
+def _phase_contrast(centres: list[tuple[int, int]], radius: int, size: int = 256, noise: float = 400) -> np.ndarray:
     """Phase-contrast-like image: dark bodies, bright halos, noise (the optics in one line:
     the image is light x (1 - high-passed optical thickness - absorption))."""
     phase = np.zeros((size, size), np.float32)
@@ -105,7 +106,7 @@ def _phase_contrast(centres: list[tuple[int, int]], radius: int, size: int = 256
         phase += np.sqrt(dist / dist.max()) * 1.2
     contrast = phase - cv2.GaussianBlur(phase, (0, 0), 3.0)
     image = 32000 * (1 - contrast - 0.08 * phase)
-    image += np.random.default_rng(0).normal(0, 400, image.shape)
+    image += np.random.default_rng(0).normal(0, noise, image.shape)
     return np.clip(image, 0, 65535).astype(np.uint16)
 
 
@@ -120,6 +121,15 @@ def test_find_cells_contract():
         assert labels[round(cell.y), round(cell.x)] == cell.cell_id
     with pytest.raises(ValueError):
         find_cells(np.zeros((4, 4, 3), np.uint8))
+
+
+@pytest.mark.parametrize("noise", [0, 400])
+def test_8_bit_and_noiseless_images(noise):
+    """Coarse quantisation or no camera noise leaves a flat background: cells are still found."""
+    image = _phase_contrast([(80, 80), (180, 170)], radius=18, noise=noise)
+    for version in (image, (image // 256).astype(np.uint8)):
+        cells, _ = find_cells(version)
+        assert sorted(cells[["x", "y"]].round().itertuples(index=False)) == [(80, 80), (180, 170)]
 
 
 def test_two_touching_cells_are_split():
@@ -154,9 +164,35 @@ def test_touching_cells_are_shared_along_the_halo_between_them():
     assert (no_halo[:, 52:] == 2).all()  # without a halo, nearest seed decides
 
 
+@pytest.mark.parametrize("shape", [(37, 100), (300, 211), (64, 1024)])
+def test_odd_sizes_noise_and_blobs_give_a_consistent_table(shape):
+    """Whatever the image (noise, 8-bit, blobs cut by the edge), no warning, no crash, and the
+    table and the label mask agree."""
+    rng = np.random.default_rng(sum(shape))
+    blobs = np.full(shape, 30000, np.float32)
+    for _ in range(30):
+        centre = (int(rng.integers(0, shape[1])), int(rng.integers(0, shape[0])))
+        cv2.circle(blobs, centre, int(rng.integers(5, 30)), float(rng.integers(10000, 60000)), -1)
+    images = [
+        rng.integers(0, 65535, shape).astype(np.uint16),
+        (rng.random(shape) * 255).astype(np.uint8),
+        (blobs + rng.normal(0, 500, shape)).clip(0, 65535).astype(np.uint16),
+    ]
+    for image in images:
+        for params in (SegmentationParams(), SegmentationParams(cell_diameter_px=12)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                cells, labels = find_cells(image, params)
+            assert labels.shape == image.shape
+            assert sorted(cells.cell_id) == sorted(np.unique(labels[labels > 0]))
+
+
 def test_featureless_images_have_no_cells():
-    for image in (np.zeros((128, 128), np.uint8), np.full((100, 140), 3000, np.uint16)):
-        cells, labels = find_cells(image)
+    images = (np.zeros((128, 128), np.uint8), np.full((100, 140), 3000, np.uint16), np.full((300, 211), 100, np.uint8))
+    for image in images:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no overflow or empty-slice warnings either
+            cells, labels = find_cells(image)
         assert cells.empty and not labels.any()
 
 

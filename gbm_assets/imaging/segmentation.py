@@ -104,9 +104,16 @@ def normalise(image: np.ndarray, params: SegmentationParams) -> np.ndarray:
     small = cv2.resize(image, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
     small = cv2.GaussianBlur(small, (0, 0), sigma / factor, borderType=cv2.BORDER_REFLECT)
     flat = cv2.subtract(image, cv2.resize(small, image.shape[::-1], interpolation=cv2.INTER_LINEAR))
-    q25, q50, q75 = np.percentile(flat[::4, ::4], (25, 50, 75))
+    sample = flat[::4, ::4]
+    q25, q50, q75 = np.percentile(sample, (25, 50, 75))
     flat -= q50
-    flat *= 1.349 / max(float(q75 - q25), 1e-6)
+    spread = float(q75 - q25) / 1.349
+    rounding = 1e-4 * max(float(np.abs(small).max()), 1.0)
+    if spread <= rounding:  # a mostly flat (e.g. coarsely quantised) background: use the SD
+        spread = float(sample.std())
+    if spread <= rounding:  # no structure above float rounding: a featureless image
+        return np.zeros_like(flat)
+    flat *= 1 / spread
     return flat
 
 
@@ -250,7 +257,8 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
         pieces = split_at_necks(inside, params)
         for piece in np.unique(pieces[inside]):
             disc = (inside & (pieces == piece)).astype(np.uint8)
-            r = cv2.distanceTransform(disc, cv2.DIST_L2, cv2.DIST_MASK_5).max()
+            padded = cv2.copyMakeBorder(disc, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+            r = float(cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_5).max())
             # a disc: thick enough for a fine seed and at most twice its inscribed circle
             if r >= params.fine_seed_scale * params.cell_diameter_px and disc.sum() <= 2 * np.pi * r**2:
                 out[box][disc > 0] = next_id
