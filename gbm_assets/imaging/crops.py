@@ -7,6 +7,9 @@ raises the contrast of each cell, as the thesis' per-image normalisation meant t
 encoders see intensities in [0, 1] anyway, and 256 levels over a crop's own range are finer
 than phase-contrast noise. uint8 is 2x smaller than float16 and 4x smaller than float32, which
 matters at millions of crops.
+
+Stored, a crop is its S x S bytes in row order (Parquet binary); decode_crops reads a column of
+them back as an array, for training, embedding and looking crops up alike.
 """
 
 from __future__ import annotations
