@@ -39,3 +39,8 @@ def cell_crops_dir(root: Path | None = None) -> Path:
 def plate_file(dataset_dir: Path, plate_id: str) -> Path:
     """The one Parquet file of a plate inside a hive-partitioned dataset (plate=<id>/part-0.parquet)."""
     return dataset_dir / f"plate={plate_id}" / "part-0.parquet"
+
+
+def variant_file(dataset_dir: Path, variant: str) -> Path:
+    """The one Parquet file of a variant in a hive-partitioned dataset (variant=<name>/part-0.parquet)."""
+    return dataset_dir / f"variant={variant}" / "part-0.parquet"

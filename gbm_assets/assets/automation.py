@@ -50,7 +50,7 @@ def stale_variants_sensor(context: dg.SensorEvaluationContext, data: DataDirs) -
     embedded = latest_ids(instance, "embeddings")
     requests = []
     for variant in variant_names():
-        trained = (data.encoders / variant / "run.json").is_file()
+        trained = data.encoder_record(variant).is_file()
         stale = embedded.get(variant, -1) < newest_crops
         if trained and stale and not _busy(instance, UPDATE_JOB_NAME, {VARIANT_TAG: variant}):
             requests.append(dg.RunRequest(run_key=f"{variant}@{newest_crops}", partition_key=variant, tags={VARIANT_TAG: variant}))

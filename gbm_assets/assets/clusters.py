@@ -35,10 +35,6 @@ def explorer_file(data: DataDirs, variant: str):
     return data.reports / "explorer" / f"{variant}.html"
 
 
-def labels_file(data: DataDirs, variant: str):
-    return data.clusters / f"variant={variant}" / "part-0.parquet"
-
-
 @dg.asset(
     partitions_def=variants,
     deps=[embeddings],
@@ -60,10 +56,10 @@ def clusters(
     from gbm_assets.imaging.crop_lookup import read_crops
 
     variant = get_variant(context.partition_key)
-    emb_path = data.embeddings / f"variant={variant.name}" / "part-0.parquet"
-    encoder_run = json.loads((data.encoders / variant.name / "run.json").read_text())["run_id"]
+    emb_path = data.embeddings_file(variant.name)
+    encoder_run = json.loads(data.encoder_record(variant.name).read_text())["run_id"]
     model_dir = _model_dir(data, variant.name)
-    meta_path, model_path, out = model_dir / "model.json", model_dir / "model.joblib", labels_file(data, variant.name)
+    meta_path, model_path, out = model_dir / "model.json", model_dir / "model.joblib", data.labels_file(variant.name)
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     reuse = (not config.refit and model_path.is_file() and out.is_file()
              and meta.get("encoder_run_id") == encoder_run and meta.get("vector") == config.vector)
@@ -148,13 +144,13 @@ def composition_report(
     from gbm_assets.analysis.variant_report import build_section, sample_labels
 
     out_dir = data.reports / "composition"
-    done = [v for v in variant_names() if labels_file(data, v).is_file()]
+    done = [v for v in variant_names() if data.labels_file(v).is_file()]
     if not done:
         raise FileNotFoundError(f"no cluster labels under {data.clusters}: materialize clusters first")
     sections = []
     for name in done:
         context.log.info(f"report: {name}")
-        labels = sample_labels(labels_file(data, name), 20_000)
+        labels = sample_labels(data.labels_file(name), 20_000)
         labels["morphotype"] = true_morphotypes(labels, data.raw)
         meta = json.loads((_model_dir(data, name) / "model.json").read_text())
         confusion = sorted((data.evaluation / name).glob("confusion_embedding_*.png"))

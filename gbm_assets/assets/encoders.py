@@ -63,10 +63,6 @@ def _crop_plates(data: DataDirs) -> list[str]:
     return sorted(p.name.split("=", 1)[1] for p in data.crops.glob("plate=*") if (p / "part-0.parquet").is_file())
 
 
-def _encoder_dir(data: DataDirs, variant: str):
-    return data.encoders / variant
-
-
 @dg.asset(
     partitions_def=variants,
     deps=[ALL_PLATES],
@@ -118,7 +114,7 @@ def trained_encoders(
         if not np.isfinite(final_loss):
             raise RuntimeError(f"{variant.name}: training diverged (loss {final_loss}); nothing was saved")
 
-        out_dir = _encoder_dir(data, variant.name)
+        out_dir = data.encoder_dir(variant.name)
         out_dir.mkdir(parents=True, exist_ok=True)
         staged = out_dir / f".encoder-{run.info.run_id}.keras"
         try:
@@ -139,7 +135,7 @@ def trained_encoders(
         os.replace(staged, out_dir / "encoder.keras")
         record = {"run_id": run.info.run_id, "model_uri": info.model_uri, "registered_model": registered,
                   "version": version, "trained_at": time.time()}
-        write_bytes_atomic(out_dir / "run.json", json.dumps(record, indent=2).encode())
+        write_bytes_atomic(data.encoder_record(variant.name), json.dumps(record, indent=2).encode())
         url = mlflow_tracking.run_url(run)
     return dg.MaterializeResult(
         metadata={
@@ -178,11 +174,10 @@ def embeddings(
 
     limit_cpu_threads()
     variant = get_variant(context.partition_key)
-    enc_dir = _encoder_dir(data, variant.name)
-    record = json.loads((enc_dir / "run.json").read_text())
-    encoder = keras.saving.load_model(enc_dir / "encoder.keras", compile=False)
+    record = json.loads(data.encoder_record(variant.name).read_text())
+    encoder = keras.saving.load_model(data.encoder_dir(variant.name) / "encoder.keras", compile=False)
     total = count_crops(CropSelection.of(data.crops))
-    out = data.embeddings / f"variant={variant.name}" / "part-0.parquet"
+    out = data.embeddings_file(variant.name)
     done, started, next_log = 0, time.time(), 0.0
     with AtomicParquetWriter(out, embedding_schema(variant.features)) as writer:
         for rows, pixels in iter_crop_batches(data.crops, config.batch_size):

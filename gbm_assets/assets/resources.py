@@ -43,9 +43,19 @@ class DataDirs(dg.ConfigurableResource):
     def encoders(self) -> Path:
         return self.base / "encoders"
 
+    def encoder_dir(self, variant: str) -> Path:
+        return self.encoders / variant
+
+    def encoder_record(self, variant: str) -> Path:
+        """run.json of the MLflow run that trained the variant's current encoder."""
+        return self.encoder_dir(variant) / "run.json"
+
     @property
     def embeddings(self) -> Path:
         return self.base / "embeddings.parquet"
+
+    def embeddings_file(self, variant: str) -> Path:
+        return paths.variant_file(self.embeddings, variant)
 
     @property
     def evaluation(self) -> Path:
@@ -54,6 +64,9 @@ class DataDirs(dg.ConfigurableResource):
     @property
     def clusters(self) -> Path:
         return self.base / "clusters.parquet"
+
+    def labels_file(self, variant: str) -> Path:
+        return paths.variant_file(self.clusters, variant)
 
     @property
     def reports(self) -> Path:
