@@ -104,17 +104,25 @@ def normalise(image: np.ndarray, params: SegmentationParams) -> np.ndarray:
     small = cv2.resize(image, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
     small = cv2.GaussianBlur(small, (0, 0), sigma / factor, borderType=cv2.BORDER_REFLECT)
     flat = cv2.subtract(image, cv2.resize(small, image.shape[::-1], interpolation=cv2.INTER_LINEAR))
-    sample = flat[::4, ::4]
-    q25, q50, q75 = np.percentile(sample, (25, 50, 75))
-    flat -= q50
-    spread = float(q75 - q25) / 1.349
-    rounding = 1e-4 * max(float(np.abs(small).max()), 1.0)
-    if spread <= rounding:  # a mostly flat (e.g. coarsely quantised) background: use the SD
-        spread = float(sample.std())
-    if spread <= rounding:  # no structure above float rounding: a featureless image
+    centre, spread = robust_scale(flat[::4, ::4], floor=1e-4 * max(float(np.abs(small).max()), 1.0))
+    if spread == 0:  # no structure above float rounding of the image level: a featureless image
         return np.zeros_like(flat)
+    flat -= centre
     flat *= 1 / spread
     return flat
+
+
+def robust_scale(values: np.ndarray, floor: float) -> tuple[float, float]:
+    """Median and robust SD (IQR / 1.349) of values, for scaling an image to noise units.
+
+    Where half or more of the values are equal (a flat, coarsely quantised or noiseless
+    background) the IQR is about 0 and the SD stands in; a spread at or below floor is 0.
+    """
+    q25, q50, q75 = np.percentile(values, (25, 50, 75))
+    spread = float(q75 - q25) / 1.349
+    if spread <= floor:
+        spread = float(np.std(values))
+    return float(q50), spread if spread > floor else 0.0
 
 
 def texture(norm: np.ndarray, params: SegmentationParams) -> np.ndarray:
@@ -189,9 +197,9 @@ def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
     values = smooth[::4, ::4][background[::4, ::4]]
     if values.size < 100:  # a confluent field: fall back to the whole image
         values = smooth[::4, ::4].ravel()
-    q25, q50, q75 = np.percentile(values, (25, 50, 75))
-    smooth -= q50
-    smooth *= 1.349 / max(float(q75 - q25), 1e-6)
+    centre, spread = robust_scale(values, floor=1e-6)
+    smooth -= centre
+    smooth *= 1 / max(spread, 1e-6)
     return smooth
 
 
