@@ -36,18 +36,49 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def expand_image_args(args: list[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns, in the order given; duplicates once.
+
+    Raises ImageReadError naming an argument that matches no image.
+    """
+    import glob
+
+    from gbm_assets.errors import ImageReadError
+    from gbm_assets.imaging.io import IMAGE_SUFFIXES
+
+    found: dict[Path, None] = {}
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            matches = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            matches = [path]
+        else:
+            matches = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        if not matches:
+            raise ImageReadError(arg, "no such image, folder or matching pattern")
+        found.update(dict.fromkeys(p.absolute() for p in matches))
+    return list(found)
+
+
+def mask_names(images: list[Path]) -> dict[Path, Path]:
+    """Label-mask file per image, relative to the masks folder: the image's path below the images'
+    common folder, so that x.tif in two folders never share one mask file."""
+    common = Path(os.path.commonpath([str(p.parent) for p in images]))
+    return {p: p.relative_to(common).with_name(p.stem + "_labels.png") for p in images}
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
-    import cv2
     import pandas as pd
 
-    from gbm_assets.imaging.plate_cells import decode_labels, default_workers, find_plate_cells
+    from gbm_assets.imaging.plate_cells import default_workers, find_plate_cells
     from gbm_assets.imaging.segmentation import SegmentationParams
+    from gbm_assets.storage import atomic_path, write_bytes_atomic
 
-    images = [Path(p).resolve() for p in args.images]
+    images = expand_image_args(args.images)
     params = SegmentationParams(cell_diameter_px=args.cell_diameter)
     masks_dir = Path(args.masks) if args.masks else None
-    if masks_dir:
-        masks_dir.mkdir(parents=True, exist_ok=True)
+    names = mask_names(images)
     frames = []
     with _bar(len(images), "finding cells") as bar:
         # find_plate_cells works on names relative to a folder; "/" makes absolute paths work.
@@ -59,21 +90,27 @@ def cmd_segment(args: argparse.Namespace) -> int:
             cells.insert(0, "image", found.image)
             frames.append(cells)
             if masks_dir:
-                cv2.imwrite(str(masks_dir / (Path(found.image).stem + "_labels.png")), decode_labels(found.labels_png).astype("uint16"))
+                write_bytes_atomic(masks_dir / names[Path(found.image)], found.labels_png)  # 16-bit PNG
     table = pd.concat(frames, ignore_index=True)
-    table.to_csv(args.out, index=False)
+    with atomic_path(args.out) as tmp:
+        table.to_csv(tmp, index=False)
     print(f"{len(table)} cells in {len(images)} images -> {args.out}")
     return 0
 
 
 def cmd_add_plate(args: argparse.Namespace) -> int:
-    from gbm_assets.imaging.plates import make_plate, validate_plate
+    from gbm_assets.imaging.plate_import import make_plate
+    from gbm_assets.imaging.plates import validate_plate
 
     raw = Path(args.raw or paths.raw_dir())
-    plate = make_plate(args.source, raw, args.plate_id, args.culture, args.concentration, args.replicate,
-                       args.timepoint_pattern, link=not args.copy)
-    summary = validate_plate(plate)
-    print(f"plate {summary.plate_id}: {summary.n_images} images of {summary.width}x{summary.height}, {summary.bits}-bit -> {plate}")
+    plate = make_plate(
+        args.source, raw, args.plate_id, args.culture, args.concentration, args.replicate, args.timepoint_pattern,
+        link=not args.copy, plate_map=args.plate_map, include=args.include, frame_interval_h=args.frame_interval_h,
+    )
+    summary = validate_plate(plate, check_pixels=False)
+    wells = summary.manifest["well"].nunique() if (summary.manifest["well"] != "na").any() else 0
+    print(f"plate {summary.plate_id}: {summary.n_images} images of {summary.width}x{summary.height}, "
+          f"{summary.bits}-bit, {len(summary.cultures)} culture(s)" + (f", {wells} wells" if wells else "") + f" -> {plate}")
     return 0
 
 
@@ -83,15 +120,37 @@ def _dagster_home() -> Path:
     return home
 
 
+def _user_entries(raw: Path) -> list[str]:
+    """What a raw folder holds besides hidden files and (half-written) demo plates."""
+    from gbm_assets.imaging.synthetic import PARAMS_NAME
+
+    if not raw.is_dir():
+        return []
+    return sorted(p.name for p in raw.iterdir() if not p.name.startswith(".") and not (p / PARAMS_NAME).is_file()
+                  and not (p.is_dir() and not any(p.iterdir())))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from gbm_assets.imaging.plates import find_ready_plates
+    from gbm_assets.imaging.plates import find_ready_plates, unusable_plate_folders
     from gbm_assets.pipeline import run_main_job
 
     if args.data:
         os.environ["GBM_ASSETS_DATA"] = str(Path(args.data).resolve())
     _dagster_home()
     raw = paths.raw_dir()
-    if not args.no_synth and not find_ready_plates(raw):
+    for problem in unusable_plate_folders(raw):
+        print(f"skipped: {problem}", file=sys.stderr)
+    if args.no_synth and not find_ready_plates(raw):
+        print(f"no usable plates under {raw} (a plate is a folder with images and manifest.csv, named by a safe id)",
+              file=sys.stderr)
+        return 1
+    if not find_ready_plates(raw):
+        held = _user_entries(raw)
+        if held:  # never write demo plates among a user's own files
+            print(f"{raw} holds {len(held)} entries ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) but no "
+                  "ready plate; not synthesizing demo plates there (use --data with an empty folder for the demo)",
+                  file=sys.stderr)
+            return 1
         print(f"no plates under {raw}: synthesizing the demo data set")
         cmd_synth(build_parser().parse_args(["synth", "--out", str(raw)]))
         real = paths.project_root().parent / "shared" / "data" / "t98g" / "images"
@@ -104,9 +163,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gbm-assets", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    # --debug is accepted after the command too; SUPPRESS keeps a subcommand from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    s = sub.add_parser("synth", help="write synthetic phase-contrast plates (the embedded demo data set)")
+    s = sub.add_parser("synth", parents=[common], help="write synthetic phase-contrast plates (the embedded demo data set)")
     s.add_argument("--out", help="folder to write plates into (default: data/raw)")
     s.add_argument("--cultures", type=int, default=10)
     s.add_argument("--concentrations", type=int, default=5)
@@ -116,26 +179,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth)
 
-    g = sub.add_parser("segment", help="find cells in images and write their coordinates and measurements")
-    g.add_argument("images", nargs="+", help="TIFF or PNG images")
+    g = sub.add_parser("segment", parents=[common], help="find cells in images and write their coordinates and measurements")
+    g.add_argument("images", nargs="+", help="images, folders of images or glob patterns ('plates/*/*.tif')")
     g.add_argument("--out", required=True, help="CSV to write (one row per cell)")
     g.add_argument("--masks", help="folder for 16-bit label-mask PNGs")
     g.add_argument("--cell-diameter", type=float, default=40.0, help="expected cell diameter in pixels")
     g.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     g.set_defaults(func=cmd_segment)
 
-    a = sub.add_parser("add-plate", help="make a plate from a folder of images (linked, manifest written last)")
-    a.add_argument("source", help="folder of TIFF/PNG images")
-    a.add_argument("--plate-id", required=True)
-    a.add_argument("--culture", required=True)
+    a = sub.add_parser(
+        "add-plate", parents=[common], help="make a plate from a folder of images, an instrument export or a stack (checked first, "
+        "then put in place in one step)")
+    a.add_argument("source", help="folder of images (TIFF, PNG, JPEG, BMP; ND2/CZI/LIF with the formats extra), or one stack")
+    a.add_argument("--plate-id", help="plate id (default: derived from the folder name)")
+    a.add_argument("--culture", help="culture of every image (or a culture column in --plate-map)")
     a.add_argument("--concentration", default="na")
     a.add_argument("--replicate", type=int, default=1)
-    a.add_argument("--timepoint-pattern", help=r"regex whose first group in a file name is the time point, e.g. 't(\d+)'")
+    a.add_argument("--plate-map", help="CSV with a well column and any of culture, concentration, replicate")
+    a.add_argument("--timepoint-pattern", help=r"regex with one group, the time point in hours in each file name, e.g. 't(\d+)' "
+                   "(instrument stamps like 02d04h30m are read without one)")
+    a.add_argument("--include", help="only files matching this glob, e.g. 'GBM03_Phase_*'")
+    a.add_argument("--frame-interval-h", type=float, default=1.0, help="hours between the frames of a stack (default 1)")
     a.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
     a.add_argument("--raw", help="raw plates folder (default: data/raw)")
     a.set_defaults(func=cmd_add_plate)
 
-    r = sub.add_parser("run", help="the main job: ingest every plate under data/raw, then every later stage")
+    r = sub.add_parser("run", parents=[common], help="the main job: ingest every plate under data/raw, then every later stage")
     r.add_argument("--data", help="data folder (default: data/ or GBM_ASSETS_DATA)")
     r.add_argument("--no-synth", action="store_true", help="do not synthesize plates when data/raw is empty")
     r.add_argument("--refresh", action="store_true", help="re-materialize plates that are already done")
@@ -143,12 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (timeout, docker stop, a scheduler) stops like Ctrl-C: finished plates stay intact."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error is one line on stderr and exit status 1 (--debug: traceback)."""
     args = build_parser().parse_args(argv)
+    _stop_on_sigterm()
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"gbm-assets: interrupted ({exc or 'Ctrl-C'}); finished plates are kept", file=sys.stderr)
+        return 143 if str(exc).startswith("signal") else 130
+    except (ValueError, OSError) as exc:  # InputError is a ValueError: bad input, missing file, refused format
+        if args.debug:
+            raise
+        print(f"gbm-assets: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def run_main_job(bar, refresh: bool = False) -> int:
     instance = dg.DagsterInstance.get()
     ready = register_plates(instance)
     if not ready:
-        print(f"no plates under {raw} (a plate is a folder with images and manifest.csv)")
+        print(f"no usable plates under {raw} (a plate is a folder with images and manifest.csv, named by a safe id)")
         return 1
     done = set() if refresh else instance.get_materialized_partitions(dg.AssetKey("cell_crops"))
     todo = [p for p in ready if p not in done]

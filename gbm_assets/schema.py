@@ -15,6 +15,8 @@ PROVENANCE_COLUMNS = (
     "concentration", # label as written in the manifest (e.g. "1000")
     "replicate",
     "timepoint_h",
+    "well",          # plate well as an instrument names it ("B2"), "na" when not known
+    "position",      # field (image position) within the well, "na" when not known
 )
 
 # CellProfiler-style shape measurements (AreaShape_* names, lower-cased).
@@ -39,6 +41,8 @@ PROVENANCE_SCHEMA = pa.schema(
         ("concentration", pa.string()),
         ("replicate", pa.int32()),
         ("timepoint_h", pa.float64()),
+        ("well", pa.string()),
+        ("position", pa.string()),
     ]
 )
 

@@ -10,7 +10,8 @@ import tifffile
 
 from gbm_assets.errors import ImageReadError, PlateError
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.plates import check_plate_id, find_ready_plates, make_plate, read_manifest, validate_plate
+from gbm_assets.imaging.plate_import import make_plate
+from gbm_assets.imaging.plates import check_plate_id, find_ready_plates, read_manifest, validate_plate
 from gbm_assets_tests.conftest import write_tiny_plate
 
 
@@ -101,7 +102,7 @@ def test_non_numeric_replicate(tmp_path):
     m = pd.read_csv(plate / "manifest.csv")
     m["replicate"] = ["one", "two"]
     m.to_csv(plate / "manifest.csv", index=False)
-    with pytest.raises(PlateError, match="replicate.*numeric"):
+    with pytest.raises(PlateError, match=r"manifest\.csv: line 2, column 'replicate': 'one' is not a number"):
         read_manifest(plate)
 
 
@@ -121,3 +122,50 @@ def test_t98g_frames_load_as_a_plate(tmp_path, t98g):
     assert summary.manifest["timepoint_h"].tolist() == [7.0, 13.0, 19.0, 25.0, 31.0, 37.0]
     assert (summary.width, summary.height, summary.bits) == (1024, 1022, 16)
     assert summary.cultures == ["T98G"]
+
+
+def _manifest_bytes(plate, text: str, encoding: str = "utf-8") -> None:
+    (plate / "manifest.csv").write_bytes(text.encode(encoding))
+
+
+@pytest.mark.parametrize("text, encoding", [
+    ("\ufeffImage,CULTURE , Timepoint_H\r\nimg0.tif,Zürich,1\r\nimg1.tif,Zürich,2\r\n,,\r\n,,\r\n", "utf-8"),
+    ("image\tculture\ttimepoint_h\nimg0.tif\tZürich\t1,0\nimg1.tif\tZürich\t2\n\n", "utf-8"),
+    ("image;culture;timepoint_h\r\nimg0.tif;Zürich;1,0\r\nimg1.tif;Zürich;2,0\r\n", "cp1252"),
+    ("image\tculture\ttimepoint_h\r\nimg0.tif\tZürich\t1\r\nimg1.tif\tZürich\t2\r\n", "utf-16"),
+    ('"image","culture","timepoint_h"\nimg0.tif,"Zürich",1\n"img1.tif",Zürich,2.0\n', "utf-8"),
+])
+def test_manifests_as_spreadsheets_save_them(tmp_path, text, encoding):
+    plate = write_tiny_plate(tmp_path / "p")
+    _manifest_bytes(plate, text, encoding)
+    m = read_manifest(plate)
+    assert m["image"].tolist() == ["img0.tif", "img1.tif"]
+    assert m["culture"].tolist() == ["Zürich", "Zürich"] and m["timepoint_h"].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("image,culture,replicate\nimg0.tif,A,1\nimg1.tif,A,1.5\n", r"line 3, column 'replicate': '1.5' is not a whole number"),
+    ("image,culture,timepoint_h\nimg0.tif,A,inf\nimg1.tif,A,1\n", r"line 2, column 'timepoint_h': 'inf' is not a finite"),
+    ("image,culture,timepoint_h\nimg0.tif,A,nan\nimg1.tif,A,1\n", r"line 2, column 'timepoint_h': 'nan' is not a finite"),
+    ('image,culture,timepoint_h\nimg0.tif,A,"0,5"\nimg1.tif,A,1\n', r"line 2, column 'timepoint_h': '0,5' is not a number \(a decimal comma\?"),
+    ("image,culture\nimg0.tif,A\nimg1.tif,\n", r"line 3: empty culture"),
+    ("image,culture,Culture\nimg0.tif,A,B\n", r"manifest repeats a column name"),
+    ("image,culture\nimg0.tif,A,extra\n", r"line 2: 3 fields but the header has 2"),
+])
+def test_manifest_value_errors_name_line_and_column(tmp_path, text, message):
+    plate = write_tiny_plate(tmp_path / "p")
+    _manifest_bytes(plate, text)
+    with pytest.raises(PlateError, match=rf"manifest\.csv: {message}"):
+        read_manifest(plate)
+
+
+def test_manifest_names_match_files_in_any_unicode_normalisation(tmp_path):
+    """macOS writes file names decomposed (NFD); spreadsheets write them composed (NFC)."""
+    import unicodedata
+
+    plate = write_tiny_plate(tmp_path / "p", n=1)
+    nfd = unicodedata.normalize("NFD", "Zürich.tif")
+    (plate / "img0.tif").rename(plate / nfd)
+    _manifest_bytes(plate, "image,culture\nZürich.tif,A\n")
+    summary = validate_plate(plate)
+    assert summary.manifest["image"].tolist() == [nfd]

@@ -30,7 +30,7 @@ CLUSTERINGS = ("hdbscan", "gmm", "auto")  # label -1 is noise, drawn grey
 COLOURINGS = (*CLUSTERINGS, "culture", "concentration")
 TOOLTIP_FIELDS = (
     "crop_id", "plate", "image", "x", "y", "culture", "concentration", "replicate", "timepoint_h",
-    *CLUSTERINGS,
+    "well", "position", *CLUSTERINGS,
 )
 STRATA = ("culture", "hdbscan")
 

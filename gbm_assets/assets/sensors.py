@@ -7,7 +7,7 @@ import dagster as dg
 
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.resources import DataDirs
-from gbm_assets.imaging.plates import MANIFEST_NAME, find_ready_plates
+from gbm_assets.imaging.plates import MANIFEST_NAME, find_ready_plates, unusable_plate_folders
 
 INGEST_JOB_NAME = "ingest_plate"
 
@@ -29,9 +29,11 @@ def new_plate_sensor(context: dg.SensorEvaluationContext, data: DataDirs) -> dg.
     The cursor remembers the manifest versions seen: a plate already ingested (by the command
     line, say) is not re-run when the sensor first sees it, only when its manifest changes.
     """
+    for problem in unusable_plate_folders(data.raw):
+        context.log.warning(f"not a plate: {problem}")
     ready = find_ready_plates(data.raw)
     if not ready:
-        return dg.SensorResult(skip_reason=f"no plate with {MANIFEST_NAME} under {data.raw}")
+        return dg.SensorResult(skip_reason=f"no usable plate with {MANIFEST_NAME} under {data.raw}")
     instance = context.instance
     known = set(instance.get_dynamic_partitions(plates.name))
     done = instance.get_materialized_partitions(dg.AssetKey("cell_crops"))

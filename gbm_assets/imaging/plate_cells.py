@@ -224,6 +224,8 @@ def crops_table(plate_id: str, row, cells: pd.DataFrame, pixels: np.ndarray, mas
         "concentration": [str(row.concentration)] * n,
         "replicate": np.full(n, row.replicate, np.int32),
         "timepoint_h": np.full(n, row.timepoint_h, np.float64),
+        "well": [str(row.well)] * n,
+        "position": [str(row.position)] * n,
         "cell_id": cells["cell_id"].to_numpy(np.int32),
         **{m: cells[m].to_numpy(np.float64) for m in MEASUREMENT_COLUMNS},
         "crop_size": np.full(n, crop_size, np.int16),

@@ -1,12 +1,17 @@
 """The plate format: data/raw/<plate_id>/ holding images and a manifest.csv, and its validation.
 
 Only the manifest columns `image` and `culture` are required. Missing optional columns get
-defaults: concentration "na", replicate 1, timepoint_h 0.0. A plate is ready once its
-manifest.csv exists (write the images first, the manifest last).
+defaults: concentration "na", replicate 1, timepoint_h 0.0, well "na", position "na". A plate is
+ready once its manifest.csv exists (write the images first, the manifest last).
+
+The manifest is read as spreadsheet programs save it (see gbm_assets.tables): UTF-8 with or without
+BOM, Windows-1252, CRLF, comma, semicolon or tab separators, decimal commas when the separator is
+not a comma, header names in any case with surrounding spaces, trailing empty rows.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -16,13 +21,17 @@ import pandas as pd
 
 from gbm_assets.errors import InputError, PlateError
 from gbm_assets.imaging.io import IMAGE_SUFFIXES, image_size
+from gbm_assets.tables import LINE_COLUMN, parse_numbers, read_delimited
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("image", "culture")
-OPTIONAL_DEFAULTS = {"concentration": "na", "replicate": 1, "timepoint_h": 0.0}
-MANIFEST_COLUMNS = ("image", "culture", "concentration", "replicate", "timepoint_h")
+OPTIONAL_DEFAULTS = {"concentration": "na", "replicate": 1, "timepoint_h": 0.0, "well": "na", "position": "na"}
+MANIFEST_COLUMNS = ("image", "culture", "concentration", "replicate", "timepoint_h", "well", "position")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PLATE_ID_RULE = "letters, digits, '.', '_', '-'; starting with a letter or digit; at most 128; no '..'"
+_WELL = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
+_DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
 
 
 def check_plate_id(plate_id: str) -> str:
@@ -37,9 +46,33 @@ def check_plate_id(plate_id: str) -> str:
     if "/" in plate_id or "\\" in plate_id or ".." in plate_id or not _SAFE_ID.match(plate_id):
         raise PlateError(
             repr(plate_id),
-            "plate id is not a safe name (use letters, digits, '.', '_', '-'; no '..' or slashes)",
+            f"plate id is not a safe name (use {_PLATE_ID_RULE}); e.g. {safe_plate_id(plate_id)!r}",
         )
     return plate_id
+
+
+def safe_plate_id(name: str) -> str:
+    """A safe plate id derived from any folder name: 'GBM03 plate 1' -> 'GBM03-plate-1'.
+
+    Accents are dropped (Zürich -> Zurich), every run of other characters becomes one '-'.
+    """
+    ascii_name = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_name).replace("..", ".").strip("-._")[:128]
+    return slug or "plate"
+
+
+def normalise_well(well: str) -> str:
+    """'b02' -> 'B2': plate maps and instruments write the same well differently. 'na' stays."""
+    match = _WELL.match(str(well).strip())
+    return f"{match.group(1).upper()}{int(match.group(2))}" if match else str(well).strip()
+
+
+def decimal_points(table: pd.DataFrame, column: str) -> list[str]:
+    """Labels of a column read by read_delimited, with "0,5" as 0.5 where the table is not
+    comma-delimited (what a European-locale spreadsheet writes)."""
+    if table.attrs.get("delimiter", ",") == ",":
+        return list(table[column])
+    return [c.replace(",", ".") if _DECIMAL_COMMA.match(c) else c for c in table[column]]
 
 
 def check_image_name(manifest: Path, row: int, name: str) -> str:
@@ -52,44 +85,71 @@ def check_image_name(manifest: Path, row: int, name: str) -> str:
     ):
         raise PlateError(manifest, f"row {row}: image name {name!r} escapes the plate folder")
     if pure.suffix.lower() not in IMAGE_SUFFIXES:
-        raise PlateError(manifest, f"row {row}: image {name!r} is not a TIFF or PNG file")
+        raise PlateError(manifest, f"row {row}: image {name!r} is not a supported image ({', '.join(IMAGE_SUFFIXES)})")
     return str(pure)
 
 
+def _on_disk(plate_dir: Path, name: str) -> str:
+    """The name as stored on disk when it differs only in Unicode normalisation (macOS writes NFD)."""
+    if (plate_dir / name).exists():
+        return name
+    parent = (plate_dir / name).parent
+    wanted = unicodedata.normalize("NFC", PurePosixPath(name).name)
+    try:
+        for entry in os.listdir(parent):
+            if unicodedata.normalize("NFC", entry) == wanted:
+                return str(PurePosixPath(name).with_name(entry))
+    except OSError:
+        pass
+    return name
+
+
 def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
-    """Read and normalise a plate's manifest: required columns present, defaults filled, types set."""
+    """Read and normalise a plate's manifest: required columns present, defaults filled, types set.
+
+    Returns one row per image with MANIFEST_COLUMNS first (image, culture, concentration: str;
+    replicate: int64; timepoint_h: float64; well, position: str), then any extra columns.
+    Raises PlateError naming the manifest and, for a bad value, its line and column.
+    """
     plate_dir = Path(plate_dir)
     manifest = plate_dir / MANIFEST_NAME
     if not manifest.is_file():
         raise PlateError(manifest, "manifest.csv missing (a plate is ready once its manifest exists)")
     try:
-        df = pd.read_csv(manifest, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except Exception as exc:
-        raise PlateError(manifest, f"unreadable manifest ({type(exc).__name__}: {exc})") from exc
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+        df = read_delimited(manifest, what="manifest")
+    except InputError as exc:
+        raise PlateError(manifest, exc.problem) from None
+    df.columns = [c if c == LINE_COLUMN else str(c).strip().lower() for c in df.columns]
+    header = [c for c in df.columns if c != LINE_COLUMN]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise PlateError(manifest, f"manifest lacks required column(s) {missing}; has {list(df.columns)}")
+        raise PlateError(manifest, f"manifest lacks required column(s) {missing}; has {header}")
+    if len(set(header)) < len(header):
+        raise PlateError(manifest, f"manifest repeats a column name: {header}")
     if df.empty:
         raise PlateError(manifest, "manifest lists no images (empty plate)")
     for col, default in OPTIONAL_DEFAULTS.items():
         if col not in df.columns:
             df[col] = str(default)
-        df[col] = df[col].astype(str).str.strip().replace("", str(default))
-    df["image"] = [check_image_name(manifest, i + 2, n.strip()) for i, n in enumerate(df["image"])]
-    df["culture"] = df["culture"].astype(str).str.strip()
-    if (df["culture"] == "").any():
-        row = int((df["culture"] == "").to_numpy().argmax()) + 2
-        raise PlateError(manifest, f"row {row}: empty culture")
+        df[col] = df[col].replace("", str(default))
+    for col in ("image", "culture"):
+        empty = df[col] == ""
+        if empty.any():
+            raise PlateError(manifest, f"line {df[LINE_COLUMN][empty].iloc[0]}: empty {col}")
+    df["image"] = [
+        _on_disk(plate_dir, check_image_name(manifest, line, name)) for line, name in zip(df[LINE_COLUMN], df["image"])
+    ]
     dup = df["image"][df["image"].duplicated()]
     if not dup.empty:
         raise PlateError(manifest, f"image {dup.iloc[0]!r} listed more than once")
-    for col, kind in (("replicate", int), ("timepoint_h", float)):
-        try:
-            df[col] = pd.to_numeric(df[col], errors="raise").astype(kind)
-        except (ValueError, TypeError) as exc:
-            raise PlateError(manifest, f"column {col!r} must be numeric ({exc})") from exc
-    extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    df["concentration"] = decimal_points(df, "concentration")
+    df["well"] = df["well"].map(normalise_well)
+    try:
+        df["replicate"] = parse_numbers(df, "replicate", kind=int, what="manifest")
+        df["timepoint_h"] = parse_numbers(df, "timepoint_h", kind=float, what="manifest")
+    except InputError as exc:
+        raise PlateError(manifest, exc.problem) from None
+    extra = [c for c in header if c not in MANIFEST_COLUMNS]
     return df[list(MANIFEST_COLUMNS) + extra].reset_index(drop=True)
 
 
@@ -111,16 +171,17 @@ class PlateSummary:
         return len(self.manifest)
 
 
-def validate_plate(plate_dir: str | Path, check_pixels: bool = True) -> PlateSummary:
+def validate_plate(plate_dir: str | Path, check_pixels: bool = True, plate_id: str | None = None) -> PlateSummary:
     """Check a plate folder end to end; raise PlateError/ImageReadError naming the file and problem.
 
     With check_pixels, every image is decoded once, so a corrupt file is caught here and not
-    halfway through cell finding.
+    halfway through cell finding. plate_id defaults to the folder name (a staging folder being
+    checked before it is renamed into place passes the id it will have).
     """
     from gbm_assets.imaging.io import read_image
 
     plate_dir = Path(plate_dir)
-    plate_id = check_plate_id(plate_dir.name)
+    plate_id = check_plate_id(plate_dir.name if plate_id is None else plate_id)
     if not plate_dir.is_dir():
         raise PlateError(plate_dir, "plate folder not found")
     manifest = read_manifest(plate_dir)
@@ -164,55 +225,35 @@ def natural_key(value: str):
 
 
 def find_ready_plates(raw: str | Path) -> list[str]:
-    """Plate ids under raw/ whose manifest exists and whose folder name is safe, sorted."""
+    """Plate ids under raw/ whose manifest exists and whose folder name is safe, sorted.
+
+    Folders that hold a manifest but cannot be plates are not returned: unusable_plate_folders
+    says why, so that callers tell the user instead of skipping them without a word.
+    """
+    return [folder.name for folder in _plate_folders(raw) if _is_safe_id(folder.name)]
+
+
+def unusable_plate_folders(raw: str | Path) -> list[str]:
+    """One message per folder under raw/ that holds a manifest but whose name is not a safe plate id."""
+    return [
+        f"{folder}: folder name {folder.name!r} is not a safe plate id ({_PLATE_ID_RULE}); rename it, "
+        f"e.g. to {safe_plate_id(folder.name)!r}, or add it with `gbm-assets add-plate`, which derives one"
+        for folder in _plate_folders(raw)
+        if not _is_safe_id(folder.name)
+    ]
+
+
+def _plate_folders(raw: str | Path) -> list[Path]:
+    """Sub-folders of raw/ holding a manifest; hidden ones (staging folders, .DS_Store) excluded."""
     raw = Path(raw)
     if not raw.is_dir():
         return []
-    ready = []
-    for child in sorted(raw.iterdir()):
-        if child.is_dir() and (child / MANIFEST_NAME).is_file():
-            try:
-                ready.append(check_plate_id(child.name))
-            except InputError:
-                continue  # unsafe names are never registered; raw_plates reports them if asked
-    return ready
+    return [c for c in sorted(raw.iterdir()) if not c.name.startswith(".") and (c / MANIFEST_NAME).is_file()]
 
 
-def make_plate(
-    source: str | Path, raw: str | Path, plate_id: str, culture: str, concentration: str = "na",
-    replicate: int = 1, timepoint_pattern: str | None = None, link: bool = True,
-) -> Path:
-    """Turn a folder of images into a plate under raw/: images linked (or copied), manifest last.
-
-    timepoint_pattern: a regular expression whose first group, read from each file name, is the
-    time point in hours (e.g. r"t(\d+)"); without it every image is time point 0.
-    """
-    import os
-    import shutil
-
-    source = Path(source)
-    images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise PlateError(source, "no TIFF or PNG images in this folder")
-    plate_dir = Path(raw) / check_plate_id(plate_id)
-    plate_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for path in images:
-        target = plate_dir / path.name
-        if not target.exists():
-            if link:
-                target.symlink_to(path.resolve())
-            else:
-                shutil.copy2(path, target)
-        hours = 0.0
-        if timepoint_pattern:
-            match = re.search(timepoint_pattern, path.name)
-            if not match:
-                raise PlateError(path, f"file name does not match the time-point pattern {timepoint_pattern!r}")
-            hours = float(match.group(1))
-        rows.append((path.name, culture, concentration, replicate, hours))
-    manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-    tmp = plate_dir / f".{MANIFEST_NAME}.tmp"
-    manifest.to_csv(tmp, index=False)
-    os.replace(tmp, plate_dir / MANIFEST_NAME)
-    return plate_dir
+def _is_safe_id(name: str) -> bool:
+    try:
+        check_plate_id(name)
+    except InputError:
+        return False
+    return True

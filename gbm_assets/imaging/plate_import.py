@@ -1,0 +1,279 @@
+"""Making a plate from what labs hand over: a folder of images, an instrument export, image stacks.
+
+Live-cell imagers (Incucyte and its peers) export one file per well, position and time, named
+`<vessel>_<channel>_<well>_<position>_<DD>d<HH>h<MM>m.tif` (elapsed time since the scan started) or
+with an absolute `<YYYY>y<MM>m<DD>d_<HH>h<MM>m` stamp; a lab's plate map (a table with a `well`
+column and any of culture / concentration / replicate) says what each well holds. A multi-page TIFF,
+ImageJ/OME stack or vendor time-lapse becomes one image per frame. Nothing appears under raw/ until
+every image has been read: the plate is assembled in a hidden staging folder, validated, and
+renamed into place in one step, so a failed import leaves no plate behind.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import tifffile
+
+from gbm_assets.errors import InputError, PlateError
+from gbm_assets.imaging.io import IMAGE_SUFFIXES, count_frames, read_frames
+from gbm_assets.imaging.plates import (
+    MANIFEST_COLUMNS, MANIFEST_NAME, check_plate_id, decimal_points, normalise_well, safe_plate_id, validate_plate,
+)
+from gbm_assets.tables import LINE_COLUMN, parse_numbers, read_delimited
+
+ELAPSED = re.compile(r"(?<![0-9A-Za-z])(\d+)d(\d{1,2})h(\d{1,2})m(?![0-9A-Za-z])")
+ABSOLUTE = re.compile(r"(?<!\d)(\d{4})y(\d{2})m(\d{2})d_(\d{2})h(\d{2})m(?![0-9A-Za-z])")
+INSTRUMENT_NAME = re.compile(
+    r"^(?P<vessel>.+?)_(?P<channel>[^_]+)_(?P<well>[A-Za-z]{1,2}\d{1,3})_(?P<position>\d+)_"
+    r"(?P<time>\d+d\d{1,2}h\d{1,2}m|\d{4}y\d{2}m\d{2}d_\d{2}h\d{2}m)$"
+)
+PLATE_MAP_COLUMNS = ("culture", "concentration", "replicate")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One image of the plate to be: where its pixels come from and what its name says."""
+
+    source: Path
+    name: str  # file name in the plate folder
+    timepoint_h: float | None = None
+    well: str = "na"
+    position: str = "na"
+    group: str = ""  # vessel and channel of an instrument export
+    frame: int | None = None  # index within a stack
+
+
+def elapsed_hours(name: str) -> float | None:
+    """Hours from a `DDdHHhMMm` stamp in a file name ('..._02d04h30m.tif' -> 52.5), else None."""
+    match = ELAPSED.search(name)
+    if not match:
+        return None
+    days, hours, minutes = (int(g) for g in match.groups())
+    return days * 24 + hours + minutes / 60
+
+
+def parse_instrument_name(name: str) -> SourceImage | None:
+    """Well, position and time of an instrument export's file name, or None for other names.
+
+    Absolute stamps give hours since 2000-01-01 here; make_plate turns them into hours since the
+    plate's first scan.
+    """
+    match = INSTRUMENT_NAME.match(Path(name).stem)
+    if not match:
+        return None
+    stamp = match["time"]
+    absolute = ABSOLUTE.fullmatch(stamp)
+    if absolute:
+        y, mo, d, h, mi = (int(g) for g in absolute.groups())
+        try:
+            hours = (datetime(y, mo, d, h, mi) - datetime(2000, 1, 1)).total_seconds() / 3600
+        except ValueError:
+            raise PlateError(name, f"time stamp {stamp!r} is not a valid date and time") from None
+    else:
+        hours = elapsed_hours(stamp)
+    return SourceImage(Path(name), name, hours, normalise_well(match["well"]), str(int(match["position"])),
+                       f"{match['vessel']}_{match['channel']}")
+
+
+def _timepoint_regex(pattern: str) -> re.Pattern:
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise PlateError("--timepoint-pattern", f"{pattern!r} is not a regular expression ({exc})") from None
+    if regex.groups != 1:
+        raise PlateError(
+            "--timepoint-pattern",
+            f"{pattern!r} has {regex.groups} groups; it needs exactly one, around the time point in hours "
+            r"(e.g. 't(\d+)'; instrument stamps like 02d04h30m are read without a pattern)",
+        )
+    return regex
+
+
+def _describe(path: Path, timepoint_pattern: re.Pattern | None) -> SourceImage:
+    parsed = parse_instrument_name(path.name) or SourceImage(path, path.name, elapsed_hours(path.name))
+    parsed = replace(parsed, source=path, name=path.name)
+    if timepoint_pattern is not None:
+        match = timepoint_pattern.search(path.name)
+        if not match:
+            raise PlateError(path, f"file name does not match the time-point pattern {timepoint_pattern.pattern!r}")
+        try:
+            parsed = replace(parsed, timepoint_h=float(match.group(1)))
+        except (TypeError, ValueError):
+            raise PlateError(path, f"the time-point pattern's group matched {match.group(1)!r}, not a number") from None
+    return parsed
+
+
+def _expand_frames(image: SourceImage, frame_interval_h: float) -> list[SourceImage]:
+    """One entry per frame of a stack (frame k at time + k * frame_interval_h), else the image."""
+    n = count_frames(image.source)
+    if n == 1:
+        return [image]
+    start = image.timepoint_h or 0.0
+    stem = Path(image.name).stem.removesuffix(".ome")
+    return [replace(image, name=f"{stem}_frame{k:03d}.tif", frame=k, timepoint_h=start + k * frame_interval_h)
+            for k in range(n)]
+
+
+def source_images(
+    source: str | Path, timepoint_pattern: str | None = None, include: str | None = None,
+    frame_interval_h: float = 1.0,
+) -> list[SourceImage]:
+    """Every image (or stack frame) under `source` (a folder, or one file), with what its name says.
+
+    Raises PlateError for an empty folder, a time-point pattern with other than one group, images
+    of several vessels or channels mixed in one folder, two images of one well, position and time,
+    and a pattern that gives several images one and the same time point.
+    """
+    source = Path(source)
+    if source.is_file():
+        files = [source]
+    elif source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not p.name.startswith("."))
+    else:
+        raise PlateError(source, "no such file or folder")
+    if include:
+        files = [p for p in files if fnmatch.fnmatch(p.name, include)]
+    if not files:
+        raise PlateError(source, f"no images here ({', '.join(IMAGE_SUFFIXES)}{'; --include ' + include if include else ''})")
+    regex = _timepoint_regex(timepoint_pattern) if timepoint_pattern else None
+    images = [_describe(p, regex) for p in files]
+    groups = sorted({im.group for im in images if im.group})
+    if len(groups) > 1:
+        raise PlateError(source, f"holds exports of {len(groups)} vessels or channels ({', '.join(groups[:4])}); "
+                         f"import one at a time, e.g. --include '{groups[0]}_*'")
+    times = [im.timepoint_h for im in images if im.timepoint_h is not None]
+    if times and any(ABSOLUTE.search(im.name) for im in images):  # hours since the first scan
+        first = min(times)
+        images = [replace(im, timepoint_h=im.timepoint_h - first) if im.timepoint_h is not None else im for im in images]
+    if regex is not None and len(images) > 1 and len({im.timepoint_h for im in images}) == 1:
+        raise PlateError("--timepoint-pattern", f"{timepoint_pattern!r} gives all {len(images)} images the same "
+                         f"time point ({images[0].timepoint_h:g}); its group must capture what changes between files")
+    seen: dict[tuple, str] = {}
+    for im in images:
+        if im.well != "na":
+            key = (im.well, im.position, im.timepoint_h)
+            if key in seen:
+                raise PlateError(im.source, f"same well {im.well}, position {im.position} and time as {seen[key]!r}")
+            seen[key] = im.name
+    expanded = [frame for im in images for frame in _expand_frames(im, frame_interval_h)]
+    names = pd.Series([im.name for im in expanded])
+    if names.duplicated().any():
+        raise PlateError(source, f"two images would both be named {names[names.duplicated()].iloc[0]!r} in the plate")
+    return expanded
+
+
+def read_plate_map(path: str | Path) -> pd.DataFrame:
+    """A plate map: index well ('B2'), columns among culture, concentration (str), replicate (int).
+
+    Raises PlateError naming the file for a missing well column, no metadata column, a well listed
+    twice, or a replicate that is not a whole number (with its line).
+    """
+    path = Path(path)
+    try:
+        table = read_delimited(path, what="plate map")
+        table.columns = [c if c == LINE_COLUMN else c.strip().lower() for c in table.columns]
+        if "well" not in table.columns:
+            raise PlateError(path, f"plate map needs a 'well' column; has {[c for c in table.columns if c != LINE_COLUMN]}")
+        present = [c for c in PLATE_MAP_COLUMNS if c in table.columns]
+        if not present:
+            raise PlateError(path, f"plate map needs at least one of {list(PLATE_MAP_COLUMNS)} beside 'well'")
+        table["well"] = table["well"].map(normalise_well)
+        dup = table["well"][table["well"].duplicated()]
+        if not dup.empty:
+            raise PlateError(path, f"well {dup.iloc[0]} is listed more than once")
+        if "concentration" in present:
+            table["concentration"] = decimal_points(table, "concentration")
+        if "replicate" in present:
+            table["replicate"] = parse_numbers(table, "replicate", kind=int, what="plate map")
+    except InputError as exc:
+        raise PlateError(path, exc.problem) from None
+    return table.set_index("well")[present]
+
+
+def plate_manifest(
+    images: list[SourceImage], culture: str | None = None, concentration: str = "na", replicate: int = 1,
+    plate_map: pd.DataFrame | None = None, plate_map_name: str = "plate map",
+) -> pd.DataFrame:
+    """The manifest of a plate to be, one row per image (MANIFEST_COLUMNS, then source and frame)."""
+    rows = []
+    for im in images:
+        meta = {"culture": culture, "concentration": concentration, "replicate": replicate}
+        if plate_map is not None:
+            if im.well == "na":
+                raise PlateError(im.source, "no well in the file name, so the plate map cannot apply "
+                                 "(expected an instrument name like LINE_Phase_B2_1_02d04h30m.tif)")
+            if im.well not in plate_map.index:
+                raise PlateError(im.source, f"well {im.well} is not in the {plate_map_name}")
+            meta.update({k: v for k, v in plate_map.loc[im.well].items() if str(v) != ""})
+        if not meta["culture"]:
+            raise PlateError(im.source, "no culture: give --culture or a culture column in the plate map")
+        rows.append({
+            "image": im.name, **meta, "timepoint_h": im.timepoint_h or 0.0, "well": im.well, "position": im.position,
+            "source": im.source.name, "frame": "" if im.frame is None else im.frame,
+        })
+    manifest = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, "source", "frame"])
+    if (manifest["frame"] == "").all():
+        manifest = manifest.drop(columns="frame")
+    return manifest
+
+
+def make_plate(
+    source: str | Path, raw: str | Path, plate_id: str | None = None, culture: str | None = None,
+    concentration: str = "na", replicate: int = 1, timepoint_pattern: str | None = None,
+    link: bool = True, plate_map: str | Path | None = None, include: str | None = None,
+    frame_interval_h: float = 1.0,
+) -> Path:
+    """Turn a folder of images (or an instrument export, or a stack) into the plate raw/<plate_id>.
+
+    Single images are linked (or copied with link=False); each frame of a stack is written as its
+    own TIFF. plate_id defaults to a safe id derived from the folder name. timepoint_pattern: a
+    regular expression with one group, read from each file name, giving the time point in hours
+    (e.g. r"t(\\d+)"); without it, instrument stamps (DDdHHhMMm) are read, else time point 0.
+    Returns the plate folder. Raises PlateError / ImageReadError naming the file and problem; then
+    nothing is left under raw/.
+    """
+    source = Path(source)
+    plate_id = check_plate_id(plate_id if plate_id is not None else safe_plate_id(source.stem if source.is_file() else source.name))
+    raw = Path(raw)
+    final = raw / plate_id
+    if final.exists():
+        raise PlateError(final, "a plate (or folder) of this id already exists; choose another --plate-id or remove it")
+    images = source_images(source, timepoint_pattern, include, frame_interval_h)
+    table = read_plate_map(plate_map) if plate_map else None
+    manifest = plate_manifest(images, culture, concentration, replicate, table, str(plate_map))
+    staging = raw / f".{plate_id}.adding-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        _fill(staging, images, link)
+        manifest.to_csv(staging / MANIFEST_NAME, index=False)
+        validate_plate(staging, plate_id=plate_id)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _fill(plate_dir: Path, images: list[SourceImage], link: bool) -> None:
+    stacks: dict[Path, list[SourceImage]] = {}
+    for im in images:
+        if im.frame is not None:
+            stacks.setdefault(im.source, []).append(im)
+        elif link:
+            (plate_dir / im.name).symlink_to(im.source.resolve())
+        else:
+            shutil.copy2(im.source, plate_dir / im.name)
+    for path, frames in stacks.items():
+        for im, pixels in zip(frames, read_frames(path)):
+            tifffile.imwrite(plate_dir / im.name, pixels, photometric="minisblack", metadata=None)

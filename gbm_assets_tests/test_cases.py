@@ -1,0 +1,172 @@
+"""The real-world input cases of ../shared/cases, each asserting what its README says a user expects.
+
+The CellProfiler cases (11, 13) are in test_cellprofiler.py; the image formats in detail in
+test_image_formats.py. The cases are read from the shared folder, never copied into the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from gbm_assets.assets.cells import cell_coordinates, cell_crops
+from gbm_assets.assets.partitions import plates
+from gbm_assets.assets.raw_plates import raw_plates
+from gbm_assets.assets.resources import DataDirs
+from gbm_assets.cli import main
+from gbm_assets.errors import ImageReadError
+from gbm_assets.imaging.plate_import import make_plate
+from gbm_assets.imaging.plates import find_ready_plates, read_manifest, unusable_plate_folders, validate_plate
+from gbm_assets.paths import plate_file
+
+CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
+T07_CELLS = (12, 26)  # "about 18 cells in this 384x384 field"
+
+
+def case(name: str) -> Path:
+    path = CASES / name
+    if not path.is_dir():
+        pytest.skip(f"case {name} not found under {CASES}")
+    return path
+
+
+def _segment(tmp_path, *images) -> pd.DataFrame:
+    out = tmp_path / "cells.csv"
+    assert main(["segment", *map(str, images), "--out", str(out), "--workers", "1"]) == 0
+    return pd.read_csv(out)
+
+
+def _ingest(data_root: Path, plate_id: str, crop_size: int = 64):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(plates.name, [plate_id])
+    config = {"ops": {"cell_crops": {"config": {"crop_size": crop_size, "workers": 1}},
+                      "cell_coordinates": {"config": {"workers": 1}}}}
+    result = dg.materialize([raw_plates, cell_coordinates, cell_crops], partition_key=plate_id, instance=instance,
+                            resources={"data": DataDirs(root=str(data_root))}, run_config=config)
+    assert result.success
+    data = DataDirs(root=str(data_root))
+    return pd.read_parquet(plate_file(data.coordinates, plate_id)), pq.read_table(plate_file(data.crops, plate_id))
+
+
+def test_01_lzw_and_jpeg_tiff_in_segment_add_plate_and_ingestion(tmp_path):
+    root = case("01-lzw-tiff")
+    lzw, jpeg = root / "raw" / "t98g-lzw" / "t07_lzw.tif", root / "t07_8bit_jpeg_in_tiff.tif"
+    cells = _segment(tmp_path, lzw, jpeg)
+    per_image = cells.groupby("image").size()
+    n_lzw, n_jpeg = per_image[str(lzw)], per_image[str(jpeg)]
+    assert T07_CELLS[0] <= n_lzw <= T07_CELLS[1] and T07_CELLS[0] <= n_jpeg <= T07_CELLS[1]
+    assert abs(n_lzw - n_jpeg) <= 0.2 * n_lzw
+    # add-plate from a folder holding the JPEG-in-TIFF, and ingestion of the LZW plate as given.
+    src = tmp_path / "jpeg-src"
+    src.mkdir()
+    (src / jpeg.name).symlink_to(jpeg)
+    summary = validate_plate(make_plate(src, tmp_path / "data" / "raw", "t98g-jpeg", culture="T98G"))
+    assert (summary.width, summary.height, summary.bits) == (384, 384, 8)
+    shutil.copytree(root / "raw" / "t98g-lzw", tmp_path / "data" / "raw" / "t98g-lzw")
+    coords, crops = _ingest(tmp_path / "data", "t98g-lzw")
+    assert len(coords) == n_lzw and crops.num_rows > 0
+    assert set(crops.column("image").to_pylist()) == {"t07_lzw.tif"}
+
+
+def test_03_multipage_stack_is_never_blended(tmp_path):
+    plate = case("03-multipage-timelapse") / "raw" / "t98g-stack"
+    # As given (one manifest row for a 3-frame file): a clear error naming the file and the count.
+    with pytest.raises(ImageReadError, match=r"xy01_t07-t19\.tif.*3 frames"):
+        validate_plate(plate)
+    # Through add-plate: one image per frame, the frame index kept, 6 h apart as ImageJ recorded.
+    made = make_plate(plate / "xy01_t07-t19.tif", tmp_path / "raw", "t98g-stack", culture="T98G")
+    m = read_manifest(made)
+    assert m["image"].tolist() == [f"xy01_t07-t19_frame{k:03d}.tif" for k in range(3)]
+    assert m["frame"].tolist() == ["0", "1", "2"]
+    cells = _segment(tmp_path, *(made / name for name in m["image"]))
+    counts = cells.groupby("image").size()
+    assert len(counts) == 3 and counts.min() >= T07_CELLS[0]
+
+
+def test_07_instrument_jpeg_export(tmp_path):
+    export = case("07-incucyte-jpeg-export") / "export"
+    m = read_manifest(make_plate(export, tmp_path / "raw", culture="GBM03"))
+    assert m["timepoint_h"].tolist() == [6.0, 12.0]
+    assert m["well"].tolist() == ["B2", "B2"] and m["position"].tolist() == ["1", "1"]
+    cells = _segment(tmp_path, export)
+    assert cells.groupby("image").size().min() >= T07_CELLS[0]
+
+
+def test_08_elapsed_time_from_names(tmp_path):
+    export = case("08-incucyte-timestamps") / "export"
+    assert main(["add-plate", str(export), "--culture", "GBM03", "--plate-id", "gbm03-b2", "--raw", str(tmp_path)]) == 0
+    m = read_manifest(tmp_path / "gbm03-b2")
+    assert m["timepoint_h"].tolist() == [4.0, 28.0, 52.5]
+    assert set(m["well"]) == {"B2"}
+
+
+def test_09_spreadsheet_manifest_bom_crlf_non_ascii_empty_rows():
+    plate = case("09-excel-manifest-bom-crlf") / "raw" / "gbm-zh-01"
+    summary = validate_plate(plate)
+    m = summary.manifest
+    assert m["image"].tolist() == ["GBM Zürich 01 t07.tif", "GBM Zürich 01 t13.tif"]
+    assert summary.cultures == ["GBM-Zürich-01 (Primärkultur)"]
+    assert m["timepoint_h"].tolist() == [7.0, 13.0] and m["concentration"].tolist() == ["1000", "1000"]
+
+
+def test_10_semicolon_manifest_with_decimal_comma():
+    m = validate_plate(case("10-excel-manifest-semicolon") / "raw" / "gbm-de-01").manifest
+    assert m["timepoint_h"].tolist() == [0.5]
+    assert (m["culture"].iloc[0], m["concentration"].iloc[0], m["replicate"].iloc[0]) == ("GBM03", "1000", 1)
+
+
+def test_15_plate_folder_with_space_is_named_and_no_demo_data_is_written(tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(case("15-plate-id-with-space") / "raw", data / "raw")
+    before = sorted(p.name for p in (data / "raw").iterdir())
+    (problem,) = unusable_plate_folders(data / "raw")
+    assert "GBM03 plate 1" in problem and "safe plate id" in problem and "GBM03-plate-1" in problem
+    for args in (["--no-synth"], []):
+        assert main(["run", "--data", str(data), *args]) == 1
+        err = capsys.readouterr().err
+        assert "'GBM03 plate 1' is not a safe plate id" in err
+        assert sorted(p.name for p in (data / "raw").iterdir()) == before  # no demo plates among the user's
+    # add-plate derives a safe id from the folder name.
+    assert main(["add-plate", str(data / "raw" / "GBM03 plate 1"), "--culture", "GBM03", "--raw", str(tmp_path / "raw")]) == 0
+    assert find_ready_plates(tmp_path / "raw") == ["GBM03-plate-1"]
+
+
+def test_cli_user_errors_are_one_line_and_exit_1(tmp_path):
+    secret = tmp_path / "notes.txt"
+    secret.write_text("password=hunter2\n")
+    (tmp_path / "img.tif").symlink_to(secret)
+    env = {**os.environ, "GBM_ASSETS_DATA": str(tmp_path / "data")}
+    for args, says in [
+        (["segment", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o.csv")], "missing.tif"),
+        (["segment", str(tmp_path / "img.tif"), "--out", str(tmp_path / "o.csv")], "img.tif"),
+        (["add-plate", str(tmp_path / "nowhere"), "--culture", "A"], "nowhere"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "gbm_assets.cli", *args], capture_output=True, text=True, env=env)
+        assert proc.returncode == 1, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and "%|" not in line]
+        assert len(lines) == 1 and lines[0].startswith("gbm-assets: error:") and says in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr and "hunter2" not in proc.stderr
+    debug = subprocess.run([sys.executable, "-m", "gbm_assets.cli", "segment", str(tmp_path / "missing.tif"), "--out",
+                            str(tmp_path / "o.csv"), "--debug"], capture_output=True, text=True, env=env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_segment_accepts_folders_and_globs_and_keeps_masks_apart(tmp_path):
+    src = case("01-lzw-tiff") / "raw" / "t98g-lzw" / "t07_lzw.tif"
+    for folder in ("a", "b"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        shutil.copy(src, tmp_path / "in" / folder / "t07.tif")
+    out, masks = tmp_path / "cells.csv", tmp_path / "masks"
+    assert main(["segment", str(tmp_path / "in" / "a"), str(tmp_path / "in" / "*" / "t07.tif"), "--out", str(out),
+                 "--masks", str(masks), "--workers", "1"]) == 0
+    table = pd.read_csv(out)
+    assert sorted(table["image"].unique()) == [str(tmp_path / "in" / f / "t07.tif") for f in ("a", "b")]
+    assert sorted(str(p.relative_to(masks)) for p in masks.rglob("*.png")) == ["a/t07_labels.png", "b/t07_labels.png"]

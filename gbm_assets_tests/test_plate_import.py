@@ -1,0 +1,165 @@
+"""Making plates from instrument exports, plate maps, stacks and folders: values right, failures clean."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from gbm_assets.errors import ImageReadError, PlateError
+from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.plate_import import elapsed_hours, make_plate, parse_instrument_name, read_plate_map
+from gbm_assets.imaging.plates import find_ready_plates, read_manifest, safe_plate_id, validate_plate
+
+
+def _export(folder, wells, positions=(1,), stamps=("00d00h00m",), vessel="GBM03", channel="Phase", size=(48, 64)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for well in wells:
+        for pos in positions:
+            for stamp in stamps:
+                tifffile.imwrite(folder / f"{vessel}_{channel}_{well}_{pos}_{stamp}.tif",
+                                 rng.integers(0, 4000, size=size).astype(np.uint16))
+    return folder
+
+
+@pytest.mark.parametrize("name, hours", [
+    ("GBM03_Phase_B2_1_00d04h00m.tif", 4.0), ("GBM03_Phase_B2_1_01d04h00m.tif", 28.0),
+    ("GBM03_Phase_B2_1_02d04h30m.tif", 52.5), ("x_05d23h59m.jpg", 5 * 24 + 23 + 59 / 60), ("t07.tif", None),
+])
+def test_elapsed_time_in_names(name, hours):
+    assert elapsed_hours(name) == pytest.approx(hours) if hours is not None else elapsed_hours(name) is None
+
+
+def test_instrument_name_parts():
+    parsed = parse_instrument_name("My_Vessel_2_Phase_B02_3_02d04h30m.tif")
+    assert (parsed.well, parsed.position, parsed.group) == ("B2", "3", "My_Vessel_2_Phase")
+    assert parsed.timepoint_h == pytest.approx(52.5)
+    assert parse_instrument_name("t07.tif") is None
+
+
+def test_thesis_plate_from_export_and_plate_map(tmp_path):
+    """One culture at one concentration, 8 replicate wells, hourly: one command makes the plate."""
+    wells = ["B2", "B3", "B4", "B5", "C2", "C3", "C4", "C5"]
+    export = _export(tmp_path / "export", wells, positions=(1, 2), stamps=("00d00h00m", "00d01h00m", "00d02h00m"))
+    # As a European-locale spreadsheet saves it: BOM, semicolons, CRLF, zero-padded wells, a trailing empty row.
+    lines = ["Well;Culture;Concentration;Replicate"] + [f"{w[0]}0{w[1]};GBM03;0,5;{i + 1}" for i, w in enumerate(wells)]
+    (tmp_path / "map.csv").write_bytes(("\ufeff" + "\r\n".join(lines + [";;;", ""])).encode("utf-8"))
+    plate = make_plate(export, tmp_path / "raw", "gbm03-c05", plate_map=tmp_path / "map.csv")
+    m = read_manifest(plate)
+    assert len(m) == 8 * 2 * 3
+    assert sorted(m["timepoint_h"].unique()) == [0.0, 1.0, 2.0]
+    assert sorted(m["replicate"].unique()) == list(range(1, 9))
+    assert set(m["culture"]) == {"GBM03"} and set(m["concentration"]) == {"0.5"}
+    row = m[m["image"] == "GBM03_Phase_C4_2_00d02h00m.tif"].iloc[0]
+    assert (row.well, row.position, row.replicate, row.timepoint_h) == ("C4", "2", 7, 2.0)
+    assert validate_plate(plate).n_images == 48
+
+
+def test_plate_map_must_cover_every_well(tmp_path):
+    export = _export(tmp_path / "export", ["B2", "D7"])
+    (tmp_path / "map.csv").write_text("well,culture\nB2,GBM03\n")
+    with pytest.raises(PlateError, match=r"D7.*well D7 is not in"):
+        make_plate(export, tmp_path / "raw", "p", plate_map=tmp_path / "map.csv")
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+
+
+@pytest.mark.parametrize("content, message", [
+    ("culture\nGBM03\n", "needs a 'well' column"),
+    ("well\nB2\n", "at least one of"),
+    ("well,culture\nB2,A\nb02,B\n", "B2 is listed more than once"),
+    ("well,replicate\nB2,1.5\n", r"line 2, column 'replicate'.*not a whole number"),
+])
+def test_bad_plate_maps(tmp_path, content, message):
+    (tmp_path / "map.csv").write_text(content)
+    with pytest.raises(PlateError, match=message):
+        read_plate_map(tmp_path / "map.csv")
+
+
+def test_plate_map_needs_wells_in_names(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    tifffile.imwrite(source / "t07.tif", np.zeros((32, 32), np.uint16))
+    (tmp_path / "map.csv").write_text("well,culture\nB2,A\n")
+    with pytest.raises(PlateError, match="no well in the file name"):
+        make_plate(source, tmp_path / "raw", "p", plate_map=tmp_path / "map.csv")
+
+
+def test_mixed_vessels_or_channels_are_refused(tmp_path):
+    export = _export(tmp_path / "export", ["B2"])
+    _export(tmp_path / "export", ["B2"], channel="Green")
+    with pytest.raises(PlateError, match=r"2 vessels or channels.*--include"):
+        make_plate(export, tmp_path / "raw", "p", culture="A")
+    plate = make_plate(export, tmp_path / "raw", "p", culture="A", include="GBM03_Phase_*")
+    assert read_manifest(plate)["image"].tolist() == ["GBM03_Phase_B2_1_00d00h00m.tif"]
+
+
+def test_absolute_time_stamps_count_from_the_first_scan(tmp_path):
+    export = _export(tmp_path / "export", ["A1"], stamps=("2024y03m31d_22h00m", "2024y04m01d_01h30m"))
+    m = read_manifest(make_plate(export, tmp_path / "raw", "p", culture="A"))
+    assert m["timepoint_h"].tolist() == [0.0, 3.5]
+
+
+@pytest.mark.parametrize("pattern, message", [
+    (r"(\d+)d(\d+)h", "has 2 groups; it needs exactly one"),
+    (r"_B(\d)_", "gives all 3 images the same time point"),
+    (r"(GBM)03", r"group matched 'GBM', not a number"),
+    (r"t(\d+", "not a regular expression"),
+])
+def test_timepoint_pattern_errors(tmp_path, pattern, message):
+    export = _export(tmp_path / "export", ["B2"], stamps=("00d04h00m", "01d04h00m", "02d04h30m"))
+    with pytest.raises(PlateError, match=message):
+        make_plate(export, tmp_path / "raw", "p", culture="A", timepoint_pattern=pattern)
+
+
+def test_stack_becomes_one_image_per_frame(tmp_path):
+    frames = np.stack([np.full((40, 50), 100 * (k + 1), np.uint16) for k in range(3)])
+    frames[:, 5, 5] = 7
+    source = tmp_path / "src"
+    source.mkdir()
+    tifffile.imwrite(source / "xy01.tif", frames, imagej=True, metadata={"axes": "TYX"})
+    plate = make_plate(source, tmp_path / "raw", "stack", culture="A", frame_interval_h=0.5)
+    m = read_manifest(plate)
+    assert m["image"].tolist() == [f"xy01_frame{k:03d}.tif" for k in range(3)]
+    assert m["frame"].tolist() == ["0", "1", "2"] and m["source"].tolist() == ["xy01.tif"] * 3
+    assert m["timepoint_h"].tolist() == [0.0, 0.5, 1.0]
+    for k, name in enumerate(m["image"]):
+        assert np.array_equal(read_image(plate / name), frames[k])
+
+
+@pytest.mark.parametrize("broken", ["header", "pixels"])
+def test_failed_add_plate_leaves_no_plate(tmp_path, broken):
+    """A file still being copied: its header (found while planning) or its pixels (found while
+    validating the staged plate) are bad; either way no plate and no staging folder is left."""
+    source = tmp_path / "src"
+    source.mkdir()
+    tifffile.imwrite(source / "a.tif", np.zeros((32, 32), np.uint16))
+    if broken == "header":
+        (source / "b.tif").write_bytes(b"II*\x00 still copying")
+    else:
+        tifffile.imwrite(source / "b.tif", np.arange(256 * 256, dtype=np.uint16).reshape(256, 256))
+        data = (source / "b.tif").read_bytes()
+        (source / "b.tif").write_bytes(data[: len(data) // 2])
+    raw = tmp_path / "raw"
+    with pytest.raises(ImageReadError, match=r"b\.tif"):
+        make_plate(source, raw, "p", culture="A")
+    assert not raw.exists() or list(raw.iterdir()) == []  # no plate, no staging folder
+    assert find_ready_plates(raw) == []
+
+
+def test_existing_plate_is_not_overwritten(tmp_path):
+    export = _export(tmp_path / "export", ["B2"])
+    plate = make_plate(export, tmp_path / "raw", "p", culture="A")
+    before = (plate / "manifest.csv").read_bytes()
+    with pytest.raises(PlateError, match="already exists"):
+        make_plate(export, tmp_path / "raw", "p", culture="B")
+    assert (plate / "manifest.csv").read_bytes() == before
+
+
+def test_plate_id_derived_from_folder_name(tmp_path):
+    source = _export(tmp_path / "GBM03 plate 1 (Zürich)", ["B2"])
+    plate = make_plate(source, tmp_path / "raw", culture="A")
+    assert plate.name == safe_plate_id("GBM03 plate 1 (Zürich)") == "GBM03-plate-1-Zurich"
+    with pytest.raises(PlateError, match=r"not a safe name.*'GBM03-plate-1'"):
+        make_plate(source, tmp_path / "raw", "GBM03 plate 1", culture="A")
