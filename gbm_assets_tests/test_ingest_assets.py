@@ -172,9 +172,13 @@ def test_cellprofiler_table_is_used_instead_of_segmentation(data_root):
         }
     )
     cp.to_csv(plate_dir / "MyExpt_Cells.csv", index=False)
+    # ImageNumber means a file only through the Image table CellProfiler exports beside the objects.
+    pd.DataFrame({"ImageNumber": [1, 2], "FileName_Phase": ["img000.tif", "img001.tif"]}).to_csv(
+        plate_dir / "MyExpt_Image.csv", index=False
+    )
     result = _materialize(data_root, plate_id)
     meta = result.asset_materializations_for_node("cell_coordinates")[0].metadata
-    assert meta["source"].value == "CellProfiler table MyExpt_Cells.csv"
+    assert meta["source"].value == "CellProfiler table MyExpt_Cells.csv, objects Cells"
     coords = pd.read_parquet(plate_file(data_root / "cell_coordinates.parquet", plate_id))
     assert len(coords) == len(truth)
     assert np.allclose(np.sort(coords["x"]), np.sort(truth["x"]))

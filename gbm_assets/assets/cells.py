@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
-from gbm_assets.imaging.cellprofiler import find_object_table, read_object_table
+from gbm_assets.imaging.cellprofiler import read_plate_objects
 from gbm_assets.imaging.plate_cells import CropFilters, crop_plate, default_workers, find_plate_cells
 from gbm_assets.imaging.plates import check_plate_id, read_manifest
 from gbm_assets.imaging.quality import CROP_CHECKS, check_crops, expected_crop_count
@@ -33,6 +33,8 @@ class CellFindingConfig(dg.Config):
     max_area_scale: float = _SEG_DEFAULTS.max_area_scale
     declump: bool = _SEG_DEFAULTS.declump
     use_cellprofiler_table: bool = True
+    # Which CellProfiler objects to use when the plate holds several object tables (e.g. "Cells").
+    cellprofiler_objects: str | None = None
     workers: int = 0  # 0 = all cores
 
     def params(self) -> SegmentationParams:
@@ -78,9 +80,9 @@ def cell_coordinates(context: dg.AssetExecutionContext, config: CellFindingConfi
     plate_id = check_plate_id(context.partition_key)
     plate_dir = data.plate_dir(plate_id)
     manifest = read_manifest(plate_dir)
-    table_path = find_object_table(plate_dir) if config.use_cellprofiler_table else None
-    objects = read_object_table(table_path, manifest) if table_path else None
-    source = f"CellProfiler table {table_path.name}" if table_path else "segmentation"
+    found = read_plate_objects(plate_dir, manifest, config.cellprofiler_objects) if config.use_cellprofiler_table else None
+    objects = found.table if found else None
+    source = f"CellProfiler table {found.path.name}, objects {found.objects_name}" if found else "segmentation"
     context.log.info(f"plate {plate_id}: {len(manifest)} images, cells from {source}")
 
     frames, mask_rows = [], []
