@@ -7,10 +7,12 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-STAMP=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+# GBM_EXTRAS: the optional dependency groups to install (CI adds "formats"); a change reinstalls.
+EXTRAS="${GBM_EXTRAS:-dev}"
+STAMP=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)-$(echo "$EXTRAS" | tr -c 'A-Za-z0-9\n' '_')
 if [ ! -f "$STAMP" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[dev]'
+  .venv/bin/python -m pip install --quiet -e ".[$EXTRAS]"
   touch "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
