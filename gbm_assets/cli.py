@@ -213,13 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM (timeout, docker stop, a scheduler) stops like Ctrl-C: finished plates stay intact."""
+    """SIGTERM (timeout, docker stop, a scheduler) stops like Ctrl-C: finished plates stay intact.
+
+    Dagster maps SIGTERM to the SIGINT handler during and after runs, as this does before them.
+    """
     import signal
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     _stop_on_sigterm()
     try:
         return args.func(args)
-    except KeyboardInterrupt as exc:
-        print(f"gbm-assets: interrupted ({exc or 'Ctrl-C'}); finished plates are kept", file=sys.stderr)
-        return 143 if str(exc).startswith("signal") else 130
+    except KeyboardInterrupt:
+        print("gbm-assets: interrupted; what finished is kept, the rest is left as it was", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as exc:  # InputError is a ValueError: bad input, missing file, refused format
         if args.debug:
             raise

@@ -37,11 +37,28 @@ def run_partitions(instance, defs, job_name: str, keys: list[str], bar, what: st
         for key in keys:
             progress.set_postfix_str(key)
             result = job.execute_in_process(run_config=QUIET, instance=instance, partition_key=key, raise_on_error=False)
+            stop_if_interrupted(result)
             if not result.success:
                 failed.append(key)
                 progress.write(f"{unit} {key} failed: {_first_error(result)}")
             progress.update(1)
     return failed
+
+
+def stop_if_interrupted(result: dg.ExecuteInProcessResult) -> None:
+    """Raise KeyboardInterrupt when a run failed because the process was told to stop.
+
+    Dagster turns Ctrl-C and SIGTERM during a step into a failed step; without this check the
+    command would go on to the next plate or variant instead of stopping.
+    """
+    for event in result.all_events:
+        error = event.step_failure_data.error if event.is_step_failure and event.step_failure_data else None
+        while error is not None:
+            if error.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt"):
+                raise KeyboardInterrupt(f"run {result.run_id} interrupted")
+            error = error.cause
+        if event.is_run_failure and "interrupt" in (event.message or "").lower():
+            raise KeyboardInterrupt(f"run {result.run_id} interrupted")
 
 
 def _first_error(result: dg.ExecuteInProcessResult) -> str:
@@ -74,6 +91,7 @@ def run_main_job(bar, refresh: bool = False) -> int:
     good = [v for v in variant_names() if v not in bad]
     bad += run_partitions(instance, defs, "cluster_all_variants", good, bar, "clustering", "variant")
     report = defs.resolve_job_def("refresh_report").execute_in_process(run_config=QUIET, instance=instance, raise_on_error=False)
+    stop_if_interrupted(report)
     if not report.success:
         print(f"composition report failed: {_first_error(report)}")
         return 1

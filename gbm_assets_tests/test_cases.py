@@ -170,3 +170,39 @@ def test_segment_accepts_folders_and_globs_and_keeps_masks_apart(tmp_path):
     table = pd.read_csv(out)
     assert sorted(table["image"].unique()) == [str(tmp_path / "in" / f / "t07.tif") for f in ("a", "b")]
     assert sorted(str(p.relative_to(masks)) for p in masks.rglob("*.png")) == ["a/t07_labels.png", "b/t07_labels.png"]
+
+
+def test_run_stops_promptly_on_sigterm_and_keeps_finished_plates(tmp_path):
+    """`timeout` and `docker stop` send SIGTERM: the command stops (non-zero), it does not go on to
+    the next plate or stage, and every plate it wrote is whole."""
+    import signal
+    import threading
+    import time
+
+    from gbm_assets.imaging.synthetic import write_plates
+
+    data = tmp_path / "data"
+    write_plates(data / "raw", n_cultures=4, n_concentrations=5, images_per_plate=3, size=768, seed=3)
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "TQDM_MININTERVAL": "0"}
+    (tmp_path / "dagster_home").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "gbm_assets.cli", "run", "--no-synth", "--data", str(data)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    seen: list[str] = []
+    threading.Thread(target=lambda: seen.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    crops = data / "cell_crops.parquet"
+    deadline = time.monotonic() + 240
+    while not list(crops.glob("plate=*/part-0.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first plate is done: ingestion is under way
+    assert proc.poll() is None, "".join(seen[-20:])
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    rc = proc.wait(timeout=60)
+    assert time.monotonic() - sent < 30
+    assert rc != 0 and "interrupted" in "".join(seen), "".join(seen[-20:])
+    assert not any("training encoders" in line for line in seen)  # it did not go on to the next stage
+    written = sorted((data / "cell_crops.parquet").glob("plate=*/part-0.parquet"))
+    assert len(written) < 20  # stopped part-way
+    for path in written:
+        assert pq.read_table(path).num_rows >= 0  # whole files only
+    assert not list(data.rglob("*.tmp"))
