@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--timepoint-pattern", help=r"regex with one group, the time point in hours in each file name, e.g. 't(\d+)' "
                    "(instrument stamps like 02d04h30m are read without one)")
     a.add_argument("--include", help="only files matching this glob, e.g. 'GBM03_Phase_*'")
-    a.add_argument("--frame-interval-h", type=float, default=1.0, help="hours between the frames of a stack (default 1)")
+    a.add_argument("--frame-interval-h", type=float,
+                   help="hours between the frames of a stack (default: what the file records, else 1)")
     a.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
     a.add_argument("--raw", help="raw plates folder (default: data/raw)")
     a.set_defaults(func=cmd_add_plate)

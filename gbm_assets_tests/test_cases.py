@@ -86,6 +86,7 @@ def test_03_multipage_stack_is_never_blended(tmp_path):
     m = read_manifest(made)
     assert m["image"].tolist() == [f"xy01_t07-t19_frame{k:03d}.tif" for k in range(3)]
     assert m["frame"].tolist() == ["0", "1", "2"]
+    assert m["timepoint_h"].tolist() == [0.0, 6.0, 12.0]  # finterval=21600 s in the ImageJ header
     cells = _segment(tmp_path, *(made / name for name in m["image"]))
     counts = cells.groupby("image").size()
     assert len(counts) == 3 and counts.min() >= T07_CELLS[0]
@@ -206,3 +207,35 @@ def test_run_stops_promptly_on_sigterm_and_keeps_finished_plates(tmp_path):
     for path in written:
         assert pq.read_table(path).num_rows >= 0  # whole files only
     assert not list(data.rglob("*.tmp"))
+
+
+def test_livecell_style_8bit_lzw_tiles_ingest_with_plausible_counts(tmp_path):
+    """704x520 8-bit LZW-compressed tiled TIFFs (LIVECell / Incucyte exports) ingest end to end,
+    the count close to the cells drawn, and crops carry the well and position of the instrument names."""
+    import numpy as np
+    import tifffile
+
+    from gbm_assets.imaging.synthetic import CULTURE_MIXTURES, synthesize_image
+
+    rng = np.random.default_rng(11)
+    export, truth = tmp_path / "export", {}
+    export.mkdir()
+    for k, well in enumerate(["B2", "B3"]):
+        field = synthesize_image(rng, next(iter(CULTURE_MIXTURES.values())), 40, size=768)
+        image = field.image[:520, :704]
+        lo, hi = np.percentile(image, [0.1, 99.9])
+        grey = np.clip((image - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
+        name = f"LC_Phase_{well}_1_00d0{k}h00m.tif"
+        tifffile.imwrite(export / name, grey, compression="lzw", tile=(256, 256))
+        inside = field.cells[(field.cells["x"] < 704) & (field.cells["y"] < 520)]
+        truth[name] = len(inside)
+    (tmp_path / "map.csv").write_text("well,culture,replicate\nB2,GBM01,1\nB3,GBM01,2\n")
+    make_plate(export, tmp_path / "data" / "raw", "livecell", plate_map=tmp_path / "map.csv")
+    coords, crops = _ingest(tmp_path / "data", "livecell")
+    found = coords.groupby("image").size()
+    for name, n in truth.items():
+        assert abs(found[name] - n) <= max(4, 0.25 * n), (name, found[name], n)
+    table = crops.to_pandas()
+    by_well = table.groupby("well")[["position", "replicate"]].agg(lambda v: sorted(set(v)))
+    assert by_well.to_dict("index") == {"B2": {"position": ["1"], "replicate": [1]},
+                                        "B3": {"position": ["1"], "replicate": [2]}}

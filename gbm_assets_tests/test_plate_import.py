@@ -163,3 +163,14 @@ def test_plate_id_derived_from_folder_name(tmp_path):
     assert plate.name == safe_plate_id("GBM03 plate 1 (Zürich)") == "GBM03-plate-1-Zurich"
     with pytest.raises(PlateError, match=r"not a safe name.*'GBM03-plate-1'"):
         make_plate(source, tmp_path / "raw", "GBM03 plate 1", culture="A")
+
+
+def test_stack_frame_interval_from_ome_metadata(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    frames = np.stack([np.full((32, 40), k, np.uint16) for k in range(4)])
+    tifffile.imwrite(source / "pos1.ome.tif", frames, ome=True,
+                     metadata={"axes": "TYX", "TimeIncrement": 30, "TimeIncrementUnit": "min"})
+    m = read_manifest(make_plate(source, tmp_path / "raw", "ome", culture="A"))
+    assert m["image"].tolist() == [f"pos1_frame{k:03d}.tif" for k in range(4)]
+    assert m["timepoint_h"].tolist() == [0.0, 0.5, 1.0, 1.5]

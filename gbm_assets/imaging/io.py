@@ -137,6 +137,43 @@ def image_size(path: str | Path, *, max_pixels: int | None = None) -> tuple[int,
         return source.height, source.width, source.bits
 
 
+_SECONDS = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "ms": 1e-3, "min": 60, "minute": 60, "minutes": 60,
+            "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600}
+
+
+def frame_interval_h(path: str | Path) -> float | None:
+    """Hours between the time points of a time-lapse file, from its own metadata, else None.
+
+    ImageJ TIFF: `finterval` in `tunit` (seconds when absent); OME-TIFF: Pixels TimeIncrement in
+    TimeIncrementUnit (seconds when absent); ND2/CZI/LIF: bioio's time_interval. Metadata are a
+    hint, never an error: anything missing, zero or unreadable gives None.
+    """
+    path = Path(path)
+    seconds = None
+    try:
+        if path.suffix.lower() in VENDOR_SUFFIXES:
+            from bioio import BioImage
+
+            interval = BioImage(path, reader=importlib.import_module(VENDOR_SUFFIXES[path.suffix.lower()]).Reader).time_interval
+            seconds = interval.total_seconds() if interval is not None else None
+        else:
+            with tifffile.TiffFile(path) as tif:
+                if tif.is_imagej and tif.imagej_metadata and "finterval" in tif.imagej_metadata:
+                    meta = tif.imagej_metadata
+                    seconds = float(meta["finterval"]) * _SECONDS.get(str(meta.get("tunit", "s")).lower(), math.nan)
+                elif tif.is_ome and tif.ome_metadata:
+                    pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+                    pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
+                    if "TimeIncrement" in pixels:
+                        unit = str(pixels.get("TimeIncrementUnit", "s")).lower()
+                        seconds = float(pixels["TimeIncrement"]) * _SECONDS.get(unit, math.nan)
+    except Exception:  # no metadata, another format, a damaged header: no hint
+        return None
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return seconds / 3600
+
+
 def max_image_pixels(max_pixels: int | None = None) -> int:
     """The pixel budget per frame: max_pixels if given, else GBM_MAX_IMAGE_MEGAPIXELS x 1e6, else 100e6."""
     if max_pixels is not None:

@@ -24,6 +24,7 @@ import tifffile
 
 from gbm_assets.errors import InputError, PlateError
 from gbm_assets.imaging.io import IMAGE_SUFFIXES, count_frames, read_frames
+from gbm_assets.imaging.io import frame_interval_h as recorded_interval_h
 from gbm_assets.imaging.plates import (
     MANIFEST_COLUMNS, MANIFEST_NAME, check_plate_id, decimal_points, normalise_well, safe_plate_id, validate_plate,
 )
@@ -111,20 +112,22 @@ def _describe(path: Path, timepoint_pattern: re.Pattern | None) -> SourceImage:
     return parsed
 
 
-def _expand_frames(image: SourceImage, frame_interval_h: float) -> list[SourceImage]:
-    """One entry per frame of a stack (frame k at time + k * frame_interval_h), else the image."""
+def _expand_frames(image: SourceImage, interval_h: float | None) -> list[SourceImage]:
+    """One entry per frame of a stack, else the image. Frame k is at the file's time plus k times
+    interval_h, or the interval the file records (ImageJ, OME, vendor metadata), or 1 h."""
     n = count_frames(image.source)
     if n == 1:
         return [image]
     start = image.timepoint_h or 0.0
+    step = interval_h if interval_h is not None else (recorded_interval_h(image.source) or 1.0)
     stem = Path(image.name).stem.removesuffix(".ome")
-    return [replace(image, name=f"{stem}_frame{k:03d}.tif", frame=k, timepoint_h=start + k * frame_interval_h)
+    return [replace(image, name=f"{stem}_frame{k:03d}.tif", frame=k, timepoint_h=start + k * step)
             for k in range(n)]
 
 
 def source_images(
     source: str | Path, timepoint_pattern: str | None = None, include: str | None = None,
-    frame_interval_h: float = 1.0,
+    frame_interval_h: float | None = None,
 ) -> list[SourceImage]:
     """Every image (or stack frame) under `source` (a folder, or one file), with what its name says.
 
@@ -230,7 +233,7 @@ def make_plate(
     source: str | Path, raw: str | Path, plate_id: str | None = None, culture: str | None = None,
     concentration: str = "na", replicate: int = 1, timepoint_pattern: str | None = None,
     link: bool = True, plate_map: str | Path | None = None, include: str | None = None,
-    frame_interval_h: float = 1.0,
+    frame_interval_h: float | None = None,
 ) -> Path:
     """Turn a folder of images (or an instrument export, or a stack) into the plate raw/<plate_id>.
 
