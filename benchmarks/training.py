@@ -91,6 +91,8 @@ def write_synthetic_crops(root: Path, n_crops: int, size: int, seed: int = 0, pl
                 "concentration": ["1000"] * n,
                 "replicate": np.ones(n, np.int32),
                 "timepoint_h": np.zeros(n),
+                "well": ["na"] * n,
+                "position": ["na"] * n,
                 "cell_id": np.arange(n, dtype=np.int32),
                 **{m: rng.random(n) for m in MEASUREMENT_COLUMNS},
                 "crop_size": np.full(n, size, np.int16),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import csv
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -116,6 +117,18 @@ def _column_names(header: list[list[str]]) -> list[str]:
         current = name or current
         filled.append(current)
     return [f"{a}|{b}" if a else b for a, b in zip(filled, second)]
+
+
+_COLUMN_NAME = re.compile(r"^[\w .()%/#-]{0,40}$")
+
+
+def describe_header(columns) -> str:
+    """The column names of a table for an error message, or a neutral phrase when the first line
+    does not look like column names (a file linked by mistake: its content is never quoted)."""
+    names = [str(c) for c in columns if c != LINE_COLUMN]
+    if names and all(_COLUMN_NAME.match(n) for n in names):
+        return f"has columns {names}"
+    return f"its first line ({len(names)} field(s)) is not a header of column names"
 
 
 def parse_numbers(df: pd.DataFrame, column: str, kind: type = float, what: str = "table",

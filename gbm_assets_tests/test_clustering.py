@@ -58,6 +58,8 @@ def embedding_table(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
         "concentration": rng.choice(["250", "1000"], size=n),
         "replicate": np.int32(1),
         "timepoint_h": 0.0,
+        "well": rng.choice(["B2", "C3"], size=n),
+        "position": "1",
         "embedding": list(x),
     })
     return table, types

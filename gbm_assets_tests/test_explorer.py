@@ -33,7 +33,7 @@ def fake_labels(n: int, seed: int = 0) -> pd.DataFrame:
         "plate": plate, "image": image,
         "x": rng.integers(64, 960, n), "y": rng.integers(64, 960, n),
         "culture": [p.split("-")[1] for p in plate], "concentration": [p.split("-")[2][1:] for p in plate],
-        "replicate": 1, "timepoint_h": 0.0,
+        "replicate": 1, "timepoint_h": 0.0, "well": "B2", "position": "1",
         "umap_x": xy[:, 0], "umap_y": xy[:, 1],
         "hdbscan": hdbscan, "hdbscan_noise": hdbscan == -1,
         "gmm": gmm, "gmm_prob": rng.uniform(0.5, 1, n), "auto": gmm,

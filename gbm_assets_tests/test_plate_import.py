@@ -32,11 +32,21 @@ def test_elapsed_time_in_names(name, hours):
     assert elapsed_hours(name) == pytest.approx(hours) if hours is not None else elapsed_hours(name) is None
 
 
-def test_instrument_name_parts():
-    parsed = parse_instrument_name("My_Vessel_2_Phase_B02_3_02d04h30m.tif")
-    assert (parsed.well, parsed.position, parsed.group) == ("B2", "3", "My_Vessel_2_Phase")
-    assert parsed.timepoint_h == pytest.approx(52.5)
+@pytest.mark.parametrize("name, well, position, group, hours", [
+    ("My_Vessel_2_Phase_B02_3_02d04h30m.tif", "B2", "3", "My_Vessel_2_Phase", 52.5),  # Incucyte S3
+    ("VID193_A1_1_2016y06m23d_11h41m.tif", "A1", "1", "VID193", None),  # Incucyte Zoom, absolute time
+    ("A172_Phase_C7_1_01d00h00m_2.tif", "C7", "1_2", "A172_Phase", 24.0),  # LIVECell tile 2 of a field
+])
+def test_instrument_name_parts(name, well, position, group, hours):
+    parsed = parse_instrument_name(name)
+    assert (parsed.well, parsed.position, parsed.group) == (well, position, group)
+    if hours is not None:
+        assert parsed.timepoint_h == pytest.approx(hours)
+
+
+def test_other_names_are_not_instrument_names():
     assert parse_instrument_name("t07.tif") is None
+    assert parse_instrument_name("GBM Zürich 01 t07.tif") is None
 
 
 def test_thesis_plate_from_export_and_plate_map(tmp_path):

@@ -169,3 +169,14 @@ def test_manifest_names_match_files_in_any_unicode_normalisation(tmp_path):
     _manifest_bytes(plate, "image,culture\nZürich.tif,A\n")
     summary = validate_plate(plate)
     assert summary.manifest["image"].tolist() == [nfd]
+
+
+def test_manifest_linked_to_a_private_file_is_not_quoted(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password=hunter2\nrecovery=swordfish\n")
+    plate = write_tiny_plate(tmp_path / "p")
+    (plate / "manifest.csv").unlink()
+    (plate / "manifest.csv").symlink_to(secret)
+    with pytest.raises(PlateError, match="lacks required column") as err:
+        read_manifest(plate)
+    assert "hunter2" not in str(err.value) and "swordfish" not in str(err.value)

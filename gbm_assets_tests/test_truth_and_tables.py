@@ -18,7 +18,7 @@ def _rows(n: int, plate="p1") -> pd.DataFrame:
         "plate": plate, "image": [f"img{i % 3}.tif" for i in range(n)],
         "x": np.arange(n, dtype=np.int32), "y": np.arange(n, dtype=np.int32) * 2,
         "culture": ["A", "B"] * (n // 2) + ["A"] * (n % 2), "concentration": "1000",
-        "replicate": np.int32(1), "timepoint_h": 0.0,
+        "replicate": np.int32(1), "timepoint_h": 0.0, "well": "na", "position": "na",
     })
 
 

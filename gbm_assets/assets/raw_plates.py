@@ -28,5 +28,6 @@ def raw_plates(context: dg.AssetExecutionContext, data: DataDirs) -> dg.Material
             "concentrations": ", ".join(summary.concentrations),
             "replicates": ", ".join(str(r) for r in sorted(summary.manifest["replicate"].unique())),
             "timepoints_h": ", ".join(f"{t:g}" for t in sorted(summary.manifest["timepoint_h"].unique())),
+            "wells": ", ".join(sorted(set(summary.manifest["well"]) - {"na"})) or "na",
         }
     )

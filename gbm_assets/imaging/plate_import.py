@@ -28,13 +28,16 @@ from gbm_assets.imaging.io import frame_interval_h as recorded_interval_h
 from gbm_assets.imaging.plates import (
     MANIFEST_COLUMNS, MANIFEST_NAME, check_plate_id, decimal_points, normalise_well, safe_plate_id, validate_plate,
 )
-from gbm_assets.tables import LINE_COLUMN, parse_numbers, read_delimited
+from gbm_assets.tables import LINE_COLUMN, describe_header, parse_numbers, read_delimited
 
 ELAPSED = re.compile(r"(?<![0-9A-Za-z])(\d+)d(\d{1,2})h(\d{1,2})m(?![0-9A-Za-z])")
 ABSOLUTE = re.compile(r"(?<!\d)(\d{4})y(\d{2})m(\d{2})d_(\d{2})h(\d{2})m(?![0-9A-Za-z])")
+# <prefix>_<well>_<position>_<time>[_<tile>]: the prefix is the vessel and usually the channel
+# (Incucyte S3: GBM03_Phase_B2_1_02d04h30m; Incucyte Zoom: VID193_A1_1_2016y06m23d_11h41m;
+# LIVECell's tiles of a field add _<tile>: A172_Phase_C7_1_00d00h00m_2).
 INSTRUMENT_NAME = re.compile(
-    r"^(?P<vessel>.+?)_(?P<channel>[^_]+)_(?P<well>[A-Za-z]{1,2}\d{1,3})_(?P<position>\d+)_"
-    r"(?P<time>\d+d\d{1,2}h\d{1,2}m|\d{4}y\d{2}m\d{2}d_\d{2}h\d{2}m)$"
+    r"^(?P<prefix>.+?)_(?P<well>[A-Za-z]{1,2}\d{1,3})_(?P<position>\d+)_"
+    r"(?P<time>\d+d\d{1,2}h\d{1,2}m|\d{4}y\d{2}m\d{2}d_\d{2}h\d{2}m)(?:_(?P<tile>\d+))?$"
 )
 PLATE_MAP_COLUMNS = ("culture", "concentration", "replicate")
 
@@ -80,8 +83,8 @@ def parse_instrument_name(name: str) -> SourceImage | None:
             raise PlateError(name, f"time stamp {stamp!r} is not a valid date and time") from None
     else:
         hours = elapsed_hours(stamp)
-    return SourceImage(Path(name), name, hours, normalise_well(match["well"]), str(int(match["position"])),
-                       f"{match['vessel']}_{match['channel']}")
+    position = str(int(match["position"])) + (f"_{int(match['tile'])}" if match["tile"] else "")
+    return SourceImage(Path(name), name, hours, normalise_well(match["well"]), position, match["prefix"])
 
 
 def _timepoint_regex(pattern: str) -> re.Pattern:
@@ -185,7 +188,7 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
         table = read_delimited(path, what="plate map")
         table.columns = [c if c == LINE_COLUMN else c.strip().lower() for c in table.columns]
         if "well" not in table.columns:
-            raise PlateError(path, f"plate map needs a 'well' column; has {[c for c in table.columns if c != LINE_COLUMN]}")
+            raise PlateError(path, f"plate map needs a 'well' column; {describe_header(table.columns)}")
         present = [c for c in PLATE_MAP_COLUMNS if c in table.columns]
         if not present:
             raise PlateError(path, f"plate map needs at least one of {list(PLATE_MAP_COLUMNS)} beside 'well'")

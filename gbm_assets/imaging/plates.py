@@ -21,7 +21,7 @@ import pandas as pd
 
 from gbm_assets.errors import InputError, PlateError
 from gbm_assets.imaging.io import IMAGE_SUFFIXES, image_size
-from gbm_assets.tables import LINE_COLUMN, parse_numbers, read_delimited
+from gbm_assets.tables import LINE_COLUMN, describe_header, parse_numbers, read_delimited
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("image", "culture")
@@ -123,7 +123,7 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
     header = [c for c in df.columns if c != LINE_COLUMN]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise PlateError(manifest, f"manifest lacks required column(s) {missing}; has {header}")
+        raise PlateError(manifest, f"manifest lacks required column(s) {missing}; {describe_header(header)}")
     if len(set(header)) < len(header):
         raise PlateError(manifest, f"manifest repeats a column name: {header}")
     if df.empty:
