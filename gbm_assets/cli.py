@@ -71,6 +71,7 @@ def mask_names(images: list[Path]) -> dict[Path, Path]:
 def cmd_segment(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from gbm_assets.analysis.safe_csv import to_csv_safe
     from gbm_assets.imaging.plate_cells import default_workers, find_plate_cells
     from gbm_assets.imaging.segmentation import SegmentationParams
     from gbm_assets.storage import atomic_path, write_bytes_atomic
@@ -93,7 +94,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 write_bytes_atomic(masks_dir / names[Path(found.image)], found.labels_png)  # 16-bit PNG
     table = pd.concat(frames, ignore_index=True)
     with atomic_path(args.out) as tmp:
-        table.to_csv(tmp, index=False)
+        to_csv_safe(table, tmp, index=False)  # image names are data: never a spreadsheet formula
     print(f"{len(table)} cells in {len(images)} images -> {args.out}")
     return 0
 

@@ -18,6 +18,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix
 from sklearn.model_selection import StratifiedGroupKFold
 
+from gbm_assets.analysis.figures import literal_text
 from gbm_assets.imaging.plates import natural_key
 
 
@@ -69,6 +70,7 @@ def raw_pixel_features(pixels: np.ndarray, size: int = 32) -> np.ndarray:
     return blocks.mean(axis=(2, 4)).reshape(n, size * size)
 
 
+@literal_text  # class names are data: drawn literally, never as $math$
 def plot_confusion(result: dict, title: str, path: str | Path) -> Path:
     """Write the confusion matrix as a PNG: colour = share of the true class, text = counts."""
     counts = np.asarray(result["confusion"])

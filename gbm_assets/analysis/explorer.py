@@ -125,8 +125,26 @@ def _payload(points: pd.DataFrame, thumbs: np.ndarray, colourings: list, fields:
         "columns": {f: _categorical(points[f]) for f in dict.fromkeys(fields + colourings)},
         "thumbs": [_data_uri(t) for t in thumbs],
     }
-    # "</" inside a <script> element would end it early.
-    return json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    return script_json(data)
+
+
+# Characters that may never appear raw inside a <script> element: "</script" would end it,
+# "<!--" (with "<script") switches the HTML parser into a state where the real end tag is not
+# seen; ">" and "&" are escaped as well (OWASP's rule for data in scripts), and U+2028/U+2029
+# end a line in older JavaScript.
+_SCRIPT_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_SCRIPT_UNSAFE_RE = re.compile("[<>&\u2028\u2029]")
+
+
+def script_json(value) -> str:
+    """value as JSON text that is safe inside an HTML <script> element, whatever strings it holds.
+
+    The characters < > & U+2028 U+2029 are written as \\u escapes (they can only occur inside
+    JSON strings, so json.loads of the result gives value back unchanged); no sequence in the
+    output can close the script or open an HTML comment. Raises TypeError for what json cannot encode.
+    """
+    text = json.dumps(value, separators=(",", ":"))
+    return _SCRIPT_UNSAFE_RE.sub(lambda m: _SCRIPT_UNSAFE[m.group()], text)
 
 
 def write_explorer(

@@ -1,10 +1,15 @@
 """Figures of the clustering: UMAP scatters, stacked composition bars, crop montages.
 
 Each function writes one PNG (matplotlib Agg, no display needed) and returns its path.
+
+Names are data: a culture called "$x^$" or "_control" is drawn as those characters. Every figure
+of the project is made under literal_text (mathtext and TeX off), and legends get their labels
+explicitly, so that matplotlib never hides a label that starts with "_".
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +22,20 @@ import pandas as pd  # noqa: E402
 NOISE = -1
 NOISE_COLOUR = "#d3d3d3"
 DPI = 120
+# rcParams under which every figure is made: text is drawn as given, never parsed as $math$ or TeX.
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
+def literal_text(func):
+    """Decorator for a function that makes a figure: it runs under LITERAL_TEXT.
+
+    The context must span the drawing (savefig) as well, since tick labels are created then.
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(LITERAL_TEXT):
+            return func(*args, **kwargs)
+    return wrapper
 
 
 def _order(values) -> list:
@@ -41,6 +60,7 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+@literal_text
 def umap_scatter(
     df: pd.DataFrame,
     color_by: str,
@@ -62,22 +82,24 @@ def umap_scatter(
     others = [c for c in categories if c != NOISE]
     fig, ax = plt.subplots(figsize=(7, 6))
     size = max(0.5, min(8.0, 20_000 / max(len(df), 1)))
+    handles, names = [], []
     for cat, colour in [(c, NOISE_COLOUR) for c in noise] + list(zip(others, _colours(len(others)))):
         sel = (values == cat).to_numpy()
-        ax.scatter(
+        handles.append(ax.scatter(
             df["umap_x"].to_numpy()[sel], df["umap_y"].to_numpy()[sel],
             s=size, color=colour, linewidths=0, rasterized=True,
-            label="noise" if cat == NOISE else str(cat),
-        )
+        ))
+        names.append("noise" if cat == NOISE else str(cat))
     ax.set_xlabel("UMAP 1")
     ax.set_ylabel("UMAP 2")
     ax.set_title(title or f"UMAP coloured by {color_by}")
     if len(categories) <= 30:
-        ax.legend(title=color_by, markerscale=max(1.0, 6 / np.sqrt(size)), fontsize=8,
+        ax.legend(handles, names, title=color_by, markerscale=max(1.0, 6 / np.sqrt(size)), fontsize=8,
                   loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return _save(fig, path)
 
 
+@literal_text
 def stacked_composition_bar(
     comp_df: pd.DataFrame,
     path: str | Path,
@@ -95,10 +117,12 @@ def stacked_composition_bar(
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(cultures) + 3), 5))
     x = np.arange(len(cultures))
     bottom = np.zeros(len(cultures))
+    handles, names = [], []
     for cluster, colour in zip(clusters, _colours(len(clusters))):
         p = wide[cluster].to_numpy()
-        ax.bar(x, p, bottom=bottom, color=NOISE_COLOUR if cluster == NOISE else colour,
-               width=0.8, label="noise" if cluster == NOISE else str(cluster))
+        handles.append(ax.bar(x, p, bottom=bottom, color=NOISE_COLOUR if cluster == NOISE else colour,
+                              width=0.8))
+        names.append("noise" if cluster == NOISE else str(cluster))
         if error_bars and {"ci_low", "ci_high"} <= set(comp_df.columns):
             ci = (comp_df[comp_df["cluster"] == cluster].set_index("culture")
                   .reindex(cultures)[["ci_low", "ci_high"]].fillna(0.0).to_numpy())
@@ -111,11 +135,12 @@ def stacked_composition_bar(
     ax.set_xlabel("culture")
     ax.set_ylabel("proportion of cells")
     ax.set_title(title)
-    ax.legend(title="cluster", fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
+    ax.legend(handles, names, title="cluster", fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
               frameon=False)
     return _save(fig, path)
 
 
+@literal_text
 def crop_montage(
     crops: np.ndarray,
     labels,

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from gbm_assets.analysis.safe_csv import to_csv_safe
 from gbm_assets.storage import write_bytes_atomic
 
 BASELINE = "raw pixels"
@@ -124,12 +125,12 @@ def _variant_html(v: VariantSection, out_dir: Path) -> str:
     if v.cluster_metrics:
         metrics = (pd.DataFrame.from_dict(v.cluster_metrics, orient="index")
                    .rename_axis("method").reset_index())
-        write_bytes_atomic(out_dir / f"{slug}_cluster_metrics.csv", metrics.to_csv(index=False).encode())
+        write_bytes_atomic(out_dir / f"{slug}_cluster_metrics.csv", to_csv_safe(metrics, index=False).encode())
         parts += ["<h3>Cluster metrics</h3>", _table(metrics)]
     if v.auto_k is not None:
         parts.append(f"<p>Automatically chosen number of clusters: <strong>{v.auto_k}</strong>.</p>")
     if v.composition is not None:
-        write_bytes_atomic(out_dir / f"{slug}_composition.csv", v.composition.to_csv(index=False).encode())
+        write_bytes_atomic(out_dir / f"{slug}_composition.csv", to_csv_safe(v.composition, index=False).encode())
         parts += ["<h3>Composition per culture</h3>",
                   "<p>Share of the clustered cells of each culture in each cluster, with its "
                   "bootstrap confidence interval.</p>", _table(_composition_wide(v.composition))]
@@ -181,7 +182,7 @@ def write_report(
     _check_comparison(comparison)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out_dir / "comparison.csv", comparison.to_csv(index=False).encode())
+    write_bytes_atomic(out_dir / "comparison.csv", to_csv_safe(comparison, index=False).encode())
     best = best_variant(comparison)
     best_text = ("No variant has a culture kappa yet." if best is None else
                  f'Best variant by culture Cohen\'s kappa: <strong id="best-variant">'
@@ -206,6 +207,21 @@ def write_report(
     return path
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
+
+
+def _md_text(value) -> str:
+    """A table cell or name as literal Markdown text: names are data, never markup.
+
+    Numbers are formatted by _fmt; in text, the characters that open Markdown or HTML markup or
+    end a table cell are backslash-escaped (CommonMark) and line breaks become spaces.
+    """
+    text = _fmt(value)
+    if not isinstance(value, str):
+        return text.replace("|", "\\|")
+    return _MD_SPECIAL.sub(r"\\\1", re.sub(r"[\r\n]+", " ", text))
+
+
 def markdown_summary(
     comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()
 ) -> str:
@@ -213,14 +229,14 @@ def markdown_summary(
     _check_comparison(comparison)
 
     def row(cells) -> str:
-        return "| " + " | ".join(_fmt(c).replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(_md_text(c) for c in cells) + " |"
 
     cols = list(COMPARISON_COLUMNS)
     lines = [row(cols), row(["---"] * len(cols))]
     lines += [row(r) for r in comparison[cols].itertuples(index=False)]
     best = best_variant(comparison)
     if best is not None:
-        lines += ["", f"**Best variant by culture kappa: {best['variant']}** "
+        lines += ["", f"**Best variant by culture kappa: {_md_text(best['variant'])}** "
                       f"(kappa {_fmt(best['culture_kappa'])})"]
     if variants:
         lines += ["", row(["variant", "HDBSCAN clusters", "noise", "auto k", "chi-square p",

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from gbm_assets import paths
+from gbm_assets.analysis.safe_csv import to_csv_safe
 from gbm_assets.assets.cells import cell_crops
 from gbm_assets.assets.mlflow_tracking import MLflowTracking, MLflowUnavailable
 from gbm_assets.assets.partitions import variants
@@ -199,7 +200,7 @@ def embeddings(
     with mlflow_tracking.start_run(context, run_name="", run_id=record["run_id"]) as run:
         mlflow.log_metrics({"embedding_seconds": seconds, "embedded_crops_per_s": done / max(seconds, 1e-9), "n_embedded": done})
         mlflow.log_metrics({f"{r.feature_set}.{r.target}.{m}": getattr(r, m) for r in scores.itertuples() for m in ("accuracy", "kappa", "majority_baseline")})
-        mlflow.log_text(scores.to_csv(index=False), "evaluation/scores.csv")
+        mlflow.log_text(to_csv_safe(scores, index=False), "evaluation/scores.csv")
         for fig in figures:
             mlflow.log_artifact(str(fig), "evaluation")
         url = mlflow_tracking.run_url(run)
