@@ -181,3 +181,36 @@ def write_dense_plates(raw: Path, n: int = 2) -> list[str]:
         plate.rename(raw / plate.name)
     shutil.rmtree(scratch)
     return sorted(p.name for p in dense)
+
+
+@contextmanager
+def guarded_dagster_ui(workdir: Path, *extra_args: str, env: dict | None = None) -> Iterator[Server]:
+    """The Dagster UI as scripts/dagster-ui.sh serves it (`python -m gbm_assets.ui_guard`, the
+    webserver behind the project's Host/Origin guard) on a free loopback port, answering /server_info.
+
+    A fresh instance under workdir/dagster_home with the repository's dagster.yaml, an empty
+    workdir/data/raw, an MLflow SQLite file in workdir and the log in workdir/dagster-ui.log; extra_args
+    go to the command (e.g. "--daemon"), env is added to the environment. Stopped with SIGINT, as Ctrl-C.
+    """
+    from datetime import datetime, timezone
+
+    home = workdir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO_ROOT / ".dagster_home" / "dagster.yaml", home)
+    (workdir / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    full_env = {k: v for k, v in os.environ.items() if k != "GBM_UI_ALLOWED_HOSTS"}
+    full_env.update({
+        "DAGSTER_HOME": str(home),
+        "GBM_ASSETS_DATA": str(workdir / "data"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+        # keep the nightly retraining schedule 12 hours away from any test
+        "GBM_RETRAIN_CRON": f"0 {(datetime.now(timezone.utc).hour + 12) % 24} * * *",
+        **(env or {}),
+    })
+    port = free_port()
+    cmd = [sys.executable, "-m", "gbm_assets.ui_guard", "-w", "workspace.yaml", "--host", "127.0.0.1",
+           "--port", str(port), *extra_args]
+    with server_process(cmd, workdir / "dagster-ui.log", port, env=full_env, cwd=REPO_ROOT,
+                        stop_signal=signal.SIGINT) as server:
+        server.wait_for_http("/server_info", timeout_s=120)
+        yield server

@@ -1,4 +1,5 @@
-"""The Dagster UI as a user meets it: `dagster dev` on a fresh instance, a plate materialized by clicking.
+"""The Dagster UI as a user meets it: scripts/dagster-ui.sh's guarded webserver and daemon on a fresh
+instance (`python -m gbm_assets.ui_guard --daemon`), a plate materialized by clicking.
 
 This is the README's path (scripts/dagster-ui.sh): the daemon's new_plate_sensor registers the plate,
 then a person picks raw_plates in the asset graph, chooses the plate in the launch dialog and launches.
@@ -80,7 +81,8 @@ def test_materialize_a_plate_partition_from_the_ui(tmp_path):
         "GBM_RETRAIN_CRON": f"0 {(datetime.now(timezone.utc).hour + 12) % 24} * * *",
     }
     port = free_port()
-    cmd = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    cmd = [sys.executable, "-m", "gbm_assets.ui_guard", "--daemon", "-w", "workspace.yaml", "--host", "127.0.0.1",
+           "--port", str(port)]
     dagster_dev = server_process(cmd, tmp_path / "dagster.log", port, env=env, cwd=REPO_ROOT, stop_signal=signal.SIGINT)
     with chromium_page(tmp_path / "failure.png") as page, dagster_dev as dagster:
         dagster.wait_for_http("/server_info", timeout_s=120)
