@@ -36,6 +36,11 @@ def cell_crops_dir(root: Path | None = None) -> Path:
     return (root or data_root()) / "cell_crops.parquet"
 
 
+def plate_versions_dir(root: Path | None = None) -> Path:
+    """What raw_plates validated: one <plate>.json per plate (see imaging.plates.PlateVersion)."""
+    return (root or data_root()) / "plate_versions"
+
+
 def plate_file(dataset_dir: Path, plate_id: str) -> Path:
     """The one Parquet file of a plate inside a hive-partitioned dataset (plate=<id>/part-0.parquet)."""
     return dataset_dir / f"plate={plate_id}" / "part-0.parquet"

@@ -152,7 +152,11 @@ def test_failure_mid_plate_leaves_previous_crops_intact(ingested):
     path = plate_file(data_root / "cell_crops.parquet", plate_id)
     before = path.read_bytes()
     # The second image turns unreadable after cell finding: cropping fails halfway through the plate.
-    (data_root / "raw" / plate_id / "img001.tif").write_bytes(b"garbage")
+    # (Same size and mtime, so the plate version still matches and cropping really starts.)
+    image = data_root / "raw" / plate_id / "img001.tif"
+    st = image.stat()
+    image.write_bytes((b"garbage" * st.st_size)[: st.st_size])
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(Exception, match=r"img001\.tif"):
         _materialize(data_root, plate_id, instance, assets=[cell_crops], run_config=SMALL_CROPS)
     assert path.read_bytes() == before
@@ -190,7 +194,10 @@ def test_sensor_skips_ingested_plates_and_reruns_a_changed_manifest(ingested):
     first = new_plate_sensor(dg.build_sensor_context(instance=instance, resources={"data": data}))
     assert plate_id not in [r.partition_key for r in first.run_requests]  # already ingested
     manifest = data_root / "raw" / plate_id / "manifest.csv"
-    manifest.write_text(manifest.read_text())  # rewritten: a new version
+    manifest.write_text(manifest.read_text())  # rewritten with the same content: the same version
     os.utime(manifest, ns=(manifest.stat().st_atime_ns, manifest.stat().st_mtime_ns + 10**9))
-    second = new_plate_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor, resources={"data": data}))
+    touched = new_plate_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor, resources={"data": data}))
+    assert plate_id not in [r.partition_key for r in touched.run_requests]
+    manifest.write_text(manifest.read_text() + "\n")  # a changed manifest (one more trailing empty row): a new version
+    second = new_plate_sensor(dg.build_sensor_context(instance=instance, cursor=touched.cursor, resources={"data": data}))
     assert [r.partition_key for r in second.run_requests].count(plate_id) == 1

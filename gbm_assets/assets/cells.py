@@ -1,4 +1,9 @@
-"""cell_coordinates and cell_crops: per-plate cell finding and single-cell crops (wiring only)."""
+"""cell_coordinates and cell_crops: per-plate cell finding and single-cell crops (wiring only).
+
+One plate version per run: cell_coordinates works only on the plate version raw_plates validated
+(data/plate_versions/<plate>.json) and records it in its Parquet files; cell_crops works only on
+the version cell_coordinates used. Each checks again before its output replaces the previous one.
+"""
 
 
 from dataclasses import asdict, fields
@@ -14,7 +19,16 @@ from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.imaging.cellprofiler import read_plate_objects
 from gbm_assets.imaging.plate_cells import CropFilters, crop_plate, default_workers, find_plate_cells
-from gbm_assets.imaging.plates import check_plate_id, read_manifest
+from gbm_assets.errors import PlateError
+from gbm_assets.imaging.plates import (
+    PlateVersion,
+    check_plate_id,
+    check_plate_unchanged,
+    parquet_plate_version,
+    plate_version_schema_metadata,
+    read_manifest,
+    read_plate_version,
+)
 from gbm_assets.imaging.quality import CROP_CHECKS, check_crops, expected_crop_count
 from gbm_assets.imaging.segmentation import SegmentationParams
 from gbm_assets.paths import plate_file
@@ -68,6 +82,26 @@ def masks_file(data: DataDirs, plate_id: str):
     return plate_file(data.masks, plate_id)
 
 
+def _with_version(table: pa.Table, version: PlateVersion) -> pa.Table:
+    return table.replace_schema_metadata(plate_version_schema_metadata(version, table.schema.metadata))
+
+
+def _version_metadata(version: PlateVersion) -> dict:
+    return {"manifest_sha256": version.manifest_sha256, "plate_version": dg.MetadataValue.json(version.as_dict())}
+
+
+def _recorded_version(read, path, plate_id: str, by: str) -> PlateVersion:
+    """read(path): the plate version `by` recorded there; PlateError naming the file if none."""
+    try:
+        found = read(path)
+    except FileNotFoundError:
+        found = None
+    if found is None:
+        raise PlateError(path, f"no plate version recorded for plate {plate_id!r}; materialize {by} for it first "
+                         "(or re-ingest the plate: raw_plates, cell_coordinates, cell_crops)")
+    return found
+
+
 @dg.asset(
     partitions_def=plates,
     deps=[raw_plates],
@@ -79,7 +113,9 @@ def masks_file(data: DataDirs, plate_id: str):
 def cell_coordinates(context: dg.AssetExecutionContext, config: CellFindingConfig, data: DataDirs) -> dg.MaterializeResult:
     plate_id = check_plate_id(context.partition_key)
     plate_dir = data.plate_dir(plate_id)
+    validated = _recorded_version(read_plate_version, data.plate_version_file(plate_id), plate_id, "raw_plates")
     manifest = read_manifest(plate_dir)
+    version = check_plate_unchanged(plate_dir, plate_id, validated, "raw_plates validated it", manifest["image"])
     found = read_plate_objects(plate_dir, manifest, config.cellprofiler_objects) if config.use_cellprofiler_table else None
     objects = found.table if found else None
     source = f"CellProfiler table {found.path.name}, objects {found.objects_name}" if found else "segmentation"
@@ -100,13 +136,17 @@ def cell_coordinates(context: dg.AssetExecutionContext, config: CellFindingConfi
     masks = pa.table(
         {k: list(v) for k, v in zip(("image", "height", "width", "n_cells", "labels_png"), zip(*mask_rows))}
     )
-    write_parquet_atomic(masks, masks_file(data, plate_id))
-    out = write_parquet_atomic(pa.Table.from_pandas(coords, preserve_index=False), plate_file(data.coordinates, plate_id))
+    check_plate_unchanged(plate_dir, plate_id, version, "cell_coordinates began", manifest["image"])
+    write_parquet_atomic(_with_version(masks, version), masks_file(data, plate_id))
+    out = write_parquet_atomic(
+        _with_version(pa.Table.from_pandas(coords, preserve_index=False), version), plate_file(data.coordinates, plate_id)
+    )
 
     per_image = coords.groupby("image").size().reindex(manifest["image"], fill_value=0)
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
+            **_version_metadata(version),
             "source": source,
             "n_cells": len(coords),
             "cells_per_image_mean": float(per_image.mean()),
@@ -136,19 +176,26 @@ def cell_coordinates(context: dg.AssetExecutionContext, config: CellFindingConfi
 def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: DataDirs) -> dg.MaterializeResult:
     plate_id = check_plate_id(context.partition_key)
     plate_dir = data.plate_dir(plate_id)
+    used = _recorded_version(parquet_plate_version, plate_file(data.coordinates, plate_id), plate_id, "cell_coordinates")
+    if _recorded_version(parquet_plate_version, masks_file(data, plate_id), plate_id, "cell_coordinates") != used:
+        raise PlateError(masks_file(data, plate_id), f"label masks of plate {plate_id!r} are of another plate version "
+                         "than its cell coordinates; materialize cell_coordinates again")
     manifest = read_manifest(plate_dir)
+    version = check_plate_unchanged(plate_dir, plate_id, used, "cell_coordinates found its cells", manifest["image"])
     coords = pd.read_parquet(plate_file(data.coordinates, plate_id))
     masks_tbl = pq.read_table(masks_file(data, plate_id), columns=["image", "labels_png"])
     masks = dict(zip(masks_tbl["image"].to_pylist(), masks_tbl["labels_png"].to_pylist()))
     filters = CropFilters(config.max_cells_per_image, config.min_timepoint_h, config.max_timepoint_h)
 
     out = plate_file(data.crops, plate_id)
-    with AtomicParquetWriter(out, CROP_SCHEMA) as writer:
+    with AtomicParquetWriter(out, CROP_SCHEMA.with_metadata(plate_version_schema_metadata(version, CROP_SCHEMA.metadata))) as writer:
         for table in crop_plate(
             plate_id, plate_dir, manifest, coords, masks, config.crop_size, filters,
             workers=config.workers or default_workers(), progress=_progress(context, f"cropping {plate_id}"),
         ):
             writer.write(table)
+        # Still the same plate: else the new file is dropped and the previous one stays.
+        check_plate_unchanged(plate_dir, plate_id, version, "cell_crops began", manifest["image"])
     sizes = pq.read_table(masks_file(data, plate_id), columns=["image", "height", "width"]).to_pandas()
     expected = expected_crop_count(coords, manifest, sizes, config.crop_size, filters)
     written = pq.read_table(out, columns=[*PROVENANCE_COLUMNS, *MEASUREMENT_COLUMNS]).to_pandas()
@@ -159,6 +206,7 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
+            **_version_metadata(version),
             "n_crops": writer.rows,
             "crop_size": config.crop_size,
             "n_coordinates": len(coords),

@@ -1,11 +1,17 @@
-"""raw_plates: validate one plate folder and record what it holds."""
+"""raw_plates: validate one plate folder and record what it holds, and which version of it.
+
+The plate's version (manifest hash and image fingerprint, see gbm_assets.imaging.plates.PlateVersion)
+goes in the materialization metadata and in data/plate_versions/<plate>.json, which
+cell_coordinates reads to refuse a plate that changed after it was validated.
+"""
 
 
 import dagster as dg
 
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.resources import DataDirs
-from gbm_assets.imaging.plates import check_plate_id, validate_plate
+from gbm_assets.errors import PlateError
+from gbm_assets.imaging.plates import check_plate_id, check_plate_unchanged, plate_version, validate_plate, write_plate_version
 
 
 @dg.asset(
@@ -17,9 +23,21 @@ from gbm_assets.imaging.plates import check_plate_id, validate_plate
 def raw_plates(context: dg.AssetExecutionContext, data: DataDirs) -> dg.MaterializeResult:
     plate_id = check_plate_id(context.partition_key)
     context.log.info(f"validating plate {plate_id} at {data.plate_dir(plate_id)}")
+    try:
+        before = plate_version(data.plate_dir(plate_id))
+    except PlateError:
+        before = None  # validate_plate says what is wrong with the plate
     summary = validate_plate(data.plate_dir(plate_id))
+    # The version validated is the one seen before and after validation (a plate being copied fails).
+    version = check_plate_unchanged(
+        summary.path, plate_id, before or plate_version(summary.path), "raw_plates began validating it", summary.manifest["image"]
+    )
+    record = write_plate_version(data.plate_version_file(plate_id), plate_id, version, run_id=context.run_id)
     return dg.MaterializeResult(
         metadata={
+            "manifest_sha256": version.manifest_sha256,
+            "plate_version": dg.MetadataValue.json(version.as_dict()),
+            "plate_version_file": dg.MetadataValue.path(str(record)),
             "path": dg.MetadataValue.path(str(summary.path)),
             "n_images": summary.n_images,
             "image_size": f"{summary.width}x{summary.height}",

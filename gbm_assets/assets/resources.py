@@ -27,6 +27,10 @@ class DataDirs(dg.ConfigurableResource):
     def plate_dir(self, plate_id: str) -> Path:
         return self.raw / plate_id
 
+    def plate_version_file(self, plate_id: str) -> Path:
+        """The version of the plate raw_plates last validated (data/plate_versions/<plate>.json)."""
+        return paths.plate_versions_dir(self.base) / f"{plate_id}.json"
+
     @property
     def coordinates(self) -> Path:
         return paths.cell_coordinates_dir(self.base)

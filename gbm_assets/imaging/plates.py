@@ -257,3 +257,163 @@ def _is_safe_id(name: str) -> bool:
     except InputError:
         return False
     return True
+
+
+# --- Plate versions: one manifest version per run ----------------------------------------------
+#
+# A plate's version is what raw_plates validated: the SHA-256 of manifest.csv's bytes (the content,
+# so touching an identical manifest changes nothing) and a fingerprint of the images it lists
+# (name, size in bytes and mtime in ns of each, read with os.stat: cheap, no pixel is read, and an
+# image replaced or still being copied under the same name changes it). raw_plates writes it to
+# data/plate_versions/<plate>.json; cell_coordinates refuses to run when the plate no longer has
+# that version, and records the version it used in its Parquet file; cell_crops refuses when the
+# plate no longer has the version cell_coordinates used. The new-plate sensor keys its runs on the
+# manifest part only (`key`): a changed manifest re-ingests at once, a changed image is picked up
+# by the retry of the run that refused it.
+
+PLATE_VERSION_METADATA_KEY = b"gbm.plate_version"
+
+
+@dataclass(frozen=True)
+class PlateVersion:
+    """The version of a plate: manifest content hash and image-list fingerprint (hex SHA-256 each)."""
+
+    manifest_sha256: str
+    images_sha256: str
+    n_images: int
+
+    @property
+    def key(self) -> str:
+        """Short id of the manifest content (16 hex digits), used in the sensor's run keys."""
+        return self.manifest_sha256[:16]
+
+    def as_dict(self) -> dict:
+        return {"manifest_sha256": self.manifest_sha256, "images_sha256": self.images_sha256, "n_images": self.n_images}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | Path) -> "PlateVersion":
+        """Rebuild from as_dict(); raise PlateError naming `where` when d is not a plate version."""
+        try:
+            return cls(str(d["manifest_sha256"]), str(d["images_sha256"]), int(d["n_images"]))
+        except (KeyError, TypeError, ValueError):
+            raise PlateError(where, "holds no valid plate version (keys manifest_sha256, images_sha256, n_images)") from None
+
+    def describe_change(self, now: "PlateVersion") -> str:
+        """What differs between this (earlier) version and `now`, in words."""
+        parts = []
+        if now.manifest_sha256 != self.manifest_sha256:
+            parts.append(f"{MANIFEST_NAME} content changed (sha256 {self.key}... -> {now.key}...)")
+        if now.images_sha256 != self.images_sha256:
+            parts.append(f"its images changed (size or modification time; {self.n_images} -> {now.n_images} listed)")
+        return "; ".join(parts) or "unchanged"
+
+
+def manifest_sha256(plate_dir: str | Path) -> str:
+    """Hex SHA-256 of the bytes of <plate_dir>/manifest.csv. Raises PlateError if it is missing."""
+    import hashlib
+
+    manifest = Path(plate_dir) / MANIFEST_NAME
+    try:
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise PlateError(manifest, "manifest.csv missing (a plate is ready once its manifest exists)") from None
+    except OSError as exc:
+        raise PlateError(manifest, f"cannot read the manifest ({exc.strerror or exc})") from None
+
+
+def plate_version(plate_dir: str | Path, images=None) -> PlateVersion:
+    """The plate's current version (see PlateVersion): hashes manifest.csv, stats each image.
+
+    images: the manifest's image names (read_manifest(plate_dir)["image"]); read from the
+    manifest when None. A missing image is fingerprinted as missing, not an error (validation
+    reports it). Raises PlateError for a missing or unreadable manifest.
+    """
+    import hashlib
+
+    plate_dir = Path(plate_dir)
+    manifest_hash = manifest_sha256(plate_dir)
+    if images is None:
+        images = read_manifest(plate_dir)["image"]
+    names = [str(name) for name in images]
+    digest = hashlib.sha256()
+    for name in names:
+        try:
+            st = os.stat(plate_dir / name)
+            entry = f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n"
+        except OSError:
+            entry = f"{name}\tmissing\n"
+        digest.update(entry.encode("utf-8", "surrogateescape"))
+    return PlateVersion(manifest_hash, digest.hexdigest(), len(names))
+
+
+def write_plate_version(path: str | Path, plate_id: str, version: PlateVersion, **extra) -> Path:
+    """Record a plate's version as JSON at `path` (atomically): plate, the version, any extra keys."""
+    import json
+
+    from gbm_assets.storage import write_bytes_atomic
+
+    record = {"plate": plate_id, **version.as_dict(), **extra}
+    return write_bytes_atomic(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_plate_version(path: str | Path) -> PlateVersion | None:
+    """The version recorded at `path` by write_plate_version; None if no file is there.
+
+    Raises PlateError naming the file when it is not such a record.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlateError(path, f"unreadable plate version record ({type(exc).__name__})") from None
+    if not isinstance(record, dict):
+        raise PlateError(path, "holds no valid plate version (not a JSON object)")
+    return PlateVersion.from_dict(record, path)
+
+
+def check_plate_unchanged(plate_dir: str | Path, plate_id: str, expected: PlateVersion, since: str, images=None) -> PlateVersion:
+    """Return the plate's current version if it equals `expected`, else raise PlateError.
+
+    since: what recorded `expected`, for the message (e.g. "raw_plates validated it"). The error
+    names the plate and manifest, says what changed and how the plate is re-ingested.
+    """
+    now = plate_version(plate_dir, images)
+    if now != expected:
+        raise PlateError(
+            Path(plate_dir) / MANIFEST_NAME,
+            f"plate {plate_id!r} changed since {since}: {expected.describe_change(now)}. Refusing to mix "
+            "two versions of the plate in one result; re-ingest it (raw_plates, cell_coordinates, "
+            "cell_crops): the new-plate sensor does so on its own (at once for a changed manifest, "
+            "on retry for changed images), or run `gbm-assets run --refresh`",
+        )
+    return now
+
+
+def plate_version_schema_metadata(version: PlateVersion, metadata: dict | None = None) -> dict:
+    """Parquet key-value metadata `metadata` plus the plate version (under PLATE_VERSION_METADATA_KEY)."""
+    import json
+
+    return {**(metadata or {}), PLATE_VERSION_METADATA_KEY: json.dumps(version.as_dict(), sort_keys=True).encode()}
+
+
+def parquet_plate_version(path: str | Path) -> PlateVersion | None:
+    """The plate version recorded in a Parquet file's key-value metadata; None if it records none.
+
+    Raises FileNotFoundError if the file is missing, PlateError naming it if the record is bad.
+    """
+    import json
+
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(PLATE_VERSION_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PlateError(path, "holds no valid plate version (bad JSON in its Parquet metadata)") from None
+    return PlateVersion.from_dict(record if isinstance(record, dict) else {}, path)
