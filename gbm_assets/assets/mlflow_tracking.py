@@ -1,31 +1,114 @@
 """MLflow tracking as a Dagster resource: one MLflow run per asset partition, tagged with its Dagster run.
 
 Default: the embedded store, SQLite at mlruns/mlflow.db with artifacts under mlruns/artifacts.
-MLFLOW_TRACKING_URI (or the resource's config) points it at a tracking server instead.
+MLFLOW_TRACKING_URI (or the resource's config) points it at another store or a tracking server;
+a new experiment's artifacts go to MLFLOW_ARTIFACT_ROOT (or the resource's artifact_root), else,
+for a SQLite store, to artifacts/ beside its database file, else wherever the server says.
+
+Several processes writing one SQLite store contend for its lock. MLflow already waits up to
+20 s per statement (SQLite's busy timeout); when a statement still fails with "database is
+locked", this resource retries it with exponential backoff within `lock_retry_s` seconds, for its
+own store calls (experiment, start and end of a run) and for any call an asset wraps in
+`MLflowTracking.retrying` or `with_lock_retry`. However a run block is left (an error, a Dagster
+RetryRequested, an interrupt, a failed MLflow call), the run is ended: FINISHED, FAILED, or KILLED
+for interrupts (KeyboardInterrupt, Dagster's execution interruption, SystemExit). Never RUNNING.
 """
 
+from __future__ import annotations
+
+import logging
 import os
+import random
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
 
 import dagster as dg
 
 from gbm_assets import paths
 
 EXPERIMENT = "gbm-assets"
+DEFAULT_LOCK_RETRY_S = 30.0
+_LOCK_MESSAGES = ("database is locked", "database table is locked", "database schema is locked")
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class MLflowUnavailable(RuntimeError):
     """The tracking server cannot be reached: retrying later may help, nothing was written."""
 
 
+class MLflowStoreLocked(RuntimeError):
+    """The MLflow store stayed locked (SQLite "database is locked") for the whole retry budget.
+
+    The original error is the __cause__. What the failed call meant to write was not written.
+    """
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    """True if `exc` (or an error it was raised from) is SQLite lock contention.
+
+    Matches sqlite3 / SQLAlchemy OperationalError and MlflowException (including a tracking
+    server relaying its SQLite error) by their message, e.g. "database is locked".
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, Exception) and any(m in str(current).lower() for m in _LOCK_MESSAGES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _call_with_lock_retry(fn: Callable[..., T], args: tuple, kwargs: dict, budget_s: float, store: str) -> T:
+    started = time.monotonic()
+    delay, attempts = 0.1, 0
+    while True:
+        attempts += 1
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not is_lock_error(exc):
+                raise
+            elapsed = time.monotonic() - started
+            remaining = budget_s - elapsed
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+            if remaining <= 0:
+                raise MLflowStoreLocked(
+                    f"MLflow store {store or '(current tracking URI)'} stayed locked for {elapsed:.1f} s "
+                    f"({attempts} attempt{'s' if attempts > 1 else ''} of {name}); giving up: {exc}"
+                ) from exc
+            wait = min(remaining, delay * random.uniform(0.5, 1.0))
+            log.warning("MLflow store %s is locked (%s); retrying %s in %.2f s", store, exc, name, wait)
+            time.sleep(wait)
+            delay = min(delay * 2, 5.0)
+
+
+def with_lock_retry(fn: Callable[..., T], /, *args: Any, budget_s: float = DEFAULT_LOCK_RETRY_S, **kwargs: Any) -> T:
+    """Return fn(*args, **kwargs), retrying with exponential backoff while the store is locked.
+
+    Only SQLite lock contention (see is_lock_error) is retried; any other error is raised at
+    once. Waits start at about 0.1 s and double up to 5 s (with jitter); no new attempt starts
+    after `budget_s` seconds (one attempt may itself wait SQLite's busy timeout, 20 s in MLflow).
+    Raises MLflowStoreLocked (from the last lock error) when the budget is spent. Wrap whole
+    MLflow calls that are safe to repeat, e.g. with_lock_retry(mlflow.log_metrics, {"loss": 0.1}, step=3).
+    """
+    return _call_with_lock_retry(fn, args, kwargs, budget_s, "")
+
+
 class MLflowTracking(dg.ConfigurableResource):
     """Where runs go and how to link to them from Dagster metadata."""
 
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite under mlruns/
-    artifact_root: str = ""  # for a new experiment; empty: mlruns/artifacts (embedded) or the server's
+    # For a new experiment; empty: MLFLOW_ARTIFACT_ROOT, else artifacts/ beside a SQLite store's
+    # database file, else the tracking server's default.
+    artifact_root: str = ""
     experiment: str = EXPERIMENT
     ui_url: str = ""  # empty: MLFLOW_UI_URL, else http://127.0.0.1:5000
+    lock_retry_s: float = DEFAULT_LOCK_RETRY_S  # how long a locked SQLite store is retried before failing
 
     def resolved_uri(self) -> str:
         if self.tracking_uri:
@@ -39,9 +122,19 @@ class MLflowTracking(dg.ConfigurableResource):
     def _artifact_location(self) -> str | None:
         if self.artifact_root:
             return self.artifact_root
-        if self.resolved_uri().startswith("sqlite:"):
-            return (paths.project_root() / "mlruns" / "artifacts").as_uri()
-        return None
+        if os.environ.get("MLFLOW_ARTIFACT_ROOT"):
+            return os.environ["MLFLOW_ARTIFACT_ROOT"]
+        db = sqlite_file(self.resolved_uri())
+        return (db.parent / "artifacts").as_uri() if db is not None else None
+
+    def retrying(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Return fn(*args, **kwargs), retrying SQLite lock contention for up to `lock_retry_s` seconds.
+
+        For the assets' own MLflow calls inside a run block, e.g.
+        `mlflow_tracking.retrying(mlflow.log_metrics, {"loss": loss}, step=epoch)`. Other errors
+        are raised at once; MLflowStoreLocked when the store stays locked (see with_lock_retry).
+        """
+        return _call_with_lock_retry(fn, args, kwargs, self.lock_retry_s, self.resolved_uri())
 
     def check_reachable(self, timeout_s: float = 5.0) -> None:
         """Raise MLflowUnavailable unless the tracking store answers (a server's /health, or the local store)."""
@@ -72,18 +165,30 @@ class MLflowTracking(dg.ConfigurableResource):
         import mlflow
 
         mlflow.set_tracking_uri(self.resolved_uri())
-        client = mlflow.MlflowClient()
-        exp = client.get_experiment_by_name(self.experiment)
+        client = self.retrying(mlflow.MlflowClient)  # opening a SQLite store reads (and may migrate) it
+        exp = self.retrying(client.get_experiment_by_name, self.experiment)
         if exp is not None:
             return exp.experiment_id
         try:
-            return client.create_experiment(self.experiment, artifact_location=self._artifact_location())
+            return self.retrying(client.create_experiment, self.experiment, artifact_location=self._artifact_location())
+        except MLflowStoreLocked:
+            raise
         except Exception:  # created meanwhile by another process
-            return client.get_experiment_by_name(self.experiment).experiment_id
+            exp = self.retrying(client.get_experiment_by_name, self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     @contextmanager
     def start_run(self, context: dg.AssetExecutionContext, run_name: str, run_id: str | None = None) -> Iterator:
-        """Open (or resume, with run_id) an MLflow run tagged with the Dagster run, asset and partition."""
+        """Open (or resume, with run_id) an MLflow run tagged with the Dagster run, asset and partition.
+
+        Yields the active mlflow ActiveRun. On leaving the block the run is ended FINISHED, or
+        FAILED for an exception (RetryRequested included), or KILLED for an interrupt
+        (KeyboardInterrupt, DagsterExecutionInterruptedError, SystemExit); the exception
+        propagates. Starting and ending are retried while the store is locked; if ending still
+        fails after an exception, the exception propagates with a note saying so.
+        """
         import mlflow
 
         experiment_id = self.setup()
@@ -92,9 +197,64 @@ class MLflowTracking(dg.ConfigurableResource):
             "dagster.asset_key": context.asset_key.to_user_string(),
             "dagster.partition": context.partition_key if context.has_partition_key else "",
         }
-        with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, experiment_id=experiment_id, tags=tags) as run:
+        try:
+            run = self.retrying(mlflow.start_run, run_id=run_id, run_name=None if run_id else run_name,
+                                experiment_id=experiment_id, tags=tags)
+        except BaseException:
+            if run_id:  # a resumed run may already have been set RUNNING before the failure
+                self._end_quietly(run_id, "FAILED", only_if_running=True)
+            raise
+        run_id = run.info.run_id
+        try:
             yield run
+        except BaseException as exc:
+            status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+            self._end_quietly(run_id, status, exc=exc)
+            raise
+        self._end_run(run_id, "FINISHED")
+
+    def _end_run(self, run_id: str, status: str) -> None:
+        """Mark the run terminated with `status` (and make it no longer active), retrying a locked store."""
+        import mlflow
+
+        def end() -> None:
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run_id:
+                # end_run pops the run before writing its status: a retry after a failure lands below.
+                mlflow.end_run(status)
+            else:
+                mlflow.MlflowClient().set_terminated(run_id, status)
+
+        self.retrying(end)
+
+    def _end_quietly(self, run_id: str, status: str, exc: BaseException | None = None, only_if_running: bool = False) -> None:
+        """_end_run for an error path: a failure to end is logged (and noted on `exc`), never raised."""
+        import mlflow
+
+        try:
+            if only_if_running and self.retrying(mlflow.MlflowClient().get_run, run_id).info.status != "RUNNING":
+                return
+            self._end_run(run_id, status)
+        except Exception as end_exc:
+            message = f"MLflow run {run_id} could not be marked {status}: {end_exc}"
+            log.warning(message)
+            if exc is not None:
+                exc.add_note(message)
 
     def run_url(self, run) -> str:
         base = self.ui_url or os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
         return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:// tracking URI (relative paths against the working directory), else None."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):  # sqlite:///file:path?mode=...&uri=true
+        database = database[len("file:"):].split("?", 1)[0]
+    return Path(database).expanduser().absolute()

@@ -57,7 +57,7 @@ def _map_in_order(fn, tasks: list, workers: int, progress: Progress) -> Iterator
             progress(i + 1, total)
 
 
-_POOLS: dict[int, ProcessPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ProcessPoolExecutor] = {}
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -65,17 +65,104 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
     forkserver: safe when the parent has threads (Dagster, TensorFlow); preloading this module
     in the server makes each worker a cheap fork rather than a fresh interpreter importing OpenCV.
+    Workers exit when the process that made the pool dies, even by SIGKILL (see _exit_with_owner);
+    the fork server and multiprocessing's resource tracker follow once no worker holds their pipes.
     """
-    pool = _POOLS.get(workers)
+    key = (os.getpid(), workers)  # a forked child must not reuse its parent's pool
+    pool = _POOLS.get(key)
     if pool is None or getattr(pool, "_broken", False):
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
-        pool = _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+        pool = _POOLS[key] = ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),))
     return pool
 
 
-def _init_worker() -> None:
+def _ppid_of(pid: int) -> int | None:
+    """The parent pid of `pid` from /proc (Linux), None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_is_ancestor(owner: int) -> bool:
+    """True while `owner` is this worker's parent (fork/spawn) or its parent's parent (forkserver).
+
+    When the owner dies its children are re-parented (to init or a subreaper), so the chain
+    breaks at once; a recycled pid elsewhere cannot pass for the owner.
+    """
+    parent = os.getppid()
+    if parent == owner:
+        return True
+    grandparent = _ppid_of(parent)
+    if grandparent is None:  # no /proc: fall back to "the owner pid still exists"
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    return grandparent == owner
+
+
+def _exit_with_owner(owner: int) -> None:
+    """Make this worker process end when `owner` (the process that made the pool) dies.
+
+    Three layers, because a SIGKILLed owner runs no clean-up: prctl(PR_SET_PDEATHSIG, SIGKILL)
+    kills the worker with its direct parent (the fork server); a check right after that the
+    owner is still an ancestor catches an owner that died before the prctl; and a daemon thread
+    blocked on a pidfd of the owner (polling once a second where pidfds do not exist) exits the
+    worker when the owner dies. The fork server itself stays up while any worker holds its
+    "alive" pipe, so this last layer is what lets the whole tree go.
+    """
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(owner)
+        except OSError:
+            pidfd = None
+    if not _owner_is_ancestor(owner):
+        os._exit(1)
+
+    def watch() -> None:
+        if pidfd is not None:
+            import select
+
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            while not poller.poll():  # readable once the owner has exited
+                pass
+            os._exit(1)
+        import time
+
+        while _owner_is_ancestor(owner):
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gbm-owner-watch", daemon=True).start()
+
+
+def _init_worker(owner: int | None = None) -> None:
+    """Pool worker start-up: one OpenCV thread per worker; exit with `owner` (a pid) when given."""
     cv2.setNumThreads(1)
+    if owner is not None:
+        _exit_with_owner(owner)
 
 
 # ---------------------------------------------------------------- cell finding
