@@ -12,7 +12,8 @@ import dagster as dg
 
 from gbm_assets import paths
 from gbm_assets.assets.partitions import plates
-from gbm_assets.assets.sensors import INGEST_JOB_NAME
+from gbm_assets.assets.resources import DataDirs
+from gbm_assets.assets.sensors import LEGACY_VERSION, INGEST_JOB_NAME, built_version, manifest_version
 from gbm_assets.imaging.plates import find_ready_plates
 from gbm_assets.models.variants import variant_names
 
@@ -27,6 +28,17 @@ def register_plates(instance: dg.DagsterInstance) -> list[str]:
     if new:
         instance.add_dynamic_partitions(plates.name, new)
     return ready
+
+
+def plates_to_ingest(instance: dg.DagsterInstance, ready: list[str], refresh: bool = False) -> list[str]:
+    """Plates never ingested, or whose crops were made from another manifest than today's (all with refresh).
+
+    Plates ingested before versions were recorded count as done, as the sensor treats them.
+    """
+    if refresh:
+        return list(ready)
+    data = DataDirs()
+    return [p for p in ready if built_version(instance, p) not in (manifest_version(data, p), LEGACY_VERSION)]
 
 
 def run_partitions(instance, defs, job_name: str, keys: list[str], bar, what: str, unit: str) -> list[str]:
@@ -78,8 +90,7 @@ def run_main_job(bar, refresh: bool = False) -> int:
     if not ready:
         print(f"no usable plates under {raw} (a plate is a folder with images and manifest.csv, named by a safe id)")
         return 1
-    done = set() if refresh else instance.get_materialized_partitions(dg.AssetKey("cell_crops"))
-    todo = [p for p in ready if p not in done]
+    todo = plates_to_ingest(instance, ready, refresh)
     print(f"{len(ready)} plates under {raw}; {len(todo)} to ingest")
     failed = run_partitions(instance, defs, INGEST_JOB_NAME, todo, bar, "ingesting plates", "plate")
     if failed:

@@ -30,7 +30,7 @@ RETRY_OF_TAG = "gbm/retry_of"  # the failed run a retry follows
 CURSOR_FORMAT = "gbm-plates-2"
 RETRIES_ENV, BACKOFF_ENV = "GBM_PLATE_RETRIES", "GBM_PLATE_RETRY_BACKOFF_S"
 DEFAULT_RETRIES, DEFAULT_BACKOFF_S = 5, 60.0
-_LEGACY = "legacy"  # crops materialized before plate versions were recorded
+LEGACY_VERSION = "legacy"  # crops materialized before plate versions were recorded
 
 
 def _now() -> float:
@@ -83,7 +83,7 @@ def built_version(instance: dg.DagsterInstance, plate_id: str) -> str | None:
     if not records:
         return None
     recorded = records[0].asset_materialization.metadata.get("manifest_sha256")
-    return str(recorded.value)[:16] if recorded is not None else _LEGACY
+    return str(recorded.value)[:16] if recorded is not None else LEGACY_VERSION
 
 
 def _read_cursor(cursor: str | None) -> tuple[dict, dict]:
@@ -170,7 +170,7 @@ def new_plate_sensor(context: dg.SensorEvaluationContext, data: DataDirs) -> dg.
             context.log.warning(f"plate {plate_id} skipped this tick: {exc}")
             continue
         built = built_version(instance, plate_id)
-        if built == _LEGACY:
+        if built == LEGACY_VERSION:
             if plate_id in adopted:
                 built = adopted[plate_id]
             elif plate_id in old_mtimes:
