@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import joblib
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -22,6 +21,8 @@ from gbm_assets.analysis.clustering import (
     choose_k,
     cluster_metrics,
     fit_clusters,
+    load_clustering,
+    save_clustering,
     scaled_min_cluster_size,
     split_embedding_table,
 )
@@ -122,8 +123,8 @@ def test_planted_types_are_recovered(fitted):
 def test_assign_new_does_not_refit(fitted, tmp_path):
     table, types, model, labels = fitted
     before = model.fingerprint()
-    joblib.dump(model, tmp_path / "model.joblib")
-    restored = joblib.load(tmp_path / "model.joblib")
+    save_clustering(model, tmp_path / "model.npz")
+    restored = load_clustering(tmp_path / "model.npz", expected_fingerprint=before)
     assert restored.fingerprint() == before
 
     copy = table.iloc[:300].copy()
@@ -138,6 +139,8 @@ def test_assign_new_does_not_refit(fitted, tmp_path):
     new_plate, new_types = embedding_table(200, seed=1)
     new = assign_new(model, new_plate)
     assert model.fingerprint() == before
+    # The stored model places new cells exactly as the fitted one does.
+    pd.testing.assert_frame_equal(assign_new(restored, new_plate), new)
     assert cluster_metrics(new[["umap_x", "umap_y"]].to_numpy(), new["auto"], new_types)["ari"] > 0.9
 
 

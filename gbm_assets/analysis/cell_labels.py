@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gbm_assets.analysis.clustering import ClusteringConfig, FittedClustering, assign_new, fit_clusters
 from gbm_assets.models.embedding_table import iter_embeddings, sample_embeddings
@@ -56,13 +57,36 @@ def label_cells(
         yield merged[[*PROVENANCE_COLUMNS, *LABEL_COLUMNS]].reset_index(drop=True), int((~have).sum())
 
 
-def labels_schema(n_components: int) -> pa.Schema:
-    """Provenance, then the labels (gmm_probs: one probability per mixture component)."""
-    return pa.schema(list(PROVENANCE_SCHEMA) + [
+def labels_schema(n_components: int, model_fingerprint: str | None = None) -> pa.Schema:
+    """Provenance, then the labels (gmm_probs: one probability per mixture component).
+
+    model_fingerprint (FittedClustering.fingerprint of the models that labelled the cells) is
+    kept in the file's schema metadata, so a reader can tell which models the labels came from.
+    """
+    schema = pa.schema(list(PROVENANCE_SCHEMA) + [
         ("umap_x", pa.float32()), ("umap_y", pa.float32()), ("hdbscan", pa.int32()), ("hdbscan_noise", pa.bool_()),
         ("gmm", pa.int32()), ("gmm_prob", pa.float32()), ("gmm_probs", pa.list_(pa.float32(), n_components)),
         ("auto", pa.int32()),
     ])
+    return schema.with_metadata({MODEL_KEY: model_fingerprint.encode()}) if model_fingerprint else schema
+
+
+MODEL_KEY = b"gbm.model_fingerprint"
+
+
+def labels_model_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint of the models a labels file was made with (None: not recorded, or no file)."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = metadata.get(MODEL_KEY)
+    return value.decode() if value else None
+
+
+def count_cells(embeddings_path: str | Path) -> int:
+    """Rows (cells) of an embeddings file, from its footer."""
+    return pq.ParquetFile(embeddings_path).metadata.num_rows
 
 
 def labels_table(labels: pd.DataFrame, schema: pa.Schema) -> pa.Table:

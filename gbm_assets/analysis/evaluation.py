@@ -22,9 +22,29 @@ from gbm_assets.analysis.figures import literal_text
 from gbm_assets.imaging.plates import natural_key
 
 
+def min_images(test_size: float = 0.2) -> int:
+    """Images (groups) a held-out split needs: one per fold of a k-fold, k = round(1 / test_size) >= 2."""
+    return max(2, round(1 / test_size))
+
+
+def why_not_evaluable(labels: pd.Series, groups: pd.Series, target: str, test_size: float = 0.2) -> str | None:
+    """Why labels cannot be scored with a held-out split, e.g. "needs >= 2 cultures (found 1)"; None if they can.
+
+    labels: one known label per crop (no missing values); groups: the crop's image, same length.
+    A classifier needs two classes to tell apart, and the split one image per fold (min_images).
+    """
+    n_classes = pd.Series(labels).nunique()
+    if n_classes < 2:
+        return f"needs >= 2 {target}s (found {n_classes})"
+    n_groups, need = pd.Series(groups).nunique(), min_images(test_size)
+    if n_groups < need:
+        return f"needs >= {need} images (found {n_groups})"
+    return None
+
+
 def split_by_group(labels: pd.Series, groups: pd.Series, seed: int = 0, test_size: float = 0.2):
     """(train, test) row positions: one fold of a stratified group k-fold, k = round(1 / test_size)."""
-    folds = max(2, round(1 / test_size))
+    folds = min_images(test_size)
     n_groups = pd.Series(groups).nunique()
     if n_groups < folds:
         raise ValueError(f"need at least {folds} images (groups) for a {test_size:.0%} test split, got {n_groups}")

@@ -22,6 +22,8 @@ from gbm_assets.analysis.safe_csv import to_csv_safe
 from gbm_assets.storage import write_bytes_atomic
 
 BASELINE = "raw pixels"
+# comparison-table columns "<target>_skipped" say why a target has no scores (report_inputs).
+SKIPPED_SUFFIX = "_skipped"
 # Thesis Table 3 style: one row per encoder variant plus the raw-pixel baseline.
 COMPARISON_COLUMNS = (
     "variant", "features", "lambda", "segmentation",
@@ -76,6 +78,26 @@ def _fmt(value) -> str:
             return "–"
         return f"{value:.2g}" if 0 < abs(value) < 0.01 else f"{value:.3f}"
     return str(value)
+
+
+def _scores_or_reasons(comparison: pd.DataFrame) -> pd.DataFrame:
+    """The comparison for people: where a target was not scored, its score cells say why.
+
+    Each "<target>_skipped" column (e.g. "needs >= 2 cultures (found 1)") replaces the missing
+    values of that target's score columns ("<target>_accuracy", "<target>_kappa", ...) in its
+    row, and is itself left out; numbers are formatted as _fmt does.
+    """
+    shown = comparison.copy()
+    for column in [c for c in comparison.columns if str(c).endswith(SKIPPED_SUFFIX)]:
+        target = str(column)[: -len(SKIPPED_SUFFIX)]
+        reasons = comparison[column].fillna("").astype(str)
+        for score in [c for c in comparison.columns if str(c).startswith(f"{target}_") and c != column]:
+            fill = (reasons != "") & comparison[score].isna()
+            if fill.any():
+                shown[score] = [reason if use else _fmt(value)
+                                for value, reason, use in zip(comparison[score], reasons, fill)]
+        shown = shown.drop(columns=column)
+    return shown
 
 
 def _table(df: pd.DataFrame) -> str:
@@ -194,7 +216,7 @@ def write_report(
         "<p>Random forest on each embedding predicting culture of origin and plated "
         "concentration (held-out accuracy and Cohen's kappa); raw pixels are the baseline.</p>",
         f"<p>{best_text}</p>",
-        _table(comparison),
+        _table(_scores_or_reasons(comparison)),
     ]
     body += [_variant_html(v, out_dir) for v in variants]
     page = (
@@ -233,7 +255,7 @@ def markdown_summary(
 
     cols = list(COMPARISON_COLUMNS)
     lines = [row(cols), row(["---"] * len(cols))]
-    lines += [row(r) for r in comparison[cols].itertuples(index=False)]
+    lines += [row(r) for r in _scores_or_reasons(comparison)[cols].itertuples(index=False)]
     best = best_variant(comparison)
     if best is not None:
         lines += ["", f"**Best variant by culture kappa: {_md_text(best['variant'])}** "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -54,6 +54,29 @@ class TrainResult:
     encoder: keras.Model  # the functional encoder, ready for embedding and logging
     history: list[dict]  # per epoch: epoch (0-based), loss, seconds, crops_per_s
     n_crops: int
+    batch_size: int = 0  # the batch size used (usable_batch_size of the configured one)
+
+
+def min_batch_size(variant: Variant) -> int:
+    """Smallest batch a variant trains on: 2 for Barlow Twins (features are standardised over
+    the batch, which needs two crops), 1 for the autoencoder."""
+    return 1 if variant.kind == "autoencoder" else 2
+
+
+def usable_batch_size(n_crops: int, configured: int, variant: Variant, where="crops") -> int:
+    """The batch size training uses: the configured one, or all n_crops when there are fewer.
+
+    Every step takes one full batch (no ragged last batch), so the largest batch the data allow
+    is n_crops. Raises InputError (naming `where`) when n_crops is below min_batch_size(variant).
+    """
+    if configured < 1:
+        raise InputError(where, f"batch size must be >= 1, got {configured}")
+    minimum = min_batch_size(variant)
+    if n_crops < minimum:
+        why = " (Barlow Twins standardises each feature over a batch of >= 2 crops)" if minimum > 1 else ""
+        raise InputError(where, f"{n_crops} crop{'s' if n_crops != 1 else ''} selected: training {variant.name} "
+                                f"needs at least {minimum}{why}")
+    return min(configured, n_crops)
 
 
 class BarlowTwins(keras.Model):
@@ -136,12 +159,13 @@ def train_encoder(
     An epoch is one pass over the selected crops, or max_steps_per_epoch batches if smaller;
     the stream continues where the previous epoch stopped, so short epochs still cover the data.
     on_epoch_end(epoch, row) receives each history row (for progress logs and MLflow metrics).
+    Fewer crops than config.batch_size train in batches of all the crops (usable_batch_size,
+    reported as TrainResult.batch_size); fewer than min_batch_size(variant) raise InputError.
     """
     keras.utils.set_random_seed(config.seed)
     selection = CropSelection.of(crops_dir, config.plates, config.max_crops, config.seed)
     n_crops = count_crops(selection)
-    if n_crops < config.batch_size:
-        raise InputError(crops_dir, f"{n_crops} crops selected, fewer than one batch of {config.batch_size}")
+    config = replace(config, batch_size=usable_batch_size(n_crops, config.batch_size, variant, crops_dir))
     crop_size = read_crop_size(crops_dir)
     if config.crop_size not in (None, crop_size):
         raise InputError(crops_dir, f"crops are {crop_size}x{crop_size}, the config asks for {config.crop_size}")
@@ -152,7 +176,7 @@ def train_encoder(
     data = training_dataset(selection, variant, config.batch_size, config.shuffle_buffer, crop_size)
     log = _EpochLog(loss_key, steps * config.batch_size, on_epoch_end)
     model.fit(data, epochs=config.epochs, steps_per_epoch=steps, callbacks=[log], shuffle=False, verbose=0)
-    return TrainResult(encoder=encoder, history=log.history, n_crops=n_crops)
+    return TrainResult(encoder=encoder, history=log.history, n_crops=n_crops, batch_size=config.batch_size)
 
 
 def embed_batch(encoder: keras.Model, pixels, invariant: bool = False) -> np.ndarray:
