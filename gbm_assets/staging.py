@@ -28,26 +28,12 @@ import os
 import re
 import secrets
 import shutil
-import socket
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from gbm_assets.storage import host_tag, pid_alive
+
 PREFIX = ".staged-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's; anything else: do not guess it dead
-        return True
-    return True
-
-
-def _host_tag() -> str:
-    """This machine's name as it appears in staging folder names: letters, digits and '-', at most 32."""
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 
 
 def remove_dead_stages(folder: str | Path) -> list[Path]:
@@ -60,13 +46,13 @@ def remove_dead_stages(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    host = _host_tag()
+    host = host_tag()
     for entry in folder.glob(f"{PREFIX}*"):
         match = re.fullmatch(r"(?P<host>[A-Za-z0-9-]{1,32})\.(?P<pid>\d{1,10})\.[0-9a-f]{8}", entry.name[len(PREFIX):])
         if not match or match["host"] != host or not entry.is_dir():
             continue
         pid = int(match["pid"])
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -94,7 +80,7 @@ class Staging:
     """Staged outputs of one materialization; see the module docstring."""
 
     def __init__(self) -> None:
-        self._token = f"{PREFIX}{_host_tag()}.{os.getpid()}.{secrets.token_hex(4)}"
+        self._token = f"{PREFIX}{host_tag()}.{os.getpid()}.{secrets.token_hex(4)}"
         self._staged: dict[Path, Path] = {}  # final -> staged
         self._removals: list[Path] = []
         self._trees: dict[Path, tuple[tuple[str, ...], bool]] = {}  # final folder -> (last, prune)

@@ -32,16 +32,16 @@ import pyarrow.parquet as pq
 STALE_TEMP_AGE_S = 3600.0  # a temp file of an unknown or remote writer untouched this long is an orphan
 
 
-def _host_tag() -> str:
-    """This machine's name as it appears in temp-file names: letters, digits and '-' only, at most 32."""
+def host_tag() -> str:
+    """This machine's name as it appears in temp-file and staging-folder names: letters, digits and '-' only, at most 32."""
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 
 
 def _temp_name(final_name: str) -> str:
-    return f".{final_name}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    return f".{final_name}.{host_tag()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True unless this host certainly has no process `pid` (permission errors count as alive)."""
     if pid <= 0 or os.name == "nt":  # Windows: os.kill(pid, 0) would send CTRL_C_EVENT
         return True
@@ -68,7 +68,7 @@ def remove_stale_temps(final: str | Path, max_age_s: float = STALE_TEMP_AGE_S) -
     prefix = f".{final.name}."
     ours = re.compile(r"(?P<host>[A-Za-z0-9-]{1,32})\.(?P<pid>\d{1,10})\.[0-9a-f]{8}\.tmp")
     legacy = re.compile(r"[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp names of earlier versions
-    host, now, removed = _host_tag(), time.time(), []
+    host, now, removed = host_tag(), time.time(), []
     try:
         entries = list(os.scandir(final.parent))
     except OSError:
@@ -82,7 +82,7 @@ def remove_stale_temps(final: str | Path, max_age_s: float = STALE_TEMP_AGE_S) -
             if not entry.is_file(follow_symlinks=False):
                 continue
             if match and match["host"] == host:
-                stale = not _pid_alive(int(match["pid"]))
+                stale = not pid_alive(int(match["pid"]))
             elif match or legacy.fullmatch(rest):
                 stale = now - entry.stat(follow_symlinks=False).st_mtime > max_age_s
             else:

@@ -303,10 +303,10 @@ def test_report_csvs_neutralise_formula_names_and_keep_numbers(tmp_path):
 
     metrics = pd.read_csv(out / "B_cluster_metrics.csv")
     assert metrics.set_index("method")["silhouette"].to_dict() == {"hdbscan": -0.25, "gmm": 0.125}
-    for csv in out.glob("*.csv"):
-        for line in csv.read_text().splitlines():
+    for written in out.glob("*.csv"):
+        for line in written.read_text().splitlines():
             for cell in line.split(","):
-                assert not cell.startswith(("=", "+", "@", '"=', '"+', '"@', '"-', "\t", '"\t')), (csv.name, line)
+                assert not cell.startswith(("=", "+", "@", '"=', '"+', '"@', '"-', "\t", '"\t')), (written.name, line)
 
 
 def write_cells_image(path) -> None:
