@@ -12,7 +12,6 @@ from __future__ import annotations
 import codecs
 import csv
 import math
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -98,6 +97,10 @@ def read_delimited(path: str | Path, header_rows: int = 1, what: str = "table") 
             )
         records.append(fields[:width] + [""] * (width - len(fields)) + [line_numbers[i]])
     df = pd.DataFrame(records, columns=[*columns, LINE_COLUMN])
+    # A spreadsheet's trailing delimiter gives nameless columns with nothing in them: not columns.
+    blank = [i for i, name in enumerate(columns) if not name.strip() and not any(r[i] for r in records)]
+    if blank:
+        df = df.drop(columns=df.columns[blank])
     if df.empty:
         df[LINE_COLUMN] = df[LINE_COLUMN].astype(int)
     df.attrs["delimiter"] = delimiter
@@ -119,16 +122,15 @@ def _column_names(header: list[list[str]]) -> list[str]:
     return [f"{a}|{b}" if a else b for a, b in zip(filled, second)]
 
 
-_COLUMN_NAME = re.compile(r"^[\w .()%/#-]{0,40}$")
+def describe_header(columns, known) -> str:
+    """The header of a table for an error message, naming only the `known` column names found.
 
-
-def describe_header(columns) -> str:
-    """The column names of a table for an error message, or a neutral phrase when the first line
-    does not look like column names (a file linked by mistake: its content is never quoted)."""
+    Other names are counted, never quoted: a file linked by mistake (a private text file, say)
+    has its first line taken as the header, and an error message must not show its content.
+    """
     names = [str(c) for c in columns if c != LINE_COLUMN]
-    if names and all(_COLUMN_NAME.match(n) for n in names):
-        return f"has columns {names}"
-    return f"its first line ({len(names)} field(s)) is not a header of column names"
+    found = [n for n in names if n in set(known)]
+    return f"its header has {len(names)} column(s)" + (f", of which {found} are understood" if found else ", none of them understood")
 
 
 def parse_numbers(df: pd.DataFrame, column: str, kind: type = float, what: str = "table",

@@ -623,3 +623,32 @@ def test_empty_file_is_named(tmp_path):
     (tmp_path / "empty.tif").write_bytes(b"")
     with pytest.raises(ImageReadError, match=r"empty\.tif.*empty file"):
         read_image(tmp_path / "empty.tif")
+
+
+@pytest.mark.parametrize("planar", ["separate", "contig"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_grey_pages_with_several_samples_are_channels_not_dropped(tmp_path, planar, n):
+    """A grey page holding n samples (no alpha) is n channels: refused, never read as its first one."""
+    a = np.arange(32 * 40, dtype=np.uint16).reshape(32, 40)
+    data = np.stack([a + k for k in range(n)], axis=0 if planar == "separate" else -1)
+    path = tmp_path / "multisample.tif"
+    tifffile.imwrite(path, data, photometric="minisblack", planarconfig=planar)
+    for read in (read_image, count_frames, image_size):
+        with pytest.raises(ImageReadError, match=rf"multisample\.tif.*{n} samples per pixel.*one channel"):
+            read(path)
+
+
+def test_grey_with_alpha_is_one_channel(tmp_path):
+    a = np.arange(32 * 40, dtype=np.uint16).reshape(32, 40)
+    path = tmp_path / "grey_alpha.tif"
+    tifffile.imwrite(path, np.stack([a, np.full_like(a, 65535)], axis=-1), photometric="minisblack", extrasamples=["unassalpha"])
+    assert np.array_equal(read_image(path), a)
+
+
+def test_animated_png_is_refused_not_cut_to_its_first_frame(tmp_path):
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((24, 32), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageReadError, match=r"anim\.png.*2 frames"):
+        read_image(tmp_path / "anim.png")

@@ -183,3 +183,27 @@ def test_stack_frame_interval_from_ome_metadata(tmp_path):
     m = read_manifest(make_plate(source, tmp_path / "raw", "ome", culture="A"))
     assert m["image"].tolist() == [f"pos1_frame{k:03d}.tif" for k in range(4)]
     assert m["timepoint_h"].tolist() == [0.0, 0.5, 1.0, 1.5]
+
+
+def test_stack_frames_may_not_collide_with_another_file(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    tifffile.imwrite(export / "GBM03_Phase_B2_1_00d04h00m.tif", np.zeros((3, 32, 40), np.uint16), imagej=True,
+                     metadata={"axes": "TYX", "finterval": 1800})
+    tifffile.imwrite(export / "GBM03_Phase_B2_1_00d05h00m.tif", np.zeros((32, 40), np.uint16))
+    with pytest.raises(PlateError, match=r"00d05h00m\.tif' has the same well B2, position 1 and time \(5 h\) as .*_frame002\.tif"):
+        make_plate(export, tmp_path / "raw", "p", culture="A")
+
+
+def test_plate_id_of_one_ome_file_drops_its_double_suffix(tmp_path):
+    tifffile.imwrite(tmp_path / "pos1.ome.tif", np.zeros((2, 16, 16), np.uint16), ome=True, metadata={"axes": "TYX"})
+    assert make_plate(tmp_path / "pos1.ome.tif", tmp_path / "raw", culture="A").name == "pos1"
+
+
+def test_plate_map_linked_to_a_private_file_is_not_quoted(tmp_path):
+    secret = tmp_path / "private.txt"
+    secret.write_text("SECRET-TOKEN-abc123\n")
+    (tmp_path / "map.csv").symlink_to(secret)
+    with pytest.raises(PlateError, match="needs a 'well' column; its header has 1 column") as err:
+        read_plate_map(tmp_path / "map.csv")
+    assert "abc123" not in str(err.value).lower()

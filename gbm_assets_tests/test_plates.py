@@ -11,7 +11,7 @@ import tifffile
 from gbm_assets.errors import ImageReadError, PlateError
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.plate_import import make_plate
-from gbm_assets.imaging.plates import check_plate_id, find_ready_plates, read_manifest, validate_plate
+from gbm_assets.imaging.plates import MANIFEST_COLUMNS, check_plate_id, find_ready_plates, read_manifest, validate_plate
 from gbm_assets_tests.conftest import write_tiny_plate
 
 
@@ -134,6 +134,7 @@ def _manifest_bytes(plate, text: str, encoding: str = "utf-8") -> None:
     ("image;culture;timepoint_h\r\nimg0.tif;Zürich;1,0\r\nimg1.tif;Zürich;2,0\r\n", "cp1252"),
     ("image\tculture\ttimepoint_h\r\nimg0.tif\tZürich\t1\r\nimg1.tif\tZürich\t2\r\n", "utf-16"),
     ('"image","culture","timepoint_h"\nimg0.tif,"Zürich",1\n"img1.tif",Zürich,2.0\n', "utf-8"),
+    ("image,culture,timepoint_h,,\nimg0.tif,Zürich,1,,\nimg1.tif,Zürich,2,,\n", "utf-8"),
 ])
 def test_manifests_as_spreadsheets_save_them(tmp_path, text, encoding):
     plate = write_tiny_plate(tmp_path / "p")
@@ -141,6 +142,7 @@ def test_manifests_as_spreadsheets_save_them(tmp_path, text, encoding):
     m = read_manifest(plate)
     assert m["image"].tolist() == ["img0.tif", "img1.tif"]
     assert m["culture"].tolist() == ["Zürich", "Zürich"] and m["timepoint_h"].tolist() == [1.0, 2.0]
+    assert list(m.columns) == list(MANIFEST_COLUMNS)  # no nameless columns from trailing delimiters
 
 
 @pytest.mark.parametrize("text, message", [
@@ -173,7 +175,7 @@ def test_manifest_names_match_files_in_any_unicode_normalisation(tmp_path):
 
 def test_manifest_linked_to_a_private_file_is_not_quoted(tmp_path):
     secret = tmp_path / "secret.txt"
-    secret.write_text("password=hunter2\nrecovery=swordfish\n")
+    secret.write_text("SECRET-TOKEN-hunter2\nrecovery=swordfish\n")
     plate = write_tiny_plate(tmp_path / "p")
     (plate / "manifest.csv").unlink()
     (plate / "manifest.csv").symlink_to(secret)

@@ -371,6 +371,15 @@ class _TiffSource(_Source):
             self.bits = _output_bits(series.dtype)
         if self.n_frames < 1:
             raise ImageReadError(path, "unreadable or corrupt image (no image found in the TIFF)")
+        # Samples beyond the colour model's own (grey: 1, RGB: 3) and its alpha are further channels
+        # (e.g. phase + fluorescence written as one multi-sample page): refused, never dropped.
+        alpha = sum(1 for kind in (page.extrasamples or ()) if int(kind) in (1, 2))
+        own = 3 if page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR) else 1
+        if self.samples > own + alpha:
+            raise ImageReadError(
+                path, f"holds {self.samples} samples per pixel ({self.samples - alpha} channels) in a "
+                f"{page.photometric.name.lower()} image; phase contrast is one channel (save the phase channel alone)",
+            )
         if self.photometric not in (
             tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.RGB,
             tifffile.PHOTOMETRIC.YCBCR, tifffile.PHOTOMETRIC.PALETTE,
@@ -471,9 +480,13 @@ class _RasterSource(_Source):
             # which must not override our budget).
             header = factory(fh)
             self.width, self.height = (int(n) for n in header.size)
+            frames = int(getattr(header, "n_frames", 1))
         except Exception as exc:
             self.close()
             raise _corrupt(path, exc) from None
+        if frames > 1:  # OpenCV would read the first frame only
+            self.close()
+            raise ImageReadError(path, f"animated image with {frames} frames; save each frame as its own image")
         self.n_frames = 1
 
     def _decode(self, index: int) -> np.ndarray:

@@ -163,14 +163,15 @@ def source_images(
     if regex is not None and len(images) > 1 and len({im.timepoint_h for im in images}) == 1:
         raise PlateError("--timepoint-pattern", f"{timepoint_pattern!r} gives all {len(images)} images the same "
                          f"time point ({images[0].timepoint_h:g}); its group must capture what changes between files")
+    expanded = [frame for im in images for frame in _expand_frames(im, frame_interval_h)]
     seen: dict[tuple, str] = {}
-    for im in images:
+    for im in expanded:  # after expansion: a stack's later frames may land on another file's time
         if im.well != "na":
             key = (im.well, im.position, im.timepoint_h)
             if key in seen:
-                raise PlateError(im.source, f"same well {im.well}, position {im.position} and time as {seen[key]!r}")
+                raise PlateError(im.source, f"{im.name!r} has the same well {im.well}, position {im.position} and "
+                                 f"time ({im.timepoint_h:g} h) as {seen[key]!r}")
             seen[key] = im.name
-    expanded = [frame for im in images for frame in _expand_frames(im, frame_interval_h)]
     names = pd.Series([im.name for im in expanded])
     if names.duplicated().any():
         raise PlateError(source, f"two images would both be named {names[names.duplicated()].iloc[0]!r} in the plate")
@@ -188,7 +189,7 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
         table = read_delimited(path, what="plate map")
         table.columns = [c if c == LINE_COLUMN else c.strip().lower() for c in table.columns]
         if "well" not in table.columns:
-            raise PlateError(path, f"plate map needs a 'well' column; {describe_header(table.columns)}")
+            raise PlateError(path, f"plate map needs a 'well' column; {describe_header(table.columns, ('well', *PLATE_MAP_COLUMNS))}")
         present = [c for c in PLATE_MAP_COLUMNS if c in table.columns]
         if not present:
             raise PlateError(path, f"plate map needs at least one of {list(PLATE_MAP_COLUMNS)} beside 'well'")
@@ -248,7 +249,8 @@ def make_plate(
     nothing is left under raw/.
     """
     source = Path(source)
-    plate_id = check_plate_id(plate_id if plate_id is not None else safe_plate_id(source.stem if source.is_file() else source.name))
+    name = source.name.split(".")[0] if source.is_file() else source.name  # xy01.ome.tif -> xy01
+    plate_id = check_plate_id(plate_id if plate_id is not None else safe_plate_id(name))
     raw = Path(raw)
     final = raw / plate_id
     if final.exists():

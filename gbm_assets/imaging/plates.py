@@ -123,9 +123,10 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
     header = [c for c in df.columns if c != LINE_COLUMN]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise PlateError(manifest, f"manifest lacks required column(s) {missing}; {describe_header(header)}")
+        raise PlateError(manifest, f"manifest lacks required column(s) {missing}; {describe_header(header, MANIFEST_COLUMNS)}")
     if len(set(header)) < len(header):
-        raise PlateError(manifest, f"manifest repeats a column name: {header}")
+        twice = sorted({c for c in header if header.count(c) > 1 and c in MANIFEST_COLUMNS})
+        raise PlateError(manifest, f"manifest repeats a column name{' (' + ', '.join(twice) + ')' if twice else ''}")
     if df.empty:
         raise PlateError(manifest, "manifest lists no images (empty plate)")
     for col, default in OPTIONAL_DEFAULTS.items():
