@@ -109,6 +109,10 @@ def cmd_add_plate(args: argparse.Namespace) -> int:
         link=not args.copy, plate_map=args.plate_map, include=args.include, frame_interval_h=args.frame_interval_h,
     )
     summary = validate_plate(plate, check_pixels=False)
+    if summary.n_images > 1 and summary.manifest["timepoint_h"].nunique() == 1 and not args.timepoint_pattern:
+        print(f"note: no time in the file names, so all {summary.n_images} images are at "
+              f"{summary.manifest['timepoint_h'].iloc[0]:g} h; if they are a time series, re-add the plate with "
+              r"--timepoint-pattern (e.g. 't(\d+)')", file=sys.stderr)
     wells = summary.manifest["well"].nunique() if (summary.manifest["well"] != "na").any() else 0
     print(f"plate {summary.plate_id}: {summary.n_images} images of {summary.width}x{summary.height}, "
           f"{summary.bits}-bit, {len(summary.cultures)} culture(s)" + (f", {wells} wells" if wells else "") + f" -> {plate}")

@@ -140,6 +140,18 @@ def test_15_plate_folder_with_space_is_named_and_no_demo_data_is_written(tmp_pat
     assert find_ready_plates(tmp_path / "raw") == ["GBM03-plate-1"]
 
 
+def test_add_plate_says_when_every_image_gets_one_time_point(tmp_path, capsys):
+    src = case("01-lzw-tiff") / "raw" / "t98g-lzw" / "t07_lzw.tif"
+    (tmp_path / "src").mkdir()
+    for name in ("t07.tif", "t13.tif"):
+        (tmp_path / "src" / name).symlink_to(src)
+    assert main(["add-plate", str(tmp_path / "src"), "--culture", "A", "--raw", str(tmp_path / "raw")]) == 0
+    assert "all 2 images are at 0 h" in capsys.readouterr().err
+    assert main(["add-plate", str(tmp_path / "src"), "--culture", "A", "--raw", str(tmp_path / "raw"),
+                 "--plate-id", "timed", "--timepoint-pattern", r"t(\d+)"]) == 0
+    assert "images are at" not in capsys.readouterr().err
+
+
 def test_cli_user_errors_are_one_line_and_exit_1(tmp_path):
     secret = tmp_path / "notes.txt"
     secret.write_text("password=hunter2\n")

@@ -145,7 +145,7 @@ def test_location_centre_preferred_over_areashape_centre(plate):
     rows = [["ImageNumber", "ObjectNumber", "AreaShape_Center_X", "AreaShape_Center_Y", "Location_Center_X",
              "Location_Center_Y", "AreaShape_Perimeter"], [2, 1, 1, 2, 11.5, 12.5, "nan"]]
     _write(plate / "Cells.csv", rows)
-    _write(plate / "Image.csv", IMAGE)
+    _write(plate / "Image.csv", [row[:1] + row[2:] for row in IMAGE])  # without Count_Cells
     table = _read(plate).table
     assert table[["image", "x", "y"]].values.tolist() == [["img0.tif", 11.5, 12.5]]
     assert math.isnan(table["perimeter"].iloc[0])
@@ -238,12 +238,12 @@ def test_bad_centre_names_file_line_and_column(plate, column, value, problem):
 def test_measurements_may_be_nan_inf_or_empty(plate):
     rows = [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y", "AreaShape_Area",
              "AreaShape_Solidity", "AreaShape_FormFactor"],
-            [1, 1, 1.0, 2.0, "nan", "inf", ""], [2, 1, 3.0, 4.0, 50, 0.9, 0.5]]
+            [1, 1, 1.0, 2.0, "nan", "inf", ""], [1, 2, 5.0, 6.0, 1, 1, 1], [2, 1, 3.0, 4.0, 50, 0.9, 0.5]]
     _write(plate / "Cells.csv", rows)
     _write(plate / "Image.csv", IMAGE)
     table = _read(plate).table
     assert table[["area", "solidity", "form_factor"]].iloc[0].isna().all()
-    assert table[["area", "solidity", "form_factor"]].iloc[1].tolist() == [50.0, 0.9, 0.5]
+    assert table[["area", "solidity", "form_factor"]].iloc[2].tolist() == [50.0, 0.9, 0.5]
 
 
 def test_imagenumber_missing_from_the_image_table(plate):
@@ -375,3 +375,35 @@ def test_cell_coordinates_asset_uses_the_tab_delimited_case(tmp_path):
     assert coords.groupby("image").size().to_dict() == {"t07.tif": 15, "t13.tif": 20}
     rows = _rows_of(CASE_TAB / "MyExpt_Cells.csv")
     assert np.array_equal(coords["x"].to_numpy(), [float(r["Location_Center_X"]) for r in rows])
+
+
+def test_manifest_images_missing_from_the_image_table_are_an_error(plate):
+    """CellProfiler did not process img0.tif: its cells are unknown, not zero."""
+    _write(plate / "Cells.csv", [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"], [1, 1, 3, 4]])
+    _write(plate / "Image.csv", IMAGE[:2])
+    with pytest.raises(PlateError, match=r"Image\.csv: 1 manifest image\(s\) are not image sets of this table \(\['img0\.tif'\]\)"):
+        _read(plate)
+
+
+def test_count_column_disagreeing_with_the_object_rows_is_an_error(plate):
+    """A truncated object table: Image.csv counts 2 cells in img1.tif, the object table has 1."""
+    rows = [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"], [1, 1, 3, 4], [2, 1, 5, 6]]
+    _write(plate / "Cells.csv", rows)
+    _write(plate / "Image.csv", IMAGE)
+    with pytest.raises(PlateError, match=r"Image\.csv: line 2, column 'Count_Cells': 2 objects for 'img1\.tif', but the object table has 1"):
+        _read(plate)
+
+
+@pytest.mark.parametrize("written", ["C:\\data\\exp12\\img1.tif", "/data/exp12/img1.tif"])
+def test_file_names_written_with_a_folder_match_by_base_name(plate, written):
+    rows = [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"], [1, 1, 3, 4], [1, 2, 5, 6], [2, 1, 7, 8]]
+    _write(plate / "Cells.csv", rows)
+    _write(plate / "Image.csv", [IMAGE[0], [1, 2, written, "x", 64, 64], IMAGE[2]])
+    assert _read(plate).table["image"].tolist() == ["img1.tif", "img1.tif", "img0.tif"]
+
+
+@pytest.mark.parametrize("suffix", [".xlsx", ".ods"])
+def test_a_workbook_in_the_plate_folder_is_an_error_not_ignored(plate, suffix):
+    (plate / f"Cells{suffix}").write_bytes(b"PK\x03\x04 workbook")
+    with pytest.raises(PlateError, match=rf"Cells\{suffix}: a spreadsheet workbook .* save the table as CSV"):
+        _read(plate)

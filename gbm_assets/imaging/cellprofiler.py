@@ -26,6 +26,7 @@ pixel positions (x = column, y = row) and are kept as floats.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -49,6 +50,8 @@ AREASHAPE_COLUMNS = {
 # Files of the plate format itself, never CellProfiler tables.
 PLATE_FILES = ("manifest.csv", "ground_truth.csv")
 TABLE_SUFFIXES = (".csv", ".txt", ".tsv")
+# Tables saved as spreadsheet workbooks: never read, never silently ignored either.
+WORKBOOK_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
 # A column starting with one of these makes a table look like a CellProfiler export.
 CP_PREFIXES = ("ImageNumber", "ObjectNumber", "Location_", "AreaShape_", "FileName_", "PathName_", "Metadata_", "Count_")
 IMAGE_OBJECT, EXPERIMENT_OBJECT = "Image", "Experiment"
@@ -143,7 +146,35 @@ def read_plate_objects(plate_dir: str | Path, manifest: pd.DataFrame, objects_na
     _name_sources(sources, image_table)
     source = _choose(plate_dir, sources, objects_name)
     table = _objects_table(plate_dir, source, image_table, manifest)
+    if image_table is not None:
+        _check_coverage(image_table, manifest, source.name, table)
     return PlateObjects(path=source.path, objects_name=source.name, table=table)
+
+
+def _check_coverage(image_table: tuple[Path, pd.DataFrame], manifest: pd.DataFrame, objects_name: str,
+                    table: pd.DataFrame) -> None:
+    """Every manifest image is an image set of the Image table, and each set's Count_<objects>
+    equals its rows in the object table: otherwise images would get no cells without a word
+    (CellProfiler did not process them, or the object table was cut short)."""
+    path, df = image_table
+    col, images = _file_column(path, df, _name_lookup(manifest), "the Image table")
+    missing = [i for i in manifest["image"] if i not in set(images)]
+    if missing:
+        raise PlateError(path, f"{len(missing)} manifest image(s) are not image sets of this table "
+                         f"({missing[:3]}): CellProfiler did not process them, so their cells are unknown; "
+                         "export all images or remove them from the manifest")
+    count_col = next((c for c in df.columns if c.lower() == f"count_{objects_name}".lower()), None)
+    if count_col is None:
+        return
+    found = table.groupby("image").size()
+    for image, text, line in zip(images, df[count_col], df[LINE_COLUMN]):
+        try:
+            expected = int(float(text))
+        except ValueError:
+            continue  # a cross-check only
+        if int(found.get(image, 0)) != expected:
+            raise PlateError(path, f"line {line}, column {count_col!r}: {expected} objects for {image!r}, but the "
+                             f"object table has {int(found.get(image, 0))} (a truncated or mismatched export)")
 
 
 # ---------------------------------------------------------------- finding and classifying tables
@@ -154,7 +185,7 @@ def _table_files(plate_dir: Path) -> list[Path]:
     # file copied to a foreign disk, and editors keep dot-named lock and swap files.
     return sorted(
         p for p in plate_dir.iterdir()
-        if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES and p.name.lower() not in PLATE_FILES
+        if p.is_file() and p.suffix.lower() in (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES) and p.name.lower() not in PLATE_FILES
         and not p.name.startswith(".")
     )
 
@@ -189,6 +220,9 @@ def _first_fields(path: Path) -> list[str]:
 
 def _classify(path: Path) -> tuple[str, pd.DataFrame | None]:
     """("object" | "image" | "combined" | "ignored", table) for one file; PlateError otherwise."""
+    if path.suffix.lower() in WORKBOOK_SUFFIXES:
+        raise PlateError(path, "a spreadsheet workbook in the plate folder is not read; save the table as CSV "
+                         "(comma or tab delimited), as CellProfiler's ExportToSpreadsheet writes it, or move it out")
     first = _first_fields(path)
     # The Experiment table holds the whole pipeline as one quoted value: recognised by its
     # header alone, never parsed.
@@ -321,13 +355,14 @@ def _name_lookup(manifest: pd.DataFrame) -> dict[str, str]:
         bases.setdefault(PurePosixPath(image).name, []).append(image)
     for base, owners in bases.items():
         if len(owners) == 1:
-            lookup[base] = owners[0]
-    lookup.update({i: i for i in images})
+            lookup[_norm_name(base)] = owners[0]
+    lookup.update({_norm_name(i): i for i in images})
     return lookup
 
 
 def _norm_name(value: str) -> str:
-    return value.strip().replace("\\", "/")
+    """A file name as CellProfiler wrote it, in the form the lookup uses: '/' separators, NFC."""
+    return unicodedata.normalize("NFC", value.strip().replace("\\", "/"))
 
 
 def _file_column(path: Path, df: pd.DataFrame, lookup: dict[str, str], what: str) -> tuple[str, pd.Series]:
@@ -336,7 +371,8 @@ def _file_column(path: Path, df: pd.DataFrame, lookup: dict[str, str], what: str
     fitting = []
     first_miss = {}
     for col in cols:
-        names = df[col].map(_norm_name)
+        # A full path (CellProfiler run elsewhere, e.g. C:\\data\\t07.tif) matches by its base name.
+        names = df[col].map(_norm_name).map(lambda n: n if n in lookup else PurePosixPath(n).name)
         missing = ~names.isin(lookup.keys())
         if missing.any():
             i = int(np.argmax(missing.to_numpy()))
