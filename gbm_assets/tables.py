@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import csv
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -72,16 +73,24 @@ def read_delimited(path: str | Path, header_rows: int = 1, what: str = "table") 
     nonblank = [line for line in lines if line.strip()]
     if len(nonblank) < header_rows:
         raise InputError(path, f"{what} is empty (no header row)")
-    delimiter = sniff_delimiter(nonblank)
+    hint = re.fullmatch(r"\s*sep=(.)\s*", nonblank[0])  # Excel's "sep=;" first line names the delimiter
+    offset = 0  # lines dropped before the table, so that line numbers stay those of the file
+    if hint:
+        offset = lines.index(nonblank[0]) + 1
+        lines = lines[offset:]
+        nonblank = nonblank[1:]
+        if len(nonblank) < header_rows:
+            raise InputError(path, f"{what} is empty (no header row)")
+    delimiter = hint.group(1) if hint else sniff_delimiter(nonblank)
     rows: list[list[str]] = []
     line_numbers: list[int] = []
     reader = csv.reader(lines, delimiter=delimiter)
     try:
         for fields in reader:
             rows.append([f.strip() for f in fields])
-            line_numbers.append(reader.line_num)
+            line_numbers.append(reader.line_num + offset)
     except csv.Error as exc:
-        raise InputError(path, f"line {reader.line_num}: malformed {what} ({exc})") from None
+        raise InputError(path, f"line {reader.line_num + offset}: malformed {what} ({exc})") from None
     # Leading blank lines before the header are skipped; so are rows with every cell empty.
     keep = [i for i, r in enumerate(rows) if any(r)]
     header, body = keep[:header_rows], keep[header_rows:]

@@ -135,6 +135,7 @@ def _manifest_bytes(plate, text: str, encoding: str = "utf-8") -> None:
     ("image\tculture\ttimepoint_h\r\nimg0.tif\tZürich\t1\r\nimg1.tif\tZürich\t2\r\n", "utf-16"),
     ('"image","culture","timepoint_h"\nimg0.tif,"Zürich",1\n"img1.tif",Zürich,2.0\n', "utf-8"),
     ("image,culture,timepoint_h,,\nimg0.tif,Zürich,1,,\nimg1.tif,Zürich,2,,\n", "utf-8"),
+    ("sep=;\r\nimage;culture;timepoint_h\r\nimg0.tif;Zürich;1\r\nimg1.tif;Zürich;2\r\n", "utf-8"),
 ])
 def test_manifests_as_spreadsheets_save_them(tmp_path, text, encoding):
     plate = write_tiny_plate(tmp_path / "p")
@@ -153,6 +154,7 @@ def test_manifests_as_spreadsheets_save_them(tmp_path, text, encoding):
     ("image,culture\nimg0.tif,A\nimg1.tif,\n", r"line 3: empty culture"),
     ("image,culture,Culture\nimg0.tif,A,B\n", r"manifest repeats a column name"),
     ("image,culture\nimg0.tif,A,extra\n", r"line 2: 3 fields but the header has 2"),
+    ("sep=,\nimage,culture,replicate\nimg0.tif,A,x\n", r"line 3, column 'replicate': 'x' is not a number"),
 ])
 def test_manifest_value_errors_name_line_and_column(tmp_path, text, message):
     plate = write_tiny_plate(tmp_path / "p")
