@@ -44,13 +44,13 @@ def expand_image_args(args: list[str]) -> list[Path]:
     import glob
 
     from gbm_assets.errors import ImageReadError
-    from gbm_assets.imaging.io import IMAGE_SUFFIXES
+    from gbm_assets.imaging.io import IMAGE_SUFFIXES, image_files
 
     found: dict[Path, None] = {}
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            matches = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            matches = image_files(path)
         elif path.exists():
             matches = [path]
         else:

@@ -174,6 +174,16 @@ def frame_interval_h(path: str | Path) -> float | None:
     return seconds / 3600
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files (by suffix, IMAGE_SUFFIXES) directly inside a folder, sorted by name.
+
+    Hidden files are skipped: macOS writes "._name.tif" resource forks beside every file copied to
+    a foreign disk, and they are not images.
+    """
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
 def max_image_pixels(max_pixels: int | None = None) -> int:
     """The pixel budget per frame: max_pixels if given, else GBM_MAX_IMAGE_MEGAPIXELS x 1e6, else 100e6."""
     if max_pixels is not None:

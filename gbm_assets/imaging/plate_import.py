@@ -23,7 +23,7 @@ import pandas as pd
 import tifffile
 
 from gbm_assets.errors import InputError, PlateError
-from gbm_assets.imaging.io import IMAGE_SUFFIXES, count_frames, read_frames
+from gbm_assets.imaging.io import IMAGE_SUFFIXES, count_frames, image_files, read_frames
 from gbm_assets.imaging.io import frame_interval_h as recorded_interval_h
 from gbm_assets.imaging.plates import (
     MANIFEST_COLUMNS, MANIFEST_NAME, check_plate_id, decimal_points, normalise_well, safe_plate_id, validate_plate,
@@ -142,8 +142,7 @@ def source_images(
     if source.is_file():
         files = [source]
     elif source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not p.name.startswith("."))
+        files = image_files(source)
     else:
         raise PlateError(source, "no such file or folder")
     if include:
