@@ -146,19 +146,19 @@ def read_plate_objects(plate_dir: str | Path, manifest: pd.DataFrame, objects_na
     _name_sources(sources, image_table)
     source = _choose(plate_dir, sources, objects_name)
     table = _objects_table(plate_dir, source, image_table, manifest)
-    if image_table is not None:
-        _check_coverage(image_table, manifest, source.name, table)
     return PlateObjects(path=source.path, objects_name=source.name, table=table)
 
 
-def _check_coverage(image_table: tuple[Path, pd.DataFrame], manifest: pd.DataFrame, objects_name: str,
-                    table: pd.DataFrame) -> None:
+def _check_coverage(image_table: tuple[Path, pd.DataFrame], set_images: pd.Series, manifest: pd.DataFrame,
+                    objects_name: str, object_images: pd.Series) -> None:
     """Every manifest image is an image set of the Image table, and each set's Count_<objects>
     equals its rows in the object table: otherwise images would get no cells without a word
-    (CellProfiler did not process them, or the object table was cut short)."""
+    (CellProfiler did not process them, or the object table was cut short).
+
+    set_images: the Image table's rows as manifest images; object_images: the object rows' images.
+    """
     path, df = image_table
-    col, images = _file_column(path, df, _name_lookup(manifest), "the Image table")
-    missing = [i for i in manifest["image"] if i not in set(images)]
+    missing = [i for i in manifest["image"] if i not in set(set_images)]
     if missing:
         raise PlateError(path, f"{len(missing)} manifest image(s) are not image sets of this table "
                          f"({missing[:3]}): CellProfiler did not process them, so their cells are unknown; "
@@ -166,8 +166,8 @@ def _check_coverage(image_table: tuple[Path, pd.DataFrame], manifest: pd.DataFra
     count_col = next((c for c in df.columns if c.lower() == f"count_{objects_name}".lower()), None)
     if count_col is None:
         return
-    found = table.groupby("image").size()
-    for image, text, line in zip(images, df[count_col], df[LINE_COLUMN]):
+    found = object_images.value_counts()
+    for image, text, line in zip(set_images, df[count_col], df[LINE_COLUMN]):
         try:
             expected = int(float(text))
         except ValueError:
@@ -398,8 +398,10 @@ def _image_numbers(path: Path, df: pd.DataFrame) -> pd.Series:
         raise PlateError(exc.where, exc.problem) from None
 
 
-def _image_map(manifest: pd.DataFrame, image_table: tuple[Path, pd.DataFrame]) -> tuple[dict[int, str], dict[str, tuple]]:
-    """ImageNumber -> manifest image, and image -> (height, width, line) where the table says."""
+def _image_map(manifest: pd.DataFrame, image_table: tuple[Path, pd.DataFrame]
+               ) -> tuple[dict[int, str], dict[str, tuple], pd.Series]:
+    """ImageNumber -> manifest image, image -> (height, width, line) where the table says, and the
+    table's rows as manifest images."""
     path, df = image_table
     if "ImageNumber" not in df.columns:
         raise PlateError(path, "CellProfiler Image table without an ImageNumber column")
@@ -427,18 +429,20 @@ def _image_map(manifest: pd.DataFrame, image_table: tuple[Path, pd.DataFrame]) -
                 sizes[image] = (int(float(h)), int(float(w)), int(line))
             except ValueError:
                 continue  # a cross-check only; the file's own header decides
-    return mapping, sizes
+    return mapping, sizes, images
 
 
 def _objects_images(plate_dir: Path, source: _ObjectSource, image_table, manifest: pd.DataFrame):
-    """Each object row's manifest image, and the Image table's sizes to cross-check."""
+    """Each object row's manifest image, the Image table's sizes to cross-check, and the Image
+    table's rows as manifest images (None without an Image table)."""
     df, path = source.df, source.path
     lookup = _name_lookup(manifest)
     has_files = any(c.startswith("FileName_") for c in df.columns)
     if "ImageNumber" not in df.columns and not has_files:
         raise PlateError(path, f"object table for {source.name} has neither ImageNumber nor a FileName_<channel> "
                          "column: its objects cannot be matched to images")
-    mapping, sizes = _image_map(manifest, image_table) if image_table is not None else ({}, {})
+    mapping, sizes, set_images = _image_map(manifest, image_table) if image_table is not None else ({}, {}, None)
+
     numbers = _image_numbers(path, df) if "ImageNumber" in df.columns else None
     if has_files:
         _, images = _file_column(path, df, lookup, f"the object table for {source.name}")
@@ -455,17 +459,17 @@ def _objects_images(plate_dir: Path, source: _ObjectSource, image_table, manifes
                 if mapping and mapping[n] != g["image"].iloc[0]:
                     raise PlateError(path, f"line {int(g['line'].iloc[0])}: ImageNumber {n} is "
                                      f"{g['image'].iloc[0]!r} here but {mapping[n]!r} in {image_table[0].name}")
-        return images, sizes
+        return images, sizes, set_images
     if image_table is not None:
         unknown = ~numbers.isin(mapping.keys())
         if unknown.any():
             i = int(np.argmax(unknown.to_numpy()))
             raise PlateError(path, f"line {int(df[LINE_COLUMN].iloc[i])}, column 'ImageNumber': {int(numbers.iloc[i])} "
                              f"is not in the Image table {image_table[0].name}")
-        return numbers.map(mapping), sizes
+        return numbers.map(mapping), sizes, set_images
     images = manifest["image"].tolist()
     if len(images) == 1 and (numbers == 1).all():
-        return pd.Series(images[0], index=df.index), sizes
+        return pd.Series(images[0], index=df.index), sizes, None
     raise PlateError(path, "objects are keyed by ImageNumber but the plate folder has no CellProfiler Image table "
                      "(Image.csv or <prefix>Image.csv, with FileName_<channel>) to say which file each ImageNumber is; "
                      "CellProfiler's numbering need not follow the manifest, so export the Image table beside it")
@@ -490,7 +494,7 @@ def _objects_table(plate_dir: Path, source: _ObjectSource, image_table, manifest
     if centre is None:
         raise PlateError(path, f"object table for {source.name} has no centre columns "
                          "(Location_Center_X/Y or AreaShape_Center_X/Y)")
-    images, sizes = _objects_images(plate_dir, source, image_table, manifest)
+    images, sizes, set_images = _objects_images(plate_dir, source, image_table, manifest)
     xcol, ycol = centre
     out = pd.DataFrame({"image": images.to_numpy(), "x": _numbers(df, xcol, True).to_numpy(),
                         "y": _numbers(df, ycol, True).to_numpy()})
@@ -502,6 +506,8 @@ def _objects_table(plate_dir: Path, source: _ObjectSource, image_table, manifest
             values = _numbers(text, cp_name, False).to_numpy()
             out[name] = np.where(np.isfinite(values), values, np.nan)
     _check_inside(plate_dir, path, out, df[LINE_COLUMN].to_numpy(), xcol, ycol, sizes, image_table)
+    if image_table is not None:
+        _check_coverage(image_table, set_images, manifest, source.name, out["image"])
     return out.reset_index(drop=True)
 
 
