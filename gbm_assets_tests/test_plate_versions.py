@@ -343,22 +343,14 @@ def test_plates_ingested_before_versions_migrate_from_the_old_cursor(data_root):
     assert [r.partition_key for r in _tick(instance, data, adopted.cursor).run_requests] == [plate_id]
 
 
-def test_command_line_run_reingests_a_plate_whose_manifest_changed(data_root, monkeypatch):
+def test_command_line_run_reingests_a_plate_whose_manifest_changed(ingested, monkeypatch):
     """`gbm-assets run` (pipeline.plates_to_ingest) redoes a plate whose manifest changed, as the sensor does."""
     from gbm_assets.pipeline import plates_to_ingest
 
-    monkeypatch.setenv("GBM_ASSETS_DATA", str(data_root))
-    ready = find_ready_plates(data_root / "raw")
-    plate_id = ready[0]
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(plates.name, [plate_id])
-    result = dg.materialize([raw_plates, cell_coordinates, cell_crops], partition_key=plate_id, instance=instance,
-                            resources={"data": DataDirs(root=str(data_root))},
-                            run_config={"ops": {"cell_crops": {"config": {"crop_size": 64, "workers": 1}},
-                                                "cell_coordinates": {"config": {"workers": 1}}}})
-    assert result.success
+    root, plate_id, instance, _ = ingested
+    monkeypatch.setenv("GBM_ASSETS_DATA", str(root))
+    ready = find_ready_plates(root / "raw")
     assert plate_id not in plates_to_ingest(instance, ready)
     assert plates_to_ingest(instance, ready, refresh=True) == ready
-    manifest = data_root / "raw" / plate_id / "manifest.csv"
-    manifest.write_text(manifest.read_text().replace(",1,", ",2,"))  # replicate 1 -> 2
+    _change_culture(root / "raw" / plate_id)
     assert plate_id in plates_to_ingest(instance, ready)
