@@ -30,7 +30,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.reference_segmentation import reference_find_cells
+from benchmarks.reference_segmentation import reference_find_cells
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
 from gbm_assets.imaging.segmentation import find_cells
 from gbm_assets.imaging.synthetic import GROUND_TRUTH_NAME, write_plates

@@ -74,9 +74,10 @@ def test_measurements_keep_label_ids_and_skip_missing_ones():
     assert measure_cells(np.zeros((50, 50), np.int32)).empty
 
 
-def test_measurements_match_scikit_image_regionprops():
+def test_measurements_match_scikit_image_regionprops(monkeypatch):
     pytest.importorskip("skimage")
-    from gbm_assets.imaging.reference_segmentation import regionprops_cells
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # the benchmarks/ folder
+    from benchmarks.reference_segmentation import regionprops_cells
 
     rng = np.random.default_rng(0)
     labels = np.zeros((300, 300), np.int32)
