@@ -18,11 +18,10 @@ import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from scipy import ndimage as ndi
 
+from gbm_assets.imaging.cellprofiler_masks import cells_at_objects
 from gbm_assets.imaging.crops import extract_crops
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.measurements import measure_cells
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
 from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
 
@@ -187,38 +186,9 @@ def _segment_task(task: tuple[Path, str, SegmentationParams]) -> ImageCells:
 
 
 def _objects_task(task: tuple[Path, str, SegmentationParams, pd.DataFrame]) -> ImageCells:
-    """Cells at CellProfiler's coordinates; shapes from our segmentation, split between the points.
-
-    Every point seeds a marker-based watershed over the segmented foreground (plus a small disc
-    around each point, so a point on background still gets a mask); points sharing one region
-    divide it, as CellProfiler's seeded identification would.
-    """
     plate_dir, name, params, objects = task
-    image = read_image(plate_dir / name)
-    _, seg = find_cells(image, params)
-    h, w = seg.shape
-    xy = np.rint(objects[["x", "y"]].to_numpy(float)).astype(int)
-    xy[:, 0] = xy[:, 0].clip(0, w - 1)
-    xy[:, 1] = xy[:, 1].clip(0, h - 1)
-    foreground = (seg > 0).astype(np.uint8)
-    markers = np.zeros((h, w), np.int32)
-    seed_radius = max(2, int(round(params.cell_diameter_px / 8)))
-    for obj_id, (cx, cy) in enumerate(xy, start=1):
-        cv2.circle(foreground, (int(cx), int(cy)), seed_radius, 1, -1)
-    for obj_id, (cx, cy) in enumerate(xy, start=1):
-        cv2.circle(markers, (int(cx), int(cy)), 1, obj_id, -1)
-    distance = cv2.distanceTransform(foreground, cv2.DIST_L2, 5)
-    cost = (255 - 255 * distance / max(float(distance.max()), 1e-6)).astype(np.uint8)
-    labels = ndi.watershed_ift(cost, markers) * foreground
-    measured = measure_cells(labels).set_index("cell_id")
-    cells = pd.DataFrame({"cell_id": np.arange(1, len(objects) + 1, dtype=np.int32)})
-    cells["x"] = objects["x"].to_numpy(float)
-    cells["y"] = objects["y"].to_numpy(float)
-    for col in MEASUREMENT_COLUMNS:
-        given = objects[col].to_numpy(float) if col in objects else np.full(len(objects), np.nan)
-        fallback = measured[col].reindex(cells["cell_id"]).to_numpy(float)
-        cells[col] = np.where(np.isnan(given), fallback, given)
-    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), h, w)
+    cells, labels = cells_at_objects(read_image(plate_dir / name), objects, params)
+    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *labels.shape)
 
 
 def find_plate_cells(
