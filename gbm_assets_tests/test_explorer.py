@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
+import shutil
+import subprocess
+import sys
 import time
+import zipfile
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
-from gbm_assets.analysis.explorer import make_thumbnails, sample_for_explorer, write_explorer
+from gbm_assets.analysis import explorer
+from gbm_assets.analysis.explorer import make_thumbnails, page_template, sample_for_explorer, write_explorer
 from gbm_assets_tests.servers import chromium_page
 
 MAX_BYTES_20K = 30_000_000  # the page for 20,000 points must stay under 30 MB
@@ -138,6 +145,43 @@ def test_write_explorer_rejects_misaligned_input(tmp_path):
     with pytest.raises(ValueError, match="umap_x"):
         write_explorer(tmp_path / "x.html", "B", points.drop(columns="umap_x"), fake_crops(10))
     assert not (tmp_path / "x.html").exists()
+
+
+def test_page_is_the_template_beside_the_module_with_every_slot_filled(tmp_path):
+    template = Path(explorer.__file__).with_name("explorer.html")
+    assert page_template() == template.read_text(encoding="utf-8")
+    slots = set(re.findall(r"__([A-Z]+)__", page_template()))
+    assert slots == {"TITLE", "COUNT", "OPTIONS", "FIELDS", "THUMB", "DATA"}
+    assert "<script>" in page_template() and "window.explorer" in page_template()
+
+    text = write_explorer(tmp_path / "x.html", "B<&>__DATA__", fake_labels(50), fake_crops(50)).read_text("utf-8")
+    assert not re.search(r"__(?:TITLE|COUNT|OPTIONS|FIELDS|THUMB|DATA)__", text.replace("B&lt;&amp;&gt;__DATA__", ""))
+    assert text.count("<title>Cell explorer: B&lt;&amp;&gt;__DATA__</title>") == 1  # inserted text is never refilled
+    assert '<span id="status">50 cells</span>' in text and "width: 96px; height: 96px" in text
+    assert '<option value="hdbscan">hdbscan</option>' in text and '<dd data-field="crop_id"></dd>' in text
+
+
+def test_a_built_wheel_ships_the_template(tmp_path):
+    """A non-editable install has explorer.html as package data, and the explorer renders from it."""
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "gbm_assets", src / "gbm_assets", ignore=shutil.ignore_patterns("__pycache__"))
+    dist = tmp_path / "dist"
+    build = "import sys, setuptools.build_meta as b; print(b.build_wheel(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", build, str(dist)], cwd=src, check=True, capture_output=True)
+    (wheel,) = dist.glob("gbm_assets-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read("gbm_assets/analysis/explorer.html").decode("utf-8") == page_template()
+        zf.extractall(tmp_path / "site")
+
+    check = ("import sys, gbm_assets.analysis.explorer as e; "
+             "assert e.__file__.startswith(sys.argv[1]), e.__file__; "
+             "assert '__DATA__' in e.page_template()")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    subprocess.run([sys.executable, "-c", check, str(tmp_path / "site")], env=env, check=True, cwd=tmp_path)
 
 
 # --- in the browser -----------------------------------------------------------------------------

@@ -10,6 +10,10 @@ Thumbnails are lossless WebP of the crop shrunk with cv2.INTER_AREA and reduced 
 levels: 8-bit thumbnails of phase-contrast crops take ~1.7 kB each (about 48 MB of base64 for
 20,000 points), 32 levels about 1 kB (28 MB on real T98G crops), and the image shown stays exactly
 make_thumbnails(crop), so what a person sees is checkably the cell's own crop.
+
+The page itself (HTML, CSS and script) is the template explorer.html beside this module, shipped
+as package data; write_explorer fills its __TITLE__, __COUNT__, __OPTIONS__, __FIELDS__, __THUMB__
+and __DATA__ slots.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import base64
 import html
 import json
 import re
+from importlib import resources
 from pathlib import Path
 
 import cv2
@@ -33,6 +38,7 @@ TOOLTIP_FIELDS = (
     "well", "position", *CLUSTERINGS,
 )
 STRATA = ("culture", "hdbscan")
+TEMPLATE = "explorer.html"  # package data of gbm_assets.analysis
 
 
 def _fair_shares(sizes: np.ndarray, total: int) -> np.ndarray:
@@ -147,6 +153,11 @@ def script_json(value) -> str:
     return _SCRIPT_UNSAFE_RE.sub(lambda m: _SCRIPT_UNSAFE[m.group()], text)
 
 
+def page_template() -> str:
+    """The explorer page with its __NAME__ slots unfilled (the package's explorer.html, UTF-8)."""
+    return resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
+
+
 def write_explorer(
     path: str | Path,
     variant: str,
@@ -182,253 +193,5 @@ def write_explorer(
         "DATA": _payload(points, thumbs, colourings, fields, gallery_size),
     }
     # One pass, so that text inserted (a variant name, a crop id) is never substituted again.
-    page = re.sub(r"__([A-Z]+)__", lambda m: parts[m.group(1)], _PAGE)
+    page = re.sub(r"__([A-Z]+)__", lambda m: parts[m.group(1)], page_template())
     return write_bytes_atomic(path, page.encode("utf-8"))
-
-
-_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>__TITLE__</title>
-<style>
-  * { box-sizing: border-box; }
-  html, body { margin: 0; height: 100%; font: 13px system-ui, sans-serif; color: #222; }
-  body { display: flex; flex-direction: column; }
-  header { display: flex; gap: 16px; align-items: center; padding: 8px 12px; border-bottom: 1px solid #ddd; }
-  header h1 { font-size: 16px; margin: 0; }
-  #status { color: #666; }
-  main { flex: 1; display: flex; min-height: 0; }
-  #map-wrap { flex: 1; position: relative; min-width: 0; }
-  #map { position: absolute; inset: 0; cursor: crosshair; }
-  #tooltip { position: absolute; pointer-events: none; background: #fff; border: 1px solid #bbb;
-             box-shadow: 0 2px 8px rgba(0,0,0,.25); padding: 6px; display: flex; gap: 8px; z-index: 2; }
-  #tooltip[hidden] { display: none; }
-  #tooltip-img { width: __THUMB__px; height: __THUMB__px; image-rendering: pixelated; background: #000; }
-  #tooltip dl { margin: 0; display: grid; grid-template-columns: auto auto; gap: 0 8px; font-size: 12px; }
-  #tooltip dt { color: #777; }
-  #tooltip dd { margin: 0; white-space: nowrap; }
-  aside { width: 360px; border-left: 1px solid #ddd; display: flex; flex-direction: column; min-height: 0; }
-  aside h2 { font-size: 14px; margin: 10px 12px 6px; }
-  #legend { list-style: none; margin: 0; padding: 0 12px; max-height: 40%; overflow-y: auto; }
-  .legend-item { display: flex; align-items: center; gap: 6px; padding: 2px 4px; cursor: pointer; border-radius: 3px; }
-  .legend-item:hover { background: #f0f0f0; }
-  .legend-item.active { background: #e3ecf7; font-weight: 600; }
-  .legend-item.dimmed { opacity: .45; }
-  .swatch { width: 12px; height: 12px; border-radius: 50%; flex: none; }
-  .count { color: #888; margin-left: auto; }
-  #gallery { flex: 1; overflow-y: auto; padding: 0 12px 12px; display: flex; flex-wrap: wrap; gap: 3px; align-content: flex-start; }
-  #gallery img { width: 62px; height: 62px; image-rendering: pixelated; cursor: pointer; }
-  #gallery p { color: #777; }
-</style>
-</head>
-<body>
-<header>
-  <h1>__TITLE__</h1>
-  <label>Colour by <select id="colour-by">__OPTIONS__</select></label>
-  <button id="show-all" type="button" disabled>show all</button>
-  <span id="status">__COUNT__</span>
-  <span style="color:#999">wheel: zoom, drag: pan, double-click: reset view</span>
-</header>
-<main>
-  <div id="map-wrap">
-    <canvas id="map"></canvas>
-    <div id="tooltip" hidden><img id="tooltip-img" alt="crop"><dl>__FIELDS__</dl></div>
-  </div>
-  <aside>
-    <h2>Legend</h2>
-    <ul id="legend"></ul>
-    <h2 id="gallery-title">Gallery</h2>
-    <div id="gallery"></div>
-  </aside>
-</main>
-<script type="application/json" id="explorer-data">__DATA__</script>
-<script>
-(function () {
-  "use strict";
-  const data = JSON.parse(document.getElementById("explorer-data").textContent);
-  const n = data.x.length;
-  const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
-                   "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
-                   "#dbdb8d", "#9edae5"];
-  const NOISE_COLOUR = "#c8c8c8";
-  const HOVER_PX = 8, MARGIN = 16, R = n > 5000 ? 1.5 : 2.5;
-  const $ = (id) => document.getElementById(id);
-  const canvas = $("map"), ctx = canvas.getContext("2d"), wrap = $("map-wrap");
-  const tooltip = $("tooltip"), tipImg = $("tooltip-img");
-  const tipFields = Array.from(tooltip.querySelectorAll("[data-field]"));
-  const select = $("colour-by"), showAll = $("show-all"), status = $("status");
-  const legend = $("legend"), gallery = $("gallery"), galleryTitle = $("gallery-title");
-
-  let width = 1, height = 1, view = {k: 1, x: 0, y: 0}, drag = null;
-  let colouring = null, filter = null, visible = new Int32Array(0), hovered = -1;
-  const bx = new Float32Array(n), by = new Float32Array(n);
-  let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
-  for (let i = 0; i < n; i++) {
-    x0 = Math.min(x0, data.x[i]); x1 = Math.max(x1, data.x[i]);
-    y0 = Math.min(y0, data.y[i]); y1 = Math.max(y1, data.y[i]);
-  }
-
-  function layout() {  // fit the data into the canvas, same scale on both axes, y up
-    const box = wrap.getBoundingClientRect(), dpr = window.devicePixelRatio || 1;
-    width = Math.max(1, Math.floor(box.width)); height = Math.max(1, Math.floor(box.height));
-    canvas.width = Math.round(width * dpr); canvas.height = Math.round(height * dpr);
-    canvas.style.width = width + "px"; canvas.style.height = height + "px";
-    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    const s = Math.min((width - 2 * MARGIN) / ((x1 - x0) || 1), (height - 2 * MARGIN) / ((y1 - y0) || 1));
-    const ox = (width - s * (x1 - x0)) / 2, oy = (height - s * (y1 - y0)) / 2;
-    for (let i = 0; i < n; i++) { bx[i] = ox + s * (data.x[i] - x0); by[i] = height - oy - s * (data.y[i] - y0); }
-  }
-  const sx = (i) => view.k * bx[i] + view.x;
-  const sy = (i) => view.k * by[i] + view.y;
-  const value = (field, i) => data.columns[field].cats[data.columns[field].codes[i]];
-  const label = (c) => colouring.noise === c ? "noise (-1)" : colouring.cats[c];
-
-  function setColouring(name) {
-    const col = data.columns[name], cats = col.cats;
-    const members = cats.map(() => []);
-    for (let i = 0; i < n; i++) members[col.codes[i]].push(i);
-    const noise = data.clusterings.includes(name) ? cats.indexOf("-1") : -1;
-    let k = 0;
-    const colours = cats.map((c, j) => j === noise ? NOISE_COLOUR
-      : k < PALETTE.length ? PALETTE[k++] : "hsl(" + ((k++ * 137.508) % 360).toFixed(1) + ",65%,50%)");
-    const order = cats.map((c, j) => j).sort((a, b) => (b === noise) - (a === noise));  // noise underneath
-    colouring = {name, cats, colours, noise, order, groups: members.map((m) => Int32Array.from(m))};
-    colouring.all = Int32Array.from(order.flatMap((c) => Array.from(colouring.groups[c])));
-    select.value = name;
-    legend.replaceChildren(...cats.map((cat, c) => {
-      const li = document.createElement("li"), swatch = document.createElement("span");
-      const text = document.createElement("span"), count = document.createElement("span");
-      li.className = "legend-item"; li.dataset.category = cat;
-      swatch.className = "swatch"; swatch.style.background = colours[c];
-      text.textContent = label(c);
-      count.className = "count"; count.textContent = colouring.groups[c].length;
-      li.append(swatch, text, count);
-      li.addEventListener("click", () => setFilter(filter === c ? null : c));
-      return li;
-    }));
-    setFilter(null);
-  }
-
-  function setFilter(c) {
-    filter = c;
-    visible = c === null ? colouring.all : colouring.groups[c];
-    legend.querySelectorAll(".legend-item").forEach((li, j) => {
-      li.classList.toggle("active", j === c); li.classList.toggle("dimmed", c !== null && j !== c);
-    });
-    showAll.disabled = c === null;
-    status.textContent = (c === null ? "" : visible.length.toLocaleString() + " of ") + n.toLocaleString() + " cells";
-    renderGallery();
-    hovered = -1; tooltip.hidden = true;
-    draw();
-  }
-
-  function renderGallery() {
-    if (filter === null) {
-      galleryTitle.textContent = "Gallery";
-      const hint = document.createElement("p");
-      hint.textContent = "Click a legend entry to see its cells here.";
-      gallery.replaceChildren(hint);
-      return;
-    }
-    const g = colouring.groups[filter], m = Math.min(data.gallerySize, g.length);
-    galleryTitle.textContent = colouring.name + " " + label(filter) + ": " + m + " of " + g.length + " cells";
-    const imgs = [];
-    for (let k = 0; k < m; k++) {
-      const i = g[Math.floor(k * g.length / m)], img = document.createElement("img");
-      img.src = data.thumbs[i]; img.title = value("crop_id", i); img.dataset.index = i;
-      img.addEventListener("mouseenter", () => hover(i));
-      img.addEventListener("mouseleave", () => hover(-1));
-      imgs.push(img);
-    }
-    gallery.replaceChildren(...imgs);
-  }
-
-  function draw() {
-    ctx.clearRect(0, 0, width, height);
-    for (const c of filter === null ? colouring.order : [filter]) {
-      const g = colouring.groups[c];
-      ctx.fillStyle = colouring.colours[c];
-      for (let j = 0; j < g.length; j++) ctx.fillRect(sx(g[j]) - R, sy(g[j]) - R, 2 * R, 2 * R);
-    }
-    if (hovered >= 0) {
-      ctx.strokeStyle = "#000"; ctx.lineWidth = 2;
-      ctx.beginPath(); ctx.arc(sx(hovered), sy(hovered), R + 4, 0, 2 * Math.PI); ctx.stroke();
-    }
-  }
-
-  function hover(i) {
-    if (i !== hovered) { hovered = i; draw(); }
-    if (i < 0) tooltip.hidden = true;
-  }
-
-  function nearest(px, py) {  // the topmost visible point within HOVER_PX
-    let best = -1, bestD = HOVER_PX * HOVER_PX;
-    for (let j = 0; j < visible.length; j++) {
-      const i = visible[j], dx = sx(i) - px, dy = sy(i) - py, d = dx * dx + dy * dy;
-      if (d <= bestD) { best = i; bestD = d; }
-    }
-    return best;
-  }
-
-  function showTooltip(i, px, py) {
-    if (tooltip.dataset.index !== String(i)) {
-      tipImg.src = data.thumbs[i];
-      for (const el of tipFields) el.textContent = value(el.dataset.field, i);
-      tooltip.dataset.index = i;
-    }
-    tooltip.hidden = false;
-    const left = px + 14 + tooltip.offsetWidth > width ? px - 14 - tooltip.offsetWidth : px + 14;
-    const top = Math.max(0, Math.min(py + 14, height - tooltip.offsetHeight));
-    tooltip.style.left = Math.max(0, left) + "px"; tooltip.style.top = top + "px";
-  }
-
-  canvas.addEventListener("mousemove", (e) => {
-    const box = canvas.getBoundingClientRect(), px = e.clientX - box.left, py = e.clientY - box.top;
-    if (drag && !(e.buttons & 1)) drag = null;  // released outside the window
-    if (drag) {
-      view.x = drag.x + e.clientX - drag.cx; view.y = drag.y + e.clientY - drag.cy;
-      hover(-1); draw();
-      return;
-    }
-    const i = nearest(px, py);
-    hover(i);
-    if (i >= 0) showTooltip(i, px, py);
-  });
-  canvas.addEventListener("mouseleave", () => hover(-1));
-  canvas.addEventListener("mousedown", (e) => { drag = {x: view.x, y: view.y, cx: e.clientX, cy: e.clientY}; });
-  window.addEventListener("mouseup", () => { drag = null; });
-  canvas.addEventListener("dblclick", () => { view = {k: 1, x: 0, y: 0}; draw(); });
-  canvas.addEventListener("wheel", (e) => {
-    e.preventDefault();
-    const box = canvas.getBoundingClientRect(), px = e.clientX - box.left, py = e.clientY - box.top;
-    const k = Math.min(100, Math.max(1, view.k * Math.exp(-e.deltaY * 0.0015))), f = k / view.k;
-    view = {k, x: px - (px - view.x) * f, y: py - (py - view.y) * f};
-    hover(-1); draw();
-  }, {passive: false});
-  select.addEventListener("change", () => setColouring(select.value));
-  showAll.addEventListener("click", () => setFilter(null));
-  window.addEventListener("resize", () => { layout(); draw(); });
-
-  window.explorer = {
-    ready: false,
-    n,
-    /** Viewport (client) coordinates of point i, for page.mouse.move. */
-    screenPosition: (i) => {
-      const box = canvas.getBoundingClientRect();
-      return {x: box.left + sx(i), y: box.top + sy(i)};
-    },
-    visibleIndices: () => Array.from(visible),
-    colourBy: setColouring,
-    showAll: () => setFilter(null),
-  };
-  layout();
-  setColouring(data.colourings[0]);
-  window.explorer.readyMs = performance.now();  // since navigation start
-  window.explorer.ready = true;
-  document.body.dataset.ready = "true";
-})();
-</script>
-</body>
-</html>
-"""
