@@ -17,8 +17,7 @@ PARAMS = SegmentationParams(cell_diameter_px=40.0)  # seed discs of radius 40 / 
 
 def test_points_on_background_get_seed_discs_and_keep_cellprofiler_values():
     image = np.full((120, 160), 100, np.uint8)  # flat: our segmentation finds nothing
-    objects = pd.DataFrame({"x": [30.2, 100.0, 500.0], "y": [40.0, 60.7, 50.0],
-                            "area": [123.0, np.nan, np.nan]})
+    objects = pd.DataFrame({"x": [30.2, 100.0, 500.0], "y": [40.0, 60.7, 50.0], "area": [123.0, np.nan, np.nan]})
     cells, labels = cells_at_objects(image, objects, PARAMS)
     assert labels.shape == image.shape and labels.dtype == np.int32
     assert cells["cell_id"].tolist() == [1, 2, 3] and cells["cell_id"].dtype == np.int32

@@ -36,7 +36,7 @@ def fake_labels(n: int, seed: int = 0) -> pd.DataFrame:
     plate = rng.choice(["synth-GBM01-c250-r1", "synth-GBM02-c1000-r1", "synth-GBM03-c4000-r1"], size=n)
     image = [f"img_{k:03d}.tif" for k in rng.integers(0, 5, n)]
     return pd.DataFrame({
-        "crop_id": [f"{p}:{im}:{i}" for i, (p, im) in enumerate(zip(plate, image))],
+        "crop_id": [f"{p}:{im}:{i}" for i, (p, im) in enumerate(zip(plate, image, strict=True))],
         "plate": plate, "image": image,
         "x": rng.integers(64, 960, n), "y": rng.integers(64, 960, n),
         "culture": [p.split("-")[1] for p in plate], "concentration": [p.split("-")[2][1:] for p in plate],

@@ -68,7 +68,7 @@ def sample_for_explorer(labels: pd.DataFrame, max_points: int = 20_000, seed: in
     members = np.split(np.argsort(group, kind="stable"), np.cumsum(sizes)[:-1])
     rng = np.random.default_rng(seed)
     keep = np.concatenate([rng.choice(rows, size=q, replace=False)
-                           for rows, q in zip(members, _fair_shares(sizes, max_points))])
+                           for rows, q in zip(members, _fair_shares(sizes, max_points), strict=True)])
     return labels.iloc[np.sort(keep)].reset_index(drop=True)
 
 
