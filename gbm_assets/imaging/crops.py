@@ -40,6 +40,17 @@ def normalise_crops(windows: np.ndarray) -> np.ndarray:
     """Stretch each crop's [p1, p99] to [0, 255] and return uint8 (N, S, S).
 
     Percentiles as numpy's default (linear interpolation), from one partial sort of all crops.
+
+    Parameters
+    ----------
+    windows : (N, S, S) ndarray of any real dtype
+        Raw image intensities of N crops (uint8 or uint16 as read_image gives them).
+
+    Returns
+    -------
+    crops : (N, S, S) ndarray of uint8
+        Each crop mapped linearly so that its 1st percentile is 0 and its 99th is 255, clipped
+        and rounded; a flat crop (p99 = p1) becomes all zeros. N = 0 gives an empty array.
     """
     n = int(np.prod(windows.shape[1:]))
     flat = windows.reshape(len(windows), n)
@@ -62,14 +73,31 @@ def normalise_crops(windows: np.ndarray) -> np.ndarray:
 
 
 def crop_origin(x: float, y: float, crop_size: int) -> tuple[int, int, int, int]:
-    """Integer centre (cx, cy) and top-left corner (x0, y0) of the crop around (x, y)."""
+    """Integer centre (cx, cy) and top-left corner (x0, y0) of the crop around (x, y).
+
+    x, y are a cell's centroid in pixels (x = column, y = row, float); crop_size is the crop's side
+    in pixels. Returns four ints, in pixels: the rounded centre and cx - crop_size // 2,
+    cy - crop_size // 2 (negative near the image's top or left edge).
+    """
     cx, cy = int(round(float(x))), int(round(float(y)))
     half = crop_size // 2
     return cx, cy, cx - half, cy - half
 
 
 def centre_component(cell_mask: np.ndarray) -> np.ndarray:
-    """Keep only the connected component of a binary crop mask at (or nearest to) the centre."""
+    """Keep only the connected component of a binary crop mask at (or nearest to) the centre.
+
+    Parameters
+    ----------
+    cell_mask : (S, S) ndarray of bool or integer
+        Non-zero where the crop shows the cell's label.
+
+    Returns
+    -------
+    mask : (S, S) ndarray of uint8
+        1 on the 8-connected component holding the centre pixel (S // 2, S // 2), or the one
+        nearest to it when the centre is background; 0 elsewhere (all 0 for an empty mask).
+    """
     n, comp = cv2.connectedComponents(cell_mask.astype(np.uint8), connectivity=8)
     if n <= 2:
         return (comp > 0).astype(np.uint8)
@@ -85,8 +113,31 @@ def centre_component(cell_mask: np.ndarray) -> np.ndarray:
 def extract_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, crop_size: int = 128) -> CropBatch:
     """Crop every cell whose crop_size x crop_size window lies fully inside the image.
 
-    cells needs columns cell_id, x, y (the cell's label value in `labels` and its centroid).
     A crop that would cross the image edge is dropped, as in the thesis.
+
+    Parameters
+    ----------
+    image : (H, W) ndarray of uint8 or uint16
+        The grey image the cells were found in.
+    cells : DataFrame
+        One row per cell with cell_id (its label value in `labels`, unique) and x, y (its
+        centroid in pixels, x = column, y = row); other columns are carried along.
+    labels : (H, W) ndarray of int
+        Instance labels of the image (0 = background), as segmentation.find_cells returns.
+    crop_size : int
+        Side S of the square crops, in pixels; positive and even.
+
+    Returns
+    -------
+    CropBatch
+        cells: the kept rows, with x, y replaced by the integer crop centres (int32, pixels);
+        pixels: (N, S, S) uint8, each crop normalised by normalise_crops; masks: (N, S, S) uint8,
+        1 on the cell's component at the centre (centre_component). N = 0 when no crop fits.
+
+    Raises
+    ------
+    ValueError
+        If crop_size is not a positive even number.
     """
     if crop_size <= 0 or crop_size % 2:
         raise ValueError(f"crop_size must be a positive even number, got {crop_size}")
@@ -109,7 +160,25 @@ def extract_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, cr
 
 
 def decode_crops(column: pa.Array, crop_size: int) -> np.ndarray:
-    """View a binary column of n crops as an (n, S, S) uint8 array without copying."""
+    """View a binary column of n crops as an (n, S, S) uint8 array without copying.
+
+    Parameters
+    ----------
+    column : pyarrow binary or large_binary Array
+        One crop per entry, its S x S bytes in row order (the pixels or mask column of cell_crops).
+    crop_size : int
+        S, the side of a crop in pixels.
+
+    Returns
+    -------
+    crops : (n, S, S) ndarray of uint8
+        A read-only view of the column's data buffer (copy it before writing to it).
+
+    Raises
+    ------
+    InputError
+        Naming cell_crops when the column holds nulls or an entry is not S x S bytes long.
+    """
     if column.null_count:
         raise InputError("cell_crops", "pixels/mask column holds nulls")
     offsets_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32

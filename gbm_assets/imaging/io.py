@@ -79,10 +79,26 @@ _FRAME_AXES_EXCLUDED = frozenset("YXSC")
 def read_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file holding one frame as a 2-D array (H, W) of uint8 or uint16.
 
-    Raises ImageReadError naming the file when it is missing, of an unsupported kind, unreadable or
-    corrupt, over the pixel budget (max_pixels, see max_image_pixels), holds more than one channel,
-    series or scene, or holds more than one frame (a stack or time-lapse: use read_frames, or
-    `gbm-assets add-plate`, which makes each frame its own image).
+    Parameters
+    ----------
+    path : str or Path
+        A TIFF, PNG, JPEG, BMP file, or ND2/CZI/LIF with the ``formats`` extra (see the module).
+    max_pixels : int, optional
+        Pixel budget per frame (height x width); default from max_image_pixels().
+
+    Returns
+    -------
+    image : (H, W) ndarray of uint8 or uint16
+        Grey intensities, unscaled for 8- and 16-bit data; colour is reduced to luminance and
+        other dtypes converted as the module describes.
+
+    Raises
+    ------
+    ImageReadError
+        Naming the file when it is missing, of an unsupported kind, unreadable or corrupt, over
+        the pixel budget, holds more than one channel, series or scene, or holds more than one
+        frame (a stack or time-lapse: use read_frames, or `gbm-assets add-plate`, which makes
+        each frame its own image).
     """
     path = Path(path)
     with _open(path, max_pixels) as source:
@@ -95,8 +111,26 @@ def read_frames(path: str | Path, *, max_pixels: int | None = None) -> Iterator[
     """Every frame of an image file in order, each a 2-D array (H, W) of uint8 or uint16.
 
     Frames are decoded one at a time as the iterator advances (a long time-lapse is never loaded
-    whole). The header is checked at once, so a missing, unsupported, multi-channel or over-budget
-    file raises ImageReadError on this call; a frame that cannot be decoded raises when reached.
+    whole).
+
+    Parameters
+    ----------
+    path : str or Path
+        An image file of one or more frames (see the module).
+    max_pixels : int, optional
+        Pixel budget per frame (height x width); default from max_image_pixels().
+
+    Returns
+    -------
+    frames : iterator of (H, W) ndarray of uint8 or uint16
+        The frames in file order (T, then Z, then other non-channel axes), as read_image would
+        return each.
+
+    Raises
+    ------
+    ImageReadError
+        On this call for a missing, unsupported, multi-channel or over-budget file (the header
+        is checked at once); while iterating, for a frame that cannot be decoded.
     """
     path = Path(path)
     with _open(path, max_pixels):  # check the header now, not at the first next()
@@ -114,8 +148,13 @@ def count_frames(path: str | Path, *, max_pixels: int | None = None) -> int:
     """Number of 2-D grey frames in an image file, read from the header only.
 
     The pages of a plain multi-page TIFF; T x Z (and other non-channel) positions of an ImageJ, OME
-    or vendor series; 1 for an RGB(A) image. Raises ImageReadError as read_frames does (more than
-    one channel, series or scene; over the pixel budget; unreadable header).
+    or vendor series; 1 for an RGB(A) image.
+
+    Raises
+    ------
+    ImageReadError
+        As read_frames does: more than one channel, series or scene; over the pixel budget
+        (max_pixels); a missing file or unreadable header.
     """
     path = Path(path)
     with _open(path, max_pixels) as source:
@@ -125,10 +164,19 @@ def count_frames(path: str | Path, *, max_pixels: int | None = None) -> int:
 def image_size(path: str | Path, *, max_pixels: int | None = None) -> tuple[int, int, int]:
     """(height, width, bits) of a one-frame image from its header, without decoding its pixels.
 
-    bits is that of the array read_image returns: 8 for uint8, 16 for uint16 (also for 32-bit float
-    and other integer types, which read_image converts to uint16). Raises ImageReadError for the same
-    files read_image refuses from their header, including files of more than one frame: a file that
-    passes here is one read_image can read unless its pixel data are damaged.
+    Returns
+    -------
+    height, width : int
+        Pixels, the (H, W) shape read_image would return.
+    bits : int
+        That of the array read_image returns: 8 for uint8, 16 for uint16 (also for 32-bit float
+        and other integer types, which read_image converts to uint16).
+
+    Raises
+    ------
+    ImageReadError
+        For the same files read_image refuses from their header, including files of more than one
+        frame: a file that passes here is one read_image can read unless its pixel data are damaged.
     """
     path = Path(path)
     with _open(path, max_pixels) as source:
@@ -179,13 +227,24 @@ def image_files(folder: str | Path) -> list[Path]:
 
     Hidden files are skipped: macOS writes "._name.tif" resource forks beside every file copied to
     a foreign disk, and they are not images.
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError
+        When folder is missing or not a folder.
     """
     return sorted(p for p in Path(folder).iterdir()
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def max_image_pixels(max_pixels: int | None = None) -> int:
-    """The pixel budget per frame: max_pixels if given, else GBM_MAX_IMAGE_MEGAPIXELS x 1e6, else 100e6."""
+    """The pixel budget per frame: max_pixels if given, else GBM_MAX_IMAGE_MEGAPIXELS x 1e6, else 100e6.
+
+    Raises
+    ------
+    ImageReadError
+        Naming GBM_MAX_IMAGE_MEGAPIXELS when it is set to anything but a positive, finite number.
+    """
     if max_pixels is not None:
         return int(max_pixels)
     raw = os.environ.get(MAX_PIXELS_ENV, "").strip()

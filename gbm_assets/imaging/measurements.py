@@ -50,6 +50,20 @@ def measure_cells(labels: np.ndarray) -> pd.DataFrame:
     (4 * sqrt(eigenvalue), as skimage and CellProfiler define them); solidity is area over
     convex-hull area; form factor is 4 pi area / perimeter^2. Each object is measured on its
     bounding box, so the cost grows with cell pixels, not with the image size.
+
+    Parameters
+    ----------
+    labels : (H, W) ndarray of non-negative int
+        Instance labels: 0 is background, object k is the pixels equal to k. Missing label
+        values are skipped.
+
+    Returns
+    -------
+    cells : DataFrame
+        One row per object present, in label order, with the columns CELL_COLUMNS: cell_id
+        (int32, the label value); x, y (float64, centroid in pixels, x = column, y = row, 0-based);
+        area (pixels); perimeter, major_axis_length, minor_axis_length (pixels); eccentricity,
+        solidity, form_factor (float64, unitless, 0..1). Empty for a label image without objects.
     """
     labels = np.asarray(labels)
     rows = []

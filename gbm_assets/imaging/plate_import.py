@@ -69,6 +69,11 @@ def parse_instrument_name(name: str) -> SourceImage | None:
 
     Absolute stamps give hours since 2000-01-01 here; make_plate turns them into hours since the
     plate's first scan.
+
+    Raises
+    ------
+    PlateError
+        Naming the file when its absolute stamp (``YYYYyMMmDDd_HHhMMm``) is not a valid date and time.
     """
     match = INSTRUMENT_NAME.match(Path(name).stem)
     if not match:
@@ -209,7 +214,18 @@ def plate_manifest(
     images: list[SourceImage], culture: str | None = None, concentration: str = "na", replicate: int = 1,
     plate_map: pd.DataFrame | None = None, plate_map_name: str = "plate map",
 ) -> pd.DataFrame:
-    """The manifest of a plate to be, one row per image (MANIFEST_COLUMNS, then source and frame)."""
+    """The manifest of a plate to be, one row per image (MANIFEST_COLUMNS, then source and frame).
+
+    Culture, concentration and replicate come from the arguments, overridden per well by the
+    plate map (indexed by well, as read_plate_map returns it); frame is dropped when no image
+    is a stack frame.
+
+    Raises
+    ------
+    PlateError
+        Naming the image when a plate map is given but its name has no well or the well is not in
+        the map, or when no culture is known for it.
+    """
     rows = []
     for im in images:
         meta = {"culture": culture, "concentration": concentration, "replicate": replicate}

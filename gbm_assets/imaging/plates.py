@@ -38,6 +38,12 @@ def check_plate_id(plate_id: str) -> str:
     """Return the plate id if it is a safe folder and partition name, else raise PlateError.
 
     Rejects '..', path separators, control characters, spaces and leading dots.
+
+    Raises
+    ------
+    PlateError
+        Naming the id when it is empty or not a string, holds control characters, or is not a
+        safe name (the message suggests safe_plate_id's).
     """
     if not isinstance(plate_id, str) or not plate_id:
         raise PlateError(repr(plate_id), "plate id is empty")
@@ -76,7 +82,16 @@ def decimal_points(table: pd.DataFrame, column: str) -> list[str]:
 
 
 def check_image_name(manifest: Path, row: int, name: str) -> str:
-    """An image name must be a relative path inside the plate folder (no '..', not absolute)."""
+    """An image name must be a relative path inside the plate folder (no '..', not absolute).
+
+    Returns the name as a POSIX path ('\\' read as '/').
+
+    Raises
+    ------
+    PlateError
+        Naming the manifest and row when the name is empty, absolute, climbs out with '..',
+        holds control characters or does not end in one of IMAGE_SUFFIXES.
+    """
     if not isinstance(name, str) or not name.strip():
         raise PlateError(manifest, f"row {row}: empty image name")
     pure = PurePosixPath(name.replace("\\", "/"))
@@ -178,6 +193,15 @@ def validate_plate(plate_dir: str | Path, check_pixels: bool = True, plate_id: s
     With check_pixels, every image is decoded once, so a corrupt file is caught here and not
     halfway through cell finding. plate_id defaults to the folder name (a staging folder being
     checked before it is renamed into place passes the id it will have).
+
+    Raises
+    ------
+    PlateError
+        For an unsafe plate id, a missing folder, a bad manifest (see read_manifest), a listed
+        image that does not exist, or images of differing sizes (height x width).
+    ImageReadError
+        Naming the image that cannot be read (see io.read_image; io.image_size without
+        check_pixels).
     """
     from gbm_assets.imaging.io import read_image
 
@@ -293,7 +317,13 @@ class PlateVersion:
 
     @classmethod
     def from_dict(cls, d: dict, where: str | Path) -> "PlateVersion":
-        """Rebuild from as_dict(); raise PlateError naming `where` when d is not a plate version."""
+        """Rebuild from as_dict().
+
+        Raises
+        ------
+        PlateError
+            Naming `where` when d is not a plate version (keys missing or of the wrong type).
+        """
         try:
             return cls(str(d["manifest_sha256"]), str(d["images_sha256"]), int(d["n_images"]))
         except (KeyError, TypeError, ValueError):
@@ -379,8 +409,13 @@ def read_plate_version(path: str | Path) -> PlateVersion | None:
 def check_plate_unchanged(plate_dir: str | Path, plate_id: str, expected: PlateVersion, since: str, images=None) -> PlateVersion:
     """Return the plate's current version if it equals `expected`, else raise PlateError.
 
-    since: what recorded `expected`, for the message (e.g. "raw_plates validated it"). The error
-    names the plate and manifest, says what changed and how the plate is re-ingested.
+    since: what recorded `expected`, for the message (e.g. "raw_plates validated it").
+
+    Raises
+    ------
+    PlateError
+        When the plate changed: the error names the plate and manifest, says what changed and how
+        the plate is re-ingested; also for a missing or unreadable manifest (see plate_version).
     """
     now = plate_version(plate_dir, images)
     if now != expected:

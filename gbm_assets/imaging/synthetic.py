@@ -71,7 +71,13 @@ _SHOT_GAIN = 3.0  # variance per grey level: shot-like noise, ~300 at the backgr
 
 
 def culture_mixture(culture: str) -> dict[str, float]:
-    """The known morphotype proportions of a synthetic culture (sum to 1)."""
+    """The known morphotype proportions of a synthetic culture (sum to 1).
+
+    Raises
+    ------
+    ValueError
+        If culture is not one of CULTURES.
+    """
     if culture not in CULTURE_MIXTURES:
         raise ValueError(f"unknown synthetic culture {culture!r}; use one of {CULTURES}")
     return dict(CULTURE_MIXTURES[culture])
@@ -432,6 +438,29 @@ def synthesize_image(
 
     A cell that finds no free room after several tries is left out, so dense fields may hold a
     few cells fewer than asked; `cells` lists exactly the cells drawn.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The only source of randomness: the same generator state gives the same field.
+    mixture : dict of str to float
+        Proportions of MORPHOTYPES (missing ones are 0), each >= 0, summing to 1.
+    n_cells : int
+        Cells to place (>= 0).
+    size : int
+        Side of the square field, in pixels.
+
+    Returns
+    -------
+    SyntheticImage
+        image: (size, size) uint16 phase-contrast-like intensities; labels: (size, size) uint16
+        instance labels (0 background, k = the cell of mask_id k); cells: one row per drawn cell
+        (x, y mask centroid in pixels, morphotype, mask_id, bbox_x0/y0/x1/y1 with x1, y1 exclusive).
+
+    Raises
+    ------
+    ValueError
+        If mixture names an unknown morphotype, or its proportions are negative or do not sum to 1.
     """
     plan = _object_plan(rng, _check_mixture(mixture), int(n_cells))
     labels = np.zeros((size, size), np.uint16)
@@ -516,9 +545,16 @@ def write_plates(
 
     Each plate folder 'synth-<culture>-c<concentration>-r<replicate>' holds imgNNN.tif (uint16),
     masks/imgNNN.png (uint16 instance labels), ground_truth.csv (one row per cell; x, y = mask
-    centroid; bbox_x1/y1 exclusive), synthetic.json and, written last and atomically, manifest.csv. A plate's pixels depend only on (seed, culture, concentration,
-    replicate, timepoint_h, size, images_per_plate), not on how many plates are asked for.
-    Returns the plate folders in order; progress(done, total) is called after each plate.
+    centroid; bbox_x1/y1 exclusive), synthetic.json and, written last and atomically,
+    manifest.csv. Images are size x size pixels. A plate's pixels depend only on (seed, culture,
+    concentration, replicate, timepoint_h, size, images_per_plate), not on how many plates are
+    asked for. Returns the plate folders in order; progress(done, total) is called after each plate.
+
+    Raises
+    ------
+    ValueError
+        If n_cultures is not in 1..len(CULTURES), n_concentrations not in 1..len(CONCENTRATIONS),
+        or n_replicates < 1, images_per_plate < 1, size < 128, seed < 0 or timepoint_h < 0.
     """
     if not 1 <= n_cultures <= len(CULTURES):
         raise ValueError(f"n_cultures must be 1..{len(CULTURES)}, got {n_cultures}")

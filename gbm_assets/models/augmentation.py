@@ -27,12 +27,28 @@ _ROTATIONS_AND_FLIPS = tuple((k, lr, ud) for k, _, _ in _ROTATIONS for _, lr, ud
 
 
 def disc(radius: int) -> np.ndarray:
-    """Binary disc, as skimage.morphology.disk (13 pixels in a 5x5 square for radius 2)."""
+    """Binary disc, as skimage.morphology.disk (13 pixels in a 5x5 square for radius 2).
+
+    Returns an (N, N) ndarray of bool, N = 2 radius + 1: True within radius pixels of the centre.
+    """
     return np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
 
 
 def dilate_masks(masks: np.ndarray, radius: int = 2) -> np.ndarray:
-    """Dilate 0/1 uint8 masks (n, S, S) with a disc: the maximum over the disc's pixel shifts."""
+    """Dilate 0/1 uint8 masks (n, S, S) with a disc: the maximum over the disc's pixel shifts.
+
+    Parameters
+    ----------
+    masks : (n, S, S) ndarray of uint8
+        0/1 cell masks (pixels outside the crop count as 0).
+    radius : int
+        Radius of the disc (see disc), in pixels.
+
+    Returns
+    -------
+    dilated : (n, S, S) ndarray of uint8
+        A new array; the input is left as it is.
+    """
     _, h, w = masks.shape
     padded = np.pad(masks, ((0, 0), (radius, radius), (radius, radius)))
     out = masks.copy()
@@ -72,17 +88,62 @@ def _random_permutation(images, masks, seed, transforms):
 
 
 def random_rot90(images, masks, seed):
-    """Rotate each crop and its mask by the same random multiple of 90 degrees."""
+    """Rotate each crop and its mask by the same random multiple of 90 degrees.
+
+    Parameters
+    ----------
+    images : (B, S, S, 1) float32 tensor
+        Crops with intensities in [0, 1].
+    masks : (B, S, S, 1) float32 tensor or None
+        The crops' 0/1 masks, moved exactly like the images; None when there are none.
+    seed : (2,) int tensor
+        Stateless seed: the same seed moves the same crops the same way.
+
+    Returns
+    -------
+    images, masks : (B, S, S, 1) float32 tensors
+        The moved crops and masks (masks None when None was given).
+    """
     return _random_permutation(images, masks, seed, _ROTATIONS)
 
 
 def random_flips(images, masks, seed):
-    """Flip each crop and its mask left-right and (independently) up-down, each with p = 0.5."""
+    """Flip each crop and its mask left-right and (independently) up-down, each with p = 0.5.
+
+    Parameters
+    ----------
+    images : (B, S, S, 1) float32 tensor
+        Crops with intensities in [0, 1].
+    masks : (B, S, S, 1) float32 tensor or None
+        The crops' 0/1 masks, moved exactly like the images; None when there are none.
+    seed : (2,) int tensor
+        Stateless seed: the same seed moves the same crops the same way.
+
+    Returns
+    -------
+    images, masks : (B, S, S, 1) float32 tensors
+        The moved crops and masks (masks None when None was given).
+    """
     return _random_permutation(images, masks, seed, _FLIPS)
 
 
 def random_rot90_and_flips(images, masks, seed):
-    """A random rotation, then random flips, as one gather (16 equally likely combinations)."""
+    """A random rotation, then random flips, as one gather (16 equally likely combinations).
+
+    Parameters
+    ----------
+    images : (B, S, S, 1) float32 tensor
+        Crops with intensities in [0, 1].
+    masks : (B, S, S, 1) float32 tensor or None
+        The crops' 0/1 masks, moved exactly like the images; None when there are none.
+    seed : (2,) int tensor
+        Stateless seed: the same seed moves the same crops the same way.
+
+    Returns
+    -------
+    images, masks : (B, S, S, 1) float32 tensors
+        The moved crops and masks (masks None when None was given).
+    """
     return _random_permutation(images, masks, seed, _ROTATIONS_AND_FLIPS)
 
 
@@ -91,6 +152,9 @@ def random_blur(images, seed, max_sigma: float = MAX_BLUR_SIGMA):
 
     The batch is moved to the channel axis so that one separable depthwise convolution blurs
     every crop with its own kernel; reflect padding avoids darkening the border.
+
+    images is a (B, S, S, 1) float32 tensor with S > BLUR_RADIUS, seed a (2,) int tensor,
+    max_sigma in pixels; returns the blurred (B, S, S, 1) float32 tensor.
     """
     b = tf.shape(images)[0]
     sigma = tf.random.stateless_uniform([b], seed, 0.0, max_sigma)
@@ -108,7 +172,9 @@ def random_blur(images, seed, max_sigma: float = MAX_BLUR_SIGMA):
 def partial_blackout(images, keep, seed, side=PBR_SIDE):
     """PBR: zero a random square (side drawn from `side` x crop side) except where keep is 1.
 
-    keep is the dilated cell mask (dilate_masks), as 0/1 floats (B, S, S, 1).
+    images: (B, S, S, 1) float32 tensor; keep: the dilated cell mask (dilate_masks), as 0/1
+    float32 (B, S, S, 1); seed: (2,) int tensor; side: (min, max) fraction of the crop side.
+    Returns the (B, S, S, 1) float32 tensor with the square zeroed.
     """
     shape = tf.shape(images)
     b, s = shape[0], shape[1]
@@ -124,14 +190,36 @@ def partial_blackout(images, keep, seed, side=PBR_SIDE):
 
 
 def full_blackout(images, keep):
-    """FBR: zero everything outside keep, the dilated mask of the centre cell."""
+    """FBR: zero everything outside keep, the dilated mask of the centre cell.
+
+    images and keep are (B, S, S, 1) float32 tensors (keep 0/1); returns images * keep.
+    """
     return tf.multiply(images, keep)
 
 
 def distort(images, keep, seed, segmentation: str = "none"):
     """The distorted view: rotation, flips, mild blur, then PBR/FBR if the variant asks for it.
 
-    keep (the dilated mask) is moved with the image; it may be None when segmentation is "none".
+    Parameters
+    ----------
+    images : (B, S, S, 1) float32 tensor
+        Crops with intensities in [0, 1].
+    keep : (B, S, S, 1) float32 tensor or None
+        The dilated 0/1 cell masks (dilate_masks), moved with the images; may be None when
+        segmentation is "none".
+    seed : (2,) int tensor
+        Stateless seed, split into one seed per distortion.
+    segmentation : {"none", "pbr", "fbr"}
+        Blackout after the moves: none, partial (partial_blackout) or full (full_blackout).
+
+    Returns
+    -------
+    distorted : (B, S, S, 1) float32 tensor
+
+    Raises
+    ------
+    ValueError
+        If segmentation is not one of SEGMENTATIONS.
     """
     if segmentation not in SEGMENTATIONS:
         raise ValueError(f"segmentation must be one of {SEGMENTATIONS}, got {segmentation!r}")
@@ -146,12 +234,25 @@ def distort(images, keep, seed, segmentation: str = "none"):
 
 
 def make_pair(images, keep, seed, segmentation: str = "none"):
-    """A Barlow Twins pair as in the thesis: the original crop and a distorted copy."""
+    """A Barlow Twins pair as in the thesis: the original crop and a distorted copy.
+
+    Takes what distort takes; returns (images, distort(images, keep, seed, segmentation)), two
+    (B, S, S, 1) float32 tensors.
+
+    Raises
+    ------
+    ValueError
+        If segmentation is not one of SEGMENTATIONS.
+    """
     return images, distort(images, keep, seed, segmentation)
 
 
 def dihedral_views(x):
-    """The 8 rotations/reflections of a batch (B, S, S, C), one at a time (bounded memory)."""
+    """The 8 rotations/reflections of a batch (B, S, S, C), one at a time (bounded memory).
+
+    Yields 8 tensors of x's shape and dtype: the 4 quarter turns of x, then those of x mirrored
+    left-right.
+    """
     for view in (x, tf.reverse(x, axis=[2])):
         for k in range(4):
             yield tf.image.rot90(view, k)

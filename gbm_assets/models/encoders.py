@@ -29,6 +29,27 @@ def build_autoencoder(crop_size: int = 128, features: int = 64) -> tuple[keras.M
 
     Without skips every bit of the reconstruction has to pass through the `features`-wide
     bottleneck, which is what makes the bottleneck a morphology embedding.
+
+    Parameters
+    ----------
+    crop_size : int
+        Side S of the square crops, in pixels; a positive multiple of 16.
+    features : int
+        Width of the embedding (the bottleneck).
+
+    Returns
+    -------
+    autoencoder : keras.Model
+        (batch, S, S, 1) float32 crops in [0, 1] -> (batch, S, S, 1) float32 reconstructions in
+        [0, 1] (sigmoid).
+    encoder : keras.Model
+        (batch, S, S, 1) float32 crops -> (batch, features) float32 embeddings; shares its layers
+        with the autoencoder.
+
+    Raises
+    ------
+    ValueError
+        If crop_size is not a positive multiple of 16.
     """
     _check_crop_size(crop_size)
     inputs = keras.Input((crop_size, crop_size, 1), name="crop")
@@ -58,6 +79,23 @@ def build_siamese_encoder(crop_size: int = 128, features: int = 128) -> keras.Mo
 
     Global average pooling makes the embedding independent of where in the crop a structure
     lies; the final batch normalisation matches the standardisation inside the loss.
+
+    Parameters
+    ----------
+    crop_size : int
+        Side S of the square crops, in pixels; a positive multiple of 16.
+    features : int
+        Width D of the embedding.
+
+    Returns
+    -------
+    encoder : keras.Model
+        (batch, S, S, 1) float32 crops in [0, 1] -> (batch, D) float32 embeddings.
+
+    Raises
+    ------
+    ValueError
+        If crop_size is not a positive multiple of 16.
     """
     _check_crop_size(crop_size)
     inputs = keras.Input((crop_size, crop_size, 1), name="crop")

@@ -17,6 +17,18 @@ def barlow_twins_loss(z1, z2, lambda_: float):
     Each feature is standardised over the batch (population std), so C is the Pearson
     correlation between the features of the two views: the first term makes the views agree,
     the second decorrelates features so that they do not all encode the same thing.
+
+    Parameters
+    ----------
+    z1, z2 : (B, D) tensors or arrays of float
+        Embeddings of the two views of the same B crops (row i of each is crop i), D features.
+    lambda_ : float
+        Weight of the off-diagonal (redundancy) term.
+
+    Returns
+    -------
+    loss : scalar float32 tensor
+        Between 0 (perfectly agreeing, decorrelated features) and D + lambda_ D (D - 1).
     """
     n = ops.cast(ops.shape(z1)[0], "float32")
     z1 = ops.cast(z1, "float32")

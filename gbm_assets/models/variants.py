@@ -40,6 +40,13 @@ def variant_names() -> list[str]:
 
 
 def get_variant(name: str) -> Variant:
+    """The variant of that name (a row of the thesis' Table 1).
+
+    Raises
+    ------
+    KeyError
+        If no variant has that name; the message lists the known ones.
+    """
     try:
         return VARIANTS[name]
     except KeyError:
