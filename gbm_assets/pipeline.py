@@ -7,6 +7,8 @@ reported and skipped, leaving the others (and its own earlier outputs) intact.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping, Sequence
 
 import dagster as dg
 
@@ -19,6 +21,74 @@ from gbm_assets.models.variants import variant_names
 
 # Failures are reported as one line each by run_partitions; their stack traces are in the Dagster UI.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+# The stage each asset's step belongs to in the timing table; ingest and report are one row each,
+# the variant stages one row per variant.
+STAGE_OF_STEP = {
+    "raw_plates": "ingest", "cell_coordinates": "ingest", "cell_crops": "ingest",
+    "trained_encoders": "train", "embeddings": "embed", "clusters": "cluster", "composition_report": "report",
+}
+_STEP_EVENTS = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
+
+
+def step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
+    """Wall seconds of each step of a run, from Dagster's own event log.
+
+    A step's time runs from its first STEP_START to its last STEP_SUCCESS or STEP_FAILURE record
+    (a retried step counts its wait between attempts). Returns {step key: seconds >= 0}, in the
+    order the steps started; a step that started but never ended (killed run) is left out.
+    """
+    start: dict[str, float] = {}
+    end: dict[str, float] = {}
+    for entry in instance.all_logs(run_id, of_type=_STEP_EVENTS):
+        if entry.step_key is None or entry.dagster_event is None:
+            continue
+        if entry.dagster_event.event_type == dg.DagsterEventType.STEP_START:
+            start.setdefault(entry.step_key, entry.timestamp)
+        else:
+            end[entry.step_key] = max(end.get(entry.step_key, entry.timestamp), entry.timestamp)
+    return {step: max(0.0, end[step] - t0) for step, t0 in start.items() if step in end}
+
+
+class StageTimes:
+    """Wall time per pipeline stage, summed from the step records of the runs it is given.
+
+    Rows: "ingest" (all plates together), "train <variant>", "embed <variant>", "cluster <variant>",
+    "report", in the order they first ran; `table(total_s)` renders them with each row's share of
+    the total and the time outside any step (run start-up, Dagster bookkeeping) as "other".
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.runs: dict[str, int] = {}
+        self.failed: set[str] = set()
+
+    def add_run(self, instance: dg.DagsterInstance, result: dg.ExecuteInProcessResult, key: str | None = None) -> None:
+        """Add the steps of one finished run; `key` is its partition (a plate or a variant)."""
+        rows = set()
+        for step, seconds in step_seconds(instance, result.run_id).items():
+            stage = STAGE_OF_STEP.get(step, step)
+            row = stage if stage in ("ingest", "report") or key is None else f"{stage} {key}"
+            self.seconds[row] = self.seconds.get(row, 0.0) + seconds
+            rows.add(row)
+            if not result.success and not result.is_node_success(step):
+                self.failed.add(row)
+        for row in rows:
+            self.runs[row] = self.runs.get(row, 0) + 1
+
+    def table(self, total_s: float) -> str:
+        """The timing table as text: one row per stage (seconds, share of total), then other and total."""
+        rows = []
+        for row, seconds in self.seconds.items():
+            label = f"ingest ({self.runs[row]} plates)" if row == "ingest" else row
+            rows.append((label + (" (failed)" if row in self.failed else ""), seconds))
+        rows.append(("other (run start-up, bookkeeping)", max(0.0, total_s - sum(self.seconds.values()))))
+        width = max(len(label) for label, _ in rows + [("total", 0)])
+        lines = [f"{'stage':<{width}}  {'seconds':>9}  {'share':>6}"]
+        for label, seconds in rows + [("total", total_s)]:
+            share = 100.0 * seconds / total_s if total_s > 0 else 0.0
+            lines.append(f"{label:<{width}}  {seconds:>9.1f}  {share:>5.1f}%")
+        return "\n".join(lines)
 
 
 def register_plates(instance: dg.DagsterInstance) -> list[str]:
@@ -42,15 +112,26 @@ def plates_to_ingest(instance: dg.DagsterInstance, ready: list[str], refresh: bo
     return [p for p in ready if built_version(instance, p) not in (manifest_version(data, p), LEGACY_VERSION)]
 
 
-def run_partitions(instance, defs, job_name: str, keys: list[str], bar, what: str, unit: str) -> list[str]:
-    """Run a partitioned job once per key, with a progress bar; return the keys that failed."""
+def run_partitions(
+    instance, defs, job_name: str, keys: list[str], bar, what: str, unit: str,
+    times: StageTimes | None = None, run_config: Mapping | None = None, assets: Sequence[str] | None = None,
+) -> list[str]:
+    """Run a partitioned job once per key, with a progress bar; return the keys that failed.
+
+    `times` collects each run's step times; `run_config` is merged over QUIET; `assets` runs only
+    those assets of the job (asset keys, e.g. ["trained_encoders"]).
+    """
     job = defs.resolve_job_def(job_name)
+    selection = [dg.AssetKey(a) for a in assets] if assets else None
     failed = []
     with bar(len(keys), what, unit) as progress:
         for key in keys:
             progress.set_postfix_str(key)
-            result = job.execute_in_process(run_config=QUIET, instance=instance, partition_key=key, raise_on_error=False)
+            result = job.execute_in_process(run_config={**QUIET, **(run_config or {})}, instance=instance, partition_key=key,
+                                            raise_on_error=False, asset_selection=selection)
             stop_if_interrupted(result)
+            if times is not None:
+                times.add_run(instance, result, key)
             if not result.success:
                 failed.append(key)
                 progress.write(f"{unit} {key} failed: {_first_error(result)}")
@@ -81,10 +162,18 @@ def _first_error(result: dg.ExecuteInProcessResult) -> str:
     return "unknown error (see the run in the Dagster UI)"
 
 
-def run_main_job(bar, refresh: bool = False) -> int:
-    """Ingest every plate not yet done (all with refresh), then run every later stage."""
+def run_main_job(bar, refresh: bool = False, variants: Sequence[str] | None = None,
+                 run_config: Mapping[str, Mapping] | None = None) -> int:
+    """Ingest every plate not yet done (all with refresh), then run every later stage; print the
+    wall time of each stage at the end (from Dagster's step records). Returns the exit status.
+
+    `variants` limits the model variants (default: all); `run_config` maps a job name to run config
+    merged over QUIET (e.g. {"train_all_variants": {"ops": {"trained_encoders": {"config": ...}}}}).
+    """
     from gbm_assets.definitions import defs
 
+    started = time.monotonic()
+    config = dict(run_config or {})
     raw = paths.raw_dir()
     instance = dg.DagsterInstance.get()
     ready = register_plates(instance)
@@ -93,21 +182,31 @@ def run_main_job(bar, refresh: bool = False) -> int:
         return 1
     todo = plates_to_ingest(instance, ready, refresh)
     print(f"{len(ready)} plates under {raw}; {len(todo)} to ingest")
-    failed = run_partitions(instance, defs, INGEST_JOB_NAME, todo, bar, "ingesting plates", "plate")
+    times = StageTimes()
+    times.seconds["ingest"], times.runs["ingest"] = 0.0, 0  # the first row, even when nothing is to ingest
+    failed = run_partitions(instance, defs, INGEST_JOB_NAME, todo, bar, "ingesting plates", "plate", times,
+                            config.get(INGEST_JOB_NAME))
     if failed:
         print(f"{len(failed)} plate(s) failed: {', '.join(failed)}; the others were processed")
     # Encoders retrain when plates changed (or on --refresh); clusters then label every cell.
+    names = list(variants) if variants is not None else variant_names()
     trained = set() if (refresh or todo) else instance.get_materialized_partitions(dg.AssetKey("embeddings"))
-    to_train = [v for v in variant_names() if v not in trained]
-    bad = run_partitions(instance, defs, "train_all_variants", to_train, bar, "training encoders", "variant")
-    good = [v for v in variant_names() if v not in bad]
-    bad += run_partitions(instance, defs, "cluster_all_variants", good, bar, "clustering", "variant")
-    report = defs.resolve_job_def("refresh_report").execute_in_process(run_config=QUIET, instance=instance, raise_on_error=False)
+    to_train = [v for v in names if v not in trained]
+    bad = run_partitions(instance, defs, "train_all_variants", to_train, bar, "training encoders", "variant", times,
+                         config.get("train_all_variants"))
+    good = [v for v in names if v not in bad]
+    bad += run_partitions(instance, defs, "cluster_all_variants", good, bar, "clustering", "variant", times,
+                          config.get("cluster_all_variants"))
+    report = defs.resolve_job_def("refresh_report").execute_in_process(
+        run_config={**QUIET, **config.get("refresh_report", {})}, instance=instance, raise_on_error=False)
     stop_if_interrupted(report)
-    if not report.success:
+    times.add_run(instance, report)
+    if report.success:
+        path = report.asset_materializations_for_node("composition_report")[0].metadata["report"].value
+        print(f"report: {path}")
+        print("open the Dagster UI (bash scripts/dagster-ui.sh) and MLflow UI (bash scripts/mlflow-ui.sh) to explore")
+    else:
         print(f"composition report failed: {_first_error(report)}")
-        return 1
-    path = report.asset_materializations_for_node("composition_report")[0].metadata["report"].value
-    print(f"report: {path}")
-    print("open the Dagster UI (bash scripts/dagster-ui.sh) and MLflow UI (bash scripts/mlflow-ui.sh) to explore")
-    return 1 if failed or bad else 0
+    print("\nwall time per stage (Dagster step records):")
+    print(times.table(time.monotonic() - started))
+    return 1 if failed or bad or not report.success else 0
