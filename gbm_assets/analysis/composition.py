@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 from scipy.stats import chi2_contingency
@@ -102,3 +104,183 @@ def composition_error(cluster_labels, true_morphotypes, cultures) -> dict:
     }).rename_axis(["culture", "morphotype"]).reset_index()
     mae = float((table["estimated"] - table["true"]).abs().mean())
     return {"mae": mae, "mapping": mapping, "table": table}
+
+
+# --- replicates, not cells, as the independent units ------------------------------------------
+#
+# Why not a chi-square over cells: the chi-square test of culture x cell type counts every cell
+# as an independent draw. Cells of one well (or plate) are not: they share its seeding density,
+# confluence, medium, focus and illumination, so the composition varies from replicate to
+# replicate by more than multinomial sampling of cells explains. The chi-square's standard errors
+# shrink as 1/sqrt(cells) while the replicate-to-replicate variation does not shrink at all, so
+# with thousands of cells any such variation is declared "significant" (pseudoreplication, Lazic
+# 2010, BMC Neuroscience 11:5). The tests below take one composition per replicate, so their
+# sample size is the number of replicates, and their null distribution comes from exchanging
+# culture labels between replicates (a permutation test, valid for any number of replicates).
+
+UNIT_LEVELS = ("replicate", "image")
+
+
+def experimental_units(rows: pd.DataFrame, level: str = "auto") -> tuple[pd.Series, str]:
+    """The independent unit of every cell, and the level used.
+
+    rows: one row per cell with `plate`, `replicate` and (for level "image") `image`.
+    level "replicate": plate + replicate (a well or plate of a culture seeded separately);
+    "image": plate + replicate + image (imaging fields of one replicate are not independent
+    biological replicates, but resampling them is better than resampling cells);
+    "auto": "replicate" when some culture has more than one replicate (there are more
+    replicate units than cultures), else "image". Returns (unit ids as str, aligned with rows,
+    level). Raises ValueError naming the missing columns or an unknown level.
+    """
+    if level not in (*UNIT_LEVELS, "auto"):
+        raise ValueError(f"unit level must be one of {UNIT_LEVELS + ('auto',)}, got {level!r}")
+    need = ["plate", "replicate"] + (["image"] if level != "replicate" else [])
+    missing = [c for c in need if c not in rows]
+    if missing:
+        raise ValueError(f"cells lack the provenance columns {missing} that define experimental units")
+    replicate = rows["plate"].astype(str) + ":r" + rows["replicate"].astype(str)
+    if level == "auto":
+        n_cultures = rows["culture"].nunique() if "culture" in rows else 1
+        level = "replicate" if replicate.nunique() > n_cultures else "image"
+    units = replicate if level == "replicate" else replicate + ":" + rows["image"].astype(str)
+    return units, level
+
+
+def unit_proportions(labels, cultures, units, include_noise: bool = False) -> tuple[pd.DataFrame, pd.Series]:
+    """Per-unit counts (units x clusters) and each unit's culture.
+
+    Raises ValueError if a unit holds cells of more than one culture (the unit ids are wrong).
+    """
+    df = _frame(labels, cultures)
+    units = np.asarray(units)
+    if units.shape != (len(df),):
+        raise ValueError(f"units {units.shape} must have one entry per cell ({len(df)})")
+    df["unit"] = units.astype(str)
+    if not include_noise:
+        df = df[df["cluster"] != NOISE]
+    per_unit = df.groupby("unit")["culture"].nunique()
+    if (per_unit > 1).any():
+        raise ValueError(f"experimental unit {per_unit[per_unit > 1].index[0]!r} holds cells of several cultures")
+    counts = pd.crosstab(df["unit"], df["cluster"])
+    culture = df.groupby("unit")["culture"].first().reindex(counts.index)
+    return counts, culture
+
+
+def composition_by_units(
+    labels,
+    cultures,
+    units,
+    n_boot: int = 1000,
+    seed: int = 0,
+    include_noise: bool = False,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """composition()'s table with intervals from a cluster bootstrap over experimental units.
+
+    The point estimate is the pooled share of a culture's clustered cells in each cluster, as in
+    composition(); each of n_boot resamples draws the culture's units with replacement (seeded)
+    and pools their cells again, so the interval reflects replicate-to-replicate variation, not
+    only the number of cells. A culture with one unit gets a zero-width interval (nothing to
+    resample): its n_units column says so. Columns: those of composition() plus n_units.
+    """
+    counts, unit_culture = unit_proportions(labels, cultures, units, include_noise)
+    rng = np.random.default_rng(seed)
+    tail = (1 - ci) / 2 * 100
+    rows = []
+    for culture in sorted(unit_culture.unique(), key=str):
+        c = counts[(unit_culture == culture).to_numpy()].to_numpy(float)
+        m = len(c)
+        pooled = c.sum(axis=0)
+        n = int(pooled.sum())
+        weights = rng.multinomial(m, np.full(m, 1 / m), size=n_boot)  # (n_boot, m) unit multiplicities
+        boot = weights @ c
+        boot = boot / np.maximum(boot.sum(axis=1, keepdims=True), 1)
+        low, high = np.percentile(boot, [tail, 100 - tail], axis=0)
+        rows.append(pd.DataFrame({
+            "culture": culture, "cluster": counts.columns.to_numpy(), "proportion": pooled / max(n, 1),
+            "ci_low": low, "ci_high": high, "n_cells": pooled.astype(int), "n_culture": n, "n_units": m,
+        }))
+    columns = ["culture", "cluster", "proportion", "ci_low", "ci_high", "n_cells", "n_culture", "n_units"]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
+
+
+def _between_ss(props: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Between-culture sum of squares per cluster for each row of groups: (n_perm, K)."""
+    n_perm, n_units = groups.shape
+    k = props.shape[1]
+    offset = (groups + n_groups * np.arange(n_perm)[:, None]).ravel()
+    size = np.bincount(offset, minlength=n_perm * n_groups).reshape(n_perm, n_groups)
+    sums = np.stack([np.bincount(offset, weights=np.tile(props[:, j], n_perm), minlength=n_perm * n_groups)
+                     for j in range(k)], axis=-1).reshape(n_perm, n_groups, k)
+    grand = props.mean(axis=0)
+    means = sums / np.maximum(size, 1)[..., None]
+    return (size[..., None] * (means - grand) ** 2).sum(axis=1)
+
+
+def culture_difference_test(
+    labels,
+    cultures,
+    units,
+    n_perm: int = 9999,
+    seed: int = 0,
+    min_unit_cells: int = 5,
+    alpha: float = 0.05,
+) -> dict:
+    """Does cell-type composition differ between cultures, with replicates as the units?
+
+    Each unit's composition is the vector of its clustered cells' shares per cluster (every unit
+    weighs the same, however many cells it has; units with fewer than min_unit_cells clustered
+    cells are left out). Statistic: the between-culture sum of squares of these vectors (per
+    cluster: a one-way ANOVA numerator; overall: its sum, i.e. PERMANOVA on Euclidean distance),
+    which for fixed data is monotone in the F ratio. Its null distribution comes from n_perm
+    seeded permutations of the culture labels among the units; p = (1 + #{perm >= observed}) /
+    (1 + n_perm). Per-cluster p-values are adjusted for the number of clusters by
+    Benjamini-Hochberg (scipy.stats.false_discovery_control).
+
+    Returns {"p_value", "statistic", "n_units", "n_cultures", "n_perm", "min_p", "reason", "clusters"}:
+    min_p is the smallest p-value the design allows (1 / number of distinct ways to split the
+    units into cultures of these sizes, or 1 / (1 + n_perm)): 3 + 3 replicates cannot give p < 0.1.
+    reason is "" when tested, else why not (fewer than 2 cultures, no culture with 2 units);
+    clusters is a DataFrame with one row per cluster: cluster, statistic, p_value, p_adjusted,
+    differs (p_adjusted < alpha), and the mean unit share per culture ("share:<culture>").
+    """
+    from scipy.stats import false_discovery_control
+
+    counts, unit_culture = unit_proportions(labels, cultures, units)
+    keep = (counts.sum(axis=1) >= min_unit_cells).to_numpy()
+    counts, unit_culture = counts[keep], unit_culture[keep]
+    props = counts.to_numpy(float) / np.maximum(counts.sum(axis=1).to_numpy(float)[:, None], 1)
+    names = sorted(unit_culture.unique(), key=str)
+    groups = pd.Categorical(unit_culture, categories=names).codes.astype(np.int64)
+    n_units, g = len(groups), len(names)
+    result = {"p_value": float("nan"), "statistic": float("nan"), "n_units": n_units, "n_cultures": g,
+              "n_perm": n_perm, "min_p": float("nan"), "reason": "", "clusters": pd.DataFrame()}
+    if g < 2:
+        result["reason"] = f"needs >= 2 cultures with >= {min_unit_cells} clustered cells per unit (found {g})"
+    elif n_units <= g:
+        result["reason"] = f"needs >= 2 units in some culture (found {n_units} units for {g} cultures)"
+    if result["reason"] or counts.shape[1] == 0:
+        result["reason"] = result["reason"] or "no clustered cells"
+        return result
+    sizes = np.bincount(groups, minlength=g)
+    partitions = math.factorial(n_units) / np.prod([math.factorial(int(k)) for k in sizes])
+    partitions /= np.prod([math.factorial(int(k)) for k in np.bincount(sizes)])  # equal-size groups swap
+    result["min_p"] = float(max(1 / partitions, 1 / (1 + n_perm)))
+    observed = _between_ss(props, groups[None, :], g)[0]
+    rng = np.random.default_rng(seed)
+    exceed = np.zeros(props.shape[1] + 1)
+    tol = 1e-12 * max(1.0, float(observed.sum()))
+    for start in range(0, n_perm, 1000):
+        perms = rng.permuted(np.tile(groups, (min(1000, n_perm - start), 1)), axis=1)
+        null = _between_ss(props, perms, g)
+        exceed[:-1] += (null >= observed - tol).sum(axis=0)
+        exceed[-1] += (null.sum(axis=1) >= observed.sum() - tol).sum()
+    p = (1 + exceed) / (1 + n_perm)
+    shares = pd.DataFrame(props, columns=counts.columns).groupby(np.asarray(names)[groups]).mean()
+    clusters = pd.DataFrame({"cluster": counts.columns.to_numpy(), "statistic": observed, "p_value": p[:-1],
+                             "p_adjusted": false_discovery_control(p[:-1])})
+    clusters["differs"] = clusters["p_adjusted"] < alpha
+    for name in names:
+        clusters[f"share:{name}"] = shares.loc[name].to_numpy()
+    result.update(p_value=float(p[-1]), statistic=float(observed.sum()), clusters=clusters)
+    return result

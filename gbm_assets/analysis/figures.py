@@ -1,4 +1,4 @@
-"""Figures of the clustering: UMAP scatters, stacked composition bars, crop montages.
+"""Figures of the clustering: UMAP scatters, stacked composition bars, crop montages and galleries.
 
 Each function writes one PNG (matplotlib Agg, no display needed) and returns its path.
 
@@ -182,3 +182,72 @@ def crop_montage(
         spine.set_visible(False)
     ax.set_title(f"{per_cluster} random crops per cluster")
     return _save(fig, path)
+
+
+@literal_text
+def cluster_gallery(
+    nearest: dict,
+    random: dict,
+    path: str | Path,
+    row_labels: dict | None = None,
+    title: str = "Cells nearest each cluster's centre (left) and random cells (right)",
+) -> Path:
+    """One row per cluster: its crops nearest the centre, a gap, then random crops of it.
+
+    nearest, random: {cluster: (m, H, W) uint8 crops}, m up to the figure's width (the widest
+    row sets it); row_labels: {cluster: text} for the row (default "cluster c"). The grid is one
+    image (one imshow). Raises ValueError for crops that are not (m, H, W) or differ in size.
+    """
+    clusters = list(nearest)
+    stacks = [np.asarray(s) for c in clusters for s in (nearest[c], random.get(c, np.zeros((0, 1, 1))))]
+    shapes = {s.shape[1:] for s in stacks if len(s)}
+    if any(s.ndim != 3 for s in stacks) or len(shapes) > 1:
+        raise ValueError(f"crops must be (m, H, W) of one size, got {sorted(shapes)}")
+    h, w = shapes.pop() if shapes else (8, 8)
+    left = max([len(nearest[c]) for c in clusters] + [1])
+    right = max([len(random.get(c, ())) for c in clusters] + [1])
+    pad, gap = 2, max(8, w // 3)
+    width = (left + right) * (w + pad) + gap
+    grid = np.full((max(len(clusters), 1) * (h + pad), width), 255, np.uint8)
+    for row, cluster in enumerate(clusters):
+        y = row * (h + pad)
+        for col, crop in enumerate(np.asarray(nearest[cluster])):
+            grid[y:y + h, col * (w + pad):col * (w + pad) + w] = crop
+        for col, crop in enumerate(np.asarray(random.get(cluster, ()))):
+            x = left * (w + pad) + gap + col * (w + pad)
+            grid[y:y + h, x:x + w] = crop
+    fig, ax = plt.subplots(figsize=(max(grid.shape[1] / DPI, (left + right) * 0.6) + 2.0,
+                                    max(grid.shape[0] / DPI, len(clusters) * 0.6) + 0.8))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+    labels = row_labels or {}
+    ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(clusters))],
+                  [str(labels.get(c, f"cluster {c}")) for c in clusters])
+    ax.set_xticks([left * (w + pad) / 2, left * (w + pad) + gap + right * (w + pad) / 2],
+                  ["nearest the centre", "random"])
+    ax.xaxis.tick_top()
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title, pad=24)
+    return _save(fig, path)
+
+
+THUMBNAIL_PX = 280
+
+
+def thumbnail(png: str | Path, max_px: int = THUMBNAIL_PX, colours: int = 64) -> bytes:
+    """A small PNG of a figure for embedding: longest side at most max_px, a palette of colours.
+
+    Returns the PNG bytes (Pillow, LANCZOS resampling, adaptive palette, optimised). Raises
+    OSError (Pillow's) for a file that is not an image.
+    """
+    import io
+
+    from PIL import Image
+
+    with Image.open(png) as image:
+        small = image.convert("RGB")
+        small.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+        small = small.quantize(colors=colours, method=Image.Quantize.MEDIANCUT)
+        buffer = io.BytesIO()
+        small.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()

@@ -1,4 +1,10 @@
-"""The composition report: one self-contained HTML page a person opens, plus the files behind it.
+"""The composition report: one light HTML page a person opens, plus the files behind it.
+
+The page leads with the answer (the best variant, how far above the baselines, which cell types
+differ between cultures), then one section per variant. Figures are embedded as small
+thumbnails (figures.thumbnail), each linking to its full-size PNG under figures/ beside the
+page, so the page stays small however many variants it shows; tables sit in horizontally
+scrolling containers, print counts as integers and round scores to 3 decimals.
 
 Inputs are plain data (DataFrames, dicts, PNG paths), so the Dagster layer only gathers them.
 Everything is written atomically (temporary file, then os.replace): a reader never sees a
@@ -11,6 +17,7 @@ import base64
 import html
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -18,10 +25,14 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from gbm_assets.analysis.figures import thumbnail
 from gbm_assets.analysis.safe_csv import to_csv_safe
 from gbm_assets.storage import write_bytes_atomic
 
 BASELINE = "raw pixels"
+# Rows of the comparison that are baselines, not encoder variants (lower case); a comparison may
+# also mark rows with a boolean "baseline" column.
+BASELINES = (BASELINE,)
 # comparison-table columns "<target>_skipped" say why a target has no scores (report_inputs).
 SKIPPED_SUFFIX = "_skipped"
 # Thesis Table 3 style: one row per encoder variant plus the raw-pixel baseline.
@@ -36,9 +47,12 @@ class VariantSection:
     """Everything the report shows for one encoder variant; every field but variant is optional.
 
     cluster_metrics maps a clustering method (e.g. "hdbscan", "gmm", "auto") to the output of
-    clustering.cluster_metrics; composition is composition.composition's long table;
-    chi_square is chi_square_culture_vs_type's dict; composition_error is
-    composition_error's dict (synthetic plates only).
+    clustering.cluster_metrics; composition is composition.composition's (or
+    composition_by_units') long table; chi_square is chi_square_culture_vs_type's dict;
+    composition_error is composition_error's dict (synthetic plates only). gallery is
+    figures.cluster_gallery's PNG; profiles is cell_types.cluster_profiles' table (area in
+    area_unit); culture_test is composition.culture_difference_test's dict, its units named by
+    unit_level ("replicate" or "image"); cell_table is cell_types.write_cell_table's dict.
     """
 
     variant: str
@@ -53,11 +67,25 @@ class VariantSection:
     composition_error: Mapping | None = None
     notes: str = ""
     explorer: str | None = None  # link (relative to the report) to the variant's cell explorer page
+    gallery: Path | None = None
+    profiles: pd.DataFrame | None = None
+    area_unit: str = "px²"
+    culture_test: Mapping | None = None
+    unit_level: str = "replicate"
+    cell_table: Mapping | None = None
+
+
+def is_baseline(comparison: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the comparison's baseline rows (BASELINES, or a true "baseline" column)."""
+    mask = comparison["variant"].astype(str).str.lower().isin(BASELINES)
+    if "baseline" in comparison:
+        mask |= comparison["baseline"].fillna(False).astype(bool)
+    return mask
 
 
 def best_variant(comparison: pd.DataFrame) -> pd.Series | None:
-    """The row with the highest culture kappa, the baseline excluded (None if no row has one)."""
-    rows = comparison[comparison["variant"].astype(str).str.lower() != BASELINE]
+    """The row with the highest culture kappa, the baselines excluded (None if no row has one)."""
+    rows = comparison[~is_baseline(comparison)]
     rows = rows.dropna(subset=["culture_kappa"])
     return None if rows.empty else rows.loc[rows["culture_kappa"].idxmax()]
 
@@ -73,11 +101,66 @@ def _slug(text: str) -> str:
 
 
 def _fmt(value) -> str:
+    """A number for people: NaN "–"; 2 significant digits below 0.01, 3 decimals below 100, fewer above."""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}" if abs(int(value)) >= 10_000 else str(int(value))
     if isinstance(value, (float, np.floating)):
         if math.isnan(value):
             return "–"
-        return f"{value:.2g}" if 0 < abs(value) < 0.01 else f"{value:.3f}"
+        if math.isinf(value):
+            return "∞" if value > 0 else "-∞"
+        magnitude = abs(value)
+        if 0 < magnitude < 0.01:
+            return f"{value:.2g}"
+        if magnitude >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.1f}" if magnitude >= 100 else f"{value:.3f}"
     return str(value)
+
+
+# Columns that hold counts or sizes: printed as integers even when a missing value made them float.
+INTEGER_COLUMNS = ("features", "cluster", "dof", "auto_k", "n_clusters", "n_cells", "n_culture", "n_units",
+                   "n_train", "n_test", "n_perm")
+
+
+def _integer_column(name, values: pd.Series) -> bool:
+    if pd.api.types.is_bool_dtype(values):
+        return False
+    if pd.api.types.is_integer_dtype(values):
+        return True
+    name = str(name)
+    if not (name in INTEGER_COLUMNS or name.startswith("n_")) or not pd.api.types.is_numeric_dtype(values):
+        return False
+    known = values.dropna().to_numpy(float)
+    return bool(np.all(np.isfinite(known) & (known == np.round(known))))
+
+
+def _fmt_cell(name, value) -> str:
+    """_fmt, with integral values of count columns (INTEGER_COLUMNS, n_*) as integers."""
+    if (isinstance(value, (float, np.floating)) and not math.isnan(value) and float(value).is_integer()
+            and (str(name) in INTEGER_COLUMNS or str(name).startswith("n_"))):
+        return _fmt(int(value))
+    return _fmt(value)
+
+
+def displayed(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of df as text for people: count columns as integers ("64", never "64.000"), scores rounded.
+
+    Integer columns: integer dtypes, and float columns named in INTEGER_COLUMNS or starting with
+    "n_" whose values are all whole numbers (a NaN turns an int column float); their NaN is "–".
+    Other numbers go through _fmt; text is left as it is.
+    """
+    out = df.copy().astype(object)
+    for k, name in enumerate(df.columns):
+        values = df.iloc[:, k]
+        if _integer_column(name, values):
+            out.isetitem(k, [("–" if pd.isna(v) else _fmt(int(v))) for v in values])
+        elif pd.api.types.is_numeric_dtype(values) or values.dtype == object:
+            out.isetitem(k, [_fmt(v) if isinstance(v, (int, float, np.number, bool, np.bool_)) else v
+                             for v in values])
+    return out
 
 
 def _scores_or_reasons(comparison: pd.DataFrame) -> pd.DataFrame:
@@ -94,33 +177,136 @@ def _scores_or_reasons(comparison: pd.DataFrame) -> pd.DataFrame:
         for score in [c for c in comparison.columns if str(c).startswith(f"{target}_") and c != column]:
             fill = (reasons != "") & comparison[score].isna()
             if fill.any():
-                shown[score] = [reason if use else _fmt(value)
+                shown[score] = [reason if use else _fmt_cell(score, value)
                                 for value, reason, use in zip(comparison[score], reasons, fill)]
         shown = shown.drop(columns=column)
     return shown
 
 
+def _header(name) -> str:
+    """Column names for people: underscores become spaces, so long headers wrap."""
+    return str(name).replace("_", " ")
+
+
 def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, classes="data", na_rep="–", float_format=_fmt)
+    """df as an HTML table inside a horizontally scrolling container (never wider than the page)."""
+    shown = displayed(df).rename(columns=_header)
+    table = shown.to_html(index=False, border=0, classes="data", na_rep="–", escape=True)
+    return f'<div class="table-wrap">{table}</div>'
 
 
-def _figure(png: Path, caption: str) -> str:
-    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
-    cap = html.escape(caption)
-    return (f'<figure><img alt="{cap}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{cap}</figcaption></figure>")
+def _href(path: Path, out_dir: Path) -> str:
+    """A relative link from the page to path (absolute, or relative to out_dir), URL-quoted and escaped."""
+    path = Path(path)
+    relative = path.resolve().relative_to(out_dir.resolve()) if path.is_absolute() else path
+    return html.escape(urllib.parse.quote(relative.as_posix()))
+
+
+def _figure(png: Path, caption: str, out_dir: Path) -> str:
+    """A thumbnail embedded as base64 PNG, linking to the full-size figure beside the page (png: relative to out_dir)."""
+    data = base64.b64encode(thumbnail(out_dir / png)).decode("ascii")
+    cap, href = html.escape(caption), _href(png, out_dir)
+    return (f'<figure><a href="{href}"><img alt="{cap}" src="data:image/png;base64,{data}"></a>'
+            f'<figcaption>{cap} (<a href="{href}">full size</a>)</figcaption></figure>')
+
+
+def _percent(value: float) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
 
 
 def _composition_wide(comp: pd.DataFrame) -> pd.DataFrame:
-    """Culture rows, cluster columns, cells "proportion [low, high]": readable at 10 x 11."""
-    cell = [f"{p:.3f} [{lo:.3f}, {hi:.3f}]"
+    """Culture rows, cluster columns, cells "12.3% [9.1, 15.2]": readable at 10 x 11."""
+    cell = [f"{_percent(p)} [{100 * lo:.1f}, {100 * hi:.1f}]"
             for p, lo, hi in zip(comp["proportion"], comp["ci_low"], comp["ci_high"])]
     wide = comp.assign(cell=cell).pivot(index="culture", columns="cluster", values="cell")
     return wide.rename(columns=lambda c: f"cluster {c}").rename_axis(columns=None).reset_index()
 
 
 def _dict_table(d: Mapping) -> str:
-    return _table(pd.DataFrame({"measure": list(d), "value": [_fmt(v) for v in d.values()]}))
+    return _table(pd.DataFrame({"measure": [_header(k) for k in d],
+                                "value": [_fmt_cell(k, v) for k, v in d.items()]}))
+
+
+def _profile_table(profiles: pd.DataFrame, area_unit: str) -> pd.DataFrame:
+    shown = profiles.rename(columns={"median_area": f"median_area_{area_unit}", "qc_not_cell": "share_qc_not_cell"})
+    shown["share"] = [_percent(v) for v in profiles["share"]]
+    shown["share_qc_not_cell"] = [_percent(v) for v in profiles["qc_not_cell"]]
+    shown["artefact"] = [reason if flag else "" for flag, reason in zip(profiles["artefact"], profiles["artefact_reason"])]
+    return shown.drop(columns="artefact_reason")
+
+
+def _culture_test_table(test: Mapping) -> pd.DataFrame:
+    clusters = test["clusters"].copy()
+    for column in [c for c in clusters.columns if str(c).startswith("share:")]:
+        clusters[column] = [_percent(v) for v in clusters[column]]
+    clusters["differs"] = ["yes" if d else "" for d in clusters["differs"]]
+    return clusters.rename(columns=lambda c: f"share in {c[6:]}" if str(c).startswith("share:") else c)
+
+
+def _cluster_phrase(row: pd.Series, profiles: pd.DataFrame | None, area_unit: str) -> str:
+    """'cluster 3 (median area 812 px², elongation 2.4; from 8.0% of the cells in GBM03 to 35.0% in GBM11)'."""
+    shares = {str(c)[6:]: v for c, v in row.items() if str(c).startswith("share:")}
+    low, high = min(shares, key=shares.get), max(shares, key=shares.get)
+    shape = ""
+    if profiles is not None and (profiles["cluster"] == row["cluster"]).any():
+        p = profiles[profiles["cluster"] == row["cluster"]].iloc[0]
+        shape = f"median area {_fmt(p['median_area'])} {area_unit}, elongation {_fmt(p['median_elongation'])}"
+        if p["artefact"]:
+            shape += ", flagged as a possible artefact"
+        shape += "; "
+    return (f"cluster {_fmt_cell('cluster', row['cluster'])} ({shape}from {_percent(shares[low])} of the cells "
+            f"in {low} to {_percent(shares[high])} in {high})")
+
+
+def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> str:
+    """The answer in plain sentences: the best variant, its margin over each baseline, the cell types that differ.
+
+    Margins are in culture Cohen's kappa (and accuracy against the majority-class rate where the
+    comparison has culture_majority); cell types are those whose per-replicate share differs
+    between cultures in the best variant's culture_test (Benjamini-Hochberg adjusted p < 0.05).
+    """
+    best = best_variant(comparison)
+    if best is None:
+        return "No variant has a culture kappa yet, so none can be called best."
+    name, kappa = str(best["variant"]), float(best["culture_kappa"])
+    text = [f"Best variant: {name} (culture Cohen's kappa {_fmt(kappa)}, culture accuracy "
+            f"{_fmt(best['culture_accuracy'])})."]
+    baselines = comparison[is_baseline(comparison)].dropna(subset=["culture_kappa"])
+    margins = []
+    for _, base in baselines.iterrows():
+        diff = kappa - float(base["culture_kappa"])
+        where = "above" if diff > 0 else "below" if diff < 0 else "level with"
+        margins.append(f"{_fmt(abs(diff)) + ' ' if diff else ''}{where} {base['variant']} "
+                       f"(kappa {_fmt(base['culture_kappa'])})")
+    if margins:
+        beats = bool((kappa > baselines["culture_kappa"].astype(float)).all())
+        text.append(f"That is {'; '.join(margins)}: "
+                    + ("the learned features earn their cost." if beats else
+                       "the learned features do not beat every baseline yet."))
+    else:
+        text.append("No baseline was scored, so the margin is unknown.")
+    chance = baselines["culture_majority"].dropna() if "culture_majority" in baselines else pd.Series([], dtype=float)
+    if len(chance):
+        text.append(f"Always guessing the most common culture scores an accuracy of {_fmt(float(chance.iloc[0]))}.")
+    section = next((v for v in variants if v.variant == name), None)
+    test = section.culture_test if section is not None else None
+    if test is None:
+        text.append(f"Cell types were not compared between cultures for {name}.")
+    elif test.get("reason"):
+        text.append(f"Cell types of {name} could not be compared between cultures: {test['reason']}.")
+    else:
+        clusters = test["clusters"]
+        differ = clusters[clusters["differs"]].sort_values("p_adjusted")
+        units = f"{test['n_units']} {section.unit_level}s as the units, {test['n_perm']} permutations"
+        if differ.empty:
+            text.append(f"No cell type of {name} differs in share between cultures at a 5% false discovery "
+                        f"rate (overall p = {_fmt(test['p_value'])}; {units}; the smallest p these units "
+                        f"allow is {_fmt(test.get('min_p', float('nan')))}).")
+        else:
+            phrases = [_cluster_phrase(r, section.profiles, section.area_unit) for _, r in differ.iterrows()]
+            text.append(f"Cell types of {name} that differ between cultures (5% false discovery rate; {units}; "
+                        f"overall p = {_fmt(test['p_value'])}): " + "; ".join(phrases) + ".")
+    return " ".join(text)
 
 
 def _variant_html(v: VariantSection, out_dir: Path) -> str:
@@ -137,13 +323,25 @@ def _variant_html(v: VariantSection, out_dir: Path) -> str:
         + [(p, f"{v.variant}: UMAP ({Path(p).stem})") for p in v.umap_scatters]
         + [(p, f"{v.variant}: {what}") for p, what in
            ((v.composition_bar, "cell-type composition per culture"),
-            (v.montage, "random crops per cluster")) if p is not None]
+            (v.montage, "random crops per cluster"),
+            (v.gallery, "cells nearest each cluster's centre and random cells")) if p is not None]
     )
     for png, caption in figures:
-        target = out_dir / "figures" / f"{slug}_{Path(png).name}"
+        # A figure already beside the page (under out_dir) is linked where it is; others are copied.
+        target = Path(png) if Path(png).resolve().is_relative_to(out_dir.resolve()) else \
+            out_dir / "figures" / f"{slug}_{Path(png).name}"
         if Path(png).resolve() != target.resolve():
             write_bytes_atomic(target, Path(png).read_bytes())
-        parts.append(_figure(target, caption))
+        parts.append(_figure(target.resolve().relative_to(out_dir.resolve()), caption, out_dir))
+    if v.profiles is not None and len(v.profiles):
+        write_bytes_atomic(out_dir / f"{slug}_cell_types.csv", to_csv_safe(v.profiles, index=False).encode())
+        flagged = int(v.profiles["artefact"].sum())
+        parts += ["<h3>Cell types</h3>",
+                  f"<p>Median shape of each cluster's cells (area in {html.escape(v.area_unit)}; elongation = "
+                  "major / minor axis length; solidity = area / convex hull area; form factor = "
+                  "4&pi; area / perimeter&sup2;). The artefact column flags clusters that look like debris "
+                  f"or fragments ({flagged} of {len(v.profiles)}): check them in the gallery.</p>",
+                  _table(_profile_table(v.profiles, v.area_unit))]
     if v.cluster_metrics:
         metrics = (pd.DataFrame.from_dict(v.cluster_metrics, orient="index")
                    .rename_axis("method").reset_index())
@@ -153,19 +351,37 @@ def _variant_html(v: VariantSection, out_dir: Path) -> str:
         parts.append(f"<p>Automatically chosen number of clusters: <strong>{v.auto_k}</strong>.</p>")
     if v.composition is not None:
         write_bytes_atomic(out_dir / f"{slug}_composition.csv", to_csv_safe(v.composition, index=False).encode())
+        how = (f"a bootstrap over {html.escape(v.unit_level)}s (resampled with replacement within each culture)"
+               if "n_units" in v.composition else "a bootstrap over cells")
         parts += ["<h3>Composition per culture</h3>",
-                  "<p>Share of the clustered cells of each culture in each cluster, with its "
-                  "bootstrap confidence interval.</p>", _table(_composition_wide(v.composition))]
+                  "<p>Share of the clustered cells of each culture in each cluster, with its 95% "
+                  f"interval from {how}.</p>", _table(_composition_wide(v.composition))]
+    if v.culture_test is not None:
+        test = v.culture_test
+        parts.append(f"<h3>Do cultures differ? ({html.escape(v.unit_level)}s as the units)</h3>")
+        if test.get("reason"):
+            parts.append(f"<p>Not tested: {html.escape(str(test['reason']))}.</p>")
+        else:
+            clusters = test["clusters"]
+            write_bytes_atomic(out_dir / f"{slug}_culture_test.csv", to_csv_safe(clusters, index=False).encode())
+            parts += [f"<p>Permutation test on the composition of each {html.escape(v.unit_level)} "
+                      f"({test['n_units']} units, {test['n_cultures']} cultures, {test['n_perm']} permutations of "
+                      f"the culture labels among the units): overall p = {_fmt(test['p_value'])}; with these "
+                      f"units no p below {_fmt(test.get('min_p', float('nan')))} is possible. Per cluster, "
+                      "p adjusted is Benjamini-Hochberg's; shares are the mean over the culture's units.</p>",
+                      _table(_culture_test_table(test))]
     if v.chi_square is not None:
         p = v.chi_square.get("p_value", float("nan"))
         if math.isnan(p):
             verdict = "Too few cultures or clusters with cells to test."
         else:
             relation = "depends" if p < 0.05 else "shows no evidence of depending"
-            verdict = (f"Cell-type composition {relation} on culture (p = {_fmt(p)}, "
-                       f"Cramér's V = {_fmt(v.chi_square['cramers_v'])}).")
-        parts += ["<h3>Culture vs cell type (chi-square)</h3>", f"<p>{verdict}</p>",
-                  _dict_table(v.chi_square)]
+            verdict = (f"Counting every cell as independent, cell-type composition {relation} on culture "
+                       f"(p = {_fmt(p)}, Cramér's V = {_fmt(v.chi_square['cramers_v'])}).")
+        parts += ["<h3>Culture vs cell type (chi-square over cells)</h3>", f"<p>{verdict} Cells of one "
+                  "replicate share its seeding, confluence and imaging, so this p-value overstates the "
+                  "evidence; the replicate-level test above is the one to trust. Cramér's V is the effect "
+                  "size.</p>", _dict_table(v.chi_square)]
     if v.composition_error is not None:
         err = v.composition_error
         parts += ["<h3>Composition error against true morphotypes (synthetic)</h3>",
@@ -176,16 +392,27 @@ def _variant_html(v: VariantSection, out_dir: Path) -> str:
             wide = t.assign(cell=cell).pivot(index="culture", columns="morphotype", values="cell")
             parts += ["<p>Estimated / true proportion per morphotype.</p>",
                       _table(wide.rename(columns=str).rename_axis(columns=None).reset_index())]
+    if v.cell_table is not None:
+        links = [f'<a href="{_href(Path(v.cell_table[k]).resolve(), out_dir)}">{k}</a>' for k in ("parquet", "csv")
+                 if v.cell_table.get(k) and Path(v.cell_table[k]).resolve().is_relative_to(out_dir.resolve())]
+        parts.append(f"<p>Per-cell table ({_fmt(int(v.cell_table.get('n_cells', 0)))} cells: provenance, shape "
+                     "measurements, cluster labels, UMAP and embedding coordinates; pycytominer column names): "
+                     f"{', '.join(links)}. Embedding columns: {html.escape(str(v.cell_table.get('embedding', '')))}.</p>")
     parts.append("</section>")
     return "\n".join(parts)
 
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table.data { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-table.data th, table.data td { padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; }
-figure { display: inline-block; margin: 0.5em; vertical-align: top; }
-figure img { max-width: 520px; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
+p.lead { font-size: 1.1em; background: #f4f7fb; border-left: 4px solid #4a78b5; padding: 0.6em 1em; }
+div.table-wrap { max-width: 100%; overflow-x: auto; margin: 0.5em 0 1.5em; }
+table.data { border-collapse: collapse; font-size: 0.9em; }
+table.data th { padding: 3px 8px; border-bottom: 2px solid #bbb; text-align: right; vertical-align: bottom;
+                white-space: normal; max-width: 9em; }
+table.data td { padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+table.data td:first-child, table.data th:first-child { text-align: left; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; max-width: 300px; }
+figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
 section { border-top: 2px solid #eee; margin-top: 2em; }
 """
@@ -197,9 +424,11 @@ def write_report(
     variants: Sequence[VariantSection] = (),
     title: str = "GBM cell morphology: encoder comparison and culture composition",
 ) -> Path:
-    """Write report.html (figures embedded as base64 PNG), the PNGs and CSVs; return the HTML path.
+    """Write report.html (thumbnails linking to full-size PNGs under figures/) and the CSVs; return the HTML path.
 
-    The best variant is the one with the highest culture Cohen's kappa (raw pixels excluded).
+    The page opens with lead(): the best variant (highest culture Cohen's kappa, baselines
+    excluded), its margin over the baselines, and the cell types that differ between cultures.
+    Raises ValueError if comparison lacks a COMPARISON_COLUMNS column.
     """
     _check_comparison(comparison)
     out_dir = Path(out_dir)
@@ -212,6 +441,7 @@ def write_report(
                  f"culture accuracy {_fmt(best['culture_accuracy'])}).")
     body = [
         f"<h1>{html.escape(title)}</h1>",
+        f'<p class="lead" id="lead">{html.escape(lead(comparison, variants))}</p>',
         "<h2>Encoder variants</h2>",
         "<p>Random forest on each embedding predicting culture of origin and plated "
         "concentration (held-out accuracy and Cohen's kappa); raw pixels are the baseline.</p>",
@@ -221,6 +451,7 @@ def write_report(
     body += [_variant_html(v, out_dir) for v in variants]
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
         + "\n".join(body) + "\n</body></html>\n"
     )
@@ -247,7 +478,10 @@ def _md_text(value) -> str:
 def markdown_summary(
     comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()
 ) -> str:
-    """A Markdown digest for Dagster metadata: the comparison table, the best variant, clusters."""
+    """A Markdown digest for Dagster metadata: the comparison table, the best variant and lead(), clusters.
+
+    Counts print as integers and scores as _fmt rounds them (displayed()); names are escaped.
+    """
     _check_comparison(comparison)
 
     def row(cells) -> str:
@@ -255,19 +489,25 @@ def markdown_summary(
 
     cols = list(COMPARISON_COLUMNS)
     lines = [row(cols), row(["---"] * len(cols))]
-    lines += [row(r) for r in _scores_or_reasons(comparison)[cols].itertuples(index=False)]
+    shown = displayed(_scores_or_reasons(comparison)[cols])
+    lines += [row(r) for r in shown.itertuples(index=False)]
     best = best_variant(comparison)
     if best is not None:
         lines += ["", f"**Best variant by culture kappa: {_md_text(best['variant'])}** "
                       f"(kappa {_fmt(best['culture_kappa'])})"]
+    lines += ["", _md_text(lead(comparison, variants))]
     if variants:
-        lines += ["", row(["variant", "HDBSCAN clusters", "noise", "auto k", "chi-square p",
-                           "Cramér's V", "composition MAE"]), row(["---"] * 7)]
+        lines += ["", row(["variant", "HDBSCAN clusters", "noise", "auto k", "artefact clusters",
+                           "culture test p (replicates)", "chi-square p (cells)", "Cramér's V",
+                           "composition MAE"]), row(["---"] * 9)]
         for v in variants:
             hdb = v.cluster_metrics.get("hdbscan", {})
             chi = v.chi_square or {}
             err = v.composition_error or {}
-            lines.append(row([v.variant, hdb.get("n_clusters", ""), hdb.get("noise_fraction", ""),
-                              "" if v.auto_k is None else v.auto_k, chi.get("p_value", ""),
+            test = v.culture_test or {}
+            flagged = "" if v.profiles is None else int(v.profiles["artefact"].sum())
+            lines.append(row([v.variant, _fmt_cell("n_clusters", hdb.get("n_clusters", "")),
+                              hdb.get("noise_fraction", ""), "" if v.auto_k is None else v.auto_k, flagged,
+                              test.get("reason") or test.get("p_value", ""), chi.get("p_value", ""),
                               chi.get("cramers_v", ""), err.get("mae", "")]))
     return "\n".join(lines)
