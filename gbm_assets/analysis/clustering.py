@@ -138,8 +138,12 @@ def sized_parameters(config: ClusteringConfig, n_cells: int) -> dict[str, int]:
     umap_neighbors <= n_cells - 1 (a cell is not its own neighbour); hdbscan_min_cluster_size
     and gmm_components <= n_cells // 2 (at least 2 cells per cluster on average), never below 2
     and 1; hdbscan_min_samples <= n_cells // 2 (labelling a new cell queries 2 * min_samples
-    training cells); auto_k_max <= n_cells // 2. Raises TooFewCells below MIN_CELLS.
-    On the thesis' 7,500 cells nothing is shrunk.
+    training cells); auto_k_max <= n_cells // 2. On the thesis' 7,500 cells nothing is shrunk.
+
+    Raises
+    ------
+    TooFewCells
+        If n_cells < MIN_CELLS.
     """
     if n_cells < MIN_CELLS:
         raise TooFewCells(n_cells)
@@ -207,6 +211,19 @@ def split_embedding_table(table: pd.DataFrame | np.ndarray) -> tuple[pd.DataFram
 
     Features are the list-valued column 'embedding' if present, else every column that is not
     provenance. Rows keep their order, so labels line up with provenance by position.
+
+    Parameters
+    ----------
+    table : DataFrame or (n, d) array_like
+        An embeddings table (provenance columns, plus 'embedding' of length-d float arrays or d
+        feature columns), or a bare feature matrix.
+
+    Returns
+    -------
+    provenance : DataFrame
+        The provenance columns present (PROVENANCE_COLUMNS), n rows with a fresh RangeIndex
+        (no columns for a bare matrix).
+    features : (n, d) ndarray of float32
     """
     if not isinstance(table, pd.DataFrame):
         x = np.asarray(table, dtype=np.float32)
@@ -258,6 +275,22 @@ def choose_k(points_2d: np.ndarray, config: ClusteringConfig, k_max: int | None 
     types the true k scored 0.87, so 0.9 rejected it. The caps bound the cost (each
     stability value is several GMM fits); the sweep runs on at most auto_k_max_cells cells.
     k_max (default config.auto_k_max) caps the sweep, e.g. at n // 2 for small data.
+
+    Parameters
+    ----------
+    points_2d : (n, 2) ndarray of float
+        The cells' UMAP coordinates.
+
+    Returns
+    -------
+    AutoK
+        k, the table (k int, bic float, candidate bool, stability float64 with NaN where not
+        measured) and the rule in words.
+
+    Raises
+    ------
+    ValueError
+        If no k in [auto_k_min, k_max] is below the number of (subsampled) cells.
     """
     rng = np.random.default_rng(config.seed)
     if len(points_2d) > config.auto_k_max_cells:
@@ -301,9 +334,31 @@ def fit_clusters(
 ) -> tuple[FittedClustering, pd.DataFrame]:
     """Fit UMAP, HDBSCAN, the GMM and the auto-k GMM; return them and one label row per cell.
 
-    The labels frame starts with the input's provenance columns, in input order. Parameters
-    are shrunk for small data (sized_parameters, recorded in fitted.params); fewer than
-    MIN_CELLS cells raise TooFewCells.
+    Parameters are shrunk for small data (sized_parameters, recorded in fitted.params).
+
+    Parameters
+    ----------
+    features : DataFrame or (n, d) ndarray of float
+        An embeddings table or a bare matrix (see split_embedding_table); d features per cell.
+    config : ClusteringConfig
+        Seeds and parameters.
+
+    Returns
+    -------
+    fitted : FittedClustering
+        The fitted UMAP, HDBSCAN, GMM and auto-k GMM, to label later cells (assign_new).
+    labels : DataFrame
+        One row per cell, in input order: the input's provenance columns, then umap_x, umap_y
+        (float32, UMAP units), hdbscan (int32, -1 = noise), hdbscan_noise (bool), gmm (int32),
+        gmm_prob (float32, the top posterior), gmm_probs (one float32 array of the posteriors
+        per cell) and auto (int32, the auto-k GMM's component).
+
+    Raises
+    ------
+    TooFewCells
+        If there are fewer than MIN_CELLS cells.
+    ValueError
+        If the features are not a non-empty 2-D matrix or hold NaN or infinite values.
     """
     prov, x = split_embedding_table(features)
     x = _checked(x)
@@ -396,7 +451,13 @@ class ExactNeighbours:
 
 
 def shrunk_parameters(config: ClusteringConfig, n_cells: int) -> dict[str, dict[str, int]]:
-    """{name: {"configured": c, "used": u}} for each parameter sized_parameters lowered for n_cells."""
+    """{name: {"configured": c, "used": u}} for each parameter sized_parameters lowered for n_cells.
+
+    Raises
+    ------
+    TooFewCells
+        If n_cells < MIN_CELLS.
+    """
     used = sized_parameters(config, n_cells)
     configured = {"umap_neighbors": config.umap_neighbors, "hdbscan_min_cluster_size": config.min_cluster_size(n_cells),
                   "hdbscan_min_samples": config.hdbscan_min_samples, "gmm_components": config.gmm_components,
@@ -428,6 +489,13 @@ def save_clustering(fitted: FittedClustering, path: str | Path) -> Path:
     (n_train, 2) float32 with its fitted constants; HDBSCAN's training points, condensed tree,
     labels and membership strengths (its prediction data is rebuilt from them); both GMMs'
     weights, means, covariances and precisions; the auto-k table. Returns path.
+
+    Raises
+    ------
+    TooFewCells
+        If fitted.params is empty and fitted.n_train < MIN_CELLS (no model is fitted on so few).
+    OSError
+        If the file cannot be written.
     """
     path = Path(path)
     reducer, clusterer = fitted.umap, fitted.hdbscan
@@ -466,8 +534,14 @@ def load_clustering(path: str | Path, expected_fingerprint: str | None = None) -
     """Read a model written by save_clustering; no code from the file runs (np.load, allow_pickle=False).
 
     expected_fingerprint: FittedClustering.fingerprint() recorded when the model was fitted;
-    a mismatch means the arrays are not the ones fitted. Raises ModelFileError (naming the
-    file) for anything else: a pickle, object arrays, a missing array, another format version.
+    a mismatch means the arrays are not the ones fitted.
+
+    Raises
+    ------
+    ModelFileError
+        Naming the file for a fingerprint mismatch and for anything else that is not a model
+        save_clustering wrote: a pickle, object arrays, a missing array, arrays of the wrong
+        shape, another format version (the ValueError that says so is chained).
     """
     path = Path(path)
     try:
@@ -551,7 +625,29 @@ def _restore(header: dict, arrays: dict) -> FittedClustering:
 
 
 def assign_new(fitted: FittedClustering, features: pd.DataFrame | np.ndarray) -> pd.DataFrame:
-    """Label cells of later plates with the fitted models, without refitting any of them."""
+    """Label cells of later plates with the fitted models, without refitting any of them.
+
+    Parameters
+    ----------
+    fitted : FittedClustering
+        From fit_clusters or load_clustering.
+    features : DataFrame or (n, d) ndarray of float
+        An embeddings table or a bare matrix (see split_embedding_table), d = fitted.n_features.
+
+    Returns
+    -------
+    labels : DataFrame
+        One row per cell, in input order: the input's provenance columns, then umap_x, umap_y
+        (float32, UMAP units), hdbscan (int32, -1 = noise), hdbscan_noise (bool), gmm (int32),
+        gmm_prob (float32, the top posterior), gmm_probs (one float32 array of the posteriors
+        per cell) and auto (int32, the auto-k GMM's component).
+
+    Raises
+    ------
+    ValueError
+        If the features are not a non-empty 2-D matrix of fitted.n_features columns, or hold
+        NaN or infinite values.
+    """
     prov, x = split_embedding_table(features)
     x = _checked(x, fitted.n_features)
     xy = fitted.umap.transform(x).astype(np.float32)
@@ -588,6 +684,23 @@ def cluster_metrics(
 
     Silhouette is O(n^2), hence the subsample. ARI and NMI are over all cells with noise as
     one more group (so noise costs agreement); ari_clustered leaves noise cells out.
+
+    Parameters
+    ----------
+    features_2d : (n, d) ndarray of float
+        The space the silhouette is measured in (the UMAP layout, d = 2).
+    labels : (n,) ndarray of int
+        Cluster per cell, NOISE (-1) for unclustered cells.
+    truth : (n,) array_like, optional
+        The true type per cell (any hashable labels).
+    max_silhouette_cells : int
+        Silhouette on a seeded random subsample of at most this many clustered cells.
+
+    Returns
+    -------
+    dict of str to float
+        n_clusters (int), noise_fraction (0..1), silhouette (-1..1, NaN when fewer than 2
+        clusters or every cell its own cluster) and, with truth, ari, nmi and ari_clustered.
     """
     labels = np.asarray(labels)
     xy = np.asarray(features_2d)

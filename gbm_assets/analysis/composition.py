@@ -32,7 +32,29 @@ def composition(
     multinomial draw of the culture's size with the observed proportions, so n_boot
     resamples cost one vectorised call per culture. Noise (-1) is left out unless
     include_noise, so proportions are shares of the clustered cells and sum to 1 per culture.
-    Returns one row per (culture, cluster), every cluster listed for every culture.
+
+    Parameters
+    ----------
+    labels : (n,) array_like of int
+        Cluster per cell, -1 (NOISE) for unclustered cells.
+    cultures : (n,) array_like
+        Culture per cell.
+    n_boot : int
+        Bootstrap resamples per culture.
+    ci : float
+        Coverage of the interval, in (0, 1).
+
+    Returns
+    -------
+    DataFrame
+        One row per (culture, cluster), every cluster listed for every culture: proportion,
+        ci_low, ci_high (float64, 0..1), n_cells (cells of that cluster in the culture) and
+        n_culture (the culture's cells counted); empty, with these columns, for no cells.
+
+    Raises
+    ------
+    ValueError
+        If labels and cultures are not 1-D and of the same length.
     """
     df = _frame(labels, cultures)
     if not include_noise:
@@ -66,6 +88,15 @@ def chi_square_culture_vs_type(labels, cultures) -> dict[str, float]:
     Noise cells are dropped first, so the table lists only cultures and clusters that still
     have cells (no empty rows or columns, which would break the expected counts). With fewer
     than two of either there is nothing to test and every value is NaN.
+
+    labels (int, -1 = noise) and cultures are (n,) array_likes, one entry per cell. Returns
+    chi2, p_value and cramers_v (floats; V in 0..1), dof and n_cells (ints, n_cells = clustered
+    cells tested).
+
+    Raises
+    ------
+    ValueError
+        If labels and cultures are not 1-D and of the same length.
     """
     df = _frame(labels, cultures)
     df = df[df["cluster"] != NOISE]
@@ -87,6 +118,15 @@ def composition_error(cluster_labels, true_morphotypes, cultures) -> dict:
     cluster are). Estimated proportions are over clustered cells (noise left out, as in
     composition); true ones over all cells of the culture. mae is the mean absolute
     difference over every (culture, morphotype) pair.
+
+    cluster_labels (int, -1 = noise), true_morphotypes and cultures are (n,) array_likes, one
+    entry per cell. Returns mae (float, in proportion units 0..1), mapping (cluster -> morphotype)
+    and table (culture, morphotype, estimated, true).
+
+    Raises
+    ------
+    ValueError
+        If cluster_labels and cultures are not 1-D and of the same length.
     """
     df = _frame(cluster_labels, cultures)
     df["truth"] = np.asarray(true_morphotypes)

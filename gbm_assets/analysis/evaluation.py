@@ -43,7 +43,16 @@ def why_not_evaluable(labels: pd.Series, groups: pd.Series, target: str, test_si
 
 
 def split_by_group(labels: pd.Series, groups: pd.Series, seed: int = 0, test_size: float = 0.2):
-    """(train, test) row positions: one fold of a stratified group k-fold, k = round(1 / test_size)."""
+    """(train, test) row positions: one fold of a stratified group k-fold, k = round(1 / test_size).
+
+    labels and groups (the crop's image) have one entry per crop. Returns two int ndarrays of
+    row positions, shape (n_train,) and (n_test,); no group is on both sides.
+
+    Raises
+    ------
+    ValueError
+        If there are fewer groups (images) than folds (min_images(test_size)).
+    """
     folds = min_images(test_size)
     n_groups = pd.Series(groups).nunique()
     if n_groups < folds:
@@ -56,7 +65,29 @@ def split_by_group(labels: pd.Series, groups: pd.Series, seed: int = 0, test_siz
 def evaluate_features(
     features: np.ndarray, labels: pd.Series, groups: pd.Series, seed: int = 0, test_size: float = 0.2
 ) -> dict:
-    """Accuracy, Cohen's kappa, majority-class baseline and confusion matrix on held-out images."""
+    """Accuracy, Cohen's kappa, majority-class baseline and confusion matrix on held-out images.
+
+    Parameters
+    ----------
+    features : (n, d) ndarray of float
+        One feature vector per crop (an embedding, or raw_pixel_features).
+    labels : (n,) Series
+        The known label per crop (culture, concentration), no missing values.
+    groups : (n,) Series
+        The crop's image: crops of one image stay on one side of the split.
+
+    Returns
+    -------
+    dict
+        accuracy, kappa, majority_baseline (floats, on the test crops); confusion: (c, c) int64
+        ndarray of counts, rows true, columns predicted, in the order of classes (c labels in
+        natural order); n_train, n_test (ints).
+
+    Raises
+    ------
+    ValueError
+        If there are fewer images than the split needs (see split_by_group).
+    """
     features = np.asarray(features)
     labels = pd.Series(labels).reset_index(drop=True)
     train, test = split_by_group(labels, groups, seed, test_size)
@@ -78,7 +109,25 @@ def evaluate_features(
 
 
 def raw_pixel_features(pixels: np.ndarray, size: int = 32) -> np.ndarray:
-    """The thesis' raw-pixel baseline: crops block-averaged to size x size, flattened (float32)."""
+    """The thesis' raw-pixel baseline: crops block-averaged to size x size, flattened (float32).
+
+    Parameters
+    ----------
+    pixels : (n, S, S) or (n, S, S, 1) ndarray of uint8 or float
+        The crops; S must be a multiple of size.
+    size : int
+        Side of the block-averaged crop, in blocks.
+
+    Returns
+    -------
+    features : (n, size * size) ndarray of float32
+        Mean intensity of each (S / size)-pixel block, in the crops' intensity units, row order.
+
+    Raises
+    ------
+    ValueError
+        If S is not a multiple of size.
+    """
     pixels = np.asarray(pixels)
     if pixels.ndim == 4:
         pixels = pixels[..., 0]

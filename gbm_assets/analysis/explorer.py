@@ -58,6 +58,13 @@ def sample_for_explorer(labels: pd.DataFrame, max_points: int = 20_000, seed: in
     cells one most wants to look at. Small groups are kept whole; the others get equal shares
     (every group is represented as long as there are no more groups than max_points).
     Rows keep their input order; the index is reset.
+
+    Raises
+    ------
+    ValueError
+        If max_points < 1.
+    KeyError
+        If labels (longer than max_points) lack a column of STRATA (culture, hdbscan).
     """
     if max_points < 1:
         raise ValueError(f"max_points must be positive, got {max_points}")
@@ -73,7 +80,26 @@ def sample_for_explorer(labels: pd.DataFrame, max_points: int = 20_000, seed: in
 
 
 def make_thumbnails(crops: np.ndarray, size: int = 48, grey_levels: int = 32) -> np.ndarray:
-    """(n, size, size) uint8: crops shrunk with INTER_AREA, then reduced to grey_levels levels over 0..255."""
+    """(n, size, size) uint8: crops shrunk with INTER_AREA, then reduced to grey_levels levels over 0..255.
+
+    Parameters
+    ----------
+    crops : (n, S, S) ndarray of uint8
+        Normalised cell crops (crops.normalise_crops).
+    size : int
+        Side of the thumbnails, in pixels.
+    grey_levels : int
+        Levels kept, 2..256, evenly spaced over 0..255 (fewer levels compress better).
+
+    Returns
+    -------
+    thumbnails : (n, size, size) ndarray of uint8
+
+    Raises
+    ------
+    ValueError
+        If crops is not a 3-D uint8 array, or grey_levels is outside 2..256.
+    """
     crops = np.asarray(crops)
     if crops.ndim != 3 or crops.dtype != np.uint8:
         raise ValueError(f"crops must be a uint8 array (n, S, S), got {crops.dtype} {crops.shape}")
@@ -169,8 +195,35 @@ def write_explorer(
 ) -> Path:
     """Write the explorer page for points (one row per cell) and their crops, atomically; return its path.
 
-    points needs crop_id, umap_x, umap_y and at least one of COLOURINGS; thumbnails is a uint8
-    (n, S, S) array of the cells' crops, aligned with the rows of points.
+    Parameters
+    ----------
+    path : str or Path
+        The HTML file to write (its folder is created).
+    variant : str
+        The model variant, shown in the title (HTML-escaped).
+    points : DataFrame
+        n rows, one per cell: crop_id, umap_x, umap_y (finite floats, UMAP units), at least one
+        of COLOURINGS, and any of TOOLTIP_FIELDS to show on hover.
+    thumbnails : (n, S, S) ndarray of uint8
+        The cells' crops, aligned with the rows of points.
+    thumb_size, grey_levels : int
+        Passed to make_thumbnails; thumbnails are drawn at 2 x thumb_size CSS pixels.
+    gallery_size : int
+        Most cells shown in the gallery of a category.
+
+    Returns
+    -------
+    Path
+        path, written atomically.
+
+    Raises
+    ------
+    ValueError
+        If points lack crop_id, umap_x or umap_y, or every colouring, if umap_x / umap_y hold
+        non-finite values, if len(points) != len(thumbnails), or if thumbnails are not a 3-D
+        uint8 array (make_thumbnails).
+    RuntimeError
+        If OpenCV cannot encode a WebP thumbnail.
     """
     missing = sorted({"crop_id", "umap_x", "umap_y"} - set(points.columns))
     if missing:

@@ -16,7 +16,28 @@ GROUND_TRUTH_NAME = "ground_truth.csv"
 
 
 def true_morphotypes(rows: pd.DataFrame, raw_dir: str | Path, max_dist: float = 8.0) -> pd.Series:
-    """Morphotype per row of (plate, image, x, y), aligned with rows.index; None where unknown."""
+    """Morphotype per row of (plate, image, x, y), aligned with rows.index; None where unknown.
+
+    Parameters
+    ----------
+    rows : DataFrame
+        One row per crop with plate, image and x, y (the crop centre in pixels, x = column).
+    raw_dir : str or Path
+        The folder holding the plate folders; a plate's truth is <raw_dir>/<plate>/ground_truth.csv.
+    max_dist : float
+        Largest distance, in pixels, from a crop centre to the true cell centre it takes.
+
+    Returns
+    -------
+    Series of object
+        The morphotype (str) of the nearest true cell of the same image within max_dist, else
+        None (no ground_truth.csv, no true cell of that image, or none near enough).
+
+    Raises
+    ------
+    ValueError
+        From pandas, when a ground_truth.csv lacks one of the columns image, x, y, morphotype.
+    """
     out = pd.Series([None] * len(rows), index=rows.index, dtype=object)
     for plate, group in rows.groupby("plate", sort=False):
         path = Path(raw_dir) / str(plate) / GROUND_TRUTH_NAME
@@ -34,5 +55,9 @@ def true_morphotypes(rows: pd.DataFrame, raw_dir: str | Path, max_dist: float = 
 
 
 def has_truth(series: pd.Series, min_fraction: float = 0.5) -> bool:
-    """Whether enough rows have a known morphotype to score against."""
+    """Whether enough rows have a known morphotype to score against.
+
+    True when series (true_morphotypes' output) is non-empty, at least min_fraction (0..1) of
+    its values are known and they hold more than one morphotype.
+    """
     return len(series) > 0 and float(series.notna().mean()) >= min_fraction and series.nunique() > 1
