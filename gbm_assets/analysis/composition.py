@@ -222,6 +222,15 @@ def composition_by_units(
     and pools their cells again, so the interval reflects replicate-to-replicate variation, not
     only the number of cells. A culture with one unit gets a zero-width interval (nothing to
     resample): its n_units column says so. Columns: those of composition() plus n_units.
+
+    labels (int, -1 = noise), cultures and units (experimental_units' ids) are (n,) array_likes,
+    one entry per cell.
+
+    Raises
+    ------
+    ValueError
+        If labels, cultures and units are not 1-D and of one length, or a unit holds cells of
+        more than one culture (see unit_proportions).
     """
     counts, unit_culture = unit_proportions(labels, cultures, units, include_noise)
     rng = np.random.default_rng(seed)
@@ -283,6 +292,12 @@ def culture_difference_test(
     reason is "" when tested, else why not (fewer than 2 cultures, no culture with 2 units);
     clusters is a DataFrame with one row per cluster: cluster, statistic, p_value, p_adjusted,
     differs (p_adjusted < alpha), and the mean unit share per culture ("share:<culture>").
+
+    Raises
+    ------
+    ValueError
+        If labels, cultures and units are not 1-D and of one length, or a unit holds cells of
+        more than one culture (see unit_proportions).
     """
     from scipy.stats import false_discovery_control
 
