@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import io
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,11 +18,13 @@ from gbm_assets.analysis.composition import (
     composition,
     composition_error,
 )
-from gbm_assets.analysis.figures import crop_montage, stacked_composition_bar, umap_scatter
+from gbm_assets.analysis.figures import THUMBNAIL_PX, crop_montage, stacked_composition_bar, umap_scatter
 from gbm_assets.analysis.report import (
     COMPARISON_COLUMNS,
     VariantSection,
     best_variant,
+    displayed,
+    lead,
     markdown_summary,
     write_report,
 )
@@ -65,21 +69,37 @@ class _Page(HTMLParser):
     def __init__(self):
         super().__init__()
         self.imgs, self.tables, self.in_best, self.best = [], 0, False, ""
+        self.stack, self.cells, self.lead, self.in_lead, self.wrapped_tables = [], [], "", False, 0
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "img":
-            self.imgs.append(attrs)
-        self.tables += tag == "table"
+        if tag == "img":  # with the link around it, if any
+            self.imgs.append({**attrs, "link": next((a.get("href") for t, a in reversed(self.stack) if t == "a"), None)})
+        if tag == "table":
+            self.tables += 1
+            self.wrapped_tables += any(t == "div" and a.get("class") == "table-wrap" for t, a in self.stack)
+        if tag in ("td", "th"):
+            self.cells.append("")
         self.in_best = self.in_best or attrs.get("id") == "best-variant"
+        self.in_lead = self.in_lead or attrs.get("id") == "lead"
+        if tag not in ("img", "meta", "br"):
+            self.stack.append((tag, attrs))
 
     def handle_endtag(self, tag):
         if tag == "strong":
             self.in_best = False
+        if tag == "p":
+            self.in_lead = False
+        while self.stack and self.stack.pop()[0] != tag:
+            pass
 
     def handle_data(self, data):
         if self.in_best:
             self.best += data
+        if self.in_lead:
+            self.lead += data
+        if self.stack and self.stack[-1][0] in ("td", "th"):
+            self.cells[-1] += data
 
 
 @pytest.fixture(scope="module")
@@ -123,29 +143,82 @@ def test_umap_scatter_downsamples_and_montage_handles_small_clusters(tmp_path):
         crop_montage(crops, [0, 1], tmp_path / "bad.png")
 
 
-def test_report_embeds_every_figure_and_names_best_variant(sections, tmp_path):
+def _thumb_side(data: str) -> int:
+    from PIL import Image
+
+    raw = base64.b64decode(data)
+    assert raw[:8] == PNG_MAGIC
+    with Image.open(io.BytesIO(raw)) as image:
+        return max(image.size)
+
+
+def test_report_embeds_thumbnails_linking_full_size_figures(sections, tmp_path):
     html_path = write_report(tmp_path / "report", comparison_table(), sections)
     page = _Page()
     page.feed(html_path.read_text(encoding="utf-8"))
 
     expected = sum(len(s.confusion_matrices) + len(s.umap_scatters) + 2 for s in sections)
     assert len(page.imgs) == expected
+    out = html_path.parent
     for img in page.imgs:
         prefix, _, data = img["src"].partition(",")
         assert prefix == "data:image/png;base64" and data
-        assert base64.b64decode(data)[:8] == PNG_MAGIC
+        assert _thumb_side(data) <= THUMBNAIL_PX  # a thumbnail, not the figure
         assert img["alt"]
+        full = out / img["link"]  # the thumbnail links to the full-size figure beside the page
+        assert full.read_bytes()[:8] == PNG_MAGIC and full.stat().st_size > len(base64.b64decode(data))
     # comparison + per variant: cluster metrics, composition, chi-square, composition error
     assert page.tables == 1 + 4 * len(sections)
+    assert page.wrapped_tables == page.tables  # each in a horizontally scrolling container
     assert page.best.strip() == "B"
 
-    out = html_path.parent
     assert (out / "comparison.csv").exists()
     for s in sections:
         assert (out / f"{s.variant}_composition.csv").exists()
         assert (out / f"{s.variant}_cluster_metrics.csv").exists()
     assert len(list((out / "figures").glob("*.png"))) == expected
     assert not list(out.rglob("*.tmp"))
+
+
+def test_report_page_stays_small(sections, tmp_path):
+    """14 figures: the page holds thumbnails only (with every figure at full size it was ~700 KB)."""
+    html_path = write_report(tmp_path / "report", comparison_table(), sections)
+    n_figures = sum(len(s.confusion_matrices) + len(s.umap_scatters) + 2 for s in sections)
+    assert n_figures == 14
+    assert html_path.stat().st_size < 250_000
+    full = sum(p.stat().st_size for p in (html_path.parent / "figures").glob("*.png"))
+    assert html_path.stat().st_size < full / 2
+
+
+def test_counts_print_as_integers_and_scores_rounded(sections, tmp_path):
+    table = comparison_table()
+    table.loc[0, "features"] = np.nan  # raw pixels without a feature count: the column turns float
+    section = VariantSection("A", cluster_metrics={"hdbscan": {"n_clusters": 5.0, "noise_fraction": 0.171234},
+                                                   "gmm": {"n_clusters": 11.0, "noise_fraction": 0.0}},
+                             chi_square={"chi2": 1234.5678, "dof": 8.0, "p_value": 0.000123, "cramers_v": 0.2,
+                                         "n_cells": 20000.0})
+    page = _Page()
+    page.feed(write_report(tmp_path, table, [section]).read_text(encoding="utf-8"))
+    assert not [c for c in page.cells if re.fullmatch(r"[1-9]\d*\.000", c.strip())], "an integer printed as a float"
+    assert {"64", "128", "5", "11", "8", "20,000"} <= set(page.cells)
+    assert {"0.171", "1,235", "0.00012", "0.463"} <= set(page.cells)
+    md = markdown_summary(table, [section])
+    assert "| autoencoder | 64 | – | none |" in md and ".000 |" not in md.split("\n\n")[0]
+    shown = displayed(pd.DataFrame({"n_cells": [3.0, np.nan], "kappa": [1.0, 0.25], "flag": [True, False]}))
+    assert shown.to_dict("list") == {"n_cells": ["3", "–"], "kappa": ["1.000", "0.250"], "flag": ["yes", "no"]}
+
+
+def test_lead_names_best_variant_and_its_margin_over_the_baselines(sections, tmp_path):
+    table = comparison_table()  # raw pixels' kappa 0.90 beats every variant here
+    page = _Page()
+    page.feed(write_report(tmp_path, table, sections).read_text(encoding="utf-8"))
+    assert page.lead.startswith("Best variant: B (culture Cohen's kappa 0.370")
+    assert "0.530 below raw pixels (kappa 0.900)" in page.lead and "do not beat every baseline" in page.lead
+    table.loc[table["variant"] == "raw pixels", "culture_kappa"] = 0.1
+    text = lead(table, sections)
+    assert "0.270 above raw pixels (kappa 0.100)" in text and "earn their cost" in text
+    assert "Cell types were not compared between cultures for B" in text  # these sections have no test
+    assert lead(table.assign(culture_kappa=np.nan)).startswith("No variant has a culture kappa")
 
 
 def test_report_rewrites_in_place(sections, tmp_path):
