@@ -85,7 +85,7 @@ def write_lab(root: Path, cells: pd.DataFrame, qc_plates: tuple[str, ...] = ()) 
     embeddings = pa.table({"crop_id": cells["crop_id"].to_numpy(),
                            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 4)})
     embeddings_path = root / "embeddings.parquet"
-    pq.write_table(embeddings, embeddings_path)
+    pq.write_table(embeddings, embeddings_path, row_group_size=37)  # row groups unlike the labels file's
     return {"crops": crops, "labels": labels_path, "embeddings": embeddings_path, "vectors": vectors}
 
 

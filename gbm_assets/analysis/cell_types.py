@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -192,22 +191,39 @@ def _plate_measurements(crops_dir: Path, plate: str) -> pd.DataFrame:
     return pq.read_table(path, columns=["crop_id", *have]).to_pandas().set_index("crop_id")
 
 
-def _embedding_batches(path, batch_size: int) -> Iterator[tuple[list, np.ndarray]]:
-    with pq.ParquetFile(path) as pf:
-        for batch in pf.iter_batches(batch_size=batch_size, columns=["crop_id", "embedding"]):
-            col = batch.column("embedding")
-            yield batch.column("crop_id").to_pylist(), col.flatten().to_numpy(zero_copy_only=False).reshape(
-                batch.num_rows, col.type.list_size)
+class _Rows:
+    """The rows of one Parquet file in order, handed out n at a time whatever its row groups are."""
+
+    def __init__(self, path, columns, batch_size: int):
+        self._batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(columns))
+        self._pending: list[pa.RecordBatch] = []
+        self._have = 0
+
+    def take(self, n: int) -> pa.Table | None:
+        """The next n rows (fewer at the end of the file; None when none are left)."""
+        while self._have < n:
+            batch = next(self._batches, None)
+            if batch is None:
+                break
+            self._pending.append(batch)
+            self._have += batch.num_rows
+        if not self._have:
+            return None
+        table = pa.Table.from_batches(self._pending)
+        head, rest = table.slice(0, n), table.slice(n)
+        self._pending, self._have = rest.to_batches(), rest.num_rows
+        return head
 
 
 def _aligned(labels_path, embeddings_path, batch_size: int) -> bool:
     """Whether the embeddings file lists exactly the labels file's cells in the same order."""
     if pq.ParquetFile(labels_path).metadata.num_rows != pq.ParquetFile(embeddings_path).metadata.num_rows:
         return False
-    with pq.ParquetFile(labels_path) as a, pq.ParquetFile(embeddings_path) as b:
-        for x, y in zip(a.iter_batches(batch_size=batch_size, columns=["crop_id"]),
-                        b.iter_batches(batch_size=batch_size, columns=["crop_id"])):
-            if not x.column(0).equals(y.column(0)):
+    embedded = _Rows(embeddings_path, ["crop_id"], batch_size)
+    with pq.ParquetFile(labels_path) as labels:
+        for batch in labels.iter_batches(batch_size=batch_size, columns=["crop_id"]):
+            other = embedded.take(batch.num_rows)
+            if other is None or not other.column("crop_id").combine_chunks().equals(batch.column("crop_id")):
                 return False
     return True
 
@@ -260,7 +276,8 @@ def write_cell_table(
     when embeddings_path lists the same cells in the same order, Cells_Embedding_<i> (float32);
     otherwise the embedding columns are left out and "embedding" in the result says why.
     Streamed: one batch of labels and the measurements of the plates it touches (never pixels)
-    at a time; both files are written atomically and the CSV through safe_csv (formula-safe).
+    at a time; both files are written atomically and the CSV through safe_csv (formula-safe,
+    floats to 7 significant digits).
     Returns {"parquet", "csv", "n_cells", "embedding"}. Raises FileNotFoundError for a missing
     labels file.
     """
@@ -280,7 +297,7 @@ def write_cell_table(
     names = pq.read_schema(labels_path).names
     label_columns = [c for c in (*PROVENANCE_COLUMNS, *CELL_LABEL_COLUMNS) if c in names]
     cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
-    embeddings = _embedding_batches(embeddings_path, batch_size) if use_embedding else None
+    embeddings = _Rows(embeddings_path, ["embedding"], batch_size) if use_embedding else None
     parquet_path, csv_path = out_stem.with_suffix(".parquet"), out_stem.with_suffix(".csv")
     n_cells, writer, schema = 0, None, None
     with ExitStack() as stack:
@@ -291,7 +308,8 @@ def write_cell_table(
             rows = batch.to_pandas()
             table = _cell_rows(rows, _batch_measurements(rows, crops_dir, cache))
             if embeddings is not None:
-                _, vectors = next(embeddings)
+                col = embeddings.take(len(table)).column("embedding").combine_chunks()
+                vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(len(table), col.type.list_size)
                 table = pd.concat([table, pd.DataFrame(
                     vectors, index=table.index, columns=[f"Cells_Embedding_{i:03d}" for i in range(vectors.shape[1])])],
                     axis=1)
@@ -300,7 +318,7 @@ def write_cell_table(
                 schema = arrow.schema.set(arrow.schema.get_field_index("Metadata_qc"), pa.field("Metadata_qc", pa.string()))
                 writer = stack.enter_context(AtomicParquetWriter(parquet_path, schema))
             writer.write(arrow.cast(schema))
-            to_csv_safe(table, csv_file, index=False, header=n_cells == 0)
+            to_csv_safe(table, csv_file, index=False, header=n_cells == 0, float_format="%.7g")
             n_cells += len(table)
         if writer is None:  # no cells: still a valid, empty pair of files
             empty = pd.DataFrame(columns=cell_table_columns())
