@@ -2,8 +2,13 @@
 
 When a plate brings a CellProfiler object table (read by gbm_assets.imaging.cellprofiler), its
 cells are where CellProfiler put them; only their shapes come from our segmentation. Every
-centre seeds a marker-based watershed over the segmented foreground, as CellProfiler's seeded
-identification (IdentifySecondaryObjects, "Watershed - Distance") propagates primary objects.
+centre seeds an object that grows over its region of the segmented foreground until it meets
+its neighbours, as CellProfiler's IdentifySecondaryObjects ("Distance - B") grows primary objects.
+
+Until this module existed (inside plate_cells.py) the split was scipy.ndimage.watershed_ift on
+the inverted distance map, which did not split at necks: of two touching equal discs seeded at
+their centres, one point got 21 pixels and the other the rest; and a foreground region without
+any point went to some object through the background (tests in test_cellprofiler_masks.py).
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ def cells_at_objects(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Cells at CellProfiler's coordinates; shapes from our segmentation, split between the points.
 
-    Every point seeds a marker-based watershed over the segmented foreground (plus a small disc
-    around each point, so a point on background still gets a mask); points sharing one region
-    divide it, as CellProfiler's seeded identification would.
+    Every point seeds an object in the segmented foreground (plus a small disc around each
+    point, so a point on background still gets a mask); points sharing one region divide it,
+    each pixel going to the nearest point in its region; regions without a point are dropped.
 
     Parameters
     ----------
@@ -61,9 +66,7 @@ def cells_at_objects(
         cv2.circle(foreground, (int(cx), int(cy)), seed_radius, 1, -1)
     for obj_id, (cx, cy) in enumerate(xy, start=1):
         cv2.circle(markers, (int(cx), int(cy)), 1, obj_id, -1)
-    distance = cv2.distanceTransform(foreground, cv2.DIST_L2, 5)
-    cost = (255 - 255 * distance / max(float(distance.max()), 1e-6)).astype(np.uint8)
-    labels = ndi.watershed_ift(cost, markers) * foreground
+    labels = _split_between_seeds(foreground, markers)
     measured = measure_cells(labels).set_index("cell_id")
     cells = pd.DataFrame({"cell_id": np.arange(1, len(objects) + 1, dtype=np.int32)})
     cells["x"] = objects["x"].to_numpy(float)
@@ -73,3 +76,26 @@ def cells_at_objects(
         fallback = measured[col].reindex(cells["cell_id"]).to_numpy(float)
         cells[col] = np.where(np.isnan(given), fallback, given)
     return cells, labels
+
+
+def _split_between_seeds(foreground: np.ndarray, markers: np.ndarray) -> np.ndarray:
+    """Give each pixel of a seeded foreground region to the nearest seed in that region.
+
+    CellProfiler's IdentifySecondaryObjects "Distance - B" rule: objects grow from their seeds
+    and stop where they meet, within the thresholded foreground; points sharing a region divide
+    it between them (two touching cells seeded at their centres split at the midline), and a
+    region holding no seed belongs to no object. foreground: (H, W) uint8 0/1; markers: (H, W)
+    int32, 0 unknown, k > 0 the seed of object k (inside the foreground). Returns (H, W) int32.
+    """
+    labels = np.zeros(markers.shape, np.int32)
+    _, regions = cv2.connectedComponents(foreground, connectivity=8)
+    for index, box in enumerate(ndi.find_objects(regions), start=1):
+        if box is None:
+            continue
+        region = regions[box] == index
+        seeds = np.where(region, markers[box], 0)
+        if not seeds.any():
+            continue
+        _, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+        labels[box][region] = seeds[iy, ix][region]
+    return labels
