@@ -112,7 +112,14 @@ def cluster_profiles(cells: pd.DataFrame, label_column: str = "hdbscan",
     SHAPE_SUMMARY (area in area_unit(pixel_size_um)), qc_not_cell (share of cells whose qc label
     is not "cell"; NaN without qc labels), artefact (bool) and artefact_reason (str, "" if none).
     The rules (SMALL_AREA_FRACTION, LOW_SOLIDITY, QC_ARTEFACT_SHARE) are flags for a person to
-    check in the gallery. Raises KeyError if label_column is missing.
+    check in the gallery.
+
+    Raises
+    ------
+    KeyError
+        If label_column is missing.
+    ValueError
+        If pixel_size_um is given and not > 0 (shape_measurements).
     """
     labels = cells[label_column].to_numpy()
     clustered = labels != NOISE
@@ -148,8 +155,14 @@ def cluster_profiles(cells: pd.DataFrame, label_column: str = "hdbscan",
 def nearest_to_centre(xy: np.ndarray, labels, per_cluster: int = 10) -> dict:
     """{cluster: row positions of the per_cluster cells nearest the cluster's centre}, noise left out.
 
-    xy: (n, d) coordinates the clusters were found in (UMAP); the centre is the coordinate-wise
-    median of the cluster's cells (robust to a cluster's stragglers). Nearest first.
+    xy: (n, d) float coordinates the clusters were found in (UMAP); labels: (n,) int cluster
+    labels (-1 = noise). The centre is the coordinate-wise median of the cluster's cells (robust
+    to a cluster's stragglers). Returns int64 row positions, nearest first.
+
+    Raises
+    ------
+    ValueError
+        If xy is not (n, d) with n = len(labels).
     """
     xy, labels = np.asarray(xy, float), np.asarray(labels)
     if xy.ndim != 2 or len(xy) != len(labels):

@@ -152,7 +152,9 @@ def crop_montage(
 ) -> Path:
     """A grid of per_cluster random crops for every cluster (one row each), to inspect by eye.
 
+    crops: (N, H, W) uint8; labels: (N,) int cluster labels (-1 = noise).
     cluster_sizes: cells per cluster for the row labels, when `crops` is only a sample of them.
+    Raises ValueError if crops is not (N, H, W) with N = len(labels).
 
     The grid is assembled into one image before plotting: one imshow, however many crops.
     """

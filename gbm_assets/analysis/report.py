@@ -481,6 +481,7 @@ def markdown_summary(
     """A Markdown digest for Dagster metadata: the comparison table, the best variant and lead(), clusters.
 
     Counts print as integers and scores as _fmt rounds them (displayed()); names are escaped.
+    Raises ValueError if comparison lacks a COMPARISON_COLUMNS column.
     """
     _check_comparison(comparison)
 
