@@ -637,10 +637,7 @@ def assign_new(fitted: FittedClustering, features: pd.DataFrame | np.ndarray) ->
     Returns
     -------
     labels : DataFrame
-        One row per cell, in input order: the input's provenance columns, then umap_x, umap_y
-        (float32, UMAP units), hdbscan (int32, -1 = noise), hdbscan_noise (bool), gmm (int32),
-        gmm_prob (float32, the top posterior), gmm_probs (one float32 array of the posteriors
-        per cell) and auto (int32, the auto-k GMM's component).
+        One row per cell, in input order, with the columns of fit_clusters' labels.
 
     Raises
     ------

@@ -110,19 +110,8 @@ def random_rot90(images, masks, seed):
 def random_flips(images, masks, seed):
     """Flip each crop and its mask left-right and (independently) up-down, each with p = 0.5.
 
-    Parameters
-    ----------
-    images : (B, S, S, 1) float32 tensor
-        Crops with intensities in [0, 1].
-    masks : (B, S, S, 1) float32 tensor or None
-        The crops' 0/1 masks, moved exactly like the images; None when there are none.
-    seed : (2,) int tensor
-        Stateless seed: the same seed moves the same crops the same way.
-
-    Returns
-    -------
-    images, masks : (B, S, S, 1) float32 tensors
-        The moved crops and masks (masks None when None was given).
+    images and masks: (B, S, S, 1) float32 tensors (masks may be None), seed: (2,) int tensor;
+    returns the moved (images, masks), as random_rot90 does.
     """
     return _random_permutation(images, masks, seed, _FLIPS)
 
@@ -130,19 +119,8 @@ def random_flips(images, masks, seed):
 def random_rot90_and_flips(images, masks, seed):
     """A random rotation, then random flips, as one gather (16 equally likely combinations).
 
-    Parameters
-    ----------
-    images : (B, S, S, 1) float32 tensor
-        Crops with intensities in [0, 1].
-    masks : (B, S, S, 1) float32 tensor or None
-        The crops' 0/1 masks, moved exactly like the images; None when there are none.
-    seed : (2,) int tensor
-        Stateless seed: the same seed moves the same crops the same way.
-
-    Returns
-    -------
-    images, masks : (B, S, S, 1) float32 tensors
-        The moved crops and masks (masks None when None was given).
+    images and masks: (B, S, S, 1) float32 tensors (masks may be None), seed: (2,) int tensor;
+    returns the moved (images, masks), as random_rot90 does.
     """
     return _random_permutation(images, masks, seed, _ROTATIONS_AND_FLIPS)
 
