@@ -156,9 +156,15 @@ def stop_if_interrupted(result: dg.ExecuteInProcessResult) -> None:
 
 
 def _first_error(result: dg.ExecuteInProcessResult) -> str:
+    """The first failed step's own error, one line: the exception the asset raised (the innermost
+    cause), not Dagster's "Error occurred while executing op" wrapper around it."""
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            return event.step_failure_data.error.message.strip().splitlines()[-1]
+            error = event.step_failure_data.error
+            while error.cause is not None:
+                error = error.cause
+            lines = [line for line in error.message.strip().splitlines() if line.strip()]
+            return lines[0] if lines else error.cls_name
     return "unknown error (see the run in the Dagster UI)"
 
 

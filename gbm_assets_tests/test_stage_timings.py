@@ -84,3 +84,22 @@ def test_run_prints_wall_time_of_every_stage(tiny_lab, capsys):
     assert list(again) == ["ingest (0 plates)", *(f"cluster {v}" for v in variants), "report",
                            "other (run start-up, bookkeeping)", "total"]
     assert again["ingest (0 plates)"][0] == 0.0
+
+
+def test_a_failed_run_is_reported_by_the_assets_own_error():
+    """The one line `gbm-assets run` prints for a failed plate or variant names the asset's error,
+    not Dagster's wrapper ("Error occurred while executing op ...")."""
+    import dagster as dg
+
+    from gbm_assets.pipeline import _first_error
+
+    @dg.op
+    def validate():
+        raise ValueError("plate p1: manifest.csv line 3: no culture")
+
+    @dg.job
+    def ingest():
+        validate()
+
+    result = ingest.execute_in_process(raise_on_error=False)
+    assert _first_error(result) == "ValueError: plate p1: manifest.csv line 3: no culture"
