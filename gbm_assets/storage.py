@@ -177,23 +177,35 @@ def plate_dataset(path: str | Path):
     return pds.dataset(path, format="parquet", partitioning=pds.partitioning(pa.schema([("plate", pa.string())]), flavor="hive"))
 
 
+def seeded_sample(total: int, max_rows: int | None, seed: int):
+    """Sorted int64 indices of a seeded uniform sample of max_rows of total rows, without
+    replacement; None when every row is kept (max_rows None or >= total)."""
+    import numpy as np
+
+    if max_rows is None or total <= max_rows:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=max_rows, replace=False))
+
+
+def take_rows(batches, keep) -> Iterator[pa.RecordBatch]:
+    """The rows numbered `keep` (sorted indices into the concatenated stream; None: every row)
+    out of streamed record batches, batch by batch; batches left empty are skipped."""
+    start = 0
+    for batch in batches:
+        if keep is not None:
+            local = keep[(keep >= start) & (keep < start + batch.num_rows)] - start
+            start += batch.num_rows
+            batch = batch.take(pa.array(local))
+        if batch.num_rows:
+            yield batch
+
+
 def sample_batches(path: str | Path, max_rows: int | None, seed: int, columns, batch_size: int = 8192):
     """Record batches of a seeded uniform sample of at most max_rows rows of one Parquet file.
 
-    Rows are chosen from the row count first, then picked out of each streamed batch, so
-    memory stays at the sample's size however large the file.
+    Rows are chosen from the row count first (seeded_sample), then picked out of each streamed
+    batch, so memory stays at the sample's size however large the file.
     """
-    import numpy as np
-
     with pq.ParquetFile(path) as pf:
-        total = pf.metadata.num_rows
-        keep = None if max_rows is None or total <= max_rows else np.sort(
-            np.random.default_rng(seed).choice(total, size=max_rows, replace=False))
-        start = 0
-        for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
-            if keep is not None:
-                local = keep[(keep >= start) & (keep < start + batch.num_rows)] - start
-                start += batch.num_rows
-                batch = batch.take(pa.array(local))
-            if batch.num_rows:
-                yield batch
+        keep = seeded_sample(pf.metadata.num_rows, max_rows, seed)
+        yield from take_rows(pf.iter_batches(batch_size=batch_size, columns=list(columns)), keep)

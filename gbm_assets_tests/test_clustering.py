@@ -224,3 +224,62 @@ def test_composition_error_zero_when_recovered_positive_when_scrambled():
     assert composition_error(split, labels, cultures)["mae"] == pytest.approx(0, abs=1e-12)
     scrambled = np.random.default_rng(0).permutation(labels)
     assert composition_error(scrambled, labels, cultures)["mae"] > 0.02
+
+
+def _embeddings_file(path, n: int, seed: int = 0):
+    """An embeddings Parquet file (embedding_table schema) of n cells of the planted types."""
+    from gbm_assets.models.embedding_table import embedding_batch, embedding_schema
+    from gbm_assets.storage import write_parquet_atomic
+
+    table, _ = embedding_table(n, seed)
+    table["cell_id"] = np.arange(n, dtype=np.int32)
+    x = np.stack(table["embedding"].to_numpy())
+    rows = table.reindex(columns=list(PROVENANCE_COLUMNS))
+    assert embedding_schema(DIMS) == embedding_batch(rows, x, x).schema
+    return write_parquet_atomic(embedding_batch(rows, x, x), path)
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(("info", message))
+
+    def warning(self, message):
+        self.lines.append(("warning", message))
+
+
+def test_load_or_fit_reuses_models_only_for_the_same_encoder_run_and_labels(tmp_path):
+    """The clusters asset's fit-or-reuse rule, as the one core entry point cell_labels.load_or_fit."""
+    from gbm_assets.analysis.cell_labels import load_or_fit, write_labels
+    from gbm_assets.paths import ClusterModelFiles
+    from gbm_assets.staging import Staging
+
+    emb = _embeddings_file(tmp_path / "emb.parquet", 120)
+    files, labels = ClusterModelFiles(tmp_path / "models"), tmp_path / "labels.parquet"
+
+    def run(encoder_run: str, refit: bool = False):
+        log = _Log()
+        with Staging() as stage:
+            models = load_or_fit(emb, files, labels, encoder_run, CONFIG, stage, 80, refit=refit, logger=log)
+            counts = write_labels(emb, models, stage.path(labels))
+            stage.commit([*models.commit_order, labels])
+        return models, counts, log
+
+    files.folder.mkdir()
+    files.legacy_pickle.write_bytes(b"not a model: must never be unpickled")
+    first, counts, log = run("run-1")
+    assert first.mode == "fit" and counts == (120, 40)  # 80 fitted, 40 assigned
+    assert first.commit_order == [files.model(first.record["fingerprint"]), files.record]
+    assert [p.name for p in files.models()] == [first.record["model_file"]] and not files.legacy_pickle.exists()
+    assert any(level == "warning" and "model.joblib" in line for level, line in log.lines)
+    before = pq.read_table(labels).to_pandas()
+
+    again, counts, _ = run("run-1")
+    assert again.mode.startswith("assign") and again.commit_order == [] and counts == (120, 0)
+    assert again.record == first.record
+    pd.testing.assert_frame_equal(pq.read_table(labels).to_pandas(), before)
+
+    assert run("run-2")[0].mode == "fit"  # embeddings of another encoder
+    assert run("run-2", refit=True)[0].mode == "fit"

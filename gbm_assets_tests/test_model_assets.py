@@ -100,6 +100,22 @@ def test_embeddings_keep_provenance(trained):
     assert vectors.shape == (len(crops), 64) and np.isfinite(vectors).all()
 
 
+def test_embeddings_asset_writes_what_the_core_embedding_function_writes(trained, tmp_path):
+    """The asset embeds through models.training.write_embeddings (the function tests and the benchmark use)."""
+    from gbm_assets.models.training import write_embeddings
+
+    root, tracking, results, instance, resources, _ = trained
+    data = resources["data"]
+    encoder = tracking.load_encoder(data.encoder_file("autoencoder"))
+    write_embeddings(encoder, data.crops, tmp_path / "again.parquet", 64)
+    asset, again = pq.read_table(data.embeddings_file("autoencoder")), pq.read_table(tmp_path / "again.parquet")
+    assert asset.schema == again.schema and asset.num_rows == again.num_rows
+    assert asset.select(list(PROVENANCE_COLUMNS)).equals(again.select(list(PROVENANCE_COLUMNS)))
+    for vector in ("embedding", "embedding_invariant"):
+        np.testing.assert_allclose(np.stack(asset[vector].to_numpy(zero_copy_only=False)),
+                                   np.stack(again[vector].to_numpy(zero_copy_only=False)), rtol=1e-5, atol=1e-6)
+
+
 def test_cluster_labels_align_with_provenance(trained):
     root, *_ = trained
     emb = pq.read_table(root / "embeddings.parquet" / "variant=siamese_f" / "part-0.parquet", columns=list(PROVENANCE_COLUMNS)).to_pandas()

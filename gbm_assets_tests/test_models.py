@@ -25,77 +25,27 @@ from gbm_assets.errors import InputError  # noqa: E402
 from gbm_assets.imaging.crops import decode_crops  # noqa: E402
 from gbm_assets.models import augmentation as aug  # noqa: E402
 from gbm_assets.models.augmentation import dilate_masks  # noqa: E402
-from gbm_assets.models.dataset import (  # noqa: E402
+from gbm_assets.imaging.crop_dataset import (  # noqa: E402
     CropSelection,
     count_crops,
     iter_crop_batches,
     iter_record_batches,
     read_crop_size,
-    training_dataset,
 )
+from gbm_assets.models.dataset import training_dataset  # noqa: E402
 from gbm_assets.models.encoders import build_autoencoder, build_siamese_encoder  # noqa: E402
 from gbm_assets.models.losses import barlow_twins_loss  # noqa: E402
 from gbm_assets.models.training import TrainConfig, embed_batch, embed_crops, train_encoder  # noqa: E402
 from gbm_assets.models.variants import VARIANTS, Variant, get_variant, variant_names  # noqa: E402
-from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, PROVENANCE_COLUMNS, make_crop_id  # noqa: E402
+from gbm_assets.imaging.synthetic_crops import write_synthetic_crops  # noqa: E402
+from gbm_assets.schema import PROVENANCE_COLUMNS  # noqa: E402
 
-SHAPES = ("round", "long", "ring")
 SIZE = 32
-
-
-def synthetic_crops(shape: np.ndarray, size: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 crops and 0/1 masks of a centred cell: round, elongated (2.5:1) or ring-shaped."""
-    n = len(shape)
-    yy, xx = np.mgrid[:size, :size].astype(np.float32) - (size - 1) / 2
-    angle = rng.uniform(0, np.pi, (n, 1, 1))
-    radius = rng.uniform(0.18, 0.26, (n, 1, 1)) * size
-    aspect = np.where(shape == 1, 2.5, 1.0)[:, None, None]
-    u = xx * np.cos(angle) + yy * np.sin(angle)
-    v = yy * np.cos(angle) - xx * np.sin(angle)
-    d = np.sqrt((u / (radius * np.sqrt(aspect))) ** 2 + (v * np.sqrt(aspect) / radius) ** 2)
-    mask = d <= 1
-    body = np.where(shape[:, None, None] == 2, np.exp(-(((d - 0.8) / 0.15) ** 2)), 1.0 - 0.5 * d)
-    image = 0.2 + 0.6 * mask * body + rng.normal(0, 0.05, (n, size, size))
-    return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask.astype(np.uint8)
-
-
-def write_crops(root: Path, plates=("P1", "P2", "P3"), per_plate=24, size=SIZE, images=4, seed=0) -> Path:
-    """A cell_crops dataset as the crops stage writes it: root/plate=<id>/part-0.parquet, CROP_SCHEMA.
-
-    Each plate is one culture (a shape class), so culture is learnable from the pixels.
-    """
-    rng = np.random.default_rng(seed)
-    for p, plate in enumerate(plates):
-        shape = np.full(per_plate, p % len(SHAPES))
-        pixels, masks = synthetic_crops(shape, size, rng)
-        image = [f"img{i % images}.tif" for i in range(per_plate)]
-        columns = {
-            "crop_id": [make_crop_id(plate, image[i], i) for i in range(per_plate)],
-            "plate": [plate] * per_plate,
-            "image": image,
-            "x": rng.integers(64, 900, per_plate).astype(np.int32),
-            "y": rng.integers(64, 900, per_plate).astype(np.int32),
-            "culture": [SHAPES[p % len(SHAPES)]] * per_plate,
-            "concentration": ["1000"] * per_plate,
-            "replicate": np.ones(per_plate, np.int32),
-            "timepoint_h": np.zeros(per_plate),
-            "well": ["B2"] * per_plate,
-            "position": ["1"] * per_plate,
-            "cell_id": np.arange(per_plate, dtype=np.int32),
-            **{m: rng.random(per_plate) for m in MEASUREMENT_COLUMNS},
-            "crop_size": np.full(per_plate, size, np.int16),
-            "pixels": [c.tobytes() for c in pixels],
-            "mask": [m.tobytes() for m in masks],
-        }
-        out = root / f"plate={plate}"
-        out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(columns, schema=CROP_SCHEMA), out / "part-0.parquet")
-    return root
 
 
 @pytest.fixture(scope="module")
 def crops_dir(tmp_path_factory) -> Path:
-    return write_crops(tmp_path_factory.mktemp("crops") / "cell_crops.parquet")
+    return write_synthetic_crops(tmp_path_factory.mktemp("crops") / "cell_crops.parquet", size=SIZE)
 
 
 def read_all(crops_dir: Path) -> pa.Table:
@@ -444,3 +394,31 @@ def test_embed_batch_both_matches_the_separate_calls():
     plain, invariant = embed_batch_both(encoder, pixels)
     np.testing.assert_allclose(plain, embed_batch(encoder, pixels), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(invariant, embed_batch(encoder, pixels, invariant=True), rtol=1e-5, atol=1e-5)
+
+
+def test_training_config_fills_the_core_parameters():
+    """Run config to core parameters by field name, as CellFindingConfig.params() does."""
+    from gbm_assets.assets.encoders import TrainingConfig
+
+    assert TrainingConfig().params() == TrainConfig(epochs=2, max_steps_per_epoch=12, batch_size=128, seed=0,
+                                                    max_crops=None, shuffle_buffer=2048)
+    assert TrainingConfig(epochs=5, max_crops=40, seed=2, mlflow_retries=0).params() == TrainConfig(
+        epochs=5, max_steps_per_epoch=12, batch_size=128, seed=2, max_crops=40, shuffle_buffer=2048)
+
+
+def test_write_embeddings_is_embed_crops_plain_and_invariant(crops_dir, tmp_path):
+    """The embeddings asset's loop (write_embeddings) stores exactly what embed_crops computes."""
+    from gbm_assets.models.embedding_table import iter_embeddings
+    from gbm_assets.models.training import write_embeddings
+
+    encoder = build_siamese_encoder(SIZE, 8)
+    progress = []
+    done, seconds = write_embeddings(encoder, crops_dir, tmp_path / "emb.parquet", 16,
+                                     on_progress=lambda n, total, rate: progress.append((n, total)))
+    assert done == 72 and seconds > 0 and progress[0] == (16, 72) and progress[-1] == (72, 72)
+    for vector, invariant in (("embedding", False), ("embedding_invariant", True)):
+        stored = list(iter_embeddings(tmp_path / "emb.parquet", 16, vector=vector))
+        computed = list(embed_crops(encoder, crops_dir, 16, invariant=invariant))
+        assert [i for r, _ in stored for i in r["crop_id"]] == [i for r, _ in computed for i in r["crop_id"]]
+        np.testing.assert_allclose(np.concatenate([x for _, x in stored]), np.concatenate([x for _, x in computed]),
+                                   rtol=1e-5, atol=1e-6)

@@ -8,6 +8,10 @@ Cells already labelled keep their labels, so a re-run on new plates only labels 
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Iterator
 
@@ -16,9 +20,24 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gbm_assets.analysis.clustering import ClusteringConfig, FittedClustering, assign_new, fit_clusters
+from gbm_assets.analysis.clustering import (
+    MIN_CELLS,
+    ClusteringConfig,
+    FittedClustering,
+    TooFewCells,
+    assign_new,
+    fit_clusters,
+    load_clustering,
+    save_clustering,
+    shrunk_parameters,
+)
 from gbm_assets.models.embedding_table import iter_embeddings, sample_embeddings
+from gbm_assets.paths import ClusterModelFiles
 from gbm_assets.schema import PROVENANCE_COLUMNS, PROVENANCE_SCHEMA
+from gbm_assets.staging import Staging
+from gbm_assets.storage import AtomicParquetWriter
+
+log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("umap_x", "umap_y", "hdbscan", "hdbscan_noise", "gmm", "gmm_prob", "gmm_probs", "auto")
 
@@ -99,3 +118,106 @@ def labels_table(labels: pd.DataFrame, schema: pa.Schema) -> pa.Table:
         else:
             arrays.append(pa.array(col.to_numpy(), type=field.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+@dataclass
+class ClusterModels:
+    """The models that label a variant's cells, fitted now or reused, and the cells they already labelled."""
+
+    fitted: FittedClustering
+    known: pd.DataFrame  # labels already decided (fit sample or earlier run), indexed by crop_id
+    record: dict  # the contents of model.json (encoder run, vector, fingerprint, auto_k, ...)
+    mode: str  # "fit" or "assign new cells (no refit)"
+    commit_order: list[Path] = dataclass_field(default_factory=list)  # staged model file and record, in swap order
+    shrunk: dict = dataclass_field(default_factory=dict)  # shrunk_parameters of the fit (small data)
+
+
+def load_or_fit(
+    embeddings_path: str | Path,
+    files: ClusterModelFiles,
+    labels_path: str | Path,
+    encoder_run_id: str,
+    config: ClusteringConfig,
+    stage: Staging,
+    fit_max_cells: int,
+    vector: str = "embedding",
+    refit: bool = False,
+    logger=log,
+) -> ClusterModels:
+    """Reuse the stored cluster models of a variant, or fit new ones on a seeded sample and stage them.
+
+    Reused (no refit) only when the record (files.record) names a model file that exists, was
+    fitted on the embeddings of `encoder_run_id` with the same `vector`, and its fingerprint is
+    the one recorded in the labels at labels_path; the model is loaded from arrays only and
+    verified against that fingerprint. Otherwise the models are fitted on at most
+    max(fit_max_cells, MIN_CELLS) cells and written, with the record, into `stage` under a new
+    model-<fingerprint>.npz name; older model files and a legacy pickle (model.joblib, never
+    loaded) are removed when the stage commits. Commit ClusterModels.commit_order before the
+    labels: the record is the switch to the new model. Raises TooFewCells (fit) when the file
+    holds fewer than MIN_CELLS cells. logger: any object with info/warning (a Dagster log).
+    """
+    if files.legacy_pickle.is_file():
+        logger.warning(f"{files.legacy_pickle}: a pickled model of an earlier version; it is never loaded (unpickling "
+                       "runs code) and is removed when this step's outputs are swapped in")
+        stage.remove_on_commit(files.legacy_pickle)
+    record = json.loads(files.record.read_text()) if files.record.is_file() else {}
+    model_path = files.named(record.get("model_file", "-"))
+    if (not refit and model_path.is_file() and Path(labels_path).is_file()
+            and record.get("encoder_run_id") == encoder_run_id and record.get("vector") == vector
+            and labels_model_fingerprint(labels_path) == record.get("fingerprint")):
+        fitted = load_clustering(model_path, expected_fingerprint=record["fingerprint"])  # arrays only, verified
+        known = pd.read_parquet(labels_path).set_index("crop_id")
+        return ClusterModels(fitted, known, record, "assign new cells (no refit)",
+                             shrunk=shrunk_parameters(fitted.config, fitted.n_train))
+    logger.info(f"fitting UMAP, HDBSCAN and GMMs on up to {fit_max_cells} cells of {embeddings_path}")
+    fitted, known = fit_on_sample(embeddings_path, config, max(fit_max_cells, MIN_CELLS), vector)
+    fingerprint = fitted.fingerprint()
+    model_path = files.model(fingerprint)
+    save_clustering(fitted, stage.path(model_path))
+    record = {"encoder_run_id": encoder_run_id, "vector": vector, "n_train": fitted.n_train,
+              "model_file": model_path.name, "format": "npz arrays (clustering.save_clustering)",
+              "auto_k": int(fitted.auto_k.k), "auto_k_rule": fitted.auto_k.rule, "min_cluster_size": fitted.min_cluster_size,
+              "params": fitted.params, "fingerprint": fingerprint, "timings_s": fitted.timings}
+    stage.path(files.record).write_text(json.dumps(record, indent=2))
+    for old in files.models():
+        if old != model_path:
+            stage.remove_on_commit(old)
+    return ClusterModels(fitted, known.set_index("crop_id"), record, "fit", [model_path, files.record],
+                         shrunk_parameters(fitted.config, fitted.n_train))
+
+
+def write_labels(
+    embeddings_path: str | Path, models: ClusterModels, path: str | Path, vector: str = "embedding"
+) -> tuple[int, int]:
+    """Label every cell of the embeddings file into one labels Parquet file (labels_schema); return (cells, newly assigned).
+
+    The file records the models' fingerprint and appears atomically when complete.
+    """
+    n_total = n_new = 0
+    schema = labels_schema(models.fitted.gmm.n_components, models.record["fingerprint"])
+    with AtomicParquetWriter(path, schema) as writer:
+        for labels, new in label_cells(embeddings_path, models.fitted, models.known, vector):
+            writer.write(labels_table(labels, schema))
+            n_total, n_new = n_total + len(labels), n_new + new
+    return n_total, n_new
+
+
+def stage_not_clustered(
+    files: ClusterModelFiles, n_cells: int, encoder_run_id: str, stage: Staging, stale_outputs=()
+) -> str:
+    """Stage files.skipped saying why a variant with fewer than MIN_CELLS cells has no clusters; return the reason.
+
+    The variant's model files, record, legacy pickle and `stale_outputs` (its labels and pages
+    of an earlier run, which would otherwise be reported as current) are removed on commit.
+    """
+    reason = str(TooFewCells(n_cells))
+    stage.path(files.skipped).write_text(json.dumps({"reason": reason, "n_cells": n_cells, "min_cells": MIN_CELLS,
+                                                     "encoder_run_id": encoder_run_id}, indent=2))
+    for stale in (*stale_outputs, files.record, files.legacy_pickle, *files.models()):
+        stage.remove_on_commit(stale)
+    return reason
+
+
+def skipped_reason(files: ClusterModelFiles) -> str | None:
+    """Why the variant was not clustered (stage_not_clustered's note), or None when it was."""
+    return json.loads(files.skipped.read_text())["reason"] if files.skipped.is_file() else None

@@ -2,22 +2,22 @@
 
 import json
 import os
-from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 
 from gbm_assets.assets.encoders import embeddings
 from gbm_assets.assets.mlflow_tracking import MLflowTracking
 from gbm_assets.assets.partitions import variants
-from gbm_assets.assets.resources import DataDirs
+from gbm_assets.assets.resources import DataDirs, core_params
 from gbm_assets.models.variants import get_variant, variant_names
 from gbm_assets.staging import Staging
-from gbm_assets.storage import AtomicParquetWriter
 
 
 class ClusterConfig(dg.Config):
-    """Clustering settings; thesis values by default. refit=True refits instead of labelling new cells."""
+    """Clustering settings; thesis values by default. refit=True refits instead of labelling new cells.
+
+    params() gives the core's analysis.clustering.ClusteringConfig (fields of the same name).
+    """
 
     refit: bool = False
     fit_max_cells: int = 50_000  # cells the models are fitted on (seeded sample); the rest are predicted
@@ -28,23 +28,10 @@ class ClusterConfig(dg.Config):
     hdbscan_min_cluster_size: int | None = None  # None: 220 scaled by cells / 7,500
     explorer_max_points: int = 20_000  # cells shown in the explorer page (sampled across cultures and clusters)
 
+    def params(self):
+        from gbm_assets.analysis.clustering import ClusteringConfig
 
-def _model_dir(data: DataDirs, variant: str):
-    return data.base / "cluster_models" / variant
-
-
-def explorer_file(data: DataDirs, variant: str):
-    return data.reports / "explorer" / f"{variant}.html"
-
-
-def skipped_file(data: DataDirs, variant: str):
-    """Why the variant has no clusters (too few cells); present only then."""
-    return _model_dir(data, variant) / "skipped.json"
-
-
-def _model_file(model_dir, fingerprint: str):
-    # One file name per fitted model: model.json switches from one to the next in one rename.
-    return model_dir / f"model-{fingerprint[:16]}.npz"
+        return core_params(self, ClusteringConfig)
 
 
 @dg.asset(
@@ -66,141 +53,98 @@ def clusters(
     then swapped in: model file, model.json, labels, explorer. model.json is the switch to a new
     model (its model file is new, not overwritten); the labels file records the fingerprint of
     the models that labelled it, so after a crash between two renames the next run sees new
-    model and old labels disagree and refits instead of mixing them. On any failure before the
-    swap (MLflow locked or unreachable, an error) every previous output stays as it was.
+    model and old labels disagree and refits instead of mixing them (cell_labels.load_or_fit).
+    On any failure before the swap (MLflow locked or unreachable, an error) every previous
+    output stays as it was.
 
     Fewer cells than clustering.MIN_CELLS: no models or labels; skipped.json and the Dagster
     metadata say why, and the composition report shows it in the variant's section.
     """
-    import mlflow
+    from gbm_assets.analysis.cell_labels import count_cells, load_or_fit, stage_not_clustered, write_labels
+    from gbm_assets.analysis.clustering import MIN_CELLS
 
-    from gbm_assets.analysis.cell_labels import (
-        count_cells, fit_on_sample, label_cells, labels_model_fingerprint, labels_schema, labels_table,
-    )
-    from gbm_assets.analysis.clustering import (
-        MIN_CELLS, ClusteringConfig, TooFewCells, load_clustering, save_clustering, shrunk_parameters,
-    )
-    from gbm_assets.analysis.explorer import sample_for_explorer, write_explorer
-    from gbm_assets.analysis.truth import has_truth, true_morphotypes
-    from gbm_assets.analysis.variant_report import labeling_metrics, sample_labels
-    from gbm_assets.imaging.crop_lookup import read_crops
-
-    variant = get_variant(context.partition_key)
-    emb_path = data.embeddings_file(variant.name)
-    encoder_run = json.loads(data.encoder_record(variant.name).read_text())["run_id"]
-    model_dir = _model_dir(data, variant.name)
-    meta_path, out, explorer = model_dir / "model.json", data.labels_file(variant.name), explorer_file(data, variant.name)
-    skipped = skipped_file(data, variant.name)
-    legacy = model_dir / "model.joblib"  # pickles of earlier versions: never loaded, removed by the next run
-    retry = mlflow_tracking.retrying
-    n_cells = count_cells(emb_path)
-
+    variant = get_variant(context.partition_key).name
+    emb_path, out, explorer = data.embeddings_file(variant), data.labels_file(variant), data.explorer_file(variant)
+    encoder_run = json.loads(data.encoder_record(variant).read_text())["run_id"]
+    files, n_cells = data.cluster_models(variant), count_cells(emb_path)
     with Staging() as stage:
         if n_cells < MIN_CELLS:
-            reason = str(TooFewCells(n_cells))
-            context.log.warning(f"{variant.name}: not clustered: {reason}")
-            stage.path(skipped).write_text(json.dumps({"reason": reason, "n_cells": n_cells, "min_cells": MIN_CELLS,
-                                                       "encoder_run_id": encoder_run}, indent=2))
-            with mlflow_tracking.start_run(context, run_name=f"cluster-{variant.name}") as run:
-                retry(mlflow.set_tags, {"gbm.encoder_run_id": encoder_run, "gbm.variant": variant.name,
-                                        "gbm.mode": "skipped", "gbm.skipped": reason})
-                retry(mlflow.log_metrics, {"n_cells": n_cells})
-                url = mlflow_tracking.run_url(run)
-            # Labels of more cells from an earlier run would now be reported as current: remove them.
-            for stale in (out, explorer, meta_path, legacy, *model_dir.glob("model-*.npz")):
-                stage.remove_on_commit(stale)
+            reason = stage_not_clustered(files, n_cells, encoder_run, stage, stale_outputs=(out, explorer))
+            context.log.warning(f"{variant}: not clustered: {reason}")
+            url = _log_cluster_run(context, mlflow_tracking, variant, {"gbm.encoder_run_id": encoder_run, "gbm.mode": "skipped",
+                                                                       "gbm.skipped": reason}, {}, {"n_cells": n_cells})
             stage.commit()
             return dg.MaterializeResult(metadata={
                 "skipped": reason, "n_cells": n_cells, "min_cells": MIN_CELLS, "mlflow_run": dg.MetadataValue.url(url)})
-
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        model_path = model_dir / Path(str(meta.get("model_file", "-"))).name  # never outside model_dir
-        reuse = (not config.refit and model_path.is_file() and out.is_file()
-                 and meta.get("encoder_run_id") == encoder_run and meta.get("vector") == config.vector
-                 and labels_model_fingerprint(out) == meta.get("fingerprint"))
-        if legacy.is_file():
-            context.log.warning(f"{legacy}: a pickled model of an earlier version; it is never loaded (unpickling "
-                                "runs code) and is removed when this step's outputs are swapped in")
-            stage.remove_on_commit(legacy)
-
-        if reuse:
-            fitted = load_clustering(model_path, expected_fingerprint=meta["fingerprint"])  # arrays only, verified
-            known = pd.read_parquet(out).set_index("crop_id")
-            mode = "assign new cells (no refit)"
-        else:
-            cfg = ClusteringConfig(seed=config.seed, gmm_components=config.gmm_components,
-                                   hdbscan_min_samples=config.hdbscan_min_samples,
-                                   hdbscan_min_cluster_size=config.hdbscan_min_cluster_size)
-            context.log.info(f"{variant.name}: fitting UMAP, HDBSCAN and GMMs on up to {config.fit_max_cells} cells")
-            fitted, known = fit_on_sample(emb_path, cfg, max(config.fit_max_cells, MIN_CELLS), config.vector)
-            known = known.set_index("crop_id")
-            fingerprint = fitted.fingerprint()
-            model_path = _model_file(model_dir, fingerprint)
-            save_clustering(fitted, stage.path(model_path))
-            meta = {"encoder_run_id": encoder_run, "vector": config.vector, "n_train": fitted.n_train,
-                    "model_file": model_path.name, "format": "npz arrays (clustering.save_clustering)",
-                    "auto_k": int(fitted.auto_k.k), "auto_k_rule": fitted.auto_k.rule, "min_cluster_size": fitted.min_cluster_size,
-                    "params": fitted.params, "fingerprint": fingerprint, "timings_s": fitted.timings}
-            stage.path(meta_path).write_text(json.dumps(meta, indent=2))
-            for old in model_dir.glob("model-*.npz"):
-                if old != model_path:
-                    stage.remove_on_commit(old)
-            mode = "fit"
-        shrunk = shrunk_parameters(fitted.config, fitted.n_train)
-        if shrunk:
-            context.log.warning(f"{variant.name}: {fitted.n_train} cells; parameters shrunk to fit them: {shrunk}")
-
-        staged_labels = stage.path(out)
-        n_total = n_new = 0
-        schema = labels_schema(fitted.gmm.n_components, meta["fingerprint"])
-        with AtomicParquetWriter(staged_labels, schema) as writer:
-            for labels, new in label_cells(emb_path, fitted, known, config.vector):
-                writer.write(labels_table(labels, schema))
-                n_total, n_new = n_total + len(labels), n_new + new
-        context.log.info(f"{variant.name}: {mode}; {n_total} cells labelled, {n_new} by prediction")
-
-        sample = sample_labels(staged_labels, 20_000, seed=config.seed)
-        truth = true_morphotypes(sample, data.raw)
-        scored = labeling_metrics(sample, truth if has_truth(truth) else None, seed=config.seed)
-        points = sample_for_explorer(sample_labels(staged_labels, 5 * config.explorer_max_points, seed=config.seed),
-                                     config.explorer_max_points, seed=config.seed)
-        staged_explorer = write_explorer(stage.path(explorer), variant.name, points, read_crops(data.crops, points["crop_id"]))
-        stage.remove_on_commit(skipped)  # an earlier "too few cells" note no longer holds
-
-        with mlflow_tracking.start_run(context, run_name=f"cluster-{variant.name}") as run:
-            retry(mlflow.set_tags, {"gbm.encoder_run_id": encoder_run, "gbm.variant": variant.name, "gbm.mode": mode,
-                                    "gbm.model_fingerprint": meta["fingerprint"]})
-            retry(mlflow.log_params, {"variant": variant.name, "vector": config.vector, "fit_max_cells": config.fit_max_cells,
-                                      "gmm_components": fitted.gmm.n_components, "min_cluster_size": meta["min_cluster_size"],
-                                      "hdbscan_min_samples": fitted.params.get("hdbscan_min_samples", config.hdbscan_min_samples),
-                                      "umap_neighbors": fitted.params.get("umap_neighbors", ""),
-                                      "seed": config.seed, "n_train": meta["n_train"]})
-            retry(mlflow.log_metrics, {"auto_k": meta["auto_k"], "n_cells": n_total, "n_predicted": n_new,
-                                       **{f"{c}.{k}": float(v) for c, m in scored.items() for k, v in m.items()}})
-            retry(mlflow.log_artifact, str(staged_explorer), "explorer")
-            url = mlflow_tracking.run_url(run)
-        # Logged: now swap in, the model's record before the labels it made, the page last.
-        order = ([model_path, meta_path] if mode == "fit" else []) + [out, explorer]
-        stage.commit(order)
-
+        models = load_or_fit(emb_path, files, out, encoder_run, config.params(), stage, config.fit_max_cells,
+                             config.vector, config.refit, logger=context.log)
+        if models.shrunk:
+            context.log.warning(f"{variant}: {models.fitted.n_train} cells; parameters shrunk to fit them: {models.shrunk}")
+        n_total, n_new = write_labels(emb_path, models, stage.path(out), config.vector)
+        context.log.info(f"{variant}: {models.mode}; {n_total} cells labelled, {n_new} by prediction")
+        scored, points, staged_explorer = _score_and_explore(config, data, variant, stage.path(out), stage.path(explorer))
+        stage.remove_on_commit(files.skipped)  # an earlier "too few cells" note no longer holds
+        url = _log_cluster_run(context, mlflow_tracking, variant, _cluster_tags(models, encoder_run),
+                               _cluster_params(config, models, variant),
+                               {"auto_k": models.record["auto_k"], "n_cells": n_total, "n_predicted": n_new,
+                                **{f"{c}.{k}": float(v) for c, m in scored.items() for k, v in m.items()}},
+                               artifacts={"explorer": staged_explorer})
+        stage.commit([*models.commit_order, out, explorer])  # the model's record before the labels it made, the page last
     hdb = scored["hdbscan"]
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(out)),
-            "explorer": dg.MetadataValue.path(str(explorer)),
-            "explorer_points": len(points),
-            "mode": mode,
-            "n_cells": n_total,
-            "n_predicted_without_refit": n_new,
-            "hdbscan_clusters": int(hdb["n_clusters"]),
-            "noise_fraction": float(hdb["noise_fraction"]),
-            "auto_k": meta["auto_k"],
-            "gmm_components": int(fitted.gmm.n_components),
-            **({"parameters_shrunk_for_small_data": json.dumps(shrunk)} if shrunk else {}),
-            **({"ari_hdbscan": float(hdb["ari"]), "nmi_hdbscan": float(hdb["nmi"])} if "ari" in hdb else {}),
-            "mlflow_run": dg.MetadataValue.url(url),
-        }
-    )
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(out)), "explorer": dg.MetadataValue.path(str(explorer)),
+        "explorer_points": len(points), "mode": models.mode, "n_cells": n_total, "n_predicted_without_refit": n_new,
+        "hdbscan_clusters": int(hdb["n_clusters"]), "noise_fraction": float(hdb["noise_fraction"]),
+        "auto_k": models.record["auto_k"], "gmm_components": int(models.fitted.gmm.n_components),
+        **({"parameters_shrunk_for_small_data": json.dumps(models.shrunk)} if models.shrunk else {}),
+        **({"ari_hdbscan": float(hdb["ari"]), "nmi_hdbscan": float(hdb["nmi"])} if "ari" in hdb else {}),
+        "mlflow_run": dg.MetadataValue.url(url),
+    })
+
+
+def _score_and_explore(config: ClusterConfig, data: DataDirs, variant: str, labels_path, explorer_path):
+    """(labeling metrics of a seeded sample, the explorer's points, the written explorer page)."""
+    from gbm_assets.analysis.explorer import sample_for_explorer, write_explorer
+    from gbm_assets.analysis.truth import has_truth, true_morphotypes
+    from gbm_assets.analysis.variant_report import labeling_metrics, sample_labels
+    from gbm_assets.imaging.crop_dataset import read_crops
+
+    sample = sample_labels(labels_path, 20_000, seed=config.seed)
+    truth = true_morphotypes(sample, data.raw)
+    scored = labeling_metrics(sample, truth if has_truth(truth) else None, seed=config.seed)
+    points = sample_for_explorer(sample_labels(labels_path, 5 * config.explorer_max_points, seed=config.seed),
+                                 config.explorer_max_points, seed=config.seed)
+    page = write_explorer(explorer_path, variant, points, read_crops(data.crops, points["crop_id"]))
+    return scored, points, page
+
+
+def _cluster_tags(models, encoder_run: str) -> dict:
+    return {"gbm.encoder_run_id": encoder_run, "gbm.mode": models.mode, "gbm.model_fingerprint": models.record["fingerprint"]}
+
+
+def _cluster_params(config: ClusterConfig, models, variant: str) -> dict:
+    """The MLflow params of a clustering run: the parameters the fitted models used."""
+    fitted, record = models.fitted, models.record
+    return {"variant": variant, "vector": config.vector, "fit_max_cells": config.fit_max_cells,
+            "gmm_components": fitted.gmm.n_components, "min_cluster_size": record["min_cluster_size"],
+            "hdbscan_min_samples": fitted.params.get("hdbscan_min_samples", config.hdbscan_min_samples),
+            "umap_neighbors": fitted.params.get("umap_neighbors", ""), "seed": config.seed, "n_train": record["n_train"]}
+
+
+def _log_cluster_run(context, mlflow_tracking: MLflowTracking, variant: str, tags: dict, params: dict, metrics: dict,
+                     artifacts: dict | None = None) -> str:
+    """One MLflow run "cluster-<variant>" with these tags (plus gbm.variant), params, metrics and artifacts; its URL."""
+    import mlflow
+
+    retry = mlflow_tracking.retrying
+    with mlflow_tracking.start_run(context, run_name=f"cluster-{variant}") as run:
+        retry(mlflow.set_tags, {**tags, "gbm.variant": variant})
+        if params:
+            retry(mlflow.log_params, params)
+        retry(mlflow.log_metrics, metrics)
+        for folder, path in (artifacts or {}).items():
+            retry(mlflow.log_artifact, str(path), folder)
+        return mlflow_tracking.run_url(run)
 
 
 @dg.asset(
@@ -214,33 +158,17 @@ def composition_report(
 ) -> dg.MaterializeResult:
     import mlflow
 
-    from gbm_assets.analysis.report import VariantSection, markdown_summary, write_report
+    from gbm_assets.analysis.report import markdown_summary, write_report
     from gbm_assets.analysis.report_inputs import comparison_table
-    from gbm_assets.analysis.truth import true_morphotypes
-    from gbm_assets.analysis.variant_report import build_section, sample_labels
 
-    out_dir = data.reports / "composition"
-    done = [v for v in variant_names() if data.labels_file(v).is_file() or skipped_file(data, v).is_file()]
+    out_dir = data.composition_dir
+    done = [v for v in variant_names() if data.labels_file(v).is_file() or data.cluster_models(v).skipped.is_file()]
     if not done:
         raise FileNotFoundError(f"no cluster labels under {data.clusters}: materialize clusters first")
     clustered = [v for v in done if data.labels_file(v).is_file()]
     with Staging() as stage:
-        staged_dir = stage.directory(out_dir, last=["report.html"])
-        sections = []
-        for name in done:
-            if not data.labels_file(name).is_file():
-                reason = json.loads(skipped_file(data, name).read_text())["reason"]
-                sections.append(VariantSection(name, notes=f"Not clustered: {reason}."))
-                continue
-            context.log.info(f"report: {name}")
-            labels = sample_labels(data.labels_file(name), 20_000)
-            labels["morphotype"] = true_morphotypes(labels, data.raw)
-            meta = json.loads((_model_dir(data, name) / "model.json").read_text())
-            confusion = sorted((data.evaluation / name).glob("confusion_embedding_*.png"))
-            section = build_section(name, labels, data.crops, staged_dir / name, confusion, auto_k=meta["auto_k"])
-            if explorer_file(data, name).is_file():
-                section.explorer = os.path.relpath(explorer_file(data, name), out_dir)
-            sections.append(section)
+        staged_dir = stage.directory(out_dir, last=[data.composition_report.name])
+        sections = [_variant_section(context, data, name, staged_dir) for name in done]
         comparison = comparison_table(data.evaluation, done)
         write_report(staged_dir, comparison, sections)
         summary = markdown_summary(comparison, sections)
@@ -250,7 +178,7 @@ def composition_report(
         # Logged: the files move in, report.html last; files of an earlier report that this one
         # no longer has (a variant's figures) are removed.
         stage.commit([out_dir])
-    path = out_dir / "report.html"
+    path = data.composition_report
     return dg.MaterializeResult(
         metadata={
             "report": dg.MetadataValue.path(str(path)),
@@ -260,3 +188,23 @@ def composition_report(
             "mlflow_run": dg.MetadataValue.url(url),
         }
     )
+
+
+def _variant_section(context, data: DataDirs, name: str, staged_dir):
+    """The report section of one variant: its figures under staged_dir/<name>, or why it was not clustered."""
+    from gbm_assets.analysis.cell_labels import skipped_reason
+    from gbm_assets.analysis.report import VariantSection
+    from gbm_assets.analysis.truth import true_morphotypes
+    from gbm_assets.analysis.variant_report import build_section, sample_labels
+
+    if not data.labels_file(name).is_file():
+        return VariantSection(name, notes=f"Not clustered: {skipped_reason(data.cluster_models(name))}.")
+    context.log.info(f"report: {name}")
+    labels = sample_labels(data.labels_file(name), 20_000)
+    labels["morphotype"] = true_morphotypes(labels, data.raw)
+    meta = json.loads(data.cluster_models(name).record.read_text())
+    section = build_section(name, labels, data.crops, staged_dir / name, data.confusion_figures(name), auto_k=meta["auto_k"],
+                            labels_path=data.labels_file(name), embeddings_path=data.embeddings_file(name))
+    if data.explorer_file(name).is_file():
+        section.explorer = os.path.relpath(data.explorer_file(name), data.composition_dir)
+    return section

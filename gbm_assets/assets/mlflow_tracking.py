@@ -241,6 +241,58 @@ class MLflowTracking(dg.ConfigurableResource):
             if exc is not None:
                 exc.add_note(message)
 
+    @contextmanager
+    def retry_step_if_unreachable(self, max_retries: int, seconds_to_wait: float) -> Iterator[None]:
+        """Turn an error raised in the block into a Dagster step retry when the tracking server is down.
+
+        MLflowUnavailable, or any error while the server does not answer (reachable() is False),
+        becomes dg.RetryRequested(max_retries, seconds_to_wait) raised from it; other errors
+        propagate unchanged.
+        """
+        try:
+            yield
+        except Exception as exc:
+            if isinstance(exc, MLflowUnavailable) or not self.reachable():
+                raise dg.RetryRequested(max_retries=max_retries, seconds_to_wait=seconds_to_wait) from exc
+            raise
+
+    def log_encoder(self, encoder, registered_model: str, local_path: str | Path, crop_size: int) -> dict:
+        """Save a Keras encoder to local_path and log it to the active run, registered with alias "current".
+
+        encoder: a functional keras.Model taking (n, crop_size, crop_size, 1) float32 in [0, 1].
+        The model is logged as the run's "encoder" artifact with a signature inferred from a
+        zero batch (MLflow 3 with Keras 3 cannot take an input_example), registered as
+        `registered_model`, and the alias "current" is moved to the new version (retried while
+        the store is locked). Returns the record {"run_id", "model_uri", "registered_model",
+        "version"}. MLflow errors propagate; local_path is written first.
+        """
+        import keras
+        import mlflow
+        import numpy as np
+        from mlflow.models import infer_signature
+
+        keras.saving.save_model(encoder, local_path)
+        example = np.zeros((2, crop_size, crop_size, 1), np.float32)
+        info = mlflow.keras.log_model(
+            encoder, name="encoder", signature=infer_signature(example, encoder.predict_on_batch(example)),
+            registered_model_name=registered_model, pip_requirements=["tensorflow-cpu", "keras>=3"],
+        )
+        version = info.registered_model_version
+        self.retrying(mlflow.MlflowClient().set_registered_model_alias, registered_model, "current", version)
+        return {"run_id": mlflow.active_run().info.run_id, "model_uri": info.model_uri,
+                "registered_model": registered_model, "version": version}
+
+    def load_encoder(self, local_path: str | Path):
+        """The Keras encoder log_encoder saved at local_path (uncompiled; for inference).
+
+        Raises FileNotFoundError when there is no file; Keras' errors for a file it cannot load.
+        """
+        import keras
+
+        if not Path(local_path).is_file():
+            raise FileNotFoundError(f"{local_path}: no trained encoder (materialize trained_encoders first)")
+        return keras.saving.load_model(local_path, compile=False)
+
     def run_url(self, run) -> str:
         base = self.ui_url or os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
         return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"

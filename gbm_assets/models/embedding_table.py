@@ -31,6 +31,12 @@ def _vectors(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
+def vector_matrix(column: pa.FixedSizeListArray | pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size list column of n vectors as an (n, width) float32 array."""
+    width = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
 def embedding_batch(rows: pd.DataFrame, embedding: np.ndarray, invariant: np.ndarray) -> pa.Table:
     """One batch of the table; rows[i] is the provenance of embedding[i] and invariant[i]."""
     if not (len(rows) == len(embedding) == len(invariant)):
@@ -46,10 +52,7 @@ def iter_embeddings(
     """(provenance rows, (n, features) float32) per record batch of an embeddings file."""
     with pq.ParquetFile(path) as pf:
         for batch in pf.iter_batches(batch_size=batch_size, columns=[*columns, vector]):
-            col = batch.column(vector)
-            width = col.type.list_size
-            values = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-            yield batch.drop_columns([vector]).to_pandas(), values
+            yield batch.drop_columns([vector]).to_pandas(), vector_matrix(batch.column(vector))
 
 
 def sample_embeddings(
@@ -60,7 +63,6 @@ def sample_embeddings(
     for batch in sample_batches(path, max_rows, seed, [*PROVENANCE_COLUMNS, *vectors]):
         frames.append(batch.select(list(PROVENANCE_COLUMNS)).to_pandas())
         for v in vectors:
-            col = batch.column(v)
-            mats[v].append(col.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, col.type.list_size))
+            mats[v].append(vector_matrix(batch.column(v)))
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PROVENANCE_COLUMNS))
     return rows, {v: np.concatenate(m) if m else np.zeros((0, 0), np.float32) for v, m in mats.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -15,17 +15,20 @@ import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from gbm_assets.errors import InputError  # noqa: E402
-from gbm_assets.models.augmentation import dihedral_views  # noqa: E402
-from gbm_assets.models.dataset import (  # noqa: E402
+from gbm_assets.imaging.crop_dataset import (  # noqa: E402
     CropSelection,
     count_crops,
+    crop_plates,
     iter_crop_batches,
     read_crop_size,
-    training_dataset,
 )
+from gbm_assets.models.augmentation import dihedral_views  # noqa: E402
+from gbm_assets.models.dataset import training_dataset  # noqa: E402
+from gbm_assets.models.embedding_table import embedding_batch, embedding_schema  # noqa: E402
 from gbm_assets.models.encoders import build_autoencoder, build_siamese_encoder  # noqa: E402
 from gbm_assets.models.losses import barlow_twins_loss  # noqa: E402
 from gbm_assets.models.variants import Variant  # noqa: E402
+from gbm_assets.storage import AtomicParquetWriter  # noqa: E402
 
 
 def limit_cpu_threads(intra_op: int = 2, inter_op: int = 1) -> None:
@@ -55,6 +58,18 @@ class TrainResult:
     history: list[dict]  # per epoch: epoch (0-based), loss, seconds, crops_per_s
     n_crops: int
     batch_size: int = 0  # the batch size used (usable_batch_size of the configured one)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a training run will use, known before it starts (for logging and warnings)."""
+
+    selection: CropSelection
+    n_crops: int  # crops selected
+    crop_size: int  # crop side S, pixels
+    batch_size: int  # usable_batch_size of the configured one
+    steps_per_epoch: int
+    plates: tuple[str, ...]  # plates with a crops file that the selection reads
 
 
 def min_batch_size(variant: Variant) -> int:
@@ -148,11 +163,32 @@ def build_trainable(variant: Variant, crop_size: int) -> tuple[keras.Model, kera
     return model, encoder, "bt_loss"
 
 
+def plan_training(variant: Variant, crops_dir, config: TrainConfig) -> TrainingPlan:
+    """The crops, crop size, batch size and steps a training run of `variant` will use.
+
+    Raises InputError (naming crops_dir) when the dataset is missing or empty, when fewer crops
+    than min_batch_size(variant) are selected, or when config.crop_size differs from the
+    stored crops.
+    """
+    selection = CropSelection.of(crops_dir, config.plates, config.max_crops, config.seed)
+    n_crops = count_crops(selection)
+    batch_size = usable_batch_size(n_crops, config.batch_size, variant, crops_dir)
+    crop_size = read_crop_size(crops_dir)
+    if config.crop_size not in (None, crop_size):
+        raise InputError(crops_dir, f"crops are {crop_size}x{crop_size}, the config asks for {config.crop_size}")
+    steps = n_crops // batch_size
+    if config.max_steps_per_epoch is not None:
+        steps = min(steps, config.max_steps_per_epoch)
+    plates = tuple(p for p in crop_plates(crops_dir) if config.plates is None or p in config.plates)
+    return TrainingPlan(selection, n_crops, crop_size, batch_size, steps, plates)
+
+
 def train_encoder(
     variant: Variant,
     crops_dir,
     config: TrainConfig,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    plan: TrainingPlan | None = None,
 ) -> TrainResult:
     """Train one variant on streamed, freshly augmented crops; deterministic given config.seed.
 
@@ -161,22 +197,15 @@ def train_encoder(
     on_epoch_end(epoch, row) receives each history row (for progress logs and MLflow metrics).
     Fewer crops than config.batch_size train in batches of all the crops (usable_batch_size,
     reported as TrainResult.batch_size); fewer than min_batch_size(variant) raise InputError.
+    plan: plan_training(variant, crops_dir, config) when the caller already made it.
     """
     keras.utils.set_random_seed(config.seed)
-    selection = CropSelection.of(crops_dir, config.plates, config.max_crops, config.seed)
-    n_crops = count_crops(selection)
-    config = replace(config, batch_size=usable_batch_size(n_crops, config.batch_size, variant, crops_dir))
-    crop_size = read_crop_size(crops_dir)
-    if config.crop_size not in (None, crop_size):
-        raise InputError(crops_dir, f"crops are {crop_size}x{crop_size}, the config asks for {config.crop_size}")
-    steps = n_crops // config.batch_size
-    if config.max_steps_per_epoch is not None:
-        steps = min(steps, config.max_steps_per_epoch)
-    model, encoder, loss_key = build_trainable(variant, crop_size)
-    data = training_dataset(selection, variant, config.batch_size, config.shuffle_buffer, crop_size)
-    log = _EpochLog(loss_key, steps * config.batch_size, on_epoch_end)
-    model.fit(data, epochs=config.epochs, steps_per_epoch=steps, callbacks=[log], shuffle=False, verbose=0)
-    return TrainResult(encoder=encoder, history=log.history, n_crops=n_crops, batch_size=config.batch_size)
+    plan = plan or plan_training(variant, crops_dir, config)
+    model, encoder, loss_key = build_trainable(variant, plan.crop_size)
+    data = training_dataset(plan.selection, variant, plan.batch_size, config.shuffle_buffer, plan.crop_size)
+    log = _EpochLog(loss_key, plan.steps_per_epoch * plan.batch_size, on_epoch_end)
+    model.fit(data, epochs=config.epochs, steps_per_epoch=plan.steps_per_epoch, callbacks=[log], shuffle=False, verbose=0)
+    return TrainResult(encoder=encoder, history=log.history, n_crops=plan.n_crops, batch_size=plan.batch_size)
 
 
 def embed_batch(encoder: keras.Model, pixels, invariant: bool = False) -> np.ndarray:
@@ -210,3 +239,31 @@ def embed_crops(
     """(provenance rows, float32 embeddings) per batch; row i of the frame is vector i."""
     for rows, pixels in iter_crop_batches(crops_dir, batch_size, plates=plates):
         yield rows, embed_batch(encoder, pixels, invariant).astype(np.float32, copy=False)
+
+
+def write_embeddings(
+    encoder: keras.Model,
+    crops_dir,
+    path,
+    batch_size: int = 256,
+    on_progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[int, float]:
+    """Embed every crop into one embeddings Parquet file (embedding_table schema); return (crops, seconds).
+
+    Each row holds the crop's provenance, `embedding` and `embedding_invariant` (float32,
+    encoder features each; embed_batch_both: 8 forward passes per crop), in dataset order. The
+    file appears atomically when complete. on_progress(done, total, crops_per_s) is called
+    after the first batch to pass each further tenth of the crops, and at the end. Raises
+    InputError when the crops dataset is missing or empty.
+    """
+    total = count_crops(CropSelection.of(crops_dir))
+    schema = embedding_schema(int(encoder.outputs[0].shape[-1]))
+    done, started, next_report = 0, time.perf_counter(), 0.0
+    with AtomicParquetWriter(path, schema) as writer:
+        for rows, pixels in iter_crop_batches(crops_dir, batch_size):
+            writer.write(embedding_batch(rows, *embed_batch_both(encoder, pixels)))
+            done += len(rows)
+            if on_progress is not None and (done / total >= next_report or done == total):
+                on_progress(done, total, done / max(time.perf_counter() - started, 1e-9))
+                next_report += 0.1
+    return done, time.perf_counter() - started
