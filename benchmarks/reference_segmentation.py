@@ -57,8 +57,14 @@ def regionprops_cells(labels: np.ndarray) -> pd.DataFrame:
     props = measure.regionprops_table(
         labels,
         properties=(
-            "label", "centroid", "area", "perimeter", "major_axis_length",
-            "minor_axis_length", "eccentricity", "solidity",
+            "label",
+            "centroid",
+            "area",
+            "perimeter",
+            "major_axis_length",
+            "minor_axis_length",
+            "eccentricity",
+            "solidity",
         ),
     )
     cells = pd.DataFrame(

@@ -199,4 +199,7 @@ def documented(x):
     exec(compile(source, "checker_probe", "exec"), module.__dict__)
     found = _raising(module, source)
     assert {k: {c.__name__ for c in v} for k, v in found.items()} == {
-        "through_helper": {"Bad"}, "caught": set(), "documented": {"KeyError"}}
+        "through_helper": {"Bad"},
+        "caught": set(),
+        "documented": {"KeyError"},
+    }
