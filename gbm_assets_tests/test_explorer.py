@@ -30,21 +30,34 @@ def fake_labels(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     hdbscan = rng.choice([-1, 0, 1, 2], size=n, p=[0.3, 0.4, 0.2, 0.1])
     centres = np.array([[0.0, 0.0], [6.0, 1.0], [2.0, 7.0]])
-    xy = np.where(hdbscan[:, None] >= 0, centres[np.maximum(hdbscan, 0)] + rng.normal(0, 0.9, (n, 2)),
-                  rng.uniform(-3, 9, (n, 2)))
+    xy = np.where(
+        hdbscan[:, None] >= 0, centres[np.maximum(hdbscan, 0)] + rng.normal(0, 0.9, (n, 2)), rng.uniform(-3, 9, (n, 2))
+    )
     gmm = np.where(hdbscan >= 0, hdbscan, rng.integers(0, 3, n))
     plate = rng.choice(["synth-GBM01-c250-r1", "synth-GBM02-c1000-r1", "synth-GBM03-c4000-r1"], size=n)
     image = [f"img_{k:03d}.tif" for k in rng.integers(0, 5, n)]
-    return pd.DataFrame({
-        "crop_id": [f"{p}:{im}:{i}" for i, (p, im) in enumerate(zip(plate, image, strict=True))],
-        "plate": plate, "image": image,
-        "x": rng.integers(64, 960, n), "y": rng.integers(64, 960, n),
-        "culture": [p.split("-")[1] for p in plate], "concentration": [p.split("-")[2][1:] for p in plate],
-        "replicate": 1, "timepoint_h": 0.0, "well": "B2", "position": "1",
-        "umap_x": xy[:, 0], "umap_y": xy[:, 1],
-        "hdbscan": hdbscan, "hdbscan_noise": hdbscan == -1,
-        "gmm": gmm, "gmm_prob": rng.uniform(0.5, 1, n), "auto": gmm,
-    })
+    return pd.DataFrame(
+        {
+            "crop_id": [f"{p}:{im}:{i}" for i, (p, im) in enumerate(zip(plate, image, strict=True))],
+            "plate": plate,
+            "image": image,
+            "x": rng.integers(64, 960, n),
+            "y": rng.integers(64, 960, n),
+            "culture": [p.split("-")[1] for p in plate],
+            "concentration": [p.split("-")[2][1:] for p in plate],
+            "replicate": 1,
+            "timepoint_h": 0.0,
+            "well": "B2",
+            "position": "1",
+            "umap_x": xy[:, 0],
+            "umap_y": xy[:, 1],
+            "hdbscan": hdbscan,
+            "hdbscan_noise": hdbscan == -1,
+            "gmm": gmm,
+            "gmm_prob": rng.uniform(0.5, 1, n),
+            "auto": gmm,
+        }
+    )
 
 
 def fake_crops(n: int, size: int = 128, seed: int = 0) -> np.ndarray:
@@ -68,6 +81,7 @@ def decode(uri: str) -> np.ndarray:
 
 
 # --- sampling -------------------------------------------------------------------------------------
+
 
 def unbalanced_labels() -> pd.DataFrame:
     sizes = {("GBM01", 0): 5000, ("GBM01", 1): 40, ("GBM02", -1): 3000, ("GBM02", 0): 800, ("GBM03", 2): 7}
@@ -104,6 +118,7 @@ def test_sample_is_deterministic_and_keeps_small_inputs_whole():
 
 
 # --- the page file ------------------------------------------------------------------------------
+
 
 def test_thumbnails_are_area_shrunk_crops_in_32_grey_levels():
     crops = fake_crops(20)
@@ -177,18 +192,24 @@ def test_a_built_wheel_ships_the_template(tmp_path):
         assert zf.read("gbm_assets/analysis/explorer.html").decode("utf-8") == page_template()
         zf.extractall(tmp_path / "site")
 
-    check = ("import sys, gbm_assets.analysis.explorer as e; "
-             "assert e.__file__.startswith(sys.argv[1]), e.__file__; "
-             "assert '__DATA__' in e.page_template()")
+    check = (
+        "import sys, gbm_assets.analysis.explorer as e; "
+        "assert e.__file__.startswith(sys.argv[1]), e.__file__; "
+        "assert '__DATA__' in e.page_template()"
+    )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     subprocess.run([sys.executable, "-c", check, str(tmp_path / "site")], env=env, check=True, cwd=tmp_path)
 
 
 # --- in the browser -----------------------------------------------------------------------------
 
+
 def screen_positions(page) -> np.ndarray:
-    return np.array(page.evaluate(
-        "Array.from({length: explorer.n}, (_, i) => { const p = explorer.screenPosition(i); return [p.x, p.y]; })"))
+    return np.array(
+        page.evaluate(
+            "Array.from({length: explorer.n}, (_, i) => { const p = explorer.screenPosition(i); return [p.x, p.y]; })"
+        )
+    )
 
 
 def isolated_point(positions: np.ndarray, candidates: np.ndarray) -> int:
@@ -221,7 +242,7 @@ def test_hover_shows_the_cells_crop_and_the_legend_filters(tmp_path):
         for field in ("crop_id", "plate", "image", "x", "y", "culture", "concentration", "hdbscan", "gmm"):
             assert page.inner_text(f'#tooltip [data-field="{field}"]') == str(points.at[cell, field]), field
         shown = decode(page.get_attribute("#tooltip-img", "src"))
-        np.testing.assert_array_equal(shown, make_thumbnails(crops[cell:cell + 1])[0])
+        np.testing.assert_array_equal(shown, make_thumbnails(crops[cell : cell + 1])[0])
         assert np.abs(shown.astype(int) - cv2.resize(crops[cell], (48, 48), interpolation=cv2.INTER_AREA)).max() <= 5
 
         page.click('#legend [data-category="1"]')
@@ -238,8 +259,11 @@ def test_hover_shows_the_cells_crop_and_the_legend_filters(tmp_path):
         page.click('#legend [data-category="1"]')  # a second click shows all again
         assert len(visible(page)) == len(points)
         page.select_option("#colour-by", "culture")
-        assert page.eval_on_selector_all("#legend [data-category]", "els => els.map(e => e.dataset.category)") \
-            == ["GBM01", "GBM02", "GBM03"]
+        assert page.eval_on_selector_all("#legend [data-category]", "els => els.map(e => e.dataset.category)") == [
+            "GBM01",
+            "GBM02",
+            "GBM03",
+        ]
         page.click('#legend [data-category="GBM02"]')
         assert visible(page) == np.flatnonzero(points["culture"] == "GBM02").tolist()
         page.click("#show-all")
@@ -259,7 +283,9 @@ def test_20000_point_page_is_small_and_quick(tmp_path):
         page.wait_for_function("window.explorer && window.explorer.ready", timeout=30_000)
         wall = time.perf_counter() - start
         ready_ms = page.evaluate("explorer.readyMs")
-    print(f"explorer page for {n} points: {size / 1e6:.1f} MB, ready {ready_ms / 1000:.2f} s after navigation "
-          f"({wall:.2f} s wall)")
+    print(
+        f"explorer page for {n} points: {size / 1e6:.1f} MB, ready {ready_ms / 1000:.2f} s after navigation "
+        f"({wall:.2f} s wall)"
+    )
     assert size < MAX_BYTES_20K
     assert ready_ms < 10_000

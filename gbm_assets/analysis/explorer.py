@@ -34,8 +34,18 @@ from gbm_assets.storage import write_bytes_atomic
 CLUSTERINGS = ("hdbscan", "gmm", "auto")  # label -1 is noise, drawn grey
 COLOURINGS = (*CLUSTERINGS, "culture", "concentration")
 TOOLTIP_FIELDS = (
-    "crop_id", "plate", "image", "x", "y", "culture", "concentration", "replicate", "timepoint_h",
-    "well", "position", *CLUSTERINGS,
+    "crop_id",
+    "plate",
+    "image",
+    "x",
+    "y",
+    "culture",
+    "concentration",
+    "replicate",
+    "timepoint_h",
+    "well",
+    "position",
+    *CLUSTERINGS,
 )
 STRATA = ("culture", "hdbscan")
 TEMPLATE = "explorer.html"  # package data of gbm_assets.analysis
@@ -74,8 +84,12 @@ def sample_for_explorer(labels: pd.DataFrame, max_points: int = 20_000, seed: in
     sizes = np.bincount(group)
     members = np.split(np.argsort(group, kind="stable"), np.cumsum(sizes)[:-1])
     rng = np.random.default_rng(seed)
-    keep = np.concatenate([rng.choice(rows, size=q, replace=False)
-                           for rows, q in zip(members, _fair_shares(sizes, max_points), strict=True)])
+    keep = np.concatenate(
+        [
+            rng.choice(rows, size=q, replace=False)
+            for rows, q in zip(members, _fair_shares(sizes, max_points), strict=True)
+        ]
+    )
     return labels.iloc[np.sort(keep)].reset_index(drop=True)
 
 
