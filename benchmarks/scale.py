@@ -50,28 +50,6 @@ DRIVER = {"ingest": "images", "train": "images", "embed": "crops", "cluster": "c
 # ----------------------------------------------------------------------------- child: one stage
 
 
-class _SilentBar:
-    """The progress-bar interface run_partitions expects, writing only failures (to stderr)."""
-
-    def __init__(self, *args):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def set_postfix_str(self, text):
-        pass
-
-    def update(self, n):
-        pass
-
-    def write(self, text):
-        print(text, file=sys.stderr)
-
-
 def _vm_hwm_mib() -> float:
     """This process' peak RSS (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -87,14 +65,15 @@ def run_stage(stage: str, variant: str | None, run_config: dict) -> dict:
 
     from gbm_assets.assets.sensors import INGEST_JOB_NAME
     from gbm_assets.definitions import defs
-    from gbm_assets.pipeline import QUIET, StageTimes, register_plates, run_partitions
+    from gbm_assets.pipeline import QUIET, SilentBar, StageTimes, register_plates, run_partitions
 
     instance = dg.DagsterInstance.get()
     times = StageTimes()
     started = time.perf_counter()
     if stage == "report":
         result = defs.resolve_job_def("refresh_report").execute_in_process(
-            run_config={**QUIET, **run_config}, instance=instance, raise_on_error=False)
+            run_config={**QUIET, **run_config}, instance=instance, raise_on_error=False
+        )
         times.add_run(instance, result)
         failed = [] if result.success else ["report"]
     else:
@@ -104,7 +83,7 @@ def run_stage(stage: str, variant: str | None, run_config: dict) -> dict:
             "embed": ("train_all_variants", [variant], ["embeddings"]),
             "cluster": ("cluster_all_variants", [variant], None),
         }[stage]
-        failed = run_partitions(instance, defs, job, keys, _SilentBar, stage, "partition", times, run_config, assets)
+        failed = run_partitions(instance, defs, job, keys, SilentBar, stage, "partition", times, run_config, assets)
     run_s = time.perf_counter() - started
     own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
@@ -150,7 +129,9 @@ def _child(size_dir: Path, stage: str, variant: str | None, run_config: dict) ->
 def _count_crops(data: Path) -> int:
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in (data / "cell_crops.parquet").glob("plate=*/part-0.parquet"))
+    return sum(
+        pq.ParquetFile(f).metadata.num_rows for f in (data / "cell_crops.parquet").glob("plate=*/part-0.parquet")
+    )
 
 
 def run_size(work: Path, n_images: int, args: argparse.Namespace, training: dict) -> dict:
@@ -158,14 +139,22 @@ def run_size(work: Path, n_images: int, args: argparse.Namespace, training: dict
 
     n_plates = args.cultures * args.concentrations
     if n_images % n_plates:
-        raise SystemExit(f"--sizes: {n_images} images is not a multiple of {n_plates} plates (--cultures x --concentrations)")
+        raise SystemExit(
+            f"--sizes: {n_images} images is not a multiple of {n_plates} plates (--cultures x --concentrations)"
+        )
     load = os.getloadavg()[0]
     size_dir = work / f"images_{n_images}"
     (size_dir / "dagster_home").mkdir(parents=True)
     (size_dir / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     t = time.perf_counter()
-    write_plates(size_dir / "data" / "raw", n_cultures=args.cultures, n_concentrations=args.concentrations,
-                 images_per_plate=n_images // n_plates, size=args.image_size, seed=args.seed)
+    write_plates(
+        size_dir / "data" / "raw",
+        n_cultures=args.cultures,
+        n_concentrations=args.concentrations,
+        images_per_plate=n_images // n_plates,
+        size=args.image_size,
+        seed=args.seed,
+    )
     synth_s = time.perf_counter() - t
     stages = {"ingest": _child(size_dir, "ingest", None, {})}
     n_crops = _count_crops(size_dir / "data")
@@ -181,9 +170,13 @@ def run_size(work: Path, n_images: int, args: argparse.Namespace, training: dict
     if not args.keep:
         shutil.rmtree(size_dir, ignore_errors=True)
     return {
-        "images": n_images, "plates": n_plates, "megapixels_per_image": round(args.image_size ** 2 / 1e6, 3),
-        "crops": n_crops, "crops_per_image": round(n_crops / n_images, 1),
-        "synthesis_seconds": round(synth_s, 1), "load_average_at_start": round(load, 2),
+        "images": n_images,
+        "plates": n_plates,
+        "megapixels_per_image": round(args.image_size**2 / 1e6, 3),
+        "crops": n_crops,
+        "crops_per_image": round(n_crops / n_images, 1),
+        "synthesis_seconds": round(synth_s, 1),
+        "load_average_at_start": round(load, 2),
         "stages": stages,
     }
 
@@ -202,8 +195,11 @@ def linear_fit(x: list[float], y: list[float]) -> dict:
 def _stage_series(sizes: list[dict], stage: str, key: str) -> list[float]:
     """A stage's value per size; for a per-variant stage, the mean over the variants measured."""
     if stage in VARIANT_STAGES:
-        return [sum(row[key] for name, row in s["stages"].items() if name.split(" ")[0] == stage)
-                / sum(1 for name in s["stages"] if name.split(" ")[0] == stage) for s in sizes]
+        return [
+            sum(row[key] for name, row in s["stages"].items() if name.split(" ")[0] == stage)
+            / sum(1 for name in s["stages"] if name.split(" ")[0] == stage)
+            for s in sizes
+        ]
     return [s["stages"][stage][key] for s in sizes]
 
 
@@ -226,22 +222,34 @@ def summarize(sizes: list[dict], n_variants_measured: int) -> dict:
         # No growth measured (a fixed budget such as training's): the stage costs what it cost.
         one, model = (slope * target + intercept, "linear") if slope > 0 else (sum(seconds) / len(seconds), "constant")
         copies = THESIS_VARIANTS if stage in VARIANT_STAGES else 1
-        extrapolation[stage] = {"hours": round(copies * one / 3600, 2), "runs": copies, "seconds_per_run": round(one, 1),
-                                "model": model, "driver": DRIVER[stage]}
+        extrapolation[stage] = {
+            "hours": round(copies * one / 3600, 2),
+            "runs": copies,
+            "seconds_per_run": round(one, 1),
+            "model": model,
+            "driver": DRIVER[stage],
+        }
         peaks = _stage_series(sizes, stage, "peak_rss_mib")
         ratio = max(peaks) / min(peaks)
-        memory[stage] = {"peak_rss_mib": [round(p) for p in peaks], "largest_over_smallest": round(ratio, 2),
-                         "flat": ratio <= FLAT_RSS_RATIO}
+        memory[stage] = {
+            "peak_rss_mib": [round(p) for p in peaks],
+            "largest_over_smallest": round(ratio, 2),
+            "flat": ratio <= FLAT_RSS_RATIO,
+        }
     total_h = sum(e["hours"] for e in extrapolation.values())
     dominant = max(extrapolation, key=lambda k: extrapolation[k]["hours"])
     return {
         "fits": fits,
         "extrapolation": {
-            "images": THESIS_IMAGES, "cells": THESIS_CELLS, "variants": THESIS_VARIANTS,
+            "images": THESIS_IMAGES,
+            "cells": THESIS_CELLS,
+            "variants": THESIS_VARIANTS,
             "variants_measured": n_variants_measured,
             "measured_cells_per_image": round(cells_per_image, 1),
-            "stages": extrapolation, "total_hours": round(total_h, 2),
-            "dominant_stage": dominant, "dominant_share": round(extrapolation[dominant]["hours"] / total_h, 3) if total_h else None,
+            "stages": extrapolation,
+            "total_hours": round(total_h, 2),
+            "dominant_stage": dominant,
+            "dominant_share": round(extrapolation[dominant]["hours"] / total_h, 3) if total_h else None,
             "overnight_12h": total_h <= OVERNIGHT_HOURS,
             "notes": [
                 "per-variant stages (train, embed, cluster) are the mean over the variants measured, times 9",
@@ -258,11 +266,15 @@ def summarize(sizes: list[dict], n_variants_measured: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 400, 1600], help="images per run (3 sizes for a fit)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[100, 400, 1600], help="images per run (3 sizes for a fit)"
+    )
     parser.add_argument("--image-size", type=int, default=1024, help="image side in pixels (1024: 1 MP)")
     parser.add_argument("--cultures", type=int, default=5)
     parser.add_argument("--concentrations", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=["siamese_b"], help="variants to run (the thesis' best: siamese_b)")
+    parser.add_argument(
+        "--variants", nargs="+", default=["siamese_b"], help="variants to run (the thesis' best: siamese_b)"
+    )
     parser.add_argument("--epochs", type=int, help="training epochs (default: the production TrainingConfig's)")
     parser.add_argument("--max-steps-per-epoch", type=int, help="training batches per epoch (default: production's)")
     parser.add_argument("--max-crops", type=int, help="seeded sample of crops to train on (default: production's)")
@@ -281,8 +293,10 @@ def main() -> None:
     from gbm_assets.assets.encoders import TrainingConfig
 
     chosen = {"epochs": args.epochs, "max_steps_per_epoch": args.max_steps_per_epoch, "max_crops": args.max_crops}
-    train_config = {**TrainingConfig().model_dump(include={"epochs", "max_steps_per_epoch", "batch_size", "max_crops", "seed"}),
-                    **{k: v for k, v in chosen.items() if v is not None}}
+    train_config = {
+        **TrainingConfig().model_dump(include={"epochs", "max_steps_per_epoch", "batch_size", "max_crops", "seed"}),
+        **{k: v for k, v in chosen.items() if v is not None},
+    }
     training = {"ops": {"trained_encoders": {"config": train_config}}}
     load = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="gbm-scale-", dir=args.workdir))
@@ -290,18 +304,29 @@ def main() -> None:
     sizes = [run_size(work, n, args, training) for n in sorted(args.sizes)]
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load],
-                    "niceness": os.nice(0)},
-        "training": {"config": train_config, "note": "training streams a seeded shuffle of the crops for "
-                     "epochs x max_steps_per_epoch batches (a sample, as in the thesis); embed, cluster and report "
-                     "handle every cell"},
-        "variants": args.variants,
-        "sizes": sizes,
-        **summarize(sizes, len(args.variants)),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        **({"workdir": str(work)} if args.keep else {}),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "load_average_at_start": [round(x, 2) for x in load],
+                    "niceness": os.nice(0),
+                },
+                "training": {
+                    "config": train_config,
+                    "note": "training streams a seeded shuffle of the crops for "
+                    "epochs x max_steps_per_epoch batches (a sample, as in the thesis); embed, cluster and report "
+                    "handle every cell",
+                },
+                "variants": args.variants,
+                "sizes": sizes,
+                **summarize(sizes, len(args.variants)),
+                "wall_seconds": round(time.perf_counter() - started, 1),
+                **({"workdir": str(work)} if args.keep else {}),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ reported and skipped, leaving the others (and its own earlier outputs) intact.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping, Sequence
 
@@ -15,7 +16,7 @@ import dagster as dg
 from gbm_assets import paths
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.resources import DataDirs
-from gbm_assets.assets.sensors import LEGACY_VERSION, INGEST_JOB_NAME, built_version, manifest_version
+from gbm_assets.assets.sensors import INGEST_JOB_NAME, LEGACY_VERSION, built_version, manifest_version
 from gbm_assets.imaging.plates import find_ready_plates
 from gbm_assets.models.variants import variant_names
 
@@ -25,8 +26,13 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 # The stage each asset's step belongs to in the timing table; ingest and report are one row each,
 # the variant stages one row per variant.
 STAGE_OF_STEP = {
-    "raw_plates": "ingest", "cell_coordinates": "ingest", "cell_crops": "ingest",
-    "trained_encoders": "train", "embeddings": "embed", "clusters": "cluster", "composition_report": "report",
+    "raw_plates": "ingest",
+    "cell_coordinates": "ingest",
+    "cell_crops": "ingest",
+    "trained_encoders": "train",
+    "embeddings": "embed",
+    "clusters": "cluster",
+    "composition_report": "report",
 }
 _STEP_EVENTS = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
 
@@ -112,9 +118,42 @@ def plates_to_ingest(instance: dg.DagsterInstance, ready: list[str], refresh: bo
     return [p for p in ready if built_version(instance, p) not in (manifest_version(data, p), LEGACY_VERSION)]
 
 
+class SilentBar:
+    """The part of tqdm's interface run_partitions uses, showing nothing; its failure lines go to stderr.
+
+    Pass the class as `bar` where no progress bar is wanted (benchmarks, tests, scripts).
+    """
+
+    def __init__(self, total: int = 0, desc: str = "", unit: str = "") -> None:
+        pass
+
+    def __enter__(self) -> SilentBar:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        print(text, file=sys.stderr)
+
+
 def run_partitions(
-    instance, defs, job_name: str, keys: list[str], bar, what: str, unit: str,
-    times: StageTimes | None = None, run_config: Mapping | None = None, assets: Sequence[str] | None = None,
+    instance,
+    defs,
+    job_name: str,
+    keys: list[str],
+    bar,
+    what: str,
+    unit: str,
+    times: StageTimes | None = None,
+    run_config: Mapping | None = None,
+    assets: Sequence[str] | None = None,
 ) -> list[str]:
     """Run a partitioned job once per key, with a progress bar; return the keys that failed.
 
@@ -127,8 +166,13 @@ def run_partitions(
     with bar(len(keys), what, unit) as progress:
         for key in keys:
             progress.set_postfix_str(key)
-            result = job.execute_in_process(run_config={**QUIET, **(run_config or {})}, instance=instance, partition_key=key,
-                                            raise_on_error=False, asset_selection=selection)
+            result = job.execute_in_process(
+                run_config={**QUIET, **(run_config or {})},
+                instance=instance,
+                partition_key=key,
+                raise_on_error=False,
+                asset_selection=selection,
+            )
             stop_if_interrupted(result)
             if times is not None:
                 times.add_run(instance, result, key)
@@ -168,8 +212,9 @@ def _first_error(result: dg.ExecuteInProcessResult) -> str:
     return "unknown error (see the run in the Dagster UI)"
 
 
-def run_main_job(bar, refresh: bool = False, variants: Sequence[str] | None = None,
-                 run_config: Mapping[str, Mapping] | None = None) -> int:
+def run_main_job(
+    bar, refresh: bool = False, variants: Sequence[str] | None = None, run_config: Mapping[str, Mapping] | None = None
+) -> int:
     """Ingest every plate not yet done (all with refresh), then run every later stage; print the
     wall time of each stage at the end (from Dagster's step records). Returns the exit status.
 
@@ -190,21 +235,41 @@ def run_main_job(bar, refresh: bool = False, variants: Sequence[str] | None = No
     print(f"{len(ready)} plates under {raw}; {len(todo)} to ingest")
     times = StageTimes()
     times.seconds["ingest"], times.runs["ingest"] = 0.0, 0  # the first row, even when nothing is to ingest
-    failed = run_partitions(instance, defs, INGEST_JOB_NAME, todo, bar, "ingesting plates", "plate", times,
-                            config.get(INGEST_JOB_NAME))
+    failed = run_partitions(
+        instance, defs, INGEST_JOB_NAME, todo, bar, "ingesting plates", "plate", times, config.get(INGEST_JOB_NAME)
+    )
     if failed:
         print(f"{len(failed)} plate(s) failed: {', '.join(failed)}; the others were processed")
     # Encoders retrain when plates changed (or on --refresh); clusters then label every cell.
     names = list(variants) if variants is not None else variant_names()
     trained = set() if (refresh or todo) else instance.get_materialized_partitions(dg.AssetKey("embeddings"))
     to_train = [v for v in names if v not in trained]
-    bad = run_partitions(instance, defs, "train_all_variants", to_train, bar, "training encoders", "variant", times,
-                         config.get("train_all_variants"))
+    bad = run_partitions(
+        instance,
+        defs,
+        "train_all_variants",
+        to_train,
+        bar,
+        "training encoders",
+        "variant",
+        times,
+        config.get("train_all_variants"),
+    )
     good = [v for v in names if v not in bad]
-    bad += run_partitions(instance, defs, "cluster_all_variants", good, bar, "clustering", "variant", times,
-                          config.get("cluster_all_variants"))
+    bad += run_partitions(
+        instance,
+        defs,
+        "cluster_all_variants",
+        good,
+        bar,
+        "clustering",
+        "variant",
+        times,
+        config.get("cluster_all_variants"),
+    )
     report = defs.resolve_job_def("refresh_report").execute_in_process(
-        run_config={**QUIET, **config.get("refresh_report", {})}, instance=instance, raise_on_error=False)
+        run_config={**QUIET, **config.get("refresh_report", {})}, instance=instance, raise_on_error=False
+    )
     stop_if_interrupted(report)
     times.add_run(instance, report)
     if report.success:

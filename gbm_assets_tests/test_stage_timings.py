@@ -7,36 +7,18 @@ import shutil
 
 import pytest
 
-from gbm_assets.pipeline import run_main_job
+from gbm_assets.pipeline import SilentBar, run_main_job
 
 TINY = {
     "ingest_plate": {"ops": {"cell_crops": {"config": {"crop_size": 64}}}},
-    "train_all_variants": {"ops": {"trained_encoders": {"config": {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16}},
-                                   "embeddings": {"config": {"batch_size": 64}}}},
+    "train_all_variants": {
+        "ops": {
+            "trained_encoders": {"config": {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16}},
+            "embeddings": {"config": {"batch_size": 64}},
+        }
+    },
 }
 ROW = re.compile(r"^(?P<label>\S.*?)\s+(?P<seconds>-?\d+\.\d)\s+(?P<share>-?\d+\.\d)%$")
-
-
-class _Bar:
-    """A silent stand-in for the tqdm bar the command passes to run_main_job."""
-
-    def __init__(self, *args):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def set_postfix_str(self, text):
-        pass
-
-    def update(self, n):
-        pass
-
-    def write(self, text):
-        print(text)
 
 
 @pytest.fixture
@@ -67,10 +49,16 @@ def _table(out: str) -> dict[str, tuple[float, float]]:
 
 def test_run_prints_wall_time_of_every_stage(tiny_lab, capsys):
     variants = ["autoencoder"]  # one variant keeps the test short; each variant gets its own rows
-    assert run_main_job(_Bar, variants=variants, run_config=TINY) == 0
+    assert run_main_job(SilentBar, variants=variants, run_config=TINY) == 0
     rows = _table(capsys.readouterr().out)
-    expected = ["ingest (3 plates)", *(f"{stage} {v}" for v in variants for stage in ("train", "embed")),
-                *(f"cluster {v}" for v in variants), "report", "other (run start-up, bookkeeping)", "total"]
+    expected = [
+        "ingest (3 plates)",
+        *(f"{stage} {v}" for v in variants for stage in ("train", "embed")),
+        *(f"cluster {v}" for v in variants),
+        "report",
+        "other (run start-up, bookkeeping)",
+        "total",
+    ]
     assert list(rows) == expected
     assert all(seconds >= 0 and share >= 0 for seconds, share in rows.values())
     assert rows["ingest (3 plates)"][0] > 0 and rows["train autoencoder"][0] > 0  # real work was timed
@@ -79,10 +67,15 @@ def test_run_prints_wall_time_of_every_stage(tiny_lab, capsys):
     assert rows["total"][1] == 100.0
 
     # A second run has nothing to ingest or train: the ingest row says 0 plates, clustering and report still run.
-    assert run_main_job(_Bar, variants=variants, run_config=TINY) == 0
+    assert run_main_job(SilentBar, variants=variants, run_config=TINY) == 0
     again = _table(capsys.readouterr().out)
-    assert list(again) == ["ingest (0 plates)", *(f"cluster {v}" for v in variants), "report",
-                           "other (run start-up, bookkeeping)", "total"]
+    assert list(again) == [
+        "ingest (0 plates)",
+        *(f"cluster {v}" for v in variants),
+        "report",
+        "other (run start-up, bookkeeping)",
+        "total",
+    ]
     assert again["ingest (0 plates)"][0] == 0.0
 
 
