@@ -227,8 +227,22 @@ def _dict_table(d: Mapping) -> str:
                                 "value": [_fmt_cell(k, v) for k, v in d.items()]}))
 
 
+def _measure(value, decimals: int = 2) -> str:
+    """A measurement at the precision it deserves: areas >= 100 as integers, >= 10 to 1 decimal."""
+    if value is None or pd.isna(value):
+        return "–"
+    value = float(value)
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.{decimals}f}"
+
+
 def _profile_table(profiles: pd.DataFrame, area_unit: str) -> pd.DataFrame:
     shown = profiles.rename(columns={"median_area": f"median_area_{area_unit}", "qc_not_cell": "share_qc_not_cell"})
+    shown[f"median_area_{area_unit}"] = [_measure(v) for v in profiles["median_area"]]
+    for m in ("elongation", "solidity", "form_factor", "eccentricity"):
+        if f"median_{m}" in shown:
+            shown[f"median_{m}"] = [_measure(v) for v in profiles[f"median_{m}"]]
     shown["share"] = [_percent(v) for v in profiles["share"]]
     shown["share_qc_not_cell"] = [_percent(v) for v in profiles["qc_not_cell"]]
     shown["artefact"] = [reason if flag else "" for flag, reason in zip(profiles["artefact"], profiles["artefact_reason"])]
@@ -250,7 +264,7 @@ def _cluster_phrase(row: pd.Series, profiles: pd.DataFrame | None, area_unit: st
     shape = ""
     if profiles is not None and (profiles["cluster"] == row["cluster"]).any():
         p = profiles[profiles["cluster"] == row["cluster"]].iloc[0]
-        shape = f"median area {_fmt(p['median_area'])} {area_unit}, elongation {_fmt(p['median_elongation'])}"
+        shape = f"median area {_measure(p['median_area'])} {area_unit}, elongation {_measure(p['median_elongation'], 1)}"
         if p["artefact"]:
             shape += ", flagged as a possible artefact"
         shape += "; "
