@@ -34,7 +34,7 @@ from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, PROVENANCE_COLUM
 
 SIDE = 16
 # cluster -> (area px, major, minor, solidity, form factor): cluster 2 is small debris
-SHAPES = {0: (400.0, 30.0, 15.0, 0.9, 0.6), 1: (600.0, 40.0, 10.0, 0.8, 0.3), 2: (40.0, 8.0, 7.0, 0.95, 0.9)}
+SHAPES = {0: (400.0, 30.0, 15.0, 0.9, 0.6), 1: (600.0, 40.0, 10.0, 0.8, 0.3), 2: (20.0, 6.0, 5.0, 0.95, 0.9)}
 CENTRES = {0: (0.0, 0.0), 1: (10.0, 0.0), 2: (0.0, 10.0)}
 
 
@@ -99,6 +99,8 @@ def test_cluster_profiles_give_medians_in_um2_and_flag_debris():
     assert profiles.loc[1, "median_elongation"] == pytest.approx(4.0)
     assert profiles.loc[0, "median_solidity"] == pytest.approx(0.9)
     assert profiles.loc[2, "median_form_factor"] == pytest.approx(0.9)
+    assert not cluster_profiles(cells.assign(area=np.where(cells["hdbscan"] == 2, 100.0, cells["area"])))[
+        "artefact"].any()  # a small round cell type (a fifth of the median area) is not debris
     assert profiles["n_cells"].sum() == (cells["hdbscan"] >= 0).sum()
     assert profiles["share"].sum() == pytest.approx(1.0)
     assert profiles["artefact"].tolist() == [False, False, True]

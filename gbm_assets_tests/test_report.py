@@ -240,3 +240,16 @@ def test_best_variant_and_markdown_summary(sections):
 def test_comparison_table_must_have_thesis_columns(tmp_path):
     with pytest.raises(ValueError, match="culture_kappa"):
         write_report(tmp_path, comparison_table().drop(columns=["culture_kappa"]))
+
+
+def test_lead_says_when_cultures_differ_only_as_a_whole_or_cannot_be_compared():
+    clusters = pd.DataFrame({"cluster": [0, 1], "statistic": [0.1, 0.2], "p_value": [0.06, 0.07],
+                             "p_adjusted": [0.07, 0.07], "differs": [False, False],
+                             "share:GBM03": [0.4, 0.6], "share:GBM11": [0.6, 0.4]})
+    test = {"p_value": 0.049, "n_units": 7, "n_perm": 9999, "min_p": 0.048, "reason": "", "clusters": clusters}
+    text = lead(comparison_table(), [VariantSection("B", culture_test=test)])
+    assert "The composition as a whole differs between cultures (p = 0.049; 7 replicates as the units" in text
+    assert "the smallest p these units allow is 0.048" in text and "no single cell type of B differs" in text
+    untestable = {**test, "reason": "needs >= 2 units in some culture (found 2 units for 2 cultures)"}
+    text = lead(comparison_table(), [VariantSection("B", culture_test=untestable, unit_level="image")])
+    assert "could not be compared between cultures: needs >= 2 units in some culture" in text

@@ -34,7 +34,9 @@ NOISE = -1
 QC_COLUMN = "qc"
 QC_GOOD = "cell"  # the other qc labels (debris, fragment, edge) mark cells that are not whole cells
 # Artefact rules (a flag to look at the gallery, not a verdict):
-SMALL_AREA_FRACTION = 0.25  # cluster median area below this fraction of all clustered cells' median: debris
+# cluster median area below this fraction of all clustered cells' median: debris. Small round cell
+# types (the synthetic plates' round morphotype is ~20% of the median) stay unflagged.
+SMALL_AREA_FRACTION = 0.1
 LOW_SOLIDITY = 0.5          # cluster median solidity below this: ragged outlines (fragments, clumps)
 QC_ARTEFACT_SHARE = 0.5     # at least this share of the cluster's cells has a qc label other than "cell"
 # The shape summary per cluster: name in the profile table -> how it is computed.

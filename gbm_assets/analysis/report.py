@@ -313,9 +313,11 @@ def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> s
         differ = clusters[clusters["differs"]].sort_values("p_adjusted")
         units = f"{test['n_units']} {section.unit_level}s as the units, {test['n_perm']} permutations"
         if differ.empty:
-            text.append(f"No cell type of {name} differs in share between cultures at a 5% false discovery "
-                        f"rate (overall p = {_fmt(test['p_value'])}; {units}; the smallest p these units "
-                        f"allow is {_fmt(test.get('min_p', float('nan')))}).")
+            overall = ("The composition as a whole differs between cultures" if test["p_value"] < 0.05 else
+                       "The composition as a whole shows no evidence of differing between cultures")
+            text.append(f"{overall} (p = {_fmt(test['p_value'])}; {units}; the smallest p these units allow is "
+                        f"{_fmt(test.get('min_p', float('nan')))}), but no single cell type of {name} differs in "
+                        "share at a 5% false discovery rate.")
         else:
             phrases = [_cluster_phrase(r, section.profiles, section.area_unit) for _, r in differ.iterrows()]
             text.append(f"Cell types of {name} that differ between cultures (5% false discovery rate; {units}; "
