@@ -253,17 +253,21 @@ def composition_by_units(
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
 
 
-def _between_ss(props: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
-    """Between-culture sum of squares per cluster for each row of groups: (n_perm, K)."""
-    n_perm, n_units = groups.shape
-    k = props.shape[1]
-    offset = (groups + n_groups * np.arange(n_perm)[:, None]).ravel()
-    size = np.bincount(offset, minlength=n_perm * n_groups).reshape(n_perm, n_groups)
-    sums = np.stack([np.bincount(offset, weights=np.tile(props[:, j], n_perm), minlength=n_perm * n_groups)
-                     for j in range(k)], axis=-1).reshape(n_perm, n_groups, k)
+def _between_ss(props: np.ndarray):
+    """The permutation statistic over units: the between-culture sum of squares of their compositions.
+
+    props: (n_units, K) float64 per-unit shares. The returned function takes one array of unit
+    indices per culture, each (..., n_g) (scipy.stats.permutation_test's vectorized call, which
+    relabels units between cultures), and returns (..., K + 1): the sum of squares per cluster,
+    then their total.
+    """
     grand = props.mean(axis=0)
-    means = sums / np.maximum(size, 1)[..., None]
-    return (size[..., None] * (means - grand) ** 2).sum(axis=1)
+
+    def statistic(*samples, axis=-1):
+        per_cluster = sum(s.shape[-1] * (props[s.astype(np.int64)].mean(axis=-2) - grand) ** 2 for s in samples)
+        return np.concatenate([per_cluster, per_cluster.sum(axis=-1, keepdims=True)], axis=-1)
+
+    return statistic
 
 
 def culture_difference_test(
@@ -281,10 +285,11 @@ def culture_difference_test(
     weighs the same, however many cells it has; units with fewer than min_unit_cells clustered
     cells are left out). Statistic: the between-culture sum of squares of these vectors (per
     cluster: a one-way ANOVA numerator; overall: its sum, i.e. PERMANOVA on Euclidean distance),
-    which for fixed data is monotone in the F ratio. Its null distribution comes from n_perm
-    seeded permutations of the culture labels among the units; p = (1 + #{perm >= observed}) /
-    (1 + n_perm). Per-cluster p-values are adjusted for the number of clusters by
-    Benjamini-Hochberg (scipy.stats.false_discovery_control).
+    which for fixed data is monotone in the F ratio. Its null distribution comes from
+    relabelling the units between cultures (scipy.stats.permutation_test, independent samples):
+    every relabelling (an exact test) when there are at most n_perm of them, else n_perm seeded
+    random ones, p = (1 + #{perm >= observed}) / (1 + n_perm). Per-cluster p-values are adjusted
+    for the number of clusters by Benjamini-Hochberg (scipy.stats.false_discovery_control).
 
     Returns {"p_value", "statistic", "n_units", "n_cultures", "n_perm", "min_p", "reason", "clusters"}:
     min_p is the smallest p-value the design allows (1 / number of distinct ways to split the
@@ -299,7 +304,7 @@ def culture_difference_test(
         If labels, cultures and units are not 1-D and of one length, or a unit holds cells of
         more than one culture (see unit_proportions).
     """
-    from scipy.stats import false_discovery_control
+    from scipy.stats import false_discovery_control, permutation_test
 
     counts, unit_culture = unit_proportions(labels, cultures, units)
     keep = (counts.sum(axis=1) >= min_unit_cells).to_numpy()
@@ -318,24 +323,19 @@ def culture_difference_test(
         result["reason"] = result["reason"] or "no clustered cells"
         return result
     sizes = np.bincount(groups, minlength=g)
-    partitions = math.factorial(n_units) / np.prod([math.factorial(int(k)) for k in sizes])
-    partitions /= np.prod([math.factorial(int(k)) for k in np.bincount(sizes)])  # equal-size groups swap
-    result["min_p"] = float(max(1 / partitions, 1 / (1 + n_perm)))
-    observed = _between_ss(props, groups[None, :], g)[0]
-    rng = np.random.default_rng(seed)
-    exceed = np.zeros(props.shape[1] + 1)
-    tol = 1e-12 * max(1.0, float(observed.sum()))
-    for start in range(0, n_perm, 1000):
-        perms = rng.permuted(np.tile(groups, (min(1000, n_perm - start), 1)), axis=1)
-        null = _between_ss(props, perms, g)
-        exceed[:-1] += (null >= observed - tol).sum(axis=0)
-        exceed[-1] += (null.sum(axis=1) >= observed.sum() - tol).sum()
-    p = (1 + exceed) / (1 + n_perm)
+    # log of the distinct splits of the units into cultures of these sizes (equal-size cultures swap)
+    log_splits = (math.lgamma(n_units + 1) - sum(math.lgamma(int(k) + 1) for k in sizes)
+                  - sum(math.lgamma(int(m) + 1) for m in np.bincount(sizes)))
+    result["min_p"] = float(max(math.exp(-log_splits), 1 / (1 + n_perm)))
+    samples = [np.flatnonzero(groups == k).astype(float) for k in range(g)]
+    test = permutation_test(samples, _between_ss(props), permutation_type="independent", vectorized=True,
+                            n_resamples=n_perm, alternative="greater", batch=500, rng=np.random.default_rng(seed))
+    observed, p = test.statistic[:-1], np.atleast_1d(test.pvalue)
     shares = pd.DataFrame(props, columns=counts.columns).groupby(np.asarray(names)[groups]).mean()
     clusters = pd.DataFrame({"cluster": counts.columns.to_numpy(), "statistic": observed, "p_value": p[:-1],
                              "p_adjusted": false_discovery_control(p[:-1])})
     clusters["differs"] = clusters["p_adjusted"] < alpha
     for name in names:
         clusters[f"share:{name}"] = shares.loc[name].to_numpy()
-    result.update(p_value=float(p[-1]), statistic=float(observed.sum()), clusters=clusters)
+    result.update(p_value=float(p[-1]), statistic=float(test.statistic[-1]), clusters=clusters)
     return result
