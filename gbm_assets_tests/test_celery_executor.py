@@ -150,7 +150,7 @@ def test_ingest_and_training_steps_run_in_the_celery_worker(celery_runs):
         assert instance.get_materialized_partitions(dg.AssetKey("embeddings")) == {VARIANT}
 
 
-def test_training_in_the_worker_logs_to_the_shared_mlflow_store(celery_runs):
+def test_training_in_the_worker_logs_its_run_and_device_to_the_shared_mlflow_store(celery_runs):
     import mlflow
 
     root, *_ = celery_runs
@@ -159,3 +159,8 @@ def test_training_in_the_worker_logs_to_the_shared_mlflow_store(celery_runs):
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.data.params["variant"] == VARIANT
     assert run.data.params["epochs"] == "1" and "loss" in run.data.metrics
+    # Where it trained (the worker sees what this process sees): CPU and float32 without a GPU.
+    from gbm_assets.models.device import detect_device
+
+    assert {k: run.data.params.get(k) for k in ("device", "device_name", "precision", "n_gpus")} == \
+        {k: str(v) for k, v in detect_device().mlflow_params().items()}

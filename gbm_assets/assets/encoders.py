@@ -93,9 +93,11 @@ def trained_encoders(
     """
     import mlflow
 
+    from gbm_assets.models.device import use_training_device
     from gbm_assets.models.training import limit_cpu_threads, plan_training, train_encoder
 
     limit_cpu_threads()
+    device = use_training_device()  # the first GPU TensorFlow sees (mixed precision where it pays), else the CPU
     variant, retry = get_variant(context.partition_key), mlflow_tracking.retrying
     unreachable = partial(mlflow_tracking.retry_step_if_unreachable, config.mlflow_retries, config.mlflow_retry_wait_s)
     with unreachable():
@@ -107,7 +109,7 @@ def trained_encoders(
     final_encoder, final_record = data.encoder_file(variant.name), data.encoder_record(variant.name)
     with Staging() as stage:
         with mlflow_tracking.start_run(context, run_name=f"train-{variant.name}") as run:
-            retry(mlflow.log_params, _training_params(variant, plan, config))
+            retry(mlflow.log_params, {**_training_params(variant, plan, config), **device.mlflow_params()})
             retry(mlflow.log_text, "\n".join(plan.plates), "plates.txt")
 
             def on_epoch_end(epoch: int, row: dict) -> None:
