@@ -231,7 +231,12 @@ def summarize(sizes: list[dict], n_variants_measured: int) -> dict:
         }
         peaks = _stage_series(sizes, stage, "peak_rss_mib")
         ratio = max(peaks) / min(peaks)
+        growth = linear_fit(crops, peaks)
         memory[stage] = {
+            "mib_per_1000_crops": round(1000 * growth["slope"], 1),
+            "peak_rss_gib_at_thesis_cells": round(
+                max(max(peaks), growth["slope"] * THESIS_CELLS + growth["intercept"]) / 1024, 1
+            ),
             "peak_rss_mib": [round(p) for p in peaks],
             "largest_over_smallest": round(ratio, 2),
             "flat": ratio <= FLAT_RSS_RATIO,
@@ -270,8 +275,8 @@ def main() -> None:
         "--sizes", type=int, nargs="+", default=[100, 400, 1600], help="images per run (3 sizes for a fit)"
     )
     parser.add_argument("--image-size", type=int, default=1024, help="image side in pixels (1024: 1 MP)")
-    parser.add_argument("--cultures", type=int, default=5)
-    parser.add_argument("--concentrations", type=int, default=2)
+    parser.add_argument("--cultures", type=int, default=2)
+    parser.add_argument("--concentrations", type=int, default=5, help="all 5 plated densities by default")
     parser.add_argument(
         "--variants", nargs="+", default=["siamese_b"], help="variants to run (the thesis' best: siamese_b)"
     )
