@@ -4,6 +4,7 @@ their own labels, follow each culture's mixture, and look like phase contrast.""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import cv2
@@ -19,8 +20,10 @@ from gbm_assets.imaging.synthetic import (
     CONCENTRATIONS,
     CULTURE_MIXTURES,
     CULTURES,
+    GENERATOR_VERSION,
     GROUND_TRUTH_COLUMNS,
     MORPHOTYPES,
+    PARAMS_NAME,
     culture_mixture,
     synthesize_image,
     write_plates,
@@ -189,3 +192,81 @@ def test_empty_field_has_background_and_no_cells():
     assert field.cells.empty and not field.labels.any()
     assert field.image.dtype == np.uint16 and 27000 < field.image.mean() < 36000
     assert field.image.std() > 200  # noise and uneven illumination, not a flat frame
+
+
+# ---- the hard generator -----------------------------------------------------------------------
+
+
+def _background(image: np.ndarray, labels: np.ndarray) -> float:
+    """Median grey level away from every cell (the plate's exposure and illumination)."""
+    far = cv2.dilate((labels > 0).astype(np.uint8), np.ones((31, 31), np.uint8)) == 0
+    return float(np.median(image[far]))
+
+
+def test_hard_plates_share_their_optics_and_differ_from_each_other(tmp_path):
+    plates = write_plates(tmp_path, n_cultures=1, n_concentrations=1, n_replicates=4, images_per_plate=3,
+                          size=256, seed=5, difficulty="hard")
+    levels = []
+    for plate in plates:
+        levels.append([_background(tifffile.imread(plate / f"img{j:03d}.tif"),
+                                   cv2.imread(str(plate / "masks" / f"img{j:03d}.png"), cv2.IMREAD_UNCHANGED))
+                       for j in range(3)])
+    levels = np.array(levels)
+    within = levels.std(axis=1).mean()
+    between = levels.mean(axis=1).std()
+    assert between > 3 * within  # a plate's exposure is its own, and all its images share it
+    easy = write_plates(tmp_path / "easy", n_cultures=1, n_concentrations=1, n_replicates=4, images_per_plate=1,
+                        size=256, seed=5, difficulty="easy")
+    easy_levels = [float(np.median(tifffile.imread(p / "img000.tif"))) for p in easy]
+    assert np.std(easy_levels) < 0.5 * between
+
+
+def _cell_stats(difficulty: str, seed: int = 0) -> pd.DataFrame:
+    """Per true cell: morphotype, area, mean contrast inside its mask, nearest-neighbour distance."""
+    rows = []
+    for k in range(3):
+        field = synthesize_image(np.random.default_rng(seed + k), culture_mixture("GBM10"), 60, 768, difficulty)
+        image = field.image.astype(np.float64)
+        background = _background(field.image, field.labels)
+        xy = field.cells[["x", "y"]].to_numpy()
+        dist = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1)) + np.eye(len(xy)) * 1e9
+        for cell, nn in zip(field.cells.itertuples(), dist.min(axis=1)):
+            inside = field.labels == cell.mask_id
+            rows.append((cell.morphotype, int(inside.sum()), float(image[inside].mean() / background - 1), float(nn)))
+    return pd.DataFrame(rows, columns=["morphotype", "area", "contrast", "nn"])
+
+
+def test_hard_morphotypes_differ_in_shape_not_brightness_and_vary_in_size():
+    easy, hard = _cell_stats("easy"), _cell_stats("hard")
+    # Brightness: the spread of the morphotypes' mean contrast shrinks (no refractile rim, one thickness).
+    spread = {name: t.groupby("morphotype")["contrast"].mean().std() for name, t in (("easy", easy), ("hard", hard))}
+    assert spread["hard"] < 0.5 * spread["easy"]
+    # Size varies more within a morphotype (single cells; clump members are cut by their neighbours).
+    def cv(t, m):
+        a = t.loc[t["morphotype"] == m, "area"]
+        return a.std() / a.mean()
+    for m in ("small_round", "large_flat"):
+        assert cv(hard, m) > 1.3 * cv(easy, m), m
+    # Neighbours: more cells have another cell within half a 128-px crop.
+    assert (hard["nn"] < 64).mean() > (easy["nn"] < 64).mean() + 0.1
+
+
+def test_easy_is_the_default_and_difficulty_is_checked(tmp_path):
+    mixture = culture_mixture("GBM01")
+    a = synthesize_image(np.random.default_rng(1), mixture, 12, 256)
+    b = synthesize_image(np.random.default_rng(1), mixture, 12, 256, difficulty="easy")
+    assert np.array_equal(a.image, b.image) and a.cells.equals(b.cells)
+    with pytest.raises(ValueError, match="difficulty"):
+        synthesize_image(np.random.default_rng(1), mixture, 12, 256, difficulty="medium")
+    with pytest.raises(ValueError, match="difficulty"):
+        write_plates(tmp_path, n_cultures=1, n_concentrations=1, images_per_plate=1, size=128, difficulty="x")
+
+
+def test_changing_difficulty_rewrites_the_plate(tmp_path):
+    (plate,) = write_plates(tmp_path, n_cultures=1, n_concentrations=1, images_per_plate=1, size=256)
+    easy = tifffile.imread(plate / "img000.tif")
+    params = json.loads((plate / PARAMS_NAME).read_text())
+    assert params["difficulty"] == "easy" and params["version"] == GENERATOR_VERSION >= 2
+    write_plates(tmp_path, n_cultures=1, n_concentrations=1, images_per_plate=1, size=256, difficulty="hard")
+    assert json.loads((plate / PARAMS_NAME).read_text())["difficulty"] == "hard"
+    assert not np.array_equal(tifffile.imread(plate / "img000.tif"), easy)

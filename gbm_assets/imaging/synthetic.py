@@ -9,6 +9,16 @@ Optics in one line: each cell adds optical thickness to a phase map; the image i
 illumination times (1 - high-pass(phase)), which darkens cell bodies and edges and leaves a bright
 halo outside them, as a phase-contrast microscope does. Pure NumPy/OpenCV/tifffile, and every
 image is a function of its seed.
+
+Two difficulties. "easy" (generator version 1's drawing): every plate shares one exposure and
+focus, each morphotype has its own brightness and texture, and cells are scattered at random.
+"hard" adds the nuisances real plates have: each plate draws its own exposure, illumination
+field, vignetting, focus (defocus blur, halo width) and noise (PlateConditions), so a feature
+that recognises a plate's look can tell plates apart without any morphology; cells vary in size
+(x0.7-1.45) within a morphotype; half the objects settle beside a cell already placed, so
+neighbours enter a 128-px crop; and all morphotypes share one optical thickness and texture
+(no refractile rim), so they differ in shape (outline, size, dome or flat profile, clumping)
+rather than in brightness.
 """
 
 from __future__ import annotations
@@ -59,7 +69,13 @@ GROUND_TRUTH_COLUMNS = (
     "image", "x", "y", "morphotype", "culture", "mask_id", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
 )
 PARAMS_NAME = "synthetic.json"
-GENERATOR_VERSION = 1  # bump when the drawing changes, so plates written before are regenerated
+GENERATOR_VERSION = 2  # bump when the drawing changes, so plates written before are regenerated
+DIFFICULTIES = ("easy", "hard")
+# hard: share of objects placed beside one already placed (a neighbour entering its crop), and
+# the gap between their windows, as a fraction of the two windows' half-sides.
+NEIGHBOUR_RATE = 0.5
+_NEIGHBOUR_GAP = (0.75, 1.3)
+_SIZE_JITTER = (0.7, 1.45)  # hard: per-cell scale of the outline within a morphotype
 
 _MAX_OVERLAP = 0.05  # fraction of a new cell's area that may cover cells already placed
 _PLACE_TRIES = 40
@@ -68,6 +84,13 @@ _HALO_SIGMA = 3.0  # px; sets the halo width and the shade-off inside large cell
 _ABSORPTION = 0.08  # darkening proportional to thickness, so flat cells stay darker than background
 _READ_NOISE = 350.0
 _SHOT_GAIN = 3.0  # variance per grey level: shot-like noise, ~300 at the background
+
+
+def check_difficulty(difficulty: str) -> str:
+    """difficulty itself if it is one of DIFFICULTIES; else ValueError naming the choices."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown synthetic difficulty {difficulty!r}; use one of {DIFFICULTIES}")
+    return difficulty
 
 
 def culture_mixture(culture: str) -> dict[str, float]:
@@ -106,6 +129,42 @@ _LOOKS = {
     "multipolar": _Look(phase=1.3, dome=False, nucleus=0.3, granules=0.6, rim=0.0),
     "clump": _Look(phase=1.2, dome=True, nucleus=0.2, granules=0.3, rim=0.0),
 }
+# hard: one thickness, nucleus and texture for every morphotype; only the profile (a rounded
+# cell is a dome, a spread one flat) follows the shape.
+_HARD_LOOKS = {m: _Look(phase=1.2, dome=look.dome, nucleus=0.25, granules=0.45, rim=0.0) for m, look in _LOOKS.items()}
+
+
+@dataclass(frozen=True)
+class PlateConditions:
+    """What every image of one hard plate shares: exposure, illumination, focus and noise.
+
+    level: background grey level in 16-bit counts (lamp x exposure); field: (6, 6) float32
+    coarse illumination pattern, relative, upsampled to the image; gradient: (gy, gx) relative
+    change across the image; vignette: relative darkening at the corners; focus_sigma: px,
+    Gaussian defocus of the optical thickness (0 = in focus); halo_sigma: px, halo width;
+    noise_scale: multiplier of the camera noise.
+    """
+
+    level: float
+    field: np.ndarray
+    gradient: tuple[float, float]
+    vignette: float
+    focus_sigma: float
+    halo_sigma: float
+    noise_scale: float
+
+
+def draw_plate_conditions(rng: np.random.Generator) -> PlateConditions:
+    """A random plate's exposure, illumination, focus and noise (the hard generator's nuisances)."""
+    return PlateConditions(
+        level=float(rng.uniform(20000, 44000)),
+        field=rng.normal(0.0, 0.05, (6, 6)).astype(np.float32),
+        gradient=(float(rng.uniform(-0.08, 0.08)), float(rng.uniform(-0.08, 0.08))),
+        vignette=float(rng.uniform(0.0, 0.2)),
+        focus_sigma=float(rng.uniform(0.0, 1.3)),
+        halo_sigma=float(rng.uniform(2.5, 3.8)),
+        noise_scale=float(rng.uniform(0.7, 1.5)),
+    )
 
 
 @dataclass(frozen=True)
@@ -179,8 +238,16 @@ def _star_outline(rng: np.random.Generator) -> np.ndarray:
     return np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1)
 
 
-def _outline(rng: np.random.Generator, morphotype: str) -> np.ndarray:
-    """Polygon (N, 2) of x, y in pixels around (0, 0) for one cell of the morphotype."""
+def _outline(rng: np.random.Generator, morphotype: str, hard: bool = False) -> np.ndarray:
+    """Polygon (N, 2) of x, y in pixels around (0, 0) for one cell of the morphotype.
+
+    hard: the outline is scaled by a random factor in _SIZE_JITTER (size varies within a type).
+    """
+    points = _base_outline(rng, morphotype)
+    return points * rng.uniform(*_SIZE_JITTER) if hard else points
+
+
+def _base_outline(rng: np.random.Generator, morphotype: str) -> np.ndarray:
     if morphotype == "small_round":
         return _round_outline(rng, 8, 12, 0.05, 1.1)
     if morphotype == "large_flat":
@@ -223,14 +290,14 @@ def _nucleoli(rng: np.random.Generator, core: np.ndarray) -> np.ndarray:
     return spots
 
 
-def _sprite(rng: np.random.Generator, morphotype: str) -> _Sprite:
+def _sprite(rng: np.random.Generator, morphotype: str, hard: bool = False) -> _Sprite:
     """Draw one cell: its footprint, optical thickness (body, nucleus, granules) and rim."""
-    points = _outline(rng, morphotype)
+    points = _outline(rng, morphotype, hard)
     half = int(np.ceil(np.abs(points).max())) + _PAD
     mask = _fill(points, half)
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
     depth = max(float(dist.max()), 1.0)
-    look = _LOOKS[morphotype]
+    look = (_HARD_LOOKS if hard else _LOOKS)[morphotype]
     body = np.sqrt(dist / depth) if look.dome else 1.0 - np.exp(-dist / 3.0)
     core = np.clip((dist / depth - rng.uniform(0.45, 0.6)) * 8, 0, 1)
     phase = look.phase * rng.uniform(0.8, 1.2) * body
@@ -248,14 +315,14 @@ def _sprite(rng: np.random.Generator, morphotype: str) -> _Sprite:
 _Member = tuple[_Sprite, int, int]  # sprite and its centre's offset (dy, dx) from the object origin
 
 
-def _clump(rng: np.random.Generator, k: int) -> list[_Member]:
+def _clump(rng: np.random.Generator, k: int, hard: bool = False) -> list[_Member]:
     """k small cells packed so neighbours touch but each stays a separate, findable cell.
 
     A member that finds no room around the others after 30 tries is left out.
     """
     members: list[_Member] = []
     discs: list[tuple[np.ndarray, float]] = []  # centre (y, x) and radius of the members placed
-    for sprite in (_sprite(rng, "clump") for _ in range(k)):
+    for sprite in (_sprite(rng, "clump", hard) for _ in range(k)):
         radius = float(np.sqrt(sprite.mask.sum() / np.pi))
         centre = _touching_spot(rng, discs, radius) if discs else np.zeros(2)
         if centre is not None:
@@ -294,9 +361,9 @@ def _object_plan(rng: np.random.Generator, p: np.ndarray, n_cells: int) -> list[
     return [(MORPHOTYPES[k], int(n)) for k, n in zip(kinds[keep], sizes)]
 
 
-def _objects(rng: np.random.Generator, plan: list[tuple[str, int]]) -> list[list[_Member]]:
+def _objects(rng: np.random.Generator, plan: list[tuple[str, int]], hard: bool = False) -> list[list[_Member]]:
     """Single cells and clumps, largest first so big cells still find room in dense fields."""
-    objects = [_clump(rng, n) if m == "clump" else [(_sprite(rng, m), 0, 0)] for m, n in plan]
+    objects = [_clump(rng, n, hard) if m == "clump" else [(_sprite(rng, m, hard), 0, 0)] for m, n in plan]
     return sorted(objects, key=lambda obj: -sum(int(s.mask.sum()) for s, _, _ in obj))
 
 
@@ -306,16 +373,36 @@ def _window(member: _Member, cy: int, cx: int) -> tuple[slice, slice]:
     return slice(y0, y0 + sprite.mask.shape[0]), slice(x0, x0 + sprite.mask.shape[1])
 
 
-def _place(rng: np.random.Generator, labels: np.ndarray, obj: list[_Member]) -> tuple[int, int] | None:
+def _reach(obj: list[_Member]) -> int:
+    """Half-side of the square around the object origin that holds all its members' windows."""
+    return max(s.half + max(abs(dy), abs(dx)) for s, dy, dx in obj)
+
+
+def _place(
+    rng: np.random.Generator, labels: np.ndarray, obj: list[_Member],
+    anchors: list[tuple[int, int, int]] | None = None,
+) -> tuple[int, int] | None:
     """A random origin where the whole object lies inside the (square) image and barely covers
-    cells already placed, or None after _PLACE_TRIES misses."""
+    cells already placed, or None after _PLACE_TRIES misses.
+
+    anchors (hard generator): (cy, cx, reach) of the objects placed so far; with probability
+    NEIGHBOUR_RATE the object is first tried beside a random one of them, its centre
+    _NEIGHBOUR_GAP x (both reaches) away, so a crop of either shows the other.
+    """
     size = labels.shape[0]
     lo = max(s.half - d for s, dy, dx in obj for d in (dy, dx))
     hi = size - max(s.half + d + 1 for s, dy, dx in obj for d in (dy, dx))
     if hi < lo:
         return None
+    beside = bool(anchors) and rng.random() < NEIGHBOUR_RATE
     for _ in range(_PLACE_TRIES):
-        cy, cx = (int(v) for v in rng.integers(lo, hi + 1, 2))
+        if beside:
+            ay, ax, reach = anchors[int(rng.integers(len(anchors)))]
+            angle, gap = rng.uniform(0, 2 * np.pi), rng.uniform(*_NEIGHBOUR_GAP) * (reach + _reach(obj))
+            cy = int(np.clip(round(ay + gap * np.sin(angle)), lo, hi))
+            cx = int(np.clip(round(ax + gap * np.cos(angle)), lo, hi))
+        else:
+            cy, cx = (int(v) for v in rng.integers(lo, hi + 1, 2))
         if all(
             np.count_nonzero(labels[_window(m, cy, cx)][m[0].mask]) <= _MAX_OVERLAP * m[0].mask.sum()
             for m in obj
@@ -391,15 +478,37 @@ def _add_ghosts(rng: np.random.Generator, glow: np.ndarray) -> None:
         _add_clipped(glow, amp * blob, y - half, x - half)
 
 
-def _render(rng: np.random.Generator, phase: np.ndarray, glow: np.ndarray) -> np.ndarray:
-    """Phase-contrast optics and camera: high-passed thickness darkens cells and lights halos."""
+def _plate_illumination(rng: np.random.Generator, size: int, plate: PlateConditions) -> np.ndarray:
+    """The plate's level, field, gradient and vignetting, with a little per-image jitter."""
+    level = plate.level * (1 + rng.normal(0.0, 0.02))
+    coarse = plate.field + rng.normal(0.0, 0.01, (6, 6)).astype(np.float32)
+    field = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    ramp = np.linspace(-1, 1, size, dtype=np.float32)
+    gy, gx = plate.gradient
+    r2 = (ramp[:, None] ** 2 + ramp[None, :] ** 2) / 2
+    return level * (1 + field + gy * ramp[:, None] + gx * ramp[None, :] - plate.vignette * r2)
+
+
+def _render(
+    rng: np.random.Generator, phase: np.ndarray, glow: np.ndarray, plate: PlateConditions | None = None
+) -> np.ndarray:
+    """Phase-contrast optics and camera: high-passed thickness darkens cells and lights halos.
+
+    plate (hard generator): the plate's exposure, illumination, focus and noise; None: the easy
+    generator's fixed optics.
+    """
     size = phase.shape[0]
-    light = _illumination(rng, size)
+    light = _illumination(rng, size) if plate is None else _plate_illumination(rng, size, plate)
     if rng.random() < RIPPLE_RATE:
         light *= 1 + _ripple(rng, size)
-    contrast = phase - cv2.GaussianBlur(phase, (0, 0), _HALO_SIGMA)
+    halo_sigma, noise_scale = _HALO_SIGMA, 1.0
+    if plate is not None:
+        halo_sigma, noise_scale = plate.halo_sigma, plate.noise_scale
+        if plate.focus_sigma > 0.1:
+            phase = cv2.GaussianBlur(phase, (0, 0), plate.focus_sigma)
+    contrast = phase - cv2.GaussianBlur(phase, (0, 0), halo_sigma)
     signal = light * (1 - contrast - _ABSORPTION * phase + glow)
-    noise_sd = np.sqrt(_READ_NOISE**2 + _SHOT_GAIN * np.clip(signal, 0, None))
+    noise_sd = noise_scale * np.sqrt(_READ_NOISE**2 + _SHOT_GAIN * np.clip(signal, 0, None))
     signal += noise_sd * rng.standard_normal(signal.shape, dtype=np.float32)
     return np.clip(np.round(signal), 0, 65535).astype(np.uint16)
 
@@ -432,7 +541,8 @@ def _cell_table(labels: np.ndarray, placed: list[tuple[int, str, tuple[slice, sl
 
 
 def synthesize_image(
-    rng: np.random.Generator, mixture: dict[str, float], n_cells: int, size: int = FIELD_SIZE
+    rng: np.random.Generator, mixture: dict[str, float], n_cells: int, size: int = FIELD_SIZE,
+    difficulty: str = "easy", plate: PlateConditions | None = None,
 ) -> SyntheticImage:
     """One size x size field with about n_cells cells drawn from the morphotype mixture.
 
@@ -449,6 +559,11 @@ def synthesize_image(
         Cells to place (>= 0).
     size : int
         Side of the square field, in pixels.
+    difficulty : {"easy", "hard"}
+        "easy": generator version 1's drawing; "hard": size jitter, neighbours beside cells, one
+        look for all morphotypes and the plate's optics (see the module docstring).
+    plate : PlateConditions, optional
+        hard only: the plate's exposure, illumination, focus and noise; None draws the field's own.
 
     Returns
     -------
@@ -460,17 +575,24 @@ def synthesize_image(
     Raises
     ------
     ValueError
-        If mixture names an unknown morphotype, or its proportions are negative or do not sum to 1.
+        If mixture names an unknown morphotype, or its proportions are negative or do not sum to
+        1, or difficulty is not one of DIFFICULTIES.
     """
+    hard = check_difficulty(difficulty) == "hard"
+    if hard and plate is None:
+        plate = draw_plate_conditions(rng)
     plan = _object_plan(rng, _check_mixture(mixture), int(n_cells))
     labels = np.zeros((size, size), np.uint16)
     phase = _dish(rng, size)
     glow = np.zeros((size, size), np.float32)
     placed = []
-    for obj in _objects(rng, plan):
-        origin = _place(rng, labels, obj)
+    anchors: list[tuple[int, int, int]] | None = [] if hard else None
+    for obj in _objects(rng, plan, hard):
+        origin = _place(rng, labels, obj, anchors)
         if origin is None:
             continue
+        if anchors is not None:
+            anchors.append((*origin, _reach(obj)))
         for member in obj:
             sprite = member[0]
             window = _window(member, *origin)
@@ -481,7 +603,7 @@ def synthesize_image(
                 glow[window] += sprite.rim
             placed.append((mask_id, sprite.morphotype, window))
     _add_ghosts(rng, glow)
-    image = _render(rng, phase, glow)
+    image = _render(rng, phase, glow, plate if hard else None)
     return SyntheticImage(image=image, labels=labels, cells=_cell_table(labels, placed))
 
 
@@ -490,7 +612,7 @@ def synthesize_image(
 
 def _write_plate(
     plate_dir: Path, culture: str, concentration: str, replicate: int, images: int, size: int,
-    entropy: list[int], timepoint_h: float,
+    entropy: list[int], timepoint_h: float, difficulty: str = "easy",
 ) -> None:
     """Write one plate: images, masks, ground truth, parameters, and the manifest last.
 
@@ -498,7 +620,7 @@ def _write_plate(
     anything else in its folder is replaced.
     """
     params = {"version": GENERATOR_VERSION, "entropy": entropy, "images": images, "size": size,
-              "timepoint_h": timepoint_h}
+              "timepoint_h": timepoint_h, "difficulty": difficulty}
     params_path = plate_dir / PARAMS_NAME
     if (plate_dir / MANIFEST_NAME).is_file() and params_path.is_file():
         if json.loads(params_path.read_text()) == params:
@@ -507,11 +629,12 @@ def _write_plate(
         shutil.rmtree(plate_dir)
     (plate_dir / "masks").mkdir(parents=True)
     rng = np.random.default_rng(np.random.SeedSequence(entropy))
+    plate = draw_plate_conditions(rng) if difficulty == "hard" else None
     mean_cells = CELLS_PER_FIELD[concentration] * (size / FIELD_SIZE) ** 2
     names, tables = [], []
     for j in range(images):
         n_cells = 0 if rng.random() < EMPTY_FIELD_RATE else int(rng.poisson(mean_cells))
-        field = synthesize_image(rng, CULTURE_MIXTURES[culture], n_cells, size)
+        field = synthesize_image(rng, CULTURE_MIXTURES[culture], n_cells, size, difficulty, plate)
         name = f"img{j:03d}.tif"
         tifffile.imwrite(plate_dir / name, field.image, photometric="minisblack", metadata=None)
         cv2.imwrite(str(plate_dir / "masks" / f"img{j:03d}.png"), field.labels)
@@ -540,6 +663,7 @@ def write_plates(
     seed: int = 0,
     timepoint_h: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
+    difficulty: str = "easy",
 ) -> list[Path]:
     """Write synthetic plates (the first n_cultures x n_concentrations, r1..rN) under out_dir.
 
@@ -547,15 +671,21 @@ def write_plates(
     masks/imgNNN.png (uint16 instance labels), ground_truth.csv (one row per cell; x, y = mask
     centroid; bbox_x1/y1 exclusive), synthetic.json and, written last and atomically,
     manifest.csv. Images are size x size pixels. A plate's pixels depend only on (seed, culture,
-    concentration, replicate, timepoint_h, size, images_per_plate), not on how many plates are
-    asked for. Returns the plate folders in order; progress(done, total) is called after each plate.
+    concentration, replicate, timepoint_h, size, images_per_plate, difficulty), not on how many
+    plates are asked for. difficulty "easy" is generator version 1's drawing; "hard" (what the
+    demo and the benchmarks use) gives each plate its own exposure, illumination, focus and
+    noise, varies cell size, puts neighbours beside cells and makes morphotypes differ in shape
+    rather than brightness (module docstring). Returns the plate folders in order;
+    progress(done, total) is called after each plate.
 
     Raises
     ------
     ValueError
         If n_cultures is not in 1..len(CULTURES), n_concentrations not in 1..len(CONCENTRATIONS),
-        or n_replicates < 1, images_per_plate < 1, size < 128, seed < 0 or timepoint_h < 0.
+        or n_replicates < 1, images_per_plate < 1, size < 128, seed < 0 or timepoint_h < 0, or
+        difficulty is not one of DIFFICULTIES.
     """
+    check_difficulty(difficulty)
     if not 1 <= n_cultures <= len(CULTURES):
         raise ValueError(f"n_cultures must be 1..{len(CULTURES)}, got {n_cultures}")
     if not 1 <= n_concentrations <= len(CONCENTRATIONS):
@@ -577,7 +707,7 @@ def write_plates(
         culture, concentration = CULTURES[ci], CONCENTRATIONS[ki]
         plate_dir = out_dir / synthetic_plate_id(culture, concentration, r)
         entropy = [int(seed), ci, ki, r, int(round(timepoint_h * 3600))]
-        _write_plate(plate_dir, culture, concentration, r, images_per_plate, size, entropy, timepoint_h)
+        _write_plate(plate_dir, culture, concentration, r, images_per_plate, size, entropy, timepoint_h, difficulty)
         plates.append(plate_dir)
         if progress is not None:
             progress(done, len(plans))
