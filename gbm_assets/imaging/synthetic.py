@@ -15,7 +15,7 @@ focus, each morphotype has its own brightness and texture, and cells are scatter
 "hard" adds the nuisances real plates have: each plate draws its own exposure, illumination
 field, vignetting, focus (defocus blur, halo width) and noise (PlateConditions), so a feature
 that recognises a plate's look can tell plates apart without any morphology; cells vary in size
-(x0.7-1.45) within a morphotype; half the objects settle beside a cell already placed, so
+(x0.8-1.25) within a morphotype; half the objects settle beside a cell already placed, so
 neighbours enter a 128-px crop; and all morphotypes share one optical thickness and texture
 (no refractile rim), so they differ in shape (outline, size, dome or flat profile, clumping)
 rather than in brightness.
@@ -74,8 +74,8 @@ DIFFICULTIES = ("easy", "hard")
 # hard: share of objects placed beside one already placed (a neighbour entering its crop), and
 # the gap between their windows, as a fraction of the two windows' half-sides.
 NEIGHBOUR_RATE = 0.5
-_NEIGHBOUR_GAP = (0.75, 1.3)
-_SIZE_JITTER = (0.7, 1.45)  # hard: per-cell scale of the outline within a morphotype
+_NEIGHBOUR_GAP = (1.05, 1.5)
+_SIZE_JITTER = (0.8, 1.25)  # hard: per-cell scale of the outline within a morphotype
 
 _MAX_OVERLAP = 0.05  # fraction of a new cell's area that may cover cells already placed
 _PLACE_TRIES = 40
@@ -131,7 +131,7 @@ _LOOKS = {
 }
 # hard: one thickness, nucleus and texture for every morphotype; only the profile (a rounded
 # cell is a dome, a spread one flat) follows the shape.
-_HARD_LOOKS = {m: _Look(phase=1.2, dome=look.dome, nucleus=0.25, granules=0.45, rim=0.0) for m, look in _LOOKS.items()}
+_HARD_LOOKS = {m: _Look(phase=1.2, dome=look.dome, nucleus=0.2, granules=0.3, rim=0.0) for m, look in _LOOKS.items()}
 
 
 @dataclass(frozen=True)
@@ -158,9 +158,9 @@ def draw_plate_conditions(rng: np.random.Generator) -> PlateConditions:
     """A random plate's exposure, illumination, focus and noise (the hard generator's nuisances)."""
     return PlateConditions(
         level=float(rng.uniform(20000, 44000)),
-        field=rng.normal(0.0, 0.05, (6, 6)).astype(np.float32),
+        field=rng.normal(0.0, 0.025, (6, 6)).astype(np.float32),
         gradient=(float(rng.uniform(-0.08, 0.08)), float(rng.uniform(-0.08, 0.08))),
-        vignette=float(rng.uniform(0.0, 0.2)),
+        vignette=float(rng.uniform(0.0, 0.12)),
         focus_sigma=float(rng.uniform(0.0, 1.3)),
         halo_sigma=float(rng.uniform(2.5, 3.8)),
         noise_scale=float(rng.uniform(0.7, 1.5)),
