@@ -154,6 +154,7 @@ def run_size(work: Path, n_images: int, args: argparse.Namespace, training: dict
         images_per_plate=n_images // n_plates,
         size=args.image_size,
         seed=args.seed,
+        difficulty="hard",
     )
     synth_s = time.perf_counter() - t
     stages = {"ingest": _child(size_dir, "ingest", None, {})}
@@ -306,7 +307,12 @@ def main() -> None:
     load = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="gbm-scale-", dir=args.workdir))
     started = time.perf_counter()
-    sizes = [run_size(work, n, args, training) for n in sorted(args.sizes)]
+    sizes = []
+    for n in sorted(args.sizes):
+        sizes.append(run_size(work, n, args, training))
+        print(
+            json.dumps(sizes[-1]), file=sys.stderr, flush=True
+        )  # each size as it ends: kept if a later one is stopped
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(
