@@ -1,4 +1,4 @@
-"""Evaluation of embeddings: random forest split by image, baselines and the confusion figure."""
+"""Evaluation of embeddings: random forest and linear probe, split by image and by plate, baselines, confusion figure."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gbm_assets.analysis.evaluation import evaluate_features, plot_confusion, raw_pixel_features, split_by_group
+from gbm_assets.analysis.evaluation import (
+    CLASSIFIERS, evaluate_features, plot_confusion, raw_pixel_features, split_by_group, why_not_evaluable,
+)
+from gbm_assets.analysis.variant_evaluation import evaluate_with_baselines, metric_key, score_features, split_groups
 
 
 def separable(n_images=30, per_image=10, seed=0):
@@ -61,3 +64,114 @@ def test_plot_confusion_writes_a_png(tmp_path):
     result = evaluate_features(features, labels, groups)
     path = plot_confusion(result, "culture (synthetic)", tmp_path / "figures" / "confusion.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- linear probe, plate-held-out split, baselines ---------------------------------------------
+
+
+def plates_with_a_look(n_cultures=4, plates_per_culture=5, images_per_plate=3, per_image=8, seed=0):
+    """Rows of n_cultures x plates_per_culture plates, and two feature sets: "look" is the plate's
+    own random signature (no culture in it: what recognising a plate's illumination gives) and
+    "morphology" a culture centre plus noise (what a culture's cells share on every plate)."""
+    rng = np.random.default_rng(seed)
+    rows, look, morph = [], [], []
+    centres = rng.normal(scale=2.0, size=(n_cultures, 6))
+    for c in range(n_cultures):
+        for p in range(plates_per_culture):
+            signature = rng.normal(scale=3.0, size=6)
+            for i in range(images_per_plate):
+                for _ in range(per_image):
+                    rows.append({"plate": f"GBM{c}-p{p}", "image": f"img{i}.tif", "culture": f"GBM{c}"})
+                    look.append(signature + rng.normal(scale=0.3, size=6))
+                    morph.append(centres[c] + rng.normal(size=6))
+    return pd.DataFrame(rows), {"look": np.array(look), "morphology": np.array(morph)}
+
+
+def test_linear_probe_is_scored_beside_the_forest():
+    features, labels, groups = separable()
+    probe = evaluate_features(features, labels, groups, seed=0, classifier="linear_probe")
+    assert probe["classifier"] == "linear_probe"
+    assert probe["accuracy"] > probe["majority_baseline"] + 0.3 and probe["kappa"] > 0.5
+    with pytest.raises(ValueError, match="unknown classifier"):
+        evaluate_features(features, labels, groups, classifier="svm")
+
+
+def test_plate_split_exposes_a_feature_that_only_recognises_the_plate():
+    rows, features = plates_with_a_look()
+    scores = score_features(rows, features, seed=0)
+    assert set(scores["split"]) == {"image", "plate"} and set(scores["classifier"]) == set(CLASSIFIERS)
+    kappa = scores.set_index(["feature_set", "split", "classifier"])["kappa"]
+    # Held-out images of plates seen in training: the forest reads culture off the plate's look.
+    assert kappa["look", "image", "random_forest"] > 0.8
+    for classifier in CLASSIFIERS:
+        assert kappa["look", "plate", classifier] < 0.3  # held-out plates: nothing left
+        assert kappa["morphology", "plate", classifier] > 0.6  # morphology holds on new plates
+    plate_lines = scores[scores["split"] == "plate"]
+    assert (plate_lines["n_test"] > 0).all() and (plate_lines["skipped"] == "").all()
+
+
+def test_plate_split_says_why_it_cannot_score():
+    rows, features = plates_with_a_look(n_cultures=6, plates_per_culture=1, images_per_plate=6)
+    scores = score_features(rows, features, seed=0)
+    plate = scores[scores["split"] == "plate"]
+    assert plate["skipped"].eq("needs >= 2 cultures with >= 2 plates each (found 0)").all()
+    assert plate["accuracy"].isna().all() and (scores.loc[scores["split"] == "image", "skipped"] == "").all()
+    assert why_not_evaluable(pd.Series(list("AB") * 2), pd.Series(["p1", "p2", "p3", "p4"]), "culture", unit="plate") \
+        == "needs >= 5 plates (found 4)"
+
+
+def test_split_groups_and_metric_names():
+    rows = pd.DataFrame({"plate": ["a", "a", "b"], "image": ["i1", "i2", "i1"]})
+    assert split_groups(rows, "image").tolist() == ["a:i1", "a:i2", "b:i1"]
+    assert split_groups(rows, "plate").tolist() == ["a", "a", "b"]
+    with pytest.raises(ValueError, match="unknown split"):
+        split_groups(rows, "well")
+    line = pd.DataFrame([{"feature_set": "embedding", "target": "culture", "split": "image", "classifier": "random_forest"},
+                         {"feature_set": "embedding", "target": "culture", "split": "plate", "classifier": "linear_probe"}])
+    keys = [metric_key(r, "kappa") for r in line.itertuples()]
+    assert keys == ["embedding.culture.kappa", "embedding.culture.plate_split.linear_probe.kappa"]
+
+
+def test_baselines_are_computed_once_per_cell_sample(tmp_path, monkeypatch):
+    import gbm_assets.analysis.variant_evaluation as ve
+
+    rows, features = plates_with_a_look(n_cultures=2, plates_per_culture=5, images_per_plate=2, per_image=4)
+    rows["crop_id"] = [f"c{i}" for i in range(len(rows))]
+    calls = []
+
+    def fake_baselines(crops_dir, crop_ids):
+        calls.append(len(crop_ids))
+        return {"raw_pixels": features["look"], "handcrafted": features["morphology"]}
+
+    monkeypatch.setattr(ve, "baseline_features_for", fake_baselines)
+    embedding = {"embedding": features["morphology"][:, :3]}
+    first, figures = evaluate_with_baselines(rows, embedding, "crops", tmp_path / "a", "A", cache_dir=tmp_path / "cache")
+    second, again = evaluate_with_baselines(rows, embedding, "crops", tmp_path / "b", "B", cache_dir=tmp_path / "cache")
+    assert calls == [len(rows)]  # the second variant reuses the first's baseline scores
+    pd.testing.assert_frame_equal(first, second)
+    assert set(first["feature_set"]) == {"embedding", "raw_pixels", "handcrafted"}
+    names = sorted(p.name for p in again)
+    assert "confusion_handcrafted_culture.png" in names and "plate_confusion_raw_pixels_culture.png" in names
+    assert all(p.parent == tmp_path / "b" and p.is_file() for p in again)
+    # Another sample (another seed) recomputes and replaces the cached entry.
+    evaluate_with_baselines(rows, embedding, "crops", tmp_path / "c", "C", seed=1, cache_dir=tmp_path / "cache")
+    assert calls == [len(rows)] * 2 and len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_comparison_table_has_both_baselines_and_the_plate_split(tmp_path):
+    from gbm_assets.analysis.report import HANDCRAFTED_BASELINE, is_baseline
+    from gbm_assets.analysis.report_inputs import comparison_table
+    from gbm_assets.storage import write_parquet_atomic
+    import pyarrow as pa
+
+    rows, features = plates_with_a_look()
+    scores = score_features(rows, {"embedding": features["morphology"], "raw_pixels": features["look"],
+                                   "handcrafted": features["morphology"][:, :2]})
+    write_parquet_atomic(pa.Table.from_pandas(scores, preserve_index=False), tmp_path / "siamese_b" / "scores.parquet")
+    table = comparison_table(tmp_path, ["siamese_b"]).set_index("variant")
+    assert table.index.tolist() == ["siamese_b", "raw pixels", HANDCRAFTED_BASELINE]
+    assert is_baseline(table.reset_index()).tolist() == [False, True, True]
+    raw = table.loc["raw pixels"]
+    assert raw["culture_kappa"] > 0.8 and raw["culture_plate_kappa"] < 0.3  # the plate's look, exposed
+    for column in ("culture_kappa_linear", "culture_plate_kappa", "culture_plate_kappa_linear", "culture_plate_accuracy"):
+        assert table[column].notna().all(), column

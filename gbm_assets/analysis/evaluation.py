@@ -1,9 +1,13 @@
-"""How much of a cell's origin an embedding predicts: a random forest, split by image.
+"""How much of a cell's origin an embedding predicts: a random forest and a linear probe, held out by group.
 
 There is no ground truth for cell types, so, as in the thesis, an embedding is judged by how
 well a default random forest predicts a known label (culture of origin, plated concentration)
-from it. The split keeps all crops of one image on the same side: neighbouring crops overlap
-and share an image's illumination, so a random split would leak and overstate accuracy.
+from it; a linear probe (standardised logistic regression, the self-supervised literature's
+yardstick) is scored beside it. The split keeps all crops of one group on the same side. By
+image: neighbouring crops overlap and share an image's illumination, so a random split would
+leak and overstate accuracy. By plate: every image of a plate shares its exposure, focus and
+illumination, and a plate holds one culture, so a feature that recognises the plate's look
+predicts culture on held-out images without any morphology; held-out plates expose it.
 """
 
 from __future__ import annotations
@@ -14,12 +18,38 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+import warnings
+
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix
 from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from gbm_assets.analysis.figures import literal_text
 from gbm_assets.imaging.plates import natural_key
+
+
+CLASSIFIERS = ("random_forest", "linear_probe")
+LINEAR_PROBE_MAX_ITER = 300
+
+
+def make_classifier(name: str, seed: int = 0):
+    """A fresh scikit-learn classifier: "random_forest" (defaults, as the thesis) or "linear_probe"
+    (StandardScaler then multinomial LogisticRegression, L2, C = 1), seeded with seed.
+
+    Raises
+    ------
+    ValueError
+        If name is not one of CLASSIFIERS.
+    """
+    if name == "random_forest":
+        return RandomForestClassifier(random_state=seed, n_jobs=2)
+    if name == "linear_probe":
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=LINEAR_PROBE_MAX_ITER, random_state=seed))
+    raise ValueError(f"unknown classifier {name!r}; use one of {CLASSIFIERS}")
 
 
 def min_images(test_size: float = 0.2) -> int:
@@ -27,31 +57,41 @@ def min_images(test_size: float = 0.2) -> int:
     return max(2, round(1 / test_size))
 
 
-def why_not_evaluable(labels: pd.Series, groups: pd.Series, target: str, test_size: float = 0.2) -> str | None:
+def why_not_evaluable(
+    labels: pd.Series, groups: pd.Series, target: str, test_size: float = 0.2, unit: str = "image"
+) -> str | None:
     """Why labels cannot be scored with a held-out split, e.g. "needs >= 2 cultures (found 1)"; None if they can.
 
-    labels: one known label per crop (no missing values); groups: the crop's image, same length.
-    A classifier needs two classes to tell apart, and the split one image per fold (min_images).
+    labels: one known label per crop (no missing values); groups: the crop's group (its image,
+    or its plate: unit names it), same length. A classifier needs two classes to tell apart,
+    and the split one group per fold (min_images). Held out by plate, at least two classes
+    must each span two or more plates, or no held-out plate shows a class seen in training.
     """
-    n_classes = pd.Series(labels).nunique()
+    labels, groups = pd.Series(labels).reset_index(drop=True), pd.Series(groups).reset_index(drop=True)
+    n_classes = labels.nunique()
     if n_classes < 2:
         return f"needs >= 2 {target}s (found {n_classes})"
-    n_groups, need = pd.Series(groups).nunique(), min_images(test_size)
+    n_groups, need = groups.nunique(), min_images(test_size)
     if n_groups < need:
-        return f"needs >= {need} images (found {n_groups})"
+        return f"needs >= {need} {unit}s (found {n_groups})"
+    if unit != "image":
+        spanning = int((groups.groupby(labels).nunique() >= 2).sum())
+        if spanning < 2:
+            return f"needs >= 2 {target}s with >= 2 {unit}s each (found {spanning})"
     return None
 
 
 def split_by_group(labels: pd.Series, groups: pd.Series, seed: int = 0, test_size: float = 0.2):
     """(train, test) row positions: one fold of a stratified group k-fold, k = round(1 / test_size).
 
-    labels and groups (the crop's image) have one entry per crop. Returns two int ndarrays of
+    labels and groups (the crop's image, or its plate) have one entry per crop; the fold is
+    seeded (shuffled with random_state=seed) and keeps class shares close to the whole's. Returns two int ndarrays of
     row positions, shape (n_train,) and (n_test,); no group is on both sides.
 
     Raises
     ------
     ValueError
-        If there are fewer groups (images) than folds (min_images(test_size)).
+        If there are fewer groups (images or plates) than folds (min_images(test_size)).
     """
     folds = min_images(test_size)
     n_groups = pd.Series(groups).nunique()
@@ -63,9 +103,10 @@ def split_by_group(labels: pd.Series, groups: pd.Series, seed: int = 0, test_siz
 
 
 def evaluate_features(
-    features: np.ndarray, labels: pd.Series, groups: pd.Series, seed: int = 0, test_size: float = 0.2
+    features: np.ndarray, labels: pd.Series, groups: pd.Series, seed: int = 0, test_size: float = 0.2,
+    classifier: str = "random_forest",
 ) -> dict:
-    """Accuracy, Cohen's kappa, majority-class baseline and confusion matrix on held-out images.
+    """Accuracy, Cohen's kappa, majority-class baseline and confusion matrix on held-out groups.
 
     Parameters
     ----------
@@ -74,27 +115,31 @@ def evaluate_features(
     labels : (n,) Series
         The known label per crop (culture, concentration), no missing values.
     groups : (n,) Series
-        The crop's image: crops of one image stay on one side of the split.
+        The crop's image (or plate): crops of one group stay on one side of the split.
+    classifier : {"random_forest", "linear_probe"}
+        See make_classifier; both are seeded with seed.
 
     Returns
     -------
     dict
         accuracy, kappa, majority_baseline (floats, on the test crops); confusion: (c, c) int64
         ndarray of counts, rows true, columns predicted, in the order of classes (c labels in
-        natural order); n_train, n_test (ints).
+        natural order); n_train, n_test (ints); classifier (str).
 
     Raises
     ------
     ValueError
-        If there are fewer images than the split needs (see split_by_group).
+        If there are fewer groups than the split needs (see split_by_group), or classifier is unknown.
     """
     features = np.asarray(features)
     labels = pd.Series(labels).reset_index(drop=True)
     train, test = split_by_group(labels, groups, seed, test_size)
     y_train, y_test = labels.iloc[train].to_numpy(), labels.iloc[test].to_numpy()
-    forest = RandomForestClassifier(random_state=seed, n_jobs=2)
-    forest.fit(features[train], y_train)
-    predicted = forest.predict(features[test])
+    model = make_classifier(classifier, seed)
+    with warnings.catch_warnings():  # a probe stopped at max_iter is still a probe; say nothing per fit
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(features[train], y_train)
+    predicted = model.predict(features[test])
     majority = pd.Series(y_train).value_counts().idxmax()
     classes = sorted(labels.unique().tolist(), key=lambda v: natural_key(str(v)))
     return {
@@ -105,6 +150,7 @@ def evaluate_features(
         "classes": classes,
         "n_train": len(train),
         "n_test": len(test),
+        "classifier": classifier,
     }
 
 

@@ -30,9 +30,10 @@ from gbm_assets.analysis.safe_csv import to_csv_safe
 from gbm_assets.storage import write_bytes_atomic
 
 BASELINE = "raw pixels"
+HANDCRAFTED_BASELINE = "hand-crafted features"  # CellProfiler-style shape, intensity and texture (analysis.handcrafted)
 # Rows of the comparison that are baselines, not encoder variants (lower case); a comparison may
 # also mark rows with a boolean "baseline" column.
-BASELINES = (BASELINE,)
+BASELINES = (BASELINE, HANDCRAFTED_BASELINE)
 # comparison-table columns "<target>_skipped" say why a target has no scores (report_inputs).
 SKIPPED_SUFFIX = "_skipped"
 # Thesis Table 3 style: one row per encoder variant plus the raw-pixel baseline.

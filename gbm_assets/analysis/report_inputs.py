@@ -8,24 +8,41 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from gbm_assets.analysis.report import BASELINE, SKIPPED_SUFFIX
+from gbm_assets.analysis.report import BASELINE, HANDCRAFTED_BASELINE, SKIPPED_SUFFIX
 from gbm_assets.models.variants import get_variant
 
 
-def _score(scores: pd.DataFrame, feature_set: str, target: str, metric: str) -> float:
+def _lines(scores: pd.DataFrame, feature_set: str, target: str, split: str, classifier: str) -> pd.DataFrame:
+    """The score lines of (feature_set, target) for a split and classifier (old tables: image, random forest)."""
     hit = scores[(scores["feature_set"] == feature_set) & (scores["target"] == target)]
+    if "split" in hit:
+        hit = hit[hit["split"].fillna("image") == split]
+    elif split != "image":
+        return hit.iloc[:0]
+    if "classifier" in hit:
+        hit = hit[hit["classifier"].fillna("random_forest") == classifier]
+    elif classifier != "random_forest":
+        return hit.iloc[:0]
+    return hit
+
+
+def _score(scores: pd.DataFrame, feature_set: str, target: str, metric: str,
+           split: str = "image", classifier: str = "random_forest") -> float:
+    hit = _lines(scores, feature_set, target, split, classifier)
     return float(hit[metric].iloc[0]) if len(hit) else np.nan
 
 
-def _skipped(scores: pd.DataFrame, feature_set: str, target: str) -> str:
+def _skipped(scores: pd.DataFrame, feature_set: str, target: str, split: str = "image") -> str:
     """Why the target was not scored (evaluate_variant's `skipped`), else ""."""
     if "skipped" not in scores:
         return ""
-    hit = scores[(scores["feature_set"] == feature_set) & (scores["target"] == target)]
+    hit = _lines(scores, feature_set, target, split, "random_forest")
     return str(hit["skipped"].iloc[0]) if len(hit) and isinstance(hit["skipped"].iloc[0], str) else ""
 
 
 def _row(name: str, scores: pd.DataFrame, feature_set: str, **described) -> dict:
+    """The table row of one feature set: the thesis' scores (by image, random forest), then the
+    linear probe (suffix _linear) and the plate-held-out split (culture_plate_*, morphotype_plate_*)."""
     return {
         "variant": name, **described,
         "culture_accuracy": _score(scores, feature_set, "culture", "accuracy"),
@@ -33,19 +50,29 @@ def _row(name: str, scores: pd.DataFrame, feature_set: str, **described) -> dict
         "culture_kappa": _score(scores, feature_set, "culture", "kappa"),
         "concentration_kappa": _score(scores, feature_set, "concentration", "kappa"),
         "morphotype_accuracy": _score(scores, feature_set, "morphotype", "accuracy"),
+        "culture_kappa_linear": _score(scores, feature_set, "culture", "kappa", classifier="linear_probe"),
+        "morphotype_accuracy_linear": _score(scores, feature_set, "morphotype", "accuracy", classifier="linear_probe"),
+        "culture_plate_accuracy": _score(scores, feature_set, "culture", "accuracy", split="plate"),
+        "culture_plate_kappa": _score(scores, feature_set, "culture", "kappa", split="plate"),
+        "culture_plate_kappa_linear": _score(scores, feature_set, "culture", "kappa", "plate", "linear_probe"),
+        "morphotype_plate_accuracy": _score(scores, feature_set, "morphotype", "accuracy", split="plate"),
         **{f"{target}{SKIPPED_SUFFIX}": _skipped(scores, feature_set, target) for target in ("culture", "concentration", "morphotype")},
+        **{f"{target}_plate{SKIPPED_SUFFIX}": _skipped(scores, feature_set, target, "plate") for target in ("culture", "morphotype")},
     }
 
 
 def comparison_table(evaluation_dir: str | Path, variants: Sequence[str]) -> pd.DataFrame:
-    """One row per variant (its embedding), its rotation-invariant embedding beside it, and raw pixels.
+    """One row per variant (its embedding), its rotation-invariant embedding beside it, and the baselines.
 
-    The raw-pixel row comes from the first variant's scores: every variant is scored on the
-    same seeded sample of cells, so the baseline is the same for all. culture_skipped and
+    The baseline rows (raw pixels; hand-crafted features where the scores have them) come from
+    the first variant's scores: every variant is scored on the same seeded sample of cells, so
+    the baselines are the same for all. Columns without a suffix are the thesis' scores (split
+    by image, random forest); "_linear" ones the linear probe; "culture_plate_*" and
+    "morphotype_plate_*" the split by plate, where a plate's look cannot pass for morphology. culture_skipped and
     concentration_skipped say why a target has no scores ("needs >= 2 cultures (found 1)"),
     empty where it has them; the report shows the reason in place of the scores.
     """
-    rows, baseline = [], None
+    rows, baselines = [], None
     for name in variants:
         path = Path(evaluation_dir) / name / "scores.parquet"
         if not path.is_file():
@@ -57,11 +84,14 @@ def comparison_table(evaluation_dir: str | Path, variants: Sequence[str]) -> pd.
         row["culture_kappa_invariant"] = _score(scores, "embedding_invariant", "culture", "kappa")
         row["culture_accuracy_invariant"] = _score(scores, "embedding_invariant", "culture", "accuracy")
         rows.append(row)
-        if baseline is None:
-            baseline = _row(BASELINE, scores, "raw_pixels", features=np.nan, **{"lambda": np.nan}, segmentation="")
-            baseline["culture_majority"] = _score(scores, "raw_pixels", "culture", "majority_baseline")
-    if baseline is not None:
-        rows.append(baseline)
+        if baselines is None:
+            baselines = []
+            for label, feature_set in ((BASELINE, "raw_pixels"), (HANDCRAFTED_BASELINE, "handcrafted")):
+                if feature_set == "raw_pixels" or (scores["feature_set"] == feature_set).any():
+                    baseline = _row(label, scores, feature_set, features=np.nan, **{"lambda": np.nan}, segmentation="")
+                    baseline["culture_majority"] = _score(scores, feature_set, "culture", "majority_baseline")
+                    baselines.append(baseline)
+    rows += baselines or []
     columns = list(_row("", pd.DataFrame(columns=["feature_set", "target"]), "", features=0, **{"lambda": 0}, segmentation=""))
     columns += ["culture_kappa_invariant", "culture_accuracy_invariant", "culture_majority"]
     return pd.DataFrame(rows, columns=columns)  # the columns even when no variant has scores yet

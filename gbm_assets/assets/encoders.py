@@ -153,6 +153,7 @@ def embeddings(
     (embeddings first, then the evaluation files, pruning confusion matrices of targets no
     longer scored): a failure anywhere leaves the previous ones as they were.
     """
+    from gbm_assets.analysis.variant_evaluation import accuracy_table, image_split, plate_split
     from gbm_assets.models.training import limit_cpu_threads, write_embeddings
 
     limit_cpu_threads()
@@ -169,13 +170,14 @@ def embeddings(
         scored, skipped = _scored(scores)
         url = _log_embedding_run(context, mlflow_tracking, record["run_id"], done, seconds, scores, figures)
         stage.commit([out, eval_dir])
-    table = scored.pivot_table(index="feature_set", columns="target", values="accuracy").round(3) if len(scored) else None
+    table = accuracy_table(scored)
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(out)), "n_crops": done, "crops_per_s": done / max(seconds, 1e-9),
         "mlflow_run": dg.MetadataValue.url(url),
         "accuracy": dg.MetadataValue.md(table.to_markdown() if table is not None else "no target could be evaluated"),
         **({"not_evaluated": dg.MetadataValue.md("\n".join(f"- {t}: {r}" for t, r in skipped.items()))} if skipped else {}),
-        **{f"{r.feature_set}_{r.target}_kappa": float(r.kappa) for r in scored.itertuples()},
+        **{f"{r.feature_set}_{r.target}_kappa": float(r.kappa) for r in image_split(scored).itertuples()},
+        **{f"{r.feature_set}_{r.target}_plate_split_kappa": float(r.kappa) for r in plate_split(scored).itertuples()},
     })
 
 
@@ -187,17 +189,18 @@ def _scored(scores):
 
 
 def _evaluate(context, config: EmbeddingConfig, data: DataDirs, variant: str, embeddings_path, eval_dir):
-    """Score a seeded sample of the embeddings beside raw pixels; write scores.parquet and figures into eval_dir."""
+    """Score a seeded sample of the embeddings beside the baselines (raw pixels, hand-crafted features), by
+    image and by plate, random forest and linear probe; write scores.parquet and figures into eval_dir."""
     from gbm_assets.analysis.truth import has_truth, true_morphotypes
-    from gbm_assets.analysis.variant_evaluation import evaluate_variant, raw_pixels_for
+    from gbm_assets.analysis.variant_evaluation import evaluate_with_baselines
     from gbm_assets.models.embedding_table import sample_embeddings
 
     rows, vectors = sample_embeddings(embeddings_path, config.eval_max_cells, seed=config.seed)
     truth = true_morphotypes(rows, data.raw)
     if has_truth(truth):
         rows["morphotype"] = truth
-    features = {**vectors, "raw_pixels": raw_pixels_for(data.crops, rows["crop_id"])}
-    scores, figures = evaluate_variant(rows, features, eval_dir, variant, seed=config.seed)
+    scores, figures = evaluate_with_baselines(rows, vectors, data.crops, eval_dir, variant, seed=config.seed,
+                                              cache_dir=data.evaluation / "_baselines")
     write_parquet_atomic(pa.Table.from_pandas(scores, preserve_index=False), eval_dir / "scores.parquet")
     for target, reason in _scored(scores)[1].items():
         context.log.warning(f"{variant}: {target} not evaluated: {reason}")
@@ -208,11 +211,14 @@ def _log_embedding_run(context, mlflow_tracking: MLflowTracking, run_id: str, do
     """Add embedding speed, scores and figures to the encoder's training run; return its URL."""
     import mlflow
 
+    from gbm_assets.analysis.variant_evaluation import evaluation_params, metric_key
+
     retry = mlflow_tracking.retrying
     scored, skipped = _scored(scores)
     with mlflow_tracking.start_run(context, run_name="", run_id=run_id) as run:
         retry(mlflow.log_metrics, {"embedding_seconds": seconds, "embedded_crops_per_s": done / max(seconds, 1e-9), "n_embedded": done})
-        retry(mlflow.log_metrics, {f"{r.feature_set}.{r.target}.{m}": getattr(r, m) for r in scored.itertuples() for m in ("accuracy", "kappa", "majority_baseline")})
+        retry(mlflow.log_params, evaluation_params())
+        retry(mlflow.log_metrics, {metric_key(r, m): getattr(r, m) for r in scored.itertuples() for m in ("accuracy", "kappa", "majority_baseline")})
         if skipped:
             retry(mlflow.set_tags, {f"gbm.evaluation.{target}": f"not evaluated: {reason}" for target, reason in skipped.items()})
         retry(mlflow.log_text, to_csv_safe(scores, index=False), "evaluation/scores.csv")

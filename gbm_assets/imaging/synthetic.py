@@ -87,7 +87,13 @@ _SHOT_GAIN = 3.0  # variance per grey level: shot-like noise, ~300 at the backgr
 
 
 def check_difficulty(difficulty: str) -> str:
-    """difficulty itself if it is one of DIFFICULTIES; else ValueError naming the choices."""
+    """difficulty itself if it is one of DIFFICULTIES.
+
+    Raises
+    ------
+    ValueError
+        If difficulty is not one of DIFFICULTIES (the message names them).
+    """
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"unknown synthetic difficulty {difficulty!r}; use one of {DIFFICULTIES}")
     return difficulty
