@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--cultures", type=int, default=10, help="plates = cultures x 5 concentrations")
     parser.add_argument("--size", type=int, default=1024, help="synthetic image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--difficulty", choices=("easy", "hard"), default="hard", help="synthetic generator (imaging.synthetic)")
     parser.add_argument("--t98g", type=Path, default=T98G, help="folder with images/ and masks/")
     args = parser.parse_args()
 
@@ -104,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gbm-seg-bench-") as tmp:
         write_plates(
             tmp, n_cultures=args.cultures, n_concentrations=5, images_per_plate=args.images_per_plate,
-            size=args.size, seed=args.seed,
+            size=args.size, seed=args.seed, difficulty=args.difficulty,
         )
         synth_paths, truth, concentration = synthetic_images(Path(tmp))
         paths = synth_paths + t98g_paths

@@ -30,6 +30,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             images_per_plate=args.images_per_plate,
             size=args.size,
             seed=args.seed,
+            difficulty=args.difficulty,
             progress=lambda done, tot: bar.update(done - bar.n),
         )
     print(f"wrote {len(plates)} plates under {out}")
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images-per-plate", type=int, default=2)
     s.add_argument("--size", type=int, default=1024, help="image side in pixels")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--difficulty", choices=("easy", "hard"), default="hard",
+                   help="hard (default): per-plate exposure, illumination and focus, neighbours, shape-only "
+                        "morphotypes; easy: generator version 1")
     s.set_defaults(func=cmd_synth)
 
     g = sub.add_parser("segment", parents=[common], help="find cells in images and write their coordinates and measurements")
