@@ -3,6 +3,13 @@
     .venv/bin/python benchmarks/training.py [--crops 4000] [--crop-size 128] [--variant siamese_a]
 
 On a generated crops dataset (in a temporary folder) it measures, in one run:
+- the asset code path itself: trained_encoders and embeddings materialized with an ephemeral
+  Dagster instance (MLflow on SQLite) on --asset-crops generated crops, interleaved round by
+  round with the bare model (the same network fitted on in-memory tensors; the same 8 forward
+  passes per crop on in-memory tensors that embedding and its rotation/flip-invariant mean
+  take). Training rates are epoch rates past the first epoch (tracing), as the asset logs them
+  to MLflow; embedding rates count every batch, for both. Goal: asset path >= 0.8x the bare
+  model in training and in embedding;
 - training pairs/s of a siamese variant fed by the streaming, augmenting tf.data pipeline,
   by pre-made in-memory tensors (the ceiling: no input cost at all), and the thesis' way
   (every pair precomputed into NumPy arrays, then model.fit on the arrays); also a PBR
@@ -32,8 +39,6 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,66 +50,23 @@ limit_cpu_threads(2, 1)
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from gbm_assets.imaging.crop_dataset import CropSelection, count_crops, iter_record_batches  # noqa: E402
 from gbm_assets.imaging.crops import decode_crops  # noqa: E402
+from gbm_assets.imaging.synthetic_crops import write_synthetic_crops as write_crops  # noqa: E402
 from gbm_assets.models.augmentation import make_pair  # noqa: E402
-from gbm_assets.models.dataset import (  # noqa: E402
-    CropSelection,
-    count_crops,
-    iter_record_batches,
-    training_dataset,
-)
+from gbm_assets.models.dataset import training_dataset  # noqa: E402
 from gbm_assets.models.encoders import build_siamese_encoder  # noqa: E402
-from gbm_assets.models.training import build_trainable, embed_crops  # noqa: E402
+from gbm_assets.models.training import EpochLog, TrainConfig, build_trainable, embed_crops, train_encoder  # noqa: E402
 from gbm_assets.models.variants import get_variant  # noqa: E402
-from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id  # noqa: E402
 
 PLATE_CROPS = 500
 
 
 def write_synthetic_crops(root: Path, n_crops: int, size: int, seed: int = 0, plate_crops: int = PLATE_CROPS) -> Path:
-    """n_crops crops of three shape classes (round, elongated, ring), plate_crops per plate file."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size].astype(np.float32) - (size - 1) / 2
-    for p, start in enumerate(range(0, n_crops, plate_crops)):
-        n = min(plate_crops, n_crops - start)
-        shape = rng.integers(0, 3, n)
-        angle = rng.uniform(0, np.pi, (n, 1, 1)).astype(np.float32)
-        radius = rng.uniform(0.1, 0.16, (n, 1, 1)).astype(np.float32) * size
-        aspect = np.where(shape == 1, 2.5, 1.0).astype(np.float32)[:, None, None]
-        u = xx * np.cos(angle) + yy * np.sin(angle)
-        v = yy * np.cos(angle) - xx * np.sin(angle)
-        d = np.sqrt((u / (radius * np.sqrt(aspect))) ** 2 + (v * np.sqrt(aspect) / radius) ** 2)
-        mask = d <= 1
-        body = np.where(shape[:, None, None] == 2, np.exp(-(((d - 0.8) / 0.15) ** 2)), 1.0 - 0.5 * d)
-        img = 0.2 + 0.6 * mask * body + rng.normal(0, 0.05, (n, size, size)).astype(np.float32)
-        pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-        plate = f"B{p:03d}"
-        images = [f"img{i // 50:02d}.tif" for i in range(n)]
-        table = pa.table(
-            {
-                "crop_id": [make_crop_id(plate, images[i], i) for i in range(n)],
-                "plate": [plate] * n,
-                "image": images,
-                "x": rng.integers(64, 2000, n).astype(np.int32),
-                "y": rng.integers(64, 2000, n).astype(np.int32),
-                "culture": [("round", "long", "ring")[s] for s in shape],
-                "concentration": ["1000"] * n,
-                "replicate": np.ones(n, np.int32),
-                "timepoint_h": np.zeros(n),
-                "well": ["na"] * n,
-                "position": ["na"] * n,
-                "cell_id": np.arange(n, dtype=np.int32),
-                **{m: rng.random(n) for m in MEASUREMENT_COLUMNS},
-                "crop_size": np.full(n, size, np.int16),
-                "pixels": list(map(bytes, pixels)),
-                "mask": list(map(bytes, mask.astype(np.uint8))),
-            },
-            schema=CROP_SCHEMA,
-        )
-        out = root / f"plate={plate}"
-        out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, out / "part-0.parquet")
-    return root
+    """n_crops crops of three shape classes (round, elongated, ring) at random, plate_crops per plate file."""
+    counts = [min(plate_crops, n_crops - start) for start in range(0, n_crops, plate_crops)]
+    return write_crops(root, [f"B{p:03d}" for p in range(len(counts))], counts, size, images=10, seed=seed,
+                       mixed=True, radius=(0.1, 0.16))
 
 
 def clock() -> np.ndarray:
@@ -258,6 +220,92 @@ def embedding_rates(crops_dir: Path, n_crops: int, size: int, batch: int, rounds
     }
 
 
+def asset_path_rates(tmp: Path, variant_name: str, n_crops: int, size: int, batch: int, epochs: int,
+                     steps: int, rounds: int) -> dict:
+    """The assets trained_encoders + embeddings, materialized, against the bare model, round by round.
+
+    Each round: the bare network (a fresh build_trainable model) fitted on one in-memory batch
+    for `epochs` epochs of `steps` steps; the core entry point the asset calls (train_encoder,
+    streaming and augmenting, no Dagster or MLflow) with the same budget; then one materialization of both assets (fresh model,
+    streaming tf.data pipeline, MLflow logging and registration, embedding every crop through
+    write_embeddings, evaluation); then the bare forward passes of embedding (a fresh encoder,
+    8 predict_on_batch calls per in-memory batch of 256, as many crops as the dataset). Training:
+    epoch rates past epoch 0, the asset's from its MLflow "crops_per_s" history, the bare model's
+    from the same EpochLog callback. Embedding: crops over the seconds of the whole pass, for both.
+    """
+    import dagster as dg
+    import mlflow
+
+    from gbm_assets.assets.encoders import embeddings, trained_encoders
+    from gbm_assets.assets.mlflow_tracking import MLflowTracking
+    from gbm_assets.assets.resources import DataDirs
+
+    data = DataDirs(root=str(tmp / "asset_data"))
+    write_synthetic_crops(data.crops, n_crops, size, seed=7, plate_crops=max(1, n_crops // 4))
+    tracking = MLflowTracking(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_root=(tmp / "artifacts").as_uri())
+    resources = {"data": data, "mlflow_tracking": tracking}
+    instance = dg.DagsterInstance.ephemeral()
+    run_config = {"ops": {"trained_encoders": {"config": {"epochs": epochs, "max_steps_per_epoch": steps, "batch_size": batch}},
+                          "embeddings": {"config": {"batch_size": 256}}}}
+    variant = get_variant(variant_name)
+    in_memory = tf.data.Dataset.from_tensors(
+        next(iter(training_dataset(CropSelection.of(data.crops), variant, batch, crop_size=size)))).repeat()
+    x = tf.constant(np.random.default_rng(0).random((256, size, size, 1), dtype=np.float32))
+
+    def bare_training() -> list[float]:
+        model, _, loss_key = build_trainable(variant, size)
+        log = EpochLog(loss_key, steps * batch, None)
+        model.fit(in_memory, epochs=epochs, steps_per_epoch=steps, callbacks=[log], verbose=0, shuffle=False)
+        return [r["crops_per_s"] for r in log.history[1:]]
+
+    def core_training() -> list[float]:
+        """The core entry point the asset calls (train_encoder), without Dagster or MLflow."""
+        config = TrainConfig(epochs=epochs, max_steps_per_epoch=steps, batch_size=batch)
+        return [r["crops_per_s"] for r in train_encoder(variant, data.crops, config).history[1:]]
+
+    def bare_embedding() -> float:
+        encoder = build_siamese_encoder(size, variant.features)
+        done, start = 0, time.perf_counter()
+        while done < n_crops:
+            for _ in range(8):
+                encoder.predict_on_batch(x[: n_crops - done])
+            done += min(256, n_crops - done)
+        return done / (time.perf_counter() - start)
+
+    mlflow.set_tracking_uri(tracking.resolved_uri())
+    samples = {"bare_training": [], "core_training": [], "asset_training": [], "bare_embedding": [], "asset_embedding": [],
+               "materialize_s": [], "training_s": [], "embedding_s": []}
+    for _ in range(rounds):
+        samples["bare_training"] += bare_training()
+        samples["core_training"] += core_training()
+        start = time.perf_counter()
+        result = dg.materialize([trained_encoders, embeddings], partition_key=variant_name, instance=instance,
+                                resources=resources, run_config=run_config)
+        samples["materialize_s"].append(time.perf_counter() - start)
+        assert result.success
+        trained = result.asset_materializations_for_node("trained_encoders")[0].metadata
+        embedded = result.asset_materializations_for_node("embeddings")[0].metadata
+        history = mlflow.MlflowClient().get_metric_history(trained["mlflow_run_id"].value, "crops_per_s")
+        samples["asset_training"] += [m.value for m in sorted(history, key=lambda m: m.step)[1:]]
+        samples["training_s"].append(trained["seconds"].value)
+        samples["asset_embedding"].append(embedded["crops_per_s"].value)
+        samples["embedding_s"].append(n_crops / embedded["crops_per_s"].value)
+        samples["bare_embedding"].append(bare_embedding())
+    med = {name: float(np.median(values)) for name, values in samples.items()}
+    return {
+        "crops": n_crops, "epochs": epochs, "steps_per_epoch": steps, "rounds": rounds,
+        "training_pairs_per_s": {"asset": round(med["asset_training"], 1), "core_train_encoder": round(med["core_training"], 1),
+                                 "bare_model": round(med["bare_training"], 1)},
+        "training_asset_vs_bare": round(med["asset_training"] / med["bare_training"], 3),
+        "training_core_vs_bare": round(med["core_training"] / med["bare_training"], 3),
+        "embedding_crops_per_s": {"asset": round(med["asset_embedding"], 1), "bare_model": round(med["bare_embedding"], 1)},
+        "embedding_asset_vs_bare": round(med["asset_embedding"] / med["bare_embedding"], 3),
+        "materialize_s": round(med["materialize_s"], 1),
+        "outside_training_and_embedding_s": round(med["materialize_s"] - med["training_s"] - med["embedding_s"], 1),
+        "samples": {name: [round(v, 1) for v in values] for name, values in samples.items()},
+    }
+
+
 def peak_rss_mb() -> float:
     """This process' peak RSS. VmHWM, not getrusage: ru_maxrss survives exec, so a child started
     by a big parent would report the parent's peak."""
@@ -304,6 +352,11 @@ def main() -> None:
     parser.add_argument("--variant", default="siamese_a")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
+    parser.add_argument("--asset-crops", type=int, default=1024, help="crops of the asset-path dataset")
+    parser.add_argument("--asset-epochs", type=int, default=3, help="epochs per asset materialization (the first is not timed)")
+    parser.add_argument("--asset-steps", type=int, default=8, help="training steps per epoch of the asset path")
+    parser.add_argument("--asset-rounds", type=int, default=2, help="interleaved rounds of bare model and assets")
+    parser.add_argument("--only-assets", action="store_true", help="measure only the asset path against the bare model")
     parser.add_argument("--rss-probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_probe:
@@ -311,19 +364,21 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        crops_dir = write_synthetic_crops(tmp / "crops.parquet", args.crops, args.crop_size)
         result = {
             "crops": args.crops,
             "crop_size": args.crop_size,
             "batch_size": args.batch_size,
             "cpu": f"{platform.machine()}, {os.cpu_count()} cores, TF intra-op 2 / inter-op 1",
             "tensorflow": tf.__version__,
-            "training": training_rates(
-                crops_dir, args.variant, args.crop_size, args.batch_size, args.steps, args.rounds
-            ),
-            "embedding": embedding_rates(crops_dir, args.crops, args.crop_size, 256, args.rounds),
-            "peak_rss": peak_rss(tmp, [args.crops // 2, args.crops * 2], args.crop_size, args.batch_size),
+            "asset_path": asset_path_rates(tmp, args.variant, args.asset_crops, args.crop_size, args.batch_size,
+                                           args.asset_epochs, args.asset_steps, args.asset_rounds),
         }
+        if not args.only_assets:
+            crops_dir = write_synthetic_crops(tmp / "crops.parquet", args.crops, args.crop_size)
+            result["training"] = training_rates(
+                crops_dir, args.variant, args.crop_size, args.batch_size, args.steps, args.rounds)
+            result["embedding"] = embedding_rates(crops_dir, args.crops, args.crop_size, 256, args.rounds)
+            result["peak_rss"] = peak_rss(tmp, [args.crops // 2, args.crops * 2], args.crop_size, args.batch_size)
     print(json.dumps(result, indent=1))
 
 

@@ -126,7 +126,7 @@ class BarlowTwins(keras.Model):
         return {"bt_loss": self.loss_tracker.result()}
 
 
-class _EpochLog(keras.callbacks.Callback):
+class EpochLog(keras.callbacks.Callback):
     """Collects loss and throughput per epoch and forwards them to the caller's hook."""
 
     def __init__(self, loss_key: str, crops_per_epoch: int, hook: Callable[[int, dict], None] | None):
@@ -203,7 +203,7 @@ def train_encoder(
     plan = plan or plan_training(variant, crops_dir, config)
     model, encoder, loss_key = build_trainable(variant, plan.crop_size)
     data = training_dataset(plan.selection, variant, plan.batch_size, config.shuffle_buffer, plan.crop_size)
-    log = _EpochLog(loss_key, plan.steps_per_epoch * plan.batch_size, on_epoch_end)
+    log = EpochLog(loss_key, plan.steps_per_epoch * plan.batch_size, on_epoch_end)
     model.fit(data, epochs=config.epochs, steps_per_epoch=plan.steps_per_epoch, callbacks=[log], shuffle=False, verbose=0)
     return TrainResult(encoder=encoder, history=log.history, n_crops=plan.n_crops, batch_size=plan.batch_size)
 
