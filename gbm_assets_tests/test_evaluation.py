@@ -175,3 +175,16 @@ def test_comparison_table_has_both_baselines_and_the_plate_split(tmp_path):
     assert raw["culture_kappa"] > 0.8 and raw["culture_plate_kappa"] < 0.3  # the plate's look, exposed
     for column in ("culture_kappa_linear", "culture_plate_kappa", "culture_plate_kappa_linear", "culture_plate_accuracy"):
         assert table[column].notna().all(), column
+
+
+def test_report_lead_gives_the_plate_held_out_kappa_beside_the_baselines():
+    from gbm_assets.analysis.report import lead
+
+    comparison = pd.DataFrame({
+        "variant": ["siamese_b", "raw pixels", "hand-crafted features"],
+        "culture_accuracy": [0.5, 0.4, 0.45], "culture_kappa": [0.4, 0.3, 0.35],
+        "culture_plate_kappa": [0.31, 0.05, 0.22],
+    })
+    text = lead(comparison)
+    assert "held-out plates" in text
+    assert "siamese_b scores culture kappa 0.310 (raw pixels 0.050; hand-crafted features 0.220)" in text

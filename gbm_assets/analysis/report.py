@@ -300,6 +300,11 @@ def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> s
                        "the learned features do not beat every baseline yet."))
     else:
         text.append("No baseline was scored, so the margin is unknown.")
+    if "culture_plate_kappa" in comparison and pd.notna(best.get("culture_plate_kappa")):
+        others = "; ".join(f"{b['variant']} {_fmt(b['culture_plate_kappa'])}" for _, b in baselines.iterrows()
+                           if pd.notna(b.get("culture_plate_kappa")))
+        text.append(f"On held-out plates, where a plate's illumination cannot stand in for morphology, {name} "
+                    f"scores culture kappa {_fmt(best['culture_plate_kappa'])}" + (f" ({others})." if others else "."))
     chance = baselines["culture_majority"].dropna() if "culture_majority" in baselines else pd.Series([], dtype=float)
     if len(chance):
         text.append(f"Always guessing the most common culture scores an accuracy of {_fmt(float(chance.iloc[0]))}.")

@@ -1,0 +1,146 @@
+"""Benchmark: do the learned features earn their place? Variants against both baselines, by image and by plate.
+
+    nice -n 5 .venv/bin/python benchmarks/features.py [--cultures 4] [--images-per-plate 2]
+        [--variants autoencoder siamese_b ...] [--difficulty hard] [--epochs 2] [--steps 12]
+
+Synthesizes plates (default: the hard generator, 4 cultures x 5 concentrations, 2 images of
+1024 px each) in a temporary folder, then runs the production pipeline on them the way
+`gbm-assets run` does (gbm_assets.pipeline.run_main_job: ingest, train, embed and score, cluster,
+report) with a temporary Dagster instance and MLflow store, at the shipped training budget unless
+--epochs/--steps say otherwise. Prints one JSON object: per variant and per baseline (raw pixels,
+hand-crafted features) the culture and morphotype accuracy and Cohen's kappa of the random forest
+and the linear probe, held out by image and by plate (from each variant's evaluation
+scores.parquet); per variant the ARI of its GMM and HDBSCAN labels against the true morphotype and
+the composition error (mean absolute error of per-culture morphotype proportions, HDBSCAN),
+as the report computes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BASELINES = ("raw_pixels", "handcrafted")
+SCORED = (("culture", "accuracy"), ("culture", "kappa"), ("morphotype", "accuracy"), ("morphotype", "kappa"),
+          ("concentration", "kappa"))
+
+
+def _environment(work: Path) -> None:
+    """Point the pipeline at a temporary data folder, Dagster instance and MLflow store (before importing it)."""
+    (work / "dagster_home").mkdir(parents=True, exist_ok=True)
+    (work / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    os.environ.update({
+        "GBM_ASSETS_DATA": str(work / "data"),
+        "DAGSTER_HOME": str(work / "dagster_home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "MLFLOW_ARTIFACT_ROOT": (work / "artifacts").as_uri(),
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "DAGSTER_DISABLE_TELEMETRY": "1",
+    })
+
+
+def feature_scores(scores, feature_set: str) -> dict:
+    """{"<target>_<metric>_<split>_<classifier>": value} of one feature set's score lines (rounded)."""
+    out = {}
+    lines = scores[scores["feature_set"] == feature_set]
+    for target, metric in SCORED:
+        for line in lines[lines["target"] == target].itertuples():
+            value = getattr(line, metric)
+            out[f"{target}_{metric}_{line.split}_{line.classifier}"] = None if value != value else round(float(value), 3)
+    return out
+
+
+def cluster_scores(data, variant: str, seed: int = 0) -> dict:
+    """ARI of GMM and HDBSCAN labels against the true morphotype, and the HDBSCAN composition error."""
+    from gbm_assets.analysis.composition import composition_error
+    from gbm_assets.analysis.truth import true_morphotypes
+    from gbm_assets.analysis.variant_report import labeling_metrics, sample_labels
+
+    path = data.labels_file(variant)
+    if not Path(path).exists():
+        return {"clusters": "none"}
+    labels = sample_labels(path, 100_000, seed)
+    truth = true_morphotypes(labels, data.raw)
+    known = truth.notna().to_numpy()
+    metrics = labeling_metrics(labels, truth, seed)
+    error = composition_error(labels["hdbscan"].to_numpy()[known], truth[known].astype(str).to_numpy(),
+                              labels["culture"].astype(str).to_numpy()[known])
+    return {
+        "ari_gmm": round(metrics["gmm"]["ari"], 3),
+        "ari_hdbscan": round(metrics["hdbscan"]["ari"], 3),
+        "ari_auto": round(metrics["auto"]["ari"], 3) if "auto" in metrics and "ari" in metrics["auto"] else None,
+        "hdbscan_clusters": metrics["hdbscan"]["n_clusters"],
+        "composition_error": round(float(error["mae"]), 4),
+        "n_cells_with_truth": int(known.sum()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cultures", type=int, default=4)
+    parser.add_argument("--concentrations", type=int, default=5)
+    parser.add_argument("--replicates", type=int, default=1)
+    parser.add_argument("--images-per-plate", type=int, default=2)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--difficulty", choices=("easy", "hard"), default="hard")
+    parser.add_argument("--variants", nargs="+", default=["autoencoder", "siamese_b", "siamese_d", "siamese_f"])
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the shipped TrainingConfig)")
+    parser.add_argument("--steps", type=int, help="max steps per epoch (default: the shipped TrainingConfig)")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="gbm-features-") as tmp:
+        work = args.keep or Path(tmp)
+        _environment(work)
+        import pandas as pd
+
+        from gbm_assets.assets.encoders import TrainingConfig
+        from gbm_assets.assets.resources import DataDirs
+        from gbm_assets.imaging.synthetic import write_plates
+        from gbm_assets.pipeline import SilentBar, run_main_job
+
+        started = time.perf_counter()
+        write_plates(work / "data" / "raw", n_cultures=args.cultures, n_concentrations=args.concentrations,
+                     n_replicates=args.replicates, images_per_plate=args.images_per_plate, size=args.size,
+                     seed=args.seed, difficulty=args.difficulty)
+        shipped = TrainingConfig()
+        training = {"epochs": args.epochs or shipped.epochs,
+                    "max_steps_per_epoch": args.steps or shipped.max_steps_per_epoch}
+        run_config = {"train_all_variants": {"ops": {"trained_encoders": {"config": training}}}}
+        status = run_main_job(SilentBar, variants=args.variants, run_config=run_config)
+        data = DataDirs(root=str(work / "data"))
+        report: dict = {
+            "plates": {"cultures": args.cultures, "concentrations": args.concentrations, "replicates": args.replicates,
+                       "images_per_plate": args.images_per_plate, "size": args.size, "difficulty": args.difficulty},
+            "training": training, "pipeline_status": status,
+            "variants": {}, "baselines": {},
+        }
+        for variant in args.variants:
+            path = data.evaluation_dir(variant) / "scores.parquet"
+            if not path.is_file():
+                report["variants"][variant] = {"error": "no scores"}
+                continue
+            scores = pd.read_parquet(path)
+            report["n_cells_scored"] = int(scores["n_train"].max() + scores["n_test"].max())
+            report["variants"][variant] = {
+                "embedding": feature_scores(scores, "embedding"),
+                "embedding_invariant": feature_scores(scores, "embedding_invariant"),
+                **cluster_scores(data, variant),
+            }
+            if not report["baselines"]:
+                report["baselines"] = {name: feature_scores(scores, name) for name in BASELINES}
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
