@@ -146,6 +146,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     raw = paths.raw_dir()
     for problem in unusable_plate_folders(raw):
         print(f"skipped: {problem}", file=sys.stderr)
+    from gbm_assets.imaging.synthetic import regenerate_plates, stale_plates
+
+    stale = stale_plates(raw)  # demo plates of an older generator: rewritten, then ingested again
+    if stale:
+        print(f"{len(stale)} synthetic plates were written by an older generator: regenerating them")
+        regenerate_plates(stale)
     if args.no_synth and not find_ready_plates(raw):
         print(f"no usable plates under {raw} (a plate is a folder with images and manifest.csv, named by a safe id)",
               file=sys.stderr)
@@ -164,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cmd_add_plate(build_parser().parse_args(
                 ["add-plate", str(real), "--plate-id", "t98g", "--culture", "T98G", "--raw", str(raw),
                  "--timepoint-pattern", r"t(\d+)\.tif"]))
-    return run_main_job(bar=_bar, refresh=args.refresh)
+    return run_main_job(bar=_bar, refresh=args.refresh or bool(stale))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -270,3 +270,27 @@ def test_changing_difficulty_rewrites_the_plate(tmp_path):
     write_plates(tmp_path, n_cultures=1, n_concentrations=1, images_per_plate=1, size=256, difficulty="hard")
     assert json.loads((plate / PARAMS_NAME).read_text())["difficulty"] == "hard"
     assert not np.array_equal(tifffile.imread(plate / "img000.tif"), easy)
+
+
+def test_plates_of_an_older_generator_are_found_and_regenerated_in_place(tmp_path):
+    from gbm_assets.imaging.synthetic import regenerate_plates, stale_plates
+
+    plates = write_plates(tmp_path, n_cultures=1, n_concentrations=2, images_per_plate=1, size=256, seed=4,
+                          difficulty="easy")
+    (tmp_path / "lab-plate").mkdir()  # a lab's plate: never touched
+    assert stale_plates(tmp_path) == [] and stale_plates(tmp_path / "missing") == []
+    old = plates[1] / PARAMS_NAME
+    old.write_text(json.dumps({**json.loads(old.read_text()), "version": GENERATOR_VERSION - 1}))
+    manifest = (plates[1] / "manifest.csv").read_bytes()
+    before = tifffile.imread(plates[1] / "img000.tif")
+    assert stale_plates(tmp_path) == [plates[1]]
+    assert regenerate_plates(stale_plates(tmp_path)) == [plates[1]]
+    params = json.loads(old.read_text())
+    assert params["version"] == GENERATOR_VERSION and params["difficulty"] == "hard"
+    assert params["entropy"][0] == 4 and params["size"] == 256
+    assert (plates[1] / "manifest.csv").read_bytes() == manifest
+    assert not np.array_equal(tifffile.imread(plates[1] / "img000.tif"), before)
+    assert stale_plates(tmp_path) == []
+    (plates[0] / PARAMS_NAME).write_text(json.dumps({"version": 0, "entropy": [4, 0, 3, 1, 0]}))
+    with pytest.raises(ValueError, match="not a synthetic plate's parameters"):
+        regenerate_plates([plates[0]])

@@ -718,3 +718,55 @@ def write_plates(
         if progress is not None:
             progress(done, len(plans))
     return plates
+
+
+def stale_plates(raw_dir: str | Path) -> list[Path]:
+    """Synthetic plate folders under raw_dir written by another GENERATOR_VERSION, sorted.
+
+    A folder counts when it holds PARAMS_NAME (written by write_plates) whose "version" differs
+    from GENERATOR_VERSION; folders without it (a lab's plates) and unreadable parameter files
+    are left out. A missing raw_dir gives [].
+    """
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        return []
+    stale = []
+    for params_path in sorted(raw_dir.glob(f"*/{PARAMS_NAME}")):
+        try:
+            version = json.loads(params_path.read_text()).get("version")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if version != GENERATOR_VERSION:
+            stale.append(params_path.parent)
+    return stale
+
+
+def regenerate_plates(plate_dirs: list[Path], difficulty: str = "hard") -> list[Path]:
+    """Rewrite synthetic plates in place with this GENERATOR_VERSION, keeping each one's seed,
+    culture, concentration, replicate, image count, size and time point (from its PARAMS_NAME).
+
+    Returns the folders rewritten, in order.
+
+    Raises
+    ------
+    ValueError
+        If a folder's parameters are missing or unreadable, do not name a known culture and
+        concentration, or do not match the folder's name; or difficulty is not one of DIFFICULTIES.
+    """
+    check_difficulty(difficulty)
+    done = []
+    for plate_dir in map(Path, plate_dirs):
+        try:
+            params = json.loads((plate_dir / PARAMS_NAME).read_text())
+            entropy = [int(v) for v in params["entropy"]]
+            ci, ki, replicate = entropy[1:4]
+            culture, concentration = CULTURES[ci], CONCENTRATIONS[ki]
+            images, size, timepoint_h = int(params["images"]), int(params["size"]), float(params["timepoint_h"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ValueError(f"{plate_dir / PARAMS_NAME}: not a synthetic plate's parameters ({exc})") from exc
+        if plate_dir.name != synthetic_plate_id(culture, concentration, replicate):
+            raise ValueError(f"{plate_dir}: its {PARAMS_NAME} describes plate "
+                             f"{synthetic_plate_id(culture, concentration, replicate)}, not {plate_dir.name}")
+        _write_plate(plate_dir, culture, concentration, replicate, images, size, entropy, timepoint_h, difficulty)
+        done.append(plate_dir)
+    return done
