@@ -3,10 +3,18 @@ reference, for speed on a 2-process pool and for quality on real and synthetic i
 
     .venv/bin/python benchmarks/segmentation.py [--images-per-plate N] [--cultures N] [--size PX]
 
-Quality: F1 on the real T98G frames (a detected centre inside a not-yet-claimed Mask R-CNN
-cell is a hit) and precision/recall on synthetic plates (one-to-one within 8 px of the true
-centre), per plated concentration. Speed: images per second through a pool of 2 worker
-processes (one OpenCV thread each), reading the image, finding cells and cropping them.
+Quality, per set, through the production path (imaging.plate_cells.plate_coordinates: the
+plate's cell size estimated from its images, every candidate judged, the candidates labelled
+"cell" scored): precision, recall and F1 on the 6 real T98G frames (one plate; a detected
+centre inside a not-yet-claimed Mask R-CNN cell is a hit), on the 24 hand-annotated Usiigaci
+fields (each field its own plate: they come from different days and set-ups; same scoring) and
+on the synthetic plates (one-to-one within 8 px of the true centre, also per plated
+concentration), beside the reference on the same images at its fixed 40 px diameter; and how
+close the size estimate comes to the annotated mean diameter. Speed: images per second through
+a pool of 2 worker processes (one OpenCV thread each), reading the image, finding cells and
+cropping them, ours against the reference; and the end-to-end ingest of the synthetic plates
+(the production ingest_plate job: raw_plates -> cell_coordinates -> cell_crops, run as
+benchmarks/scale.py runs it, Dagster step seconds) as images per second and as a ratio to ours.
 Prints one JSON object.
 """
 
@@ -32,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gbm_assets.imaging.io import read_image
 from benchmarks.reference_segmentation import reference_find_cells
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
-from gbm_assets.imaging.segmentation import find_cells
+from gbm_assets.imaging.plate_cells import coordinates_summary, kept_candidates, plate_coordinates
+from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
 from gbm_assets.imaging.synthetic import GROUND_TRUTH_NAME, write_plates
 
 try:
@@ -40,7 +49,9 @@ try:
 except ImportError:  # cropping lives in another module; time cell finding alone without it
     extract_crops = None
 
-T98G = Path(__file__).resolve().parents[2] / "shared" / "data" / "t98g"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+T98G = SHARED / "t98g"
+USIIGACI = SHARED / "usiigaci"
 FINDERS = {"ours": find_cells, "reference": reference_find_cells}
 WORKERS = 2
 
@@ -91,6 +102,100 @@ def synthetic_images(root: Path) -> tuple[list[str], dict[str, pd.DataFrame], di
     return paths, truth, concentration
 
 
+def annotated_diameter(labels: np.ndarray) -> float:
+    """Mean equivalent diameter (px) of the annotated cells of an instance mask."""
+    _, areas = np.unique(labels[labels > 0], return_counts=True)
+    return float(np.mean(2 * np.sqrt(areas / np.pi))) if len(areas) else float("nan")
+
+
+def _ours_on_plate(plate_id: str, folder: Path, images: list[str]) -> tuple[dict[str, np.ndarray], dict]:
+    """Centres of the candidates labelled "cell" per image (production path) and the plate's
+    size estimate and qc counts."""
+    plate = plate_coordinates(plate_id, folder, images, SegmentationParams(), estimate_size=True, workers=WORKERS)
+    cells = kept_candidates(plate.coordinates)
+    centres = {name: cells.loc[cells["image"] == name, ["x", "y"]].to_numpy(float) for name in images}
+    info = {"estimated_diameter_px": plate.size.diameter_px if plate.size else None,
+            "scale_px": plate.params.cell_diameter_px, "qc_counts": coordinates_summary(plate)["qc_counts"]}
+    return centres, info
+
+
+def _reference_centres(paths: list[str]) -> dict[str, np.ndarray]:
+    with ProcessPoolExecutor(WORKERS, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
+        results = list(pool.map(_process, [("reference", p) for p in paths], chunksize=1))
+    return {path: xy for path, xy, _ in results}
+
+
+def _summed(counts: list[dict]) -> dict:
+    return {k: sum(c[k] for c in counts) for k in counts[0]} if counts else {}
+
+
+def score_real_set(name: str, folder: Path, per_field: bool) -> dict:
+    """Precision/recall/F1 of ours (production path) and the reference on a set of real fields
+    with instance masks (images/*.tif, masks/*.png); per_field: each field is its own plate."""
+    images = sorted(p.name for p in (folder / "images").glob("*.tif"))
+    masks = {n: cv2.imread(str(folder / "masks" / (Path(n).stem + ".png")), cv2.IMREAD_UNCHANGED) for n in images}
+    plates = [[n] for n in images] if per_field else [images]
+    ours, infos = {}, []
+    for i, group in enumerate(plates):
+        centres, info = _ours_on_plate(f"{name}{i}", folder / "images", group)
+        ours.update(centres)
+        infos.append(info)
+    reference = _reference_centres([str(folder / "images" / n) for n in images])
+    out: dict = {"n_images": len(images), "n_cells": int(sum(len(np.unique(m)) - 1 for m in masks.values()))}
+    for finder, centres in (("ours", ours), ("reference", {Path(k).name: v for k, v in reference.items()})):
+        scores = [score_point_in_mask(centres[n], masks[n]) for n in images]
+        out[finder] = _pooled(scores) | {"n_detected": int(sum(s["tp"] + s["fp"] for s in scores))}
+        if finder == "ours":
+            out[finder]["f1_per_image"] = [round(s["f1"], 3) for s in scores]
+    truth_d = [annotated_diameter(masks[n]) for n in images]
+    estimates = [info["estimated_diameter_px"] for info in infos]
+    if per_field:
+        ratios = [e / t for e, t in zip(estimates, truth_d) if e]
+    else:
+        ratios = [estimates[0] / float(np.mean(truth_d))] if estimates[0] else []
+    out["size"] = {
+        "annotated_mean_diameter_px": round(float(np.mean(truth_d)), 1),
+        "estimate_over_annotated": {"mean": round(float(np.mean(ratios)), 3), "min": round(min(ratios), 3),
+                                    "max": round(max(ratios), 3), "within_25_percent": f"{sum(abs(r - 1) <= 0.25 for r in ratios)}/{len(ratios)}"}
+        if ratios else None,
+        "scale_px": sorted({info["scale_px"] for info in infos}),
+    }
+    out["qc_counts"] = _summed([info["qc_counts"] for info in infos])
+    return out
+
+
+def score_synthetic_set(root: Path) -> dict:
+    """Precision/recall of ours (production path, per plate) and the reference on synthetic plates."""
+    paths, truth, concentration = synthetic_images(root)
+    ours, infos = {}, []
+    for plate in sorted(p for p in root.iterdir() if (p / "manifest.csv").is_file()):
+        images = pd.read_csv(plate / "manifest.csv")["image"].tolist()
+        centres, info = _ours_on_plate(plate.name, plate, images)
+        ours.update({str(plate / n): xy for n, xy in centres.items()})
+        infos.append(info)
+    reference = _reference_centres(paths)
+    out: dict = {"n_images": len(paths), "n_plates": len(infos)}
+    for finder, centres in (("ours", ours), ("reference", reference)):
+        scores = {p: score_within_distance(centres[p], truth[p][["x", "y"]].to_numpy(float), 8.0) for p in paths}
+        out[finder] = _pooled(list(scores.values())) | {"per_concentration": {
+            c: _pooled([s for p, s in scores.items() if concentration[p] == c])
+            for c in sorted(set(concentration.values()), key=float)}}
+    out["qc_counts"] = _summed([info["qc_counts"] for info in infos])
+    out["scale_px"] = sorted({info["scale_px"] for info in infos})
+    return out
+
+
+def ingest_images_per_s(raw_parent: Path, n_images: int) -> dict:
+    """The production ingest_plate job over the plates under raw_parent/data/raw (see scale.py)."""
+    from benchmarks.scale import _child
+
+    (raw_parent / "dagster_home").mkdir(parents=True, exist_ok=True)
+    (raw_parent / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    stage = _child(raw_parent, "ingest", None, {})
+    return {"images_per_s": round(n_images / stage["step_seconds"], 2), "step_seconds": stage["step_seconds"],
+            "run_seconds": stage["run_seconds"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-per-plate", type=int, default=2)
@@ -99,50 +204,41 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--difficulty", choices=("easy", "hard"), default="hard", help="synthetic generator (imaging.synthetic)")
     parser.add_argument("--t98g", type=Path, default=T98G, help="folder with images/ and masks/")
+    parser.add_argument("--usiigaci", type=Path, default=USIIGACI, help="folder with images/ and masks/")
+    parser.add_argument("--no-ingest", action="store_true", help="skip the end-to-end ingest timing")
     args = parser.parse_args()
 
     t98g_paths = sorted(str(p) for p in (args.t98g / "images").glob("*.tif"))
     with tempfile.TemporaryDirectory(prefix="gbm-seg-bench-") as tmp:
+        raw = Path(tmp) / "data" / "raw"
         write_plates(
-            tmp, n_cultures=args.cultures, n_concentrations=5, images_per_plate=args.images_per_plate,
+            raw, n_cultures=args.cultures, n_concentrations=5, images_per_plate=args.images_per_plate,
             size=args.size, seed=args.seed, difficulty=args.difficulty,
         )
-        synth_paths, truth, concentration = synthetic_images(Path(tmp))
+        synth_paths = synthetic_images(raw)[0]
         paths = synth_paths + t98g_paths
         megapixels = sum(np.prod(read_image(p).shape) for p in paths) / 1e6
         report: dict = {
-            "n_images": len(paths),
-            "n_synthetic_images": len(synth_paths),
-            "n_t98g_images": len(t98g_paths),
+            "n_images_timed": len(paths),
             "workers": WORKERS,
-            "timed": "read + find_cells + " + ("extract_crops" if extract_crops else "no cropping (no extract_crops)"),
+            "timed": "read + find_cells (candidates, quality labels) + " + ("extract_crops" if extract_crops else "no cropping"),
+            "quality": {
+                "t98g": score_real_set("t98g", args.t98g, per_field=False),
+                "usiigaci": score_real_set("usiigaci", args.usiigaci, per_field=True),
+                "synthetic": score_synthetic_set(raw),
+            },
         }
         for finder in FINDERS:
-            centres, wall, n_crops = run_pool(finder, paths)
+            _, wall, n_crops = run_pool(finder, paths)
             report[f"{finder}_images_per_s"] = round(len(paths) / wall, 2)
             report[f"{finder}_crops"] = n_crops
             if finder == "ours":
                 report["megapixels_per_s"] = round(megapixels / wall, 2)
-                one_worker_wall = run_pool(finder, paths, workers=1)[1]
-                report["ours_images_per_s_one_worker"] = round(len(paths) / one_worker_wall, 2)
-            frames = []
-            for path in t98g_paths:
-                mask_path = args.t98g / "masks" / (Path(path).stem + ".png")
-                truth_labels = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
-                frames.append(score_point_in_mask(centres[path], truth_labels))
-            report[f"{finder}_f1"] = round(float(np.mean([s["f1"] for s in frames])), 4) if frames else None
-            report[f"{finder}_f1_per_frame"] = [round(s["f1"], 4) for s in frames]
-            scores = {
-                p: score_within_distance(centres[p], truth[p][["x", "y"]].to_numpy(float), 8.0) for p in synth_paths
-            }
-            overall = _pooled(list(scores.values()))
-            report[f"{finder}_synthetic_precision"] = overall["precision"]
-            report[f"{finder}_synthetic_recall"] = overall["recall"]
-            report[f"{finder}_synthetic_per_concentration"] = {
-                c: _pooled([s for p, s in scores.items() if concentration[p] == c])
-                for c in sorted(set(concentration.values()), key=float)
-            }
+                report["ours_images_per_s_one_worker"] = round(len(paths) / run_pool(finder, paths, workers=1)[1], 2)
         report["speedup"] = round(report["ours_images_per_s"] / report["reference_images_per_s"], 2)
+        if not args.no_ingest:
+            ingest = ingest_images_per_s(Path(tmp), len(synth_paths))
+            report["ingest"] = ingest | {"ratio_to_ours": round(ingest["images_per_s"] / report["ours_images_per_s"], 2)}
     rss_kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     report["peak_rss_mb"] = round(rss_kb / 1024, 1)
     report["cpu_count"] = os.cpu_count()

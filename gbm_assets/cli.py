@@ -70,33 +70,33 @@ def mask_names(images: list[Path]) -> dict[Path, Path]:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from gbm_assets.analysis.safe_csv import to_csv_safe
-    from gbm_assets.imaging.plate_cells import default_workers, find_plate_cells
+    from gbm_assets.imaging.plate_cells import coordinates_summary, default_workers, plate_coordinates
     from gbm_assets.imaging.segmentation import SegmentationParams
     from gbm_assets.storage import atomic_path, write_bytes_atomic
 
     images = expand_image_args(args.images)
-    params = SegmentationParams(cell_diameter_px=args.cell_diameter)
     masks_dir = Path(args.masks) if args.masks else None
     names = mask_names(images)
-    frames = []
+    given = SegmentationParams() if args.cell_diameter is None else SegmentationParams(cell_diameter_px=args.cell_diameter)
     with _bar(len(images), "finding cells") as bar:
-        # find_plate_cells works on names relative to a folder; "/" makes absolute paths work.
-        for found in find_plate_cells(
-            Path("/"), [str(p) for p in images], params,
+        # plate_coordinates works on names relative to a folder; "/" makes absolute paths work.
+        plate = plate_coordinates(
+            "", Path("/"), [str(p) for p in images], given, estimate_size=args.cell_diameter is None,
             workers=args.workers or default_workers(), progress=lambda d, t: bar.update(d - bar.n),
-        ):
-            cells = found.cells.copy()
-            cells.insert(0, "image", found.image)
-            frames.append(cells)
-            if masks_dir:
-                write_bytes_atomic(masks_dir / names[Path(found.image)], found.labels_png)  # 16-bit PNG
-    table = pd.concat(frames, ignore_index=True)
+        )
+    if masks_dir:
+        for image, png in zip(plate.masks["image"].to_pylist(), plate.masks["labels_png"].to_pylist()):
+            write_bytes_atomic(masks_dir / names[Path(image)], png)  # 16-bit PNG of every candidate
+    table = plate.coordinates.drop(columns=["plate"])
     with atomic_path(args.out) as tmp:
         to_csv_safe(table, tmp, index=False)  # image names are data: never a spreadsheet formula
-    print(f"{len(table)} cells in {len(images)} images -> {args.out}")
+    if plate.size is not None:
+        print(plate.size.note())
+    counts = coordinates_summary(plate)["qc_counts"]
+    others = ", ".join(f"{n} {label}" for label, n in counts.items() if label != "cell" and n)
+    print(f"{counts['cell']} cells in {len(images)} images" + (f" (also labelled: {others})" if others else "")
+          + f" -> {args.out}")
     return 0
 
 
@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("images", nargs="+", help="images, folders of images or glob patterns ('plates/*/*.tif')")
     g.add_argument("--out", required=True, help="CSV to write (one row per cell)")
     g.add_argument("--masks", help="folder for 16-bit label-mask PNGs")
-    g.add_argument("--cell-diameter", type=float, default=40.0, help="expected cell diameter in pixels")
+    g.add_argument("--cell-diameter", type=float, default=None,
+                   help="the cells' typical diameter in pixels (default: estimated from the images)")
     g.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     g.set_defaults(func=cmd_segment)
 

@@ -48,14 +48,15 @@ PROVENANCE_SCHEMA = pa.schema(
 
 MEASUREMENT_SCHEMA = pa.schema([(name, pa.float64()) for name in MEASUREMENT_COLUMNS])
 
-# cell_crops rows: provenance, cell id, measurements, then the crop itself.
+# cell_crops rows: provenance, cell id, measurements, the candidate's qc label (cell_quality:
+# "cell" unless keep_qc kept others), then the crop itself.
 # pixels: crop_size*crop_size uint8 bytes, row-major, per-crop normalised (see imaging.crops).
 # mask: crop_size*crop_size uint8 bytes, 1 inside the connected cell component at the centre.
 CROP_SCHEMA = pa.schema(
     list(PROVENANCE_SCHEMA)
     + [("cell_id", pa.int32())]
     + list(MEASUREMENT_SCHEMA)
-    + [("crop_size", pa.int16()), ("pixels", pa.binary()), ("mask", pa.binary())]
+    + [("qc", pa.string()), ("crop_size", pa.int16()), ("pixels", pa.binary()), ("mask", pa.binary())]
 )
 
 

@@ -68,12 +68,14 @@ def write_lab(root: Path, cells: pd.DataFrame, qc_plates: tuple[str, ...] = ()) 
         columns = {c: group[c].to_numpy() for c in PROVENANCE_COLUMNS}
         columns.update({"cell_id": np.arange(len(group), dtype=np.int32),
                         **{m: group[m].to_numpy(float) for m in MEASUREMENT_COLUMNS},
+                        # the per-cell quality label: debris for cluster 2 on the qc plates
+                        "qc": np.where((group["hdbscan"] == 2) & (plate in qc_plates), "debris", "cell"),
                         "crop_size": np.full(len(group), SIDE, np.int16),
                         "pixels": [bytes([(c + 1) * 60] * SIDE * SIDE) for c in group["hdbscan"]],
                         "mask": [bytes(SIDE * SIDE)] * len(group)})
         table = pa.table(columns, schema=CROP_SCHEMA)
-        if plate in qc_plates:  # the other engineer's per-cell quality label, on some plates only
-            table = table.append_column("qc", pa.array(np.where(group["hdbscan"] == 2, "debris", "cell")))
+        if plate not in qc_plates:  # written before cell_crops carried the qc label
+            table = table.drop_columns(["qc"])
         (crops / f"plate={plate}").mkdir(parents=True)
         pq.write_table(table, crops / f"plate={plate}" / "part-0.parquet")
     labels = cells.assign(hdbscan_noise=cells["hdbscan"] < 0, gmm=cells["hdbscan"].clip(lower=0), gmm_prob=0.9,

@@ -14,6 +14,7 @@ import pytest
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
 from gbm_assets.imaging.measurements import CELL_COLUMNS, measure_cells
+from gbm_assets.imaging.cell_quality import QUALITY_COLUMNS
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, split_along_halos
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
@@ -115,7 +116,8 @@ def test_find_cells_contract():
     image = _phase_contrast([(80, 80), (180, 170)], radius=18)
     cells, labels = find_cells(image)
     assert labels.dtype == np.int32 and labels.shape == image.shape
-    assert list(cells.columns) == list(CELL_COLUMNS)
+    assert list(cells.columns) == [*CELL_COLUMNS, *QUALITY_COLUMNS]
+    assert set(cells["qc"]) == {"cell"}
     assert sorted(cells.cell_id) == list(range(1, len(cells) + 1)) == sorted(np.unique(labels[labels > 0]))
     assert len(cells) == 2
     for cell in cells.itertuples():

@@ -18,7 +18,14 @@ from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.imaging.cellprofiler import read_plate_objects
-from gbm_assets.imaging.plate_cells import CropFilters, crop_plate, default_workers, find_plate_cells
+from gbm_assets.imaging.plate_cells import (
+    CropFilters,
+    coordinates_summary,
+    crop_plate,
+    default_workers,
+    kept_candidates,
+    plate_coordinates,
+)
 from gbm_assets.errors import PlateError
 from gbm_assets.imaging.plates import (
     PlateVersion,
@@ -39,9 +46,13 @@ _SEG_DEFAULTS = SegmentationParams()
 
 
 class CellFindingConfig(dg.Config):
-    """Cell finding settings (see gbm_assets.imaging.segmentation.SegmentationParams)."""
+    """Cell finding settings (see gbm_assets.imaging.segmentation.SegmentationParams).
 
-    cell_diameter_px: float = _SEG_DEFAULTS.cell_diameter_px
+    cell_diameter_px: the cells' typical diameter in pixels; None (the default) estimates it
+    per plate from the images (gbm_assets.imaging.cell_size).
+    """
+
+    cell_diameter_px: float | None = None
     threshold_correction: float = _SEG_DEFAULTS.threshold_correction
     min_area_scale: float = _SEG_DEFAULTS.min_area_scale
     max_area_scale: float = _SEG_DEFAULTS.max_area_scale
@@ -53,13 +64,14 @@ class CellFindingConfig(dg.Config):
 
     def params(self) -> SegmentationParams:
         names = {f.name for f in fields(SegmentationParams)}
-        return SegmentationParams(**{k: v for k, v in self.model_dump().items() if k in names})
+        return SegmentationParams(**{k: v for k, v in self.model_dump().items() if k in names and v is not None})
 
 
 class CropConfig(dg.Config):
-    """Crop size and the thesis' image filters (None = off)."""
+    """Crop size, which candidates to crop (their qc labels) and the thesis' image filters (None = off)."""
 
     crop_size: int = 128
+    keep_qc: list[str] = ["cell"]  # also "debris", "fragment", "edge" to crop those candidates
     max_cells_per_image: int | None = None
     min_timepoint_h: float | None = None
     max_timepoint_h: float | None = None
@@ -117,49 +129,35 @@ def cell_coordinates(context: dg.AssetExecutionContext, config: CellFindingConfi
     manifest = read_manifest(plate_dir)
     version = check_plate_unchanged(plate_dir, plate_id, validated, "raw_plates validated it", manifest["image"])
     found = read_plate_objects(plate_dir, manifest, config.cellprofiler_objects) if config.use_cellprofiler_table else None
-    objects = found.table if found else None
     source = f"CellProfiler table {found.path.name}, objects {found.objects_name}" if found else "segmentation"
     context.log.info(f"plate {plate_id}: {len(manifest)} images, cells from {source}")
-
-    frames, mask_rows = [], []
-    for found in find_plate_cells(
-        plate_dir, manifest["image"], config.params(), objects,
-        workers=config.workers or default_workers(), progress=_progress(context, f"cell finding {plate_id}"),
-    ):
-        cells = found.cells.copy()
-        cells.insert(0, "image", found.image)
-        cells.insert(0, "plate", plate_id)
-        frames.append(cells)
-        mask_rows.append((found.image, found.height, found.width, len(cells), found.labels_png))
-    coords = pd.concat(frames, ignore_index=True)
-    coords["cell_id"] = coords["cell_id"].astype(np.int32)
-    masks = pa.table(
-        {k: list(v) for k, v in zip(("image", "height", "width", "n_cells", "labels_png"), zip(*mask_rows))}
+    plate = plate_coordinates(
+        plate_id, plate_dir, manifest["image"], config.params(), config.cell_diameter_px is None,
+        found.table if found else None, workers=config.workers or default_workers(),
+        progress=_progress(context, f"cell finding {plate_id}"),
     )
+    if plate.size is not None:
+        context.log.info(f"plate {plate_id}: {plate.size.note()}; cells found at {plate.params.cell_diameter_px} px")
     check_plate_unchanged(plate_dir, plate_id, version, "cell_coordinates began", manifest["image"])
-    write_parquet_atomic(_with_version(masks, version), masks_file(data, plate_id))
+    write_parquet_atomic(_with_version(plate.masks, version), masks_file(data, plate_id))
+    coords = plate.coordinates
     out = write_parquet_atomic(
         _with_version(pa.Table.from_pandas(coords, preserve_index=False), version), plate_file(data.coordinates, plate_id)
     )
-
-    per_image = coords.groupby("image").size().reindex(manifest["image"], fill_value=0)
+    cells = kept_candidates(coords)
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out)),
-            **_version_metadata(version),
-            "source": source,
-            "n_cells": len(coords),
-            "cells_per_image_mean": float(per_image.mean()),
-            "images_without_cells": int((per_image == 0).sum()),
-            "median_area_px": float(coords["area"].median()) if len(coords) else 0.0,
-            "segmentation_params": dg.MetadataValue.json(asdict(config.params())),
+            "path": dg.MetadataValue.path(str(out)), **_version_metadata(version), "source": source,
+            **{k: dg.MetadataValue.json(v) if isinstance(v, dict) else v
+               for k, v in coordinates_summary(plate).items()},
+            "cell_diameter_px": float(coords["cell_diameter_px"].iloc[0]) if len(coords) else float("nan"),
+            "cell_size": plate.size.note() if plate.size is not None else "given in the run config",
+            "segmentation_params": dg.MetadataValue.json(asdict(plate.params)),
         },
         check_results=[
             dg.AssetCheckResult(
-                check_name="cells_found",
-                passed=len(coords) > 0,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"n_cells": len(coords)},
+                check_name="cells_found", passed=len(cells) > 0, severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"n_cells": len(cells)},
             )
         ],
     )
@@ -192,12 +190,13 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
         for table in crop_plate(
             plate_id, plate_dir, manifest, coords, masks, config.crop_size, filters,
             workers=config.workers or default_workers(), progress=_progress(context, f"cropping {plate_id}"),
+            keep_qc=config.keep_qc,
         ):
             writer.write(table)
         # Still the same plate: else the new file is dropped and the previous one stays.
         check_plate_unchanged(plate_dir, plate_id, version, "cell_crops began", manifest["image"])
     sizes = pq.read_table(masks_file(data, plate_id), columns=["image", "height", "width"]).to_pandas()
-    expected = expected_crop_count(coords, manifest, sizes, config.crop_size, filters)
+    expected = expected_crop_count(coords, manifest, sizes, config.crop_size, filters, config.keep_qc)
     written = pq.read_table(out, columns=[*PROVENANCE_COLUMNS, *MEASUREMENT_COLUMNS]).to_pandas()
     checks = [
         dg.AssetCheckResult(check_name=name, passed=bool(ok), metadata=meta, severity=dg.AssetCheckSeverity.ERROR)

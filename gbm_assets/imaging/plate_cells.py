@@ -22,7 +22,10 @@ import pyarrow as pa
 from gbm_assets.imaging.cellprofiler_masks import cells_at_objects
 from gbm_assets.imaging.crops import extract_crops
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
+from gbm_assets.imaging.cell_quality import QC_LABELS
+from gbm_assets.imaging.cell_size import CellSizeEstimate, estimate_from_diameters, first_pass_diameters, sample_images
+from gbm_assets.imaging.field_quality import field_quality
+from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates
 from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
 
 Progress = Callable[[int, int], None] | None
@@ -169,26 +172,51 @@ def _init_worker(owner: int | None = None) -> None:
 
 @dataclass
 class ImageCells:
-    """Cells found in one image and its label mask (PNG bytes)."""
+    """Cell candidates found in one image (with their qc labels), its label mask (PNG bytes)
+    and its image quality measures (field_quality's ImageQuality_* columns)."""
 
     image: str
     cells: pd.DataFrame
     labels_png: bytes
     height: int
     width: int
+    measures: dict[str, float]
 
 
 def _segment_task(task: tuple[Path, str, SegmentationParams]) -> ImageCells:
     plate_dir, name, params = task
     image = read_image(plate_dir / name)
-    cells, labels = find_cells(image, params)
-    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *image.shape)
+    cells, labels, measures = find_candidates(image, params)
+    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *image.shape, measures)
 
 
 def _objects_task(task: tuple[Path, str, SegmentationParams, pd.DataFrame]) -> ImageCells:
     plate_dir, name, params, objects = task
-    cells, labels = cells_at_objects(read_image(plate_dir / name), objects, params)
-    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *labels.shape)
+    image = read_image(plate_dir / name)
+    cells, labels = cells_at_objects(image, objects, params)
+    # CellProfiler's objects are the user's own choice of cells: kept as cells, not judged again
+    cells = cells.assign(qc="cell", qc_reason="CellProfiler object")
+    measures = field_quality(image, labels, params.cell_diameter_px).measures
+    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *labels.shape, measures)
+
+
+def _diameters_task(task: tuple[Path, str, SegmentationParams]) -> np.ndarray:
+    plate_dir, name, params = task
+    return first_pass_diameters(read_image(plate_dir / name), params)
+
+
+def estimate_plate_cell_size(
+    plate_dir: str | Path, images: Iterable[str], params: SegmentationParams = SegmentationParams(),
+    sample: int = 8, workers: int = 1,
+) -> CellSizeEstimate:
+    """The plate's typical cell diameter from a first pass over up to `sample` of its images.
+
+    The images are spread evenly over the list (the same ones on every run). See cell_size.
+    Raises the image reader's errors (naming the file) for an unreadable image.
+    """
+    plate_dir = Path(plate_dir)
+    tasks = [(plate_dir, name, params) for name in sample_images(list(images), sample)]
+    return estimate_from_diameters(_map_in_order(_diameters_task, tasks, workers, None))
 
 
 def find_plate_cells(
@@ -210,6 +238,98 @@ def find_plate_cells(
         empty = objects.iloc[0:0]
         tasks = [(plate_dir, name, params, groups.get(name, empty)) for name in images]
         yield from _map_in_order(_objects_task, tasks, workers, progress)
+
+
+MASK_COLUMNS = ("image", "height", "width", "n_cells", "labels_png")
+
+
+@dataclass
+class PlateCoordinates:
+    """A plate's cell candidates and label masks, as cell_coordinates stores them.
+
+    coordinates: one row per candidate: plate, image, cell_id, x, y, measurements, the qc label
+    and measures (cell_quality.QUALITY_COLUMNS), the image's ImageQuality_* measures and
+    cell_diameter_px (the plate's typical cell diameter, px). masks: one row per image
+    (MASK_COLUMNS plus the ImageQuality_* measures). size: the plate's size estimate, None when
+    the diameter was given. params: the settings cells were found with.
+    """
+
+    coordinates: pd.DataFrame
+    masks: pa.Table
+    size: CellSizeEstimate | None
+    params: SegmentationParams
+
+
+def plate_coordinates(
+    plate_id: str,
+    plate_dir: str | Path,
+    images: Iterable[str],
+    params: SegmentationParams = SegmentationParams(),
+    estimate_size: bool = True,
+    objects: pd.DataFrame | None = None,
+    workers: int = 1,
+    progress: Progress = None,
+) -> PlateCoordinates:
+    """Find (or place at CellProfiler's `objects`) every cell candidate of a plate.
+
+    With estimate_size (and no objects) the plate's cell diameter is estimated first
+    (estimate_plate_cell_size) and cells are found at the scale it calls for; else at
+    params.cell_diameter_px. Raises the image reader's errors, naming the file.
+    """
+    images = list(images)
+    size = None
+    if estimate_size and objects is None:
+        size = estimate_plate_cell_size(plate_dir, images, params, workers=workers)
+        params = size.params(params)
+    diameter = size.diameter_px if size is not None and size.diameter_px else params.cell_diameter_px
+    frames, mask_rows = [], []
+    for found in find_plate_cells(plate_dir, images, params, objects, workers=workers, progress=progress):
+        cells = found.cells.assign(**found.measures, cell_diameter_px=float(diameter))
+        cells.insert(0, "image", found.image)
+        cells.insert(0, "plate", plate_id)
+        frames.append(cells)
+        mask_rows.append({"image": found.image, "height": found.height, "width": found.width,
+                          "n_cells": int((found.cells["qc"] == "cell").sum()), "labels_png": found.labels_png,
+                          **found.measures})
+    coords = pd.concat(frames, ignore_index=True)
+    coords["cell_id"] = coords["cell_id"].astype(np.int32)
+    return PlateCoordinates(coords, pa.Table.from_pylist(mask_rows), size, params)
+
+
+def qc_counts_per_image(coordinates: pd.DataFrame, images: Iterable[str]) -> pd.DataFrame:
+    """Candidates per image and qc label: index images (in the given order), one int column
+    per label of cell_quality.QC_LABELS (0 where none)."""
+    qc = coordinates["qc"] if "qc" in coordinates else pd.Series("cell", index=coordinates.index)
+    table = pd.crosstab(coordinates["image"], qc) if len(coordinates) else pd.DataFrame()
+    return table.reindex(index=list(images), columns=list(QC_LABELS), fill_value=0).fillna(0).astype(int)
+
+
+def coordinates_summary(plate: PlateCoordinates) -> dict[str, float | int | dict]:
+    """Plate-level figures of a plate's coordinates: counts per qc label, cells per image, the
+    median cell area (px) and the image quality measures (mean usable fraction, its minimum,
+    the median focus score, fragments merged)."""
+    coordinates = plate.coordinates
+    per_image = plate.masks.drop_columns(["labels_png"]).to_pandas()
+    images = per_image["image"].tolist()
+    counts = qc_counts_per_image(coordinates, images)
+    cells = kept_candidates(coordinates)
+    out: dict[str, float | int | dict] = {
+        "n_cells": int(counts["cell"].sum()),
+        "n_candidates": len(coordinates),
+        "qc_counts": {label: int(counts[label].sum()) for label in QC_LABELS},
+        "cells_per_image_mean": float(counts["cell"].mean()) if images else 0.0,
+        "images_without_cells": int((counts["cell"] == 0).sum()),
+        "median_area_px": float(cells["area"].median()) if len(cells) else 0.0,
+    }
+    for column, name, how in (
+        ("ImageQuality_UsableFraction", "usable_fraction_mean", "mean"),
+        ("ImageQuality_UsableFraction", "usable_fraction_min", "min"),
+        ("ImageQuality_FocusScore", "focus_score_median", "median"),
+        ("ImageQuality_FragmentsMerged", "fragments_merged", "sum"),
+    ):
+        if column in per_image:
+            out[name] = float(getattr(per_image[column], how)())
+    return out
 
 
 # ---------------------------------------------------------------- crops
@@ -243,6 +363,16 @@ def _crop_task(task) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     return batch.cells, batch.pixels, batch.masks
 
 
+def kept_candidates(coordinates: pd.DataFrame, keep_qc: Iterable[str] = ("cell",)) -> pd.DataFrame:
+    """The rows of a coordinates table whose qc label is in keep_qc (the rows cell_crops crops).
+
+    A table written before quality labels existed (no qc column) counts as all cells.
+    """
+    if "qc" not in coordinates:
+        return coordinates.assign(qc="cell")
+    return coordinates[coordinates["qc"].isin(list(keep_qc))]
+
+
 def crop_plate(
     plate_id: str,
     plate_dir: str | Path,
@@ -253,16 +383,22 @@ def crop_plate(
     filters: CropFilters = CropFilters(),
     workers: int = 1,
     progress: Progress = None,
+    keep_qc: Iterable[str] = ("cell",),
 ) -> Iterator[pa.Table]:
-    """Yield one Arrow table (CROP_SCHEMA) per kept image of a plate, in manifest order."""
+    """Yield one Arrow table (CROP_SCHEMA) per kept image of a plate, in manifest order.
+
+    Only candidates whose qc label is in keep_qc are cropped (see kept_candidates).
+    """
     plate_dir = Path(plate_dir)
-    by_image = {name: g.reset_index(drop=True) for name, g in coordinates.groupby("image", sort=False)}
+    kept = kept_candidates(coordinates, keep_qc)
+    by_image = {name: g.reset_index(drop=True) for name, g in kept.groupby("image", sort=False)}
     tasks, meta = [], []
     for row in manifest.itertuples(index=False):
         cells = by_image.get(row.image)
         if cells is None or cells.empty or not filters.keep_image(len(cells), row.timepoint_h):
             continue
-        tasks.append((plate_dir, row.image, cells[["cell_id", "x", "y", *MEASUREMENT_COLUMNS]], masks[row.image], crop_size))
+        columns = ["cell_id", "x", "y", *MEASUREMENT_COLUMNS, "qc"]
+        tasks.append((plate_dir, row.image, cells[columns], masks[row.image], crop_size))
         meta.append(row)
     for row, (cells, pixels, crop_masks) in zip(meta, _map_in_order(_crop_task, tasks, workers, progress)):
         yield crops_table(plate_id, row, cells, pixels, crop_masks, crop_size)
@@ -285,6 +421,7 @@ def crops_table(plate_id: str, row, cells: pd.DataFrame, pixels: np.ndarray, mas
         "position": [str(row.position)] * n,
         "cell_id": cells["cell_id"].to_numpy(np.int32),
         **{m: cells[m].to_numpy(np.float64) for m in MEASUREMENT_COLUMNS},
+        "qc": cells["qc"].astype(str).tolist() if "qc" in cells else ["cell"] * n,
         "crop_size": np.full(n, crop_size, np.int16),
         "pixels": [p.tobytes() for p in pixels],
         "mask": [m.tobytes() for m in masks],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pandas as pd
 
@@ -18,12 +20,16 @@ CROP_CHECKS = {
 
 
 def expected_crop_count(
-    coords: pd.DataFrame, manifest: pd.DataFrame, sizes: pd.DataFrame, crop_size: int, filters: CropFilters
+    coords: pd.DataFrame, manifest: pd.DataFrame, sizes: pd.DataFrame, crop_size: int, filters: CropFilters,
+    keep_qc: Iterable[str] = ("cell",),
 ) -> int:
-    """Coordinates that pass the image filters and whose crop window lies inside the image.
+    """Coordinates with a kept qc label that pass the image filters and whose crop window lies
+    inside the image.
 
     sizes: image, height, width. Computed from the coordinates, independently of the cropper.
     """
+    if "qc" in coords:
+        coords = coords[coords["qc"].isin(list(keep_qc))]
     df = coords.merge(manifest[["image", "timepoint_h"]], on="image").merge(sizes, on="image")
     if df.empty:
         return 0

@@ -42,6 +42,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from gbm_assets.imaging.cell_quality import QualityRules, label_quality, merge_fragments, quality_measures
+from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.measurements import measure_cells
 
 
@@ -161,10 +163,19 @@ def fill_holes(mask: np.ndarray, max_hole_area: float) -> np.ndarray:
     return filled
 
 
-def foreground(tex: np.ndarray, params: SegmentationParams) -> np.ndarray:
-    """uint8 cell mask: textured, gap-closed, hole-filled, with thin halos and fibres opened away."""
+def texture_threshold(tex: np.ndarray, params: SegmentationParams) -> float:
+    """The foreground's texture threshold: Otsu's on tex, times threshold_correction."""
+    return otsu_threshold(tex) * params.threshold_correction
+
+
+def foreground(tex: np.ndarray, params: SegmentationParams, threshold: float | None = None) -> np.ndarray:
+    """uint8 cell mask: textured, gap-closed, hole-filled, with thin halos and fibres opened away.
+
+    threshold: the texture threshold (texture_threshold(tex, params) when None).
+    """
     d = params.cell_diameter_px
-    mask = (tex > otsu_threshold(tex) * params.threshold_correction).astype(np.uint8)
+    threshold = texture_threshold(tex, params) if threshold is None else threshold
+    mask = (tex > threshold).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disc(params.closing_scale * d))
     mask = fill_holes(mask, max_hole_area=_cell_area(params))
     return cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disc(params.opening_scale * d))
@@ -189,6 +200,25 @@ def objects(mask: np.ndarray, depth: np.ndarray, params: SegmentationParams) -> 
     out = np.zeros(labels.shape, np.int32)
     out.ravel()[where] = np.where(keep, np.arange(n, dtype=np.int32), 0)[label]
     return out
+
+
+def medium_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """norm, re-referenced to the medium (background) pixels when cells cover most of the field.
+
+    normalise() measures level and spread over the whole image. Where the medium is most of
+    it (a sparse or ordinary field) those are the medium's, and norm is returned as is. Where
+    cells cover more than half the field they are the cells' own: the cells are then no darker
+    than "the image" and no seed would pass seed_darkness, so level and spread are measured on
+    the medium alone. With too little medium visible (confluent) norm is returned as is.
+    """
+    sample = background[::4, ::4]
+    values = norm[::4, ::4][sample]
+    if values.size < 100 or sample.mean() >= 0.5:
+        return norm
+    centre, spread = robust_scale(values, floor=1e-6)
+    if spread <= 0:
+        return norm
+    return (norm - centre) * (1 / spread)
 
 
 def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -573,24 +603,32 @@ def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray
     return out
 
 
-def find_cells(
-    image: np.ndarray, params: SegmentationParams = SegmentationParams()
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Find the cells of one phase-contrast image.
+def find_candidates(
+    image: np.ndarray, params: SegmentationParams = SegmentationParams(), rules: QualityRules = QualityRules()
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, float]]:
+    """Find every cell candidate of one phase-contrast image and judge its quality.
 
-    Returns (cells, labels): a table with one row per cell (see measure_cells; cell_id is the
-    cell's value in labels) and an int32 instance mask, 0 for background.
+    image: 2-D array, any numeric dtype. Returns (candidates, labels, image_measures):
+    candidates has one row per candidate, with measure_cells' columns (cell_id is its value
+    in labels; x, y in px) and cell_quality.QUALITY_COLUMNS (qc is "cell", "debris",
+    "fragment" or "edge"); labels is an int32 (H, W) instance mask, 0 for background, of every
+    candidate (fragments against a neighbour already merged into it); image_measures holds
+    field_quality's ImageQuality_* measures and ImageQuality_FragmentsMerged (a count).
+    Raises ValueError when the image is not 2-D.
     """
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D single-channel image, got shape {image.shape}")
+    d = params.cell_diameter_px
     norm = normalise(image, params)
-    mask = foreground(texture(norm, params), params)
+    tex = texture(norm, params)
+    threshold = texture_threshold(tex, params)
+    mask = foreground(tex, params, threshold)
     depth = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_5)  # distance to the medium
     obj = objects(mask, depth, params)
     z = noise_units(norm, obj == 0)
     compact = compact_bodies(z, obj, params)
-    xy, scale, maps = dark_seeds(norm, obj, compact, params)
+    xy, scale, maps = dark_seeds(medium_units(norm, obj == 0), obj, compact, params)
     if compact.any():  # where compact cells are, rounded bright ones are cells too
         bright = bright_seeds(z, obj, params)
         xy, scale = np.concatenate([xy, bright]), np.concatenate([scale, np.zeros(len(bright), int)])
@@ -599,4 +637,40 @@ def find_cells(
     else:  # one cell per object
         group = np.unique(obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
     labels = filter_by_area(assign_cells(obj, xy, group, z, params), params)
-    return measure_cells(labels), labels
+    fine = xy[scale == 0].astype(int)
+    compact_ids = np.unique(labels[fine[:, 1], fine[:, 0]]) if len(fine) else np.zeros(0, np.int32)
+    is_compact = np.zeros(int(labels.max(initial=0)) + 1, bool)
+    is_compact[compact_ids] = True
+    is_compact[0] = False
+    before = labels
+    labels, merged = merge_fragments(labels, d, rules, np.flatnonzero(is_compact))
+    cells = measure_cells(labels)
+    field = field_quality(image, obj, d)
+    rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
+    cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
+    measures = quality_measures(labels, z, tex, threshold, cells, d, rules)
+    # a merged label keeps the old number of its root, so compact cells are found by position
+    compact_now = np.zeros(int(labels.max(initial=0)) + 1, bool)
+    if len(fine):
+        compact_now[labels[fine[:, 1], fine[:, 0]]] = is_compact[before[fine[:, 1], fine[:, 0]]]
+    compact_now[0] = False
+    verdict = label_quality(measures, field.usable[rows, cols], d, rules, compact_now[cells["cell_id"].to_numpy()])
+    candidates = pd.concat([cells, verdict, measures], axis=1)
+    return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged)}
+
+
+def find_cells(
+    image: np.ndarray, params: SegmentationParams = SegmentationParams()
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Find the cells of one phase-contrast image: the candidates whose qc label is "cell".
+
+    Returns (cells, labels): a table with one row per cell (find_candidates' columns; cell_id,
+    1..n, is the cell's value in labels) and an int32 (H, W) instance mask of those cells
+    alone, 0 for background. Raises ValueError when the image is not 2-D.
+    """
+    candidates, labels, _ = find_candidates(image, params)
+    cells = candidates[(candidates["qc"] == "cell").to_numpy()].reset_index(drop=True)
+    lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
+    renumbered = np.arange(1, len(cells) + 1, dtype=np.int32)
+    lut[cells["cell_id"].to_numpy()] = renumbered
+    return cells.assign(cell_id=renumbered), lut[labels]

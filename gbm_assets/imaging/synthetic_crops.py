@@ -77,6 +77,7 @@ def write_synthetic_crops(
             "position": ["1"] * n,
             "cell_id": np.arange(n, dtype=np.int32),
             **{m: rng.random(n) for m in MEASUREMENT_COLUMNS},
+            "qc": ["cell"] * n,
             "crop_size": np.full(n, size, np.int16),
             "pixels": [c.tobytes() for c in pixels],
             "mask": [m.tobytes() for m in masks],

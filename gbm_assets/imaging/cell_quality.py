@@ -1,0 +1,217 @@
+"""Quality of each cell candidate: interpretable measures, a `qc` label and its reason.
+
+Cell finding proposes candidates; not all are cells. On real fields the false ones are of
+three kinds (measured on the hand-annotated Usiigaci fields): pieces of one cell (a
+protrusion, a piece of halo, one end of a long cell) lying against the rest of it; small
+specks of debris or floating particles on their own in the medium; and anything on the
+well's edge or other non-culture areas (see field_quality). The rules are relative to the
+typical cell's size (cell areas, pi d^2 / 4 of the segmentation's cell_diameter_px) and to
+the image's own noise, never absolute:
+
+- fragment, merged: a candidate smaller than fragment_area_scale cell areas that shares a
+  border with a neighbour is merged into the neighbour it shares most border with;
+- edge: the candidate's centre lies outside the culture surface;
+- debris: smaller than debris_area_scale cell areas with no other candidate within
+  isolation_scale diameters, or too faint to be a cell (its texture contrast, the mean local
+  standard deviation inside it over the foreground threshold, below min_texture_contrast);
+- fragment: smaller than fragment_area_scale cell areas and near, but not touching, a cell;
+- cell: everything else.
+
+Non-cells stay in the table with their label and reason, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
+
+QC_LABELS = ("cell", "debris", "fragment", "edge")
+QUALITY_COLUMNS = (
+    "qc",
+    "qc_reason",
+    "qc_area_ratio",
+    "qc_dark_fraction",
+    "qc_halo_strength",
+    "qc_texture_contrast",
+    "qc_nearest_cell_px",
+)
+
+
+@dataclass(frozen=True)
+class QualityRules:
+    """Thresholds of the qc labels, in cell areas (pi d^2 / 4), diameters (d) or noise units."""
+
+    fragment_area_scale: float = 0.5  # smaller pieces against a neighbour are merged into it, cell areas
+    debris_area_scale: float = 0.5  # smaller candidates alone in the medium are debris, cell areas
+    isolation_scale: float = 0.5  # "alone": no other candidate within this gap, d
+    min_texture_contrast: float = 1.0  # mean texture inside / foreground threshold; fainter is debris
+    dark_level: float = 5.0  # darker than this (noise units) counts as dark body
+    halo_level: float = 3.0  # brighter than this (noise units) counts as halo
+
+
+def _borders(labels: np.ndarray) -> pd.DataFrame:
+    """Shared border length (pixel pairs) of every pair of touching labels (a < b)."""
+    pairs = []
+    for p, q in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        touch = (p != q) & (p > 0) & (q > 0)
+        a, b = p[touch], q[touch]
+        pairs.append(np.stack([np.minimum(a, b), np.maximum(a, b)], 1))
+    both = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int32)
+    if len(both) == 0:
+        return pd.DataFrame({"a": [], "b": [], "length": []}, dtype=np.int64)
+    keys, counts = np.unique(both, axis=0, return_counts=True)
+    return pd.DataFrame({"a": keys[:, 0], "b": keys[:, 1], "length": counts})
+
+
+def merge_fragments(
+    labels: np.ndarray, cell_diameter_px: float, rules: QualityRules = QualityRules(), compact: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    """Merge small candidates into the touching neighbour they share most border with.
+
+    labels: int32 (H, W) instance labels, 0 = background. compact: optional int array of the
+    label values of compact (rounded) cells, found as such by their own seeds: small by
+    nature, they are never merged away. Returns (labels, n_merged): the
+    merged labels renumbered 1..n in order of first appearance of their old numbers, and how
+    many candidates were merged away. A chain of small pieces ends in the first piece that is
+    not small (or in the largest of a group of small pieces that touch only each other).
+    """
+    labels = np.asarray(labels, np.int32)
+    n = int(labels.max(initial=0)) + 1
+    if n <= 2:
+        return labels, 0
+    area = np.bincount(labels.ravel(), minlength=n)
+    small = area < rules.fragment_area_scale * np.pi * cell_diameter_px**2 / 4
+    small[0] = False
+    if compact is not None and len(compact):
+        small[np.asarray(compact)[(compact > 0) & (compact < n)]] = False
+    borders = _borders(labels)
+    parent = np.arange(n)
+    if len(borders):
+        both = pd.concat([borders, borders.rename(columns={"a": "b", "b": "a"})], ignore_index=True)
+        both = both[small[both["a"].to_numpy()]]
+        # for each small piece: the neighbour with the longest shared border (ties: the larger one)
+        both = both.assign(size=area[both["b"].to_numpy()]).sort_values(["a", "length", "size"], ascending=[True, False, False])
+        best = both.drop_duplicates("a")
+        for a, b in zip(best["a"].to_numpy(), best["b"].to_numpy()):
+            # a small piece never adopts a smaller one: the larger of two small pieces is the root
+            if small[b] and area[b] < area[a]:
+                continue
+            parent[a] = b
+
+    def root(i: int) -> int:
+        seen = 0
+        while parent[i] != i and seen < n:
+            i = parent[i]
+            seen += 1
+        return i
+
+    roots = np.array([root(i) for i in range(n)])
+    merged = int(np.count_nonzero(roots[1:] != np.arange(1, n)))
+    if merged == 0:
+        return labels, 0
+    keep = np.unique(roots[1:][area[1:] > 0])
+    renumber = np.zeros(n, np.int32)
+    renumber[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
+    return renumber[roots][labels], merged
+
+
+def quality_measures(
+    labels: np.ndarray, z: np.ndarray, tex: np.ndarray, texture_threshold: float, cells: pd.DataFrame,
+    cell_diameter_px: float, rules: QualityRules = QualityRules(),
+) -> pd.DataFrame:
+    """Per-candidate quality measures, one row per row of cells (same order).
+
+    labels: int32 (H, W) instance labels; z: float32 (H, W) image in background-noise units
+    (dark negative); tex: float32 (H, W) local standard deviation; texture_threshold: the
+    foreground's texture threshold (same units as tex); cells: cell_id, x, y, area (px).
+    Columns: qc_area_ratio (area / pi d^2 / 4), qc_dark_fraction (share of pixels darker than
+    -dark_level), qc_halo_strength (mean z on a ring two pixels wide just outside, noise
+    units), qc_texture_contrast (mean tex inside / texture_threshold) and qc_nearest_cell_px
+    (gap to the nearest other candidate's pixels, px; inf when alone in the image).
+    """
+    n = int(labels.max(initial=0)) + 1
+    ids = np.arange(n)
+    inside = labels > 0
+    count = np.maximum(np.bincount(labels.ravel(), minlength=n), 1)
+    dark = np.bincount(labels[inside], weights=(z[inside] < -rules.dark_level), minlength=n) / count
+    texture = ndi.mean(tex, labels, ids) / max(float(texture_threshold), 1e-9)
+    ring_of = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
+    ring = (~inside) & (ring_of > 0)
+    halo = np.bincount(ring_of[ring], weights=z[ring], minlength=n) / np.maximum(np.bincount(ring_of[ring], minlength=n), 1)
+    gap = _nearest_gap(labels, cells)
+    cell_ids = cells["cell_id"].to_numpy()
+    return pd.DataFrame(
+        {
+            "qc_area_ratio": cells["area"].to_numpy(float) / (np.pi * cell_diameter_px**2 / 4),
+            "qc_dark_fraction": dark[cell_ids],
+            "qc_halo_strength": halo[cell_ids],
+            "qc_texture_contrast": np.nan_to_num(np.asarray(texture)[cell_ids]),
+            "qc_nearest_cell_px": gap,
+        },
+        index=cells.index,
+    )
+
+
+def _nearest_gap(labels: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
+    """Per candidate (cells order): the gap in px to the nearest pixel of another candidate.
+
+    Every pixel gets its nearest candidate and the distance to it (a Voronoi split of the
+    field); where the regions of two candidates meet, their gap is the two distances summed.
+    inf for a candidate alone in the image.
+    """
+    out = np.full(len(cells), np.inf)
+    n = int(labels.max(initial=0)) + 1
+    if len(cells) < 2:
+        return out
+    background = (labels == 0).astype(np.uint8)
+    dist, nearest = cv2.distanceTransformWithLabels(background, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
+    at = np.flatnonzero(labels)
+    lut = np.zeros(len(at) + 1, np.int32)  # DIST_LABEL_PIXEL numbers the labelled pixels 1..k
+    lut[nearest.ravel()[at]] = labels.ravel()[at]
+    owner = lut[nearest]
+    gap = np.full(n, np.inf)
+    for a, b, da, db in ((owner[:, :-1], owner[:, 1:], dist[:, :-1], dist[:, 1:]), (owner[:-1], owner[1:], dist[:-1], dist[1:])):
+        meet = (a != b) & (a > 0) & (b > 0)
+        total = (da[meet] + db[meet]).astype(np.float64)
+        np.minimum.at(gap, a[meet], total)
+        np.minimum.at(gap, b[meet], total)
+    return gap[cells["cell_id"].to_numpy()]
+
+
+def label_quality(
+    measures: pd.DataFrame, centres_usable: np.ndarray, cell_diameter_px: float, rules: QualityRules = QualityRules(),
+    compact: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """qc label and qc_reason per candidate from its measures (see module docstring).
+
+    measures: quality_measures' table; centres_usable: bool per row, True when the centre lies
+    on culture surface; compact: bool per row, True for compact (rounded) cells, which are
+    small by nature and never called fragments. Returns a DataFrame with columns qc (one of
+    QC_LABELS) and qc_reason.
+    """
+    compact = np.zeros(len(measures), bool) if compact is None else np.asarray(compact, bool)
+    area = measures["qc_area_ratio"].to_numpy()
+    gap = measures["qc_nearest_cell_px"].to_numpy()
+    texture = measures["qc_texture_contrast"].to_numpy()
+    alone = gap > rules.isolation_scale * cell_diameter_px
+    qc = np.full(len(measures), "cell", dtype=object)
+    reason = np.full(len(measures), "", dtype=object)
+    rules_in_order = (
+        (~centres_usable, "edge", "centre outside the culture surface (well edge, wall or glare)"),
+        ((area < rules.debris_area_scale) & alone, "debris",
+         f"smaller than {rules.debris_area_scale:g} cell areas with no neighbour within {rules.isolation_scale:g} diameters"),
+        (texture < rules.min_texture_contrast, "debris", "too faint: texture below the foreground threshold"),
+        ((area < rules.fragment_area_scale) & ~compact, "fragment",
+         f"smaller than {rules.fragment_area_scale:g} cell areas, next to other candidates"),
+    )
+    decided = np.zeros(len(measures), bool)
+    for hit, label, why in rules_in_order:
+        now = hit & ~decided
+        qc[now], reason[now] = label, why
+        decided |= now
+    return pd.DataFrame({"qc": qc, "qc_reason": reason}, index=measures.index)

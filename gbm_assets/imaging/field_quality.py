@@ -1,0 +1,148 @@
+"""Which parts of a phase-contrast field are culture surface, and how good the image is.
+
+A field can hold more than cells on the dish: the well's edge or wall (a wide band of extreme
+brightness and darkness, full of texture), saturated glare, large out-of-focus blobs. Cell
+finding would cut them into cell-sized "cells". They differ from cells in size and contrast at
+once: a cell is at most a few diameters across and, averaged over a window one diameter wide,
+stays near the medium's level (phase contrast makes its body darker and its halo brighter),
+while the well's edge is many diameters long and stays far from the medium's level over whole
+windows. So a region is not culture surface when its mean level over windows one cell
+diameter wide departs from the medium's by more than `extreme_level` noise units over an area of
+several cells, or when it is saturated over an area of a cell or more.
+
+Image-level measures follow CellProfiler's MeasureImageQuality (FocusScore, PercentMaximal,
+PercentMinimal), plus the usable (culture) fraction of the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+IMAGE_QUALITY_COLUMNS = (
+    "ImageQuality_FocusScore",
+    "ImageQuality_PercentMaximal",
+    "ImageQuality_PercentMinimal",
+    "ImageQuality_UsableFraction",
+)
+
+
+@dataclass(frozen=True)
+class FieldQuality:
+    """usable: bool (H, W), True on culture surface; measures: IMAGE_QUALITY_COLUMNS -> float."""
+
+    usable: np.ndarray
+    measures: dict[str, float]
+
+
+def focus_score(image: np.ndarray) -> float:
+    """CellProfiler's FocusScore: the image's variance over its mean (normalised variance).
+
+    Groen et al., Cytometry 6 (1985) 81-91, as in CellProfiler's MeasureImageQuality. Higher is
+    sharper for one set-up; compare it between images of one plate, not between microscopes.
+    """
+    values = np.asarray(image, np.float64)
+    mean = float(values.mean())
+    return float(values.var() / mean) if mean > 0 else 0.0
+
+
+def _percent_at(image: np.ndarray, value: float) -> float:
+    return 100.0 * float(np.count_nonzero(image == value)) / image.size
+
+
+def _saturation_value(image: np.ndarray) -> float | None:
+    """The value a clipped (saturated) pixel holds: the integer dtype's maximum, else the image max."""
+    if np.issubdtype(image.dtype, np.integer):
+        return float(np.iinfo(image.dtype).max)
+    return float(image.max()) if image.size else None
+
+
+def non_culture_regions(
+    image: np.ndarray, objects: np.ndarray, cell_diameter_px: float,
+    extreme_level: float = 12.0, min_area_cells: float = 4.0, window_scale: float = 0.5,
+) -> np.ndarray:
+    """bool (H, W) mask of regions that are not culture surface (well edge, wall, glare).
+
+    image: the raw 2-D image, any dtype. objects: int (H, W) labels of the textured foreground
+    objects (0 = medium, the background between cells, whose median and robust spread set the
+    level and the noise unit). cell_diameter_px: the typical cell's diameter in pixels.
+    Regions are those where the image, averaged over a window window_scale diameters wide,
+    departs from the medium's level by more than extreme_level noise units over at least
+    min_area_cells cell areas, plus saturated areas of a cell area or more; a foreground object
+    that such a region covers over a quarter of its area is taken whole (the
+    rest of the well's edge, whose bright and dark stripes average out), and everything is
+    widened by a quarter diameter.
+    Returns all False when the medium cannot be measured (fewer than 100 medium pixels).
+    """
+    image = np.asarray(image)
+    medium = objects == 0
+    d = max(float(cell_diameter_px), 4.0)
+    cell_area = np.pi * d * d / 4
+    values = image[::4, ::4][medium[::4, ::4]].astype(np.float64)
+    out = np.zeros(image.shape, bool)
+    if values.size < 100:
+        return out
+    q25, q50, q75 = np.percentile(values, (25, 50, 75))
+    spread = (q75 - q25) / 1.349 or float(values.std())
+    if spread <= 0:
+        return out
+    # Work at a few pixels per diameter: the regions are many diameters wide.
+    factor = max(1, int(d // 8))
+    small = cv2.resize(image.astype(np.float32), None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+    window = max(3, int(round(window_scale * d / factor)) | 1)
+    level = (cv2.blur(small, (window, window), borderType=cv2.BORDER_REFLECT) - q50) / spread
+    extreme = (np.abs(level) > extreme_level).astype(np.uint8)
+    saturated_value = _saturation_value(image)
+    regions = _large_components(extreme, min_area_cells * cell_area / factor**2)
+    if saturated_value is not None:
+        saturated = cv2.resize((image == saturated_value).astype(np.float32), small.shape[::-1], interpolation=cv2.INTER_AREA)
+        regions |= _large_components((saturated > 0.5).astype(np.uint8), cell_area / factor**2)
+    if not regions.any():
+        return out
+    regions = cv2.resize(regions.astype(np.uint8), image.shape[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+    n = int(objects.max()) + 1
+    covered = np.bincount(objects[regions], minlength=n)
+    size = np.maximum(np.bincount(objects.ravel(), minlength=n), 1)
+    whole = covered >= 0.25 * size
+    whole[0] = False
+    regions |= whole[objects]
+    regions = cv2.resize(regions.astype(np.uint8), small.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * max(1, round(d / 4 / factor)) + 1,) * 2)
+    regions = cv2.dilate(regions.astype(np.uint8), grow)
+    return cv2.resize(regions, image.shape[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _large_components(mask: np.ndarray, min_area: float) -> np.ndarray:
+    """bool mask of the 8-connected components of a uint8 mask with at least min_area pixels."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    keep[0] = False
+    return keep[labels]
+
+
+def field_quality(image: np.ndarray, objects: np.ndarray, cell_diameter_px: float) -> FieldQuality:
+    """Culture-surface mask and CellProfiler-style image quality measures of one image.
+
+    image: 2-D, any dtype. objects: int (H, W) foreground object labels, 0 = medium (see
+    non_culture_regions).
+    Returns FieldQuality(usable, measures): measures hold ImageQuality_FocusScore (variance
+    / mean), ImageQuality_PercentMaximal and _PercentMinimal (percent of pixels at the image's
+    maximum / minimum, as CellProfiler reports them) and ImageQuality_UsableFraction (share of
+    the field that is culture surface, 0-1).
+    Raises ValueError when image is not 2-D or medium does not match its shape.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {image.shape}")
+    if objects.shape != image.shape:
+        raise ValueError(f"object labels {objects.shape} do not match image {image.shape}")
+    usable = ~non_culture_regions(image, objects, cell_diameter_px)
+    measures = {
+        "ImageQuality_FocusScore": focus_score(image),
+        "ImageQuality_PercentMaximal": _percent_at(image, float(image.max())) if image.size else 0.0,
+        "ImageQuality_PercentMinimal": _percent_at(image, float(image.min())) if image.size else 0.0,
+        "ImageQuality_UsableFraction": float(usable.mean()) if usable.size else 0.0,
+    }
+    return FieldQuality(usable, measures)
