@@ -79,6 +79,8 @@ class SegmentationParams:
     merge_darkness_ratio: float = 0.8  # a path dimming below this x the seeds' darkness leaves the cell
     max_body_scale: float = 3.0  # a halo-bounded body up to this big is one cell's, cell areas
     merge_neck_ratio: float = 0.8  # an outline narrower than this x its width at the seeds is a waist
+    strip_scale: float = 0.5  # seeds on a dark path in a strip at most this half-wide (d) pair further: one long cell
+    strip_length_scale: float = 3.0  # seeds in one strip are paired up to this far apart, d
     bright_level: float = 10.0  # bright-cell pixels, noise
     bright_radius_scale: float = 0.4  # thickest rounded bright cell (inscribed radius), d
     bright_area_scale: float = 0.1  # a seedless object with this much bright area is a cell, cell areas
@@ -392,15 +394,20 @@ def group_seeds(
     the straight path and paths bowed to either side. Two more rules keep touching cells
     apart where no halo shows between them: the object must not narrow to a waist on the
     straight path (merge_neck_ratio of its width at the seeds), and fine seeds must share
-    one compact body. Groups are the connected components.
+    one compact body. A long, thin cell (a spindle) shows its nucleus and the far end of its
+    body as two dark blobs further apart than near cells' seeds: seeds joined by such a
+    path (no halo, dark, no waist) inside a strip at most strip_scale half-wide are paired
+    up to strip_length_scale apart. Groups are the connected components.
     """
     n = len(xy)
     d = params.cell_diameter_px
-    pairs = cKDTree(xy).query_pairs(1.5 * d, output_type="ndarray") if n > 1 else np.zeros((0, 2), int)
+    reach = max(1.5, params.strip_length_scale) * d
+    pairs = cKDTree(xy).query_pairs(reach, output_type="ndarray") if n > 1 else np.zeros((0, 2), int)
     if len(pairs) == 0:
         return np.arange(n)
     a, b = xy[pairs[:, 0]], xy[pairs[:, 1]]
-    steps = np.linspace(0, 1, int(1.5 * d) + 2)[None, :, None]
+    near = np.linalg.norm(b - a, axis=1) <= 1.5 * d
+    steps = np.linspace(0, 1, int(reach) + 2)[None, :, None]
     straight = a[:, None, :] + (b - a)[:, None, :] * steps
     normal = np.stack([a[:, 1] - b[:, 1], b[:, 0] - a[:, 0]], 1)
     normal = (normal / np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9))[:, None, :]
@@ -428,13 +435,14 @@ def group_seeds(
         inside, _, _ = follow(path)
         profile = np.where(finer == 0, maps[0].sample(path), maps[1].sample(path))
         dark |= inside & (profile.min(1) >= params.merge_darkness_ratio * ends)
-    _, rows, cols = follow(straight)
+    inside, rows, cols = follow(straight)
     profile = depth[rows, cols]
     no_neck = profile.min(1) >= params.merge_neck_ratio * np.minimum(profile[:, 0], profile[:, -1])
+    strip = inside & (profile.max(1) <= params.strip_scale * d) & dark
     body_a = compact[a[:, 1].astype(int), a[:, 0].astype(int)]
     body_b = compact[b[:, 1].astype(int), b[:, 0].astype(int)]
     one_body = (finer[:, 0] == 1) | (body_a == body_b)
-    same = pairs[no_halo & dark & one_body & no_neck]
+    same = pairs[no_halo & ((dark & near) | strip) & one_body & no_neck]
     graph = coo_matrix((np.ones(len(same)), (same[:, 0], same[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 

@@ -1,0 +1,226 @@
+"""Cells you can trust: field quality, per-candidate qc labels, fragment merging, the plate's cell
+size found by itself, dense fields, and the labels' way through cell_coordinates and cell_crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from gbm_assets.imaging.cell_quality import QC_LABELS, QualityRules, label_quality, merge_fragments
+from gbm_assets.imaging.cell_size import CellSizeEstimate, estimate_cell_diameter, sample_images
+from gbm_assets.imaging.field_quality import IMAGE_QUALITY_COLUMNS, field_quality, focus_score
+from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.scoring import score_point_in_mask
+from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates, find_cells
+from gbm_assets.imaging.synthetic import CULTURE_MIXTURES, synthesize_image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+USIIGACI, T98G = SHARED / "usiigaci", SHARED / "t98g"
+needs_usiigaci = pytest.mark.skipif(not (USIIGACI / "images").is_dir(), reason=f"Usiigaci fields not found at {USIIGACI}")
+needs_t98g = pytest.mark.skipif(not (T98G / "images").is_dir(), reason=f"T98G frames not found at {T98G}")
+
+
+def _phase_contrast(bodies: np.ndarray, noise: float = 400, seed: int = 0) -> np.ndarray:
+    """uint16 phase-contrast-like image of a binary mask of cell bodies: dark bodies ringed by
+    bright halos, on a flat background with noise (as in test_segmentation)."""
+    body = bodies.astype(np.uint8)
+    dist = cv2.distanceTransform(body, cv2.DIST_L2, 3)
+    phase = np.sqrt(dist / max(float(dist.max()), 1.0)).astype(np.float32) * 1.2
+    contrast = phase - cv2.GaussianBlur(phase, (0, 0), 3.0)
+    image = 32000 * (1 - contrast - 0.08 * phase)
+    image += np.random.default_rng(seed).normal(0, noise, image.shape)
+    return np.clip(image, 0, 65535).astype(np.uint16)
+
+
+def _annotated_diameter(labels: np.ndarray) -> float:
+    _, areas = np.unique(labels[labels > 0], return_counts=True)
+    return float(np.mean(2 * np.sqrt(areas / np.pi)))
+
+
+# ---- field quality ------------------------------------------------------------------------
+
+
+def test_a_well_edge_band_is_not_culture_surface_and_cells_beside_it_are():
+    bodies = np.zeros((512, 512), np.uint8)
+    for cx, cy in ((100, 120), (260, 140), (400, 110), (160, 260)):
+        cv2.circle(bodies, (cx, cy), 18, 1, -1)
+    image = _phase_contrast(bodies).astype(np.float32)
+    # the well's edge along the bottom: a band of dark and bright debris, then the bright wall
+    grain = cv2.GaussianBlur(np.random.default_rng(1).normal(0, 1, (112, 512)).astype(np.float32), (0, 0), 2.0)
+    image[400:] = 30000 + 60000 * grain
+    image[450:] += 25000
+    image = np.clip(image, 0, 65535).astype(np.uint16)
+    objects = np.zeros(image.shape, np.int32)
+    objects[bodies > 0] = 1
+    quality = field_quality(image, objects, cell_diameter_px=40)
+    assert not quality.usable[460:].any()  # the wall
+    assert quality.usable[:350].all()  # the cells and the medium around them
+    assert set(quality.measures) == set(IMAGE_QUALITY_COLUMNS)
+    assert 0.75 < quality.measures["ImageQuality_UsableFraction"] < 0.9
+    # with cell finding's own objects, the band of debris joined to the wall goes with it
+    candidates, _, _ = find_candidates(image)
+    in_band = candidates[candidates["y"] > 400]
+    assert len(in_band) and set(in_band["qc"]) == {"edge"}
+    assert (candidates.loc[candidates["y"] < 350, "qc"] == "cell").sum() == 4
+
+
+def test_focus_score_is_higher_for_the_sharp_image():
+    bodies = np.zeros((256, 256), np.uint8)
+    cv2.circle(bodies, (128, 128), 30, 1, -1)
+    sharp = _phase_contrast(bodies, noise=50)
+    blurred = cv2.GaussianBlur(sharp, (0, 0), 4.0)
+    assert focus_score(sharp) > 1.5 * focus_score(blurred)
+
+
+def test_field_quality_refuses_a_mismatched_mask():
+    with pytest.raises(ValueError, match="do not match"):
+        field_quality(np.zeros((10, 10), np.uint16), np.zeros((5, 5), np.int32), 40)
+
+
+@needs_usiigaci
+def test_usiigaci_well_edge_field_has_no_cells_on_the_edge():
+    """set23: the well's edge fills the bottom of the field (rows 860 on; no annotated cell below 850)."""
+    image = read_image(USIIGACI / "images" / "set23.tif")
+    truth = cv2.imread(str(USIIGACI / "masks" / "set23.png"), cv2.IMREAD_UNCHANGED)
+    assert np.nonzero(truth)[0].max() < 860
+    candidates, _, measures = find_candidates(image)
+    on_edge = candidates[candidates["y"] > 880]
+    assert len(on_edge) >= 10  # the band is full of candidates ...
+    assert (on_edge["qc"] == "cell").sum() == 0  # ... and none of them is called a cell
+    assert set(on_edge["qc"]) == {"edge"}
+    assert measures["ImageQuality_UsableFraction"] < 0.9
+    cells = candidates[candidates["qc"] == "cell"]
+    assert score_point_in_mask(cells[["x", "y"]].to_numpy(), truth)["recall"] >= 0.8
+
+
+@needs_usiigaci
+def test_usiigaci_fields_without_an_edge_lose_no_culture():
+    for name in ("set8", "set20", "set13"):
+        _, _, measures = find_candidates(read_image(USIIGACI / "images" / f"{name}.tif"))
+        assert measures["ImageQuality_UsableFraction"] == 1.0, name
+
+
+# ---- objects: fragments, debris -------------------------------------------------------------
+
+
+def test_a_small_piece_against_a_cell_is_merged_into_it_and_a_speck_alone_is_debris():
+    labels = np.zeros((200, 200), np.int32)
+    cv2.circle(labels, (60, 60), 22, 1, -1)  # a cell (1.2 cell areas at d = 40)
+    cv2.rectangle(labels, (83, 52), (96, 66), 2, -1)  # a protrusion piece against it (0.15)
+    cv2.circle(labels, (150, 150), 6, 3, -1)  # a speck alone in the medium
+    merged, n = merge_fragments(labels, cell_diameter_px=40)
+    assert n == 1
+    assert np.unique(merged[labels == 2]).tolist() == np.unique(merged[labels == 1]).tolist()
+    assert len(np.unique(merged)) == 3  # background, the cell with its piece, the speck
+    measures = pd.DataFrame({"qc_area_ratio": [1.3, 0.09, 0.3], "qc_nearest_cell_px": [0.0, 80.0, 0.0],
+                             "qc_texture_contrast": [3.0, 3.0, 3.0]})
+    verdict = label_quality(measures, np.array([True, True, True]), cell_diameter_px=40)
+    assert verdict["qc"].tolist() == ["cell", "debris", "fragment"]
+    assert verdict["qc_reason"].iloc[0] == "" and "no neighbour" in verdict["qc_reason"].iloc[1]
+    compact = label_quality(measures, np.ones(3, bool), 40, QualityRules(), compact=np.array([False, False, True]))
+    assert compact["qc"].iloc[2] == "cell"  # a small rounded cell is not a fragment
+
+
+def test_a_faint_candidate_is_debris_and_an_off_culture_one_is_edge():
+    measures = pd.DataFrame({"qc_area_ratio": [2.0, 2.0], "qc_nearest_cell_px": [0.0, 0.0],
+                             "qc_texture_contrast": [0.5, 3.0]})
+    verdict = label_quality(measures, np.array([True, False]), cell_diameter_px=40)
+    assert verdict["qc"].tolist() == ["debris", "edge"]
+    assert set(verdict["qc"]) <= set(QC_LABELS)
+
+
+def _long_cell(length: int = 110, width: int = 11, blobs: tuple[int, ...] = (-70, 70)) -> tuple[np.ndarray, np.ndarray]:
+    """A spindle 2 x length long and 2 x width wide at 15 degrees, its nucleus and the far end of
+    its body drawn as two dark blobs (thicker) with grey cytoplasm between; (image, body mask)."""
+    shape, centre, angle = (256, 360), (180, 128), np.deg2rad(15)
+    body = np.zeros(shape, np.uint8)
+    cv2.ellipse(body, centre, (length, width), 15, 0, 360, 1, -1)
+    dist = cv2.distanceTransform(body, cv2.DIST_L2, 3)
+    phase = np.sqrt(dist / dist.max()).astype(np.float32)
+    for offset in blobs:
+        blob = np.zeros(shape, np.float32)
+        cv2.circle(blob, (int(centre[0] + offset * np.cos(angle)), int(centre[1] + offset * np.sin(angle))),
+                   int(width * 0.8), 1.0, -1)
+        phase += 0.8 * cv2.GaussianBlur(blob, (0, 0), 3)
+    contrast = phase - cv2.GaussianBlur(phase, (0, 0), 3.0)
+    image = 32000 * (1 - contrast - 0.08 * phase) + np.random.default_rng(0).normal(0, 400, shape)
+    return np.clip(image, 0, 65535).astype(np.uint16), body
+
+
+def test_a_long_cell_gives_one_detection():
+    """Its two dark blobs are 3.5 diameters apart: they used to give three detections (head, middle, tail)."""
+    image, body = _long_cell()
+    cells, _ = find_cells(image)
+    assert len(cells) == 1, cells[["x", "y", "area"]]
+    assert cells["area"].iloc[0] >= 0.8 * body.sum()
+
+
+# ---- cell size ----------------------------------------------------------------------------
+
+
+@needs_t98g
+def test_size_estimate_on_t98g_lands_within_25_percent_of_the_annotated_diameter():
+    paths = sorted((T98G / "images").glob("*.tif"))
+    estimate = estimate_cell_diameter(read_image(p) for p in paths)
+    truth = np.mean([_annotated_diameter(cv2.imread(str(T98G / "masks" / f"{p.stem}.png"), cv2.IMREAD_UNCHANGED))
+                     for p in paths])
+    assert estimate.n_images == 6 and estimate.n_cells >= 100
+    assert abs(estimate.diameter_px / truth - 1) <= 0.25, (estimate, truth)
+
+
+def _scaled_field(seed: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    field = synthesize_image(np.random.default_rng(seed), CULTURE_MIXTURES["GBM02"], 40)
+    image = cv2.resize(field.image, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
+    labels = cv2.resize(field.labels, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+    return image, labels
+
+
+def test_size_estimate_follows_a_synthetic_plate_drawn_at_another_scale():
+    fields = [_scaled_field(seed, 1.8) for seed in range(3)]
+    estimate = estimate_cell_diameter(image for image, _ in fields)
+    truth = np.mean([_annotated_diameter(labels) for _, labels in fields])
+    assert truth > 65  # 1.8x the generator's cells
+    assert abs(estimate.diameter_px / truth - 1) <= 0.25, (estimate, truth)
+    params = estimate.params(SegmentationParams())
+    assert params.cell_diameter_px > 40  # cells are found at a scale moved towards them
+    found = [score_point_in_mask(find_cells(image, params)[0][["x", "y"]].to_numpy(), labels) for image, labels in fields]
+    default = [score_point_in_mask(find_cells(image)[0][["x", "y"]].to_numpy(), labels) for image, labels in fields]
+    assert np.mean([s["precision"] for s in found]) > np.mean([s["precision"] for s in default])
+    assert min(s["recall"] for s in found) >= 0.85
+
+
+def test_no_estimate_without_enough_cells_and_the_default_scale_stays():
+    empty = np.full((256, 256), 30000, np.uint16)
+    estimate = estimate_cell_diameter([empty])
+    assert estimate.diameter_px is None and "cells" in estimate.reason
+    assert estimate.params(SegmentationParams()) == SegmentationParams()
+    assert CellSizeEstimate(50.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 40.0  # 40 is within 0.6-1.0 x 50
+    assert CellSizeEstimate(120.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 72.0  # 0.6 x 120
+    assert CellSizeEstimate(30.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 30.0
+
+
+def test_sample_images_spreads_over_the_plate():
+    names = [f"img{i:03d}.tif" for i in range(100)]
+    picked = sample_images(names, 8)
+    assert len(picked) == 8 and picked[0] == names[0] and picked[-1] == names[-1]
+    assert sample_images(names[:3], 8) == names[:3]
+
+
+# ---- dense fields -------------------------------------------------------------------------
+
+
+def test_a_dense_field_gives_many_cells_not_a_few():
+    """A 704 x 520 tile packed with cells: cell finding used to find 2 or 3 (no seed was darker
+    than the whole image, whose level and spread were the cells' own)."""
+    field = synthesize_image(np.random.default_rng(1), CULTURE_MIXTURES["GBM03"], 300, size=704)
+    image, labels = field.image[:520], field.labels[:520]
+    n_true = len(np.unique(labels)) - 1
+    assert n_true >= 100
+    cells, _ = find_cells(image)
+    score = score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)
+    assert len(cells) >= 0.4 * n_true, (len(cells), n_true)
+    assert score["precision"] >= 0.85
