@@ -224,3 +224,91 @@ def test_a_dense_field_gives_many_cells_not_a_few():
     score = score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)
     assert len(cells) >= 0.4 * n_true, (len(cells), n_true)
     assert score["precision"] >= 0.85
+
+
+# ---- through the assets -------------------------------------------------------------------
+
+
+def _plate_with_debris(raw: Path, plate_id: str = "specks") -> Path:
+    """A plate of two 512 x 512 images, each with 4 cells and 3 specks of debris in the medium."""
+    import tifffile
+
+    plate = raw / plate_id
+    plate.mkdir(parents=True)
+    for i in range(2):
+        bodies = np.zeros((512, 512), np.uint8)
+        for cx, cy in ((100, 100), (300, 120), (150, 330), (380, 380)):
+            cv2.circle(bodies, (cx + 10 * i, cy), 20, 1, -1)
+        for cx, cy in ((250, 250), (450, 200), (60, 450)):
+            cv2.circle(bodies, (cx, cy + 5 * i), 7, 1, -1)
+        tifffile.imwrite(plate / f"img{i}.tif", _phase_contrast(bodies, seed=i))
+    pd.DataFrame({"image": ["img0.tif", "img1.tif"], "culture": "GBM01", "concentration": "1000", "replicate": 1,
+                  "timepoint_h": 0.0}).to_csv(plate / "manifest.csv", index=False)
+    return plate
+
+
+def test_debris_stays_in_cell_coordinates_with_its_label_and_out_of_cell_crops(tmp_path):
+    import dagster as dg
+    import pyarrow.parquet as pq
+
+    from gbm_assets.assets.cells import cell_coordinates, cell_crops
+    from gbm_assets.assets.partitions import plates
+    from gbm_assets.assets.raw_plates import raw_plates
+    from gbm_assets.assets.resources import DataDirs
+    from gbm_assets.paths import plate_file
+
+    _plate_with_debris(tmp_path / "raw")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(plates.name, ["specks"])
+
+    def ingest(keep_qc: list[str]):
+        config = {"ops": {"cell_crops": {"config": {"crop_size": 32, "workers": 1, "keep_qc": keep_qc}},
+                          "cell_coordinates": {"config": {"workers": 1, "cell_diameter_px": 40.0}}}}
+        return dg.materialize([raw_plates, cell_coordinates, cell_crops], partition_key="specks", instance=instance,
+                              resources={"data": DataDirs(root=str(tmp_path))}, run_config=config)
+
+    result = ingest(["cell"])
+    assert result.success
+    coords = pd.read_parquet(plate_file(tmp_path / "cell_coordinates.parquet", "specks"))
+    assert coords.groupby("qc").size().to_dict() == {"cell": 8, "debris": 6}
+    assert (coords.loc[coords["qc"] == "debris", "qc_reason"].str.contains("no neighbour")).all()
+    for column in ("ImageQuality_FocusScore", "ImageQuality_UsableFraction", "cell_diameter_px", "qc_area_ratio"):
+        assert coords[column].notna().all(), column
+    assert (coords["cell_diameter_px"] == 40.0).all()
+    meta = result.asset_materializations_for_node("cell_coordinates")[0].metadata
+    assert meta["qc_counts"].value == {"cell": 8, "debris": 6, "fragment": 0, "edge": 0}
+    assert meta["n_cells"].value == 8 and meta["n_candidates"].value == 14
+    crops = pq.read_table(plate_file(tmp_path / "cell_crops.parquet", "specks")).to_pandas()
+    assert len(crops) == 8 and set(crops["qc"]) == {"cell"}
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks["count_matches_coordinates"]
+
+    assert ingest(["cell", "debris"]).success  # keep_qc: the debris is cropped too, with its label
+    crops = pq.read_table(plate_file(tmp_path / "cell_crops.parquet", "specks")).to_pandas()
+    assert crops.groupby("qc").size().to_dict() == {"cell": 8, "debris": 6}
+
+
+def test_cell_coordinates_estimates_the_cell_size_when_none_is_given(tmp_path):
+    import dagster as dg
+
+    from gbm_assets.assets.cells import cell_coordinates
+    from gbm_assets.assets.partitions import plates
+    from gbm_assets.assets.raw_plates import raw_plates
+    from gbm_assets.assets.resources import DataDirs
+    from gbm_assets.imaging.synthetic import write_plates
+    from gbm_assets.paths import plate_file
+
+    plate_dir = write_plates(tmp_path / "raw", n_cultures=1, n_concentrations=5, images_per_plate=1, size=768)[-1]
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(plates.name, [plate_dir.name])
+    result = dg.materialize([raw_plates, cell_coordinates], partition_key=plate_dir.name, instance=instance,
+                            resources={"data": DataDirs(root=str(tmp_path))},
+                            run_config={"ops": {"cell_coordinates": {"config": {"workers": 1}}}})
+    assert result.success
+    meta = result.asset_materializations_for_node("cell_coordinates")[0].metadata
+    assert meta["cell_size"].value.startswith("estimated cell diameter"), meta["cell_size"].value
+    coords = pd.read_parquet(plate_file(tmp_path / "cell_coordinates.parquet", plate_dir.name))
+    assert coords["cell_diameter_px"].nunique() == 1
+    truth = _annotated_diameter(cv2.imread(str(plate_dir / "masks" / "img000.png"), cv2.IMREAD_UNCHANGED))
+    assert abs(coords["cell_diameter_px"].iloc[0] / truth - 1) <= 0.25
+    assert meta["cell_diameter_px"].value == coords["cell_diameter_px"].iloc[0]
