@@ -312,3 +312,33 @@ def test_cell_coordinates_estimates_the_cell_size_when_none_is_given(tmp_path):
     truth = _annotated_diameter(cv2.imread(str(plate_dir / "masks" / "img000.png"), cv2.IMREAD_UNCHANGED))
     assert abs(coords["cell_diameter_px"].iloc[0] / truth - 1) <= 0.25
     assert meta["cell_diameter_px"].value == coords["cell_diameter_px"].iloc[0]
+
+
+def test_report_shows_the_quality_labels_per_plate_and_per_image(tmp_path):
+    import dagster as dg
+
+    from gbm_assets.analysis.report import write_report
+    from gbm_assets.assets.cells import cell_coordinates
+    from gbm_assets.assets.partitions import plates
+    from gbm_assets.assets.raw_plates import raw_plates
+    from gbm_assets.assets.resources import DataDirs
+    from gbm_assets.imaging.plate_cells import cell_finding_quality
+    from gbm_assets_tests.test_report import comparison_table
+
+    _plate_with_debris(tmp_path / "raw")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(plates.name, ["specks"])
+    data = DataDirs(root=str(tmp_path))
+    assert dg.materialize([raw_plates, cell_coordinates], partition_key="specks", instance=instance, resources={"data": data},
+                          run_config={"ops": {"cell_coordinates": {"config": {"workers": 1, "cell_diameter_px": 40.0}}}}).success
+    quality = cell_finding_quality(data.coordinates, data.masks)
+    assert quality[["image", "cell", "debris", "fragment", "edge"]].to_dict("records") == [
+        {"image": "img0.tif", "cell": 4, "debris": 3, "fragment": 0, "edge": 0},
+        {"image": "img1.tif", "cell": 4, "debris": 3, "fragment": 0, "edge": 0},
+    ]
+    assert (quality["ImageQuality_UsableFraction"] == 1.0).all() and (quality["cell_diameter_px"] == 40.0).all()
+    page = write_report(tmp_path / "report", comparison_table(), cell_finding=quality).read_text()
+    assert "<h2>Cell finding</h2>" in page and "cell_finding.csv" in page
+    assert page.count("img0.tif") == 1 and page.count("img1.tif") == 1  # the per-image table
+    written = pd.read_csv(tmp_path / "report" / "cell_finding.csv")
+    assert written["debris"].sum() == 6 and written["cell"].sum() == 8

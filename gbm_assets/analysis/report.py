@@ -440,16 +440,46 @@ section { border-top: 2px solid #eee; margin-top: 2em; }
 """
 
 
+MAX_IMAGE_ROWS = 300  # more images than this: the page shows plates, the CSV every image
+
+
+def _cell_finding_html(quality: pd.DataFrame, out_dir: Path) -> str:
+    """The cell-finding section: candidates per qc label and image quality, per plate and per image."""
+    write_bytes_atomic(out_dir / "cell_finding.csv", to_csv_safe(quality, index=False).encode())
+    labels = [c for c in ("cell", "debris", "fragment", "edge") if c in quality]
+    per_plate = quality.groupby("plate", sort=True).agg(
+        images=("image", "size"), **{label: (label, "sum") for label in labels},
+        usable_fraction=("ImageQuality_UsableFraction", "mean"), cell_diameter_px=("cell_diameter_px", "first"),
+    ).reset_index()
+    parts = [
+        "<h2>Cell finding</h2>",
+        "<p>Every candidate cell finding proposed, by quality label: <em>cell</em> (cropped and analysed), "
+        "<em>debris</em> (small and alone in the medium, or too faint), <em>fragment</em> (a small piece "
+        "next to cells) and <em>edge</em> (outside the culture surface: well edge, wall, glare). Usable "
+        "fraction: the share of the field that is culture surface; cell diameter: the plate's, estimated "
+        f'from its images unless given. Every image: <a href="cell_finding.csv">cell_finding.csv</a>.</p>',
+        _table(per_plate),
+    ]
+    if len(quality) <= MAX_IMAGE_ROWS:
+        parts += ["<h3>Per image</h3>", _table(quality.drop(columns=["cell_diameter_px"]))]
+    else:
+        parts.append(f"<p>{len(quality):,} images: per image in the CSV only.</p>")
+    return "\n".join(parts)
+
+
 def write_report(
     out_dir: str | Path,
     comparison: pd.DataFrame,
     variants: Sequence[VariantSection] = (),
     title: str = "GBM cell morphology: encoder comparison and culture composition",
+    cell_finding: pd.DataFrame | None = None,
 ) -> Path:
     """Write report.html (thumbnails linking to full-size PNGs under figures/) and the CSVs; return the HTML path.
 
     The page opens with lead(): the best variant (highest culture Cohen's kappa, baselines
     excluded), its margin over the baselines, and the cell types that differ between cultures.
+    cell_finding: plate_cells.cell_finding_quality's per-image table, shown (per plate, and per
+    image up to MAX_IMAGE_ROWS images) and written to cell_finding.csv.
     Raises ValueError if comparison lacks a COMPARISON_COLUMNS column.
     """
     _check_comparison(comparison)
@@ -470,6 +500,8 @@ def write_report(
         f"<p>{best_text}</p>",
         _table(_scores_or_reasons(comparison)),
     ]
+    if cell_finding is not None and len(cell_finding):
+        body.append(_cell_finding_html(cell_finding, out_dir))
     body += [_variant_html(v, out_dir) for v in variants]
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

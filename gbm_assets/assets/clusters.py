@@ -160,6 +160,7 @@ def composition_report(
 
     from gbm_assets.analysis.report import markdown_summary, write_report
     from gbm_assets.analysis.report_inputs import comparison_table
+    from gbm_assets.imaging.plate_cells import cell_finding_quality
 
     out_dir = data.composition_dir
     done = [v for v in variant_names() if data.labels_file(v).is_file() or data.cluster_models(v).skipped.is_file()]
@@ -170,7 +171,7 @@ def composition_report(
         staged_dir = stage.directory(out_dir, last=[data.composition_report.name])
         sections = [_variant_section(context, data, name, staged_dir) for name in done]
         comparison = comparison_table(data.evaluation, done)
-        write_report(staged_dir, comparison, sections)
+        write_report(staged_dir, comparison, sections, cell_finding=cell_finding_quality(data.coordinates, data.masks))
         summary = markdown_summary(comparison, sections)
         with mlflow_tracking.start_run(context, run_name="composition-report") as run:
             mlflow_tracking.retrying(mlflow.log_artifacts, str(staged_dir), "report")

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gbm_assets.imaging.cellprofiler_masks import cells_at_objects
 from gbm_assets.imaging.crops import extract_crops
@@ -330,6 +331,31 @@ def coordinates_summary(plate: PlateCoordinates) -> dict[str, float | int | dict
         if column in per_image:
             out[name] = float(getattr(per_image[column], how)())
     return out
+
+
+QUALITY_TABLE_MEASURES = ("ImageQuality_UsableFraction", "ImageQuality_FocusScore", "ImageQuality_FragmentsMerged")
+
+
+def cell_finding_quality(coordinates_dir: str | Path, masks_dir: str | Path) -> pd.DataFrame:
+    """One row per image of every plate cell_coordinates has written: plate, image, the count of
+    candidates per qc label (QC_LABELS columns), the image's quality measures
+    (QUALITY_TABLE_MEASURES, NaN for plates written before they existed) and the plate's
+    cell_diameter_px. Reads one plate at a time, and only the columns it needs.
+    """
+    frames = []
+    for masks_file in sorted(Path(masks_dir).glob("plate=*/part-0.parquet")):
+        plate_id = masks_file.parent.name.removeprefix("plate=")
+        names = pq.ParquetFile(masks_file).schema_arrow.names
+        images = pq.read_table(masks_file, columns=[c for c in ("image", *QUALITY_TABLE_MEASURES) if c in names]).to_pandas()
+        coords_file = Path(coordinates_dir) / masks_file.parent.name / "part-0.parquet"
+        wanted = [c for c in ("image", "qc", "cell_diameter_px") if c in pq.ParquetFile(coords_file).schema_arrow.names]
+        coords = pq.read_table(coords_file, columns=wanted).to_pandas()
+        counts = qc_counts_per_image(coords, images["image"])
+        table = images.set_index("image").reindex(columns=list(QUALITY_TABLE_MEASURES)).join(counts)
+        diameter = coords["cell_diameter_px"].iloc[0] if "cell_diameter_px" in coords and len(coords) else np.nan
+        frames.append(table.reset_index().assign(plate=plate_id, cell_diameter_px=diameter))
+    columns = ["plate", "image", *QC_LABELS, *QUALITY_TABLE_MEASURES, "cell_diameter_px"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 # ---------------------------------------------------------------- crops
