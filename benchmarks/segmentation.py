@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gbm_assets.imaging.io import read_image
 from benchmarks.reference_segmentation import reference_find_cells
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
-from gbm_assets.imaging.plate_cells import coordinates_summary, kept_candidates, plate_coordinates
+from gbm_assets.imaging.cell_quality import kept_candidates
+from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
 from gbm_assets.imaging.synthetic import GROUND_TRUTH_NAME, write_plates
 

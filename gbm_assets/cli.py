@@ -71,7 +71,8 @@ def mask_names(images: list[Path]) -> dict[Path, Path]:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from gbm_assets.analysis.safe_csv import to_csv_safe
-    from gbm_assets.imaging.plate_cells import coordinates_summary, default_workers, plate_coordinates
+    from gbm_assets.imaging.plate_cells import default_workers
+    from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
     from gbm_assets.imaging.segmentation import SegmentationParams
     from gbm_assets.storage import atomic_path, write_bytes_atomic
 

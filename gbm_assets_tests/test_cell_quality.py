@@ -322,7 +322,7 @@ def test_report_shows_the_quality_labels_per_plate_and_per_image(tmp_path):
     from gbm_assets.assets.partitions import plates
     from gbm_assets.assets.raw_plates import raw_plates
     from gbm_assets.assets.resources import DataDirs
-    from gbm_assets.imaging.plate_cells import cell_finding_quality
+    from gbm_assets.imaging.plate_coordinates import cell_finding_quality
     from gbm_assets_tests.test_report import comparison_table
 
     _plate_with_debris(tmp_path / "raw")

@@ -18,14 +18,9 @@ from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.imaging.cellprofiler import read_plate_objects
-from gbm_assets.imaging.plate_cells import (
-    CropFilters,
-    coordinates_summary,
-    crop_plate,
-    default_workers,
-    kept_candidates,
-    plate_coordinates,
-)
+from gbm_assets.imaging.cell_quality import kept_candidates
+from gbm_assets.imaging.plate_cells import CropFilters, crop_plate, default_workers
+from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
 from gbm_assets.errors import PlateError
 from gbm_assets.imaging.plates import (
     PlateVersion,

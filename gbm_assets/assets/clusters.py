@@ -160,7 +160,7 @@ def composition_report(
 
     from gbm_assets.analysis.report import markdown_summary, write_report
     from gbm_assets.analysis.report_inputs import comparison_table
-    from gbm_assets.imaging.plate_cells import cell_finding_quality
+    from gbm_assets.imaging.plate_coordinates import cell_finding_quality
 
     out_dir = data.composition_dir
     done = [v for v in variant_names() if data.labels_file(v).is_file() or data.cluster_models(v).skipped.is_file()]

@@ -22,6 +22,7 @@ Non-cells stay in the table with their label and reason, so nothing is dropped s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import cv2
@@ -215,3 +216,13 @@ def label_quality(
         qc[now], reason[now] = label, why
         decided |= now
     return pd.DataFrame({"qc": qc, "qc_reason": reason}, index=measures.index)
+
+
+def kept_candidates(coordinates: pd.DataFrame, keep_qc: Iterable[str] = ("cell",)) -> pd.DataFrame:
+    """The rows of a coordinates table whose qc label is in keep_qc (the rows cell_crops crops).
+
+    A table written before quality labels existed (no qc column) counts as all cells.
+    """
+    if "qc" not in coordinates:
+        return coordinates.assign(qc="cell")
+    return coordinates[coordinates["qc"].isin(list(keep_qc))]

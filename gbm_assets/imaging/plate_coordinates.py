@@ -1,0 +1,140 @@
+"""A plate's cell candidates as cell_coordinates stores them, and the tables made from them.
+
+plate_coordinates runs cell finding over a plate (its cell size estimated first, see
+cell_size) and gathers the candidates, their qc labels and each image's quality measures into
+one table plus a label-mask table; the other functions summarise those tables for Dagster
+metadata, the command line and the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gbm_assets.imaging.cell_quality import QC_LABELS, kept_candidates
+from gbm_assets.imaging.cell_size import CellSizeEstimate
+from gbm_assets.imaging.plate_cells import Progress, estimate_plate_cell_size, find_plate_cells
+from gbm_assets.imaging.segmentation import SegmentationParams
+
+
+MASK_COLUMNS = ("image", "height", "width", "n_cells", "labels_png")
+
+
+@dataclass
+class PlateCoordinates:
+    """A plate's cell candidates and label masks, as cell_coordinates stores them.
+
+    coordinates: one row per candidate: plate, image, cell_id, x, y, measurements, the qc label
+    and measures (cell_quality.QUALITY_COLUMNS), the image's ImageQuality_* measures and
+    cell_diameter_px (the plate's typical cell diameter, px). masks: one row per image
+    (MASK_COLUMNS plus the ImageQuality_* measures). size: the plate's size estimate, None when
+    the diameter was given. params: the settings cells were found with.
+    """
+
+    coordinates: pd.DataFrame
+    masks: pa.Table
+    size: CellSizeEstimate | None
+    params: SegmentationParams
+
+
+def plate_coordinates(
+    plate_id: str,
+    plate_dir: str | Path,
+    images: Iterable[str],
+    params: SegmentationParams = SegmentationParams(),
+    estimate_size: bool = True,
+    objects: pd.DataFrame | None = None,
+    workers: int = 1,
+    progress: Progress = None,
+) -> PlateCoordinates:
+    """Find (or place at CellProfiler's `objects`) every cell candidate of a plate.
+
+    With estimate_size (and no objects) the plate's cell diameter is estimated first
+    (estimate_plate_cell_size) and cells are found at the scale it calls for; else at
+    params.cell_diameter_px. Raises the image reader's errors, naming the file.
+    """
+    images = list(images)
+    size = None
+    if estimate_size and objects is None:
+        size = estimate_plate_cell_size(plate_dir, images, params, workers=workers)
+        params = size.params(params)
+    diameter = size.diameter_px if size is not None and size.diameter_px else params.cell_diameter_px
+    frames, mask_rows = [], []
+    for found in find_plate_cells(plate_dir, images, params, objects, workers=workers, progress=progress):
+        cells = found.cells.assign(**found.measures, cell_diameter_px=float(diameter))
+        cells.insert(0, "image", found.image)
+        cells.insert(0, "plate", plate_id)
+        frames.append(cells)
+        mask_rows.append({"image": found.image, "height": found.height, "width": found.width,
+                          "n_cells": int((found.cells["qc"] == "cell").sum()), "labels_png": found.labels_png,
+                          **found.measures})
+    coords = pd.concat(frames, ignore_index=True)
+    coords["cell_id"] = coords["cell_id"].astype(np.int32)
+    return PlateCoordinates(coords, pa.Table.from_pylist(mask_rows), size, params)
+
+
+def qc_counts_per_image(coordinates: pd.DataFrame, images: Iterable[str]) -> pd.DataFrame:
+    """Candidates per image and qc label: index images (in the given order), one int column
+    per label of cell_quality.QC_LABELS (0 where none)."""
+    qc = coordinates["qc"] if "qc" in coordinates else pd.Series("cell", index=coordinates.index)
+    table = pd.crosstab(coordinates["image"], qc) if len(coordinates) else pd.DataFrame()
+    return table.reindex(index=list(images), columns=list(QC_LABELS), fill_value=0).fillna(0).astype(int)
+
+
+def coordinates_summary(plate: PlateCoordinates) -> dict[str, float | int | dict]:
+    """Plate-level figures of a plate's coordinates: counts per qc label, cells per image, the
+    median cell area (px) and the image quality measures (mean usable fraction, its minimum,
+    the median focus score, fragments merged)."""
+    coordinates = plate.coordinates
+    per_image = plate.masks.drop_columns(["labels_png"]).to_pandas()
+    images = per_image["image"].tolist()
+    counts = qc_counts_per_image(coordinates, images)
+    cells = kept_candidates(coordinates)
+    out: dict[str, float | int | dict] = {
+        "n_cells": int(counts["cell"].sum()),
+        "n_candidates": len(coordinates),
+        "qc_counts": {label: int(counts[label].sum()) for label in QC_LABELS},
+        "cells_per_image_mean": float(counts["cell"].mean()) if images else 0.0,
+        "images_without_cells": int((counts["cell"] == 0).sum()),
+        "median_area_px": float(cells["area"].median()) if len(cells) else 0.0,
+    }
+    for column, name, how in (
+        ("ImageQuality_UsableFraction", "usable_fraction_mean", "mean"),
+        ("ImageQuality_UsableFraction", "usable_fraction_min", "min"),
+        ("ImageQuality_FocusScore", "focus_score_median", "median"),
+        ("ImageQuality_FragmentsMerged", "fragments_merged", "sum"),
+    ):
+        if column in per_image:
+            out[name] = float(getattr(per_image[column], how)())
+    return out
+
+
+QUALITY_TABLE_MEASURES = ("ImageQuality_UsableFraction", "ImageQuality_FocusScore", "ImageQuality_FragmentsMerged")
+
+
+def cell_finding_quality(coordinates_dir: str | Path, masks_dir: str | Path) -> pd.DataFrame:
+    """One row per image of every plate cell_coordinates has written: plate, image, the count of
+    candidates per qc label (QC_LABELS columns), the image's quality measures
+    (QUALITY_TABLE_MEASURES, NaN for plates written before they existed) and the plate's
+    cell_diameter_px. Reads one plate at a time, and only the columns it needs.
+    """
+    frames = []
+    for masks_file in sorted(Path(masks_dir).glob("plate=*/part-0.parquet")):
+        plate_id = masks_file.parent.name.removeprefix("plate=")
+        names = pq.ParquetFile(masks_file).schema_arrow.names
+        images = pq.read_table(masks_file, columns=[c for c in ("image", *QUALITY_TABLE_MEASURES) if c in names]).to_pandas()
+        coords_file = Path(coordinates_dir) / masks_file.parent.name / "part-0.parquet"
+        wanted = [c for c in ("image", "qc", "cell_diameter_px") if c in pq.ParquetFile(coords_file).schema_arrow.names]
+        coords = pq.read_table(coords_file, columns=wanted).to_pandas()
+        counts = qc_counts_per_image(coords, images["image"])
+        table = images.set_index("image").reindex(columns=list(QUALITY_TABLE_MEASURES)).join(counts)
+        diameter = coords["cell_diameter_px"].iloc[0] if "cell_diameter_px" in coords and len(coords) else np.nan
+        frames.append(table.reset_index().assign(plate=plate_id, cell_diameter_px=diameter))
+    columns = ["plate", "image", *QC_LABELS, *QUALITY_TABLE_MEASURES, "cell_diameter_px"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
