@@ -342,3 +342,19 @@ def test_report_shows_the_quality_labels_per_plate_and_per_image(tmp_path):
     assert page.count("img0.tif") == 1 and page.count("img1.tif") == 1  # the per-image table
     written = pd.read_csv(tmp_path / "report" / "cell_finding.csv")
     assert written["debris"].sum() == 6 and written["cell"].sum() == 8
+
+
+@needs_t98g
+def test_segment_command_estimates_the_cell_size_and_writes_the_labels(tmp_path, capsys):
+    from gbm_assets.cli import main
+
+    out = tmp_path / "cells.csv"
+    assert main(["segment", str(T98G / "images"), "--out", str(out), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "estimated cell diameter" in printed and "cells in 6 images" in printed
+    table = pd.read_csv(out)
+    assert {"qc", "qc_reason", "cell_diameter_px", "ImageQuality_UsableFraction"} <= set(table.columns)
+    assert table["cell_diameter_px"].nunique() == 1 and 45 < table["cell_diameter_px"].iloc[0] < 75
+    assert main(["segment", str(T98G / "images"), "--out", str(out), "--workers", "1", "--cell-diameter", "40"]) == 0
+    assert "estimated" not in capsys.readouterr().out
+    assert (pd.read_csv(out)["cell_diameter_px"] == 40).all()
