@@ -18,6 +18,7 @@ as the report computes them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -116,7 +117,8 @@ def main() -> None:
         training = {"epochs": args.epochs or shipped.epochs,
                     "max_steps_per_epoch": args.steps or shipped.max_steps_per_epoch}
         run_config = {"train_all_variants": {"ops": {"trained_encoders": {"config": training}}}}
-        status = run_main_job(SilentBar, variants=args.variants, run_config=run_config)
+        with contextlib.redirect_stdout(sys.stderr):  # the pipeline's own lines; stdout stays one JSON object
+            status = run_main_job(SilentBar, variants=args.variants, run_config=run_config)
         data = DataDirs(root=str(work / "data"))
         report: dict = {
             "plates": {"cultures": args.cultures, "concentrations": args.concentrations, "replicates": args.replicates,
