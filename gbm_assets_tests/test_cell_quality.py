@@ -358,3 +358,22 @@ def test_segment_command_estimates_the_cell_size_and_writes_the_labels(tmp_path,
     assert main(["segment", str(T98G / "images"), "--out", str(out), "--workers", "1", "--cell-diameter", "40"]) == 0
     assert "estimated" not in capsys.readouterr().out
     assert (pd.read_csv(out)["cell_diameter_px"] == 40).all()
+
+
+def test_the_size_estimates_first_pass_is_not_redone_at_the_same_scale(tmp_path, monkeypatch):
+    """Most 10x plates are found at the default scale: the first pass's images are then reused,
+    so estimating the size costs nothing there, and the table is the same as without it."""
+    from gbm_assets.imaging import cell_size, plate_cells
+    from gbm_assets.imaging.plate_coordinates import plate_coordinates
+
+    plate = _plate_with_debris(tmp_path / "raw")
+    calls = []
+    real = plate_cells.find_candidates
+    for module in (plate_cells, cell_size):  # every way cell finding is reached
+        monkeypatch.setattr(module, "find_candidates", lambda image, params: calls.append(params) or real(image, params))
+    estimated = plate_coordinates("specks", plate, ["img0.tif", "img1.tif"], workers=1)
+    assert estimated.params == SegmentationParams() and estimated.size.diameter_px is None  # 8 cells: no estimate
+    assert len(calls) == 2
+    given = plate_coordinates("specks", plate, ["img0.tif", "img1.tif"], estimate_size=False, workers=1)
+    pd.testing.assert_frame_equal(estimated.coordinates, given.coordinates)
+    assert estimated.masks.equals(given.masks)

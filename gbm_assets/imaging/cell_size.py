@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 import numpy as np
+import pandas as pd
 
 from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates
 
@@ -65,7 +66,11 @@ def first_pass_diameters(image: np.ndarray, params: SegmentationParams = Segment
     The first pass runs at params' scale (default 40 px); only candidates labelled "cell" by
     the quality rules count. Raises ValueError when the image is not 2-D.
     """
-    candidates, _, _ = find_candidates(image, params)
+    return cell_diameters(find_candidates(image, params)[0])
+
+
+def cell_diameters(candidates: pd.DataFrame) -> np.ndarray:
+    """float64 (n,) equivalent diameters (px) of the candidates labelled "cell" (area in px)."""
     cells = candidates[candidates["qc"] == "cell"]
     return 2 * np.sqrt(cells["area"].to_numpy(np.float64) / np.pi)
 

@@ -12,7 +12,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import cv2
 import numpy as np
@@ -23,7 +23,7 @@ from gbm_assets.imaging.cellprofiler_masks import cells_at_objects
 from gbm_assets.imaging.crops import extract_crops
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.cell_quality import kept_candidates
-from gbm_assets.imaging.cell_size import CellSizeEstimate, estimate_from_diameters, first_pass_diameters, sample_images
+from gbm_assets.imaging.cell_size import CellSizeEstimate, cell_diameters, estimate_from_diameters, sample_images
 from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates
 from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
@@ -200,23 +200,21 @@ def _objects_task(task: tuple[Path, str, SegmentationParams, pd.DataFrame]) -> I
     return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *labels.shape, measures)
 
 
-def _diameters_task(task: tuple[Path, str, SegmentationParams]) -> np.ndarray:
-    plate_dir, name, params = task
-    return first_pass_diameters(read_image(plate_dir / name), params)
-
-
 def estimate_plate_cell_size(
     plate_dir: str | Path, images: Iterable[str], params: SegmentationParams = SegmentationParams(),
     sample: int = 8, workers: int = 1,
-) -> CellSizeEstimate:
+) -> tuple[CellSizeEstimate, dict[str, ImageCells]]:
     """The plate's typical cell diameter from a first pass over up to `sample` of its images.
 
     The images are spread evenly over the list (the same ones on every run). See cell_size.
-    Raises the image reader's errors (naming the file) for an unreadable image.
+    Returns the estimate and the first pass's results per image, found at params: where cells
+    are then found at the same scale, they need not be found again. Raises the image reader's
+    errors (naming the file) for an unreadable image.
     """
     plate_dir = Path(plate_dir)
     tasks = [(plate_dir, name, params) for name in sample_images(list(images), sample)]
-    return estimate_from_diameters(_map_in_order(_diameters_task, tasks, workers, None))
+    first = {found.image: found for found in _map_in_order(_segment_task, tasks, workers, None)}
+    return estimate_from_diameters(cell_diameters(f.cells) for f in first.values()), first
 
 
 def find_plate_cells(
@@ -226,18 +224,27 @@ def find_plate_cells(
     objects: pd.DataFrame | None = None,
     workers: int = 1,
     progress: Progress = None,
+    found: Mapping[str, ImageCells] | None = None,
 ) -> Iterator[ImageCells]:
-    """Find cells in each image of a plate (or place them at `objects`, a CellProfiler table)."""
+    """Find cells in each image of a plate (or place them at `objects`, a CellProfiler table),
+    yielding them in image order. found: images already done at these params, not redone."""
     plate_dir = Path(plate_dir)
     images = list(images)
+    found = found or {}
+    todo = [name for name in images if name not in found]
     if objects is None:
-        tasks = [(plate_dir, name, params) for name in images]
-        yield from _map_in_order(_segment_task, tasks, workers, progress)
+        tasks = [(plate_dir, name, params) for name in todo]
+        fn = _segment_task
     else:
         groups = {name: g.reset_index(drop=True) for name, g in objects.groupby("image", sort=False)}
         empty = objects.iloc[0:0]
-        tasks = [(plate_dir, name, params, groups.get(name, empty)) for name in images]
-        yield from _map_in_order(_objects_task, tasks, workers, progress)
+        tasks = [(plate_dir, name, params, groups.get(name, empty)) for name in todo]
+        fn = _objects_task
+    shift = len(images) - len(todo)
+    step = (lambda done, total: progress(done + shift, total + shift)) if progress and shift else progress
+    computed = _map_in_order(fn, tasks, workers, step)
+    for name in images:
+        yield found[name] if name in found else next(computed)
 
 
 # ---------------------------------------------------------------- crops

@@ -56,17 +56,20 @@ def plate_coordinates(
     """Find (or place at CellProfiler's `objects`) every cell candidate of a plate.
 
     With estimate_size (and no objects) the plate's cell diameter is estimated first
-    (estimate_plate_cell_size) and cells are found at the scale it calls for; else at
+    (estimate_plate_cell_size) and cells are found at the scale it calls for (the first pass's
+    images are not redone when that is the scale they were found at); else at
     params.cell_diameter_px. Raises the image reader's errors, naming the file.
     """
     images = list(images)
-    size = None
+    size, first = None, {}
     if estimate_size and objects is None:
-        size = estimate_plate_cell_size(plate_dir, images, params, workers=workers)
-        params = size.params(params)
+        size, first = estimate_plate_cell_size(plate_dir, images, params, workers=workers)
+        rescaled = size.params(params)
+        first = first if rescaled == params else {}  # found at the scale they are wanted at: kept
+        params = rescaled
     diameter = size.diameter_px if size is not None and size.diameter_px else params.cell_diameter_px
     frames, mask_rows = [], []
-    for found in find_plate_cells(plate_dir, images, params, objects, workers=workers, progress=progress):
+    for found in find_plate_cells(plate_dir, images, params, objects, workers=workers, progress=progress, found=first):
         cells = found.cells.assign(**found.measures, cell_diameter_px=float(diameter))
         cells.insert(0, "image", found.image)
         cells.insert(0, "plate", plate_id)
