@@ -193,20 +193,14 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
     sizes = pq.read_table(masks_file(data, plate_id), columns=["image", "height", "width"]).to_pandas()
     expected = expected_crop_count(coords, manifest, sizes, config.crop_size, filters, config.keep_qc)
     written = pq.read_table(out, columns=[*PROVENANCE_COLUMNS, *MEASUREMENT_COLUMNS]).to_pandas()
-    checks = [
-        dg.AssetCheckResult(check_name=name, passed=bool(ok), metadata=meta, severity=dg.AssetCheckSeverity.ERROR)
-        for name, (ok, meta) in check_crops(written, expected).items()
-    ]
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out)),
-            **_version_metadata(version),
-            "n_crops": writer.rows,
-            "crop_size": config.crop_size,
-            "n_coordinates": len(coords),
-            "filters": dg.MetadataValue.json(
-                {k: v for k, v in config.model_dump().items() if k not in ("workers", "crop_size")}
-            ),
+            "path": dg.MetadataValue.path(str(out)), **_version_metadata(version), "n_crops": writer.rows,
+            "crop_size": config.crop_size, "n_coordinates": len(coords),
+            "filters": dg.MetadataValue.json({k: v for k, v in config.model_dump().items() if k not in ("workers", "crop_size")}),
         },
-        check_results=checks,
+        check_results=[
+            dg.AssetCheckResult(check_name=name, passed=bool(ok), metadata=meta, severity=dg.AssetCheckSeverity.ERROR)
+            for name, (ok, meta) in check_crops(written, expected).items()
+        ],
     )
