@@ -72,6 +72,11 @@ def test_training_run_is_complete_in_mlflow(trained):
         assert [m.step for m in history] == [0, 1] and all(np.isfinite(m.value) for m in history)
         # Evaluation lands in the same run, beside the raw-pixel baseline.
         assert "embedding.culture.accuracy" in run.data.metrics and "raw_pixels.culture.accuracy" in run.data.metrics
+        # ... and the hand-crafted baseline, the linear probe and the split by plate (issue 13 items 2-3).
+        for key in ("embedding.culture.plate_split.random_forest.kappa", "embedding.culture.image_split.linear_probe.kappa",
+                    "handcrafted.culture.accuracy", "handcrafted.culture.plate_split.linear_probe.kappa"):
+            assert key in run.data.metrics, key
+        assert p["evaluation.splits"] == "image,plate" and p["evaluation.baselines"] == "raw_pixels,handcrafted"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
         assert "evaluation/confusion_embedding_culture.png" in artifacts
         assert meta["mlflow_run"].value.endswith(run.info.run_id)
