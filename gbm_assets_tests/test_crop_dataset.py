@@ -74,6 +74,7 @@ def test_data_dirs_name_every_model_output(tmp_path):
     assert data.encoder_file("siamese_b") == tmp_path / "encoders" / "siamese_b" / "encoder.keras"
     assert data.explorer_file("siamese_b") == tmp_path / "reports" / "explorer" / "siamese_b.html"
     assert data.composition_dir == tmp_path / "reports" / "composition"
+    assert data.baseline_cache == tmp_path / "evaluation" / "_baselines"
     (data.evaluation_dir("siamese_b")).mkdir(parents=True)
     for name in ("confusion_embedding_culture.png", "confusion_raw_pixels_culture.png", "scores.parquet"):
         (data.evaluation_dir("siamese_b") / name).write_bytes(b"")
@@ -89,7 +90,7 @@ def test_asset_modules_spell_no_file_names(module):
     source = "\n".join(node.value for node in ast.walk(tree)  # string literals and f-string parts, not docstrings
                        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings)
     for spelled in ("encoder.keras", "model.json", "model.joblib", "skipped.json", "cluster_models", ".npz",
-                    "confusion_embedding", '"reports"', '"composition"', "plate=", "part-0.parquet", ".html"):
+                    "confusion_embedding", '"reports"', '"composition"', "plate=", "part-0.parquet", ".html", "_baselines"):
         assert spelled not in source, f"{module} spells {spelled!r}"
 
 

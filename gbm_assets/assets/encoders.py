@@ -200,7 +200,7 @@ def _evaluate(context, config: EmbeddingConfig, data: DataDirs, variant: str, em
     if has_truth(truth):
         rows["morphotype"] = truth
     scores, figures = evaluate_with_baselines(rows, vectors, data.crops, eval_dir, variant, seed=config.seed,
-                                              cache_dir=data.evaluation / "_baselines")
+                                              cache_dir=data.baseline_cache)
     write_parquet_atomic(pa.Table.from_pandas(scores, preserve_index=False), eval_dir / "scores.parquet")
     for target, reason in _scored(scores)[1].items():
         context.log.warning(f"{variant}: {target} not evaluated: {reason}")

@@ -87,6 +87,11 @@ class DataDirs(dg.ConfigurableResource):
         """scores.parquet and the confusion-matrix figures of a variant's embeddings."""
         return self.evaluation / variant
 
+    @property
+    def baseline_cache(self) -> Path:
+        """Baseline scores (raw pixels, hand-crafted features) of a cell sample, shared by the variants."""
+        return self.evaluation / "_baselines"
+
     def confusion_figures(self, variant: str) -> list[Path]:
         """The variant's confusion matrices of its embedding (one PNG per target), sorted."""
         return sorted(self.evaluation_dir(variant).glob("confusion_embedding_*.png"))
