@@ -74,6 +74,18 @@ def _training_params(variant: Variant, plan, config: TrainingConfig) -> dict:
     }
 
 
+def _epoch_logger(context, mlflow_tracking: MLflowTracking, variant: str, epochs: int):
+    """train_encoder's on_epoch_end hook: the epoch's loss, seconds and crops/s to MLflow and the Dagster log."""
+    import mlflow
+
+    def on_epoch_end(epoch: int, row: dict) -> None:
+        mlflow_tracking.retrying(mlflow.log_metrics, {"loss": row["loss"], "epoch_seconds": row["seconds"],
+                                                      "crops_per_s": row["crops_per_s"]}, step=epoch)
+        context.log.info(f"{variant} epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} ({row['seconds']:.1f} s)")
+
+    return on_epoch_end
+
+
 @dg.asset(
     partitions_def=variants,
     deps=[ALL_PLATES],
@@ -111,13 +123,9 @@ def trained_encoders(
         with mlflow_tracking.start_run(context, run_name=f"train-{variant.name}") as run:
             retry(mlflow.log_params, {**_training_params(variant, plan, config), **device.mlflow_params()})
             retry(mlflow.log_text, "\n".join(plan.plates), "plates.txt")
-
-            def on_epoch_end(epoch: int, row: dict) -> None:
-                retry(mlflow.log_metrics, {"loss": row["loss"], "epoch_seconds": row["seconds"], "crops_per_s": row["crops_per_s"]}, step=epoch)
-                context.log.info(f"{variant.name} epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f} ({row['seconds']:.1f} s)")
-
             context.log.info(f"training {variant.name} on {plan.n_crops} crops from {len(plan.plates)} plates")
-            result = train_encoder(variant, data.crops, config.params(), on_epoch_end=on_epoch_end, plan=plan)
+            result = train_encoder(variant, data.crops, config.params(), plan=plan,
+                                   on_epoch_end=_epoch_logger(context, mlflow_tracking, variant.name, config.epochs))
             final_loss = float(result.history[-1]["loss"])
             if not np.isfinite(final_loss):
                 raise RuntimeError(f"{variant.name}: training diverged (loss {final_loss}); nothing was saved")
