@@ -35,17 +35,11 @@ SCORED = (("culture", "accuracy"), ("culture", "kappa"), ("morphotype", "accurac
 
 def _environment(work: Path) -> None:
     """Point the pipeline at a temporary data folder, Dagster instance and MLflow store (before importing it)."""
+    from benchmarks.scale import _env
+
     (work / "dagster_home").mkdir(parents=True, exist_ok=True)
     (work / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    os.environ.update({
-        "GBM_ASSETS_DATA": str(work / "data"),
-        "DAGSTER_HOME": str(work / "dagster_home"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-        "MLFLOW_ARTIFACT_ROOT": (work / "artifacts").as_uri(),
-        "KERAS_BACKEND": "tensorflow",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "DAGSTER_DISABLE_TELEMETRY": "1",
-    })
+    os.environ.update(_env(work))  # the same layout as the scale benchmark's per-size folder
 
 
 def feature_scores(scores, feature_set: str) -> dict:
