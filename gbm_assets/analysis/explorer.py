@@ -130,6 +130,30 @@ def make_thumbnails(crops: np.ndarray, size: int = 48, grey_levels: int = 32) ->
     return lut[thumbs]
 
 
+def crop_thumbnails(
+    crops_dir: str | Path, crop_ids, size: int = 48, grey_levels: int = 32, batch_size: int = 256
+) -> np.ndarray:
+    """(n, size, size) uint8 make_thumbnails of the given crops of a crops dataset, in crop_ids order.
+
+    The same array as make_thumbnails(read_crops(crops_dir, crop_ids), size, grey_levels), but
+    streamed (crop_dataset.iter_crops_by_id): one record batch of batch_size full-size crops is
+    held at a time besides the thumbnails, so memory does not grow with the number of crops
+    (a 48-pixel thumbnail is 1/7 of a 128-pixel crop). Raises KeyError naming up to 3 crop ids
+    that are not in the dataset, ValueError as make_thumbnails does or when crop_ids repeat an id.
+    """
+    from gbm_assets.imaging.crop_dataset import iter_crops_by_id
+
+    wanted = pd.Index(pd.Series(crop_ids, dtype=str))
+    out = np.zeros((len(wanted), size, size), np.uint8)
+    found = np.zeros(len(wanted), bool)
+    for where, crops in iter_crops_by_id(crops_dir, wanted, batch_size=batch_size):
+        out[where] = make_thumbnails(crops, size, grey_levels)
+        found[where] = True
+    if not found.all():
+        raise KeyError(f"{crops_dir}: crops not found: {wanted[~found][:3].tolist()} ({(~found).sum()} missing)")
+    return out
+
+
 def _data_uri(thumb: np.ndarray) -> str:
     ok, buf = cv2.imencode(".webp", thumb, [cv2.IMWRITE_WEBP_QUALITY, 101])  # quality > 100: lossless
     if not ok:
@@ -219,7 +243,9 @@ def write_explorer(
         n rows, one per cell: crop_id, umap_x, umap_y (finite floats, UMAP units), at least one
         of COLOURINGS, and any of TOOLTIP_FIELDS to show on hover.
     thumbnails : (n, S, S) ndarray of uint8
-        The cells' crops, aligned with the rows of points.
+        The cells' crops, aligned with the rows of points; or their thumbnails already made at
+        thumb_size and grey_levels (crop_thumbnails, streamed from a crops dataset), which
+        make_thumbnails leaves as they are.
     thumb_size, grey_levels : int
         Passed to make_thumbnails; thumbnails are drawn at 2 x thumb_size CSS pixels.
     gallery_size : int

@@ -104,17 +104,16 @@ def clusters(
 
 def _score_and_explore(config: ClusterConfig, data: DataDirs, variant: str, labels_path, explorer_path):
     """(labeling metrics of a seeded sample, the explorer's points, the written explorer page)."""
-    from gbm_assets.analysis.explorer import sample_for_explorer, write_explorer
+    from gbm_assets.analysis.explorer import crop_thumbnails, sample_for_explorer, write_explorer
     from gbm_assets.analysis.truth import has_truth, true_morphotypes
     from gbm_assets.analysis.variant_report import labeling_metrics, sample_labels
-    from gbm_assets.imaging.crop_dataset import read_crops
 
     sample = sample_labels(labels_path, 20_000, seed=config.seed)
     truth = true_morphotypes(sample, data.raw)
     scored = labeling_metrics(sample, truth if has_truth(truth) else None, seed=config.seed)
     points = sample_for_explorer(sample_labels(labels_path, 5 * config.explorer_max_points, seed=config.seed),
                                  config.explorer_max_points, seed=config.seed)
-    page = write_explorer(explorer_path, variant, points, read_crops(data.crops, points["crop_id"]))
+    page = write_explorer(explorer_path, variant, points, crop_thumbnails(data.crops, points["crop_id"]))
     return scored, points, page
 
 

@@ -5,7 +5,7 @@ copying: the binary pixel and mask columns of a record batch are one contiguous 
 as (n, S, S) uint8 with np.frombuffer. Memory therefore depends on the batch size, never on the
 number of crops. Everything that reads crops goes through this module: training
 (models.dataset feeds iter_record_batches into tf.data), embedding (iter_crop_batches), and the
-report, explorer and raw-pixel baseline (read_crops, by crop_id).
+report, explorer and raw-pixel baseline (read_crops / iter_crops_by_id, by crop_id, streamed too).
 """
 
 from __future__ import annotations
@@ -161,23 +161,67 @@ def iter_crop_batches(
         yield rows, (pixels.astype(np.float32) / np.float32(255.0))[..., None]
 
 
-def read_crops(crops_dir: str | Path, crop_ids, column: str = "pixels") -> np.ndarray:
-    """(n, S, S) uint8 crops (or masks, column="mask") in the order of crop_ids.
+def iter_crops_by_id(
+    crops_dir: str | Path, crop_ids, column: str = "pixels", batch_size: int = 256
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions, crops) for the given crops, streamed: one record batch of pixels at a time.
 
-    Only matching rows are materialised: the scan filters on crop_id batch by batch. Raises
-    KeyError naming up to 3 crop ids that are not in the dataset.
+    positions: (m,) int64 indices into crop_ids; crops: (m, S, S) uint8, a read-only view (the
+    `column`, "pixels" or "mask", of those rows), m <= batch_size. Plate files are read one after another: first
+    their crop_id column, then only the row groups that hold a wanted crop, batch_size rows at
+    a time, keeping the wanted rows only. Memory is about one record batch of pixels plus one
+    plate's crop ids, whatever the number of crops in the dataset (a dataset Scanner reads ahead
+    whole column chunks of several files: hundreds of MB on large plates). Crops not in the
+    dataset are never yielded (read_crops reports them). Raises ValueError when crop_ids repeat
+    an id, InputError when a file lacks `column`.
     """
     wanted = pd.Index(pd.Series(crop_ids, dtype=str))
+    if not wanted.is_unique:
+        raise ValueError(f"{crops_dir}: crop ids asked for twice: {wanted[wanted.duplicated()][:3].tolist()}")
+    if not len(wanted):
+        return
+    value_set = pa.array(wanted.to_numpy(), pa.string())
     dataset = plate_dataset(crops_dir)
     side = _crop_side(dataset) or 0
+    for fragment in sorted(dataset.get_fragments(), key=lambda f: f.path):
+        with pq.ParquetFile(fragment.path, buffer_size=_READ_BUFFER, pre_buffer=False) as reader:
+            if column not in reader.schema_arrow.names:
+                raise InputError(fragment.path, f"crops file lacks column {column}")
+            ids = reader.read(columns=["crop_id"], use_threads=False).column("crop_id")
+            where = pc.index_in(ids, value_set=value_set).to_numpy(zero_copy_only=False)  # NaN: not wanted
+            del ids
+            rows = np.flatnonzero(~np.isnan(where))
+            if not len(rows):
+                continue
+            positions = where[rows].astype(np.int64)
+            sizes = np.array([reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)])
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            group_of = np.searchsorted(starts, rows, side="right") - 1
+            kept = np.isin(np.arange(len(sizes)), group_of)
+            kept_starts = np.concatenate([[0], np.cumsum(np.where(kept, sizes, 0))])  # offsets once skipped groups are gone
+            local = rows - starts[group_of] + kept_starts[group_of]
+            groups = np.flatnonzero(kept)
+            batches = reader.iter_batches(batch_size=batch_size, row_groups=groups.tolist(), columns=[column],
+                                          use_threads=False)
+            done = 0
+            for batch in take_rows(batches, local):
+                yield positions[done:done + batch.num_rows], decode_crops(batch.column(column), side)
+                done += batch.num_rows
+
+
+def read_crops(crops_dir: str | Path, crop_ids, column: str = "pixels", batch_size: int = 256) -> np.ndarray:
+    """(n, S, S) uint8 crops (or masks, column="mask") in the order of crop_ids.
+
+    Streams the dataset with iter_crops_by_id (about one record batch of batch_size rows of
+    pixels at a time besides the result). Raises KeyError naming up to 3 crop ids that are not
+    in the dataset, ValueError when crop_ids repeat an id.
+    """
+    wanted = pd.Index(pd.Series(crop_ids, dtype=str))
+    side = _crop_side(plate_dataset(crops_dir)) or 0
     out = np.zeros((len(wanted), side, side), np.uint8)
     found = np.zeros(len(wanted), bool)
-    scanner = dataset.scanner(columns=["crop_id", column], filter=pc.field("crop_id").isin(wanted.tolist()))
-    for batch in scanner.to_batches():
-        if not batch.num_rows:
-            continue
-        where = wanted.get_indexer(batch.column("crop_id").to_pylist())
-        out[where] = decode_crops(batch.column(column), side)
+    for where, crops in iter_crops_by_id(crops_dir, wanted, column, batch_size):
+        out[where] = crops
         found[where] = True
     if not found.all():
         missing = wanted[~found][:3].tolist()
