@@ -28,8 +28,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
-from scipy.spatial import cKDTree
 
 QC_LABELS = ("cell", "debris", "fragment", "edge")
 QUALITY_COLUMNS = (
@@ -57,16 +55,14 @@ class QualityRules:
 
 def _borders(labels: np.ndarray) -> pd.DataFrame:
     """Shared border length (pixel pairs) of every pair of touching labels (a < b)."""
-    pairs = []
+    n = np.int64(labels.max(initial=0)) + 1
+    keys = []
     for p, q in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
         touch = (p != q) & (p > 0) & (q > 0)
-        a, b = p[touch], q[touch]
-        pairs.append(np.stack([np.minimum(a, b), np.maximum(a, b)], 1))
-    both = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int32)
-    if len(both) == 0:
-        return pd.DataFrame({"a": [], "b": [], "length": []}, dtype=np.int64)
-    keys, counts = np.unique(both, axis=0, return_counts=True)
-    return pd.DataFrame({"a": keys[:, 0], "b": keys[:, 1], "length": counts})
+        a, b = p[touch].astype(np.int64), q[touch].astype(np.int64)
+        keys.append(np.minimum(a, b) * n + np.maximum(a, b))
+    key, counts = np.unique(np.concatenate(keys), return_counts=True)
+    return pd.DataFrame({"a": key // n, "b": key % n, "length": counts})
 
 
 def merge_fragments(
@@ -90,6 +86,8 @@ def merge_fragments(
     small[0] = False
     if compact is not None and len(compact):
         small[np.asarray(compact)[(compact > 0) & (compact < n)]] = False
+    if not small.any():
+        return labels, 0
     borders = _borders(labels)
     parent = np.arange(n)
     if len(borders):
@@ -136,14 +134,17 @@ def quality_measures(
     (gap to the nearest other candidate's pixels, px; inf when alone in the image).
     """
     n = int(labels.max(initial=0)) + 1
-    ids = np.arange(n)
-    inside = labels > 0
-    count = np.maximum(np.bincount(labels.ravel(), minlength=n), 1)
-    dark = np.bincount(labels[inside], weights=(z[inside] < -rules.dark_level), minlength=n) / count
-    texture = ndi.mean(tex, labels, ids) / max(float(texture_threshold), 1e-9)
-    ring_of = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
-    ring = (~inside) & (ring_of > 0)
-    halo = np.bincount(ring_of[ring], weights=z[ring], minlength=n) / np.maximum(np.bincount(ring_of[ring], minlength=n), 1)
+    where = np.flatnonzero(labels)
+    label = labels.ravel()[where]
+    count = np.maximum(np.bincount(label, minlength=n), 1)
+    dark = np.bincount(label, weights=z.ravel()[where] < -rules.dark_level, minlength=n) / count
+    texture = np.bincount(label, weights=tex.ravel()[where], minlength=n) / count / max(float(texture_threshold), 1e-9)
+    # the ring just outside each candidate: where a 5 x 5 maximum of the labels reaches the medium
+    as_image = labels.astype(np.uint16 if n <= 65536 else np.float32)  # OpenCV dilates neither int32
+    reach = cv2.dilate(as_image, np.ones((5, 5), np.uint8))
+    ring = np.flatnonzero((reach != as_image) & (as_image == 0))  # outside every candidate, within 2 px of one
+    owner = reach.ravel()[ring].astype(np.int64)
+    halo = np.bincount(owner, weights=z.ravel()[ring], minlength=n) / np.maximum(np.bincount(owner, minlength=n), 1)
     gap = _nearest_gap(labels, cells)
     cell_ids = cells["cell_id"].to_numpy()
     return pd.DataFrame(
@@ -151,7 +152,7 @@ def quality_measures(
             "qc_area_ratio": cells["area"].to_numpy(float) / (np.pi * cell_diameter_px**2 / 4),
             "qc_dark_fraction": dark[cell_ids],
             "qc_halo_strength": halo[cell_ids],
-            "qc_texture_contrast": np.nan_to_num(np.asarray(texture)[cell_ids]),
+            "qc_texture_contrast": texture[cell_ids],
             "qc_nearest_cell_px": gap,
         },
         index=cells.index,
@@ -162,23 +163,26 @@ def _nearest_gap(labels: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
     """Per candidate (cells order): the gap in px to the nearest pixel of another candidate.
 
     Every pixel gets its nearest candidate and the distance to it (a Voronoi split of the
-    field); where the regions of two candidates meet, their gap is the two distances summed.
+    field, at a quarter of the resolution: the gap feeds a rule on the scale of half a cell
+    diameter, where 4 px do not matter); where the regions of two candidates meet, their gap is
+    the two distances summed.
     inf for a candidate alone in the image.
     """
     out = np.full(len(cells), np.inf)
     n = int(labels.max(initial=0)) + 1
     if len(cells) < 2:
         return out
-    background = (labels == 0).astype(np.uint8)
+    small = np.ascontiguousarray(labels[::4, ::4])
+    background = (small == 0).astype(np.uint8)
     dist, nearest = cv2.distanceTransformWithLabels(background, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
-    at = np.flatnonzero(labels)
+    at = np.flatnonzero(small)
     lut = np.zeros(len(at) + 1, np.int32)  # DIST_LABEL_PIXEL numbers the labelled pixels 1..k
-    lut[nearest.ravel()[at]] = labels.ravel()[at]
+    lut[nearest.ravel()[at]] = small.ravel()[at]
     owner = lut[nearest]
     gap = np.full(n, np.inf)
     for a, b, da, db in ((owner[:, :-1], owner[:, 1:], dist[:, :-1], dist[:, 1:]), (owner[:-1], owner[1:], dist[:-1], dist[1:])):
         meet = (a != b) & (a > 0) & (b > 0)
-        total = (da[meet] + db[meet]).astype(np.float64)
+        total = 4.0 * (da[meet] + db[meet]).astype(np.float64)
         np.minimum.at(gap, a[meet], total)
         np.minimum.at(gap, b[meet], total)
     return gap[cells["cell_id"].to_numpy()]

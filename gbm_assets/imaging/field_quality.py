@@ -43,9 +43,9 @@ def focus_score(image: np.ndarray) -> float:
     Groen et al., Cytometry 6 (1985) 81-91, as in CellProfiler's MeasureImageQuality. Higher is
     sharper for one set-up; compare it between images of one plate, not between microscopes.
     """
-    values = np.asarray(image, np.float64)
-    mean = float(values.mean())
-    return float(values.var() / mean) if mean > 0 else 0.0
+    mean, sd = cv2.meanStdDev(np.asarray(image, np.float32))
+    mean, var = float(mean[0, 0]), float(sd[0, 0]) ** 2
+    return var / mean if mean > 0 else 0.0
 
 
 def _percent_at(image: np.ndarray, value: float) -> float:
