@@ -198,9 +198,9 @@ def test_no_estimate_without_enough_cells_and_the_default_scale_stays():
     estimate = estimate_cell_diameter([empty])
     assert estimate.diameter_px is None and "cells" in estimate.reason
     assert estimate.params(SegmentationParams()) == SegmentationParams()
-    assert CellSizeEstimate(50.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 40.0  # 40 is within 0.6-1.0 x 50
+    assert CellSizeEstimate(50.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 40.0  # 40 is within 0.6-1.4 x 50
     assert CellSizeEstimate(120.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 72.0  # 0.6 x 120
-    assert CellSizeEstimate(30.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 30.0
+    assert CellSizeEstimate(20.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 28.0  # 1.4 x 20
 
 
 def test_sample_images_spreads_over_the_plate():
