@@ -281,7 +281,7 @@ def write_cell_table(
     crops_dir: str | Path,
     out_stem: str | Path,
     embeddings_path: str | Path | None = None,
-    batch_size: int = 65_536,
+    batch_size: int = 4096,
 ) -> dict:
     """Every cell of a labels file, with its measurements (and embedding), as <out_stem>.parquet and .csv.
 
@@ -290,8 +290,9 @@ def write_cell_table(
     and UMAP coordinates, Cells_AreaShape_<Measurement> (CellProfiler names, pixel units) and,
     when embeddings_path lists the same cells in the same order, Cells_Embedding_<i> (float32);
     otherwise the embedding columns are left out and "embedding" in the result says why.
-    Streamed: one batch of labels and the measurements of the plates it touches (never pixels)
-    at a time; both files are written atomically and the CSV through safe_csv (formula-safe,
+    Streamed: one batch of batch_size labels (with their measurements and embeddings as a pandas
+    frame and its CSV text, ~2 KB a cell) and the measurements of the last 4 plates read (never
+    pixels) at a time, so memory does not grow with the number of cells; both files are written atomically and the CSV through safe_csv (formula-safe,
     floats to 7 significant digits).
     Returns {"parquet", "csv", "n_cells", "embedding"}. Raises FileNotFoundError for a missing
     labels file.
