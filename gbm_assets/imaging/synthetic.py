@@ -15,8 +15,8 @@ focus, each morphotype has its own brightness and texture, and cells are scatter
 "hard" adds the nuisances real plates have: each plate draws its own exposure, illumination
 field, vignetting, focus (defocus blur, halo width) and noise (PlateConditions), so a feature
 that recognises a plate's look can tell plates apart without any morphology; cells vary in size
-(x0.8-1.25) within a morphotype; half the objects settle beside a cell already placed, so
-neighbours enter a 128-px crop; and all morphotypes share one optical thickness and texture
+(x0.8-1.25) within a morphotype; half the single cells settle beside a single cell already
+placed, so neighbours enter a 128-px crop (a clump already is a group of neighbours); and all morphotypes share one optical thickness and texture
 (no refractile rim), so they differ in shape (outline, size, dome or flat profile, clumping)
 rather than in brightness.
 """
@@ -69,7 +69,7 @@ GROUND_TRUTH_COLUMNS = (
     "image", "x", "y", "morphotype", "culture", "mask_id", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
 )
 PARAMS_NAME = "synthetic.json"
-GENERATOR_VERSION = 2  # bump when the drawing changes, so plates written before are regenerated
+GENERATOR_VERSION = 3  # bump when the drawing changes, so plates written before are regenerated
 DIFFICULTIES = ("easy", "hard")
 # hard: share of objects placed beside one already placed (a neighbour entering its crop), and
 # the gap between their windows, as a fraction of the two windows' half-sides.
@@ -391,8 +391,8 @@ def _place(
     """A random origin where the whole object lies inside the (square) image and barely covers
     cells already placed, or None after _PLACE_TRIES misses.
 
-    anchors (hard generator): (cy, cx, reach) of the objects placed so far; with probability
-    NEIGHBOUR_RATE the object is first tried beside a random one of them, its centre
+    anchors (hard generator): (cy, cx, reach) of the single cells placed so far; with probability
+    NEIGHBOUR_RATE a single cell is first tried beside a random one of them, its centre
     _NEIGHBOUR_GAP x (both reaches) away, so a crop of either shows the other.
     """
     size = labels.shape[0]
@@ -400,7 +400,7 @@ def _place(
     hi = size - max(s.half + d + 1 for s, dy, dx in obj for d in (dy, dx))
     if hi < lo:
         return None
-    beside = bool(anchors) and rng.random() < NEIGHBOUR_RATE
+    beside = bool(anchors) and len(obj) == 1 and rng.random() < NEIGHBOUR_RATE
     for _ in range(_PLACE_TRIES):
         if beside:
             ay, ax, reach = anchors[int(rng.integers(len(anchors)))]
@@ -597,7 +597,7 @@ def synthesize_image(
         origin = _place(rng, labels, obj, anchors)
         if origin is None:
             continue
-        if anchors is not None:
+        if anchors is not None and len(obj) == 1:  # a clump already is a group of neighbours
             anchors.append((*origin, _reach(obj)))
         for member in obj:
             sprite = member[0]
