@@ -84,7 +84,7 @@ def test_iter_crops_by_id_yields_the_crops_asked_for_across_plates_and_row_group
     seen = np.zeros(len(ids), int)
     for where, crops in iter_crops_by_id(crops_dir, ids, batch_size=5):
         assert crops.dtype == np.uint8 and crops.shape == (len(where), SIZE, SIZE) and len(where) <= 5
-        for position, crop in zip(where, crops):
+        for position, crop in zip(where, crops, strict=True):
             assert crop.tobytes() == expected[ids[position]][0]
         seen[where] += 1
     assert (seen == 1).all()
@@ -199,7 +199,8 @@ def test_report_stage_cell_table_streams_in_small_batches(tmp_path):
     with peak_memory() as peak:
         table = write_cell_table(labels_path, crops, tmp_path / "streamed", embeddings_path=embeddings_path)
     assert table["n_cells"] == 24_576 and table["embedding"] == "included"
-    whole = write_cell_table(labels_path, crops, tmp_path / "whole", embeddings_path=embeddings_path, batch_size=1 << 16)
+    whole = write_cell_table(labels_path, crops, tmp_path / "whole", embeddings_path=embeddings_path,
+                             batch_size=1 << 16)
     assert Path(table["csv"]).read_text() == Path(whole["csv"]).read_text()
     assert pq.read_table(table["parquet"]).equals(pq.read_table(whole["parquet"]))
     # measured: 11 MB in batches of 4,096 cells, 30 MB with every cell in one batch

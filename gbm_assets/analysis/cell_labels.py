@@ -125,7 +125,7 @@ class ClusterModels:
     """The models that label a variant's cells, fitted now or reused, and the cells they already labelled."""
 
     fitted: FittedClustering
-    known: pd.DataFrame  # labels already decided (fit sample or earlier run), indexed by crop_id
+    known: pd.DataFrame  # LABEL_COLUMNS already decided (fit sample or earlier run), indexed by crop_id
     record: dict  # the contents of model.json (encoder run, vector, fingerprint, auto_k, ...)
     mode: str  # "fit" or "assign new cells (no refit)"
     commit_order: list[Path] = dataclass_field(default_factory=list)  # staged model file and record, in swap order
@@ -166,7 +166,8 @@ def load_or_fit(
             and record.get("encoder_run_id") == encoder_run_id and record.get("vector") == vector
             and labels_model_fingerprint(labels_path) == record.get("fingerprint")):
         fitted = load_clustering(model_path, expected_fingerprint=record["fingerprint"])  # arrays only, verified
-        known = pd.read_parquet(labels_path).set_index("crop_id")
+        # only what label_cells copies (no provenance strings, whose Python objects cost ~0.5 KB a cell)
+        known = pd.read_parquet(labels_path, columns=["crop_id", *LABEL_COLUMNS]).set_index("crop_id")
         return ClusterModels(fitted, known, record, "assign new cells (no refit)",
                              shrunk=shrunk_parameters(fitted.config, fitted.n_train))
     logger.info(f"fitting UMAP, HDBSCAN and GMMs on up to {fit_max_cells} cells of {embeddings_path}")
@@ -182,7 +183,8 @@ def load_or_fit(
     for old in files.models():
         if old != model_path:
             stage.remove_on_commit(old)
-    return ClusterModels(fitted, known.set_index("crop_id"), record, "fit", [model_path, files.record],
+    known = known[["crop_id", *LABEL_COLUMNS]].set_index("crop_id")
+    return ClusterModels(fitted, known, record, "fit", [model_path, files.record],
                          shrunk_parameters(fitted.config, fitted.n_train))
 
 

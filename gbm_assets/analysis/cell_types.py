@@ -292,8 +292,9 @@ def write_cell_table(
     otherwise the embedding columns are left out and "embedding" in the result says why.
     Streamed: one batch of batch_size labels (with their measurements and embeddings as a pandas
     frame and its CSV text, ~2 KB a cell) and the measurements of the last 4 plates read (never
-    pixels) at a time, so memory does not grow with the number of cells; both files are written atomically and the CSV through safe_csv (formula-safe,
-    floats to 7 significant digits).
+    pixels) at a time, so memory does not grow with the number of cells; both files are
+    written atomically and the CSV through safe_csv (formula-safe, floats to 7 significant
+    digits).
     Returns {"parquet", "csv", "n_cells", "embedding"}. Raises FileNotFoundError for a missing
     labels file.
     """

@@ -167,9 +167,9 @@ def iter_crops_by_id(
     """(positions, crops) for the given crops, streamed: one record batch of pixels at a time.
 
     positions: (m,) int64 indices into crop_ids; crops: (m, S, S) uint8, a read-only view (the
-    `column`, "pixels" or "mask", of those rows), m <= batch_size. Plate files are read one after another: first
-    their crop_id column, then only the row groups that hold a wanted crop, batch_size rows at
-    a time, keeping the wanted rows only. Memory is about one record batch of pixels plus one
+    `column`, "pixels" or "mask", of those rows), m <= batch_size. Plate files are read one
+    after another: first their crop_id column, then only the row groups that hold a wanted
+    crop, batch_size rows at a time, keeping the wanted rows only. Memory is about one record batch of pixels plus one
     plate's crop ids, whatever the number of crops in the dataset (a dataset Scanner reads ahead
     whole column chunks of several files: hundreds of MB on large plates). Crops not in the
     dataset are never yielded (read_crops reports them). Raises ValueError when crop_ids repeat
@@ -198,7 +198,7 @@ def iter_crops_by_id(
             starts = np.concatenate([[0], np.cumsum(sizes)])
             group_of = np.searchsorted(starts, rows, side="right") - 1
             kept = np.isin(np.arange(len(sizes)), group_of)
-            kept_starts = np.concatenate([[0], np.cumsum(np.where(kept, sizes, 0))])  # offsets once skipped groups are gone
+            kept_starts = np.concatenate([[0], np.cumsum(np.where(kept, sizes, 0))])  # with skipped groups gone
             local = rows - starts[group_of] + kept_starts[group_of]
             groups = np.flatnonzero(kept)
             batches = reader.iter_batches(batch_size=batch_size, row_groups=groups.tolist(), columns=[column],
