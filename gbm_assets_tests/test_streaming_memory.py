@@ -3,12 +3,13 @@
 Each test runs a stage's core function on a crops dataset many record batches large and
 measures what it held at its peak, without timing or RSS noise: Arrow's allocations through a
 proxy memory pool installed as pyarrow's default (its max_memory counts every buffer the
-Parquet reader and compute kernels allocate) and NumPy's through tracemalloc. The dataset is
-written as the cell_crops asset writes it, one row group per image (ROW_GROUP rows here), and
-is ~50 record batches of pixels: code that holds every crop's pixels at once (a dataset Scanner
-reading ahead whole column chunks, or all crops before thumbnailing them) exceeds the bounds
-below by an order of magnitude, while streaming code holds a compressed and a decoded copy of
-about one batch.
+Parquet reader and compute kernels allocate) and NumPy's through tracemalloc. The crops dataset
+is written as the cell_crops asset writes it, one row group per image (ROW_GROUP rows here), and
+holds ~100 record batches of pixels. Streaming code holds a compressed and a decoded copy of about
+one batch; code that holds every crop (all crops before thumbnailing them, every cell of the cell
+table in one frame) or reads ahead (a dataset Scanner: up to 4 files x 16 batches, 2.4 MB here)
+breaks the bounds. The gallery and evaluation-baseline tests guard the stages' paths at
+read_crops' default batch of 256 rows, where the old Scanner's read-ahead also stays below them.
 """
 
 from __future__ import annotations
