@@ -334,15 +334,16 @@ def test_segment_csv_keeps_a_formula_like_file_name_as_text(tmp_path):
 def test_segment_csv_neutralises_image_names_the_segmenter_reports(tmp_path, monkeypatch):
     """Whatever image name the cell finder reports (relative names, another OS), the CSV is safe."""
     import gbm_assets.imaging.plate_cells as plate_cells
+    import gbm_assets.imaging.plate_coordinates as plate_coordinates
 
     image = tmp_path / "img.png"
     cv2.imwrite(str(image), np.zeros((8, 8), np.uint8))
     found = plate_cells.ImageCells(image='=HYPERLINK("http://x","y").tif',
-                                   cells=pd.DataFrame({"x": [3, -1], "y": [-0.5, 2.0]}),
-                                   labels_png=b"", height=8, width=8)
-    monkeypatch.setattr(plate_cells, "find_plate_cells", lambda *a, **k: iter([found]))
+                                   cells=pd.DataFrame({"cell_id": [1, 2], "x": [3, -1], "y": [-0.5, 2.0], "area": 10.0, "qc": "cell"}),
+                                   labels_png=b"", height=8, width=8, measures={})
+    monkeypatch.setattr(plate_coordinates, "find_plate_cells", lambda *a, **k: iter([found]))
     out = tmp_path / "cells.csv"
-    assert main(["segment", str(image), "--out", str(out), "--workers", "1"]) == 0
+    assert main(["segment", str(image), "--out", str(out), "--workers", "1", "--cell-diameter", "40"]) == 0
     cells = pd.read_csv(out)
     assert cells["image"].tolist() == ["'" + found.image] * 2
     pd.testing.assert_frame_equal(cells[["x", "y"]], found.cells)
