@@ -250,7 +250,7 @@ def find_plate_cells(
 # ---------------------------------------------------------------- crops
 
 
-@dataclass
+@dataclass(frozen=True)
 class CropFilters:
     """The thesis' image filters; None switches a filter off."""
 
