@@ -78,20 +78,27 @@ def main() -> None:
     for n in args.sizes:
         proc = subprocess.run(
             [sys.executable, __file__, "--child", str(n)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     at_100k = next((r for r in results if r["n_cells"] == 100_000), None)
-    print(json.dumps({
-        "benchmark": "fit_clusters (UMAP + HDBSCAN + GMM + auto-k)",
-        "cpus": os.cpu_count(),
-        "features": DIMS,
-        "results": results,
-        "target": f"100000 cells < {TARGET_SECONDS} s and < {TARGET_RSS_GIB} GiB",
-        "meets_target_at_100k": None if at_100k is None else (
-            at_100k["seconds"] < TARGET_SECONDS and at_100k["peak_rss_mib"] < TARGET_RSS_GIB * 1024
-        ),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "fit_clusters (UMAP + HDBSCAN + GMM + auto-k)",
+                "cpus": os.cpu_count(),
+                "features": DIMS,
+                "results": results,
+                "target": f"100000 cells < {TARGET_SECONDS} s and < {TARGET_RSS_GIB} GiB",
+                "meets_target_at_100k": None
+                if at_100k is None
+                else (at_100k["seconds"] < TARGET_SECONDS and at_100k["peak_rss_mib"] < TARGET_RSS_GIB * 1024),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BASELINES = ("raw_pixels", "handcrafted")
-SCORED = (("culture", "accuracy"), ("culture", "kappa"), ("morphotype", "accuracy"), ("morphotype", "kappa"),
-          ("concentration", "kappa"))
+SCORED = (
+    ("culture", "accuracy"),
+    ("culture", "kappa"),
+    ("morphotype", "accuracy"),
+    ("morphotype", "kappa"),
+    ("concentration", "kappa"),
+)
 
 
 def _environment(work: Path) -> None:
@@ -49,7 +54,9 @@ def feature_scores(scores, feature_set: str) -> dict:
     for target, metric in SCORED:
         for line in lines[lines["target"] == target].itertuples():
             value = getattr(line, metric)
-            out[f"{target}_{metric}_{line.split}_{line.classifier}"] = None if value != value else round(float(value), 3)
+            out[f"{target}_{metric}_{line.split}_{line.classifier}"] = (
+                None if value != value else round(float(value), 3)
+            )
     return out
 
 
@@ -66,8 +73,11 @@ def cluster_scores(data, variant: str, seed: int = 0) -> dict:
     truth = true_morphotypes(labels, data.raw)
     known = truth.notna().to_numpy()
     metrics = labeling_metrics(labels, truth, seed)
-    error = composition_error(labels["hdbscan"].to_numpy()[known], truth[known].astype(str).to_numpy(),
-                              labels["culture"].astype(str).to_numpy()[known])
+    error = composition_error(
+        labels["hdbscan"].to_numpy()[known],
+        truth[known].astype(str).to_numpy(),
+        labels["culture"].astype(str).to_numpy()[known],
+    )
     return {
         "ari_gmm": round(metrics["gmm"]["ari"], 3),
         "ari_hdbscan": round(metrics["hdbscan"]["ari"], 3),
@@ -104,21 +114,38 @@ def main() -> None:
         from gbm_assets.pipeline import SilentBar, run_main_job
 
         started = time.perf_counter()
-        write_plates(work / "data" / "raw", n_cultures=args.cultures, n_concentrations=args.concentrations,
-                     n_replicates=args.replicates, images_per_plate=args.images_per_plate, size=args.size,
-                     seed=args.seed, difficulty=args.difficulty)
+        write_plates(
+            work / "data" / "raw",
+            n_cultures=args.cultures,
+            n_concentrations=args.concentrations,
+            n_replicates=args.replicates,
+            images_per_plate=args.images_per_plate,
+            size=args.size,
+            seed=args.seed,
+            difficulty=args.difficulty,
+        )
         shipped = TrainingConfig()
-        training = {"epochs": args.epochs or shipped.epochs,
-                    "max_steps_per_epoch": args.steps or shipped.max_steps_per_epoch}
+        training = {
+            "epochs": args.epochs or shipped.epochs,
+            "max_steps_per_epoch": args.steps or shipped.max_steps_per_epoch,
+        }
         run_config = {"train_all_variants": {"ops": {"trained_encoders": {"config": training}}}}
         with contextlib.redirect_stdout(sys.stderr):  # the pipeline's own lines; stdout stays one JSON object
             status = run_main_job(SilentBar, variants=args.variants, run_config=run_config)
         data = DataDirs(root=str(work / "data"))
         report: dict = {
-            "plates": {"cultures": args.cultures, "concentrations": args.concentrations, "replicates": args.replicates,
-                       "images_per_plate": args.images_per_plate, "size": args.size, "difficulty": args.difficulty},
-            "training": training, "pipeline_status": status,
-            "variants": {}, "baselines": {},
+            "plates": {
+                "cultures": args.cultures,
+                "concentrations": args.concentrations,
+                "replicates": args.replicates,
+                "images_per_plate": args.images_per_plate,
+                "size": args.size,
+                "difficulty": args.difficulty,
+            },
+            "training": training,
+            "pipeline_status": status,
+            "variants": {},
+            "baselines": {},
         }
         for variant in args.variants:
             path = data.evaluation_dir(variant) / "scores.parquet"

@@ -37,11 +37,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gbm_assets.imaging.io import read_image
 from benchmarks.reference_segmentation import reference_find_cells
-from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
 from gbm_assets.imaging.cell_quality import kept_candidates
+from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
+from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
 from gbm_assets.imaging.synthetic import GROUND_TRUTH_NAME, write_plates
 
@@ -86,7 +86,9 @@ def _pooled(scores: list[dict]) -> dict:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {k: round(v, 4) for k, v in (("precision", precision), ("recall", recall), ("f1", f1))} | {"n_cells": tp + fn}
+    return {k: round(v, 4) for k, v in (("precision", precision), ("recall", recall), ("f1", f1))} | {
+        "n_cells": tp + fn
+    }
 
 
 def synthetic_images(root: Path) -> tuple[list[str], dict[str, pd.DataFrame], dict[str, str]]:
@@ -115,8 +117,11 @@ def _ours_on_plate(plate_id: str, folder: Path, images: list[str]) -> tuple[dict
     plate = plate_coordinates(plate_id, folder, images, SegmentationParams(), estimate_size=True, workers=WORKERS)
     cells = kept_candidates(plate.coordinates)
     centres = {name: cells.loc[cells["image"] == name, ["x", "y"]].to_numpy(float) for name in images}
-    info = {"estimated_diameter_px": plate.size.diameter_px if plate.size else None,
-            "scale_px": plate.params.cell_diameter_px, "qc_counts": coordinates_summary(plate)["qc_counts"]}
+    info = {
+        "estimated_diameter_px": plate.size.diameter_px if plate.size else None,
+        "scale_px": plate.params.cell_diameter_px,
+        "qc_counts": coordinates_summary(plate)["qc_counts"],
+    }
     return centres, info
 
 
@@ -151,14 +156,19 @@ def score_real_set(name: str, folder: Path, per_field: bool) -> dict:
     truth_d = [annotated_diameter(masks[n]) for n in images]
     estimates = [info["estimated_diameter_px"] for info in infos]
     if per_field:
-        ratios = [e / t for e, t in zip(estimates, truth_d) if e]
+        ratios = [e / t for e, t in zip(estimates, truth_d, strict=False) if e]
     else:
         ratios = [estimates[0] / float(np.mean(truth_d))] if estimates[0] else []
     out["size"] = {
         "annotated_mean_diameter_px": round(float(np.mean(truth_d)), 1),
-        "estimate_over_annotated": {"mean": round(float(np.mean(ratios)), 3), "min": round(min(ratios), 3),
-                                    "max": round(max(ratios), 3), "within_25_percent": f"{sum(abs(r - 1) <= 0.25 for r in ratios)}/{len(ratios)}"}
-        if ratios else None,
+        "estimate_over_annotated": {
+            "mean": round(float(np.mean(ratios)), 3),
+            "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3),
+            "within_25_percent": f"{sum(abs(r - 1) <= 0.25 for r in ratios)}/{len(ratios)}",
+        }
+        if ratios
+        else None,
         "scale_px": sorted({info["scale_px"] for info in infos}),
     }
     out["qc_counts"] = _summed([info["qc_counts"] for info in infos])
@@ -178,9 +188,12 @@ def score_synthetic_set(root: Path) -> dict:
     out: dict = {"n_images": len(paths), "n_plates": len(infos)}
     for finder, centres in (("ours", ours), ("reference", reference)):
         scores = {p: score_within_distance(centres[p], truth[p][["x", "y"]].to_numpy(float), 8.0) for p in paths}
-        out[finder] = _pooled(list(scores.values())) | {"per_concentration": {
-            c: _pooled([s for p, s in scores.items() if concentration[p] == c])
-            for c in sorted(set(concentration.values()), key=float)}}
+        out[finder] = _pooled(list(scores.values())) | {
+            "per_concentration": {
+                c: _pooled([s for p, s in scores.items() if concentration[p] == c])
+                for c in sorted(set(concentration.values()), key=float)
+            }
+        }
     out["qc_counts"] = _summed([info["qc_counts"] for info in infos])
     out["scale_px"] = sorted({info["scale_px"] for info in infos})
     return out
@@ -193,8 +206,11 @@ def ingest_images_per_s(raw_parent: Path, n_images: int) -> dict:
     (raw_parent / "dagster_home").mkdir(parents=True, exist_ok=True)
     (raw_parent / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     stage = _child(raw_parent, "ingest", None, {})
-    return {"images_per_s": round(n_images / stage["step_seconds"], 2), "step_seconds": stage["step_seconds"],
-            "run_seconds": stage["run_seconds"]}
+    return {
+        "images_per_s": round(n_images / stage["step_seconds"], 2),
+        "step_seconds": stage["step_seconds"],
+        "run_seconds": stage["run_seconds"],
+    }
 
 
 def main() -> None:
@@ -203,7 +219,9 @@ def main() -> None:
     parser.add_argument("--cultures", type=int, default=10, help="plates = cultures x 5 concentrations")
     parser.add_argument("--size", type=int, default=1024, help="synthetic image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--difficulty", choices=("easy", "hard"), default="hard", help="synthetic generator (imaging.synthetic)")
+    parser.add_argument(
+        "--difficulty", choices=("easy", "hard"), default="hard", help="synthetic generator (imaging.synthetic)"
+    )
     parser.add_argument("--t98g", type=Path, default=T98G, help="folder with images/ and masks/")
     parser.add_argument("--usiigaci", type=Path, default=USIIGACI, help="folder with images/ and masks/")
     parser.add_argument("--no-ingest", action="store_true", help="skip the end-to-end ingest timing")
@@ -214,8 +232,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gbm-seg-bench-") as tmp:
         raw = Path(tmp) / "data" / "raw"
         write_plates(
-            raw, n_cultures=args.cultures, n_concentrations=5, images_per_plate=args.images_per_plate,
-            size=args.size, seed=args.seed, difficulty=args.difficulty,
+            raw,
+            n_cultures=args.cultures,
+            n_concentrations=5,
+            images_per_plate=args.images_per_plate,
+            size=args.size,
+            seed=args.seed,
+            difficulty=args.difficulty,
         )
         synth_paths = synthetic_images(raw)[0]
         paths = synth_paths + t98g_paths
@@ -223,7 +246,8 @@ def main() -> None:
         report: dict = {
             "n_images_timed": len(paths),
             "workers": WORKERS,
-            "timed": "read + find_cells (candidates, quality labels) + " + ("extract_crops" if extract_crops else "no cropping"),
+            "timed": "read + find_cells (candidates, quality labels) + "
+            + ("extract_crops" if extract_crops else "no cropping"),
             "quality": {
                 "t98g": score_real_set("t98g", args.t98g, per_field=False),
                 "usiigaci": score_real_set("usiigaci", args.usiigaci, per_field=True),
@@ -241,12 +265,21 @@ def main() -> None:
         if not args.no_ingest:
             # plates of realistic length (one per density), so Dagster's per-run start-up does not dominate
             ingest_dir = Path(tmp) / "ingest"
-            plates = write_plates(ingest_dir / "data" / "raw", n_cultures=1, n_concentrations=5,
-                                  images_per_plate=args.ingest_images_per_plate, size=args.size, seed=args.seed + 1,
-                                  difficulty=args.difficulty)
+            plates = write_plates(
+                ingest_dir / "data" / "raw",
+                n_cultures=1,
+                n_concentrations=5,
+                images_per_plate=args.ingest_images_per_plate,
+                size=args.size,
+                seed=args.seed + 1,
+                difficulty=args.difficulty,
+            )
             ingest = ingest_images_per_s(ingest_dir, len(plates) * args.ingest_images_per_plate)
-            report["ingest"] = ingest | {"plates": len(plates), "images_per_plate": args.ingest_images_per_plate,
-                                         "ratio_to_ours": round(ingest["images_per_s"] / report["ours_images_per_s"], 2)}
+            report["ingest"] = ingest | {
+                "plates": len(plates),
+                "images_per_plate": args.ingest_images_per_plate,
+                "ratio_to_ours": round(ingest["images_per_s"] / report["ours_images_per_s"], 2),
+            }
     rss_kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     report["peak_rss_mb"] = round(rss_kb / 1024, 1)
     report["cpu_count"] = os.cpu_count()

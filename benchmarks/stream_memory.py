@@ -91,8 +91,9 @@ def run_stage(root: Path, stage: str) -> dict:
 
         start, t = rss_mib(), time.perf_counter()
         with Staging() as stage_dir:
-            models = load_or_fit(emb, ClusterModelFiles(root / "cluster_models"), labels, "run", ClusteringConfig(),
-                                 stage_dir, FIT_CELLS)
+            models = load_or_fit(
+                emb, ClusterModelFiles(root / "cluster_models"), labels, "run", ClusteringConfig(), stage_dir, FIT_CELLS
+            )
             n, _ = write_labels(emb, models, stage_dir.path(labels))
             points = sample_for_explorer(sample_labels(stage_dir.path(labels), 5 * EXPLORER_POINTS), EXPLORER_POINTS)
             write_explorer(root / "explorer.html", "v", points, crop_thumbnails(crops, points["crop_id"]))
@@ -105,14 +106,19 @@ def run_stage(root: Path, stage: str) -> dict:
         start, t = rss_mib(), time.perf_counter()
         # mixed synthetic plates hold several cultures per replicate: bootstrap over cells, not units
         sample = sample_labels(labels, 20_000).drop(columns=["replicate"])
-        build_section("v", sample, crops, root / "report", n_boot=50, n_perm=99, labels_path=labels,
-                      embeddings_path=emb)
+        build_section(
+            "v", sample, crops, root / "report", n_boot=50, n_perm=99, labels_path=labels, embeddings_path=emb
+        )
         n = pq.ParquetFile(labels).metadata.num_rows
     else:
         raise ValueError(f"unknown stage {stage!r}")
-    return {"crops": int(n), "seconds": round(time.perf_counter() - t, 1), "start_rss_mib": round(start),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "arrow_peak_mib": round(pa.default_memory_pool().max_memory() / 2**20)}
+    return {
+        "crops": int(n),
+        "seconds": round(time.perf_counter() - t, 1),
+        "start_rss_mib": round(start),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "arrow_peak_mib": round(pa.default_memory_pool().max_memory() / 2**20),
+    }
 
 
 def main() -> None:
@@ -128,8 +134,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="stream_memory_") as tmp:
             write_dataset(Path(tmp), size)
             for stage in ("embed", "cluster", "report"):
-                out = subprocess.run([sys.executable, __file__, "--child", tmp, stage], capture_output=True, text=True,
-                                     check=True)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", tmp, stage], capture_output=True, text=True, check=True
+                )
                 results.setdefault(stage, {})[str(size)] = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps(results, indent=1))
 

@@ -65,8 +65,16 @@ PLATE_CROPS = 500
 def write_synthetic_crops(root: Path, n_crops: int, size: int, seed: int = 0, plate_crops: int = PLATE_CROPS) -> Path:
     """n_crops crops of three shape classes (round, elongated, ring) at random, plate_crops per plate file."""
     counts = [min(plate_crops, n_crops - start) for start in range(0, n_crops, plate_crops)]
-    return write_crops(root, [f"B{p:03d}" for p in range(len(counts))], counts, size, images=10, seed=seed,
-                       mixed=True, radius=(0.1, 0.16))
+    return write_crops(
+        root,
+        [f"B{p:03d}" for p in range(len(counts))],
+        counts,
+        size,
+        images=10,
+        seed=seed,
+        mixed=True,
+        radius=(0.1, 0.16),
+    )
 
 
 def clock() -> np.ndarray:
@@ -163,7 +171,7 @@ def training_rates(crops_dir: Path, variant_name: str, size: int, batch: int, st
             trainee.fit(
                 data, epochs=1, steps_per_epoch=steps + 1, callbacks=[stamps], verbose=0, shuffle=False, **kwargs
             )
-            return [(batch, b - a) for a, b in zip(stamps.times[1:], stamps.times[2:])]
+            return [(batch, b - a) for a, b in zip(stamps.times[1:], stamps.times[2:], strict=False)]
 
         return run
 
@@ -220,8 +228,9 @@ def embedding_rates(crops_dir: Path, n_crops: int, size: int, batch: int, rounds
     }
 
 
-def asset_path_rates(tmp: Path, variant_name: str, n_crops: int, size: int, batch: int, epochs: int,
-                     steps: int, rounds: int) -> dict:
+def asset_path_rates(
+    tmp: Path, variant_name: str, n_crops: int, size: int, batch: int, epochs: int, steps: int, rounds: int
+) -> dict:
     """The assets trained_encoders + embeddings, materialized, against the bare model, round by round.
 
     Each round: the bare network (a fresh build_trainable model) fitted on one in-memory batch
@@ -245,11 +254,16 @@ def asset_path_rates(tmp: Path, variant_name: str, n_crops: int, size: int, batc
     tracking = MLflowTracking(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_root=(tmp / "artifacts").as_uri())
     resources = {"data": data, "mlflow_tracking": tracking}
     instance = dg.DagsterInstance.ephemeral()
-    run_config = {"ops": {"trained_encoders": {"config": {"epochs": epochs, "max_steps_per_epoch": steps, "batch_size": batch}},
-                          "embeddings": {"config": {"batch_size": 256}}}}
+    run_config = {
+        "ops": {
+            "trained_encoders": {"config": {"epochs": epochs, "max_steps_per_epoch": steps, "batch_size": batch}},
+            "embeddings": {"config": {"batch_size": 256}},
+        }
+    }
     variant = get_variant(variant_name)
     in_memory = tf.data.Dataset.from_tensors(
-        next(iter(training_dataset(CropSelection.of(data.crops), variant, batch, crop_size=size)))).repeat()
+        next(iter(training_dataset(CropSelection.of(data.crops), variant, batch, crop_size=size)))
+    ).repeat()
     x = tf.constant(np.random.default_rng(0).random((256, size, size, 1), dtype=np.float32))
 
     def bare_training() -> list[float]:
@@ -273,14 +287,27 @@ def asset_path_rates(tmp: Path, variant_name: str, n_crops: int, size: int, batc
         return done / (time.perf_counter() - start)
 
     mlflow.set_tracking_uri(tracking.resolved_uri())
-    samples = {"bare_training": [], "core_training": [], "asset_training": [], "bare_embedding": [], "asset_embedding": [],
-               "materialize_s": [], "training_s": [], "embedding_s": []}
+    samples = {
+        "bare_training": [],
+        "core_training": [],
+        "asset_training": [],
+        "bare_embedding": [],
+        "asset_embedding": [],
+        "materialize_s": [],
+        "training_s": [],
+        "embedding_s": [],
+    }
     for _ in range(rounds):
         samples["bare_training"] += bare_training()
         samples["core_training"] += core_training()
         start = time.perf_counter()
-        result = dg.materialize([trained_encoders, embeddings], partition_key=variant_name, instance=instance,
-                                resources=resources, run_config=run_config)
+        result = dg.materialize(
+            [trained_encoders, embeddings],
+            partition_key=variant_name,
+            instance=instance,
+            resources=resources,
+            run_config=run_config,
+        )
         samples["materialize_s"].append(time.perf_counter() - start)
         assert result.success
         trained = result.asset_materializations_for_node("trained_encoders")[0].metadata
@@ -293,12 +320,21 @@ def asset_path_rates(tmp: Path, variant_name: str, n_crops: int, size: int, batc
         samples["bare_embedding"].append(bare_embedding())
     med = {name: float(np.median(values)) for name, values in samples.items()}
     return {
-        "crops": n_crops, "epochs": epochs, "steps_per_epoch": steps, "rounds": rounds,
-        "training_pairs_per_s": {"asset": round(med["asset_training"], 1), "core_train_encoder": round(med["core_training"], 1),
-                                 "bare_model": round(med["bare_training"], 1)},
+        "crops": n_crops,
+        "epochs": epochs,
+        "steps_per_epoch": steps,
+        "rounds": rounds,
+        "training_pairs_per_s": {
+            "asset": round(med["asset_training"], 1),
+            "core_train_encoder": round(med["core_training"], 1),
+            "bare_model": round(med["bare_training"], 1),
+        },
         "training_asset_vs_bare": round(med["asset_training"] / med["bare_training"], 3),
         "training_core_vs_bare": round(med["core_training"] / med["bare_training"], 3),
-        "embedding_crops_per_s": {"asset": round(med["asset_embedding"], 1), "bare_model": round(med["bare_embedding"], 1)},
+        "embedding_crops_per_s": {
+            "asset": round(med["asset_embedding"], 1),
+            "bare_model": round(med["bare_embedding"], 1),
+        },
         "embedding_asset_vs_bare": round(med["asset_embedding"] / med["bare_embedding"], 3),
         "materialize_s": round(med["materialize_s"], 1),
         "outside_training_and_embedding_s": round(med["materialize_s"] - med["training_s"] - med["embedding_s"], 1),
@@ -336,9 +372,19 @@ def peak_rss(tmp: Path, sizes: list[int], size: int, batch: int) -> list[dict]:
     for n in sizes:
         crops_dir = write_synthetic_crops(tmp / f"rss_{n}.parquet", n, size, seed=n, plate_crops=n // 4)
         probe = subprocess.run(
-            [sys.executable, __file__, "--rss-probe", str(crops_dir), "--crop-size", str(size),
-             "--batch-size", str(batch)],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--rss-probe",
+                str(crops_dir),
+                "--crop-size",
+                str(size),
+                "--batch-size",
+                str(batch),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         out.append(json.loads(probe.stdout.strip().splitlines()[-1]))
     return out
@@ -353,7 +399,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
     parser.add_argument("--asset-crops", type=int, default=1024, help="crops of the asset-path dataset")
-    parser.add_argument("--asset-epochs", type=int, default=3, help="epochs per asset materialization (the first is not timed)")
+    parser.add_argument(
+        "--asset-epochs", type=int, default=3, help="epochs per asset materialization (the first is not timed)"
+    )
     parser.add_argument("--asset-steps", type=int, default=8, help="training steps per epoch of the asset path")
     parser.add_argument("--asset-rounds", type=int, default=2, help="interleaved rounds of bare model and assets")
     parser.add_argument("--only-assets", action="store_true", help="measure only the asset path against the bare model")
@@ -370,13 +418,22 @@ def main() -> None:
             "batch_size": args.batch_size,
             "cpu": f"{platform.machine()}, {os.cpu_count()} cores, TF intra-op 2 / inter-op 1",
             "tensorflow": tf.__version__,
-            "asset_path": asset_path_rates(tmp, args.variant, args.asset_crops, args.crop_size, args.batch_size,
-                                           args.asset_epochs, args.asset_steps, args.asset_rounds),
+            "asset_path": asset_path_rates(
+                tmp,
+                args.variant,
+                args.asset_crops,
+                args.crop_size,
+                args.batch_size,
+                args.asset_epochs,
+                args.asset_steps,
+                args.asset_rounds,
+            ),
         }
         if not args.only_assets:
             crops_dir = write_synthetic_crops(tmp / "crops.parquet", args.crops, args.crop_size)
             result["training"] = training_rates(
-                crops_dir, args.variant, args.crop_size, args.batch_size, args.steps, args.rounds)
+                crops_dir, args.variant, args.crop_size, args.batch_size, args.steps, args.rounds
+            )
             result["embedding"] = embedding_rates(crops_dir, args.crops, args.crop_size, 256, args.rounds)
             result["peak_rss"] = peak_rss(tmp, [args.crops // 2, args.crops * 2], args.crop_size, args.batch_size)
     print(json.dumps(result, indent=1))

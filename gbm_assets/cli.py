@@ -55,7 +55,9 @@ def expand_image_args(args: list[str]) -> list[Path]:
         elif path.exists():
             matches = [path]
         else:
-            matches = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            matches = sorted(
+                Path(p) for p in glob.glob(arg, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES
+            )
         if not matches:
             raise ImageReadError(arg, "no such image, folder or matching pattern")
         found.update(dict.fromkeys(p.absolute() for p in matches))
@@ -79,15 +81,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
     images = expand_image_args(args.images)
     masks_dir = Path(args.masks) if args.masks else None
     names = mask_names(images)
-    given = SegmentationParams() if args.cell_diameter is None else SegmentationParams(cell_diameter_px=args.cell_diameter)
+    given = (
+        SegmentationParams() if args.cell_diameter is None else SegmentationParams(cell_diameter_px=args.cell_diameter)
+    )
     with _bar(len(images), "finding cells") as bar:
         # plate_coordinates works on names relative to a folder; "/" makes absolute paths work.
         plate = plate_coordinates(
-            "", Path("/"), [str(p) for p in images], given, estimate_size=args.cell_diameter is None,
-            workers=args.workers or default_workers(), progress=lambda d, t: bar.update(d - bar.n),
+            "",
+            Path("/"),
+            [str(p) for p in images],
+            given,
+            estimate_size=args.cell_diameter is None,
+            workers=args.workers or default_workers(),
+            progress=lambda d, t: bar.update(d - bar.n),
         )
     if masks_dir:
-        for image, png in zip(plate.masks["image"].to_pylist(), plate.masks["labels_png"].to_pylist()):
+        for image, png in zip(plate.masks["image"].to_pylist(), plate.masks["labels_png"].to_pylist(), strict=False):
             write_bytes_atomic(masks_dir / names[Path(image)], png)  # 16-bit PNG of every candidate
     table = plate.coordinates.drop(columns=["plate"])
     with atomic_path(args.out) as tmp:
@@ -96,8 +105,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(plate.size.note())
     counts = coordinates_summary(plate)["qc_counts"]
     others = ", ".join(f"{n} {label}" for label, n in counts.items() if label != "cell" and n)
-    print(f"{counts['cell']} cells in {len(images)} images" + (f" (also labelled: {others})" if others else "")
-          + f" -> {args.out}")
+    print(
+        f"{counts['cell']} cells in {len(images)} images"
+        + (f" (also labelled: {others})" if others else "")
+        + f" -> {args.out}"
+    )
     return 0
 
 
@@ -107,17 +119,33 @@ def cmd_add_plate(args: argparse.Namespace) -> int:
 
     raw = Path(args.raw or paths.raw_dir())
     plate = make_plate(
-        args.source, raw, args.plate_id, args.culture, args.concentration, args.replicate, args.timepoint_pattern,
-        link=not args.copy, plate_map=args.plate_map, include=args.include, frame_interval_h=args.frame_interval_h,
+        args.source,
+        raw,
+        args.plate_id,
+        args.culture,
+        args.concentration,
+        args.replicate,
+        args.timepoint_pattern,
+        link=not args.copy,
+        plate_map=args.plate_map,
+        include=args.include,
+        frame_interval_h=args.frame_interval_h,
     )
     summary = validate_plate(plate, check_pixels=False)
     if summary.n_images > 1 and summary.manifest["timepoint_h"].nunique() == 1 and not args.timepoint_pattern:
-        print(f"note: no time in the file names, so all {summary.n_images} images are at "
-              f"{summary.manifest['timepoint_h'].iloc[0]:g} h; if they are a time series, re-add the plate with "
-              r"--timepoint-pattern (e.g. 't(\d+)')", file=sys.stderr)
+        print(
+            f"note: no time in the file names, so all {summary.n_images} images are at "
+            f"{summary.manifest['timepoint_h'].iloc[0]:g} h; if they are a time series, re-add the plate with "
+            r"--timepoint-pattern (e.g. 't(\d+)')",
+            file=sys.stderr,
+        )
     wells = summary.manifest["well"].nunique() if (summary.manifest["well"] != "na").any() else 0
-    print(f"plate {summary.plate_id}: {summary.n_images} images of {summary.width}x{summary.height}, "
-          f"{summary.bits}-bit, {len(summary.cultures)} culture(s)" + (f", {wells} wells" if wells else "") + f" -> {plate}")
+    print(
+        f"plate {summary.plate_id}: {summary.n_images} images of {summary.width}x{summary.height}, "
+        f"{summary.bits}-bit, {len(summary.cultures)} culture(s)"
+        + (f", {wells} wells" if wells else "")
+        + f" -> {plate}"
+    )
     return 0
 
 
@@ -133,8 +161,11 @@ def _user_entries(raw: Path) -> list[str]:
 
     if not raw.is_dir():
         return []
-    return sorted(p.name for p in raw.iterdir() if not p.name.startswith(".") and not (p / PARAMS_NAME).is_file()
-                  and not (p.is_dir() and not any(p.iterdir())))
+    return sorted(
+        p.name
+        for p in raw.iterdir()
+        if not p.name.startswith(".") and not (p / PARAMS_NAME).is_file() and not (p.is_dir() and not any(p.iterdir()))
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -154,23 +185,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{len(stale)} synthetic plates were written by an older generator: regenerating them")
         regenerate_plates(stale)
     if args.no_synth and not find_ready_plates(raw):
-        print(f"no usable plates under {raw} (a plate is a folder with images and manifest.csv, named by a safe id)",
-              file=sys.stderr)
+        print(
+            f"no usable plates under {raw} (a plate is a folder with images and manifest.csv, named by a safe id)",
+            file=sys.stderr,
+        )
         return 1
     if not find_ready_plates(raw):
         held = _user_entries(raw)
         if held:  # never write demo plates among a user's own files
-            print(f"{raw} holds {len(held)} entries ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) but no "
-                  "ready plate; not synthesizing demo plates there (use --data with an empty folder for the demo)",
-                  file=sys.stderr)
+            print(
+                f"{raw} holds {len(held)} entries ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) but no "
+                "ready plate; not synthesizing demo plates there (use --data with an empty folder for the demo)",
+                file=sys.stderr,
+            )
             return 1
         print(f"no plates under {raw}: synthesizing the demo data set")
         cmd_synth(build_parser().parse_args(["synth", "--out", str(raw)]))
         real = paths.project_root().parent / "shared" / "data" / "t98g" / "images"
         if real.is_dir():  # the real T98G frames join the demo as one more plate (linked, not copied)
-            cmd_add_plate(build_parser().parse_args(
-                ["add-plate", str(real), "--plate-id", "t98g", "--culture", "T98G", "--raw", str(raw),
-                 "--timepoint-pattern", r"t(\d+)\.tif"]))
+            cmd_add_plate(
+                build_parser().parse_args(
+                    [
+                        "add-plate",
+                        str(real),
+                        "--plate-id",
+                        "t98g",
+                        "--culture",
+                        "T98G",
+                        "--raw",
+                        str(raw),
+                        "--timepoint-pattern",
+                        r"t(\d+)\.tif",
+                    ]
+                )
+            )
     return run_main_job(bar=_bar, refresh=args.refresh or bool(stale))
 
 
@@ -182,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    s = sub.add_parser("synth", parents=[common], help="write synthetic phase-contrast plates (the embedded demo data set)")
+    s = sub.add_parser(
+        "synth", parents=[common], help="write synthetic phase-contrast plates (the embedded demo data set)"
+    )
     s.add_argument("--out", help="folder to write plates into (default: data/raw)")
     s.add_argument("--cultures", type=int, default=10)
     s.add_argument("--concentrations", type=int, default=5)
@@ -190,39 +240,62 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images-per-plate", type=int, default=2)
     s.add_argument("--size", type=int, default=1024, help="image side in pixels")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--difficulty", choices=("easy", "hard"), default="hard",
-                   help="hard (default): per-plate exposure, illumination and focus, neighbours, shape-only "
-                        "morphotypes; easy: generator version 1")
+    s.add_argument(
+        "--difficulty",
+        choices=("easy", "hard"),
+        default="hard",
+        help="hard (default): per-plate exposure, illumination and focus, neighbours, shape-only "
+        "morphotypes; easy: generator version 1",
+    )
     s.set_defaults(func=cmd_synth)
 
-    g = sub.add_parser("segment", parents=[common], help="find cells in images and write their coordinates and measurements")
+    g = sub.add_parser(
+        "segment", parents=[common], help="find cells in images and write their coordinates and measurements"
+    )
     g.add_argument("images", nargs="+", help="images, folders of images or glob patterns ('plates/*/*.tif')")
     g.add_argument("--out", required=True, help="CSV to write (one row per cell)")
     g.add_argument("--masks", help="folder for 16-bit label-mask PNGs")
-    g.add_argument("--cell-diameter", type=float, default=None,
-                   help="the cells' typical diameter in pixels (default: estimated from the images)")
+    g.add_argument(
+        "--cell-diameter",
+        type=float,
+        default=None,
+        help="the cells' typical diameter in pixels (default: estimated from the images)",
+    )
     g.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     g.set_defaults(func=cmd_segment)
 
     a = sub.add_parser(
-        "add-plate", parents=[common], help="make a plate from a folder of images, an instrument export or a stack (checked first, "
-        "then put in place in one step)")
-    a.add_argument("source", help="folder of images (TIFF, PNG, JPEG, BMP; ND2/CZI/LIF with the formats extra), or one stack")
+        "add-plate",
+        parents=[common],
+        help="make a plate from a folder of images, an instrument export or a stack (checked first, "
+        "then put in place in one step)",
+    )
+    a.add_argument(
+        "source", help="folder of images (TIFF, PNG, JPEG, BMP; ND2/CZI/LIF with the formats extra), or one stack"
+    )
     a.add_argument("--plate-id", help="plate id (default: derived from the folder name)")
     a.add_argument("--culture", help="culture of every image (or a culture column in --plate-map)")
     a.add_argument("--concentration", default="na")
     a.add_argument("--replicate", type=int, default=1)
     a.add_argument("--plate-map", help="CSV with a well column and any of culture, concentration, replicate")
-    a.add_argument("--timepoint-pattern", help=r"regex with one group, the time point in hours in each file name, e.g. 't(\d+)' "
-                   "(instrument stamps like 02d04h30m are read without one)")
+    a.add_argument(
+        "--timepoint-pattern",
+        help=r"regex with one group, the time point in hours in each file name, e.g. 't(\d+)' "
+        "(instrument stamps like 02d04h30m are read without one)",
+    )
     a.add_argument("--include", help="only files matching this glob, e.g. 'GBM03_Phase_*'")
-    a.add_argument("--frame-interval-h", type=float,
-                   help="hours between the frames of a stack (default: what the file records, else 1)")
+    a.add_argument(
+        "--frame-interval-h",
+        type=float,
+        help="hours between the frames of a stack (default: what the file records, else 1)",
+    )
     a.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
     a.add_argument("--raw", help="raw plates folder (default: data/raw)")
     a.set_defaults(func=cmd_add_plate)
 
-    r = sub.add_parser("run", parents=[common], help="the main job: ingest every plate under data/raw, then every later stage")
+    r = sub.add_parser(
+        "run", parents=[common], help="the main job: ingest every plate under data/raw, then every later stage"
+    )
     r.add_argument("--data", help="data folder (default: data/ or GBM_ASSETS_DATA)")
     r.add_argument("--no-synth", action="store_true", help="do not synthesize plates when data/raw is empty")
     r.add_argument("--refresh", action="store_true", help="re-materialize plates that are already done")

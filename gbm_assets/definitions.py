@@ -5,7 +5,6 @@ import os
 
 import dagster as dg
 
-from gbm_assets.assets.cells import cell_coordinates, cell_crops
 from gbm_assets.assets.automation import (
     REPORT_JOB_NAME,
     TRAIN_JOB_NAME,
@@ -14,6 +13,7 @@ from gbm_assets.assets.automation import (
     report_sensor,
     stale_variants_sensor,
 )
+from gbm_assets.assets.cells import cell_coordinates, cell_crops
 from gbm_assets.assets.clusters import clusters, composition_report
 from gbm_assets.assets.encoders import embeddings, trained_encoders
 from gbm_assets.assets.mlflow_tracking import MLflowTracking

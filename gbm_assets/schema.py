@@ -6,17 +6,17 @@ import pyarrow as pa
 
 # Every crop, embedding and cluster label carries these, in this order.
 PROVENANCE_COLUMNS = (
-    "crop_id",       # "<plate>:<image>:<cell_id>", stable and unique across the data set
+    "crop_id",  # "<plate>:<image>:<cell_id>", stable and unique across the data set
     "plate",
-    "image",         # file name relative to the plate folder
-    "x",             # crop centre, pixel column in the source image
-    "y",             # crop centre, pixel row in the source image
+    "image",  # file name relative to the plate folder
+    "x",  # crop centre, pixel column in the source image
+    "y",  # crop centre, pixel row in the source image
     "culture",
-    "concentration", # label as written in the manifest (e.g. "1000")
+    "concentration",  # label as written in the manifest (e.g. "1000")
     "replicate",
     "timepoint_h",
-    "well",          # plate well as an instrument names it ("B2"), "na" when not known
-    "position",      # field (image position) within the well, "na" when not known
+    "well",  # plate well as an instrument names it ("B2"), "na" when not known
+    "position",  # field (image position) within the well, "na" when not known
 )
 
 # CellProfiler-style shape measurements (AreaShape_* names, lower-cased).

@@ -28,8 +28,8 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from gbm_assets.storage import host_tag, pid_alive
 
@@ -48,7 +48,7 @@ def remove_dead_stages(folder: str | Path) -> list[Path]:
         return removed
     host = host_tag()
     for entry in folder.glob(f"{PREFIX}*"):
-        match = re.fullmatch(r"(?P<host>[A-Za-z0-9-]{1,32})\.(?P<pid>\d{1,10})\.[0-9a-f]{8}", entry.name[len(PREFIX):])
+        match = re.fullmatch(r"(?P<host>[A-Za-z0-9-]{1,32})\.(?P<pid>\d{1,10})\.[0-9a-f]{8}", entry.name[len(PREFIX) :])
         if not match or match["host"] != host or not entry.is_dir():
             continue
         pid = int(match["pid"])
@@ -153,7 +153,7 @@ class Staging:
             shutil.rmtree(folder, ignore_errors=True)
         self._dirs.clear()
 
-    def __enter__(self) -> "Staging":
+    def __enter__(self) -> Staging:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

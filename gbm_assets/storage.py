@@ -22,9 +22,9 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -76,7 +76,7 @@ def remove_stale_temps(final: str | Path, max_age_s: float = STALE_TEMP_AGE_S) -
     for entry in entries:
         if not entry.name.startswith(prefix):
             continue
-        rest = entry.name[len(prefix):]
+        rest = entry.name[len(prefix) :]
         match = ours.fullmatch(rest)
         try:
             if not entry.is_file(follow_symlinks=False):
@@ -157,7 +157,7 @@ class AtomicParquetWriter:
         self._writer.write_table(table)
         self.rows += table.num_rows
 
-    def __enter__(self) -> "AtomicParquetWriter":
+    def __enter__(self) -> AtomicParquetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -174,7 +174,9 @@ def plate_dataset(path: str | Path):
     """
     import pyarrow.dataset as pds
 
-    return pds.dataset(path, format="parquet", partitioning=pds.partitioning(pa.schema([("plate", pa.string())]), flavor="hive"))
+    return pds.dataset(
+        path, format="parquet", partitioning=pds.partitioning(pa.schema([("plate", pa.string())]), flavor="hive")
+    )
 
 
 def seeded_sample(total: int, max_rows: int | None, seed: int):

@@ -30,7 +30,7 @@ def decode_text(path: Path, data: bytes) -> str:
     Raises InputError (naming the file) for binary content.
     """
     if data.startswith(codecs.BOM_UTF8):
-        text = data[len(codecs.BOM_UTF8):].decode("utf-8", errors="strict")
+        text = data[len(codecs.BOM_UTF8) :].decode("utf-8", errors="strict")
     elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         text = data.decode("utf-16")
     else:
@@ -101,8 +101,9 @@ def read_delimited(path: str | Path, header_rows: int = 1, what: str = "table") 
         fields = rows[i]
         if len(fields) > width and any(fields[width:]):
             raise InputError(
-                path, f"line {line_numbers[i]}: {len(fields)} fields but the header has {width} "
-                f"(is the {DELIMITER_NAMES[delimiter]} also used inside a value? quote it)"
+                path,
+                f"line {line_numbers[i]}: {len(fields)} fields but the header has {width} "
+                f"(is the {DELIMITER_NAMES[delimiter]} also used inside a value? quote it)",
             )
         records.append(fields[:width] + [""] * (width - len(fields)) + [line_numbers[i]])
     df = pd.DataFrame(records, columns=[*columns, LINE_COLUMN])
@@ -128,7 +129,7 @@ def _column_names(header: list[list[str]]) -> list[str]:
     for name in first:
         current = name or current
         filled.append(current)
-    return [f"{a}|{b}" if a else b for a, b in zip(filled, second)]
+    return [f"{a}|{b}" if a else b for a, b in zip(filled, second, strict=False)]
 
 
 def describe_header(columns, known) -> str:
@@ -139,11 +140,19 @@ def describe_header(columns, known) -> str:
     """
     names = [str(c) for c in columns if c != LINE_COLUMN]
     found = [n for n in names if n in set(known)]
-    return f"its header has {len(names)} column(s)" + (f", of which {found} are understood" if found else ", none of them understood")
+    return f"its header has {len(names)} column(s)" + (
+        f", of which {found} are understood" if found else ", none of them understood"
+    )
 
 
-def parse_numbers(df: pd.DataFrame, column: str, kind: type = float, what: str = "table",
-                  decimal_comma: bool | None = None, finite: bool = True) -> pd.Series:
+def parse_numbers(
+    df: pd.DataFrame,
+    column: str,
+    kind: type = float,
+    what: str = "table",
+    decimal_comma: bool | None = None,
+    finite: bool = True,
+) -> pd.Series:
     """A column of a table read by read_delimited as numbers, or InputError naming line and column.
 
     decimal_comma: accept "0,5" for 0.5 (default: when the table is not comma-delimited, as a
@@ -154,7 +163,7 @@ def parse_numbers(df: pd.DataFrame, column: str, kind: type = float, what: str =
     if decimal_comma is None:
         decimal_comma = df.attrs.get("delimiter", ",") != ","
     values = []
-    for text, line in zip(df[column], df[LINE_COLUMN]):
+    for text, line in zip(df[column], df[LINE_COLUMN], strict=False):
         raw = str(text).strip()
         candidate = raw.replace(",", ".") if decimal_comma and raw.count(",") == 1 and "." not in raw else raw
         try:

@@ -101,7 +101,9 @@ def parse_allowed_hosts(spec: str, source: str = ENV_ALLOWED_HOSTS) -> tuple[Hos
     rules = []
     for entry in spec.replace(",", " ").split():
         if entry == "*":
-            raise ValueError(f"{source}: '*' would let any web page in (DNS rebinding); list the names the UI is reached by")
+            raise ValueError(
+                f"{source}: '*' would let any web page in (DNS rebinding); list the names the UI is reached by"
+            )
         if "://" in entry:
             raise ValueError(f"{source}: {entry!r} is a URL; give the host as the browser sees it, name or name:port")
         parsed = _split_authority(entry)
@@ -199,8 +201,10 @@ class UIGuard:
         authority = _split_authority(host)
         default_port = 443 if scope.get("scheme") in ("https", "wss") else 80
         if authority is None or not self._host_allowed(authority[0], authority[1] or default_port):
-            return (f"Host {_shown(host)} is not one this UI is served as (DNS rebinding); "
-                    f"allowed: {', '.join(map(str, self.allowed))}; add names with {ENV_ALLOWED_HOSTS}")
+            return (
+                f"Host {_shown(host)} is not one this UI is served as (DNS rebinding); "
+                f"allowed: {', '.join(map(str, self.allowed))}; add names with {ENV_ALLOWED_HOSTS}"
+            )
         origin = _header(scope, b"origin")
         if origin is not None and not self.origin_allowed(origin):
             return f"a request from the web page {_shown(origin)} (cross-origin)"
@@ -230,10 +234,19 @@ class UIGuard:
                     await send({"type": "websocket.close", "code": 1008, "reason": "refused by the UI guard"})
                 return
             body = f"403 Forbidden: the gbm-assets UI guard refused {reason}.\n".encode()
-            await send({"type": "http.response.start", "status": 403, "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"),
-                (b"x-frame-options", b"SAMEORIGIN")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 403,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"cache-control", b"no-store"),
+                        (b"x-content-type-options", b"nosniff"),
+                        (b"x-frame-options", b"SAMEORIGIN"),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         if scope["type"] == "websocket":
@@ -272,8 +285,12 @@ def guarded_app(workspace: str, allowed: Sequence[HostRule], *, path_prefix: str
 
     with get_possibly_temporary_instance_for_cli("gbm_assets.ui_guard", logger=log) as instance:
         instance.optimize_for_webserver(DEFAULT_DB_STATEMENT_TIMEOUT, DEFAULT_POOL_RECYCLE, DEFAULT_POOL_MAX_OVERFLOW)
-        with WorkspaceProcessContext(instance, version=__version__, read_only=read_only,
-                                     workspace_load_target=WorkspaceFileTarget(paths=[workspace])) as context:
+        with WorkspaceProcessContext(
+            instance,
+            version=__version__,
+            read_only=read_only,
+            workspace_load_target=WorkspaceFileTarget(paths=[workspace]),
+        ) as context:
             app = create_app_from_workspace_process_context(context, path_prefix, 2000, lifespan=_lifespan)
             yield UIGuard(app, allowed)
 
@@ -296,8 +313,17 @@ def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
             proc.wait()
 
 
-def serve(workspace: str, host: str, port: int, allowed: Sequence[HostRule], *, path_prefix: str = "",
-          read_only: bool = False, daemon: bool = False, log_level: str = "warning") -> int:
+def serve(
+    workspace: str,
+    host: str,
+    port: int,
+    allowed: Sequence[HostRule],
+    *,
+    path_prefix: str = "",
+    read_only: bool = False,
+    daemon: bool = False,
+    log_level: str = "warning",
+) -> int:
     """Serve the guarded UI until interrupted (and, with daemon, the daemon beside it).
 
     Returns the exit status: 0 after Ctrl-C/SIGTERM, 1 when the daemon stopped on its own (the UI
@@ -318,15 +344,22 @@ def serve(workspace: str, host: str, port: int, allowed: Sequence[HostRule], *, 
         daemon_proc = _start_daemon(workspace) if daemon else None
         daemon_died = threading.Event()
         if daemon_proc is not None:
+
             def watch() -> None:
                 daemon_proc.wait()
                 if not server.should_exit:
                     daemon_died.set()
                     log.error("dagster-daemon stopped (status %s); stopping the UI", daemon_proc.returncode)
                     server.should_exit = True
+
             threading.Thread(target=watch, name="daemon-watch", daemon=True).start()
-        log.info("Dagster UI (guarded) on http://%s:%d%s; allowed hosts: %s", host if ":" not in host else f"[{host}]",
-                 port, path_prefix, ", ".join(map(str, allowed)))
+        log.info(
+            "Dagster UI (guarded) on http://%s:%d%s; allowed hosts: %s",
+            host if ":" not in host else f"[{host}]",
+            port,
+            path_prefix,
+            ", ".join(map(str, allowed)),
+        )
         try:
             server.run()
         finally:
@@ -359,8 +392,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gbm_assets.ui_guard: error: {exc}", file=sys.stderr)
         return 1
     try:
-        return serve(args.workspace, args.host, args.port, allowed, path_prefix=args.path_prefix,
-                     read_only=args.read_only, daemon=args.daemon, log_level=args.log_level)
+        return serve(
+            args.workspace,
+            args.host,
+            args.port,
+            allowed,
+            path_prefix=args.path_prefix,
+            read_only=args.read_only,
+            daemon=args.daemon,
+            log_level=args.log_level,
+        )
     except KeyboardInterrupt:
         return 0
 

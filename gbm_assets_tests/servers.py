@@ -18,9 +18,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import UTC
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -28,8 +29,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 # No sandbox: CI runs as root. The rest keeps Chromium from reaching out to the network.
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -96,13 +103,26 @@ class Server:
 
 @contextmanager
 def server_process(
-    cmd: list[str], log: Path, port: int, *, env: dict | None = None, cwd: Path | None = None,
-    stop_signal: int = signal.SIGTERM, grace_s: float = 10.0,
+    cmd: list[str],
+    log: Path,
+    port: int,
+    *,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    stop_signal: int = signal.SIGTERM,
+    grace_s: float = 10.0,
 ) -> Iterator[Server]:
     """Start cmd (listening on 127.0.0.1:port); on exit signal its whole process group, then kill what is left."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
         try:
             yield Server(proc, log, f"http://127.0.0.1:{port}")
         finally:
@@ -125,10 +145,25 @@ def mlflow_server(log: Path, *store_args: str) -> Iterator[Server]:
     One worker, no background job runners and no telemetry: a small footprint on 2 cores, no network.
     """
     port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DO_NOT_TRACK": "true"}
-    cmd = [sys.executable, "-m", "mlflow", "server", *store_args, "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        *store_args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with server_process(cmd, log, port, env=env) as server:
         server.wait_for_http("/health", timeout_s=120)
         yield server
@@ -146,10 +181,15 @@ def chromium_page(failure_screenshot: Path | None = None, width: int = 1400, hei
         unavailable("Playwright is not installed (pip install -e '.[dev]')")
     if not CHROMIUM.exists():
         unavailable(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    with tempfile.TemporaryDirectory(prefix="gbm-chromium-", ignore_cleanup_errors=True) as profile, \
-            sync_playwright() as playwright:
+    with (
+        tempfile.TemporaryDirectory(prefix="gbm-chromium-", ignore_cleanup_errors=True) as profile,
+        sync_playwright() as playwright,
+    ):
         context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            profile,
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
             viewport={"width": width, "height": height},
         )
         try:
@@ -176,7 +216,9 @@ def write_dense_plates(raw: Path, n: int = 2) -> list[str]:
 
     scratch = raw.parent / ".synthetic"
     raw.mkdir(parents=True, exist_ok=True)
-    dense = [p for p in write_plates(scratch, n_cultures=n, images_per_plate=1, size=512) if p.name.endswith("-c4000-r1")]
+    dense = [
+        p for p in write_plates(scratch, n_cultures=n, images_per_plate=1, size=512) if p.name.endswith("-c4000-r1")
+    ]
     for plate in dense:
         plate.rename(raw / plate.name)
     shutil.rmtree(scratch)
@@ -192,25 +234,38 @@ def guarded_dagster_ui(workdir: Path, *extra_args: str, env: dict | None = None)
     workdir/data/raw, an MLflow SQLite file in workdir and the log in workdir/dagster-ui.log; extra_args
     go to the command (e.g. "--daemon"), env is added to the environment. Stopped with SIGINT, as Ctrl-C.
     """
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     home = workdir / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO_ROOT / ".dagster_home" / "dagster.yaml", home)
     (workdir / "data" / "raw").mkdir(parents=True, exist_ok=True)
     full_env = {k: v for k, v in os.environ.items() if k != "GBM_UI_ALLOWED_HOSTS"}
-    full_env.update({
-        "DAGSTER_HOME": str(home),
-        "GBM_ASSETS_DATA": str(workdir / "data"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-        # keep the nightly retraining schedule 12 hours away from any test
-        "GBM_RETRAIN_CRON": f"0 {(datetime.now(timezone.utc).hour + 12) % 24} * * *",
-        **(env or {}),
-    })
+    full_env.update(
+        {
+            "DAGSTER_HOME": str(home),
+            "GBM_ASSETS_DATA": str(workdir / "data"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+            # keep the nightly retraining schedule 12 hours away from any test
+            "GBM_RETRAIN_CRON": f"0 {(datetime.now(UTC).hour + 12) % 24} * * *",
+            **(env or {}),
+        }
+    )
     port = free_port()
-    cmd = [sys.executable, "-m", "gbm_assets.ui_guard", "-w", "workspace.yaml", "--host", "127.0.0.1",
-           "--port", str(port), *extra_args]
-    with server_process(cmd, workdir / "dagster-ui.log", port, env=full_env, cwd=REPO_ROOT,
-                        stop_signal=signal.SIGINT) as server:
+    cmd = [
+        sys.executable,
+        "-m",
+        "gbm_assets.ui_guard",
+        "-w",
+        "workspace.yaml",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra_args,
+    ]
+    with server_process(
+        cmd, workdir / "dagster-ui.log", port, env=full_env, cwd=REPO_ROOT, stop_signal=signal.SIGINT
+    ) as server:
         server.wait_for_http("/server_info", timeout_s=120)
         yield server

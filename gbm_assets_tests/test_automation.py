@@ -50,9 +50,12 @@ def test_report_follows_clusters():
 
 
 def test_nightly_schedule_retrains_every_variant():
-    with dg.instance_for_test() as instance, dg.build_schedule_context(
-        instance=instance, scheduled_execution_time=dt.datetime(2026, 11, 25, 2, 0)
-    ) as context:
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=dt.datetime(2026, 11, 25, 2, 0)
+        ) as context,
+    ):
         requests = list(nightly_retraining(context))
     assert [r.partition_key for r in requests] == variant_names()
     assert len({r.run_key for r in requests}) == len(requests)

@@ -47,10 +47,19 @@ def _segment(tmp_path, *images) -> pd.DataFrame:
 def _ingest(data_root: Path, plate_id: str, crop_size: int = 64):
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(plates.name, [plate_id])
-    config = {"ops": {"cell_crops": {"config": {"crop_size": crop_size, "workers": 1}},
-                      "cell_coordinates": {"config": {"workers": 1}}}}
-    result = dg.materialize([raw_plates, cell_coordinates, cell_crops], partition_key=plate_id, instance=instance,
-                            resources={"data": DataDirs(root=str(data_root))}, run_config=config)
+    config = {
+        "ops": {
+            "cell_crops": {"config": {"crop_size": crop_size, "workers": 1}},
+            "cell_coordinates": {"config": {"workers": 1}},
+        }
+    }
+    result = dg.materialize(
+        [raw_plates, cell_coordinates, cell_crops],
+        partition_key=plate_id,
+        instance=instance,
+        resources={"data": DataDirs(root=str(data_root))},
+        run_config=config,
+    )
     assert result.success
     data = DataDirs(root=str(data_root))
     return pd.read_parquet(plate_file(data.coordinates, plate_id)), pq.read_table(plate_file(data.crops, plate_id))
@@ -136,7 +145,10 @@ def test_15_plate_folder_with_space_is_named_and_no_demo_data_is_written(tmp_pat
         assert "'GBM03 plate 1' is not a safe plate id" in err
         assert sorted(p.name for p in (data / "raw").iterdir()) == before  # no demo plates among the user's
     # add-plate derives a safe id from the folder name.
-    assert main(["add-plate", str(data / "raw" / "GBM03 plate 1"), "--culture", "GBM03", "--raw", str(tmp_path / "raw")]) == 0
+    assert (
+        main(["add-plate", str(data / "raw" / "GBM03 plate 1"), "--culture", "GBM03", "--raw", str(tmp_path / "raw")])
+        == 0
+    )
     assert find_ready_plates(tmp_path / "raw") == ["GBM03-plate-1"]
 
 
@@ -147,8 +159,23 @@ def test_add_plate_says_when_every_image_gets_one_time_point(tmp_path, capsys):
         (tmp_path / "src" / name).symlink_to(src)
     assert main(["add-plate", str(tmp_path / "src"), "--culture", "A", "--raw", str(tmp_path / "raw")]) == 0
     assert "all 2 images are at 0 h" in capsys.readouterr().err
-    assert main(["add-plate", str(tmp_path / "src"), "--culture", "A", "--raw", str(tmp_path / "raw"),
-                 "--plate-id", "timed", "--timepoint-pattern", r"t(\d+)"]) == 0
+    assert (
+        main(
+            [
+                "add-plate",
+                str(tmp_path / "src"),
+                "--culture",
+                "A",
+                "--raw",
+                str(tmp_path / "raw"),
+                "--plate-id",
+                "timed",
+                "--timepoint-pattern",
+                r"t(\d+)",
+            ]
+        )
+        == 0
+    )
     assert "images are at" not in capsys.readouterr().err
 
 
@@ -167,8 +194,21 @@ def test_cli_user_errors_are_one_line_and_exit_1(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip() and "%|" not in line]
         assert len(lines) == 1 and lines[0].startswith("gbm-assets: error:") and says in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr and "hunter2" not in proc.stderr
-    debug = subprocess.run([sys.executable, "-m", "gbm_assets.cli", "segment", str(tmp_path / "missing.tif"), "--out",
-                            str(tmp_path / "o.csv"), "--debug"], capture_output=True, text=True, env=env)
+    debug = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gbm_assets.cli",
+            "segment",
+            str(tmp_path / "missing.tif"),
+            "--out",
+            str(tmp_path / "o.csv"),
+            "--debug",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
@@ -178,8 +218,22 @@ def test_segment_accepts_folders_and_globs_and_keeps_masks_apart(tmp_path):
         (tmp_path / "in" / folder).mkdir(parents=True)
         shutil.copy(src, tmp_path / "in" / folder / "t07.tif")
     out, masks = tmp_path / "cells.csv", tmp_path / "masks"
-    assert main(["segment", str(tmp_path / "in" / "a"), str(tmp_path / "in" / "*" / "t07.tif"), "--out", str(out),
-                 "--masks", str(masks), "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "in" / "a"),
+                str(tmp_path / "in" / "*" / "t07.tif"),
+                "--out",
+                str(out),
+                "--masks",
+                str(masks),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(out)
     assert sorted(table["image"].unique()) == [str(tmp_path / "in" / f / "t07.tif") for f in ("a", "b")]
     assert sorted(str(p.relative_to(masks)) for p in masks.rglob("*.png")) == ["a/t07_labels.png", "b/t07_labels.png"]
@@ -198,8 +252,13 @@ def test_run_stops_promptly_on_sigterm_and_keeps_finished_plates(tmp_path):
     write_plates(data / "raw", n_cultures=4, n_concentrations=5, images_per_plate=3, size=768, seed=3)
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "TQDM_MININTERVAL": "0"}
     (tmp_path / "dagster_home").mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "gbm_assets.cli", "run", "--no-synth", "--data", str(data)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gbm_assets.cli", "run", "--no-synth", "--data", str(data)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     seen: list[str] = []
     threading.Thread(target=lambda: seen.extend(iter(proc.stderr.readline, "")), daemon=True).start()
     crops = data / "cell_crops.parquet"
@@ -249,5 +308,7 @@ def test_livecell_style_8bit_lzw_tiles_ingest_with_plausible_counts(tmp_path):
         assert abs(found[name] - n) <= max(4, 0.25 * n), (name, found[name], n)
     table = crops.to_pandas()
     by_well = table.groupby("well")[["position", "replicate"]].agg(lambda v: sorted(set(v)))
-    assert by_well.to_dict("index") == {"B2": {"position": ["1"], "replicate": [1]},
-                                        "B3": {"position": ["1"], "replicate": [2]}}
+    assert by_well.to_dict("index") == {
+        "B2": {"position": ["1"], "replicate": [1]},
+        "B3": {"position": ["1"], "replicate": [2]},
+    }

@@ -21,9 +21,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from gbm_assets.assets.automation import TRAIN_JOB_NAME
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.sensors import INGEST_JOB_NAME
-from gbm_assets.assets.automation import TRAIN_JOB_NAME
 from gbm_assets_tests.servers import REPO_ROOT, log_tail, server_process, unavailable, write_dense_plates
 
 pytestmark = pytest.mark.celery
@@ -64,13 +64,23 @@ def wait_for_worker(worker, name: str, timeout_s: float = 180.0) -> None:
 
 def execute_job(env: dict, job: str, partition: str, configs: list[Path], log: Path, worker) -> int:
     """`dagster job execute` of job for one partition in a process of its own; returns that process's id."""
-    cmd = [str(BIN / "dagster"), "job", "execute", "-m", "gbm_assets.definitions", "-j", job,
-           "--tags", json.dumps({"dagster/partition": partition})]
+    cmd = [
+        str(BIN / "dagster"),
+        "job",
+        "execute",
+        "-m",
+        "gbm_assets.definitions",
+        "-j",
+        job,
+        "--tags",
+        json.dumps({"dagster/partition": partition}),
+    ]
     for config in configs:
         cmd += ["-c", str(config)]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=REPO_ROOT)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT
+        )
         try:
             rc = proc.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -85,44 +95,65 @@ def execute_job(env: dict, job: str, partition: str, configs: list[Path], log: P
 def celery_runs(broker_url, tmp_path_factory):
     """One plate ingested, then one variant trained and embedded, every step in the Celery worker."""
     root = tmp_path_factory.mktemp("celery_executor")
-    plate_id, = write_dense_plates(root / "data" / "raw", n=1)
+    (plate_id,) = write_dense_plates(root / "data" / "raw", n=1)
     home = root / "dagster_home"
     home.mkdir()
     shutil.copy(REPO_ROOT / ".dagster_home" / "dagster.yaml", home / "dagster.yaml")
     # What every process of the deployment shares (docs/deployment.md): the worker reads it too.
-    env = {**os.environ, "DAGSTER_HOME": str(home), "GBM_EXECUTOR": "celery",
-           "GBM_ASSETS_DATA": str(root / "data"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "MLFLOW_ARTIFACT_ROOT": (root / "mlflow-artifacts").as_uri(), "KERAS_BACKEND": "tensorflow",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # dagster-celery starts `celery`
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "GBM_EXECUTOR": "celery",
+        "GBM_ASSETS_DATA": str(root / "data"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "MLFLOW_ARTIFACT_ROOT": (root / "mlflow-artifacts").as_uri(),
+        "KERAS_BACKEND": "tensorflow",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # dagster-celery starts `celery`
     # The executor's block of run config; `dagster-celery worker start -y` reads the same file.
     celery_config = root / "celery.yaml"
     celery_config.write_text(json.dumps({"execution": {"config": {"broker": broker_url, "backend": broker_url}}}))
     ingest_config = root / "ingest.yaml"
     ingest_config.write_text(json.dumps({"ops": {"cell_crops": {"config": {"crop_size": 64}}}}))
     train_config = root / "train.yaml"
-    train_config.write_text(json.dumps({"ops": {"trained_encoders": {"config": {
-        "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16}}}}))
+    train_config.write_text(
+        json.dumps({"ops": {"trained_encoders": {"config": {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16}}}})
+    )
 
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions(plates.name, [plate_id])
 
     name = f"gbm-test-{uuid.uuid4().hex[:8]}"
-    worker_cmd = [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y", str(celery_config),
-                  "-n", name, "--", "--concurrency", "1"]
+    worker_cmd = [
+        str(BIN / "dagster-celery"),
+        "worker",
+        "start",
+        "-A",
+        "dagster_celery.app",
+        "-y",
+        str(celery_config),
+        "-n",
+        name,
+        "--",
+        "--concurrency",
+        "1",
+    ]
     with server_process(worker_cmd, root / "celery-worker.log", 0, env=env, cwd=REPO_ROOT) as worker:
         wait_for_worker(worker, name)
         launchers = {
-            INGEST_JOB_NAME: execute_job(env, INGEST_JOB_NAME, plate_id, [celery_config, ingest_config],
-                                         root / "ingest.log", worker),
-            TRAIN_JOB_NAME: execute_job(env, TRAIN_JOB_NAME, VARIANT, [celery_config, train_config],
-                                        root / "train.log", worker),
+            INGEST_JOB_NAME: execute_job(
+                env, INGEST_JOB_NAME, plate_id, [celery_config, ingest_config], root / "ingest.log", worker
+            ),
+            TRAIN_JOB_NAME: execute_job(
+                env, TRAIN_JOB_NAME, VARIANT, [celery_config, train_config], root / "train.log", worker
+            ),
         }
         worker_group = os.getpgid(worker.proc.pid)
         with dg.DagsterInstance.from_config(str(home)) as instance:
             # While the worker runs: its pool processes are alive, so their process group can be read.
             step_pids = {}
             for job, launcher_pid in launchers.items():
-                run, = instance.get_runs(filters=dg.RunsFilter(job_name=job))
+                (run,) = instance.get_runs(filters=dg.RunsFilter(job_name=job))
                 events = [e.dagster_event for e in instance.all_logs(run.run_id) if e.dagster_event]
                 step_pids[job] = {e.step_key: e.pid for e in events if e.event_type_value == "STEP_START"}
                 for step, pid in step_pids[job].items():
@@ -136,15 +167,20 @@ def test_ingest_and_training_steps_run_in_the_celery_worker(celery_runs):
     assert set(step_pids[TRAIN_JOB_NAME]) == {"trained_encoders", "embeddings"}
     with dg.DagsterInstance.from_config(str(home)) as instance:
         for job, steps in step_pids.items():
-            run, = instance.get_runs(filters=dg.RunsFilter(job_name=job))
+            (run,) = instance.get_runs(filters=dg.RunsFilter(job_name=job))
             assert run.status == dg.DagsterRunStatus.SUCCESS
-            delegated = [e for e in instance.all_logs(run.run_id)
-                         if e.dagster_event and e.dagster_event.event_type_value == "ENGINE_EVENT"
-                         and "in celery worker" in e.message]
+            delegated = [
+                e
+                for e in instance.all_logs(run.run_id)
+                if e.dagster_event
+                and e.dagster_event.event_type_value == "ENGINE_EVENT"
+                and "in celery worker" in e.message
+            ]
             # dagster-celery reports, for each step, the worker (our named one) that executed it.
             assert {e.step_key for e in delegated} == set(steps)
-            assert {e.dagster_event.engine_event_data.metadata["Celery worker"].value.split("@")[0]
-                    for e in delegated} == {name}
+            assert {
+                e.dagster_event.engine_event_data.metadata["Celery worker"].value.split("@")[0] for e in delegated
+            } == {name}
         assert instance.get_materialized_partitions(dg.AssetKey("cell_crops")) == {plate_id}
         assert instance.get_materialized_partitions(dg.AssetKey("trained_encoders")) == {VARIANT}
         assert instance.get_materialized_partitions(dg.AssetKey("embeddings")) == {VARIANT}
@@ -162,5 +198,6 @@ def test_training_in_the_worker_logs_its_run_and_device_to_the_shared_mlflow_sto
     # Where it trained (the worker sees what this process sees): CPU and float32 without a GPU.
     from gbm_assets.models.device import detect_device
 
-    assert {k: run.data.params.get(k) for k in ("device", "device_name", "precision", "n_gpus")} == \
-        {k: str(v) for k, v in detect_device().mlflow_params().items()}
+    assert {k: run.data.params.get(k) for k in ("device", "device_name", "precision", "n_gpus")} == {
+        k: str(v) for k, v in detect_device().mlflow_params().items()
+    }

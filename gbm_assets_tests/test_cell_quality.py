@@ -20,7 +20,9 @@ from gbm_assets.imaging.synthetic import CULTURE_MIXTURES, synthesize_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 USIIGACI, T98G = SHARED / "usiigaci", SHARED / "t98g"
-needs_usiigaci = pytest.mark.skipif(not (USIIGACI / "images").is_dir(), reason=f"Usiigaci fields not found at {USIIGACI}")
+needs_usiigaci = pytest.mark.skipif(
+    not (USIIGACI / "images").is_dir(), reason=f"Usiigaci fields not found at {USIIGACI}"
+)
 needs_t98g = pytest.mark.skipif(not (T98G / "images").is_dir(), reason=f"T98G frames not found at {T98G}")
 
 
@@ -116,8 +118,13 @@ def test_a_small_piece_against_a_cell_is_merged_into_it_and_a_speck_alone_is_deb
     assert n == 1
     assert np.unique(merged[labels == 2]).tolist() == np.unique(merged[labels == 1]).tolist()
     assert len(np.unique(merged)) == 3  # background, the cell with its piece, the speck
-    measures = pd.DataFrame({"qc_area_ratio": [1.3, 0.09, 0.3], "qc_nearest_cell_px": [0.0, 80.0, 0.0],
-                             "qc_texture_contrast": [3.0, 3.0, 3.0]})
+    measures = pd.DataFrame(
+        {
+            "qc_area_ratio": [1.3, 0.09, 0.3],
+            "qc_nearest_cell_px": [0.0, 80.0, 0.0],
+            "qc_texture_contrast": [3.0, 3.0, 3.0],
+        }
+    )
     verdict = label_quality(measures, np.array([True, True, True]), cell_diameter_px=40)
     assert verdict["qc"].tolist() == ["cell", "debris", "fragment"]
     assert verdict["qc_reason"].iloc[0] == "" and "no neighbour" in verdict["qc_reason"].iloc[1]
@@ -126,8 +133,9 @@ def test_a_small_piece_against_a_cell_is_merged_into_it_and_a_speck_alone_is_deb
 
 
 def test_a_faint_candidate_is_debris_and_an_off_culture_one_is_edge():
-    measures = pd.DataFrame({"qc_area_ratio": [2.0, 2.0], "qc_nearest_cell_px": [0.0, 0.0],
-                             "qc_texture_contrast": [0.5, 3.0]})
+    measures = pd.DataFrame(
+        {"qc_area_ratio": [2.0, 2.0], "qc_nearest_cell_px": [0.0, 0.0], "qc_texture_contrast": [0.5, 3.0]}
+    )
     verdict = label_quality(measures, np.array([True, False]), cell_diameter_px=40)
     assert verdict["qc"].tolist() == ["debris", "edge"]
     assert set(verdict["qc"]) <= set(QC_LABELS)
@@ -143,8 +151,13 @@ def _long_cell(length: int = 110, width: int = 11, blobs: tuple[int, ...] = (-70
     phase = np.sqrt(dist / dist.max()).astype(np.float32)
     for offset in blobs:
         blob = np.zeros(shape, np.float32)
-        cv2.circle(blob, (int(centre[0] + offset * np.cos(angle)), int(centre[1] + offset * np.sin(angle))),
-                   int(width * 0.8), 1.0, -1)
+        cv2.circle(
+            blob,
+            (int(centre[0] + offset * np.cos(angle)), int(centre[1] + offset * np.sin(angle))),
+            int(width * 0.8),
+            1.0,
+            -1,
+        )
         phase += 0.8 * cv2.GaussianBlur(blob, (0, 0), 3)
     contrast = phase - cv2.GaussianBlur(phase, (0, 0), 3.0)
     image = 32000 * (1 - contrast - 0.08 * phase) + np.random.default_rng(0).normal(0, 400, shape)
@@ -166,8 +179,9 @@ def test_a_long_cell_gives_one_detection():
 def test_size_estimate_on_t98g_lands_within_25_percent_of_the_annotated_diameter():
     paths = sorted((T98G / "images").glob("*.tif"))
     estimate = estimate_cell_diameter(read_image(p) for p in paths)
-    truth = np.mean([_annotated_diameter(cv2.imread(str(T98G / "masks" / f"{p.stem}.png"), cv2.IMREAD_UNCHANGED))
-                     for p in paths])
+    truth = np.mean(
+        [_annotated_diameter(cv2.imread(str(T98G / "masks" / f"{p.stem}.png"), cv2.IMREAD_UNCHANGED)) for p in paths]
+    )
     assert estimate.n_images == 6 and estimate.n_cells >= 100
     assert abs(estimate.diameter_px / truth - 1) <= 0.25, (estimate, truth)
 
@@ -187,7 +201,9 @@ def test_size_estimate_follows_a_synthetic_plate_drawn_at_another_scale():
     assert abs(estimate.diameter_px / truth - 1) <= 0.25, (estimate, truth)
     params = estimate.params(SegmentationParams())
     assert params.cell_diameter_px > 40  # cells are found at a scale moved towards them
-    found = [score_point_in_mask(find_cells(image, params)[0][["x", "y"]].to_numpy(), labels) for image, labels in fields]
+    found = [
+        score_point_in_mask(find_cells(image, params)[0][["x", "y"]].to_numpy(), labels) for image, labels in fields
+    ]
     default = [score_point_in_mask(find_cells(image)[0][["x", "y"]].to_numpy(), labels) for image, labels in fields]
     assert np.mean([s["precision"] for s in found]) > np.mean([s["precision"] for s in default])
     assert min(s["recall"] for s in found) >= 0.85
@@ -198,7 +214,9 @@ def test_no_estimate_without_enough_cells_and_the_default_scale_stays():
     estimate = estimate_cell_diameter([empty])
     assert estimate.diameter_px is None and "cells" in estimate.reason
     assert estimate.params(SegmentationParams()) == SegmentationParams()
-    assert CellSizeEstimate(50.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 40.0  # 40 is within 0.6-1.4 x 50
+    assert (
+        CellSizeEstimate(50.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 40.0
+    )  # 40 is within 0.6-1.4 x 50
     assert CellSizeEstimate(120.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 72.0  # 0.6 x 120
     assert CellSizeEstimate(20.0, 100, 2).params(SegmentationParams()).cell_diameter_px == 28.0  # 1.4 x 20
 
@@ -242,8 +260,15 @@ def _plate_with_debris(raw: Path, plate_id: str = "specks") -> Path:
         for cx, cy in ((250, 250), (450, 200), (60, 450)):
             cv2.circle(bodies, (cx, cy + 5 * i), 7, 1, -1)
         tifffile.imwrite(plate / f"img{i}.tif", _phase_contrast(bodies, seed=i))
-    pd.DataFrame({"image": ["img0.tif", "img1.tif"], "culture": "GBM01", "concentration": "1000", "replicate": 1,
-                  "timepoint_h": 0.0}).to_csv(plate / "manifest.csv", index=False)
+    pd.DataFrame(
+        {
+            "image": ["img0.tif", "img1.tif"],
+            "culture": "GBM01",
+            "concentration": "1000",
+            "replicate": 1,
+            "timepoint_h": 0.0,
+        }
+    ).to_csv(plate / "manifest.csv", index=False)
     return plate
 
 
@@ -262,10 +287,19 @@ def test_debris_stays_in_cell_coordinates_with_its_label_and_out_of_cell_crops(t
     instance.add_dynamic_partitions(plates.name, ["specks"])
 
     def ingest(keep_qc: list[str]):
-        config = {"ops": {"cell_crops": {"config": {"crop_size": 32, "workers": 1, "keep_qc": keep_qc}},
-                          "cell_coordinates": {"config": {"workers": 1, "cell_diameter_px": 40.0}}}}
-        return dg.materialize([raw_plates, cell_coordinates, cell_crops], partition_key="specks", instance=instance,
-                              resources={"data": DataDirs(root=str(tmp_path))}, run_config=config)
+        config = {
+            "ops": {
+                "cell_crops": {"config": {"crop_size": 32, "workers": 1, "keep_qc": keep_qc}},
+                "cell_coordinates": {"config": {"workers": 1, "cell_diameter_px": 40.0}},
+            }
+        }
+        return dg.materialize(
+            [raw_plates, cell_coordinates, cell_crops],
+            partition_key="specks",
+            instance=instance,
+            resources={"data": DataDirs(root=str(tmp_path))},
+            run_config=config,
+        )
 
     result = ingest(["cell"])
     assert result.success
@@ -301,9 +335,13 @@ def test_cell_coordinates_estimates_the_cell_size_when_none_is_given(tmp_path):
     plate_dir = write_plates(tmp_path / "raw", n_cultures=1, n_concentrations=5, images_per_plate=1, size=768)[-1]
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(plates.name, [plate_dir.name])
-    result = dg.materialize([raw_plates, cell_coordinates], partition_key=plate_dir.name, instance=instance,
-                            resources={"data": DataDirs(root=str(tmp_path))},
-                            run_config={"ops": {"cell_coordinates": {"config": {"workers": 1}}}})
+    result = dg.materialize(
+        [raw_plates, cell_coordinates],
+        partition_key=plate_dir.name,
+        instance=instance,
+        resources={"data": DataDirs(root=str(tmp_path))},
+        run_config={"ops": {"cell_coordinates": {"config": {"workers": 1}}}},
+    )
     assert result.success
     meta = result.asset_materializations_for_node("cell_coordinates")[0].metadata
     assert meta["cell_size"].value.startswith("estimated cell diameter"), meta["cell_size"].value
@@ -329,8 +367,13 @@ def test_report_shows_the_quality_labels_per_plate_and_per_image(tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(plates.name, ["specks"])
     data = DataDirs(root=str(tmp_path))
-    assert dg.materialize([raw_plates, cell_coordinates], partition_key="specks", instance=instance, resources={"data": data},
-                          run_config={"ops": {"cell_coordinates": {"config": {"workers": 1, "cell_diameter_px": 40.0}}}}).success
+    assert dg.materialize(
+        [raw_plates, cell_coordinates],
+        partition_key="specks",
+        instance=instance,
+        resources={"data": data},
+        run_config={"ops": {"cell_coordinates": {"config": {"workers": 1, "cell_diameter_px": 40.0}}}},
+    ).success
     quality = cell_finding_quality(data.coordinates, data.masks)
     assert quality[["image", "cell", "debris", "fragment", "edge"]].to_dict("records") == [
         {"image": "img0.tif", "cell": 4, "debris": 3, "fragment": 0, "edge": 0},
@@ -370,7 +413,9 @@ def test_the_size_estimates_first_pass_is_not_redone_at_the_same_scale(tmp_path,
     calls = []
     real = plate_cells.find_candidates
     for module in (plate_cells, cell_size):  # every way cell finding is reached
-        monkeypatch.setattr(module, "find_candidates", lambda image, params: calls.append(params) or real(image, params))
+        monkeypatch.setattr(
+            module, "find_candidates", lambda image, params: calls.append(params) or real(image, params)
+        )
     estimated = plate_coordinates("specks", plate, ["img0.tif", "img1.tif"], workers=1)
     assert estimated.params == SegmentationParams() and estimated.size.diameter_px is None  # 8 cells: no estimate
     assert len(calls) == 2

@@ -50,14 +50,31 @@ def lab_cells(seed: int = 0, per_plate: int = 60) -> pd.DataFrame:
                 area, major, minor, solidity, ff = SHAPES[max(cluster, 0)]
                 cx, cy = CENTRES[max(cluster, 0)]
                 image = f"img{i % 2}.tif"
-                rows.append({
-                    "crop_id": make_crop_id(plate, image, i), "plate": plate, "image": image,
-                    "x": 100 + i, "y": 100, "culture": culture, "concentration": "1000", "replicate": replicate,
-                    "timepoint_h": 0.0, "well": "B2", "position": "1",
-                    "hdbscan": cluster, "umap_x": cx + rng.normal(0, 1), "umap_y": cy + rng.normal(0, 1),
-                    "area": area * rng.uniform(0.9, 1.1), "perimeter": 80.0, "major_axis_length": major,
-                    "minor_axis_length": minor, "eccentricity": 0.8, "solidity": solidity, "form_factor": ff,
-                })
+                rows.append(
+                    {
+                        "crop_id": make_crop_id(plate, image, i),
+                        "plate": plate,
+                        "image": image,
+                        "x": 100 + i,
+                        "y": 100,
+                        "culture": culture,
+                        "concentration": "1000",
+                        "replicate": replicate,
+                        "timepoint_h": 0.0,
+                        "well": "B2",
+                        "position": "1",
+                        "hdbscan": cluster,
+                        "umap_x": cx + rng.normal(0, 1),
+                        "umap_y": cy + rng.normal(0, 1),
+                        "area": area * rng.uniform(0.9, 1.1),
+                        "perimeter": 80.0,
+                        "major_axis_length": major,
+                        "minor_axis_length": minor,
+                        "eccentricity": 0.8,
+                        "solidity": solidity,
+                        "form_factor": ff,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -66,32 +83,45 @@ def write_lab(root: Path, cells: pd.DataFrame, qc_plates: tuple[str, ...] = ()) 
     crops = root / "cell_crops.parquet"
     for plate, group in cells.groupby("plate", sort=True):
         columns = {c: group[c].to_numpy() for c in PROVENANCE_COLUMNS}
-        columns.update({"cell_id": np.arange(len(group), dtype=np.int32),
-                        **{m: group[m].to_numpy(float) for m in MEASUREMENT_COLUMNS},
-                        # the per-cell quality label: debris for cluster 2 on the qc plates
-                        "qc": np.where((group["hdbscan"] == 2) & (plate in qc_plates), "debris", "cell"),
-                        "crop_size": np.full(len(group), SIDE, np.int16),
-                        "pixels": [bytes([(c + 1) * 60] * SIDE * SIDE) for c in group["hdbscan"]],
-                        "mask": [bytes(SIDE * SIDE)] * len(group)})
+        columns.update(
+            {
+                "cell_id": np.arange(len(group), dtype=np.int32),
+                **{m: group[m].to_numpy(float) for m in MEASUREMENT_COLUMNS},
+                # the per-cell quality label: debris for cluster 2 on the qc plates
+                "qc": np.where((group["hdbscan"] == 2) & (plate in qc_plates), "debris", "cell"),
+                "crop_size": np.full(len(group), SIDE, np.int16),
+                "pixels": [bytes([(c + 1) * 60] * SIDE * SIDE) for c in group["hdbscan"]],
+                "mask": [bytes(SIDE * SIDE)] * len(group),
+            }
+        )
         table = pa.table(columns, schema=CROP_SCHEMA)
         if plate not in qc_plates:  # written before cell_crops carried the qc label
             table = table.drop_columns(["qc"])
         (crops / f"plate={plate}").mkdir(parents=True)
         pq.write_table(table, crops / f"plate={plate}" / "part-0.parquet")
-    labels = cells.assign(hdbscan_noise=cells["hdbscan"] < 0, gmm=cells["hdbscan"].clip(lower=0), gmm_prob=0.9,
-                          gmm_probs=[np.array([0.9, 0.05, 0.05], np.float32)] * len(cells),
-                          auto=cells["hdbscan"].clip(lower=0))
+    labels = cells.assign(
+        hdbscan_noise=cells["hdbscan"] < 0,
+        gmm=cells["hdbscan"].clip(lower=0),
+        gmm_prob=0.9,
+        gmm_probs=[np.array([0.9, 0.05, 0.05], np.float32)] * len(cells),
+        auto=cells["hdbscan"].clip(lower=0),
+    )
     labels_path = root / "labels.parquet"
     pq.write_table(labels_table(labels, labels_schema(3, "fp")), labels_path)
     vectors = np.random.default_rng(1).normal(size=(len(cells), 4)).astype(np.float32)
-    embeddings = pa.table({"crop_id": cells["crop_id"].to_numpy(),
-                           "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 4)})
+    embeddings = pa.table(
+        {
+            "crop_id": cells["crop_id"].to_numpy(),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 4),
+        }
+    )
     embeddings_path = root / "embeddings.parquet"
     pq.write_table(embeddings, embeddings_path, row_group_size=37)  # row groups unlike the labels file's
     return {"crops": crops, "labels": labels_path, "embeddings": embeddings_path, "vectors": vectors}
 
 
 # --- shape per cluster, artefact flags --------------------------------------------------------
+
 
 def test_cluster_profiles_give_medians_in_um2_and_flag_debris():
     cells = lab_cells()
@@ -102,7 +132,8 @@ def test_cluster_profiles_give_medians_in_um2_and_flag_debris():
     assert profiles.loc[0, "median_solidity"] == pytest.approx(0.9)
     assert profiles.loc[2, "median_form_factor"] == pytest.approx(0.9)
     assert not cluster_profiles(cells.assign(area=np.where(cells["hdbscan"] == 2, 100.0, cells["area"])))[
-        "artefact"].any()  # a small round cell type (a fifth of the median area) is not debris
+        "artefact"
+    ].any()  # a small round cell type (a fifth of the median area) is not debris
     assert profiles["n_cells"].sum() == (cells["hdbscan"] >= 0).sum()
     assert profiles["share"].sum() == pytest.approx(1.0)
     assert profiles["artefact"].tolist() == [False, False, True]
@@ -135,6 +166,7 @@ def test_nearest_to_centre_and_random_members():
 
 # --- composition and culture differences with replicates as units ------------------------------
 
+
 def overdispersed(differ: bool, seed: int, n_units: int = 4, cells: int = 2000):
     """Each replicate's composition varies around its culture's (Dirichlet), as wells do."""
     rng = np.random.default_rng(seed)
@@ -165,8 +197,9 @@ def test_culture_test_says_why_it_cannot_run():
     labels, cultures, _ = overdispersed(differ=True, seed=1, n_units=1)
     one_each = culture_difference_test(labels, cultures, cultures)
     assert np.isnan(one_each["p_value"]) and "2 units" in one_each["reason"]
-    one_culture = culture_difference_test(labels[cultures == "A"], cultures[cultures == "A"],
-                                          np.arange((cultures == "A").sum()) % 3)
+    one_culture = culture_difference_test(
+        labels[cultures == "A"], cultures[cultures == "A"], np.arange((cultures == "A").sum()) % 3
+    )
     assert "2 cultures" in one_culture["reason"]
     three_each = culture_difference_test(*overdispersed(differ=True, seed=1, n_units=3), n_perm=500)
     assert three_each["min_p"] == pytest.approx(0.1)  # 3 + 3 replicates can never give p < 0.1
@@ -182,7 +215,9 @@ def test_unit_bootstrap_intervals_reflect_replicate_variation():
     assert width(by_units) > 2 * width(by_cells)  # 8,000 cells per culture are not 8,000 replicates
     pd.testing.assert_series_equal(by_units["proportion"], by_cells["proportion"])
     assert (by_units["n_units"] == 4).all()
-    assert (by_units["ci_low"] <= by_units["proportion"]).all() and (by_units["proportion"] <= by_units["ci_high"]).all()
+    assert (by_units["ci_low"] <= by_units["proportion"]).all() and (
+        by_units["proportion"] <= by_units["ci_high"]
+    ).all()
 
 
 def test_experimental_units_choose_replicates_when_cultures_have_several():
@@ -197,6 +232,7 @@ def test_experimental_units_choose_replicates_when_cultures_have_several():
 
 
 # --- crops, the per-cell table, the section ----------------------------------------------------
+
 
 @pytest.fixture
 def lab(tmp_path):
@@ -217,8 +253,9 @@ def test_read_measurements_reads_plates_with_and_without_qc(lab):
 
 def test_per_cell_table_streams_every_cell_with_pycytominer_columns(lab, tmp_path):
     cells, files = lab
-    out = write_cell_table(files["labels"], files["crops"], tmp_path / "out" / "cells",
-                           embeddings_path=files["embeddings"], batch_size=50)  # 8 batches
+    out = write_cell_table(
+        files["labels"], files["crops"], tmp_path / "out" / "cells", embeddings_path=files["embeddings"], batch_size=50
+    )  # 8 batches
     assert out["n_cells"] == len(cells) and out["embedding"] == "included"
     table = pd.read_parquet(out["parquet"])
     assert list(table.columns) == cell_table_columns(4)
@@ -244,13 +281,23 @@ def test_section_and_report_name_the_cell_types_that_differ(lab, tmp_path, monke
 
     reads = []
     real_read = crop_lookup.read_crops
-    monkeypatch.setattr("gbm_assets.analysis.variant_report.read_crops",
-                        lambda d, ids: reads.append(len(ids)) or real_read(d, ids))
+    monkeypatch.setattr(
+        "gbm_assets.analysis.variant_report.read_crops", lambda d, ids: reads.append(len(ids)) or real_read(d, ids)
+    )
     labels = pd.read_parquet(files["labels"]).drop(columns="gmm_probs")
     report_dir = tmp_path / "report"
-    section = build_section("B", labels, files["crops"], report_dir / "B", n_boot=200, n_perm=999,
-                            labels_path=files["labels"], embeddings_path=files["embeddings"], pixel_size_um=0.65,
-                            per_cluster=4)
+    section = build_section(
+        "B",
+        labels,
+        files["crops"],
+        report_dir / "B",
+        n_boot=200,
+        n_perm=999,
+        labels_path=files["labels"],
+        embeddings_path=files["embeddings"],
+        pixel_size_um=0.65,
+        per_cluster=4,
+    )
     assert len(reads) == 1 and reads[0] <= 3 * 4 * 2  # one scan, only the gallery's crops (3 clusters x 2 x 4)
     assert section.unit_level == "replicate" and section.culture_test["n_units"] == 10
     assert section.area_unit == "µm²" and section.profiles["artefact"].tolist() == [False, False, True]
@@ -258,8 +305,10 @@ def test_section_and_report_name_the_cell_types_that_differ(lab, tmp_path, monke
     differs = section.culture_test["clusters"].set_index("cluster")["differs"]
     assert differs[0] and differs[1] and not differs[2]
 
-    comparison = pd.DataFrame([("raw pixels", np.nan, np.nan, "", 0.30, 0.40, 0.10),
-                               ("B", 64, 0.01, "none", 0.50, 0.45, 0.35)], columns=list(COMPARISON_COLUMNS))
+    comparison = pd.DataFrame(
+        [("raw pixels", np.nan, np.nan, "", 0.30, 0.40, 0.10), ("B", 64, 0.01, "none", 0.50, 0.45, 0.35)],
+        columns=list(COMPARISON_COLUMNS),
+    )
     page = write_report(report_dir, comparison, [section]).read_text(encoding="utf-8")
     lead = page.split('id="lead">')[1].split("</p>")[0]
     assert "Best variant: B" in lead and "0.250 above raw pixels" in lead

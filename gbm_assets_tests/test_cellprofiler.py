@@ -57,10 +57,14 @@ IMAGE = [
     [1, 2, "img1.tif", "/elsewhere/exp1", 64, 64],
     [2, 1, "img0.tif", "/elsewhere/exp1", 64, 64],
 ]
-EXPECTED = pd.DataFrame({
-    "image": ["img1.tif", "img1.tif", "img0.tif"],
-    "x": [10.25, 30.0, 5.5], "y": [20.5, 40.75, 6.0], "area": [120.0, 80.0, 95.0],
-})
+EXPECTED = pd.DataFrame(
+    {
+        "image": ["img1.tif", "img1.tif", "img0.tif"],
+        "x": [10.25, 30.0, 5.5],
+        "y": [20.5, 40.75, 6.0],
+        "area": [120.0, 80.0, 95.0],
+    }
+)
 
 
 @pytest.fixture
@@ -121,7 +125,13 @@ def test_case_13_without_the_image_table_fails(tmp_path):
 
 @pytest.mark.parametrize(
     "delimiter, suffix, prefix",
-    [(",", ".csv", ""), ("\t", ".txt", "MyExpt_"), ("\t", ".csv", "MyExpt_"), (";", ".csv", ""), ("\t", ".tsv", "Run2")],
+    [
+        (",", ".csv", ""),
+        ("\t", ".txt", "MyExpt_"),
+        ("\t", ".csv", "MyExpt_"),
+        (";", ".csv", ""),
+        ("\t", ".tsv", "Run2"),
+    ],
 )
 def test_layouts_map_imagenumber_through_the_image_table(plate, delimiter, suffix, prefix):
     _write(plate / f"{prefix}Cells{suffix}", CELLS, delimiter)
@@ -133,8 +143,11 @@ def test_layouts_map_imagenumber_through_the_image_table(plate, delimiter, suffi
 
 
 def test_object_table_with_its_own_filename_column_needs_no_image_table(plate):
-    rows = [["ImageNumber", "ObjectNumber", "FileName_Phase", "AreaShape_Center_X", "AreaShape_Center_Y"],
-            [1, 1, "img1.tif", 3.0, 4.0], [2, 1, "img0.tif", 63.5, 0.0]]
+    rows = [
+        ["ImageNumber", "ObjectNumber", "FileName_Phase", "AreaShape_Center_X", "AreaShape_Center_Y"],
+        [1, 1, "img1.tif", 3.0, 4.0],
+        [2, 1, "img0.tif", 63.5, 0.0],
+    ]
     _write(plate / "MyExpt_Nuclei.csv", rows)
     found = _read(plate)
     assert found.objects_name == "Nuclei"
@@ -142,8 +155,18 @@ def test_object_table_with_its_own_filename_column_needs_no_image_table(plate):
 
 
 def test_location_centre_preferred_over_areashape_centre(plate):
-    rows = [["ImageNumber", "ObjectNumber", "AreaShape_Center_X", "AreaShape_Center_Y", "Location_Center_X",
-             "Location_Center_Y", "AreaShape_Perimeter"], [2, 1, 1, 2, 11.5, 12.5, "nan"]]
+    rows = [
+        [
+            "ImageNumber",
+            "ObjectNumber",
+            "AreaShape_Center_X",
+            "AreaShape_Center_Y",
+            "Location_Center_X",
+            "Location_Center_Y",
+            "AreaShape_Perimeter",
+        ],
+        [2, 1, 1, 2, 11.5, 12.5, "nan"],
+    ]
     _write(plate / "Cells.csv", rows)
     _write(plate / "Image.csv", [row[:1] + row[2:] for row in IMAGE])  # without Count_Cells
     table = _read(plate).table
@@ -155,13 +178,25 @@ def test_combined_layout_with_two_header_rows(plate):
     # ExportToSpreadsheet's "combined" table: object names over each block, then feature names.
     # Nuclei has 3 objects in image 1 and Cells 2: CellProfiler pads Cells' third row with NaN.
     objects = ["Image", "Image", "Nuclei", "Nuclei", "Nuclei", "Nuclei", "Cells", "Cells", "Cells"]
-    features = ["ImageNumber", "Metadata_Well", "ObjectNumber", "Location_Center_X", "Location_Center_Y",
-                "AreaShape_Area", "Location_Center_X", "Location_Center_Y", "AreaShape_Area"]
-    rows = [objects, features,
-            [1, "B2", 1, 1.0, 2.0, 10, 11.0, 12.0, 100],
-            [1, "B2", 2, 3.0, 4.0, 20, 13.0, 14.0, "nan"],
-            [1, "B2", 3, 5.0, 6.0, 30, "nan", "nan", "nan"],
-            [2, "B3", 1, 7.0, 8.0, 40, 17.0, 18.0, 400]]
+    features = [
+        "ImageNumber",
+        "Metadata_Well",
+        "ObjectNumber",
+        "Location_Center_X",
+        "Location_Center_Y",
+        "AreaShape_Area",
+        "Location_Center_X",
+        "Location_Center_Y",
+        "AreaShape_Area",
+    ]
+    rows = [
+        objects,
+        features,
+        [1, "B2", 1, 1.0, 2.0, 10, 11.0, 12.0, 100],
+        [1, "B2", 2, 3.0, 4.0, 20, 13.0, 14.0, "nan"],
+        [1, "B2", 3, 5.0, 6.0, 30, "nan", "nan", "nan"],
+        [2, "B3", 1, 7.0, 8.0, 40, 17.0, 18.0, 400],
+    ]
     _write(plate / "MyExpt_Object.csv", rows, "\t")
     _write(plate / "MyExpt_Image.csv", IMAGE, "\t")
     with pytest.raises(PlateError, match=r"several CellProfiler object tables.*Nuclei.*Cells.*cellprofiler_objects"):
@@ -169,7 +204,10 @@ def test_combined_layout_with_two_header_rows(plate):
     cells = _read(plate, "Cells")
     assert cells.objects_name == "Cells" and cells.path.name == "MyExpt_Object.csv"
     assert cells.table[["image", "x", "y"]].values.tolist() == [
-        ["img1.tif", 11.0, 12.0], ["img1.tif", 13.0, 14.0], ["img0.tif", 17.0, 18.0]]
+        ["img1.tif", 11.0, 12.0],
+        ["img1.tif", 13.0, 14.0],
+        ["img0.tif", 17.0, 18.0],
+    ]
     assert cells.table["area"].tolist()[0::2] == [100.0, 400.0] and math.isnan(cells.table["area"].iloc[1])
     nuclei = _read(plate, "nuclei").table
     assert nuclei["x"].tolist() == [1.0, 3.0, 5.0, 7.0]
@@ -177,10 +215,19 @@ def test_combined_layout_with_two_header_rows(plate):
 
 
 def test_combined_layout_nan_centre_inside_an_image_is_still_an_error(plate):
-    rows = [["Image", "Nuclei", "Nuclei", "Nuclei", "Cells", "Cells"],
-            ["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y", "Location_Center_X", "Location_Center_Y"],
-            [1, 1, 1.0, 2.0, "nan", "nan"],
-            [1, 2, 3.0, 4.0, 13.0, 14.0]]
+    rows = [
+        ["Image", "Nuclei", "Nuclei", "Nuclei", "Cells", "Cells"],
+        [
+            "ImageNumber",
+            "ObjectNumber",
+            "Location_Center_X",
+            "Location_Center_Y",
+            "Location_Center_X",
+            "Location_Center_Y",
+        ],
+        [1, 1, 1.0, 2.0, "nan", "nan"],
+        [1, 2, 3.0, 4.0, 13.0, 14.0],
+    ]
     _write(plate / "Object.csv", rows)
     _write(plate / "Image.csv", IMAGE)
     with pytest.raises(PlateError, match=r"Object\.csv: line 3, column 'Location_Center_X'.*nan"):
@@ -189,7 +236,11 @@ def test_combined_layout_nan_centre_inside_an_image_is_still_an_error(plate):
 
 def test_image_table_order_differs_from_manifest_and_extra_filename_columns(plate):
     # The Image table also lists a mask channel whose files are not plate images: the Phase column is the one.
-    image = [["ImageNumber", "FileName_Mask", "FileName_Phase"], [1, "mask1.png", "img1.tif"], [2, "mask0.png", "img0.tif"]]
+    image = [
+        ["ImageNumber", "FileName_Mask", "FileName_Phase"],
+        [1, "mask1.png", "img1.tif"],
+        [2, "mask0.png", "img0.tif"],
+    ]
     _write(plate / "Image.csv", image)
     _write(plate / "Cells.csv", CELLS)
     pd.testing.assert_frame_equal(_read(plate).table, EXPECTED)
@@ -197,11 +248,15 @@ def test_image_table_order_differs_from_manifest_and_extra_filename_columns(plat
 
 def test_single_image_plate_needs_no_image_table_only_when_unambiguous(tmp_path):
     plate = write_tiny_plate(tmp_path / "one", n=1, size=(64, 64))
-    _write(plate / "Cells.csv", [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"],
-                                 [1, 1, 1.5, 2.5], [1, 2, 3.5, 4.5]])
+    _write(
+        plate / "Cells.csv",
+        [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"], [1, 1, 1.5, 2.5], [1, 2, 3.5, 4.5]],
+    )
     assert _read(plate).table.to_dict("list") == {"image": ["img0.tif"] * 2, "x": [1.5, 3.5], "y": [2.5, 4.5]}
-    _write(plate / "Cells.csv", [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"],
-                                 [1, 1, 1.5, 2.5], [2, 1, 3.5, 4.5]])
+    _write(
+        plate / "Cells.csv",
+        [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"], [1, 1, 1.5, 2.5], [2, 1, 3.5, 4.5]],
+    )
     with pytest.raises(PlateError, match="no CellProfiler Image table"):
         _read(plate)
 
@@ -216,16 +271,19 @@ def test_no_tables_gives_none_and_plate_files_are_not_tables(plate):
 # ---------------------------------------------------------------- errors in values
 
 
-@pytest.mark.parametrize("column, value, problem", [
-    ("Location_Center_X", "nan", "not a finite number"),
-    ("Location_Center_Y", "NaN", "not a finite number"),
-    ("Location_Center_X", "inf", "not a finite number"),
-    ("Location_Center_Y", "", "not a number"),
-    ("Location_Center_X", "12,5px", "not a number"),
-    ("Location_Center_X", "64", "outside image 'img0.tif'"),
-    ("Location_Center_Y", "64.0", "outside image 'img0.tif'"),
-    ("Location_Center_X", "-0.5", "outside image 'img0.tif'"),
-])
+@pytest.mark.parametrize(
+    "column, value, problem",
+    [
+        ("Location_Center_X", "nan", "not a finite number"),
+        ("Location_Center_Y", "NaN", "not a finite number"),
+        ("Location_Center_X", "inf", "not a finite number"),
+        ("Location_Center_Y", "", "not a number"),
+        ("Location_Center_X", "12,5px", "not a number"),
+        ("Location_Center_X", "64", "outside image 'img0.tif'"),
+        ("Location_Center_Y", "64.0", "outside image 'img0.tif'"),
+        ("Location_Center_X", "-0.5", "outside image 'img0.tif'"),
+    ],
+)
 def test_bad_centre_names_file_line_and_column(plate, column, value, problem):
     rows = [list(r) for r in CELLS]
     rows[3][rows[0].index(column)] = value  # line 4: ImageNumber 2 = img0.tif
@@ -236,9 +294,20 @@ def test_bad_centre_names_file_line_and_column(plate, column, value, problem):
 
 
 def test_measurements_may_be_nan_inf_or_empty(plate):
-    rows = [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y", "AreaShape_Area",
-             "AreaShape_Solidity", "AreaShape_FormFactor"],
-            [1, 1, 1.0, 2.0, "nan", "inf", ""], [1, 2, 5.0, 6.0, 1, 1, 1], [2, 1, 3.0, 4.0, 50, 0.9, 0.5]]
+    rows = [
+        [
+            "ImageNumber",
+            "ObjectNumber",
+            "Location_Center_X",
+            "Location_Center_Y",
+            "AreaShape_Area",
+            "AreaShape_Solidity",
+            "AreaShape_FormFactor",
+        ],
+        [1, 1, 1.0, 2.0, "nan", "inf", ""],
+        [1, 2, 5.0, 6.0, 1, 1, 1],
+        [2, 1, 3.0, 4.0, 50, 0.9, 0.5],
+    ]
     _write(plate / "Cells.csv", rows)
     _write(plate / "Image.csv", IMAGE)
     table = _read(plate).table
@@ -268,8 +337,10 @@ def test_image_table_problems(plate):
     _write(plate / "Image.csv", [["ImageNumber", "PathName_Phase"], [1, "/a"], [2, "/a"]])
     with pytest.raises(PlateError, match=r"Image\.csv: .*without a FileName_"):
         _read(plate)
-    _write(plate / "Image.csv", [["ImageNumber", "FileName_A", "FileName_B"], [1, "img1.tif", "img0.tif"],
-                                 [2, "img0.tif", "img1.tif"]])
+    _write(
+        plate / "Image.csv",
+        [["ImageNumber", "FileName_A", "FileName_B"], [1, "img1.tif", "img0.tif"], [2, "img0.tif", "img1.tif"]],
+    )
     with pytest.raises(PlateError, match=r"Image\.csv: .*several FileName_ columns"):
         _read(plate)
     _write(plate / "Image.csv", [["ImageNumber", "FileName_Phase"], [1, "img1.tif"], [2, "img1.tif"]])
@@ -321,8 +392,11 @@ def test_several_object_tables_need_a_choice(plate):
     _write(plate / "MyExpt_Cells.csv", CELLS)
     _write(plate / "MyExpt_Nuclei.csv", nuclei)
     _write(plate / "MyExpt_Image.csv", IMAGE)
-    with pytest.raises(PlateError, match=r"several CellProfiler object tables: Cells \(MyExpt_Cells\.csv\), "
-                       r"Nuclei \(MyExpt_Nuclei\.csv\); set cellprofiler_objects"):
+    with pytest.raises(
+        PlateError,
+        match=r"several CellProfiler object tables: Cells \(MyExpt_Cells\.csv\), "
+        r"Nuclei \(MyExpt_Nuclei\.csv\); set cellprofiler_objects",
+    ):
         _read(plate)
     pd.testing.assert_frame_equal(_read(plate, "Cells").table, EXPECTED)
     found = _read(plate, "Nuclei")
@@ -335,11 +409,26 @@ def test_experiment_and_relationship_tables_are_ignored(plate):
     _write(plate / "Cells.csv", CELLS)
     _write(plate / "Image.csv", IMAGE)
     # The Experiment table holds the pipeline text (commas, tabs, new lines) as one quoted value.
-    _write(plate / "Experiment.csv", [["Key", "Value"], ["Pipeline_Pipeline", 'a,b\tc\n"d"; e'], ["Run_Timestamp", "x"]])
-    _write(plate / "Object relationships.csv", [
-        ["Module", "Module Number", "Relationship", "First Object Name", "First Image Number", "First Object Number",
-         "Second Object Name", "Second Image Number", "Second Object Number"],
-        ["IdentifySecondaryObjects", 3, "Parent", "Nuclei", 1, 1, "Cells", 1, 1]])
+    _write(
+        plate / "Experiment.csv", [["Key", "Value"], ["Pipeline_Pipeline", 'a,b\tc\n"d"; e'], ["Run_Timestamp", "x"]]
+    )
+    _write(
+        plate / "Object relationships.csv",
+        [
+            [
+                "Module",
+                "Module Number",
+                "Relationship",
+                "First Object Name",
+                "First Image Number",
+                "First Object Number",
+                "Second Object Name",
+                "Second Image Number",
+                "Second Object Number",
+            ],
+            ["IdentifySecondaryObjects", 3, "Parent", "Nuclei", 1, 1, "Cells", 1, 1],
+        ],
+    )
     pd.testing.assert_frame_equal(_read(plate).table, EXPECTED)
 
 
@@ -364,7 +453,9 @@ def test_cell_coordinates_asset_uses_the_tab_delimited_case(tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(plates.name, ["cp-tab"])
     result = dg.materialize(
-        [raw_plates, cell_coordinates], partition_key="cp-tab", instance=instance,
+        [raw_plates, cell_coordinates],
+        partition_key="cp-tab",
+        instance=instance,
         resources={"data": DataDirs(root=str(data_root))},
         run_config={"ops": {"cell_coordinates": {"config": {"workers": 1}}}},
     )
@@ -379,9 +470,13 @@ def test_cell_coordinates_asset_uses_the_tab_delimited_case(tmp_path):
 
 def test_manifest_images_missing_from_the_image_table_are_an_error(plate):
     """CellProfiler did not process img0.tif: its cells are unknown, not zero."""
-    _write(plate / "Cells.csv", [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"], [1, 1, 3, 4]])
+    _write(
+        plate / "Cells.csv", [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"], [1, 1, 3, 4]]
+    )
     _write(plate / "Image.csv", IMAGE[:2])
-    with pytest.raises(PlateError, match=r"Image\.csv: 1 manifest image\(s\) are not image sets of this table \(\['img0\.tif'\]\)"):
+    with pytest.raises(
+        PlateError, match=r"Image\.csv: 1 manifest image\(s\) are not image sets of this table \(\['img0\.tif'\]\)"
+    ):
         _read(plate)
 
 
@@ -390,13 +485,21 @@ def test_count_column_disagreeing_with_the_object_rows_is_an_error(plate):
     rows = [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"], [1, 1, 3, 4], [2, 1, 5, 6]]
     _write(plate / "Cells.csv", rows)
     _write(plate / "Image.csv", IMAGE)
-    with pytest.raises(PlateError, match=r"Image\.csv: line 2, column 'Count_Cells': 2 objects for 'img1\.tif', but the object table has 1"):
+    with pytest.raises(
+        PlateError,
+        match=r"Image\.csv: line 2, column 'Count_Cells': 2 objects for 'img1\.tif', but the object table has 1",
+    ):
         _read(plate)
 
 
 @pytest.mark.parametrize("written", ["C:\\data\\exp12\\img1.tif", "/data/exp12/img1.tif"])
 def test_file_names_written_with_a_folder_match_by_base_name(plate, written):
-    rows = [["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"], [1, 1, 3, 4], [1, 2, 5, 6], [2, 1, 7, 8]]
+    rows = [
+        ["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"],
+        [1, 1, 3, 4],
+        [1, 2, 5, 6],
+        [2, 1, 7, 8],
+    ]
     _write(plate / "Cells.csv", rows)
     _write(plate / "Image.csv", [IMAGE[0], [1, 2, written, "x", 64, 64], IMAGE[2]])
     assert _read(plate).table["image"].tolist() == ["img1.tif", "img1.tif", "img0.tif"]

@@ -37,9 +37,7 @@ N_TYPES = 4
 DIMS = 12
 # gmm_components = number of planted types, so GMM labels are well defined (11 would split
 # blobs at arbitrary borders); the auto-k GMM must find that number by itself.
-CONFIG = ClusteringConfig(
-    seed=0, umap_n_epochs=60, gmm_components=N_TYPES, auto_k_max=8, auto_k_stability_runs=3
-)
+CONFIG = ClusteringConfig(seed=0, umap_n_epochs=60, gmm_components=N_TYPES, auto_k_max=8, auto_k_stability_runs=3)
 
 
 def embedding_table(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
@@ -49,20 +47,22 @@ def embedding_table(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
     types = rng.integers(0, N_TYPES, size=n)
     x = (centres[types] + rng.normal(0, 1, size=(n, DIMS))).astype(np.float32)
     cultures = rng.choice(["GBM03", "GBM11", "GBM27"], size=n)
-    table = pd.DataFrame({
-        "crop_id": [f"P{seed}:img{i % 7}.tif:{i}" for i in range(n)],
-        "plate": f"P{seed}",
-        "image": [f"img{i % 7}.tif" for i in range(n)],
-        "x": rng.integers(64, 1000, size=n).astype(np.int32),
-        "y": rng.integers(64, 1000, size=n).astype(np.int32),
-        "culture": cultures,
-        "concentration": rng.choice(["250", "1000"], size=n),
-        "replicate": np.int32(1),
-        "timepoint_h": 0.0,
-        "well": rng.choice(["B2", "C3"], size=n),
-        "position": "1",
-        "embedding": list(x),
-    })
+    table = pd.DataFrame(
+        {
+            "crop_id": [f"P{seed}:img{i % 7}.tif:{i}" for i in range(n)],
+            "plate": f"P{seed}",
+            "image": [f"img{i % 7}.tif" for i in range(n)],
+            "x": rng.integers(64, 1000, size=n).astype(np.int32),
+            "y": rng.integers(64, 1000, size=n).astype(np.int32),
+            "culture": cultures,
+            "concentration": rng.choice(["250", "1000"], size=n),
+            "replicate": np.int32(1),
+            "timepoint_h": 0.0,
+            "well": rng.choice(["B2", "C3"], size=n),
+            "position": "1",
+            "embedding": list(x),
+        }
+    )
     return table, types
 
 
@@ -178,6 +178,7 @@ def test_cluster_metrics_noise_and_degenerate_cases():
 
 
 # --- composition -------------------------------------------------------------------------
+
 
 def planted(n: int, differ: bool, seed: int):
     rng = np.random.default_rng(seed)

@@ -28,7 +28,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "gbm_assets" / "assets"
 
 @pytest.fixture(scope="module")
 def crops_dir(tmp_path_factory) -> Path:
-    return write_synthetic_crops(tmp_path_factory.mktemp("crops") / "cell_crops.parquet", ("P1", "P2"), (40, 9), size=16)
+    return write_synthetic_crops(
+        tmp_path_factory.mktemp("crops") / "cell_crops.parquet", ("P1", "P2"), (40, 9), size=16
+    )
 
 
 def test_reading_crops_and_embeddings_imports_no_tensorflow(crops_dir):
@@ -48,15 +50,18 @@ def test_max_crops_picks_the_rows_storage_samples(crops_dir):
     """One seeded sampler: a crop subset of one plate is the sample sample_batches draws from its file."""
     selection = CropSelection.of(crops_dir, ["P1"], max_crops=7, seed=5)
     ids = [i for b in iter_record_batches(selection, ["crop_id"], 8) for i in b.column("crop_id").to_pylist()]
-    expected = [i for b in sample_batches(crops_dir / "plate=P1" / "part-0.parquet", 7, 5, ["crop_id"], 8)
-                for i in b.column("crop_id").to_pylist()]
+    expected = [
+        i
+        for b in sample_batches(crops_dir / "plate=P1" / "part-0.parquet", 7, 5, ["crop_id"], 8)
+        for i in b.column("crop_id").to_pylist()
+    ]
     assert ids == expected and len(set(ids)) == 7 == count_crops(selection)
     assert count_crops(CropSelection.of(crops_dir, max_crops=100)) == 49  # more than there are: all of them
 
 
 def test_plates_batches_and_lookup_agree(crops_dir):
     assert crop_plates(crops_dir) == ["P1", "P2"]
-    rows, pixels = zip(*iter_crop_batches(crops_dir, 16))
+    rows, pixels = zip(*iter_crop_batches(crops_dir, 16), strict=False)
     assert [len(r) for r in rows] == [16, 16, 8, 9]  # batches never span two plate files
     assert pixels[0].dtype == np.float32 and pixels[0].shape == (16, 16, 16, 1) and pixels[0].max() <= 1.0
     ids = [rows[3]["crop_id"].iloc[2], rows[0]["crop_id"].iloc[0]]
@@ -85,12 +90,31 @@ def test_data_dirs_name_every_model_output(tmp_path):
 def test_asset_modules_spell_no_file_names(module):
     """DataDirs (and gbm_assets.paths) are the only places that know where outputs live."""
     tree = ast.parse((ASSETS / module).read_text(encoding="utf-8"))
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node) is not None}
-    source = "\n".join(node.value for node in ast.walk(tree)  # string literals and f-string parts, not docstrings
-                       if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings)
-    for spelled in ("encoder.keras", "model.json", "model.joblib", "skipped.json", "cluster_models", ".npz",
-                    "confusion_embedding", '"reports"', '"composition"', "plate=", "part-0.parquet", ".html", "_baselines"):
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node) is not None
+    }
+    source = "\n".join(
+        node.value
+        for node in ast.walk(tree)  # string literals and f-string parts, not docstrings
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    )
+    for spelled in (
+        "encoder.keras",
+        "model.json",
+        "model.joblib",
+        "skipped.json",
+        "cluster_models",
+        ".npz",
+        "confusion_embedding",
+        '"reports"',
+        '"composition"',
+        "plate=",
+        "part-0.parquet",
+        ".html",
+        "_baselines",
+    ):
         assert spelled not in source, f"{module} spells {spelled!r}"
 
 
@@ -98,6 +122,6 @@ def test_cluster_config_fills_the_core_parameters():
     from gbm_assets.analysis.clustering import ClusteringConfig
 
     assert ClusterConfig().params() == ClusteringConfig()
-    assert ClusterConfig(seed=3, gmm_components=5, hdbscan_min_samples=4, hdbscan_min_cluster_size=30,
-                         refit=True, fit_max_cells=9).params() == ClusteringConfig(
-        seed=3, gmm_components=5, hdbscan_min_samples=4, hdbscan_min_cluster_size=30)
+    assert ClusterConfig(
+        seed=3, gmm_components=5, hdbscan_min_samples=4, hdbscan_min_cluster_size=30, refit=True, fit_max_cells=9
+    ).params() == ClusteringConfig(seed=3, gmm_components=5, hdbscan_min_samples=4, hdbscan_min_cluster_size=30)

@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -53,8 +53,11 @@ def _ui_run(server, plate: str, known: set[str]) -> dict | None:
     """The run the UI launched: new, for raw_plates alone, on this plate."""
     for run in _graphql(server, RUNS)["runsOrError"]["results"]:
         tags = {t["key"]: t["value"] for t in run["tags"]}
-        if run["runId"] not in known and run["assetSelection"] == [{"path": ["raw_plates"]}] \
-                and tags.get("dagster/partition") == plate:
+        if (
+            run["runId"] not in known
+            and run["assetSelection"] == [{"path": ["raw_plates"]}]
+            and tags.get("dagster/partition") == plate
+        ):
             return run
     return None
 
@@ -78,11 +81,21 @@ def test_materialize_a_plate_partition_from_the_ui(tmp_path):
         "GBM_ASSETS_DATA": str(data),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         # keep the nightly retraining schedule 12 hours away from this test
-        "GBM_RETRAIN_CRON": f"0 {(datetime.now(timezone.utc).hour + 12) % 24} * * *",
+        "GBM_RETRAIN_CRON": f"0 {(datetime.now(UTC).hour + 12) % 24} * * *",
     }
     port = free_port()
-    cmd = [sys.executable, "-m", "gbm_assets.ui_guard", "--daemon", "-w", "workspace.yaml", "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gbm_assets.ui_guard",
+        "--daemon",
+        "-w",
+        "workspace.yaml",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     dagster_dev = server_process(cmd, tmp_path / "dagster.log", port, env=env, cwd=REPO_ROOT, stop_signal=signal.SIGINT)
     with chromium_page(tmp_path / "failure.png") as page, dagster_dev as dagster:
         dagster.wait_for_http("/server_info", timeout_s=120)

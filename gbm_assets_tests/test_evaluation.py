@@ -7,7 +7,12 @@ import pandas as pd
 import pytest
 
 from gbm_assets.analysis.evaluation import (
-    CLASSIFIERS, evaluate_features, plot_confusion, raw_pixel_features, split_by_group, why_not_evaluable,
+    CLASSIFIERS,
+    evaluate_features,
+    plot_confusion,
+    raw_pixel_features,
+    split_by_group,
+    why_not_evaluable,
 )
 from gbm_assets.analysis.variant_evaluation import evaluate_with_baselines, metric_key, score_features, split_groups
 
@@ -116,8 +121,10 @@ def test_plate_split_says_why_it_cannot_score():
     plate = scores[scores["split"] == "plate"]
     assert plate["skipped"].eq("needs >= 2 cultures with >= 2 plates each (found 0)").all()
     assert plate["accuracy"].isna().all() and (scores.loc[scores["split"] == "image", "skipped"] == "").all()
-    assert why_not_evaluable(pd.Series(list("AB") * 2), pd.Series(["p1", "p2", "p3", "p4"]), "culture", unit="plate") \
+    assert (
+        why_not_evaluable(pd.Series(list("AB") * 2), pd.Series(["p1", "p2", "p3", "p4"]), "culture", unit="plate")
         == "needs >= 5 plates (found 4)"
+    )
 
 
 def test_split_groups_and_metric_names():
@@ -126,8 +133,12 @@ def test_split_groups_and_metric_names():
     assert split_groups(rows, "plate").tolist() == ["a", "a", "b"]
     with pytest.raises(ValueError, match="unknown split"):
         split_groups(rows, "well")
-    line = pd.DataFrame([{"feature_set": "embedding", "target": "culture", "split": "image", "classifier": "random_forest"},
-                         {"feature_set": "embedding", "target": "culture", "split": "plate", "classifier": "linear_probe"}])
+    line = pd.DataFrame(
+        [
+            {"feature_set": "embedding", "target": "culture", "split": "image", "classifier": "random_forest"},
+            {"feature_set": "embedding", "target": "culture", "split": "plate", "classifier": "linear_probe"},
+        ]
+    )
     keys = [metric_key(r, "kappa") for r in line.itertuples()]
     assert keys == ["embedding.culture.kappa", "embedding.culture.plate_split.linear_probe.kappa"]
 
@@ -145,7 +156,9 @@ def test_baselines_are_computed_once_per_cell_sample(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ve, "baseline_features_for", fake_baselines)
     embedding = {"embedding": features["morphology"][:, :3]}
-    first, figures = evaluate_with_baselines(rows, embedding, "crops", tmp_path / "a", "A", cache_dir=tmp_path / "cache")
+    first, figures = evaluate_with_baselines(
+        rows, embedding, "crops", tmp_path / "a", "A", cache_dir=tmp_path / "cache"
+    )
     second, again = evaluate_with_baselines(rows, embedding, "crops", tmp_path / "b", "B", cache_dir=tmp_path / "cache")
     assert calls == [len(rows)]  # the second variant reuses the first's baseline scores
     pd.testing.assert_frame_equal(first, second)
@@ -159,32 +172,47 @@ def test_baselines_are_computed_once_per_cell_sample(tmp_path, monkeypatch):
 
 
 def test_comparison_table_has_both_baselines_and_the_plate_split(tmp_path):
+    import pyarrow as pa
+
     from gbm_assets.analysis.report import HANDCRAFTED_BASELINE, is_baseline
     from gbm_assets.analysis.report_inputs import comparison_table
     from gbm_assets.storage import write_parquet_atomic
-    import pyarrow as pa
 
     rows, features = plates_with_a_look()
-    scores = score_features(rows, {"embedding": features["morphology"], "raw_pixels": features["look"],
-                                   "handcrafted": features["morphology"][:, :2]})
+    scores = score_features(
+        rows,
+        {
+            "embedding": features["morphology"],
+            "raw_pixels": features["look"],
+            "handcrafted": features["morphology"][:, :2],
+        },
+    )
     write_parquet_atomic(pa.Table.from_pandas(scores, preserve_index=False), tmp_path / "siamese_b" / "scores.parquet")
     table = comparison_table(tmp_path, ["siamese_b"]).set_index("variant")
     assert table.index.tolist() == ["siamese_b", "raw pixels", HANDCRAFTED_BASELINE]
     assert is_baseline(table.reset_index()).tolist() == [False, True, True]
     raw = table.loc["raw pixels"]
     assert raw["culture_kappa"] > 0.8 and raw["culture_plate_kappa"] < 0.3  # the plate's look, exposed
-    for column in ("culture_kappa_linear", "culture_plate_kappa", "culture_plate_kappa_linear", "culture_plate_accuracy"):
+    for column in (
+        "culture_kappa_linear",
+        "culture_plate_kappa",
+        "culture_plate_kappa_linear",
+        "culture_plate_accuracy",
+    ):
         assert table[column].notna().all(), column
 
 
 def test_report_lead_gives_the_plate_held_out_kappa_beside_the_baselines():
     from gbm_assets.analysis.report import lead
 
-    comparison = pd.DataFrame({
-        "variant": ["siamese_b", "raw pixels", "hand-crafted features"],
-        "culture_accuracy": [0.5, 0.4, 0.45], "culture_kappa": [0.4, 0.3, 0.35],
-        "culture_plate_kappa": [0.31, 0.05, 0.22],
-    })
+    comparison = pd.DataFrame(
+        {
+            "variant": ["siamese_b", "raw pixels", "hand-crafted features"],
+            "culture_accuracy": [0.5, 0.4, 0.45],
+            "culture_kappa": [0.4, 0.3, 0.35],
+            "culture_plate_kappa": [0.31, 0.05, 0.22],
+        }
+    )
     text = lead(comparison)
     assert "held-out plates" in text
     assert "siamese_b scores culture kappa 0.310 (raw pixels 0.050; hand-crafted features 0.220)" in text

@@ -34,8 +34,14 @@ SMALL = {"ops": {"cell_crops": {"config": {"crop_size": 64}}}}
 
 
 def _ingest(root, plate_id, instance):
-    return dg.materialize(INGEST, partition_key=plate_id, instance=instance, resources={"data": DataDirs(root=str(root))},
-                          run_config=SMALL, raise_on_error=False)
+    return dg.materialize(
+        INGEST,
+        partition_key=plate_id,
+        instance=instance,
+        resources={"data": DataDirs(root=str(root))},
+        run_config=SMALL,
+        raise_on_error=False,
+    )
 
 
 @pytest.fixture
@@ -50,7 +56,8 @@ def two_ingested(data_root):
 
 def _snapshot(root, ids):
     return {p: plate_file(root / "cell_crops.parquet", p).read_bytes() for p in ids} | {
-        f"coords:{p}": plate_file(root / "cell_coordinates.parquet", p).read_bytes() for p in ids}
+        f"coords:{p}": plate_file(root / "cell_coordinates.parquet", p).read_bytes() for p in ids
+    }
 
 
 def test_corrupt_image_mid_plate_keeps_previous_outputs(two_ingested):
@@ -103,7 +110,10 @@ def test_path_traversal_in_manifest_is_refused(two_ingested):
     m.to_csv(manifest, index=False)
     result = _ingest(root, ids[0], instance)
     assert not result.success
-    assert "escapes the plate folder" in next(e for e in result.all_events if e.is_step_failure).step_failure_data.error.to_string()
+    assert (
+        "escapes the plate folder"
+        in next(e for e in result.all_events if e.is_step_failure).step_failure_data.error.to_string()
+    )
     assert _snapshot(root, ids) == before
 
 
@@ -120,7 +130,10 @@ def test_mlflow_unreachable_fails_clearly_retries_and_keeps_previous_encoder(tmp
     (enc / "run.json").write_text(json.dumps({"run_id": "previous"}))
     tracking = MLflowTracking(tracking_uri=f"http://127.0.0.1:{_free_port()}")  # nothing listens there
     result = dg.materialize(
-        [trained_encoders], partition_key="siamese_a", instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+        [trained_encoders],
+        partition_key="siamese_a",
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
         resources={"data": DataDirs(root=str(tmp_path)), "mlflow_tracking": tracking},
         run_config={"ops": {"trained_encoders": {"config": {"mlflow_retries": 1, "mlflow_retry_wait_s": 0.1}}}},
     )

@@ -26,7 +26,9 @@ def test_intensity_is_measured_inside_the_mask_and_texture_tells_textured_from_f
     assert f.loc[0, "Intensity_MeanIntensity"] == pytest.approx(60)
     assert f.loc[0, "Intensity_StdIntensity"] == pytest.approx(0, abs=1e-6)
     assert f.loc[0, "Intensity_MeanBackground"] == pytest.approx(200)
-    assert f.loc[1, "Intensity_Percentile05"] == pytest.approx(20) and f.loc[1, "Intensity_Percentile95"] == pytest.approx(100)
+    assert f.loc[1, "Intensity_Percentile05"] == pytest.approx(20) and f.loc[
+        1, "Intensity_Percentile95"
+    ] == pytest.approx(100)
     assert f.loc[1, "Texture_contrast_1"] > 10 * max(f.loc[0, "Texture_contrast_1"], 1e-3)
     assert f.loc[1, "Texture_homogeneity_1"] < f.loc[0, "Texture_homogeneity_1"]
     assert f.loc[1, "Texture_GradientMean"] > f.loc[0, "Texture_GradientMean"]

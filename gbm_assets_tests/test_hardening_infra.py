@@ -71,8 +71,13 @@ UMASK_WRITER = textwrap.dedent("""
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [("022", 0o644, 0o755), ("027", 0o640, 0o750)])
 def test_atomic_outputs_are_created_with_the_umask_like_open(tmp_path, umask, file_mode, dir_mode):
-    out = subprocess.run([sys.executable, "-c", UMASK_WRITER, str(tmp_path), umask], env=_child_env(),
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", UMASK_WRITER, str(tmp_path), umask],
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     modes = {k: int(v, 8) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
     for name, mode in modes.items():
@@ -113,8 +118,9 @@ def _age(path: Path, seconds: float) -> None:
 
 def test_temp_file_of_a_sigkilled_writer_is_removed_when_the_output_is_next_written(tmp_path):
     final = tmp_path / "embeddings" / "siamese_a.parquet"
-    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(final)], stdout=subprocess.PIPE, text=True,
-                             env=_child_env())
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(final)], stdout=subprocess.PIPE, text=True, env=_child_env()
+    )
     try:
         assert child.stdout.readline().strip() == "writing"
     finally:
@@ -199,7 +205,7 @@ def _processes_with_marker(marker: str) -> list[tuple[int, str]]:
                 cmd = f.read().replace(b"\0", b" ")[:120].decode(errors="replace")
         except OSError:
             continue
-        if needle in env and stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z":
+        if needle in env and stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z":
             found.append((int(entry), cmd))
     return found
 
@@ -207,8 +213,12 @@ def _processes_with_marker(marker: str) -> list[tuple[int, str]]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_pool_workers_and_fork_server_exit_when_the_owner_is_sigkilled(tmp_path):
     marker = uuid.uuid4().hex
-    owner = subprocess.Popen([sys.executable, "-c", POOL_OWNER, str(tmp_path / "plate")], stdout=subprocess.PIPE,
-                             text=True, env=_child_env(GBM_TEST_MARKER=marker))
+    owner = subprocess.Popen(
+        [sys.executable, "-c", POOL_OWNER, str(tmp_path / "plate")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_child_env(GBM_TEST_MARKER=marker),
+    )
     try:
         assert owner.stdout.readline().strip() == "running"
         tree = _processes_with_marker(marker)
@@ -231,12 +241,17 @@ def test_pool_workers_and_fork_server_exit_when_the_owner_is_sigkilled(tmp_path)
 
 # ------------------------------------------------------------------ MLflow: where artifacts go, locks, run status
 
+
 def _context(partition: str = "p1"):
     """The few attributes of an asset execution context that MLflowTracking.start_run reads."""
     import dagster as dg
 
-    return SimpleNamespace(run=SimpleNamespace(run_id=f"dagster-{uuid.uuid4().hex[:8]}"), asset_key=dg.AssetKey("clusters"),
-                           has_partition_key=True, partition_key=partition)
+    return SimpleNamespace(
+        run=SimpleNamespace(run_id=f"dagster-{uuid.uuid4().hex[:8]}"),
+        asset_key=dg.AssetKey("clusters"),
+        has_partition_key=True,
+        partition_key=partition,
+    )
 
 
 @pytest.fixture
@@ -244,7 +259,13 @@ def clean_mlflow(monkeypatch, tmp_path):
     """No tracking settings from the environment, and a project root that is not the repository."""
     import mlflow
 
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_ARTIFACT_ROOT", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for var in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_ARTIFACT_ROOT",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_EXPERIMENT_ID",
+        "MLFLOW_EXPERIMENT_NAME",
+    ):
         monkeypatch.delenv(var, raising=False)
     project = tmp_path / "project"
     project.mkdir()
@@ -281,7 +302,9 @@ def _log_note(tracking, text: str) -> str:
     return run.info.run_id
 
 
-def test_artifacts_go_beside_each_sqlite_store_or_to_MLFLOW_ARTIFACT_ROOT(clean_mlflow, empty_store, tmp_path, monkeypatch):
+def test_artifacts_go_beside_each_sqlite_store_or_to_MLFLOW_ARTIFACT_ROOT(
+    clean_mlflow, empty_store, tmp_path, monkeypatch
+):
     from gbm_assets.assets.mlflow_tracking import MLflowTracking
 
     first, second = _new_store(empty_store, tmp_path / "first"), _new_store(empty_store, tmp_path / "other")
@@ -345,7 +368,7 @@ class HeldLock:
         finally:
             con.close()
 
-    def start(self, release_after_s: float | None = None) -> "HeldLock":
+    def start(self, release_after_s: float | None = None) -> HeldLock:
         self.thread.start()
         assert self.locked.wait(30), "could not take the lock"
         if release_after_s is not None:
@@ -385,7 +408,9 @@ def test_locked_store_is_retried_when_a_run_starts_and_ends(store, short_busy_wa
     t0 = time.monotonic()
     try:
         with pytest.raises(RuntimeError, match="training diverged"):
-            with tracking.start_run(_context(), run_name="train") as run:  # experiment created and run started under the lock
+            with tracking.start_run(
+                _context(), run_name="train"
+            ) as run:  # experiment created and run started under the lock
                 assert time.monotonic() - t0 >= 1.0
                 lock.stop()
                 mlflow.log_metric("loss", 0.5)

@@ -20,7 +20,12 @@ from PIL import Image
 
 from gbm_assets.errors import ImageReadError
 from gbm_assets.imaging.io import (
-    IMAGE_SUFFIXES, count_frames, image_size, max_image_pixels, read_frames, read_image,
+    IMAGE_SUFFIXES,
+    count_frames,
+    image_size,
+    max_image_pixels,
+    read_frames,
+    read_image,
 )
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
 from gbm_assets_tests.servers import unavailable
@@ -121,7 +126,7 @@ def test_plain_multipage_tiff_is_frames_not_rgb(tmp_path):
         image_size(path)
     got = list(read_frames(path))
     assert len(got) == 3
-    for a, b in zip(got, frames):
+    for a, b in zip(got, frames, strict=False):
         assert a.dtype == np.uint16 and np.array_equal(a, b)
 
 
@@ -164,7 +169,7 @@ def test_imagej_hyperstack_t_by_z(tmp_path):
     tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TZYX"})
     assert count_frames(path) == 6
     got = list(read_frames(path))
-    assert [np.array_equal(g, e) for g, e in zip(got, data.reshape(6, 48, 64))] == [True] * 6
+    assert [np.array_equal(g, e) for g, e in zip(got, data.reshape(6, 48, 64), strict=False)] == [True] * 6
 
 
 def test_imagej_contiguous_stack_with_one_ifd(tmp_path):
@@ -228,7 +233,7 @@ def test_ome_tiff_time_lapse_gives_frames(tmp_path, monkeypatch):
     tifffile.imwrite(path, data, ome=True, metadata={"axes": "TYX"})
     assert count_frames(path) == 3
     got = list(read_frames(path))
-    assert len(got) == 3 and all(np.array_equal(g, d) for g, d in zip(got, data))
+    assert len(got) == 3 and all(np.array_equal(g, d) for g, d in zip(got, data, strict=False))
     with pytest.raises(ImageReadError, match="3 frames"):
         read_image(path)
 
@@ -257,7 +262,7 @@ def test_min_is_white_and_palette_tiffs(tmp_path):
     original = grey8()
     tifffile.imwrite(tmp_path / "white.tif", 255 - original, photometric="miniswhite")
     assert np.array_equal(read_image(tmp_path / "white.tif"), original)
-    ramp = (np.arange(256, dtype=np.uint16) * 257)
+    ramp = np.arange(256, dtype=np.uint16) * 257
     tifffile.imwrite(tmp_path / "palette.tif", original, photometric="palette", colormap=np.stack([ramp] * 3))
     assert np.array_equal(read_image(tmp_path / "palette.tif"), original)
     assert image_size(tmp_path / "palette.tif")[2] == 8
@@ -477,8 +482,14 @@ def test_errors_never_echo_file_content(tmp_path, name):
 
 
 @pytest.mark.parametrize(
-    "name, magic", [("fake.tif", b"II*\x00"), ("fake.tif", b"MM\x00*"), ("fake.png", b"\x89PNG\r\n\x1a\n"),
-                    ("fake.jpg", b"\xff\xd8\xff\xe0"), ("fake.bmp", b"BM")],
+    "name, magic",
+    [
+        ("fake.tif", b"II*\x00"),
+        ("fake.tif", b"MM\x00*"),
+        ("fake.png", b"\x89PNG\r\n\x1a\n"),
+        ("fake.jpg", b"\xff\xd8\xff\xe0"),
+        ("fake.bmp", b"BM"),
+    ],
 )
 def test_corrupt_files_with_right_magic_do_not_leak_content(tmp_path, name, magic):
     path = tmp_path / name
@@ -523,8 +534,11 @@ def test_vendor_formats_without_the_extra_say_how_to_install_it(tmp_path, monkey
     path = tmp_path / f"plate{suffix}"
     path.write_bytes(b"\x00" * 64)
     for reader in (read_image, count_frames, image_size, read_frames):
-        with pytest.raises(ImageReadError, match=rf"plate\{suffix}.*reading \{suffix} needs the optional extra: "
-                                                 r"pip install 'gbm-assets\[formats\]'"):
+        with pytest.raises(
+            ImageReadError,
+            match=rf"plate\{suffix}.*reading \{suffix} needs the optional extra: "
+            r"pip install 'gbm-assets\[formats\]'",
+        ):
             reader(path)
 
 
@@ -534,8 +548,10 @@ def _czi_writer():
         import bioio_czi  # noqa: F401
         from pylibCZIrw import czi as pyczi
     except ImportError as exc:
-        unavailable(f"the formats extra (bioio, bioio-czi, pylibCZIrw) is not installed ({exc.name}): "
-                    "pip install -e '.[formats]'")
+        unavailable(
+            f"the formats extra (bioio, bioio-czi, pylibCZIrw) is not installed ({exc.name}): "
+            "pip install -e '.[formats]'"
+        )
     return pyczi
 
 
@@ -560,7 +576,7 @@ def test_czi_through_bioio(tmp_path):
     with pytest.raises(ImageReadError, match=r"timelapse\.czi.*3 frames"):
         read_image(tmp_path / "timelapse.czi")
     got = list(read_frames(tmp_path / "timelapse.czi"))
-    assert len(got) == 3 and all(np.array_equal(g, f) for g, f in zip(got, frames))
+    assert len(got) == 3 and all(np.array_equal(g, f) for g, f in zip(got, frames, strict=False))
 
     _write_czi(pyczi, tmp_path / "two-channels.czi", {(0, 0): one, (0, 1): frames[0]})
     with pytest.raises(ImageReadError, match=r"two-channels\.czi.*2 channels"):
@@ -641,7 +657,9 @@ def test_grey_pages_with_several_samples_are_channels_not_dropped(tmp_path, plan
 def test_grey_with_alpha_is_one_channel(tmp_path):
     a = np.arange(32 * 40, dtype=np.uint16).reshape(32, 40)
     path = tmp_path / "grey_alpha.tif"
-    tifffile.imwrite(path, np.stack([a, np.full_like(a, 65535)], axis=-1), photometric="minisblack", extrasamples=["unassalpha"])
+    tifffile.imwrite(
+        path, np.stack([a, np.full_like(a, 65535)], axis=-1), photometric="minisblack", extrasamples=["unassalpha"]
+    )
     assert np.array_equal(read_image(path), a)
 
 

@@ -25,7 +25,9 @@ from gbm_assets.storage import plate_dataset
 
 INGEST = [raw_plates, cell_coordinates, cell_crops]
 SMALL_CROPS = {"ops": {"cell_crops": {"config": {"crop_size": 64, "workers": 2}}}}
-SMALL = {"ops": {"cell_crops": {"config": {"crop_size": 64, "workers": 1}}, "cell_coordinates": {"config": {"workers": 1}}}}
+SMALL = {
+    "ops": {"cell_crops": {"config": {"crop_size": 64, "workers": 1}}, "cell_coordinates": {"config": {"workers": 1}}}
+}
 
 
 def densest_plate(raw) -> str:
@@ -43,8 +45,12 @@ def _instance_with(plate_ids):
 def _materialize(data_root, plate_id, instance=None, assets=INGEST, run_config=SMALL, **kw):
     instance = instance or _instance_with([plate_id])
     return dg.materialize(
-        assets, partition_key=plate_id, instance=instance, resources={"data": DataDirs(root=str(data_root))},
-        run_config=run_config, **kw,
+        assets,
+        partition_key=plate_id,
+        instance=instance,
+        resources={"data": DataDirs(root=str(data_root))},
+        run_config=run_config,
+        **kw,
     )
 
 
@@ -93,7 +99,9 @@ def test_sensor_registers_a_new_plate_exactly_once(data_root):
 def test_sensor_ignores_plates_without_manifest(tmp_path):
     (tmp_path / "raw" / "incoming").mkdir(parents=True)
     result = new_plate_sensor(
-        dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={"data": DataDirs(root=str(tmp_path))})
+        dg.build_sensor_context(
+            instance=dg.DagsterInstance.ephemeral(), resources={"data": DataDirs(root=str(tmp_path))}
+        )
     )
     assert not result.run_requests and not result.dynamic_partitions_requests
 
@@ -196,8 +204,12 @@ def test_sensor_skips_ingested_plates_and_reruns_a_changed_manifest(ingested):
     manifest = data_root / "raw" / plate_id / "manifest.csv"
     manifest.write_text(manifest.read_text())  # rewritten with the same content: the same version
     os.utime(manifest, ns=(manifest.stat().st_atime_ns, manifest.stat().st_mtime_ns + 10**9))
-    touched = new_plate_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor, resources={"data": data}))
+    touched = new_plate_sensor(
+        dg.build_sensor_context(instance=instance, cursor=first.cursor, resources={"data": data})
+    )
     assert plate_id not in [r.partition_key for r in touched.run_requests]
     manifest.write_text(manifest.read_text() + "\n")  # a changed manifest (one more trailing empty row): a new version
-    second = new_plate_sensor(dg.build_sensor_context(instance=instance, cursor=touched.cursor, resources={"data": data}))
+    second = new_plate_sensor(
+        dg.build_sensor_context(instance=instance, cursor=touched.cursor, resources={"data": data})
+    )
     assert [r.partition_key for r in second.run_requests].count(plate_id) == 1

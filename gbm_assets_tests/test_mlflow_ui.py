@@ -32,17 +32,29 @@ def trained(tmp_path_factory):
     plate_ids = write_dense_plates(root / "data" / "raw")
     store = f"sqlite:///{root / 'mlflow.db'}"
     artifacts = (root / "artifacts").as_uri()
-    resources = {"data": DataDirs(root=str(root / "data")),
-                 "mlflow_tracking": MLflowTracking(tracking_uri=store, artifact_root=artifacts)}
+    resources = {
+        "data": DataDirs(root=str(root / "data")),
+        "mlflow_tracking": MLflowTracking(tracking_uri=store, artifact_root=artifacts),
+    }
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(plates.name, plate_ids)
     for plate_id in plate_ids:
-        assert dg.materialize([raw_plates, cell_coordinates, cell_crops], partition_key=plate_id, instance=instance,
-                              resources=resources, run_config={"ops": {"cell_crops": {"config": {"crop_size": 64}}}}).success
+        assert dg.materialize(
+            [raw_plates, cell_coordinates, cell_crops],
+            partition_key=plate_id,
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"cell_crops": {"config": {"crop_size": 64}}}},
+        ).success
     run_ids = {}
     for variant in VARIANTS:
-        result = dg.materialize([trained_encoders], partition_key=variant, instance=instance, resources=resources,
-                                run_config={"ops": {"trained_encoders": {"config": TINY_TRAINING}}})
+        result = dg.materialize(
+            [trained_encoders],
+            partition_key=variant,
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"trained_encoders": {"config": TINY_TRAINING}}},
+        )
         assert result.success
         run_ids[variant] = result.asset_materializations_for_node("trained_encoders")[0].metadata["mlflow_run_id"].value
     return root, store, artifacts, run_ids
@@ -51,13 +63,17 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(trained):
     root, store, artifacts, _ = trained
-    with mlflow_server(root / "mlflow-server.log", "--backend-store-uri", store, "--default-artifact-root", artifacts) as s:
+    with mlflow_server(
+        root / "mlflow-server.log", "--backend-store-uri", store, "--default-artifact-root", artifacts
+    ) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def experiment_runs(server):
-    experiment = server.get_json("/api/2.0/mlflow/experiments/get-by-name", {"experiment_name": EXPERIMENT})["experiment"]
+    experiment = server.get_json("/api/2.0/mlflow/experiments/get-by-name", {"experiment_name": EXPERIMENT})[
+        "experiment"
+    ]
     runs = server.post_json("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
     return experiment, {r["info"]["run_id"]: r for r in runs}
 

@@ -33,20 +33,32 @@ def trained(tmp_path_factory, synth_plates):
     shutil.copytree(synth_plates, root / "raw")
     late = sorted((root / "raw").iterdir())[-1]
     late.rename(root / "late_plate")  # arrives after clustering
-    tracking = MLflowTracking(tracking_uri=f"sqlite:///{root.parent / 'mlflow.db'}", artifact_root=(root.parent / "artifacts").as_uri())
+    tracking = MLflowTracking(
+        tracking_uri=f"sqlite:///{root.parent / 'mlflow.db'}", artifact_root=(root.parent / "artifacts").as_uri()
+    )
     resources = {"data": DataDirs(root=str(root)), "mlflow_tracking": tracking}
     instance = dg.DagsterInstance.ephemeral()
     plate_ids = find_ready_plates(root / "raw")
     instance.add_dynamic_partitions(plates.name, plate_ids)
     ingest_config = {"ops": {"cell_crops": {"config": {"crop_size": 64}}}}
     for plate_id in plate_ids:
-        assert dg.materialize([raw_plates, cell_coordinates, cell_crops], partition_key=plate_id, instance=instance,
-                              resources=resources, run_config=ingest_config).success
+        assert dg.materialize(
+            [raw_plates, cell_coordinates, cell_crops],
+            partition_key=plate_id,
+            instance=instance,
+            resources=resources,
+            run_config=ingest_config,
+        ).success
     results = {}
     for variant in ("autoencoder", "siamese_f"):
         results[variant] = dg.materialize(
-            [trained_encoders, embeddings], partition_key=variant, instance=instance, resources=resources,
-            run_config={"ops": {"trained_encoders": {"config": TINY_TRAINING}, "embeddings": {"config": {"batch_size": 64}}}},
+            [trained_encoders, embeddings],
+            partition_key=variant,
+            instance=instance,
+            resources=resources,
+            run_config={
+                "ops": {"trained_encoders": {"config": TINY_TRAINING}, "embeddings": {"config": {"batch_size": 64}}}
+            },
         )
         assert results[variant].success
         assert dg.materialize([clusters], partition_key=variant, instance=instance, resources=resources).success
@@ -66,15 +78,29 @@ def test_training_run_is_complete_in_mlflow(trained):
         run = client.get_run(meta["mlflow_run_id"].value)
         p = run.data.params
         assert p["variant"] == variant and p["batch_size"] == "32" and p["crop_size"] == "64"
-        assert {"features", "lambda", "segmentation", "learning_rate", "epochs", "seed", "n_crops", "n_plates", "git_commit"} <= set(p)
+        assert {
+            "features",
+            "lambda",
+            "segmentation",
+            "learning_rate",
+            "epochs",
+            "seed",
+            "n_crops",
+            "n_plates",
+            "git_commit",
+        } <= set(p)
         assert run.data.tags["dagster.partition"] == variant
         history = client.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == [0, 1] and all(np.isfinite(m.value) for m in history)
         # Evaluation lands in the same run, beside the raw-pixel baseline.
         assert "embedding.culture.accuracy" in run.data.metrics and "raw_pixels.culture.accuracy" in run.data.metrics
         # ... and the hand-crafted baseline, the linear probe and the split by plate (issue 13 items 2-3).
-        for key in ("embedding.culture.plate_split.random_forest.kappa", "embedding.culture.image_split.linear_probe.kappa",
-                    "handcrafted.culture.accuracy", "handcrafted.culture.plate_split.linear_probe.kappa"):
+        for key in (
+            "embedding.culture.plate_split.random_forest.kappa",
+            "embedding.culture.image_split.linear_probe.kappa",
+            "handcrafted.culture.accuracy",
+            "handcrafted.culture.plate_split.linear_probe.kappa",
+        ):
             assert key in run.data.metrics, key
         assert p["evaluation.splits"] == "image,plate" and p["evaluation.baselines"] == "raw_pixels,handcrafted"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
@@ -117,13 +143,19 @@ def test_embeddings_asset_writes_what_the_core_embedding_function_writes(trained
     assert asset.schema == again.schema and asset.num_rows == again.num_rows
     assert asset.select(list(PROVENANCE_COLUMNS)).equals(again.select(list(PROVENANCE_COLUMNS)))
     for vector in ("embedding", "embedding_invariant"):
-        np.testing.assert_allclose(np.stack(asset[vector].to_numpy(zero_copy_only=False)),
-                                   np.stack(again[vector].to_numpy(zero_copy_only=False)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.stack(asset[vector].to_numpy(zero_copy_only=False)),
+            np.stack(again[vector].to_numpy(zero_copy_only=False)),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_cluster_labels_align_with_provenance(trained):
     root, *_ = trained
-    emb = pq.read_table(root / "embeddings.parquet" / "variant=siamese_f" / "part-0.parquet", columns=list(PROVENANCE_COLUMNS)).to_pandas()
+    emb = pq.read_table(
+        root / "embeddings.parquet" / "variant=siamese_f" / "part-0.parquet", columns=list(PROVENANCE_COLUMNS)
+    ).to_pandas()
     labels = pq.read_table(root / "clusters.parquet" / "variant=siamese_f" / "part-0.parquet").to_pandas()
     pd.testing.assert_frame_equal(labels[list(PROVENANCE_COLUMNS)], emb)
     assert {"umap_x", "umap_y", "hdbscan", "hdbscan_noise", "gmm", "gmm_prob", "gmm_probs", "auto"} <= set(labels)
@@ -139,10 +171,20 @@ def test_new_plate_is_labelled_without_refit(trained):
     late = root / "late_plate"
     shutil.move(late, root / "raw" / late.name)
     instance.add_dynamic_partitions(plates.name, [late.name])
-    assert dg.materialize([raw_plates, cell_coordinates, cell_crops], partition_key=late.name, instance=instance,
-                          resources=resources, run_config={"ops": {"cell_crops": {"config": {"crop_size": 64}}}}).success
-    assert dg.materialize([embeddings], partition_key="siamese_f", instance=instance, resources=resources,
-                          run_config={"ops": {"embeddings": {"config": {"batch_size": 64}}}}).success
+    assert dg.materialize(
+        [raw_plates, cell_coordinates, cell_crops],
+        partition_key=late.name,
+        instance=instance,
+        resources=resources,
+        run_config={"ops": {"cell_crops": {"config": {"crop_size": 64}}}},
+    ).success
+    assert dg.materialize(
+        [embeddings],
+        partition_key="siamese_f",
+        instance=instance,
+        resources=resources,
+        run_config={"ops": {"embeddings": {"config": {"batch_size": 64}}}},
+    ).success
     result = dg.materialize([clusters], partition_key="siamese_f", instance=instance, resources=resources)
     meta = result.asset_materializations_for_node("clusters")[0].metadata
     new = pq.read_table(root / "clusters.parquet" / "variant=siamese_f" / "part-0.parquet").to_pandas()
@@ -151,7 +193,9 @@ def test_new_plate_is_labelled_without_refit(trained):
     assert meta["n_predicted_without_refit"].value == n_late
     assert json.loads(model.read_text())["fingerprint"] == before["fingerprint"]
     kept = new[new["plate"] != late.name].reset_index(drop=True)
-    pd.testing.assert_frame_equal(kept[["crop_id", "hdbscan", "gmm", "auto"]], old[["crop_id", "hdbscan", "gmm", "auto"]])
+    pd.testing.assert_frame_equal(
+        kept[["crop_id", "hdbscan", "gmm", "auto"]], old[["crop_id", "hdbscan", "gmm", "auto"]]
+    )
 
 
 def test_report_renders_with_every_figure(trained):

@@ -22,9 +22,6 @@ limit_cpu_threads(2, 1)
 import tensorflow as tf  # noqa: E402
 
 from gbm_assets.errors import InputError  # noqa: E402
-from gbm_assets.imaging.crops import decode_crops  # noqa: E402
-from gbm_assets.models import augmentation as aug  # noqa: E402
-from gbm_assets.models.augmentation import dilate_masks  # noqa: E402
 from gbm_assets.imaging.crop_dataset import (  # noqa: E402
     CropSelection,
     count_crops,
@@ -32,12 +29,15 @@ from gbm_assets.imaging.crop_dataset import (  # noqa: E402
     iter_record_batches,
     read_crop_size,
 )
+from gbm_assets.imaging.crops import decode_crops  # noqa: E402
+from gbm_assets.imaging.synthetic_crops import write_synthetic_crops  # noqa: E402
+from gbm_assets.models import augmentation as aug  # noqa: E402
+from gbm_assets.models.augmentation import dilate_masks  # noqa: E402
 from gbm_assets.models.dataset import training_dataset  # noqa: E402
 from gbm_assets.models.encoders import build_autoencoder, build_siamese_encoder  # noqa: E402
 from gbm_assets.models.losses import barlow_twins_loss  # noqa: E402
 from gbm_assets.models.training import TrainConfig, embed_batch, embed_crops, train_encoder  # noqa: E402
 from gbm_assets.models.variants import VARIANTS, Variant, get_variant, variant_names  # noqa: E402
-from gbm_assets.imaging.synthetic_crops import write_synthetic_crops  # noqa: E402
 from gbm_assets.schema import PROVENANCE_COLUMNS  # noqa: E402
 
 SIZE = 32
@@ -199,7 +199,7 @@ def test_partial_blackout_spares_the_dilated_cell():
     assert np.array_equal(out[kept], images[kept])
     zeroed = out == 0
     assert zeroed.any(axis=(1, 2, 3)).all()  # every crop lost some background
-    for z, k in zip(zeroed[..., 0], kept[..., 0]):  # one square, minus the dilated cell
+    for z, k in zip(zeroed[..., 0], kept[..., 0], strict=False):  # one square, minus the dilated cell
         rows, cols = np.nonzero(z)
         box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
         assert (z[box] | k[box]).all()
@@ -299,8 +299,8 @@ def test_training_stream_is_seeded_and_fresh_every_pass(crops_dir):
     variant = get_variant("siamese_f")
     make = lambda seed: training_dataset(CropSelection.of(crops_dir, seed=seed), variant, 8, 32)  # noqa: E731
     first, second, other = take(make(1), 18), take(make(1), 18), take(make(2), 3)
-    for a, b in zip(first, second):
-        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(first, second, strict=False):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
     assert not np.array_equal(first[0][0], other[0][0])
     view1, view2 = first[0]
     assert view1.shape == view2.shape == (8, SIZE, SIZE, 1) and view1.dtype == np.float32
@@ -323,7 +323,7 @@ def test_inference_batches_keep_provenance_with_pixels(crops_dir):
     assert list(rows.columns) == list(PROVENANCE_COLUMNS)
     assert pixels.shape == (20, SIZE, SIZE, 1) and pixels.dtype == np.float32
     stored = {r["crop_id"]: r["pixels"] for r in read_all(crops_dir).to_pylist()}
-    for crop_id, crop in zip(rows["crop_id"], pixels):
+    for crop_id, crop in zip(rows["crop_id"], pixels, strict=False):
         assert np.array_equal(np.rint(crop[..., 0] * 255).astype(np.uint8).tobytes(), stored[crop_id])
 
 
@@ -380,8 +380,9 @@ def test_invariant_embedding_ignores_rotation_and_flip():
     x = np.random.default_rng(5).random((3, SIZE, SIZE, 1)).astype(np.float32)
     plain = embed_batch(encoder, x, invariant=True)
     for moved in (np.rot90(x, 1, axes=(1, 2)), np.rot90(x, 2, axes=(1, 2)), x[:, :, ::-1]):
-        np.testing.assert_allclose(embed_batch(encoder, np.ascontiguousarray(moved), invariant=True), plain,
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            embed_batch(encoder, np.ascontiguousarray(moved), invariant=True), plain, rtol=1e-4, atol=1e-5
+        )
     assert not np.allclose(embed_batch(encoder, np.rot90(x, 1, axes=(1, 2)).copy()), embed_batch(encoder, x))
 
 
@@ -400,10 +401,12 @@ def test_training_config_fills_the_core_parameters():
     """Run config to core parameters by field name, as CellFindingConfig.params() does."""
     from gbm_assets.assets.encoders import TrainingConfig
 
-    assert TrainingConfig().params() == TrainConfig(epochs=2, max_steps_per_epoch=12, batch_size=128, seed=0,
-                                                    max_crops=None, shuffle_buffer=2048)
+    assert TrainingConfig().params() == TrainConfig(
+        epochs=2, max_steps_per_epoch=12, batch_size=128, seed=0, max_crops=None, shuffle_buffer=2048
+    )
     assert TrainingConfig(epochs=5, max_crops=40, seed=2, mlflow_retries=0).params() == TrainConfig(
-        epochs=5, max_steps_per_epoch=12, batch_size=128, seed=2, max_crops=40, shuffle_buffer=2048)
+        epochs=5, max_steps_per_epoch=12, batch_size=128, seed=2, max_crops=40, shuffle_buffer=2048
+    )
 
 
 def test_write_embeddings_is_embed_crops_plain_and_invariant(crops_dir, tmp_path):
@@ -413,12 +416,14 @@ def test_write_embeddings_is_embed_crops_plain_and_invariant(crops_dir, tmp_path
 
     encoder = build_siamese_encoder(SIZE, 8)
     progress = []
-    done, seconds = write_embeddings(encoder, crops_dir, tmp_path / "emb.parquet", 16,
-                                     on_progress=lambda n, total, rate: progress.append((n, total)))
+    done, seconds = write_embeddings(
+        encoder, crops_dir, tmp_path / "emb.parquet", 16, on_progress=lambda n, total, rate: progress.append((n, total))
+    )
     assert done == 72 and seconds > 0 and progress[0] == (16, 72) and progress[-1] == (72, 72)
     for vector, invariant in (("embedding", False), ("embedding_invariant", True)):
         stored = list(iter_embeddings(tmp_path / "emb.parquet", 16, vector=vector))
         computed = list(embed_crops(encoder, crops_dir, 16, invariant=invariant))
         assert [i for r, _ in stored for i in r["crop_id"]] == [i for r, _ in computed for i in r["crop_id"]]
-        np.testing.assert_allclose(np.concatenate([x for _, x in stored]), np.concatenate([x for _, x in computed]),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.concatenate([x for _, x in stored]), np.concatenate([x for _, x in computed]), rtol=1e-5, atol=1e-6
+        )

@@ -42,11 +42,15 @@ FORMULAS = ['=HYPERLINK("http://x","y")', "+1", "@SUM(A1)", "-cmd", "\tTAB", "\r
 def labelled_cells(cultures: list[str], n: int = 240, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     cluster = rng.integers(-1, 3, size=n)
-    return pd.DataFrame({
-        "umap_x": rng.normal(size=n), "umap_y": rng.normal(size=n),
-        "hdbscan": cluster, "morphotype": np.maximum(cluster, 0),
-        "culture": np.resize(np.array(cultures, dtype=object), n),
-    })
+    return pd.DataFrame(
+        {
+            "umap_x": rng.normal(size=n),
+            "umap_y": rng.normal(size=n),
+            "hdbscan": cluster,
+            "morphotype": np.maximum(cluster, 0),
+            "culture": np.resize(np.array(cultures, dtype=object), n),
+        }
+    )
 
 
 @pytest.fixture
@@ -79,6 +83,7 @@ def assert_literal(fig, names) -> None:
 
 # --- item 9: figures ------------------------------------------------------------------------------
 
+
 def test_figures_draw_every_name_literally(tmp_path, drawn_figures):
     cells = labelled_cells(NAMES)
     comp = composition(cells["hdbscan"], cells["culture"], n_boot=50)
@@ -87,9 +92,17 @@ def test_figures_draw_every_name_literally(tmp_path, drawn_figures):
         umap_scatter(cells, "culture", tmp_path / "umap.png"),
         stacked_composition_bar(comp, tmp_path / "bar.png"),
         crop_montage(crops, cells["hdbscan"], tmp_path / "montage.png"),
-        plot_confusion({"confusion": np.eye(len(NAMES), dtype=int), "classes": NAMES,
-                        "accuracy": 1.0, "kappa": 1.0, "majority_baseline": 0.25},
-                       "$x^$ variant", tmp_path / "confusion.png"),
+        plot_confusion(
+            {
+                "confusion": np.eye(len(NAMES), dtype=int),
+                "classes": NAMES,
+                "accuracy": 1.0,
+                "kappa": 1.0,
+                "majority_baseline": 0.25,
+            },
+            "$x^$ variant",
+            tmp_path / "confusion.png",
+        ),
     ]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     umap, bar, montage, confusion = drawn_figures
@@ -101,6 +114,7 @@ def test_figures_draw_every_name_literally(tmp_path, drawn_figures):
 
 
 # --- item 9: the report's HTML and Markdown -------------------------------------------------------
+
 
 class _Page(HTMLParser):
     def __init__(self):
@@ -139,8 +153,10 @@ def report_section(tmp_path, variant: str, cultures: list[str]) -> VariantSectio
         umap_scatters=[umap_scatter(cells, "culture", tmp_path / "umap_culture.png")],
         composition_bar=stacked_composition_bar(comp, tmp_path / "bar.png"),
         composition=comp,
-        cluster_metrics={"hdbscan": {"n_clusters": 3, "silhouette": -0.25},
-                         "gmm": {"n_clusters": 3, "silhouette": 0.125}},
+        cluster_metrics={
+            "hdbscan": {"n_clusters": 3, "silhouette": -0.25},
+            "gmm": {"n_clusters": 3, "silhouette": 0.125},
+        },
         composition_error=composition_error(cells["hdbscan"], cells["morphotype"], cells["culture"]),
         notes=f"plate {HOSTILE}",
     )
@@ -182,13 +198,16 @@ def test_markdown_summary_escapes_names():
 
 # --- item 9: the explorer page ---------------------------------------------------------------------
 
+
 def hostile_points(n: int) -> pd.DataFrame:
     points = explorer_labels(n)
     k = np.arange(n) % len(NAMES)
     names = np.array(NAMES, dtype=object)
     return points.assign(
-        culture=names[k], plate=names[::-1][k],
-        image=[f"{HOSTILE}_{i}.tif" for i in range(n)], concentration=names[(k + 1) % len(NAMES)],
+        culture=names[k],
+        plate=names[::-1][k],
+        image=[f"{HOSTILE}_{i}.tif" for i in range(n)],
+        concentration=names[(k + 1) % len(NAMES)],
         crop_id=[f"{HOSTILE}:{i}" for i in range(n)],
     )
 
@@ -241,8 +260,9 @@ def test_explorer_page_works_with_hostile_names(tmp_path):
         legend = page.eval_on_selector_all("#legend [data-category]", "els => els.map(e => e.dataset.category)")
         assert sorted(legend) == sorted(NAMES)
         page.click(f"#legend [data-category={json.dumps(HOSTILE)}]")
-        assert sorted(page.evaluate("explorer.visibleIndices()")) == \
-            np.flatnonzero(points["culture"] == HOSTILE).tolist()
+        assert (
+            sorted(page.evaluate("explorer.visibleIndices()")) == np.flatnonzero(points["culture"] == HOSTILE).tolist()
+        )
         i = int(page.evaluate("explorer.visibleIndices()")[0])
         page.mouse.move(**page.evaluate(f"explorer.screenPosition({i})"))
         page.wait_for_selector("#tooltip:not([hidden])")
@@ -255,15 +275,18 @@ def test_explorer_page_works_with_hostile_names(tmp_path):
 
 # --- item 10: CSV formula injection ----------------------------------------------------------------
 
+
 def test_to_csv_safe_prefixes_formula_text_and_keeps_numbers(tmp_path):
-    table = pd.DataFrame({
-        "name": FORMULAS + ["-0.5", "plain", None],
-        "number": [-0.5, 1.0, -2.0, 3.5, -1e-5, 0.0, -7.25, 2.0, np.nan],
-        "count": np.arange(-4, 5),
-        "flag": [True, False] * 4 + [True],
-        "kind": pd.Categorical(["=A1", "ok", "@x"] * 3),
-        "text": pd.array(["-x", "x", "+y"] * 3, dtype="string"),
-    })
+    table = pd.DataFrame(
+        {
+            "name": FORMULAS + ["-0.5", "plain", None],
+            "number": [-0.5, 1.0, -2.0, 3.5, -1e-5, 0.0, -7.25, 2.0, np.nan],
+            "count": np.arange(-4, 5),
+            "flag": [True, False] * 4 + [True],
+            "kind": pd.Categorical(["=A1", "ok", "@x"] * 3),
+            "text": pd.array(["-x", "x", "+y"] * 3, dtype="string"),
+        }
+    )
     safe = neutralise_formulas(table)
     assert safe["name"].tolist()[:6] == ["'" + f for f in FORMULAS]
     assert safe["name"].tolist()[6:8] == ["-0.5", "plain"] and safe["name"].isna().iloc[8]
@@ -279,8 +302,9 @@ def test_to_csv_safe_prefixes_formula_text_and_keeps_numbers(tmp_path):
     np.testing.assert_array_equal(back["count"].to_numpy(), table["count"].to_numpy())
     assert to_csv_safe(pd.DataFrame({"=h": ["a"]}), index=False).splitlines()[0] == "'=h"
     # a carriage return inside a name stays inside its (quoted) cell: no new row starting "=cmd"
-    rows = list(csv.reader(io.StringIO(to_csv_safe(pd.DataFrame({"a": ["x\r=cmd"], "b": [1]}), index=False),
-                                       newline="")))
+    rows = list(
+        csv.reader(io.StringIO(to_csv_safe(pd.DataFrame({"a": ["x\r=cmd"], "b": [1]}), index=False), newline=""))
+    )
     assert rows == [["a", "b"], ["x\r=cmd", "1"]]
 
 
@@ -292,7 +316,8 @@ def test_report_csvs_neutralise_formula_names_and_keep_numbers(tmp_path):
 
     comp = pd.read_csv(out / "B_composition.csv", keep_default_na=False)
     expected = section.composition.assign(
-        culture=["'" + c if c in FORMULAS else c for c in section.composition["culture"]])
+        culture=["'" + c if c in FORMULAS else c for c in section.composition["culture"]]
+    )
     pd.testing.assert_frame_equal(comp, expected.reset_index(drop=True), check_dtype=False)
     assert {"'" + f for f in FORMULAS[:4]} <= set(comp["culture"]) and "-0.5" in set(comp["culture"])
 
@@ -338,9 +363,14 @@ def test_segment_csv_neutralises_image_names_the_segmenter_reports(tmp_path, mon
 
     image = tmp_path / "img.png"
     cv2.imwrite(str(image), np.zeros((8, 8), np.uint8))
-    found = plate_cells.ImageCells(image='=HYPERLINK("http://x","y").tif',
-                                   cells=pd.DataFrame({"cell_id": [1, 2], "x": [3, -1], "y": [-0.5, 2.0], "area": 10.0, "qc": "cell"}),
-                                   labels_png=b"", height=8, width=8, measures={})
+    found = plate_cells.ImageCells(
+        image='=HYPERLINK("http://x","y").tif',
+        cells=pd.DataFrame({"cell_id": [1, 2], "x": [3, -1], "y": [-0.5, 2.0], "area": 10.0, "qc": "cell"}),
+        labels_png=b"",
+        height=8,
+        width=8,
+        measures={},
+    )
     monkeypatch.setattr(plate_coordinates, "find_plate_cells", lambda *a, **k: iter([found]))
     out = tmp_path / "cells.csv"
     assert main(["segment", str(image), "--out", str(out), "--workers", "1", "--cell-diameter", "40"]) == 0

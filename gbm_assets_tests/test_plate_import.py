@@ -18,24 +18,35 @@ def _export(folder, wells, positions=(1,), stamps=("00d00h00m",), vessel="GBM03"
     for well in wells:
         for pos in positions:
             for stamp in stamps:
-                tifffile.imwrite(folder / f"{vessel}_{channel}_{well}_{pos}_{stamp}.tif",
-                                 rng.integers(0, 4000, size=size).astype(np.uint16))
+                tifffile.imwrite(
+                    folder / f"{vessel}_{channel}_{well}_{pos}_{stamp}.tif",
+                    rng.integers(0, 4000, size=size).astype(np.uint16),
+                )
     return folder
 
 
-@pytest.mark.parametrize("name, hours", [
-    ("GBM03_Phase_B2_1_00d04h00m.tif", 4.0), ("GBM03_Phase_B2_1_01d04h00m.tif", 28.0),
-    ("GBM03_Phase_B2_1_02d04h30m.tif", 52.5), ("x_05d23h59m.jpg", 5 * 24 + 23 + 59 / 60), ("t07.tif", None),
-])
+@pytest.mark.parametrize(
+    "name, hours",
+    [
+        ("GBM03_Phase_B2_1_00d04h00m.tif", 4.0),
+        ("GBM03_Phase_B2_1_01d04h00m.tif", 28.0),
+        ("GBM03_Phase_B2_1_02d04h30m.tif", 52.5),
+        ("x_05d23h59m.jpg", 5 * 24 + 23 + 59 / 60),
+        ("t07.tif", None),
+    ],
+)
 def test_elapsed_time_in_names(name, hours):
     assert elapsed_hours(name) == pytest.approx(hours) if hours is not None else elapsed_hours(name) is None
 
 
-@pytest.mark.parametrize("name, well, position, group, hours", [
-    ("My_Vessel_2_Phase_B02_3_02d04h30m.tif", "B2", "3", "My_Vessel_2_Phase", 52.5),  # Incucyte S3
-    ("VID193_A1_1_2016y06m23d_11h41m.tif", "A1", "1", "VID193", None),  # Incucyte Zoom, absolute time
-    ("A172_Phase_C7_1_01d00h00m_2.tif", "C7", "1_2", "A172_Phase", 24.0),  # LIVECell tile 2 of a field
-])
+@pytest.mark.parametrize(
+    "name, well, position, group, hours",
+    [
+        ("My_Vessel_2_Phase_B02_3_02d04h30m.tif", "B2", "3", "My_Vessel_2_Phase", 52.5),  # Incucyte S3
+        ("VID193_A1_1_2016y06m23d_11h41m.tif", "A1", "1", "VID193", None),  # Incucyte Zoom, absolute time
+        ("A172_Phase_C7_1_01d00h00m_2.tif", "C7", "1_2", "A172_Phase", 24.0),  # LIVECell tile 2 of a field
+    ],
+)
 def test_instrument_name_parts(name, well, position, group, hours):
     parsed = parse_instrument_name(name)
     assert (parsed.well, parsed.position, parsed.group) == (well, position, group)
@@ -74,12 +85,15 @@ def test_plate_map_must_cover_every_well(tmp_path):
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
 
 
-@pytest.mark.parametrize("content, message", [
-    ("culture\nGBM03\n", "needs a 'well' column"),
-    ("well\nB2\n", "at least one of"),
-    ("well,culture\nB2,A\nb02,B\n", "B2 is listed more than once"),
-    ("well,replicate\nB2,1.5\n", r"line 2, column 'replicate'.*not a whole number"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("culture\nGBM03\n", "needs a 'well' column"),
+        ("well\nB2\n", "at least one of"),
+        ("well,culture\nB2,A\nb02,B\n", "B2 is listed more than once"),
+        ("well,replicate\nB2,1.5\n", r"line 2, column 'replicate'.*not a whole number"),
+    ],
+)
 def test_bad_plate_maps(tmp_path, content, message):
     (tmp_path / "map.csv").write_text(content)
     with pytest.raises(PlateError, match=message):
@@ -110,12 +124,15 @@ def test_absolute_time_stamps_count_from_the_first_scan(tmp_path):
     assert m["timepoint_h"].tolist() == [0.0, 3.5]
 
 
-@pytest.mark.parametrize("pattern, message", [
-    (r"(\d+)d(\d+)h", "has 2 groups; it needs exactly one"),
-    (r"_B(\d)_", "gives all 3 images the same time point"),
-    (r"(GBM)03", r"group matched 'GBM', not a number"),
-    (r"t(\d+", "not a regular expression"),
-])
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        (r"(\d+)d(\d+)h", "has 2 groups; it needs exactly one"),
+        (r"_B(\d)_", "gives all 3 images the same time point"),
+        (r"(GBM)03", r"group matched 'GBM', not a number"),
+        (r"t(\d+", "not a regular expression"),
+    ],
+)
 def test_timepoint_pattern_errors(tmp_path, pattern, message):
     export = _export(tmp_path / "export", ["B2"], stamps=("00d04h00m", "01d04h00m", "02d04h30m"))
     with pytest.raises(PlateError, match=message):
@@ -178,8 +195,12 @@ def test_stack_frame_interval_from_ome_metadata(tmp_path):
     source = tmp_path / "src"
     source.mkdir()
     frames = np.stack([np.full((32, 40), k, np.uint16) for k in range(4)])
-    tifffile.imwrite(source / "pos1.ome.tif", frames, ome=True,
-                     metadata={"axes": "TYX", "TimeIncrement": 30, "TimeIncrementUnit": "min"})
+    tifffile.imwrite(
+        source / "pos1.ome.tif",
+        frames,
+        ome=True,
+        metadata={"axes": "TYX", "TimeIncrement": 30, "TimeIncrementUnit": "min"},
+    )
     m = read_manifest(make_plate(source, tmp_path / "raw", "ome", culture="A"))
     assert m["image"].tolist() == [f"pos1_frame{k:03d}.tif" for k in range(4)]
     assert m["timepoint_h"].tolist() == [0.0, 0.5, 1.0, 1.5]
@@ -188,10 +209,16 @@ def test_stack_frame_interval_from_ome_metadata(tmp_path):
 def test_stack_frames_may_not_collide_with_another_file(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
-    tifffile.imwrite(export / "GBM03_Phase_B2_1_00d04h00m.tif", np.zeros((3, 32, 40), np.uint16), imagej=True,
-                     metadata={"axes": "TYX", "finterval": 1800})
+    tifffile.imwrite(
+        export / "GBM03_Phase_B2_1_00d04h00m.tif",
+        np.zeros((3, 32, 40), np.uint16),
+        imagej=True,
+        metadata={"axes": "TYX", "finterval": 1800},
+    )
     tifffile.imwrite(export / "GBM03_Phase_B2_1_00d05h00m.tif", np.zeros((32, 40), np.uint16))
-    with pytest.raises(PlateError, match=r"00d05h00m\.tif' has the same well B2, position 1 and time \(5 h\) as .*_frame002\.tif"):
+    with pytest.raises(
+        PlateError, match=r"00d05h00m\.tif' has the same well B2, position 1 and time \(5 h\) as .*_frame002\.tif"
+    ):
         make_plate(export, tmp_path / "raw", "p", culture="A")
 
 

@@ -35,7 +35,9 @@ from gbm_assets.imaging.plates import (
 from gbm_assets.paths import plate_file
 
 INGEST = [raw_plates, cell_coordinates, cell_crops]
-SMALL = {"ops": {"cell_crops": {"config": {"crop_size": 64, "workers": 1}}, "cell_coordinates": {"config": {"workers": 1}}}}
+SMALL = {
+    "ops": {"cell_crops": {"config": {"crop_size": 64, "workers": 1}}, "cell_coordinates": {"config": {"workers": 1}}}
+}
 CELLS_ONLY = {"ops": SMALL["ops"]}
 
 
@@ -48,8 +50,15 @@ def _one_plate(data_root) -> str:
 
 
 def _run(root, plate_id, instance, assets=INGEST, run_config=SMALL, tags=None):
-    return dg.materialize(assets, partition_key=plate_id, instance=instance, resources={"data": DataDirs(root=str(root))},
-                          run_config=run_config, tags=tags, raise_on_error=False)
+    return dg.materialize(
+        assets,
+        partition_key=plate_id,
+        instance=instance,
+        resources={"data": DataDirs(root=str(root))},
+        run_config=run_config,
+        tags=tags,
+        raise_on_error=False,
+    )
 
 
 def _failure(result) -> str:
@@ -57,13 +66,19 @@ def _failure(result) -> str:
 
 
 def _outputs(root, plate_id) -> dict:
-    return {name: plate_file(root / name, plate_id).read_bytes()
-            for name in ("cell_coordinates.parquet", "cell_masks", "cell_crops.parquet")}
+    return {
+        name: plate_file(root / name, plate_id).read_bytes()
+        for name in ("cell_coordinates.parquet", "cell_masks", "cell_crops.parquet")
+    }
 
 
 def _leftovers(root, plate_id) -> list:
-    return [p.name for name in ("cell_coordinates.parquet", "cell_masks", "cell_crops.parquet")
-            for p in plate_file(root / name, plate_id).parent.iterdir() if p.name != "part-0.parquet"]
+    return [
+        p.name
+        for name in ("cell_coordinates.parquet", "cell_masks", "cell_crops.parquet")
+        for p in plate_file(root / name, plate_id).parent.iterdir()
+        if p.name != "part-0.parquet"
+    ]
 
 
 def _change_culture(plate_dir, culture="GBM99"):
@@ -83,6 +98,7 @@ def ingested(data_root):
 
 
 # --- the version itself (pure) -------------------------------------------------------------------
+
 
 def test_plate_version_follows_manifest_content_and_image_files(data_root):
     plate_dir = data_root / "raw" / _one_plate(data_root)
@@ -104,6 +120,7 @@ def test_plate_version_follows_manifest_content_and_image_files(data_root):
 
 
 # --- item 2: one manifest version per run --------------------------------------------------------
+
 
 def test_happy_path_records_the_version_in_metadata_and_files(ingested):
     root, plate_id, _, result = ingested
@@ -144,7 +161,9 @@ def test_manifest_rewritten_between_coordinates_and_crops_is_refused(ingested):
     root, plate_id, instance, _ = ingested
     before = _outputs(root, plate_id)
     _change_culture(root / "raw" / plate_id)
-    result = _run(root, plate_id, instance, assets=[cell_crops], run_config={"ops": {"cell_crops": SMALL["ops"]["cell_crops"]}})
+    result = _run(
+        root, plate_id, instance, assets=[cell_crops], run_config={"ops": {"cell_crops": SMALL["ops"]["cell_crops"]}}
+    )
     assert not result.success
     assert f"plate '{plate_id}' changed since cell_coordinates found its cells" in _failure(result)
     assert _outputs(root, plate_id) == before and not _leftovers(root, plate_id)
@@ -155,7 +174,9 @@ def test_image_replaced_between_steps_is_refused(ingested):
     before = _outputs(root, plate_id)
     image = root / "raw" / plate_id / "img000.tif"
     shutil.copyfile(root / "raw" / plate_id / "img001.tif", image)  # another image under the same name
-    result = _run(root, plate_id, instance, assets=[cell_crops], run_config={"ops": {"cell_crops": SMALL["ops"]["cell_crops"]}})
+    result = _run(
+        root, plate_id, instance, assets=[cell_crops], run_config={"ops": {"cell_crops": SMALL["ops"]["cell_crops"]}}
+    )
     assert not result.success
     assert "its images changed" in _failure(result)
     assert _outputs(root, plate_id) == before
@@ -171,7 +192,9 @@ def test_manifest_rewritten_while_cropping_keeps_previous_crops(ingested, monkey
         _change_culture(root / "raw" / plate_id)  # lands after every crop was written to the temp file
 
     monkeypatch.setattr(cells_module, "crop_plate", crop_then_rewrite)
-    result = _run(root, plate_id, instance, assets=[cell_crops], run_config={"ops": {"cell_crops": SMALL["ops"]["cell_crops"]}})
+    result = _run(
+        root, plate_id, instance, assets=[cell_crops], run_config={"ops": {"cell_crops": SMALL["ops"]["cell_crops"]}}
+    )
     assert not result.success
     assert "changed since cell_crops began" in _failure(result)
     assert _outputs(root, plate_id) == before and not _leftovers(root, plate_id)
@@ -180,14 +203,25 @@ def test_manifest_rewritten_while_cropping_keeps_previous_crops(ingested, monkey
 def test_steps_without_a_recorded_version_are_refused(ingested):
     root, plate_id, instance, _ = ingested
     (root / "plate_versions" / f"{plate_id}.json").unlink()
-    result = _run(root, plate_id, instance, assets=[cell_coordinates], run_config={"ops": {"cell_coordinates": SMALL["ops"]["cell_coordinates"]}})
+    result = _run(
+        root,
+        plate_id,
+        instance,
+        assets=[cell_coordinates],
+        run_config={"ops": {"cell_coordinates": SMALL["ops"]["cell_coordinates"]}},
+    )
     assert not result.success
     assert f"no plate version recorded for plate '{plate_id}'; materialize raw_plates" in _failure(result)
     # Coordinates written before versions were recorded: cell_crops asks for them again.
     coords = plate_file(root / "cell_coordinates.parquet", plate_id)
     table = pq.read_table(coords)
-    pq.write_table(table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items() if not k.startswith(b"gbm.")}), coords)
-    result = _run(root, plate_id, instance, assets=[cell_crops], run_config={"ops": {"cell_crops": SMALL["ops"]["cell_crops"]}})
+    pq.write_table(
+        table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items() if not k.startswith(b"gbm.")}),
+        coords,
+    )
+    result = _run(
+        root, plate_id, instance, assets=[cell_crops], run_config={"ops": {"cell_crops": SMALL["ops"]["cell_crops"]}}
+    )
     assert not result.success
     assert "materialize cell_coordinates for it first" in _failure(result)
 
@@ -203,6 +237,7 @@ def test_a_corrupt_version_record_is_named(tmp_path):
 
 
 # --- item 3: a failed plate is retried -----------------------------------------------------------
+
 
 class Clock:
     def __init__(self):
@@ -322,6 +357,7 @@ def test_retry_settings_are_checked(failed_plate, clock, monkeypatch):
 
 # --- the sensor's cursor: versions replace manifest mtimes ---------------------------------------
 
+
 def test_plates_ingested_before_versions_migrate_from_the_old_cursor(data_root):
     plate_id = _one_plate(data_root)
     data = DataDirs(root=str(data_root))
@@ -335,7 +371,9 @@ def test_plates_ingested_before_versions_migrate_from_the_old_cursor(data_root):
     assert not same.run_requests  # the manifest is the one the old sensor saw
     assert json.loads(same.cursor)["format"] == sensors.CURSOR_FORMAT
     stale = json.dumps({plate_id: manifest.stat().st_mtime_ns - 1})
-    assert [r.partition_key for r in _tick(instance, data, stale).run_requests] == [plate_id]  # changed before the upgrade
+    assert [r.partition_key for r in _tick(instance, data, stale).run_requests] == [
+        plate_id
+    ]  # changed before the upgrade
     # First sight (no cursor) adopts the crops as they are; a later manifest change re-runs the plate.
     adopted = _tick(instance, data)
     assert not adopted.run_requests

@@ -128,15 +128,18 @@ def _manifest_bytes(plate, text: str, encoding: str = "utf-8") -> None:
     (plate / "manifest.csv").write_bytes(text.encode(encoding))
 
 
-@pytest.mark.parametrize("text, encoding", [
-    ("\ufeffImage,CULTURE , Timepoint_H\r\nimg0.tif,Zürich,1\r\nimg1.tif,Zürich,2\r\n,,\r\n,,\r\n", "utf-8"),
-    ("image\tculture\ttimepoint_h\nimg0.tif\tZürich\t1,0\nimg1.tif\tZürich\t2\n\n", "utf-8"),
-    ("image;culture;timepoint_h\r\nimg0.tif;Zürich;1,0\r\nimg1.tif;Zürich;2,0\r\n", "cp1252"),
-    ("image\tculture\ttimepoint_h\r\nimg0.tif\tZürich\t1\r\nimg1.tif\tZürich\t2\r\n", "utf-16"),
-    ('"image","culture","timepoint_h"\nimg0.tif,"Zürich",1\n"img1.tif",Zürich,2.0\n', "utf-8"),
-    ("image,culture,timepoint_h,,\nimg0.tif,Zürich,1,,\nimg1.tif,Zürich,2,,\n", "utf-8"),
-    ("sep=;\r\nimage;culture;timepoint_h\r\nimg0.tif;Zürich;1\r\nimg1.tif;Zürich;2\r\n", "utf-8"),
-])
+@pytest.mark.parametrize(
+    "text, encoding",
+    [
+        ("\ufeffImage,CULTURE , Timepoint_H\r\nimg0.tif,Zürich,1\r\nimg1.tif,Zürich,2\r\n,,\r\n,,\r\n", "utf-8"),
+        ("image\tculture\ttimepoint_h\nimg0.tif\tZürich\t1,0\nimg1.tif\tZürich\t2\n\n", "utf-8"),
+        ("image;culture;timepoint_h\r\nimg0.tif;Zürich;1,0\r\nimg1.tif;Zürich;2,0\r\n", "cp1252"),
+        ("image\tculture\ttimepoint_h\r\nimg0.tif\tZürich\t1\r\nimg1.tif\tZürich\t2\r\n", "utf-16"),
+        ('"image","culture","timepoint_h"\nimg0.tif,"Zürich",1\n"img1.tif",Zürich,2.0\n', "utf-8"),
+        ("image,culture,timepoint_h,,\nimg0.tif,Zürich,1,,\nimg1.tif,Zürich,2,,\n", "utf-8"),
+        ("sep=;\r\nimage;culture;timepoint_h\r\nimg0.tif;Zürich;1\r\nimg1.tif;Zürich;2\r\n", "utf-8"),
+    ],
+)
 def test_manifests_as_spreadsheets_save_them(tmp_path, text, encoding):
     plate = write_tiny_plate(tmp_path / "p")
     _manifest_bytes(plate, text, encoding)
@@ -146,16 +149,31 @@ def test_manifests_as_spreadsheets_save_them(tmp_path, text, encoding):
     assert list(m.columns) == list(MANIFEST_COLUMNS)  # no nameless columns from trailing delimiters
 
 
-@pytest.mark.parametrize("text, message", [
-    ("image,culture,replicate\nimg0.tif,A,1\nimg1.tif,A,1.5\n", r"line 3, column 'replicate': '1.5' is not a whole number"),
-    ("image,culture,timepoint_h\nimg0.tif,A,inf\nimg1.tif,A,1\n", r"line 2, column 'timepoint_h': 'inf' is not a finite"),
-    ("image,culture,timepoint_h\nimg0.tif,A,nan\nimg1.tif,A,1\n", r"line 2, column 'timepoint_h': 'nan' is not a finite"),
-    ('image,culture,timepoint_h\nimg0.tif,A,"0,5"\nimg1.tif,A,1\n', r"line 2, column 'timepoint_h': '0,5' is not a number \(a decimal comma\?"),
-    ("image,culture\nimg0.tif,A\nimg1.tif,\n", r"line 3: empty culture"),
-    ("image,culture,Culture\nimg0.tif,A,B\n", r"manifest repeats a column name"),
-    ("image,culture\nimg0.tif,A,extra\n", r"line 2: 3 fields but the header has 2"),
-    ("sep=,\nimage,culture,replicate\nimg0.tif,A,x\n", r"line 3, column 'replicate': 'x' is not a number"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "image,culture,replicate\nimg0.tif,A,1\nimg1.tif,A,1.5\n",
+            r"line 3, column 'replicate': '1.5' is not a whole number",
+        ),
+        (
+            "image,culture,timepoint_h\nimg0.tif,A,inf\nimg1.tif,A,1\n",
+            r"line 2, column 'timepoint_h': 'inf' is not a finite",
+        ),
+        (
+            "image,culture,timepoint_h\nimg0.tif,A,nan\nimg1.tif,A,1\n",
+            r"line 2, column 'timepoint_h': 'nan' is not a finite",
+        ),
+        (
+            'image,culture,timepoint_h\nimg0.tif,A,"0,5"\nimg1.tif,A,1\n',
+            r"line 2, column 'timepoint_h': '0,5' is not a number \(a decimal comma\?",
+        ),
+        ("image,culture\nimg0.tif,A\nimg1.tif,\n", r"line 3: empty culture"),
+        ("image,culture,Culture\nimg0.tif,A,B\n", r"manifest repeats a column name"),
+        ("image,culture\nimg0.tif,A,extra\n", r"line 2: 3 fields but the header has 2"),
+        ("sep=,\nimage,culture,replicate\nimg0.tif,A,x\n", r"line 3, column 'replicate': 'x' is not a number"),
+    ],
+)
 def test_manifest_value_errors_name_line_and_column(tmp_path, text, message):
     plate = write_tiny_plate(tmp_path / "p")
     _manifest_bytes(plate, text)

@@ -102,8 +102,7 @@ def ingested(postgres_url, tmp_path_factory):
                 "ops": {"cell_crops": {"config": {"crop_size": 64}}},
             }
             results = [
-                dg.execute_job(INGEST_PLATE, instance, run_config=run_config,
-                               tags={"dagster/partition": plate_id})
+                dg.execute_job(INGEST_PLATE, instance, run_config=run_config, tags={"dagster/partition": plate_id})
                 for plate_id in plate_ids
             ]
             yield root, home, dagster_url, instance, plate_ids, results
@@ -120,8 +119,12 @@ def test_dagster_on_postgres_ingests_plates_in_separate_processes(ingested):
     assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
     assert instance.get_materialized_partitions(dg.AssetKey("cell_crops")) == set(plate_ids)
     # The events are rows in PostgreSQL, and nothing went to a SQLite file in DAGSTER_HOME.
-    rows = query(dagster_url, "SELECT DISTINCT partition FROM event_logs WHERE dagster_event_type = %s "
-                              "AND asset_key = %s", "ASSET_MATERIALIZATION", '["cell_crops"]')
+    rows = query(
+        dagster_url,
+        "SELECT DISTINCT partition FROM event_logs WHERE dagster_event_type = %s AND asset_key = %s",
+        "ASSET_MATERIALIZATION",
+        '["cell_crops"]',
+    )
     assert {r[0] for r in rows} == set(plate_ids)
     assert query(dagster_url, "SELECT count(*) FROM runs WHERE status = 'SUCCESS'") == [(2,)]
     assert not list(home.rglob("*.db"))
@@ -133,14 +136,26 @@ def test_mlflow_server_on_postgres_receives_a_training_run(ingested, postgres_ur
     root, _, _, instance, _, _ = ingested
     shared_artifacts = root / "shared_artifacts"
     shared_artifacts.mkdir()
-    with scratch_database(postgres_url, "gbm_mlflow") as store, \
-            mlflow_server(root / "mlflow-server.log", "--backend-store-uri", with_psycopg2(store),
-                          "--artifacts-destination", str(shared_artifacts), "--serve-artifacts") as server:
+    with (
+        scratch_database(postgres_url, "gbm_mlflow") as store,
+        mlflow_server(
+            root / "mlflow-server.log",
+            "--backend-store-uri",
+            with_psycopg2(store),
+            "--artifacts-destination",
+            str(shared_artifacts),
+            "--serve-artifacts",
+        ) as server,
+    ):
         tracking = MLflowTracking(tracking_uri=server.url)
         result = dg.materialize(
-            [trained_encoders], partition_key="siamese_d", instance=instance,
+            [trained_encoders],
+            partition_key="siamese_d",
+            instance=instance,
             resources={"data": DataDirs(root=str(root / "data")), "mlflow_tracking": tracking},
-            run_config={"ops": {"trained_encoders": {"config": {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16}}}},
+            run_config={
+                "ops": {"trained_encoders": {"config": {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16}}}
+            },
         )
         assert result.success, server.tail()
         run_id = result.asset_materializations_for_node("trained_encoders")[0].metadata["mlflow_run_id"].value

@@ -37,24 +37,30 @@ def fake_labels(n: int = 600, seed: int = 0) -> pd.DataFrame:
     cluster = rng.integers(-1, 5, size=n)
     centres = rng.normal(0, 5, size=(6, 2))
     xy = centres[cluster + 1] + rng.normal(0, 0.5, size=(n, 2))
-    return pd.DataFrame({
-        "umap_x": xy[:, 0], "umap_y": xy[:, 1],
-        "hdbscan": cluster,
-        "gmm": np.where(cluster < 0, 0, cluster),
-        "culture": rng.choice(["GBM03", "GBM11", "GBM27"], size=n),
-        "concentration": rng.choice(["250", "1000", "4000"], size=n),
-        "morphotype": np.where(cluster < 0, 0, cluster),
-    })
+    return pd.DataFrame(
+        {
+            "umap_x": xy[:, 0],
+            "umap_y": xy[:, 1],
+            "hdbscan": cluster,
+            "gmm": np.where(cluster < 0, 0, cluster),
+            "culture": rng.choice(["GBM03", "GBM11", "GBM27"], size=n),
+            "concentration": rng.choice(["250", "1000", "4000"], size=n),
+            "morphotype": np.where(cluster < 0, 0, cluster),
+        }
+    )
 
 
 def comparison_table() -> pd.DataFrame:
-    return pd.DataFrame([
-        ("raw pixels", 16384, np.nan, "none", 0.276, 0.430, 0.90),  # baseline never wins
-        ("autoencoder", 64, np.nan, "none", 0.299, 0.435, 0.083),
-        ("A", 128, 0.01, "none", 0.41, 0.47, 0.31),
-        ("B", 128, 0.1, "none", 0.463, 0.488, 0.37),
-        ("E", 128, 0.1, "PBR", 0.13, 0.43, 0.03),
-    ], columns=list(COMPARISON_COLUMNS))
+    return pd.DataFrame(
+        [
+            ("raw pixels", 16384, np.nan, "none", 0.276, 0.430, 0.90),  # baseline never wins
+            ("autoencoder", 64, np.nan, "none", 0.299, 0.435, 0.083),
+            ("A", 128, 0.01, "none", 0.41, 0.47, 0.31),
+            ("B", 128, 0.1, "none", 0.463, 0.488, 0.37),
+            ("E", 128, 0.1, "PBR", 0.13, 0.43, 0.03),
+        ],
+        columns=list(COMPARISON_COLUMNS),
+    )
 
 
 def confusion_png(path: Path) -> Path:
@@ -74,7 +80,9 @@ class _Page(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "img":  # with the link around it, if any
-            self.imgs.append({**attrs, "link": next((a.get("href") for t, a in reversed(self.stack) if t == "a"), None)})
+            self.imgs.append(
+                {**attrs, "link": next((a.get("href") for t, a in reversed(self.stack) if t == "a"), None)}
+            )
         if tag == "table":
             self.tables += 1
             self.wrapped_tables += any(t == "div" and a.get("class") == "table-wrap" for t, a in self.stack)
@@ -110,21 +118,28 @@ def sections(tmp_path_factory):
         df = fake_labels(seed=seed)
         comp = composition(df["hdbscan"], df["culture"], n_boot=200)
         crops = np.random.default_rng(seed).integers(0, 256, size=(len(df), 16, 16), dtype=np.uint8)
-        out.append(VariantSection(
-            variant=variant,
-            confusion_matrices=[confusion_png(d / f"{variant}_cm_culture.png"),
-                                confusion_png(d / f"{variant}_cm_concentration.png")],
-            umap_scatters=[umap_scatter(df, c, d / f"{variant}_umap_{c}.png")
-                           for c in ("culture", "hdbscan", "concentration")],
-            composition_bar=stacked_composition_bar(comp, d / f"{variant}_composition.png"),
-            montage=crop_montage(crops, df["hdbscan"], d / f"{variant}_montage.png"),
-            composition=comp,
-            chi_square=chi_square_culture_vs_type(df["hdbscan"], df["culture"]),
-            cluster_metrics={"hdbscan": {"n_clusters": 5, "noise_fraction": 0.17},
-                             "gmm": {"n_clusters": 5, "noise_fraction": 0.0}},
-            auto_k=5,
-            composition_error=composition_error(df["hdbscan"], df["morphotype"], df["culture"]),
-        ))
+        out.append(
+            VariantSection(
+                variant=variant,
+                confusion_matrices=[
+                    confusion_png(d / f"{variant}_cm_culture.png"),
+                    confusion_png(d / f"{variant}_cm_concentration.png"),
+                ],
+                umap_scatters=[
+                    umap_scatter(df, c, d / f"{variant}_umap_{c}.png") for c in ("culture", "hdbscan", "concentration")
+                ],
+                composition_bar=stacked_composition_bar(comp, d / f"{variant}_composition.png"),
+                montage=crop_montage(crops, df["hdbscan"], d / f"{variant}_montage.png"),
+                composition=comp,
+                chi_square=chi_square_culture_vs_type(df["hdbscan"], df["culture"]),
+                cluster_metrics={
+                    "hdbscan": {"n_clusters": 5, "noise_fraction": 0.17},
+                    "gmm": {"n_clusters": 5, "noise_fraction": 0.0},
+                },
+                auto_k=5,
+                composition_error=composition_error(df["hdbscan"], df["morphotype"], df["culture"]),
+            )
+        )
     return out
 
 
@@ -193,10 +208,14 @@ def test_report_page_stays_small(sections, tmp_path):
 def test_counts_print_as_integers_and_scores_rounded(sections, tmp_path):
     table = comparison_table()
     table.loc[0, "features"] = np.nan  # raw pixels without a feature count: the column turns float
-    section = VariantSection("A", cluster_metrics={"hdbscan": {"n_clusters": 5.0, "noise_fraction": 0.171234},
-                                                   "gmm": {"n_clusters": 11.0, "noise_fraction": 0.0}},
-                             chi_square={"chi2": 1234.5678, "dof": 8.0, "p_value": 0.000123, "cramers_v": 0.2,
-                                         "n_cells": 20000.0})
+    section = VariantSection(
+        "A",
+        cluster_metrics={
+            "hdbscan": {"n_clusters": 5.0, "noise_fraction": 0.171234},
+            "gmm": {"n_clusters": 11.0, "noise_fraction": 0.0},
+        },
+        chi_square={"chi2": 1234.5678, "dof": 8.0, "p_value": 0.000123, "cramers_v": 0.2, "n_cells": 20000.0},
+    )
     page = _Page()
     page.feed(write_report(tmp_path, table, [section]).read_text(encoding="utf-8"))
     assert not [c for c in page.cells if re.fullmatch(r"[1-9]\d*\.000", c.strip())], "an integer printed as a float"
@@ -243,9 +262,17 @@ def test_comparison_table_must_have_thesis_columns(tmp_path):
 
 
 def test_lead_says_when_cultures_differ_only_as_a_whole_or_cannot_be_compared():
-    clusters = pd.DataFrame({"cluster": [0, 1], "statistic": [0.1, 0.2], "p_value": [0.06, 0.07],
-                             "p_adjusted": [0.07, 0.07], "differs": [False, False],
-                             "share:GBM03": [0.4, 0.6], "share:GBM11": [0.6, 0.4]})
+    clusters = pd.DataFrame(
+        {
+            "cluster": [0, 1],
+            "statistic": [0.1, 0.2],
+            "p_value": [0.06, 0.07],
+            "p_adjusted": [0.07, 0.07],
+            "differs": [False, False],
+            "share:GBM03": [0.4, 0.6],
+            "share:GBM11": [0.6, 0.4],
+        }
+    )
     test = {"p_value": 0.049, "n_units": 7, "n_perm": 9999, "min_p": 0.048, "reason": "", "clusters": clusters}
     text = lead(comparison_table(), [VariantSection("B", culture_test=test)])
     assert "The composition as a whole differs between cultures (p = 0.049; 7 replicates as the units" in text

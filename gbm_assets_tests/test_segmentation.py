@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
-from gbm_assets.imaging.measurements import CELL_COLUMNS, measure_cells
 from gbm_assets.imaging.cell_quality import QUALITY_COLUMNS
+from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.measurements import CELL_COLUMNS, measure_cells
+from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, split_along_halos
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
@@ -84,8 +84,16 @@ def test_measurements_match_scikit_image_regionprops(monkeypatch):
     labels = np.zeros((300, 300), np.int32)
     for i in range(1, 13):
         centre, axes = rng.integers(30, 270, 2), rng.integers(5, 25, 2)
-        cv2.ellipse(labels, (int(centre[0]), int(centre[1])), (int(axes[0]), int(axes[1])), float(rng.uniform(0, 180)),
-                    0, 360, i, -1)
+        cv2.ellipse(
+            labels,
+            (int(centre[0]), int(centre[1])),
+            (int(axes[0]), int(axes[1])),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            i,
+            -1,
+        )
     ours = measure_cells(labels).set_index("cell_id")
     theirs = regionprops_cells(labels).set_index("cell_id").loc[ours.index]
     exact = [c for c in ("x", "y", *MEASUREMENT_COLUMNS) if c != "solidity"]
@@ -140,7 +148,7 @@ def test_two_touching_cells_are_split():
     cells, _ = find_cells(_phase_contrast(centres, radius=18))
     assert len(cells) == 2
     found = sorted(cells[["x", "y"]].itertuples(index=False))
-    for (x, y), (cx, cy) in zip(found, centres):
+    for (x, y), (cx, cy) in zip(found, centres, strict=False):
         assert np.hypot(x - cx, y - cy) < 6
 
 
@@ -150,7 +158,7 @@ def test_chain_of_touching_round_cells_is_split(radius, step):
     cells, _ = find_cells(_phase_contrast(centres, radius=radius))
     assert len(cells) == 4
     found = sorted(cells[["x", "y"]].itertuples(index=False))
-    for (x, y), (cx, cy) in zip(found, centres):
+    for (x, y), (cx, cy) in zip(found, centres, strict=False):
         assert np.hypot(x - cx, y - cy) < 5
 
 

@@ -29,7 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gbm_assets.analysis.clustering import MIN_CELLS, TooFewCells, assign_new, fit_clusters, load_clustering, save_clustering
+from gbm_assets.analysis.clustering import (
+    MIN_CELLS,
+    TooFewCells,
+    assign_new,
+    fit_clusters,
+    load_clustering,
+    save_clustering,
+)
 from gbm_assets.analysis.evaluation import why_not_evaluable
 from gbm_assets.analysis.report import write_report
 from gbm_assets.analysis.report_inputs import comparison_table
@@ -84,12 +91,21 @@ def clustered_once(tmp_path_factory, synth_plates):
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(plates.name, ids)
     for plate_id in ids:
-        assert dg.materialize(INGEST, partition_key=plate_id, instance=instance, resources={"data": DataDirs(root=str(root))},
-                              run_config=SMALL_CROPS).success
+        assert dg.materialize(
+            INGEST,
+            partition_key=plate_id,
+            instance=instance,
+            resources={"data": DataDirs(root=str(root))},
+            run_config=SMALL_CROPS,
+        ).success
     n = _write_embeddings(root)
     db = base / "mlflow.db"
-    assert dg.materialize([clusters], partition_key=VARIANT, instance=instance,
-                          resources={"data": DataDirs(root=str(root)), "mlflow_tracking": _tracking(db)}).success
+    assert dg.materialize(
+        [clusters],
+        partition_key=VARIANT,
+        instance=instance,
+        resources={"data": DataDirs(root=str(root)), "mlflow_tracking": _tracking(db)},
+    ).success
     return base, n
 
 
@@ -104,8 +120,18 @@ def clustered(clustered_once, tmp_path):
 
 def _outputs(root: Path) -> dict[str, bytes]:
     """Every file clusters writes (model, labels, explorer page), by path relative to the data folder."""
-    folders = [root / "cluster_models" / VARIANT, root / "clusters.parquet" / f"variant={VARIANT}", root / "reports" / "explorer"]
-    return {str(p.relative_to(root)): p.read_bytes() for f in folders if f.is_dir() for p in sorted(f.rglob("*")) if p.is_file()}
+    folders = [
+        root / "cluster_models" / VARIANT,
+        root / "clusters.parquet" / f"variant={VARIANT}",
+        root / "reports" / "explorer",
+    ]
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for f in folders
+        if f.is_dir()
+        for p in sorted(f.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -113,8 +139,14 @@ def _leftovers(root: Path) -> list[str]:
 
 
 def _run_clusters(root: Path, tracking: MLflowTracking, run_config=None):
-    return dg.materialize([clusters], partition_key=VARIANT, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
-                          resources={"data": DataDirs(root=str(root)), "mlflow_tracking": tracking}, run_config=run_config or {})
+    return dg.materialize(
+        [clusters],
+        partition_key=VARIANT,
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+        resources={"data": DataDirs(root=str(root)), "mlflow_tracking": tracking},
+        run_config=run_config or {},
+    )
 
 
 def _failure_text(result) -> str:
@@ -131,8 +163,11 @@ def _meta(result, node: str) -> dict:
 def test_locked_mlflow_store_leaves_previous_clusters_byte_identical(clustered):
     root, db, _ = clustered
     before = _outputs(root)
-    assert {"cluster_models/siamese_d/model.json", f"clusters.parquet/variant={VARIANT}/part-0.parquet",
-            f"reports/explorer/{VARIANT}.html"} <= set(before)
+    assert {
+        "cluster_models/siamese_d/model.json",
+        f"clusters.parquet/variant={VARIANT}/part-0.parquet",
+        f"reports/explorer/{VARIANT}.html",
+    } <= set(before)
     lock = sqlite3.connect(db, timeout=0, isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")  # another process holds the store, longer than the retry budget
     try:
@@ -165,7 +200,9 @@ def test_mlflow_failure_mid_run_leaves_previous_clusters_and_marks_run_failed(cl
     assert _outputs(root) == before
     assert _leftovers(root) == []
     mlflow.set_tracking_uri(f"sqlite:///{db}")
-    runs = mlflow.search_runs(experiment_names=["gbm-assets"], filter_string=f"tags.`dagster.run_id` = '{failed.run_id}'")
+    runs = mlflow.search_runs(
+        experiment_names=["gbm-assets"], filter_string=f"tags.`dagster.run_id` = '{failed.run_id}'"
+    )
     assert runs["status"].tolist() == ["FAILED"]
 
 
@@ -306,8 +343,11 @@ def test_clusters_asset_below_minimum_says_why_and_report_shows_it(clustered):
     meta = _meta(result, "clusters")
     assert meta["skipped"].startswith(f"{MIN_CELLS - 1} cells to cluster: clustering needs at least {MIN_CELLS}")
     assert not (root / "clusters.parquet" / f"variant={VARIANT}" / "part-0.parquet").exists()  # no stale labels
-    report = dg.materialize([composition_report], instance=dg.DagsterInstance.ephemeral(),
-                            resources={"data": DataDirs(root=str(root)), "mlflow_tracking": tracking})
+    report = dg.materialize(
+        [composition_report],
+        instance=dg.DagsterInstance.ephemeral(),
+        resources={"data": DataDirs(root=str(root)), "mlflow_tracking": tracking},
+    )
     page = Path(_meta(report, "composition_report")["report"]).read_text(encoding="utf-8")
     assert f"Not clustered: {MIN_CELLS - 1} cells to cluster: clustering needs at least {MIN_CELLS}" in page
     # Enough cells again: labels for every cell, and the note is gone.
@@ -322,27 +362,39 @@ def test_clusters_asset_below_minimum_says_why_and_report_shows_it(clustered):
 
 
 def _rows(cultures, images) -> pd.DataFrame:
-    return pd.DataFrame({"plate": "p", "image": images, "culture": cultures, "concentration": ["1", "2"] * (len(images) // 2)})
+    return pd.DataFrame(
+        {"plate": "p", "image": images, "culture": cultures, "concentration": ["1", "2"] * (len(images) // 2)}
+    )
 
 
 def test_evaluation_says_why_a_target_is_not_scored(tmp_path):
     assert why_not_evaluable(pd.Series(["A"] * 10), pd.Series(range(10)), "culture") == "needs >= 2 cultures (found 1)"
-    assert why_not_evaluable(pd.Series(["A", "B"] * 2), pd.Series([0, 0, 1, 2]), "culture") == "needs >= 5 images (found 3)"
+    assert (
+        why_not_evaluable(pd.Series(["A", "B"] * 2), pd.Series([0, 0, 1, 2]), "culture")
+        == "needs >= 5 images (found 3)"
+    )
     assert why_not_evaluable(pd.Series(["A", "B"] * 5), pd.Series(range(10)), "culture") is None
     rows = _rows(["A"] * 12, [f"i{i % 3}" for i in range(12)])
     features = {"embedding": np.random.default_rng(0).random((12, 4))}
     scores, figures = evaluate_variant(rows, features, tmp_path, "tiny")
     assert figures == []
     assert scores[scores["split"] == "image"].set_index("target")["skipped"].to_dict() == {
-        "culture": "needs >= 2 cultures (found 1)", "concentration": "needs >= 5 images (found 3)"}
+        "culture": "needs >= 2 cultures (found 1)",
+        "concentration": "needs >= 5 images (found 3)",
+    }
     assert scores["accuracy"].isna().all()
 
 
 def test_report_shows_the_reason_where_the_scores_would_be(tmp_path):
     rows = _rows(["A"] * 12, [f"i{i % 3}" for i in range(12)])
-    features = {"embedding": np.random.default_rng(0).random((12, 4)), "raw_pixels": np.random.default_rng(1).random((12, 4))}
+    features = {
+        "embedding": np.random.default_rng(0).random((12, 4)),
+        "raw_pixels": np.random.default_rng(1).random((12, 4)),
+    }
     scores, _ = evaluate_variant(rows, features, tmp_path / "evaluation" / VARIANT, VARIANT)
-    write_parquet_atomic(pa.Table.from_pandas(scores, preserve_index=False), tmp_path / "evaluation" / VARIANT / "scores.parquet")
+    write_parquet_atomic(
+        pa.Table.from_pandas(scores, preserve_index=False), tmp_path / "evaluation" / VARIANT / "scores.parquet"
+    )
     table = comparison_table(tmp_path / "evaluation", [VARIANT])
     assert table["culture_skipped"].tolist() == ["needs >= 2 cultures (found 1)"] * 2  # the variant and raw pixels
     page = write_report(tmp_path / "report", table).read_text(encoding="utf-8")
@@ -386,12 +438,18 @@ def test_one_culture_four_images_few_crops_give_embeddings_clusters_and_report(t
     instance.add_dynamic_partitions(plates.name, [plate_id])
     tracking = _tracking(tmp_path / "mlflow.db")
     resources = {"data": DataDirs(root=str(root)), "mlflow_tracking": tracking}
-    assert dg.materialize(INGEST, partition_key=plate_id, instance=instance, resources=resources, run_config=SMALL_CROPS).success
+    assert dg.materialize(
+        INGEST, partition_key=plate_id, instance=instance, resources=resources, run_config=SMALL_CROPS
+    ).success
     n_crops = plate_dataset(root / "cell_crops.parquet").count_rows()
     assert MIN_CELLS <= n_crops < 128
     result = dg.materialize(
-        [trained_encoders, embeddings, clusters], partition_key=VARIANT, instance=instance, resources=resources,
-        run_config={"ops": {"trained_encoders": {"config": {"epochs": 1, "max_steps_per_epoch": 1}}}})
+        [trained_encoders, embeddings, clusters],
+        partition_key=VARIANT,
+        instance=instance,
+        resources=resources,
+        run_config={"ops": {"trained_encoders": {"config": {"epochs": 1, "max_steps_per_epoch": 1}}}},
+    )
     assert result.success
     trained = _meta(result, "trained_encoders")
     assert trained["batch_size"] == n_crops
@@ -419,7 +477,9 @@ def test_one_culture_four_images_few_crops_give_embeddings_clusters_and_report(t
         raise MlflowException("injected: scores.csv could not be logged")
 
     monkeypatch.setattr(mlflow, "log_text", broken_log_text)
-    failed = dg.materialize([embeddings], partition_key=VARIANT, instance=instance, resources=resources, raise_on_error=False)
+    failed = dg.materialize(
+        [embeddings], partition_key=VARIANT, instance=instance, resources=resources, raise_on_error=False
+    )
     assert not failed.success and "injected" in _failure_text(failed)
     assert emb_file.stat().st_ino == inode and emb_file.read_bytes() == before
     assert {p: p.read_bytes() for p in (root / "evaluation" / VARIANT).rglob("*") if p.is_file()} == evaluation

@@ -48,8 +48,12 @@ def test_same_seed_gives_byte_identical_plates(tmp_path):
     write_plates(tmp_path / "b", seed=7, **SMALL)
     files_a = _files(tmp_path / "a")
     assert files_a == _files(tmp_path / "b")
-    assert {p.name for p in a} == {"synth-GBM01-c250-r1", "synth-GBM01-c500-r1",
-                                   "synth-GBM02-c250-r1", "synth-GBM02-c500-r1"}
+    assert {p.name for p in a} == {
+        "synth-GBM01-c250-r1",
+        "synth-GBM01-c500-r1",
+        "synth-GBM02-c250-r1",
+        "synth-GBM02-c500-r1",
+    }
     # A plate does not depend on how many other plates were asked for.
     write_plates(tmp_path / "c", seed=7, n_cultures=1, n_concentrations=1, images_per_plate=2, size=256)
     assert _files(tmp_path / "c") == {k: v for k, v in files_a.items() if k.startswith("synth-GBM01-c250-r1/")}
@@ -65,8 +69,14 @@ def test_different_seeds_and_plates_differ(tmp_path):
 
 def test_existing_plate_is_kept_when_unchanged_and_replaced_otherwise(tmp_path):
     calls = []
-    (plate,) = write_plates(tmp_path, n_cultures=1, n_concentrations=1, images_per_plate=1, size=256,
-                            progress=lambda done, total: calls.append((done, total)))
+    (plate,) = write_plates(
+        tmp_path,
+        n_cultures=1,
+        n_concentrations=1,
+        images_per_plate=1,
+        size=256,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls == [(1, 1)]
     before = (plate / "img000.tif").stat().st_mtime_ns
     write_plates(tmp_path, n_cultures=1, n_concentrations=1, images_per_plate=1, size=256)
@@ -108,7 +118,11 @@ def test_manifest_ground_truth_and_masks_agree(plates):
             for cell in cells.itertuples():
                 ys, xs = np.nonzero(labels == cell.mask_id)
                 assert (cell.bbox_x0, cell.bbox_y0, cell.bbox_x1, cell.bbox_y1) == (
-                    xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+                    xs.min(),
+                    ys.min(),
+                    xs.max() + 1,
+                    ys.max() + 1,
+                )
                 assert cell.bbox_x0 <= cell.x < cell.bbox_x1 and cell.bbox_y0 <= cell.y < cell.bbox_y1
                 assert np.hypot(xs - cell.x, ys - cell.y).min() <= 2.0  # centroid on or next to the cell
 
@@ -204,19 +218,41 @@ def _background(image: np.ndarray, labels: np.ndarray) -> float:
 
 
 def test_hard_plates_share_their_optics_and_differ_from_each_other(tmp_path):
-    plates = write_plates(tmp_path, n_cultures=1, n_concentrations=1, n_replicates=4, images_per_plate=3,
-                          size=256, seed=5, difficulty="hard")
+    plates = write_plates(
+        tmp_path,
+        n_cultures=1,
+        n_concentrations=1,
+        n_replicates=4,
+        images_per_plate=3,
+        size=256,
+        seed=5,
+        difficulty="hard",
+    )
     levels = []
     for plate in plates:
-        levels.append([_background(tifffile.imread(plate / f"img{j:03d}.tif"),
-                                   cv2.imread(str(plate / "masks" / f"img{j:03d}.png"), cv2.IMREAD_UNCHANGED))
-                       for j in range(3)])
+        levels.append(
+            [
+                _background(
+                    tifffile.imread(plate / f"img{j:03d}.tif"),
+                    cv2.imread(str(plate / "masks" / f"img{j:03d}.png"), cv2.IMREAD_UNCHANGED),
+                )
+                for j in range(3)
+            ]
+        )
     levels = np.array(levels)
     within = levels.std(axis=1).mean()
     between = levels.mean(axis=1).std()
     assert between > 3 * within  # a plate's exposure is its own, and all its images share it
-    easy = write_plates(tmp_path / "easy", n_cultures=1, n_concentrations=1, n_replicates=4, images_per_plate=1,
-                        size=256, seed=5, difficulty="easy")
+    easy = write_plates(
+        tmp_path / "easy",
+        n_cultures=1,
+        n_concentrations=1,
+        n_replicates=4,
+        images_per_plate=1,
+        size=256,
+        seed=5,
+        difficulty="easy",
+    )
     easy_levels = [float(np.median(tifffile.imread(p / "img000.tif"))) for p in easy]
     assert np.std(easy_levels) < 0.5 * between
 
@@ -232,7 +268,7 @@ def _cell_stats(difficulty: str, seed: int = 0, n_cells: int = 60) -> pd.DataFra
         for cell in field.cells.itertuples():
             inside = field.labels == cell.mask_id
             x, y = int(round(cell.x)), int(round(cell.y))
-            window = field.labels[max(0, y - 64):y + 64, max(0, x - 64):x + 64]
+            window = field.labels[max(0, y - 64) : y + 64, max(0, x - 64) : x + 64]
             neighbour = bool(np.isin(window, [0, cell.mask_id], invert=True).any())
             rows.append((cell.morphotype, int(inside.sum()), float(image[inside].mean() / background - 1), neighbour))
     return pd.DataFrame(rows, columns=["morphotype", "area", "contrast", "neighbour"])
@@ -243,16 +279,20 @@ def test_hard_morphotypes_differ_in_shape_not_brightness_and_vary_in_size():
     # Brightness: the spread of the morphotypes' mean contrast shrinks (no refractile rim, one thickness).
     spread = {name: t.groupby("morphotype")["contrast"].mean().std() for name, t in (("easy", easy), ("hard", hard))}
     assert spread["hard"] < 0.5 * spread["easy"]
+
     # Size varies more within a morphotype (single cells; clump members are cut by their neighbours).
     def cv(t, m):
         a = t.loc[t["morphotype"] == m, "area"]
         return a.std() / a.mean()
+
     for m in ("small_round", "large_flat"):
         assert cv(hard, m) > 1.2 * cv(easy, m), m
+
     # Neighbours (a sparse field): more single cells (clump members always have them) have another
     # cell within half a 128-px crop.
     def near(t):
         return t.loc[t["morphotype"] != "clump", "neighbour"].mean()
+
     assert near(_cell_stats("hard", n_cells=20)) > near(_cell_stats("easy", n_cells=20)) + 0.15
 
 
@@ -280,8 +320,9 @@ def test_changing_difficulty_rewrites_the_plate(tmp_path):
 def test_plates_of_an_older_generator_are_found_and_regenerated_in_place(tmp_path):
     from gbm_assets.imaging.synthetic import regenerate_plates, stale_plates
 
-    plates = write_plates(tmp_path, n_cultures=1, n_concentrations=2, images_per_plate=1, size=256, seed=4,
-                          difficulty="easy")
+    plates = write_plates(
+        tmp_path, n_cultures=1, n_concentrations=2, images_per_plate=1, size=256, seed=4, difficulty="easy"
+    )
     (tmp_path / "lab-plate").mkdir()  # a lab's plate: never touched
     assert stale_plates(tmp_path) == [] and stale_plates(tmp_path / "missing") == []
     old = plates[1] / PARAMS_NAME

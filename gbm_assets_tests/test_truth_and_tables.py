@@ -6,20 +6,27 @@ import numpy as np
 import pandas as pd
 
 from gbm_assets.analysis.truth import has_truth, true_morphotypes
-from gbm_assets.models.embedding_table import embedding_batch, iter_embeddings, sample_embeddings
+from gbm_assets.models.embedding_table import embedding_batch, embedding_schema, iter_embeddings, sample_embeddings
 from gbm_assets.schema import PROVENANCE_COLUMNS
 from gbm_assets.storage import AtomicParquetWriter
-from gbm_assets.models.embedding_table import embedding_schema
 
 
 def _rows(n: int, plate="p1") -> pd.DataFrame:
-    return pd.DataFrame({
-        "crop_id": [f"{plate}:img{i % 3}.tif:{i}" for i in range(n)],
-        "plate": plate, "image": [f"img{i % 3}.tif" for i in range(n)],
-        "x": np.arange(n, dtype=np.int32), "y": np.arange(n, dtype=np.int32) * 2,
-        "culture": ["A", "B"] * (n // 2) + ["A"] * (n % 2), "concentration": "1000",
-        "replicate": np.int32(1), "timepoint_h": 0.0, "well": "na", "position": "na",
-    })
+    return pd.DataFrame(
+        {
+            "crop_id": [f"{plate}:img{i % 3}.tif:{i}" for i in range(n)],
+            "plate": plate,
+            "image": [f"img{i % 3}.tif" for i in range(n)],
+            "x": np.arange(n, dtype=np.int32),
+            "y": np.arange(n, dtype=np.int32) * 2,
+            "culture": ["A", "B"] * (n // 2) + ["A"] * (n % 2),
+            "concentration": "1000",
+            "replicate": np.int32(1),
+            "timepoint_h": 0.0,
+            "well": "na",
+            "position": "na",
+        }
+    )
 
 
 def test_embeddings_table_keeps_rows_and_vectors_aligned(tmp_path):
@@ -29,7 +36,7 @@ def test_embeddings_table_keeps_rows_and_vectors_aligned(tmp_path):
     with AtomicParquetWriter(path, embedding_schema(4)) as w:
         for s in range(0, 50, 16):
             w.write(embedding_batch(rows.iloc[s : s + 16], vec[s : s + 16], -vec[s : s + 16]))
-    got_rows, got = zip(*iter_embeddings(path, batch_size=7))
+    got_rows, got = zip(*iter_embeddings(path, batch_size=7), strict=False)
     got_rows, got = pd.concat(got_rows, ignore_index=True), np.concatenate(got)
     pd.testing.assert_frame_equal(got_rows[list(PROVENANCE_COLUMNS)], rows, check_dtype=False)
     assert np.array_equal(got, vec)
@@ -43,10 +50,22 @@ def test_embeddings_table_keeps_rows_and_vectors_aligned(tmp_path):
 def test_true_morphotypes_match_within_8_px(tmp_path):
     plate = tmp_path / "raw" / "p1"
     plate.mkdir(parents=True)
-    pd.DataFrame({"image": ["a.tif", "a.tif", "b.tif"], "x": [10.0, 100.0, 10.0], "y": [10.0, 100.0, 10.0],
-                  "morphotype": ["round", "fusiform", "clump"]}).to_csv(plate / "ground_truth.csv", index=False)
-    rows = pd.DataFrame({"plate": ["p1", "p1", "p1", "p1", "p2"], "image": ["a.tif", "a.tif", "b.tif", "a.tif", "a.tif"],
-                         "x": [12, 95, 10, 50, 10], "y": [11, 101, 30, 50, 10]})
+    pd.DataFrame(
+        {
+            "image": ["a.tif", "a.tif", "b.tif"],
+            "x": [10.0, 100.0, 10.0],
+            "y": [10.0, 100.0, 10.0],
+            "morphotype": ["round", "fusiform", "clump"],
+        }
+    ).to_csv(plate / "ground_truth.csv", index=False)
+    rows = pd.DataFrame(
+        {
+            "plate": ["p1", "p1", "p1", "p1", "p2"],
+            "image": ["a.tif", "a.tif", "b.tif", "a.tif", "a.tif"],
+            "x": [12, 95, 10, 50, 10],
+            "y": [11, 101, 30, 50, 10],
+        }
+    )
     got = true_morphotypes(rows, tmp_path / "raw")
     assert got.tolist() == ["round", "fusiform", None, None, None]
     assert not has_truth(got)  # 2 of 5 known

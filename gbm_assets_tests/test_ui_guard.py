@@ -68,14 +68,31 @@ def guard(extra: str = "") -> tuple[UIGuard, Inner]:
     return UIGuard(inner, allowed_hosts("127.0.0.1", 3000, {"GBM_UI_ALLOWED_HOSTS": extra})), inner
 
 
-def request(app, method: str = "GET", path: str = "/", query: str = "", headers: dict | None = None,
-            body: bytes = b"", scheme: str = "http") -> tuple[int, dict, bytes]:
+def request(
+    app,
+    method: str = "GET",
+    path: str = "/",
+    query: str = "",
+    headers: dict | None = None,
+    body: bytes = b"",
+    scheme: str = "http",
+) -> tuple[int, dict, bytes]:
     """One HTTP request through an ASGI app: (status, lower-case headers, body). Host defaults to the UI's."""
     headers = {"host": UI, **{k.lower(): v for k, v in (headers or {}).items()}}
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-             "scheme": scheme, "path": path, "raw_path": path.encode(), "query_string": query.encode(),
-             "root_path": "", "headers": [(k.encode(), v.encode()) for k, v in headers.items() if v is not None],
-             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 3000)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": scheme,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items() if v is not None],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 3000),
+    }
     sent: list[dict] = []
     messages = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -94,9 +111,18 @@ def request(app, method: str = "GET", path: str = "/", query: str = "", headers:
 def websocket(app, headers: dict | None = None, path: str = "/graphql") -> dict:
     """Open a websocket through an ASGI app; the first message the app sends (accept or close)."""
     headers = {"host": UI, **{k.lower(): v for k, v in (headers or {}).items()}}
-    scope = {"type": "websocket", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "ws",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(k.encode(), v.encode()) for k, v in headers.items()], "subprotocols": ["graphql-ws"]}
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        "subprotocols": ["graphql-ws"],
+    }
     sent: list[dict] = []
     messages = [{"type": "websocket.connect"}]
 
@@ -114,13 +140,22 @@ def gql(document: str) -> str:
     return urllib.parse.urlencode({"query": document})
 
 
-MUTATION = 'mutation { setNuxSeen }'
+MUTATION = "mutation { setNuxSeen }"
 
 
 def test_a_host_the_ui_is_not_served_as_is_refused_dns_rebinding():
     app, inner = guard()
-    for host in ("evil.example:3000", "evil.example", "127.0.0.1:8000", "localhost", "127.0.0.1.evil.example:3000",
-                 "user@127.0.0.1:3000", "127.0.0.1:3000/x", "[::2]:3000", ""):
+    for host in (
+        "evil.example:3000",
+        "evil.example",
+        "127.0.0.1:8000",
+        "localhost",
+        "127.0.0.1.evil.example:3000",
+        "user@127.0.0.1:3000",
+        "127.0.0.1:3000/x",
+        "[::2]:3000",
+        "",
+    ):
         status, headers, body = request(app, headers={"Host": host})
         assert status == 403, host
         assert b"Host" in body and b"GBM_UI_ALLOWED_HOSTS" in body, body
@@ -135,20 +170,23 @@ def test_a_cross_origin_post_is_refused():
     app, inner = guard()
     post = partial(request, app, "POST", "/graphql", body=json.dumps({"query": MUTATION}).encode())
     for headers in (
-        {"Origin": "http://localhost:8000"},                     # another port of this machine
+        {"Origin": "http://localhost:8000"},  # another port of this machine
         {"Origin": "http://evil.example"},
         {"Origin": "http://127.0.0.1:3000.evil.example"},
-        {"Origin": "null"},                                      # sandboxed frame, data: URL, no-referrer form
+        {"Origin": "null"},  # sandboxed frame, data: URL, no-referrer form
         {"Origin": "file://"},
-        {"Referer": "http://localhost:8000/attack.html"},        # no Origin, foreign Referer
-        {"Sec-Fetch-Site": "same-site"},                         # what Chromium says for another localhost port
+        {"Referer": "http://localhost:8000/attack.html"},  # no Origin, foreign Referer
+        {"Sec-Fetch-Site": "same-site"},  # what Chromium says for another localhost port
         {"Sec-Fetch-Site": "cross-site", "Origin": f"http://{UI}"},
     ):
         status, _, body = post(headers={"Content-Type": "text/plain", **headers})
         assert status == 403, headers
         assert body.startswith(b"403 Forbidden: the gbm-assets UI guard refused"), body
     for method in ("PUT", "PATCH", "DELETE"):
-        assert request(app, method, "/report_asset_materialization/x", headers={"Origin": "http://localhost:8000"})[0] == 403
+        assert (
+            request(app, method, "/report_asset_materialization/x", headers={"Origin": "http://localhost:8000"})[0]
+            == 403
+        )
     assert inner.calls == []
 
 
@@ -184,14 +222,24 @@ def test_same_origin_requests_from_the_ui_pass_and_cannot_be_framed():
     app, inner = guard()
     body = json.dumps({"query": MUTATION}).encode()
     for origin in (f"http://{UI}", "http://localhost:3000", "http://[::1]:3000"):
-        status, headers, out = request(app, "POST", "/graphql", headers={
-            "Origin": origin, "Referer": f"{origin}/assets", "Content-Type": "application/json",
-            "Sec-Fetch-Site": "same-origin"}, body=body)
+        status, headers, out = request(
+            app,
+            "POST",
+            "/graphql",
+            headers={
+                "Origin": origin,
+                "Referer": f"{origin}/assets",
+                "Content-Type": "application/json",
+                "Sec-Fetch-Site": "same-origin",
+            },
+            body=body,
+        )
         assert (status, out) == (200, b"inner:" + body), origin  # the body reaches Dagster unchanged
         assert headers["x-frame-options"] == "SAMEORIGIN"
     # a page of the UI opened from a link on another site (top-level navigation) still opens
-    status, headers, _ = request(app, "GET", "/runs", headers={"Referer": "http://mlflow.example/x",
-                                                               "Sec-Fetch-Site": "cross-site"})
+    status, headers, _ = request(
+        app, "GET", "/runs", headers={"Referer": "http://mlflow.example/x", "Sec-Fetch-Site": "cross-site"}
+    )
     assert status == 200 and headers["x-frame-options"] == "SAMEORIGIN"
     assert [c["method"] for c in inner.calls] == ["POST", "POST", "POST", "GET"]
 
@@ -211,8 +259,12 @@ def test_programs_without_origin_or_referer_pass_get_and_post():
 
 def test_a_websocket_from_another_page_is_refused():
     app, inner = guard()
-    for headers in ({"Origin": "http://localhost:8000"}, {"Origin": "null"}, {"Host": "evil.example:3000"},
-                    {"Origin": f"http://{UI}", "Sec-Fetch-Site": "same-site"}):
+    for headers in (
+        {"Origin": "http://localhost:8000"},
+        {"Origin": "null"},
+        {"Host": "evil.example:3000"},
+        {"Origin": f"http://{UI}", "Sec-Fetch-Site": "same-site"},
+    ):
         first = websocket(app, headers)
         assert first["type"] == "websocket.close" and first["code"] == 1008, headers
     assert inner.calls == []
@@ -225,21 +277,36 @@ def test_reverse_proxy_names_come_from_gbm_ui_allowed_hosts():
     app, inner = guard("dagster.lab.example, gbm.internal:8443")
     proxied = {"Host": "dagster.lab.example", "Origin": "https://dagster.lab.example"}
     assert request(app, "POST", "/graphql", headers=proxied, scheme="https")[0] == 200
-    assert request(app, "POST", "/graphql", headers={"Host": "gbm.internal:8443", "Origin": "https://gbm.internal:8443"})[0] == 200
+    assert (
+        request(app, "POST", "/graphql", headers={"Host": "gbm.internal:8443", "Origin": "https://gbm.internal:8443"})[
+            0
+        ]
+        == 200
+    )
     assert request(app, "GET", "/", headers={"Host": "gbm.internal:9000"})[0] == 403  # that name, another port
     assert request(app, "GET", "/", headers={"Host": "evil.example"})[0] == 403
-    assert request(app, "POST", "/graphql", headers={"Host": "dagster.lab.example", "Origin": "https://evil.example"})[0] == 403
+    assert (
+        request(app, "POST", "/graphql", headers={"Host": "dagster.lab.example", "Origin": "https://evil.example"})[0]
+        == 403
+    )
     # a proxy that rewrites Host to the bound address: the browser's Origin is still checked
     assert request(app, "POST", "/graphql", headers={"Origin": "https://dagster.lab.example"})[0] == 200
     assert len(inner.calls) == 3
 
-    assert parse_allowed_hosts("a.example, [::1]:3000 b:1") == (HostRule("a.example"), HostRule("::1", 3000), HostRule("b", 1))
+    assert parse_allowed_hosts("a.example, [::1]:3000 b:1") == (
+        HostRule("a.example"),
+        HostRule("::1", 3000),
+        HostRule("b", 1),
+    )
     for bad in ("*", "https://dagster.lab.example", "a.example:http", "a/b", "a.example:99999"):
         with pytest.raises(ValueError, match="GBM_UI_ALLOWED_HOSTS"):
             parse_allowed_hosts(bad)
     # a wildcard bind is no name a browser uses; the loopback names stay
-    assert default_allowed_hosts("0.0.0.0", 3000) == (HostRule("localhost", 3000), HostRule("127.0.0.1", 3000),
-                                                     HostRule("::1", 3000))
+    assert default_allowed_hosts("0.0.0.0", 3000) == (
+        HostRule("localhost", 3000),
+        HostRule("127.0.0.1", 3000),
+        HostRule("::1", 3000),
+    )
     assert HostRule("gbm.lab", 3000) in default_allowed_hosts("gbm.lab", 3000)
 
 
@@ -258,8 +325,11 @@ def test_lifespan_passes_through():
 
 def test_the_ui_script_starts_the_guarded_webserver_and_the_daemon():
     """scripts/dagster-ui.sh no longer serves the bare webserver (`dagster dev`, `dagster-webserver`)."""
-    lines = [line for line in (REPO_ROOT / "scripts" / "dagster-ui.sh").read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#")]
+    lines = [
+        line
+        for line in (REPO_ROOT / "scripts" / "dagster-ui.sh").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     command = lines[-1].split()
     assert command[:4] == ["exec", "python", "-m", "gbm_assets.ui_guard"], lines
     assert "--daemon" in command and command[command.index("--host") + 1] == "127.0.0.1"
@@ -274,7 +344,9 @@ ADD = """mutation {{ addDynamicPartition(repositorySelector: {{repositoryLocatio
 REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
 
 
-def send_http(server, method: str, path: str, *, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+def send_http(
+    server, method: str, path: str, *, data: bytes | None = None, headers: dict | None = None
+) -> tuple[int, bytes]:
     req = urllib.request.Request(server.url + path, data=data, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
@@ -285,9 +357,18 @@ def send_http(server, method: str, path: str, *, data: bytes | None = None, head
 
 def same_origin_graphql(server, document: str) -> dict:
     """A GraphQL request the way the UI page sends it: POST, JSON, its own Origin."""
-    status, body = send_http(server, "POST", "/graphql", data=json.dumps({"query": document}).encode(),
-                        headers={"Content-Type": "application/json", "Origin": server.url,
-                                 "Referer": server.url + "/assets", "Sec-Fetch-Site": "same-origin"})
+    status, body = send_http(
+        server,
+        "POST",
+        "/graphql",
+        data=json.dumps({"query": document}).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "Origin": server.url,
+            "Referer": server.url + "/assets",
+            "Sec-Fetch-Site": "same-origin",
+        },
+    )
     assert status == 200, (status, body[:500])
     answer = json.loads(body)
     assert "errors" not in answer, answer["errors"]
@@ -320,17 +401,36 @@ def test_the_running_ui_refuses_the_attack_and_serves_the_ui_request(dagster_ui)
         "GET, foreign Origin (fetch)": ("GET", "/graphql?" + gql(evil), None, {"Origin": attacker}),
         "GET, no Origin (<img src>)": ("GET", "/graphql?" + gql(evil), None, {"Referer": attacker + "/a.html"}),
         "GET, rebound Host": ("GET", "/graphql?" + gql(evil), None, {"Host": f"rebind.evil.example:{port}"}),
-        "POST form, query in URL": ("POST", "/graphql?" + gql(evil), b"x=1",
-                                    {"Origin": attacker, "Content-Type": "application/x-www-form-urlencoded"}),
-        "POST JSON, foreign Origin": ("POST", "/graphql", json.dumps({"query": evil}).encode(),
-                                      {"Origin": attacker, "Content-Type": "application/json"}),
-        "POST JSON, rebound Host and Origin": ("POST", "/graphql", json.dumps({"query": evil}).encode(),
-                                               {"Host": f"rebind.evil.example:{port}", "Content-Type": "application/json",
-                                                "Origin": f"http://rebind.evil.example:{port}"}),
+        "POST form, query in URL": (
+            "POST",
+            "/graphql?" + gql(evil),
+            b"x=1",
+            {"Origin": attacker, "Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        "POST JSON, foreign Origin": (
+            "POST",
+            "/graphql",
+            json.dumps({"query": evil}).encode(),
+            {"Origin": attacker, "Content-Type": "application/json"},
+        ),
+        "POST JSON, rebound Host and Origin": (
+            "POST",
+            "/graphql",
+            json.dumps({"query": evil}).encode(),
+            {
+                "Host": f"rebind.evil.example:{port}",
+                "Content-Type": "application/json",
+                "Origin": f"http://rebind.evil.example:{port}",
+            },
+        ),
     }
     for name, (method, path, data, headers) in attacks.items():
         status, body = send_http(server, method, path, data=data, headers=headers)
-        assert status == 403 and body.startswith(b"403 Forbidden: the gbm-assets UI guard refused"), (name, status, body[:300])
+        assert status == 403 and body.startswith(b"403 Forbidden: the gbm-assets UI guard refused"), (
+            name,
+            status,
+            body[:300],
+        )
     assert "evil" not in plates(server.workdir)
 
     # the same mutation sent the way the UI sends it works, so the refusals above were the guard's
@@ -400,8 +500,11 @@ def test_a_page_on_another_port_cannot_add_a_partition_and_the_ui_still_works(da
     site_dir = tmp_path / "site"
     site_dir.mkdir()
     mutation = server.add(key="KEY")
-    page_html = (ATTACK_PAGE.replace("__MUTATION__", json.dumps(mutation)).replace("__UI__", server.url)
-                 .replace("__FORM_QUERY__", gql(mutation.replace("KEY", "evil-form"))))
+    page_html = (
+        ATTACK_PAGE.replace("__MUTATION__", json.dumps(mutation))
+        .replace("__UI__", server.url)
+        .replace("__FORM_QUERY__", gql(mutation.replace("KEY", "evil-form")))
+    )
     (site_dir / "attack.html").write_text(page_html)
     before = server.log.read_text(errors="replace").count("gbm_assets.ui_guard: refused")
 
@@ -431,11 +534,14 @@ def test_a_page_on_another_port_cannot_add_a_partition_and_the_ui_still_works(da
         while same_origin_graphql(server, "{ shouldShowNux }")["shouldShowNux"] and time.monotonic() < deadline:
             time.sleep(0.5)
         assert same_origin_graphql(server, "{ shouldShowNux }")["shouldShowNux"] is False, server.tail()
-        opened = page.evaluate("""url => new Promise(done => {
+        opened = page.evaluate(
+            """url => new Promise(done => {
             const ws = new WebSocket(url, "graphql-ws");
             ws.onopen = () => ws.send(JSON.stringify({type: "connection_init", payload: {}}));
             ws.onmessage = m => { done(JSON.parse(m.data).type); ws.close(); };
-            ws.onerror = () => done("refused"); })""", server.url.replace("http", "ws") + "/graphql")
+            ws.onerror = () => done("refused"); })""",
+            server.url.replace("http", "ws") + "/graphql",
+        )
         assert opened == "connection_ack"
 
 
@@ -446,12 +552,15 @@ def test_the_ui_stops_when_its_daemon_dies_and_leaves_nothing_behind(tmp_path):
         statuses = {}
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not (statuses and all(statuses.values())):
-            health = same_origin_graphql(server, "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }")
+            health = same_origin_graphql(
+                server, "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }"
+            )
             statuses = {d["daemonType"]: d["healthy"] for d in health["instance"]["daemonHealth"]["allDaemonStatuses"]}
             time.sleep(1)
         assert statuses.get("SENSOR"), (statuses, server.tail())
-        children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server.proc.pid)], capture_output=True,
-                                  text=True, check=True).stdout.splitlines()
+        children = subprocess.run(
+            ["ps", "-o", "pid=,args=", "--ppid", str(server.proc.pid)], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
         daemon = [int(line.split()[0]) for line in children if "dagster._daemon run" in line]
         code_server = [int(line.split()[0]) for line in children if "dagster api grpc" in line]
         assert len(daemon) == 1 and len(code_server) == 1, children
@@ -469,13 +578,23 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}/stat").exists() else "X"
+    state = (
+        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if Path(f"/proc/{pid}/stat").exists()
+        else "X"
+    )
     return state not in ("Z", "X")
 
 
 def test_the_guard_refuses_a_bad_allowed_hosts_setting_before_starting(tmp_path):
     env = {**os.environ, "GBM_UI_ALLOWED_HOSTS": "*"}
-    done = subprocess.run([sys.executable, "-m", "gbm_assets.ui_guard", "-w", "workspace.yaml", "--port", str(free_port())],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "gbm_assets.ui_guard", "-w", "workspace.yaml", "--port", str(free_port())],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert "GBM_UI_ALLOWED_HOSTS" in done.stderr and "DNS rebinding" in done.stderr, done.stderr

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -82,11 +82,19 @@ def labels_schema(n_components: int, model_fingerprint: str | None = None) -> pa
     model_fingerprint (FittedClustering.fingerprint of the models that labelled the cells) is
     kept in the file's schema metadata, so a reader can tell which models the labels came from.
     """
-    schema = pa.schema(list(PROVENANCE_SCHEMA) + [
-        ("umap_x", pa.float32()), ("umap_y", pa.float32()), ("hdbscan", pa.int32()), ("hdbscan_noise", pa.bool_()),
-        ("gmm", pa.int32()), ("gmm_prob", pa.float32()), ("gmm_probs", pa.list_(pa.float32(), n_components)),
-        ("auto", pa.int32()),
-    ])
+    schema = pa.schema(
+        list(PROVENANCE_SCHEMA)
+        + [
+            ("umap_x", pa.float32()),
+            ("umap_y", pa.float32()),
+            ("hdbscan", pa.int32()),
+            ("hdbscan_noise", pa.bool_()),
+            ("gmm", pa.int32()),
+            ("gmm_prob", pa.float32()),
+            ("gmm_probs", pa.list_(pa.float32(), n_components)),
+            ("auto", pa.int32()),
+        ]
+    )
     return schema.with_metadata({MODEL_KEY: model_fingerprint.encode()}) if model_fingerprint else schema
 
 
@@ -157,35 +165,57 @@ def load_or_fit(
     holds fewer than MIN_CELLS cells. logger: any object with info/warning (a Dagster log).
     """
     if files.legacy_pickle.is_file():
-        logger.warning(f"{files.legacy_pickle}: a pickled model of an earlier version; it is never loaded (unpickling "
-                       "runs code) and is removed when this step's outputs are swapped in")
+        logger.warning(
+            f"{files.legacy_pickle}: a pickled model of an earlier version; it is never loaded (unpickling "
+            "runs code) and is removed when this step's outputs are swapped in"
+        )
         stage.remove_on_commit(files.legacy_pickle)
     record = json.loads(files.record.read_text()) if files.record.is_file() else {}
     model_path = files.named(record.get("model_file", "-"))
-    if (not refit and model_path.is_file() and Path(labels_path).is_file()
-            and record.get("encoder_run_id") == encoder_run_id and record.get("vector") == vector
-            and labels_model_fingerprint(labels_path) == record.get("fingerprint")):
+    if (
+        not refit
+        and model_path.is_file()
+        and Path(labels_path).is_file()
+        and record.get("encoder_run_id") == encoder_run_id
+        and record.get("vector") == vector
+        and labels_model_fingerprint(labels_path) == record.get("fingerprint")
+    ):
         fitted = load_clustering(model_path, expected_fingerprint=record["fingerprint"])  # arrays only, verified
         # only what label_cells copies (no provenance strings, whose Python objects cost ~0.5 KB a cell)
         known = pd.read_parquet(labels_path, columns=["crop_id", *LABEL_COLUMNS]).set_index("crop_id")
-        return ClusterModels(fitted, known, record, "assign new cells (no refit)",
-                             shrunk=shrunk_parameters(fitted.config, fitted.n_train))
+        return ClusterModels(
+            fitted,
+            known,
+            record,
+            "assign new cells (no refit)",
+            shrunk=shrunk_parameters(fitted.config, fitted.n_train),
+        )
     logger.info(f"fitting UMAP, HDBSCAN and GMMs on up to {fit_max_cells} cells of {embeddings_path}")
     fitted, known = fit_on_sample(embeddings_path, config, max(fit_max_cells, MIN_CELLS), vector)
     fingerprint = fitted.fingerprint()
     model_path = files.model(fingerprint)
     save_clustering(fitted, stage.path(model_path))
-    record = {"encoder_run_id": encoder_run_id, "vector": vector, "n_train": fitted.n_train,
-              "model_file": model_path.name, "format": "npz arrays (clustering.save_clustering)",
-              "auto_k": int(fitted.auto_k.k), "auto_k_rule": fitted.auto_k.rule, "min_cluster_size": fitted.min_cluster_size,
-              "params": fitted.params, "fingerprint": fingerprint, "timings_s": fitted.timings}
+    record = {
+        "encoder_run_id": encoder_run_id,
+        "vector": vector,
+        "n_train": fitted.n_train,
+        "model_file": model_path.name,
+        "format": "npz arrays (clustering.save_clustering)",
+        "auto_k": int(fitted.auto_k.k),
+        "auto_k_rule": fitted.auto_k.rule,
+        "min_cluster_size": fitted.min_cluster_size,
+        "params": fitted.params,
+        "fingerprint": fingerprint,
+        "timings_s": fitted.timings,
+    }
     stage.path(files.record).write_text(json.dumps(record, indent=2))
     for old in files.models():
         if old != model_path:
             stage.remove_on_commit(old)
     known = known[["crop_id", *LABEL_COLUMNS]].set_index("crop_id")
-    return ClusterModels(fitted, known, record, "fit", [model_path, files.record],
-                         shrunk_parameters(fitted.config, fitted.n_train))
+    return ClusterModels(
+        fitted, known, record, "fit", [model_path, files.record], shrunk_parameters(fitted.config, fitted.n_train)
+    )
 
 
 def write_labels(
@@ -213,8 +243,11 @@ def stage_not_clustered(
     of an earlier run, which would otherwise be reported as current) are removed on commit.
     """
     reason = str(TooFewCells(n_cells))
-    stage.path(files.skipped).write_text(json.dumps({"reason": reason, "n_cells": n_cells, "min_cells": MIN_CELLS,
-                                                     "encoder_run_id": encoder_run_id}, indent=2))
+    stage.path(files.skipped).write_text(
+        json.dumps(
+            {"reason": reason, "n_cells": n_cells, "min_cells": MIN_CELLS, "encoder_run_id": encoder_run_id}, indent=2
+        )
+    )
     for stale in (*stale_outputs, files.record, files.legacy_pickle, *files.models()):
         stage.remove_on_commit(stale)
     return reason

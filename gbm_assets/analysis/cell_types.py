@@ -37,8 +37,8 @@ QC_GOOD = "cell"  # the other qc labels (debris, fragment, edge) mark cells that
 # cluster median area below this fraction of all clustered cells' median: debris. Small round cell
 # types (the synthetic plates' round morphotype is ~20% of the median) stay unflagged.
 SMALL_AREA_FRACTION = 0.1
-LOW_SOLIDITY = 0.5          # cluster median solidity below this: ragged outlines (fragments, clumps)
-QC_ARTEFACT_SHARE = 0.5     # at least this share of the cluster's cells has a qc label other than "cell"
+LOW_SOLIDITY = 0.5  # cluster median solidity below this: ragged outlines (fragments, clumps)
+QC_ARTEFACT_SHARE = 0.5  # at least this share of the cluster's cells has a qc label other than "cell"
 # The shape summary per cluster: name in the profile table -> how it is computed.
 SHAPE_SUMMARY = ("area", "elongation", "solidity", "form_factor", "eccentricity")
 CP_NAMES = {v: k for k, v in AREASHAPE_COLUMNS.items()}  # "area" -> "AreaShape_Area"
@@ -92,21 +92,25 @@ def shape_measurements(cells: pd.DataFrame, pixel_size_um: float | None = None) 
         return pd.to_numeric(cells[name], errors="coerce") if name in cells else pd.Series(np.nan, index=cells.index)
 
     minor = col("minor_axis_length")
-    return pd.DataFrame({
-        "area": col("area") * (pixel_size_um ** 2 if pixel_size_um else 1.0),
-        "elongation": col("major_axis_length") / minor.where(minor > 0),
-        "solidity": col("solidity"),
-        "form_factor": col("form_factor"),
-        "eccentricity": col("eccentricity"),
-    }, index=cells.index)
+    return pd.DataFrame(
+        {
+            "area": col("area") * (pixel_size_um**2 if pixel_size_um else 1.0),
+            "elongation": col("major_axis_length") / minor.where(minor > 0),
+            "solidity": col("solidity"),
+            "form_factor": col("form_factor"),
+            "eccentricity": col("eccentricity"),
+        },
+        index=cells.index,
+    )
 
 
 def area_unit(pixel_size_um: float | None) -> str:
     return "µm²" if pixel_size_um else "px²"
 
 
-def cluster_profiles(cells: pd.DataFrame, label_column: str = "hdbscan",
-                     pixel_size_um: float | None = None) -> pd.DataFrame:
+def cluster_profiles(
+    cells: pd.DataFrame, label_column: str = "hdbscan", pixel_size_um: float | None = None
+) -> pd.DataFrame:
     """One row per cluster (noise left out): size, median shape, qc shares, artefact flag.
 
     cells: one row per cell with label_column and the measurement columns (read_measurements),
@@ -149,8 +153,15 @@ def cluster_profiles(cells: pd.DataFrame, label_column: str = "hdbscan",
         row["artefact"] = bool(reasons)
         row["artefact_reason"] = "; ".join(reasons)
         rows.append(row)
-    columns = ["cluster", "n_cells", "share", *[f"median_{m}" for m in SHAPE_SUMMARY], "qc_not_cell",
-               "artefact", "artefact_reason"]
+    columns = [
+        "cluster",
+        "n_cells",
+        "share",
+        *[f"median_{m}" for m in SHAPE_SUMMARY],
+        "qc_not_cell",
+        "artefact",
+        "artefact_reason",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -270,10 +281,13 @@ def _cell_rows(rows: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
 
 def cell_table_columns(n_embedding: int = 0) -> list[str]:
     """Columns of write_cell_table's files, in order (pycytominer naming)."""
-    return ([f"Metadata_{c}" for c in PROVENANCE_COLUMNS] + ["Metadata_qc"]
-            + [f"Metadata_{c}" for c in CELL_LABEL_COLUMNS]
-            + [f"Cells_{CP_NAMES[m]}" for m in MEASUREMENT_COLUMNS]
-            + [f"Cells_Embedding_{i:03d}" for i in range(n_embedding)])
+    return (
+        [f"Metadata_{c}" for c in PROVENANCE_COLUMNS]
+        + ["Metadata_qc"]
+        + [f"Metadata_{c}" for c in CELL_LABEL_COLUMNS]
+        + [f"Cells_{CP_NAMES[m]}" for m in MEASUREMENT_COLUMNS]
+        + [f"Cells_Embedding_{i:03d}" for i in range(n_embedding)]
+    )
 
 
 def write_cell_table(
@@ -309,8 +323,10 @@ def write_cell_table(
         elif _aligned(labels_path, embeddings_path, batch_size):
             use_embedding, embedding_note = True, "included"
         else:
-            embedding_note = (f"{embeddings_path} no longer lists the labelled cells in the same order "
-                              "(embeddings re-made since clustering): embedding columns left out")
+            embedding_note = (
+                f"{embeddings_path} no longer lists the labelled cells in the same order "
+                "(embeddings re-made since clustering): embedding columns left out"
+            )
     names = pq.read_schema(labels_path).names
     label_columns = [c for c in (*PROVENANCE_COLUMNS, *CELL_LABEL_COLUMNS) if c in names]
     cache: OrderedDict[str, pd.DataFrame] = OrderedDict()
@@ -318,8 +334,9 @@ def write_cell_table(
     parquet_path, csv_path = out_stem.with_suffix(".parquet"), out_stem.with_suffix(".csv")
     n_cells, writer, schema = 0, None, None
     with ExitStack() as stack:
-        csv_file = stack.enter_context(open(stack.enter_context(atomic_path(csv_path)), "w", encoding="utf-8",
-                                            newline=""))
+        csv_file = stack.enter_context(
+            open(stack.enter_context(atomic_path(csv_path)), "w", encoding="utf-8", newline="")
+        )
         pf = stack.enter_context(pq.ParquetFile(labels_path))
         for batch in pf.iter_batches(batch_size=batch_size, columns=label_columns):
             rows = batch.to_pandas()
@@ -327,20 +344,31 @@ def write_cell_table(
             if embeddings is not None:
                 col = embeddings.take(len(table)).column("embedding").combine_chunks()
                 vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(len(table), col.type.list_size)
-                table = pd.concat([table, pd.DataFrame(
-                    vectors, index=table.index, columns=[f"Cells_Embedding_{i:03d}" for i in range(vectors.shape[1])])],
-                    axis=1)
+                table = pd.concat(
+                    [
+                        table,
+                        pd.DataFrame(
+                            vectors,
+                            index=table.index,
+                            columns=[f"Cells_Embedding_{i:03d}" for i in range(vectors.shape[1])],
+                        ),
+                    ],
+                    axis=1,
+                )
             arrow = pa.Table.from_pandas(table, preserve_index=False)
             if writer is None:
-                schema = arrow.schema.set(arrow.schema.get_field_index("Metadata_qc"), pa.field("Metadata_qc", pa.string()))
+                schema = arrow.schema.set(
+                    arrow.schema.get_field_index("Metadata_qc"), pa.field("Metadata_qc", pa.string())
+                )
                 writer = stack.enter_context(AtomicParquetWriter(parquet_path, schema))
             writer.write(arrow.cast(schema))
             to_csv_safe(table, csv_file, index=False, header=n_cells == 0, float_format="%.7g")
             n_cells += len(table)
         if writer is None:  # no cells: still a valid, empty pair of files
             empty = pd.DataFrame(columns=cell_table_columns())
-            schema = pa.schema([pa.field(c, pa.string() if c.startswith("Metadata_") else pa.float64())
-                                for c in empty.columns])
+            schema = pa.schema(
+                [pa.field(c, pa.string() if c.startswith("Metadata_") else pa.float64()) for c in empty.columns]
+            )
             stack.enter_context(AtomicParquetWriter(parquet_path, schema))
             to_csv_safe(empty, csv_file, index=False)
     return {"parquet": parquet_path, "csv": csv_path, "n_cells": n_cells, "embedding": embedding_note}

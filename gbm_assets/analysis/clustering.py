@@ -13,12 +13,12 @@ and core-distance neighbours, GMM components), so those are shrunk to what n cel
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
+import json
 import sys
 import time
 import warnings
-import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,7 @@ def _import_umap():
     """
     if "umap" in sys.modules or "tensorflow" in sys.modules:
         import umap
+
         return umap
     sys.modules["tensorflow"] = None  # `import tensorflow` now raises ImportError
     try:
@@ -64,7 +65,14 @@ import hdbscan  # noqa: E402
 NOISE = -1
 EMBEDDING_COLUMN = "embedding"
 LABEL_COLUMNS = (
-    "umap_x", "umap_y", "hdbscan", "hdbscan_noise", "gmm", "gmm_prob", "gmm_probs", "auto",
+    "umap_x",
+    "umap_y",
+    "hdbscan",
+    "hdbscan_noise",
+    "gmm",
+    "gmm_prob",
+    "gmm_probs",
+    "auto",
 )
 
 # The thesis chose min_cluster_size 220 to get 11 clusters on 7,500 cells.
@@ -120,13 +128,13 @@ class ClusteringConfig:
     gmm_components: int = 11
     auto_k_min: int = 2
     auto_k_max: int = 20
-    auto_k_max_cells: int = 10_000      # the k sweep runs on a random subsample this large
+    auto_k_max_cells: int = 10_000  # the k sweep runs on a random subsample this large
     auto_k_bic_tolerance: float = 0.05  # share of the BIC range counted as "flat bottom"
     auto_k_stability_runs: int = 5
     auto_k_subsample: float = 0.8
-    auto_k_min_stability: float = 0.8   # mean pairwise ARI a k must reach
-    auto_k_max_candidates: int = 5      # stability is measured for at most this many k
-    n_jobs: int = -1                    # HDBSCAN core distances; UMAP is seeded, so 1 thread
+    auto_k_min_stability: float = 0.8  # mean pairwise ARI a k must reach
+    auto_k_max_candidates: int = 5  # stability is measured for at most this many k
+    n_jobs: int = -1  # HDBSCAN core distances; UMAP is seeded, so 1 thread
 
     def min_cluster_size(self, n_cells: int) -> int:
         return self.hdbscan_min_cluster_size or scaled_min_cluster_size(n_cells)
@@ -311,9 +319,7 @@ def choose_k(points_2d: np.ndarray, config: ClusteringConfig, k_max: int | None 
         for r in range(config.auto_k_stability_runs):
             idx = rng.choice(n, m, replace=False)
             runs.append(_gmm(ks[i], config.seed + 1 + r).fit(points_2d[idx]).predict(points_2d))
-        stability[i] = np.mean(
-            [adjusted_rand_score(a, b) for a, b in itertools.combinations(runs, 2)]
-        )
+        stability[i] = np.mean([adjusted_rand_score(a, b) for a, b in itertools.combinations(runs, 2)])
         if stability[i] >= config.auto_k_min_stability:
             chosen = i
             break
@@ -459,9 +465,13 @@ def shrunk_parameters(config: ClusteringConfig, n_cells: int) -> dict[str, dict[
         If n_cells < MIN_CELLS.
     """
     used = sized_parameters(config, n_cells)
-    configured = {"umap_neighbors": config.umap_neighbors, "hdbscan_min_cluster_size": config.min_cluster_size(n_cells),
-                  "hdbscan_min_samples": config.hdbscan_min_samples, "gmm_components": config.gmm_components,
-                  "auto_k_max": config.auto_k_max}
+    configured = {
+        "umap_neighbors": config.umap_neighbors,
+        "hdbscan_min_cluster_size": config.min_cluster_size(n_cells),
+        "hdbscan_min_samples": config.hdbscan_min_samples,
+        "gmm_components": config.gmm_components,
+        "auto_k_max": config.auto_k_max,
+    }
     return {k: {"configured": configured[k], "used": used[k]} for k in used if used[k] != configured[k]}
 
 
@@ -554,11 +564,17 @@ def load_clustering(path: str | Path, expected_fingerprint: str | None = None) -
     except ModelFileError:
         raise
     except Exception as exc:  # np.load, zip, JSON, keys, shapes: all mean "not our model file"
-        raise ModelFileError(path, f"not a cluster model written by gbm-assets ({type(exc).__name__}: {exc}); "
-                                   "it was not loaded. Delete it or refit (clusters config refit: true)") from exc
+        raise ModelFileError(
+            path,
+            f"not a cluster model written by gbm-assets ({type(exc).__name__}: {exc}); "
+            "it was not loaded. Delete it or refit (clusters config refit: true)",
+        ) from exc
     if expected_fingerprint is not None and fitted.fingerprint() != expected_fingerprint:
-        raise ModelFileError(path, "its arrays do not match the fingerprint recorded when the model was fitted; "
-                                   "refusing to use it. Delete it or refit (clusters config refit: true)")
+        raise ModelFileError(
+            path,
+            "its arrays do not match the fingerprint recorded when the model was fitted; "
+            "refusing to use it. Delete it or refit (clusters config refit: true)",
+        )
     return fitted
 
 
@@ -569,14 +585,21 @@ def _plain(value):
 
 
 def _gmm_header(gmm: GaussianMixture) -> dict:
-    return {"n_components": int(gmm.n_components), "covariance_type": gmm.covariance_type,
-            "random_state": gmm.random_state, "converged_": bool(gmm.converged_), "n_iter_": int(gmm.n_iter_),
-            "lower_bound_": float(gmm.lower_bound_), "n_features_in_": int(gmm.n_features_in_)}
+    return {
+        "n_components": int(gmm.n_components),
+        "covariance_type": gmm.covariance_type,
+        "random_state": gmm.random_state,
+        "converged_": bool(gmm.converged_),
+        "n_iter_": int(gmm.n_iter_),
+        "lower_bound_": float(gmm.lower_bound_),
+        "n_features_in_": int(gmm.n_features_in_),
+    }
 
 
 def _restore_gmm(head: dict, arrays: dict, prefix: str) -> GaussianMixture:
-    gmm = GaussianMixture(n_components=head["n_components"], covariance_type=head["covariance_type"],
-                          random_state=head["random_state"])
+    gmm = GaussianMixture(
+        n_components=head["n_components"], covariance_type=head["covariance_type"], random_state=head["random_state"]
+    )
     for name in _GMM_ARRAYS:
         setattr(gmm, name, arrays[f"{prefix}.{name}"])
     for name in ("converged_", "n_iter_", "lower_bound_", "n_features_in_"):

@@ -69,15 +69,19 @@ def composition(
         p = c / n
         boot = rng.multinomial(n, p, size=n_boot) / n
         low, high = np.percentile(boot, [tail, 100 - tail], axis=0)
-        rows.append(pd.DataFrame({
-            "culture": culture,
-            "cluster": counts.columns.to_numpy(),
-            "proportion": p,
-            "ci_low": low,
-            "ci_high": high,
-            "n_cells": c,
-            "n_culture": n,
-        }))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "culture": culture,
+                    "cluster": counts.columns.to_numpy(),
+                    "proportion": p,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "n_cells": c,
+                    "n_culture": n,
+                }
+            )
+        )
     columns = ["culture", "cluster", "proportion", "ci_low", "ci_high", "n_cells", "n_culture"]
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
 
@@ -133,15 +137,19 @@ def composition_error(cluster_labels, true_morphotypes, cultures) -> dict:
     clustered = df[df["cluster"] != NOISE]
     majority = clustered.groupby("cluster")["truth"].agg(lambda s: s.value_counts().index[0])
     mapping = {int(c): t.item() if hasattr(t, "item") else t for c, t in majority.items()}
-    estimated = pd.crosstab(
-        clustered["culture"], clustered["cluster"].map(mapping), normalize="index"
-    )
+    estimated = pd.crosstab(clustered["culture"], clustered["cluster"].map(mapping), normalize="index")
     true = pd.crosstab(df["culture"], df["truth"], normalize="index")
     estimated = estimated.reindex(index=true.index, columns=true.columns, fill_value=0.0)
-    table = pd.DataFrame({
-        "estimated": estimated.stack(),
-        "true": true.stack(),
-    }).rename_axis(["culture", "morphotype"]).reset_index()
+    table = (
+        pd.DataFrame(
+            {
+                "estimated": estimated.stack(),
+                "true": true.stack(),
+            }
+        )
+        .rename_axis(["culture", "morphotype"])
+        .reset_index()
+    )
     mae = float((table["estimated"] - table["true"]).abs().mean())
     return {"mae": mae, "mapping": mapping, "table": table}
 
@@ -245,10 +253,20 @@ def composition_by_units(
         boot = weights @ c
         boot = boot / np.maximum(boot.sum(axis=1, keepdims=True), 1)
         low, high = np.percentile(boot, [tail, 100 - tail], axis=0)
-        rows.append(pd.DataFrame({
-            "culture": culture, "cluster": counts.columns.to_numpy(), "proportion": pooled / max(n, 1),
-            "ci_low": low, "ci_high": high, "n_cells": pooled.astype(int), "n_culture": n, "n_units": m,
-        }))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "culture": culture,
+                    "cluster": counts.columns.to_numpy(),
+                    "proportion": pooled / max(n, 1),
+                    "ci_low": low,
+                    "ci_high": high,
+                    "n_cells": pooled.astype(int),
+                    "n_culture": n,
+                    "n_units": m,
+                }
+            )
+        )
     columns = ["culture", "cluster", "proportion", "ci_low", "ci_high", "n_cells", "n_culture", "n_units"]
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
 
@@ -313,8 +331,16 @@ def culture_difference_test(
     names = sorted(unit_culture.unique(), key=str)
     groups = pd.Categorical(unit_culture, categories=names).codes.astype(np.int64)
     n_units, g = len(groups), len(names)
-    result = {"p_value": float("nan"), "statistic": float("nan"), "n_units": n_units, "n_cultures": g,
-              "n_perm": n_perm, "min_p": float("nan"), "reason": "", "clusters": pd.DataFrame()}
+    result = {
+        "p_value": float("nan"),
+        "statistic": float("nan"),
+        "n_units": n_units,
+        "n_cultures": g,
+        "n_perm": n_perm,
+        "min_p": float("nan"),
+        "reason": "",
+        "clusters": pd.DataFrame(),
+    }
     if g < 2:
         result["reason"] = f"needs >= 2 cultures with >= {min_unit_cells} clustered cells per unit (found {g})"
     elif n_units <= g:
@@ -324,16 +350,33 @@ def culture_difference_test(
         return result
     sizes = np.bincount(groups, minlength=g)
     # log of the distinct splits of the units into cultures of these sizes (equal-size cultures swap)
-    log_splits = (math.lgamma(n_units + 1) - sum(math.lgamma(int(k) + 1) for k in sizes)
-                  - sum(math.lgamma(int(m) + 1) for m in np.bincount(sizes)))
+    log_splits = (
+        math.lgamma(n_units + 1)
+        - sum(math.lgamma(int(k) + 1) for k in sizes)
+        - sum(math.lgamma(int(m) + 1) for m in np.bincount(sizes))
+    )
     result["min_p"] = float(max(math.exp(-log_splits), 1 / (1 + n_perm)))
     samples = [np.flatnonzero(groups == k).astype(float) for k in range(g)]
-    test = permutation_test(samples, _between_ss(props), permutation_type="independent", vectorized=True,
-                            n_resamples=n_perm, alternative="greater", batch=500, rng=np.random.default_rng(seed))
+    test = permutation_test(
+        samples,
+        _between_ss(props),
+        permutation_type="independent",
+        vectorized=True,
+        n_resamples=n_perm,
+        alternative="greater",
+        batch=500,
+        rng=np.random.default_rng(seed),
+    )
     observed, p = test.statistic[:-1], np.atleast_1d(test.pvalue)
     shares = pd.DataFrame(props, columns=counts.columns).groupby(np.asarray(names)[groups]).mean()
-    clusters = pd.DataFrame({"cluster": counts.columns.to_numpy(), "statistic": observed, "p_value": p[:-1],
-                             "p_adjusted": false_discovery_control(p[:-1])})
+    clusters = pd.DataFrame(
+        {
+            "cluster": counts.columns.to_numpy(),
+            "statistic": observed,
+            "p_value": p[:-1],
+            "p_adjusted": false_discovery_control(p[:-1]),
+        }
+    )
     clusters["differs"] = clusters["p_adjusted"] < alpha
     for name in names:
         clusters[f"share:{name}"] = shares.loc[name].to_numpy()

@@ -12,14 +12,13 @@ predicts culture on held-out images without any morphology; held-out plates expo
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-import warnings
-
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -31,7 +30,6 @@ from threadpoolctl import threadpool_limits
 
 from gbm_assets.analysis.figures import literal_text
 from gbm_assets.imaging.plates import natural_key
-
 
 CLASSIFIERS = ("random_forest", "linear_probe")
 LINEAR_PROBE_MAX_ITER = 300
@@ -104,7 +102,11 @@ def split_by_group(labels: pd.Series, groups: pd.Series, seed: int = 0, test_siz
 
 
 def evaluate_features(
-    features: np.ndarray, labels: pd.Series, groups: pd.Series, seed: int = 0, test_size: float = 0.2,
+    features: np.ndarray,
+    labels: pd.Series,
+    groups: pd.Series,
+    seed: int = 0,
+    test_size: float = 0.2,
     classifier: str = "random_forest",
 ) -> dict:
     """Accuracy, Cohen's kappa, majority-class baseline and confusion matrix on held-out groups.
@@ -206,8 +208,10 @@ def plot_confusion(result: dict, title: str, path: str | Path) -> Path:
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{title}\naccuracy {result['accuracy']:.3f}, kappa {result['kappa']:.3f}, "
-                 f"majority {result['majority_baseline']:.3f}")
+    ax.set_title(
+        f"{title}\naccuracy {result['accuracy']:.3f}, kappa {result['kappa']:.3f}, "
+        f"majority {result['majority_baseline']:.3f}"
+    )
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
     fig.tight_layout()
     path = Path(path)

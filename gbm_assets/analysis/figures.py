@@ -31,10 +31,12 @@ def literal_text(func):
 
     The context must span the drawing (savefig) as well, since tick labels are created then.
     """
+
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         with matplotlib.rc_context(LITERAL_TEXT):
             return func(*args, **kwargs)
+
     return wrapper
 
 
@@ -83,19 +85,33 @@ def umap_scatter(
     fig, ax = plt.subplots(figsize=(7, 6))
     size = max(0.5, min(8.0, 20_000 / max(len(df), 1)))
     handles, names = [], []
-    for cat, colour in [(c, NOISE_COLOUR) for c in noise] + list(zip(others, _colours(len(others)))):
+    for cat, colour in [(c, NOISE_COLOUR) for c in noise] + list(zip(others, _colours(len(others)), strict=False)):
         sel = (values == cat).to_numpy()
-        handles.append(ax.scatter(
-            df["umap_x"].to_numpy()[sel], df["umap_y"].to_numpy()[sel],
-            s=size, color=colour, linewidths=0, rasterized=True,
-        ))
+        handles.append(
+            ax.scatter(
+                df["umap_x"].to_numpy()[sel],
+                df["umap_y"].to_numpy()[sel],
+                s=size,
+                color=colour,
+                linewidths=0,
+                rasterized=True,
+            )
+        )
         names.append("noise" if cat == NOISE else str(cat))
     ax.set_xlabel("UMAP 1")
     ax.set_ylabel("UMAP 2")
     ax.set_title(title or f"UMAP coloured by {color_by}")
     if len(categories) <= 30:
-        ax.legend(handles, names, title=color_by, markerscale=max(1.0, 6 / np.sqrt(size)), fontsize=8,
-                  loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        ax.legend(
+            handles,
+            names,
+            title=color_by,
+            markerscale=max(1.0, 6 / np.sqrt(size)),
+            fontsize=8,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            frameon=False,
+        )
     return _save(fig, path)
 
 
@@ -118,25 +134,27 @@ def stacked_composition_bar(
     x = np.arange(len(cultures))
     bottom = np.zeros(len(cultures))
     handles, names = [], []
-    for cluster, colour in zip(clusters, _colours(len(clusters))):
+    for cluster, colour in zip(clusters, _colours(len(clusters)), strict=False):
         p = wide[cluster].to_numpy()
-        handles.append(ax.bar(x, p, bottom=bottom, color=NOISE_COLOUR if cluster == NOISE else colour,
-                              width=0.8))
+        handles.append(ax.bar(x, p, bottom=bottom, color=NOISE_COLOUR if cluster == NOISE else colour, width=0.8))
         names.append("noise" if cluster == NOISE else str(cluster))
         if error_bars and {"ci_low", "ci_high"} <= set(comp_df.columns):
-            ci = (comp_df[comp_df["cluster"] == cluster].set_index("culture")
-                  .reindex(cultures)[["ci_low", "ci_high"]].fillna(0.0).to_numpy())
+            ci = (
+                comp_df[comp_df["cluster"] == cluster]
+                .set_index("culture")
+                .reindex(cultures)[["ci_low", "ci_high"]]
+                .fillna(0.0)
+                .to_numpy()
+            )
             yerr = np.clip(np.stack([p - ci[:, 0], ci[:, 1] - p]), 0, None)
-            ax.errorbar(x, bottom + p, yerr=yerr, fmt="none", ecolor="black",
-                        elinewidth=0.6, capsize=2)
+            ax.errorbar(x, bottom + p, yerr=yerr, fmt="none", ecolor="black", elinewidth=0.6, capsize=2)
         bottom += p
     ax.set_xticks(x, [str(c) for c in cultures], rotation=45, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("culture")
     ax.set_ylabel("proportion of cells")
     ax.set_title(title)
-    ax.legend(handles, names, title="cluster", fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
-              frameon=False)
+    ax.legend(handles, names, title="cluster", fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return _save(fig, path)
 
 
@@ -171,14 +189,17 @@ def crop_montage(
         members = np.flatnonzero(labels == cluster)
         pick = rng.choice(members, size=min(per_cluster, len(members)), replace=False)
         for col, i in enumerate(pick):
-            grid[row * (h + pad):row * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = crops[i]
+            grid[row * (h + pad) : row * (h + pad) + h, col * (w + pad) : col * (w + pad) + w] = crops[i]
     # At least one screen pixel per crop pixel, so large crops keep their detail.
-    fig, ax = plt.subplots(figsize=(max(grid.shape[1] / DPI, per_cluster * 0.9) + 1.5,
-                                    max(grid.shape[0] / DPI, len(clusters) * 0.9) + 0.6))
+    fig, ax = plt.subplots(
+        figsize=(max(grid.shape[1] / DPI, per_cluster * 0.9) + 1.5, max(grid.shape[0] / DPI, len(clusters) * 0.9) + 0.6)
+    )
     ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
     counts = cluster_sizes or {c: int((labels == c).sum()) for c in clusters}
-    ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(clusters))],
-                  [f"{'noise' if c == NOISE else f'cluster {c}'} (n={counts[c]})" for c in clusters])
+    ax.set_yticks(
+        [r * (h + pad) + h / 2 for r in range(len(clusters))],
+        [f"{'noise' if c == NOISE else f'cluster {c}'} (n={counts[c]})" for c in clusters],
+    )
     ax.set_xticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
@@ -214,18 +235,24 @@ def cluster_gallery(
     for row, cluster in enumerate(clusters):
         y = row * (h + pad)
         for col, crop in enumerate(np.asarray(nearest[cluster])):
-            grid[y:y + h, col * (w + pad):col * (w + pad) + w] = crop
+            grid[y : y + h, col * (w + pad) : col * (w + pad) + w] = crop
         for col, crop in enumerate(np.asarray(random.get(cluster, ()))):
             x = left * (w + pad) + gap + col * (w + pad)
-            grid[y:y + h, x:x + w] = crop
-    fig, ax = plt.subplots(figsize=(max(grid.shape[1] / DPI, (left + right) * 0.6) + 2.0,
-                                    max(grid.shape[0] / DPI, len(clusters) * 0.6) + 0.8))
+            grid[y : y + h, x : x + w] = crop
+    fig, ax = plt.subplots(
+        figsize=(
+            max(grid.shape[1] / DPI, (left + right) * 0.6) + 2.0,
+            max(grid.shape[0] / DPI, len(clusters) * 0.6) + 0.8,
+        )
+    )
     ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
     labels = row_labels or {}
-    ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(clusters))],
-                  [str(labels.get(c, f"cluster {c}")) for c in clusters])
-    ax.set_xticks([left * (w + pad) / 2, left * (w + pad) + gap + right * (w + pad) / 2],
-                  ["nearest the centre", "random"])
+    ax.set_yticks(
+        [r * (h + pad) + h / 2 for r in range(len(clusters))], [str(labels.get(c, f"cluster {c}")) for c in clusters]
+    )
+    ax.set_xticks(
+        [left * (w + pad) / 2, left * (w + pad) + gap + right * (w + pad) / 2], ["nearest the centre", "random"]
+    )
     ax.xaxis.tick_top()
     for spine in ax.spines.values():
         spine.set_visible(False)

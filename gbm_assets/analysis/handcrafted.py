@@ -20,15 +20,22 @@ from skimage.feature import graycomatrix, graycoprops
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
 INTENSITY_FEATURES = (
-    "Intensity_MeanIntensity", "Intensity_StdIntensity", "Intensity_MedianIntensity",
-    "Intensity_LowerQuartileIntensity", "Intensity_UpperQuartileIntensity",
-    "Intensity_Percentile05", "Intensity_Percentile95", "Intensity_MeanBackground",
+    "Intensity_MeanIntensity",
+    "Intensity_StdIntensity",
+    "Intensity_MedianIntensity",
+    "Intensity_LowerQuartileIntensity",
+    "Intensity_UpperQuartileIntensity",
+    "Intensity_Percentile05",
+    "Intensity_Percentile95",
+    "Intensity_MeanBackground",
 )
 HARALICK = ("contrast", "dissimilarity", "homogeneity", "ASM", "correlation")
 GLCM_DISTANCES = (1, 3)
 GLCM_LEVELS = 16
 TEXTURE_FEATURES = (
-    "Texture_GradientMean", "Texture_GradientStd", "Texture_LaplacianVariance",
+    "Texture_GradientMean",
+    "Texture_GradientStd",
+    "Texture_LaplacianVariance",
     *(f"Texture_{p}_{d}" for d in GLCM_DISTANCES for p in HARALICK),
 )
 PIXEL_FEATURES = INTENSITY_FEATURES + TEXTURE_FEATURES
@@ -48,8 +55,9 @@ def _haralick(pixels: np.ndarray, inside: np.ndarray) -> list[float]:
     are dropped before the statistics, so the background does not count as texture.
     """
     levels = np.where(inside, 1 + (pixels.astype(np.int32) * GLCM_LEVELS) // 256, 0).astype(np.uint8)
-    glcm = graycomatrix(levels, GLCM_DISTANCES, [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4],
-                        levels=GLCM_LEVELS + 1, symmetric=True)[1:, 1:].astype(np.float64)
+    glcm = graycomatrix(
+        levels, GLCM_DISTANCES, [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=GLCM_LEVELS + 1, symmetric=True
+    )[1:, 1:].astype(np.float64)
     totals = glcm.sum(axis=(0, 1), keepdims=True)
     glcm = np.divide(glcm, totals, out=np.zeros_like(glcm), where=totals > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -88,7 +96,7 @@ def pixel_features(pixels: np.ndarray, masks: np.ndarray) -> np.ndarray:
         raise ValueError(f"pixels {pixels.shape} and masks {masks.shape} must both be (n, S, S)")
     out = np.zeros((len(pixels), len(PIXEL_FEATURES)), np.float32)
     disc = _centre_disc(pixels.shape[1]) if len(pixels) else None
-    for i, (crop, mask) in enumerate(zip(pixels.astype(np.uint8), masks)):
+    for i, (crop, mask) in enumerate(zip(pixels.astype(np.uint8), masks, strict=False)):
         inside = mask > 0
         if not inside.any():
             inside = disc
@@ -97,10 +105,24 @@ def pixel_features(pixels: np.ndarray, masks: np.ndarray) -> np.ndarray:
         p05, p25, p50, p75, p95 = np.percentile(values, [5, 25, 50, 75, 95])
         background = float(outside.mean()) if outside.size else float(values.mean())
         f = crop.astype(np.float32)
-        gradient = cv2.magnitude(cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3))[inside]
+        gradient = cv2.magnitude(cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3))[
+            inside
+        ]
         laplacian = cv2.Laplacian(f, cv2.CV_32F, ksize=3)[inside]
-        out[i] = [values.mean(), values.std(), p50, p25, p75, p05, p95, background,
-                  gradient.mean(), gradient.std(), laplacian.var(), *_haralick(crop, inside)]
+        out[i] = [
+            values.mean(),
+            values.std(),
+            p50,
+            p25,
+            p75,
+            p05,
+            p95,
+            background,
+            gradient.mean(),
+            gradient.std(),
+            laplacian.var(),
+            *_haralick(crop, inside),
+        ]
     return out
 
 
@@ -148,4 +170,6 @@ def handcrafted_features_for(crops_dir: str | Path, crop_ids: pd.Series) -> np.n
     for column in MEASUREMENT_COLUMNS:
         if column not in measurements:
             measurements[column] = np.nan
-    return handcrafted_features(measurements, read_crops(crops_dir, crop_ids), read_crops(crops_dir, crop_ids, column="mask"))
+    return handcrafted_features(
+        measurements, read_crops(crops_dir, crop_ids), read_crops(crops_dir, crop_ids, column="mask")
+    )

@@ -18,9 +18,9 @@ import html
 import math
 import re
 import urllib.parse
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,8 +38,13 @@ BASELINES = (BASELINE, HANDCRAFTED_BASELINE)
 SKIPPED_SUFFIX = "_skipped"
 # Thesis Table 3 style: one row per encoder variant plus the raw-pixel baseline.
 COMPARISON_COLUMNS = (
-    "variant", "features", "lambda", "segmentation",
-    "culture_accuracy", "concentration_accuracy", "culture_kappa",
+    "variant",
+    "features",
+    "lambda",
+    "segmentation",
+    "culture_accuracy",
+    "concentration_accuracy",
+    "culture_kappa",
 )
 
 
@@ -122,8 +127,19 @@ def _fmt(value) -> str:
 
 
 # Columns that hold counts or sizes: printed as integers even when a missing value made them float.
-INTEGER_COLUMNS = ("features", "cluster", "dof", "auto_k", "n_clusters", "n_cells", "n_culture", "n_units",
-                   "n_train", "n_test", "n_perm")
+INTEGER_COLUMNS = (
+    "features",
+    "cluster",
+    "dof",
+    "auto_k",
+    "n_clusters",
+    "n_cells",
+    "n_culture",
+    "n_units",
+    "n_train",
+    "n_test",
+    "n_perm",
+)
 
 
 def _integer_column(name, values: pd.Series) -> bool:
@@ -140,8 +156,12 @@ def _integer_column(name, values: pd.Series) -> bool:
 
 def _fmt_cell(name, value) -> str:
     """_fmt, with integral values of count columns (INTEGER_COLUMNS, n_*) as integers."""
-    if (isinstance(value, (float, np.floating)) and not math.isnan(value) and float(value).is_integer()
-            and (str(name) in INTEGER_COLUMNS or str(name).startswith("n_"))):
+    if (
+        isinstance(value, (float, np.floating))
+        and not math.isnan(value)
+        and float(value).is_integer()
+        and (str(name) in INTEGER_COLUMNS or str(name).startswith("n_"))
+    ):
         return _fmt(int(value))
     return _fmt(value)
 
@@ -159,8 +179,7 @@ def displayed(df: pd.DataFrame) -> pd.DataFrame:
         if _integer_column(name, values):
             out.isetitem(k, [("–" if pd.isna(v) else _fmt(int(v))) for v in values])
         elif pd.api.types.is_numeric_dtype(values) or values.dtype == object:
-            out.isetitem(k, [_fmt(v) if isinstance(v, (int, float, np.number, bool, np.bool_)) else v
-                             for v in values])
+            out.isetitem(k, [_fmt(v) if isinstance(v, (int, float, np.number, bool, np.bool_)) else v for v in values])
     return out
 
 
@@ -178,8 +197,10 @@ def _scores_or_reasons(comparison: pd.DataFrame) -> pd.DataFrame:
         for score in [c for c in comparison.columns if str(c).startswith(f"{target}_") and c != column]:
             fill = (reasons != "") & comparison[score].isna()
             if fill.any():
-                shown[score] = [reason if use else _fmt_cell(score, value)
-                                for value, reason, use in zip(comparison[score], reasons, fill)]
+                shown[score] = [
+                    reason if use else _fmt_cell(score, value)
+                    for value, reason, use in zip(comparison[score], reasons, fill, strict=False)
+                ]
         shown = shown.drop(columns=column)
     return shown
 
@@ -207,8 +228,10 @@ def _figure(png: Path, caption: str, out_dir: Path) -> str:
     """A thumbnail embedded as base64 PNG, linking to the full-size figure beside the page (png: relative to out_dir)."""
     data = base64.b64encode(thumbnail(out_dir / png)).decode("ascii")
     cap, href = html.escape(caption), _href(png, out_dir)
-    return (f'<figure><a href="{href}"><img alt="{cap}" src="data:image/png;base64,{data}"></a>'
-            f'<figcaption>{cap} (<a href="{href}">full size</a>)</figcaption></figure>')
+    return (
+        f'<figure><a href="{href}"><img alt="{cap}" src="data:image/png;base64,{data}"></a>'
+        f'<figcaption>{cap} (<a href="{href}">full size</a>)</figcaption></figure>'
+    )
 
 
 def _percent(value: float) -> str:
@@ -217,15 +240,16 @@ def _percent(value: float) -> str:
 
 def _composition_wide(comp: pd.DataFrame) -> pd.DataFrame:
     """Culture rows, cluster columns, cells "12.3% [9.1, 15.2]": readable at 10 x 11."""
-    cell = [f"{_percent(p)} [{100 * lo:.1f}, {100 * hi:.1f}]"
-            for p, lo, hi in zip(comp["proportion"], comp["ci_low"], comp["ci_high"])]
+    cell = [
+        f"{_percent(p)} [{100 * lo:.1f}, {100 * hi:.1f}]"
+        for p, lo, hi in zip(comp["proportion"], comp["ci_low"], comp["ci_high"], strict=False)
+    ]
     wide = comp.assign(cell=cell).pivot(index="culture", columns="cluster", values="cell")
     return wide.rename(columns=lambda c: f"cluster {c}").rename_axis(columns=None).reset_index()
 
 
 def _dict_table(d: Mapping) -> str:
-    return _table(pd.DataFrame({"measure": [_header(k) for k in d],
-                                "value": [_fmt_cell(k, v) for k, v in d.items()]}))
+    return _table(pd.DataFrame({"measure": [_header(k) for k in d], "value": [_fmt_cell(k, v) for k, v in d.items()]}))
 
 
 def _measure(value, decimals: int = 2) -> str:
@@ -246,7 +270,9 @@ def _profile_table(profiles: pd.DataFrame, area_unit: str) -> pd.DataFrame:
             shown[f"median_{m}"] = [_measure(v) for v in profiles[f"median_{m}"]]
     shown["share"] = [_percent(v) for v in profiles["share"]]
     shown["share_qc_not_cell"] = [_percent(v) for v in profiles["qc_not_cell"]]
-    shown["artefact"] = [reason if flag else "" for flag, reason in zip(profiles["artefact"], profiles["artefact_reason"])]
+    shown["artefact"] = [
+        reason if flag else "" for flag, reason in zip(profiles["artefact"], profiles["artefact_reason"], strict=False)
+    ]
     return shown.drop(columns="artefact_reason")
 
 
@@ -265,12 +291,16 @@ def _cluster_phrase(row: pd.Series, profiles: pd.DataFrame | None, area_unit: st
     shape = ""
     if profiles is not None and (profiles["cluster"] == row["cluster"]).any():
         p = profiles[profiles["cluster"] == row["cluster"]].iloc[0]
-        shape = f"median area {_measure(p['median_area'])} {area_unit}, elongation {_measure(p['median_elongation'], 1)}"
+        shape = (
+            f"median area {_measure(p['median_area'])} {area_unit}, elongation {_measure(p['median_elongation'], 1)}"
+        )
         if p["artefact"]:
             shape += ", flagged as a possible artefact"
         shape += "; "
-    return (f"cluster {_fmt_cell('cluster', row['cluster'])} ({shape}from {_percent(shares[low])} of the cells "
-            f"in {low} to {_percent(shares[high])} in {high})")
+    return (
+        f"cluster {_fmt_cell('cluster', row['cluster'])} ({shape}from {_percent(shares[low])} of the cells "
+        f"in {low} to {_percent(shares[high])} in {high})"
+    )
 
 
 def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> str:
@@ -284,27 +314,40 @@ def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> s
     if best is None:
         return "No variant has a culture kappa yet, so none can be called best."
     name, kappa = str(best["variant"]), float(best["culture_kappa"])
-    text = [f"Best variant: {name} (culture Cohen's kappa {_fmt(kappa)}, culture accuracy "
-            f"{_fmt(best['culture_accuracy'])})."]
+    text = [
+        f"Best variant: {name} (culture Cohen's kappa {_fmt(kappa)}, culture accuracy "
+        f"{_fmt(best['culture_accuracy'])})."
+    ]
     baselines = comparison[is_baseline(comparison)].dropna(subset=["culture_kappa"])
     margins = []
     for _, base in baselines.iterrows():
         diff = kappa - float(base["culture_kappa"])
         where = "above" if diff > 0 else "below" if diff < 0 else "level with"
-        margins.append(f"{_fmt(abs(diff)) + ' ' if diff else ''}{where} {base['variant']} "
-                       f"(kappa {_fmt(base['culture_kappa'])})")
+        margins.append(
+            f"{_fmt(abs(diff)) + ' ' if diff else ''}{where} {base['variant']} (kappa {_fmt(base['culture_kappa'])})"
+        )
     if margins:
         beats = bool((kappa > baselines["culture_kappa"].astype(float)).all())
-        text.append(f"That is {'; '.join(margins)}: "
-                    + ("the learned features earn their cost." if beats else
-                       "the learned features do not beat every baseline yet."))
+        text.append(
+            f"That is {'; '.join(margins)}: "
+            + (
+                "the learned features earn their cost."
+                if beats
+                else "the learned features do not beat every baseline yet."
+            )
+        )
     else:
         text.append("No baseline was scored, so the margin is unknown.")
     if "culture_plate_kappa" in comparison and pd.notna(best.get("culture_plate_kappa")):
-        others = "; ".join(f"{b['variant']} {_fmt(b['culture_plate_kappa'])}" for _, b in baselines.iterrows()
-                           if pd.notna(b.get("culture_plate_kappa")))
-        text.append(f"On held-out plates, where a plate's illumination cannot stand in for morphology, {name} "
-                    f"scores culture kappa {_fmt(best['culture_plate_kappa'])}" + (f" ({others})." if others else "."))
+        others = "; ".join(
+            f"{b['variant']} {_fmt(b['culture_plate_kappa'])}"
+            for _, b in baselines.iterrows()
+            if pd.notna(b.get("culture_plate_kappa"))
+        )
+        text.append(
+            f"On held-out plates, where a plate's illumination cannot stand in for morphology, {name} "
+            f"scores culture kappa {_fmt(best['culture_plate_kappa'])}" + (f" ({others})." if others else ".")
+        )
     chance = baselines["culture_majority"].dropna() if "culture_majority" in baselines else pd.Series([], dtype=float)
     if len(chance):
         text.append(f"Always guessing the most common culture scores an accuracy of {_fmt(float(chance.iloc[0]))}.")
@@ -319,15 +362,22 @@ def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> s
         differ = clusters[clusters["differs"]].sort_values("p_adjusted")
         units = f"{test['n_units']} {section.unit_level}s as the units, {test['n_perm']} permutations"
         if differ.empty:
-            overall = ("The composition as a whole differs between cultures" if test["p_value"] < 0.05 else
-                       "The composition as a whole shows no evidence of differing between cultures")
-            text.append(f"{overall} (p = {_fmt(test['p_value'])}; {units}; the smallest p these units allow is "
-                        f"{_fmt(test.get('min_p', float('nan')))}), but no single cell type of {name} differs in "
-                        "share at a 5% false discovery rate.")
+            overall = (
+                "The composition as a whole differs between cultures"
+                if test["p_value"] < 0.05
+                else "The composition as a whole shows no evidence of differing between cultures"
+            )
+            text.append(
+                f"{overall} (p = {_fmt(test['p_value'])}; {units}; the smallest p these units allow is "
+                f"{_fmt(test.get('min_p', float('nan')))}), but no single cell type of {name} differs in "
+                "share at a 5% false discovery rate."
+            )
         else:
             phrases = [_cluster_phrase(r, section.profiles, section.area_unit) for _, r in differ.iterrows()]
-            text.append(f"Cell types of {name} that differ between cultures (5% false discovery rate; {units}; "
-                        f"overall p = {_fmt(test['p_value'])}): " + "; ".join(phrases) + ".")
+            text.append(
+                f"Cell types of {name} that differ between cultures (5% false discovery rate; {units}; "
+                f"overall p = {_fmt(test['p_value'])}): " + "; ".join(phrases) + "."
+            )
     return " ".join(text)
 
 
@@ -338,46 +388,62 @@ def _variant_html(v: VariantSection, out_dir: Path) -> str:
     if v.notes:
         parts.append(f"<p>{html.escape(v.notes)}</p>")
     if v.explorer:
-        parts.append(f'<p><a class="explorer" href="{html.escape(v.explorer)}">Open the cell explorer for '
-                     f"{html.escape(v.variant)}</a>: hover any point of the map to see its cell.</p>")
+        parts.append(
+            f'<p><a class="explorer" href="{html.escape(v.explorer)}">Open the cell explorer for '
+            f"{html.escape(v.variant)}</a>: hover any point of the map to see its cell.</p>"
+        )
     figures = (
         [(p, f"{v.variant}: confusion matrix ({Path(p).stem})") for p in v.confusion_matrices]
         + [(p, f"{v.variant}: UMAP ({Path(p).stem})") for p in v.umap_scatters]
-        + [(p, f"{v.variant}: {what}") for p, what in
-           ((v.composition_bar, "cell-type composition per culture"),
-            (v.montage, "random crops per cluster"),
-            (v.gallery, "cells nearest each cluster's centre and random cells")) if p is not None]
+        + [
+            (p, f"{v.variant}: {what}")
+            for p, what in (
+                (v.composition_bar, "cell-type composition per culture"),
+                (v.montage, "random crops per cluster"),
+                (v.gallery, "cells nearest each cluster's centre and random cells"),
+            )
+            if p is not None
+        ]
     )
     for png, caption in figures:
         # A figure already beside the page (under out_dir) is linked where it is; others are copied.
-        target = Path(png) if Path(png).resolve().is_relative_to(out_dir.resolve()) else \
-            out_dir / "figures" / f"{slug}_{Path(png).name}"
+        target = (
+            Path(png)
+            if Path(png).resolve().is_relative_to(out_dir.resolve())
+            else out_dir / "figures" / f"{slug}_{Path(png).name}"
+        )
         if Path(png).resolve() != target.resolve():
             write_bytes_atomic(target, Path(png).read_bytes())
         parts.append(_figure(target.resolve().relative_to(out_dir.resolve()), caption, out_dir))
     if v.profiles is not None and len(v.profiles):
         write_bytes_atomic(out_dir / f"{slug}_cell_types.csv", to_csv_safe(v.profiles, index=False).encode())
         flagged = int(v.profiles["artefact"].sum())
-        parts += ["<h3>Cell types</h3>",
-                  f"<p>Median shape of each cluster's cells (area in {html.escape(v.area_unit)}; elongation = "
-                  "major / minor axis length; solidity = area / convex hull area; form factor = "
-                  "4&pi; area / perimeter&sup2;). The artefact column flags clusters that look like debris "
-                  f"or fragments ({flagged} of {len(v.profiles)}): check them in the gallery.</p>",
-                  _table(_profile_table(v.profiles, v.area_unit))]
+        parts += [
+            "<h3>Cell types</h3>",
+            f"<p>Median shape of each cluster's cells (area in {html.escape(v.area_unit)}; elongation = "
+            "major / minor axis length; solidity = area / convex hull area; form factor = "
+            "4&pi; area / perimeter&sup2;). The artefact column flags clusters that look like debris "
+            f"or fragments ({flagged} of {len(v.profiles)}): check them in the gallery.</p>",
+            _table(_profile_table(v.profiles, v.area_unit)),
+        ]
     if v.cluster_metrics:
-        metrics = (pd.DataFrame.from_dict(v.cluster_metrics, orient="index")
-                   .rename_axis("method").reset_index())
+        metrics = pd.DataFrame.from_dict(v.cluster_metrics, orient="index").rename_axis("method").reset_index()
         write_bytes_atomic(out_dir / f"{slug}_cluster_metrics.csv", to_csv_safe(metrics, index=False).encode())
         parts += ["<h3>Cluster metrics</h3>", _table(metrics)]
     if v.auto_k is not None:
         parts.append(f"<p>Automatically chosen number of clusters: <strong>{v.auto_k}</strong>.</p>")
     if v.composition is not None:
         write_bytes_atomic(out_dir / f"{slug}_composition.csv", to_csv_safe(v.composition, index=False).encode())
-        how = (f"a bootstrap over {html.escape(v.unit_level)}s (resampled with replacement within each culture)"
-               if "n_units" in v.composition else "a bootstrap over cells")
-        parts += ["<h3>Composition per culture</h3>",
-                  "<p>Share of the clustered cells of each culture in each cluster, with its 95% "
-                  f"interval from {how}.</p>", _table(_composition_wide(v.composition))]
+        how = (
+            f"a bootstrap over {html.escape(v.unit_level)}s (resampled with replacement within each culture)"
+            if "n_units" in v.composition
+            else "a bootstrap over cells"
+        )
+        parts += [
+            "<h3>Composition per culture</h3>",
+            f"<p>Share of the clustered cells of each culture in each cluster, with its 95% interval from {how}.</p>",
+            _table(_composition_wide(v.composition)),
+        ]
     if v.culture_test is not None:
         test = v.culture_test
         parts.append(f"<h3>Do cultures differ? ({html.escape(v.unit_level)}s as the units)</h3>")
@@ -386,40 +452,57 @@ def _variant_html(v: VariantSection, out_dir: Path) -> str:
         else:
             clusters = test["clusters"]
             write_bytes_atomic(out_dir / f"{slug}_culture_test.csv", to_csv_safe(clusters, index=False).encode())
-            parts += [f"<p>Permutation test on the composition of each {html.escape(v.unit_level)} "
-                      f"({test['n_units']} units, {test['n_cultures']} cultures, {test['n_perm']} permutations of "
-                      f"the culture labels among the units): overall p = {_fmt(test['p_value'])}; with these "
-                      f"units no p below {_fmt(test.get('min_p', float('nan')))} is possible. Per cluster, "
-                      "p adjusted is Benjamini-Hochberg's; shares are the mean over the culture's units.</p>",
-                      _table(_culture_test_table(test))]
+            parts += [
+                f"<p>Permutation test on the composition of each {html.escape(v.unit_level)} "
+                f"({test['n_units']} units, {test['n_cultures']} cultures, {test['n_perm']} permutations of "
+                f"the culture labels among the units): overall p = {_fmt(test['p_value'])}; with these "
+                f"units no p below {_fmt(test.get('min_p', float('nan')))} is possible. Per cluster, "
+                "p adjusted is Benjamini-Hochberg's; shares are the mean over the culture's units.</p>",
+                _table(_culture_test_table(test)),
+            ]
     if v.chi_square is not None:
         p = v.chi_square.get("p_value", float("nan"))
         if math.isnan(p):
             verdict = "Too few cultures or clusters with cells to test."
         else:
             relation = "depends" if p < 0.05 else "shows no evidence of depending"
-            verdict = (f"Counting every cell as independent, cell-type composition {relation} on culture "
-                       f"(p = {_fmt(p)}, Cramér's V = {_fmt(v.chi_square['cramers_v'])}).")
-        parts += ["<h3>Culture vs cell type (chi-square over cells)</h3>", f"<p>{verdict} Cells of one "
-                  "replicate share its seeding, confluence and imaging, so this p-value overstates the "
-                  "evidence; the replicate-level test above is the one to trust. Cramér's V is the effect "
-                  "size.</p>", _dict_table(v.chi_square)]
+            verdict = (
+                f"Counting every cell as independent, cell-type composition {relation} on culture "
+                f"(p = {_fmt(p)}, Cramér's V = {_fmt(v.chi_square['cramers_v'])})."
+            )
+        parts += [
+            "<h3>Culture vs cell type (chi-square over cells)</h3>",
+            f"<p>{verdict} Cells of one "
+            "replicate share its seeding, confluence and imaging, so this p-value overstates the "
+            "evidence; the replicate-level test above is the one to trust. Cramér's V is the effect "
+            "size.</p>",
+            _dict_table(v.chi_square),
+        ]
     if v.composition_error is not None:
         err = v.composition_error
-        parts += ["<h3>Composition error against true morphotypes (synthetic)</h3>",
-                  f"<p>Mean absolute error of per-culture proportions: {_fmt(err['mae'])}.</p>"]
+        parts += [
+            "<h3>Composition error against true morphotypes (synthetic)</h3>",
+            f"<p>Mean absolute error of per-culture proportions: {_fmt(err['mae'])}.</p>",
+        ]
         if isinstance(err.get("table"), pd.DataFrame):
             t = err["table"]
-            cell = [f"{e:.3f} / {tr:.3f}" for e, tr in zip(t["estimated"], t["true"])]
+            cell = [f"{e:.3f} / {tr:.3f}" for e, tr in zip(t["estimated"], t["true"], strict=False)]
             wide = t.assign(cell=cell).pivot(index="culture", columns="morphotype", values="cell")
-            parts += ["<p>Estimated / true proportion per morphotype.</p>",
-                      _table(wide.rename(columns=str).rename_axis(columns=None).reset_index())]
+            parts += [
+                "<p>Estimated / true proportion per morphotype.</p>",
+                _table(wide.rename(columns=str).rename_axis(columns=None).reset_index()),
+            ]
     if v.cell_table is not None:
-        links = [f'<a href="{_href(Path(v.cell_table[k]).resolve(), out_dir)}">{k}</a>' for k in ("parquet", "csv")
-                 if v.cell_table.get(k) and Path(v.cell_table[k]).resolve().is_relative_to(out_dir.resolve())]
-        parts.append(f"<p>Per-cell table ({_fmt(int(v.cell_table.get('n_cells', 0)))} cells: provenance, shape "
-                     "measurements, cluster labels, UMAP and embedding coordinates; pycytominer column names): "
-                     f"{', '.join(links)}. Embedding columns: {html.escape(str(v.cell_table.get('embedding', '')))}.</p>")
+        links = [
+            f'<a href="{_href(Path(v.cell_table[k]).resolve(), out_dir)}">{k}</a>'
+            for k in ("parquet", "csv")
+            if v.cell_table.get(k) and Path(v.cell_table[k]).resolve().is_relative_to(out_dir.resolve())
+        ]
+        parts.append(
+            f"<p>Per-cell table ({_fmt(int(v.cell_table.get('n_cells', 0)))} cells: provenance, shape "
+            "measurements, cluster labels, UMAP and embedding coordinates; pycytominer column names): "
+            f"{', '.join(links)}. Embedding columns: {html.escape(str(v.cell_table.get('embedding', '')))}.</p>"
+        )
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -447,17 +530,23 @@ def _cell_finding_html(quality: pd.DataFrame, out_dir: Path) -> str:
     """The cell-finding section: candidates per qc label and image quality, per plate and per image."""
     write_bytes_atomic(out_dir / "cell_finding.csv", to_csv_safe(quality, index=False).encode())
     labels = [c for c in ("cell", "debris", "fragment", "edge") if c in quality]
-    per_plate = quality.groupby("plate", sort=True).agg(
-        images=("image", "size"), **{label: (label, "sum") for label in labels},
-        usable_fraction=("ImageQuality_UsableFraction", "mean"), cell_diameter_px=("cell_diameter_px", "first"),
-    ).reset_index()
+    per_plate = (
+        quality.groupby("plate", sort=True)
+        .agg(
+            images=("image", "size"),
+            **{label: (label, "sum") for label in labels},
+            usable_fraction=("ImageQuality_UsableFraction", "mean"),
+            cell_diameter_px=("cell_diameter_px", "first"),
+        )
+        .reset_index()
+    )
     parts = [
         "<h2>Cell finding</h2>",
         "<p>Every candidate cell finding proposed, by quality label: <em>cell</em> (cropped and analysed), "
         "<em>debris</em> (small and alone in the medium, or too faint), <em>fragment</em> (a small piece "
         "next to cells) and <em>edge</em> (outside the culture surface: well edge, wall, glare). Usable "
         "fraction: the share of the field that is culture surface; cell diameter: the plate's, estimated "
-        f'from its images unless given. Every image: <a href="cell_finding.csv">cell_finding.csv</a>.</p>',
+        'from its images unless given. Every image: <a href="cell_finding.csv">cell_finding.csv</a>.</p>',
         _table(per_plate),
     ]
     if len(quality) <= MAX_IMAGE_ROWS:
@@ -487,10 +576,13 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out_dir / "comparison.csv", to_csv_safe(comparison, index=False).encode())
     best = best_variant(comparison)
-    best_text = ("No variant has a culture kappa yet." if best is None else
-                 f'Best variant by culture Cohen\'s kappa: <strong id="best-variant">'
-                 f"{html.escape(str(best['variant']))}</strong> (kappa {_fmt(best['culture_kappa'])}, "
-                 f"culture accuracy {_fmt(best['culture_accuracy'])}).")
+    best_text = (
+        "No variant has a culture kappa yet."
+        if best is None
+        else f'Best variant by culture Cohen\'s kappa: <strong id="best-variant">'
+        f"{html.escape(str(best['variant']))}</strong> (kappa {_fmt(best['culture_kappa'])}, "
+        f"culture accuracy {_fmt(best['culture_accuracy'])})."
+    )
     body = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="lead" id="lead">{html.escape(lead(comparison, variants))}</p>',
@@ -504,10 +596,11 @@ def write_report(
         body.append(_cell_finding_html(cell_finding, out_dir))
     body += [_variant_html(v, out_dir) for v in variants]
     page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
-        + "\n".join(body) + "\n</body></html>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
     )
     path = out_dir / "report.html"
     write_bytes_atomic(path, page.encode("utf-8"))
@@ -529,9 +622,7 @@ def _md_text(value) -> str:
     return _MD_SPECIAL.sub(r"\\\1", re.sub(r"[\r\n]+", " ", text))
 
 
-def markdown_summary(
-    comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()
-) -> str:
+def markdown_summary(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> str:
     """A Markdown digest for Dagster metadata: the comparison table, the best variant and lead(), clusters.
 
     Counts print as integers and scores as _fmt rounds them (displayed()); names are escaped.
@@ -548,21 +639,48 @@ def markdown_summary(
     lines += [row(r) for r in shown.itertuples(index=False)]
     best = best_variant(comparison)
     if best is not None:
-        lines += ["", f"**Best variant by culture kappa: {_md_text(best['variant'])}** "
-                      f"(kappa {_fmt(best['culture_kappa'])})"]
+        lines += [
+            "",
+            f"**Best variant by culture kappa: {_md_text(best['variant'])}** (kappa {_fmt(best['culture_kappa'])})",
+        ]
     lines += ["", _md_text(lead(comparison, variants))]
     if variants:
-        lines += ["", row(["variant", "HDBSCAN clusters", "noise", "auto k", "artefact clusters",
-                           "culture test p (replicates)", "chi-square p (cells)", "Cramér's V",
-                           "composition MAE"]), row(["---"] * 9)]
+        lines += [
+            "",
+            row(
+                [
+                    "variant",
+                    "HDBSCAN clusters",
+                    "noise",
+                    "auto k",
+                    "artefact clusters",
+                    "culture test p (replicates)",
+                    "chi-square p (cells)",
+                    "Cramér's V",
+                    "composition MAE",
+                ]
+            ),
+            row(["---"] * 9),
+        ]
         for v in variants:
             hdb = v.cluster_metrics.get("hdbscan", {})
             chi = v.chi_square or {}
             err = v.composition_error or {}
             test = v.culture_test or {}
             flagged = "" if v.profiles is None else int(v.profiles["artefact"].sum())
-            lines.append(row([v.variant, _fmt_cell("n_clusters", hdb.get("n_clusters", "")),
-                              hdb.get("noise_fraction", ""), "" if v.auto_k is None else v.auto_k, flagged,
-                              test.get("reason") or test.get("p_value", ""), chi.get("p_value", ""),
-                              chi.get("cramers_v", ""), err.get("mae", "")]))
+            lines.append(
+                row(
+                    [
+                        v.variant,
+                        _fmt_cell("n_clusters", hdb.get("n_clusters", "")),
+                        hdb.get("noise_fraction", ""),
+                        "" if v.auto_k is None else v.auto_k,
+                        flagged,
+                        test.get("reason") or test.get("p_value", ""),
+                        chi.get("p_value", ""),
+                        chi.get("cramers_v", ""),
+                        err.get("mae", ""),
+                    ]
+                )
+            )
     return "\n".join(lines)

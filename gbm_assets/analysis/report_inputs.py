@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,8 +26,14 @@ def _lines(scores: pd.DataFrame, feature_set: str, target: str, split: str, clas
     return hit
 
 
-def _score(scores: pd.DataFrame, feature_set: str, target: str, metric: str,
-           split: str = "image", classifier: str = "random_forest") -> float:
+def _score(
+    scores: pd.DataFrame,
+    feature_set: str,
+    target: str,
+    metric: str,
+    split: str = "image",
+    classifier: str = "random_forest",
+) -> float:
     hit = _lines(scores, feature_set, target, split, classifier)
     return float(hit[metric].iloc[0]) if len(hit) else np.nan
 
@@ -44,7 +50,8 @@ def _row(name: str, scores: pd.DataFrame, feature_set: str, **described) -> dict
     """The table row of one feature set: the thesis' scores (by image, random forest), then the
     linear probe (suffix _linear) and the plate-held-out split (culture_plate_*, morphotype_plate_*)."""
     return {
-        "variant": name, **described,
+        "variant": name,
+        **described,
         "culture_accuracy": _score(scores, feature_set, "culture", "accuracy"),
         "concentration_accuracy": _score(scores, feature_set, "concentration", "accuracy"),
         "culture_kappa": _score(scores, feature_set, "culture", "kappa"),
@@ -56,8 +63,14 @@ def _row(name: str, scores: pd.DataFrame, feature_set: str, **described) -> dict
         "culture_plate_kappa": _score(scores, feature_set, "culture", "kappa", split="plate"),
         "culture_plate_kappa_linear": _score(scores, feature_set, "culture", "kappa", "plate", "linear_probe"),
         "morphotype_plate_accuracy": _score(scores, feature_set, "morphotype", "accuracy", split="plate"),
-        **{f"{target}{SKIPPED_SUFFIX}": _skipped(scores, feature_set, target) for target in ("culture", "concentration", "morphotype")},
-        **{f"{target}_plate{SKIPPED_SUFFIX}": _skipped(scores, feature_set, target, "plate") for target in ("culture", "morphotype")},
+        **{
+            f"{target}{SKIPPED_SUFFIX}": _skipped(scores, feature_set, target)
+            for target in ("culture", "concentration", "morphotype")
+        },
+        **{
+            f"{target}_plate{SKIPPED_SUFFIX}": _skipped(scores, feature_set, target, "plate")
+            for target in ("culture", "morphotype")
+        },
     }
 
 
@@ -92,6 +105,8 @@ def comparison_table(evaluation_dir: str | Path, variants: Sequence[str]) -> pd.
                     baseline["culture_majority"] = _score(scores, feature_set, "culture", "majority_baseline")
                     baselines.append(baseline)
     rows += baselines or []
-    columns = list(_row("", pd.DataFrame(columns=["feature_set", "target"]), "", features=0, **{"lambda": 0}, segmentation=""))
+    columns = list(
+        _row("", pd.DataFrame(columns=["feature_set", "target"]), "", features=0, **{"lambda": 0}, segmentation="")
+    )
     columns += ["culture_kappa_invariant", "culture_accuracy_invariant", "culture_majority"]
     return pd.DataFrame(rows, columns=columns)  # the columns even when no variant has scores yet

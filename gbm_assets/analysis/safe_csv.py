@@ -36,16 +36,18 @@ def neutralise_cell(value: Any) -> Any:
     Non-str values (numbers, None, NaN, timestamps) and strings that are plain numbers
     ("-0.5") are returned unchanged.
     """
-    if (isinstance(value, str) and value.startswith(FORMULA_TRIGGERS)
-            and not _PLAIN_NUMBER.fullmatch(value)):
+    if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS) and not _PLAIN_NUMBER.fullmatch(value):
         return ESCAPE + value
     return value
 
 
 def _is_text(values: pd.Series | pd.Index) -> bool:
     dtype = values.dtype
-    return (pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype)
-            or isinstance(dtype, pd.CategoricalDtype))
+    return (
+        pd.api.types.is_object_dtype(dtype)
+        or pd.api.types.is_string_dtype(dtype)
+        or isinstance(dtype, pd.CategoricalDtype)
+    )
 
 
 def _neutralise_values(values: pd.Series) -> pd.Series:

@@ -18,28 +18,43 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from gbm_assets.analysis.evaluation import (
-    CLASSIFIERS, evaluate_features, plot_confusion, raw_pixel_features, why_not_evaluable,
+    CLASSIFIERS,
+    evaluate_features,
+    plot_confusion,
+    raw_pixel_features,
+    why_not_evaluable,
 )
 from gbm_assets.imaging.crop_lookup import read_crops
 from gbm_assets.storage import write_parquet_atomic
 
 TARGETS = ("culture", "concentration", "morphotype")
 FEATURE_SETS = {
-    "embedding": "embedding", "embedding_invariant": "invariant embedding", "raw_pixels": "raw pixels",
+    "embedding": "embedding",
+    "embedding_invariant": "invariant embedding",
+    "raw_pixels": "raw pixels",
     "handcrafted": "hand-crafted features",
 }
 BASELINE_FEATURE_SETS = ("raw_pixels", "handcrafted")
 SPLITS = {"image": "held-out images", "plate": "held-out plates"}
 SCORE_COLUMNS = (
-    "feature_set", "target", "split", "classifier", "accuracy", "kappa", "majority_baseline", "n_train", "n_test", "skipped",
+    "feature_set",
+    "target",
+    "split",
+    "classifier",
+    "accuracy",
+    "kappa",
+    "majority_baseline",
+    "n_train",
+    "n_test",
+    "skipped",
 )
 METRICS = ("accuracy", "kappa", "majority_baseline")
 FIGURE_CLASSIFIER = "random_forest"  # confusion matrices are drawn for the thesis' classifier only
@@ -109,9 +124,13 @@ def score_features(
                 for name, matrix in features.items():
                     key = {"feature_set": name, "target": target, "split": split, "classifier": classifier}
                     if reason is not None:
-                        lines.append({**key, **{m: np.nan for m in METRICS}, "n_train": 0, "n_test": 0, "skipped": reason})
+                        lines.append(
+                            {**key, **{m: np.nan for m in METRICS}, "n_train": 0, "n_test": 0, "skipped": reason}
+                        )
                         continue
-                    result = evaluate_features(np.asarray(matrix)[known], labels, groups, seed=seed, classifier=classifier)
+                    result = evaluate_features(
+                        np.asarray(matrix)[known], labels, groups, seed=seed, classifier=classifier
+                    )
                     if on_result is not None:
                         on_result(name, target, split, result)
                     lines.append({**key, **{k: result[k] for k in (*METRICS, "n_train", "n_test")}, "skipped": ""})
@@ -153,7 +172,10 @@ def baseline_features_for(crops_dir: str | Path, crop_ids: pd.Series) -> dict[st
     """{"raw_pixels": (n, 1024), "handcrafted": (n, len(HANDCRAFTED_FEATURES))} float32 of the given crops."""
     from gbm_assets.analysis.handcrafted import handcrafted_features_for
 
-    return {"raw_pixels": raw_pixels_for(crops_dir, crop_ids), "handcrafted": handcrafted_features_for(crops_dir, crop_ids)}
+    return {
+        "raw_pixels": raw_pixels_for(crops_dir, crop_ids),
+        "handcrafted": handcrafted_features_for(crops_dir, crop_ids),
+    }
 
 
 def _baseline_key(rows: pd.DataFrame, seed: int, splits: Sequence[str], classifiers: Sequence[str]) -> str:
@@ -192,7 +214,8 @@ def evaluate_with_baselines(
     else:
         target_dir = cached if cached is not None else out_dir
         base, base_figures = evaluate_variant(
-            rows, baseline_features_for(crops_dir, rows["crop_id"]), target_dir, "baselines", seed, splits, classifiers)
+            rows, baseline_features_for(crops_dir, rows["crop_id"]), target_dir, "baselines", seed, splits, classifiers
+        )
         if cached is not None:
             for old in Path(cache_dir).iterdir():
                 if old.is_dir() and old != cached:
@@ -238,7 +261,6 @@ def skipped_targets(scores: pd.DataFrame) -> dict[str, str]:
         out.setdefault(line.target if split == "image" else f"{line.target}.{split}_split", line.skipped)
     image_skipped = {t for t in out if "." not in t}
     return {k: v for k, v in out.items() if k.split(".")[0] not in image_skipped or "." not in k}
-
 
 
 def evaluation_params() -> dict[str, str]:

@@ -14,11 +14,20 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from gbm_assets.analysis.cell_types import (
-    area_unit, cluster_profiles, nearest_to_centre, random_members, read_measurements, write_cell_table,
+    area_unit,
+    cluster_profiles,
+    nearest_to_centre,
+    random_members,
+    read_measurements,
+    write_cell_table,
 )
 from gbm_assets.analysis.clustering import cluster_metrics
 from gbm_assets.analysis.composition import (
-    chi_square_culture_vs_type, composition, composition_by_units, composition_error, culture_difference_test,
+    chi_square_culture_vs_type,
+    composition,
+    composition_by_units,
+    composition_error,
+    culture_difference_test,
     experimental_units,
 )
 from gbm_assets.analysis.figures import cluster_gallery, stacked_composition_bar, umap_scatter
@@ -64,16 +73,27 @@ def _row_label(cluster, profiles: pd.DataFrame, area_unit: str) -> str:
     if p.empty:
         return f"cluster {cluster}"
     p = p.iloc[0]
-    text = (f"cluster {cluster} (n={int(p['n_cells'])})\narea {p['median_area']:.0f} {area_unit}, "
-            f"elong. {p['median_elongation']:.1f}")
+    text = (
+        f"cluster {cluster} (n={int(p['n_cells'])})\narea {p['median_area']:.0f} {area_unit}, "
+        f"elong. {p['median_elongation']:.1f}"
+    )
     return text + ("\npossible artefact" if p["artefact"] else "")
 
 
 def build_section(
-    variant: str, labels: pd.DataFrame, crops_dir: str | Path, out_dir: str | Path,
-    confusion_pngs=(), auto_k: int | None = None, n_boot: int = 1000, seed: int = 0,
-    labels_path: str | Path | None = None, embeddings_path: str | Path | None = None,
-    pixel_size_um: float | None = None, n_perm: int = 9999, per_cluster: int = 10,
+    variant: str,
+    labels: pd.DataFrame,
+    crops_dir: str | Path,
+    out_dir: str | Path,
+    confusion_pngs=(),
+    auto_k: int | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    labels_path: str | Path | None = None,
+    embeddings_path: str | Path | None = None,
+    pixel_size_um: float | None = None,
+    n_perm: int = 9999,
+    per_cluster: int = 10,
 ) -> VariantSection:
     """Figures, cell types, composition with intervals, culture tests and cluster metrics of one variant.
 
@@ -105,19 +125,27 @@ def build_section(
     else:
         comp = composition(hdbscan, cultures, n_boot=n_boot, seed=seed)
     bar = stacked_composition_bar(comp, out_dir / "composition.png", title=f"{variant}: HDBSCAN cell types per culture")
-    cells = pd.concat([labels.reset_index(drop=True),
-                       read_measurements(crops_dir, labels["crop_id"]).drop(columns="crop_id")], axis=1)
+    cells = pd.concat(
+        [labels.reset_index(drop=True), read_measurements(crops_dir, labels["crop_id"]).drop(columns="crop_id")], axis=1
+    )
     profiles = cluster_profiles(cells, "hdbscan", pixel_size_um)
     unit = area_unit(pixel_size_um)
     gallery = None
     nearest = nearest_to_centre(labels[["umap_x", "umap_y"]].to_numpy(), hdbscan, per_cluster)
     if nearest:
-        shown = gallery_crops(crops_dir, labels["crop_id"], {("near", c): p for c, p in nearest.items()}
-                              | {("random", c): p for c, p in random_members(hdbscan, per_cluster, seed).items()})
-        gallery = cluster_gallery({c: shown[("near", c)] for c in nearest}, {c: shown[("random", c)] for c in nearest},
-                                  out_dir / "cell_types.png",
-                                  row_labels={c: _row_label(c, profiles, unit) for c in nearest},
-                                  title=f"{variant}: cells nearest each cluster's centre (left) and random cells (right)")
+        shown = gallery_crops(
+            crops_dir,
+            labels["crop_id"],
+            {("near", c): p for c, p in nearest.items()}
+            | {("random", c): p for c, p in random_members(hdbscan, per_cluster, seed).items()},
+        )
+        gallery = cluster_gallery(
+            {c: shown[("near", c)] for c in nearest},
+            {c: shown[("random", c)] for c in nearest},
+            out_dir / "cell_types.png",
+            row_labels={c: _row_label(c, profiles, unit) for c in nearest},
+            title=f"{variant}: cells nearest each cluster's centre (left) and random cells (right)",
+        )
     error = None
     if truth is not None:
         known = truth.notna().to_numpy()

@@ -20,7 +20,12 @@ UPDATE_JOB_NAME = "update_variant"
 REPORT_JOB_NAME = "refresh_report"
 TRAIN_JOB_NAME = "train_all_variants"
 VARIANT_TAG = "gbm/variant"  # one run per variant at a time: see run_queue in .dagster_home/dagster.yaml
-ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+ACTIVE = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 MATERIALIZATION = dg.DagsterEventType.ASSET_MATERIALIZATION
 
 
@@ -53,8 +58,14 @@ def stale_variants_sensor(context: dg.SensorEvaluationContext, data: DataDirs) -
         trained = data.encoder_record(variant).is_file()
         stale = embedded.get(variant, -1) < newest_crops
         if trained and stale and not _busy(instance, UPDATE_JOB_NAME, {VARIANT_TAG: variant}):
-            requests.append(dg.RunRequest(run_key=f"{variant}@{newest_crops}", partition_key=variant, tags={VARIANT_TAG: variant}))
-    return dg.SensorResult(run_requests=requests) if requests else dg.SensorResult(skip_reason="every trained variant is up to date")
+            requests.append(
+                dg.RunRequest(run_key=f"{variant}@{newest_crops}", partition_key=variant, tags={VARIANT_TAG: variant})
+            )
+    return (
+        dg.SensorResult(run_requests=requests)
+        if requests
+        else dg.SensorResult(skip_reason="every trained variant is up to date")
+    )
 
 
 @dg.sensor(

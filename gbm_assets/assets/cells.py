@@ -5,11 +5,9 @@ One plate version per run: cell_coordinates works only on the plate version raw_
 the version cell_coordinates used. Each checks again before its output replaces the previous one.
 """
 
-
 from dataclasses import asdict, fields
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,11 +15,11 @@ import pyarrow.parquet as pq
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
-from gbm_assets.imaging.cellprofiler import read_plate_objects
+from gbm_assets.errors import PlateError
 from gbm_assets.imaging.cell_quality import kept_candidates
+from gbm_assets.imaging.cellprofiler import read_plate_objects
 from gbm_assets.imaging.plate_cells import CropFilters, crop_plate, default_workers
 from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
-from gbm_assets.errors import PlateError
 from gbm_assets.imaging.plates import (
     PlateVersion,
     check_plate_id,
@@ -104,8 +102,11 @@ def _recorded_version(read, path, plate_id: str, by: str) -> PlateVersion:
     except FileNotFoundError:
         found = None
     if found is None:
-        raise PlateError(path, f"no plate version recorded for plate {plate_id!r}; materialize {by} for it first "
-                         "(or re-ingest the plate: raw_plates, cell_coordinates, cell_crops)")
+        raise PlateError(
+            path,
+            f"no plate version recorded for plate {plate_id!r}; materialize {by} for it first "
+            "(or re-ingest the plate: raw_plates, cell_coordinates, cell_crops)",
+        )
     return found
 
 
@@ -114,21 +115,32 @@ def _recorded_version(read, path, plate_id: str, by: str) -> PlateVersion:
     deps=[raw_plates],
     group_name="cells",
     kinds={"opencv", "parquet"},
-    check_specs=[dg.AssetCheckSpec("cells_found", asset="cell_coordinates", description="The plate yields at least one cell.")],
+    check_specs=[
+        dg.AssetCheckSpec("cells_found", asset="cell_coordinates", description="The plate yields at least one cell.")
+    ],
     description="Every cell's centre and CellProfiler-style shape measurements, plus label masks, per plate.",
 )
-def cell_coordinates(context: dg.AssetExecutionContext, config: CellFindingConfig, data: DataDirs) -> dg.MaterializeResult:
+def cell_coordinates(
+    context: dg.AssetExecutionContext, config: CellFindingConfig, data: DataDirs
+) -> dg.MaterializeResult:
     plate_id = check_plate_id(context.partition_key)
     plate_dir = data.plate_dir(plate_id)
     validated = _recorded_version(read_plate_version, data.plate_version_file(plate_id), plate_id, "raw_plates")
     manifest = read_manifest(plate_dir)
     version = check_plate_unchanged(plate_dir, plate_id, validated, "raw_plates validated it", manifest["image"])
-    found = read_plate_objects(plate_dir, manifest, config.cellprofiler_objects) if config.use_cellprofiler_table else None
+    found = (
+        read_plate_objects(plate_dir, manifest, config.cellprofiler_objects) if config.use_cellprofiler_table else None
+    )
     source = f"CellProfiler table {found.path.name}, objects {found.objects_name}" if found else "segmentation"
     context.log.info(f"plate {plate_id}: {len(manifest)} images, cells from {source}")
     plate = plate_coordinates(
-        plate_id, plate_dir, manifest["image"], config.params(), config.cell_diameter_px is None,
-        found.table if found else None, workers=config.workers or default_workers(),
+        plate_id,
+        plate_dir,
+        manifest["image"],
+        config.params(),
+        config.cell_diameter_px is None,
+        found.table if found else None,
+        workers=config.workers or default_workers(),
         progress=_progress(context, f"cell finding {plate_id}"),
     )
     if plate.size is not None:
@@ -137,21 +149,27 @@ def cell_coordinates(context: dg.AssetExecutionContext, config: CellFindingConfi
     write_parquet_atomic(_with_version(plate.masks, version), masks_file(data, plate_id))
     coords = plate.coordinates
     out = write_parquet_atomic(
-        _with_version(pa.Table.from_pandas(coords, preserve_index=False), version), plate_file(data.coordinates, plate_id)
+        _with_version(pa.Table.from_pandas(coords, preserve_index=False), version),
+        plate_file(data.coordinates, plate_id),
     )
     cells = kept_candidates(coords)
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out)), **_version_metadata(version), "source": source,
-            **{k: dg.MetadataValue.json(v) if isinstance(v, dict) else v
-               for k, v in coordinates_summary(plate).items()},
+            "path": dg.MetadataValue.path(str(out)),
+            **_version_metadata(version),
+            "source": source,
+            **{
+                k: dg.MetadataValue.json(v) if isinstance(v, dict) else v for k, v in coordinates_summary(plate).items()
+            },
             "cell_diameter_px": float(coords["cell_diameter_px"].iloc[0]) if len(coords) else float("nan"),
             "cell_size": plate.size.note() if plate.size is not None else "given in the run config",
             "segmentation_params": dg.MetadataValue.json(asdict(plate.params)),
         },
         check_results=[
             dg.AssetCheckResult(
-                check_name="cells_found", passed=len(cells) > 0, severity=dg.AssetCheckSeverity.ERROR,
+                check_name="cells_found",
+                passed=len(cells) > 0,
+                severity=dg.AssetCheckSeverity.ERROR,
                 metadata={"n_cells": len(cells)},
             )
         ],
@@ -169,22 +187,36 @@ def cell_coordinates(context: dg.AssetExecutionContext, config: CellFindingConfi
 def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: DataDirs) -> dg.MaterializeResult:
     plate_id = check_plate_id(context.partition_key)
     plate_dir = data.plate_dir(plate_id)
-    used = _recorded_version(parquet_plate_version, plate_file(data.coordinates, plate_id), plate_id, "cell_coordinates")
+    used = _recorded_version(
+        parquet_plate_version, plate_file(data.coordinates, plate_id), plate_id, "cell_coordinates"
+    )
     if _recorded_version(parquet_plate_version, masks_file(data, plate_id), plate_id, "cell_coordinates") != used:
-        raise PlateError(masks_file(data, plate_id), f"label masks of plate {plate_id!r} are of another plate version "
-                         "than its cell coordinates; materialize cell_coordinates again")
+        raise PlateError(
+            masks_file(data, plate_id),
+            f"label masks of plate {plate_id!r} are of another plate version "
+            "than its cell coordinates; materialize cell_coordinates again",
+        )
     manifest = read_manifest(plate_dir)
     version = check_plate_unchanged(plate_dir, plate_id, used, "cell_coordinates found its cells", manifest["image"])
     coords = pd.read_parquet(plate_file(data.coordinates, plate_id))
     masks_tbl = pq.read_table(masks_file(data, plate_id), columns=["image", "labels_png"])
-    masks = dict(zip(masks_tbl["image"].to_pylist(), masks_tbl["labels_png"].to_pylist()))
+    masks = dict(zip(masks_tbl["image"].to_pylist(), masks_tbl["labels_png"].to_pylist(), strict=False))
     filters = CropFilters(config.max_cells_per_image, config.min_timepoint_h, config.max_timepoint_h)
 
     out = plate_file(data.crops, plate_id)
-    with AtomicParquetWriter(out, CROP_SCHEMA.with_metadata(plate_version_schema_metadata(version, CROP_SCHEMA.metadata))) as writer:
+    with AtomicParquetWriter(
+        out, CROP_SCHEMA.with_metadata(plate_version_schema_metadata(version, CROP_SCHEMA.metadata))
+    ) as writer:
         for table in crop_plate(
-            plate_id, plate_dir, manifest, coords, masks, config.crop_size, filters,
-            workers=config.workers or default_workers(), progress=_progress(context, f"cropping {plate_id}"),
+            plate_id,
+            plate_dir,
+            manifest,
+            coords,
+            masks,
+            config.crop_size,
+            filters,
+            workers=config.workers or default_workers(),
+            progress=_progress(context, f"cropping {plate_id}"),
             keep_qc=config.keep_qc,
         ):
             writer.write(table)
@@ -195,9 +227,14 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
     written = pq.read_table(out, columns=[*PROVENANCE_COLUMNS, *MEASUREMENT_COLUMNS]).to_pandas()
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(str(out)), **_version_metadata(version), "n_crops": writer.rows,
-            "crop_size": config.crop_size, "n_coordinates": len(coords),
-            "filters": dg.MetadataValue.json({k: v for k, v in config.model_dump().items() if k not in ("workers", "crop_size")}),
+            "path": dg.MetadataValue.path(str(out)),
+            **_version_metadata(version),
+            "n_crops": writer.rows,
+            "crop_size": config.crop_size,
+            "n_coordinates": len(coords),
+            "filters": dg.MetadataValue.json(
+                {k: v for k, v in config.model_dump().items() if k not in ("workers", "crop_size")}
+            ),
         },
         check_results=[
             dg.AssetCheckResult(check_name=name, passed=bool(ok), metadata=meta, severity=dg.AssetCheckSeverity.ERROR)

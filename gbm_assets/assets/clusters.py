@@ -71,35 +71,80 @@ def clusters(
         if n_cells < MIN_CELLS:
             reason = stage_not_clustered(files, n_cells, encoder_run, stage, stale_outputs=(out, explorer))
             context.log.warning(f"{variant}: not clustered: {reason}")
-            url = _log_cluster_run(context, mlflow_tracking, variant, {"gbm.encoder_run_id": encoder_run, "gbm.mode": "skipped",
-                                                                       "gbm.skipped": reason}, {}, {"n_cells": n_cells})
+            url = _log_cluster_run(
+                context,
+                mlflow_tracking,
+                variant,
+                {"gbm.encoder_run_id": encoder_run, "gbm.mode": "skipped", "gbm.skipped": reason},
+                {},
+                {"n_cells": n_cells},
+            )
             stage.commit()
-            return dg.MaterializeResult(metadata={
-                "skipped": reason, "n_cells": n_cells, "min_cells": MIN_CELLS, "mlflow_run": dg.MetadataValue.url(url)})
-        models = load_or_fit(emb_path, files, out, encoder_run, config.params(), stage, config.fit_max_cells,
-                             config.vector, config.refit, logger=context.log)
+            return dg.MaterializeResult(
+                metadata={
+                    "skipped": reason,
+                    "n_cells": n_cells,
+                    "min_cells": MIN_CELLS,
+                    "mlflow_run": dg.MetadataValue.url(url),
+                }
+            )
+        models = load_or_fit(
+            emb_path,
+            files,
+            out,
+            encoder_run,
+            config.params(),
+            stage,
+            config.fit_max_cells,
+            config.vector,
+            config.refit,
+            logger=context.log,
+        )
         if models.shrunk:
-            context.log.warning(f"{variant}: {models.fitted.n_train} cells; parameters shrunk to fit them: {models.shrunk}")
+            context.log.warning(
+                f"{variant}: {models.fitted.n_train} cells; parameters shrunk to fit them: {models.shrunk}"
+            )
         n_total, n_new = write_labels(emb_path, models, stage.path(out), config.vector)
         context.log.info(f"{variant}: {models.mode}; {n_total} cells labelled, {n_new} by prediction")
-        scored, points, staged_explorer = _score_and_explore(config, data, variant, stage.path(out), stage.path(explorer))
+        scored, points, staged_explorer = _score_and_explore(
+            config, data, variant, stage.path(out), stage.path(explorer)
+        )
         stage.remove_on_commit(files.skipped)  # an earlier "too few cells" note no longer holds
-        url = _log_cluster_run(context, mlflow_tracking, variant, _cluster_tags(models, encoder_run),
-                               _cluster_params(config, models, variant),
-                               {"auto_k": models.record["auto_k"], "n_cells": n_total, "n_predicted": n_new,
-                                **{f"{c}.{k}": float(v) for c, m in scored.items() for k, v in m.items()}},
-                               artifacts={"explorer": staged_explorer})
-        stage.commit([*models.commit_order, out, explorer])  # the model's record before the labels it made, the page last
+        url = _log_cluster_run(
+            context,
+            mlflow_tracking,
+            variant,
+            _cluster_tags(models, encoder_run),
+            _cluster_params(config, models, variant),
+            {
+                "auto_k": models.record["auto_k"],
+                "n_cells": n_total,
+                "n_predicted": n_new,
+                **{f"{c}.{k}": float(v) for c, m in scored.items() for k, v in m.items()},
+            },
+            artifacts={"explorer": staged_explorer},
+        )
+        stage.commit(
+            [*models.commit_order, out, explorer]
+        )  # the model's record before the labels it made, the page last
     hdb = scored["hdbscan"]
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(out)), "explorer": dg.MetadataValue.path(str(explorer)),
-        "explorer_points": len(points), "mode": models.mode, "n_cells": n_total, "n_predicted_without_refit": n_new,
-        "hdbscan_clusters": int(hdb["n_clusters"]), "noise_fraction": float(hdb["noise_fraction"]),
-        "auto_k": models.record["auto_k"], "gmm_components": int(models.fitted.gmm.n_components),
-        **({"parameters_shrunk_for_small_data": json.dumps(models.shrunk)} if models.shrunk else {}),
-        **({"ari_hdbscan": float(hdb["ari"]), "nmi_hdbscan": float(hdb["nmi"])} if "ari" in hdb else {}),
-        "mlflow_run": dg.MetadataValue.url(url),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "explorer": dg.MetadataValue.path(str(explorer)),
+            "explorer_points": len(points),
+            "mode": models.mode,
+            "n_cells": n_total,
+            "n_predicted_without_refit": n_new,
+            "hdbscan_clusters": int(hdb["n_clusters"]),
+            "noise_fraction": float(hdb["noise_fraction"]),
+            "auto_k": models.record["auto_k"],
+            "gmm_components": int(models.fitted.gmm.n_components),
+            **({"parameters_shrunk_for_small_data": json.dumps(models.shrunk)} if models.shrunk else {}),
+            **({"ari_hdbscan": float(hdb["ari"]), "nmi_hdbscan": float(hdb["nmi"])} if "ari" in hdb else {}),
+            "mlflow_run": dg.MetadataValue.url(url),
+        }
+    )
 
 
 def _score_and_explore(config: ClusterConfig, data: DataDirs, variant: str, labels_path, explorer_path):
@@ -111,27 +156,48 @@ def _score_and_explore(config: ClusterConfig, data: DataDirs, variant: str, labe
     sample = sample_labels(labels_path, 20_000, seed=config.seed)
     truth = true_morphotypes(sample, data.raw)
     scored = labeling_metrics(sample, truth if has_truth(truth) else None, seed=config.seed)
-    points = sample_for_explorer(sample_labels(labels_path, 5 * config.explorer_max_points, seed=config.seed),
-                                 config.explorer_max_points, seed=config.seed)
+    points = sample_for_explorer(
+        sample_labels(labels_path, 5 * config.explorer_max_points, seed=config.seed),
+        config.explorer_max_points,
+        seed=config.seed,
+    )
     page = write_explorer(explorer_path, variant, points, crop_thumbnails(data.crops, points["crop_id"]))
     return scored, points, page
 
 
 def _cluster_tags(models, encoder_run: str) -> dict:
-    return {"gbm.encoder_run_id": encoder_run, "gbm.mode": models.mode, "gbm.model_fingerprint": models.record["fingerprint"]}
+    return {
+        "gbm.encoder_run_id": encoder_run,
+        "gbm.mode": models.mode,
+        "gbm.model_fingerprint": models.record["fingerprint"],
+    }
 
 
 def _cluster_params(config: ClusterConfig, models, variant: str) -> dict:
     """The MLflow params of a clustering run: the parameters the fitted models used."""
     fitted, record = models.fitted, models.record
-    return {"variant": variant, "vector": config.vector, "fit_max_cells": config.fit_max_cells,
-            "gmm_components": fitted.gmm.n_components, "min_cluster_size": record["min_cluster_size"],
-            "hdbscan_min_samples": fitted.params.get("hdbscan_min_samples", config.hdbscan_min_samples),
-            "umap_neighbors": fitted.params.get("umap_neighbors", ""), "seed": config.seed, "n_train": record["n_train"]}
+    return {
+        "variant": variant,
+        "vector": config.vector,
+        "fit_max_cells": config.fit_max_cells,
+        "gmm_components": fitted.gmm.n_components,
+        "min_cluster_size": record["min_cluster_size"],
+        "hdbscan_min_samples": fitted.params.get("hdbscan_min_samples", config.hdbscan_min_samples),
+        "umap_neighbors": fitted.params.get("umap_neighbors", ""),
+        "seed": config.seed,
+        "n_train": record["n_train"],
+    }
 
 
-def _log_cluster_run(context, mlflow_tracking: MLflowTracking, variant: str, tags: dict, params: dict, metrics: dict,
-                     artifacts: dict | None = None) -> str:
+def _log_cluster_run(
+    context,
+    mlflow_tracking: MLflowTracking,
+    variant: str,
+    tags: dict,
+    params: dict,
+    metrics: dict,
+    artifacts: dict | None = None,
+) -> str:
     """One MLflow run "cluster-<variant>" with these tags (plus gbm.variant), params, metrics and artifacts; its URL."""
     import mlflow
 
@@ -203,8 +269,16 @@ def _variant_section(context, data: DataDirs, name: str, staged_dir):
     labels = sample_labels(data.labels_file(name), 20_000)
     labels["morphotype"] = true_morphotypes(labels, data.raw)
     meta = json.loads(data.cluster_models(name).record.read_text())
-    section = build_section(name, labels, data.crops, staged_dir / name, data.confusion_figures(name), auto_k=meta["auto_k"],
-                            labels_path=data.labels_file(name), embeddings_path=data.embeddings_file(name))
+    section = build_section(
+        name,
+        labels,
+        data.crops,
+        staged_dir / name,
+        data.confusion_figures(name),
+        auto_k=meta["auto_k"],
+        labels_path=data.labels_file(name),
+        embeddings_path=data.embeddings_file(name),
+    )
     if data.explorer_file(name).is_file():
         section.explorer = os.path.relpath(data.explorer_file(name), data.composition_dir)
     return section

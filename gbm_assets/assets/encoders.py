@@ -57,7 +57,9 @@ class EmbeddingConfig(dg.Config):
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.project_root(), capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=paths.project_root(), capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -66,11 +68,21 @@ def _git_commit() -> str:
 def _training_params(variant: Variant, plan, config: TrainingConfig) -> dict:
     """The MLflow params of a training run."""
     return {
-        "variant": variant.name, "kind": variant.kind, "features": variant.features, "lambda": variant.lambda_,
-        "segmentation": variant.segmentation, "learning_rate": variant.learning_rate, "batch_size": plan.batch_size,
-        "configured_batch_size": config.batch_size, "epochs": config.epochs,
-        "max_steps_per_epoch": config.max_steps_per_epoch, "crop_size": plan.crop_size, "seed": config.seed,
-        "n_crops": plan.n_crops, "n_plates": len(plan.plates), "git_commit": _git_commit(),
+        "variant": variant.name,
+        "kind": variant.kind,
+        "features": variant.features,
+        "lambda": variant.lambda_,
+        "segmentation": variant.segmentation,
+        "learning_rate": variant.learning_rate,
+        "batch_size": plan.batch_size,
+        "configured_batch_size": config.batch_size,
+        "epochs": config.epochs,
+        "max_steps_per_epoch": config.max_steps_per_epoch,
+        "crop_size": plan.crop_size,
+        "seed": config.seed,
+        "n_crops": plan.n_crops,
+        "n_plates": len(plan.plates),
+        "git_commit": _git_commit(),
     }
 
 
@@ -79,8 +91,11 @@ def _epoch_logger(context, mlflow_tracking: MLflowTracking, variant: str, epochs
     import mlflow
 
     def on_epoch_end(epoch: int, row: dict) -> None:
-        mlflow_tracking.retrying(mlflow.log_metrics, {"loss": row["loss"], "epoch_seconds": row["seconds"],
-                                                      "crops_per_s": row["crops_per_s"]}, step=epoch)
+        mlflow_tracking.retrying(
+            mlflow.log_metrics,
+            {"loss": row["loss"], "epoch_seconds": row["seconds"], "crops_per_s": row["crops_per_s"]},
+            step=epoch,
+        )
         context.log.info(f"{variant} epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} ({row['seconds']:.1f} s)")
 
     return on_epoch_end
@@ -116,32 +131,47 @@ def trained_encoders(
         mlflow_tracking.check_reachable()  # fail fast, before an hour of training is lost
     plan = plan_training(variant, data.crops, config.params())
     if plan.batch_size < config.batch_size:
-        context.log.warning(f"{variant.name}: only {plan.n_crops} crops, fewer than one batch of {config.batch_size}: "
-                            f"training in batches of {plan.batch_size} (all crops per step)")
+        context.log.warning(
+            f"{variant.name}: only {plan.n_crops} crops, fewer than one batch of {config.batch_size}: "
+            f"training in batches of {plan.batch_size} (all crops per step)"
+        )
     final_encoder, final_record = data.encoder_file(variant.name), data.encoder_record(variant.name)
     with Staging() as stage:
         with mlflow_tracking.start_run(context, run_name=f"train-{variant.name}") as run:
             retry(mlflow.log_params, {**_training_params(variant, plan, config), **device.mlflow_params()})
             retry(mlflow.log_text, "\n".join(plan.plates), "plates.txt")
             context.log.info(f"training {variant.name} on {plan.n_crops} crops from {len(plan.plates)} plates")
-            result = train_encoder(variant, data.crops, config.params(), plan=plan,
-                                   on_epoch_end=_epoch_logger(context, mlflow_tracking, variant.name, config.epochs))
+            result = train_encoder(
+                variant,
+                data.crops,
+                config.params(),
+                plan=plan,
+                on_epoch_end=_epoch_logger(context, mlflow_tracking, variant.name, config.epochs),
+            )
             final_loss = float(result.history[-1]["loss"])
             if not np.isfinite(final_loss):
                 raise RuntimeError(f"{variant.name}: training diverged (loss {final_loss}); nothing was saved")
             with unreachable():
-                record = mlflow_tracking.log_encoder(result.encoder, f"gbm-encoder-{variant.name}",
-                                                     stage.path(final_encoder), plan.crop_size)
+                record = mlflow_tracking.log_encoder(
+                    result.encoder, f"gbm-encoder-{variant.name}", stage.path(final_encoder), plan.crop_size
+                )
             stage.path(final_record).write_text(json.dumps({**record, "trained_at": time.time()}, indent=2))
             url = mlflow_tracking.run_url(run)
         stage.commit([final_encoder, final_record])  # the run ended FINISHED: encoder first, then its record
-    return dg.MaterializeResult(metadata={
-        "mlflow_run_id": run.info.run_id, "mlflow_run": dg.MetadataValue.url(url),
-        "registered_model": f"{record['registered_model']} v{record['version']} (alias current)",
-        "final_loss": final_loss, "n_crops": plan.n_crops, "batch_size": result.batch_size, "n_plates": len(plan.plates),
-        "epochs": config.epochs, "seconds": float(sum(r["seconds"] for r in result.history)),
-        "path": dg.MetadataValue.path(str(final_encoder)),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "mlflow_run_id": run.info.run_id,
+            "mlflow_run": dg.MetadataValue.url(url),
+            "registered_model": f"{record['registered_model']} v{record['version']} (alias current)",
+            "final_loss": final_loss,
+            "n_crops": plan.n_crops,
+            "batch_size": result.batch_size,
+            "n_plates": len(plan.plates),
+            "epochs": config.epochs,
+            "seconds": float(sum(r["seconds"] for r in result.history)),
+            "path": dg.MetadataValue.path(str(final_encoder)),
+        }
+    )
 
 
 @dg.asset(
@@ -172,21 +202,40 @@ def embeddings(
     with Staging() as stage:
         staged_out = stage.path(out)
         done, seconds = write_embeddings(
-            encoder, data.crops, staged_out, config.batch_size,
-            on_progress=lambda n, total, rate: context.log.info(f"{variant.name}: embedded {n}/{total} crops ({rate:.0f}/s)"))
+            encoder,
+            data.crops,
+            staged_out,
+            config.batch_size,
+            on_progress=lambda n, total, rate: context.log.info(
+                f"{variant.name}: embedded {n}/{total} crops ({rate:.0f}/s)"
+            ),
+        )
         scores, figures = _evaluate(context, config, data, variant.name, staged_out, stage.directory(eval_dir))
         scored, skipped = _scored(scores)
         url = _log_embedding_run(context, mlflow_tracking, record["run_id"], done, seconds, scores, figures)
         stage.commit([out, eval_dir])
     table = accuracy_table(scored)
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(out)), "n_crops": done, "crops_per_s": done / max(seconds, 1e-9),
-        "mlflow_run": dg.MetadataValue.url(url),
-        "accuracy": dg.MetadataValue.md(table.to_markdown() if table is not None else "no target could be evaluated"),
-        **({"not_evaluated": dg.MetadataValue.md("\n".join(f"- {t}: {r}" for t, r in skipped.items()))} if skipped else {}),
-        **{f"{r.feature_set}_{r.target}_kappa": float(r.kappa) for r in image_split(scored).itertuples()},
-        **{f"{r.feature_set}_{r.target}_plate_split_kappa": float(r.kappa) for r in plate_split(scored).itertuples()},
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "n_crops": done,
+            "crops_per_s": done / max(seconds, 1e-9),
+            "mlflow_run": dg.MetadataValue.url(url),
+            "accuracy": dg.MetadataValue.md(
+                table.to_markdown() if table is not None else "no target could be evaluated"
+            ),
+            **(
+                {"not_evaluated": dg.MetadataValue.md("\n".join(f"- {t}: {r}" for t, r in skipped.items()))}
+                if skipped
+                else {}
+            ),
+            **{f"{r.feature_set}_{r.target}_kappa": float(r.kappa) for r in image_split(scored).itertuples()},
+            **{
+                f"{r.feature_set}_{r.target}_plate_split_kappa": float(r.kappa)
+                for r in plate_split(scored).itertuples()
+            },
+        }
+    )
 
 
 def _scored(scores):
@@ -207,15 +256,18 @@ def _evaluate(context, config: EmbeddingConfig, data: DataDirs, variant: str, em
     truth = true_morphotypes(rows, data.raw)
     if has_truth(truth):
         rows["morphotype"] = truth
-    scores, figures = evaluate_with_baselines(rows, vectors, data.crops, eval_dir, variant, seed=config.seed,
-                                              cache_dir=data.baseline_cache)
+    scores, figures = evaluate_with_baselines(
+        rows, vectors, data.crops, eval_dir, variant, seed=config.seed, cache_dir=data.baseline_cache
+    )
     write_parquet_atomic(pa.Table.from_pandas(scores, preserve_index=False), eval_dir / "scores.parquet")
     for target, reason in _scored(scores)[1].items():
         context.log.warning(f"{variant}: {target} not evaluated: {reason}")
     return scores, figures
 
 
-def _log_embedding_run(context, mlflow_tracking: MLflowTracking, run_id: str, done: int, seconds: float, scores, figures) -> str:
+def _log_embedding_run(
+    context, mlflow_tracking: MLflowTracking, run_id: str, done: int, seconds: float, scores, figures
+) -> str:
     """Add embedding speed, scores and figures to the encoder's training run; return its URL."""
     import mlflow
 
@@ -224,11 +276,24 @@ def _log_embedding_run(context, mlflow_tracking: MLflowTracking, run_id: str, do
     retry = mlflow_tracking.retrying
     scored, skipped = _scored(scores)
     with mlflow_tracking.start_run(context, run_name="", run_id=run_id) as run:
-        retry(mlflow.log_metrics, {"embedding_seconds": seconds, "embedded_crops_per_s": done / max(seconds, 1e-9), "n_embedded": done})
+        retry(
+            mlflow.log_metrics,
+            {"embedding_seconds": seconds, "embedded_crops_per_s": done / max(seconds, 1e-9), "n_embedded": done},
+        )
         retry(mlflow.log_params, evaluation_params())
-        retry(mlflow.log_metrics, {metric_key(r, m): getattr(r, m) for r in scored.itertuples() for m in ("accuracy", "kappa", "majority_baseline")})
+        retry(
+            mlflow.log_metrics,
+            {
+                metric_key(r, m): getattr(r, m)
+                for r in scored.itertuples()
+                for m in ("accuracy", "kappa", "majority_baseline")
+            },
+        )
         if skipped:
-            retry(mlflow.set_tags, {f"gbm.evaluation.{target}": f"not evaluated: {reason}" for target, reason in skipped.items()})
+            retry(
+                mlflow.set_tags,
+                {f"gbm.evaluation.{target}": f"not evaluated: {reason}" for target, reason in skipped.items()},
+            )
         retry(mlflow.log_text, to_csv_safe(scores, index=False), "evaluation/scores.csv")
         for fig in figures:
             retry(mlflow.log_artifact, str(fig), "evaluation")

@@ -20,9 +20,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import dagster as dg
 
@@ -198,8 +199,13 @@ class MLflowTracking(dg.ConfigurableResource):
             "dagster.partition": context.partition_key if context.has_partition_key else "",
         }
         try:
-            run = self.retrying(mlflow.start_run, run_id=run_id, run_name=None if run_id else run_name,
-                                experiment_id=experiment_id, tags=tags)
+            run = self.retrying(
+                mlflow.start_run,
+                run_id=run_id,
+                run_name=None if run_id else run_name,
+                experiment_id=experiment_id,
+                tags=tags,
+            )
         except BaseException:
             if run_id:  # a resumed run may already have been set RUNNING before the failure
                 self._end_quietly(run_id, "FAILED", only_if_running=True)
@@ -227,7 +233,9 @@ class MLflowTracking(dg.ConfigurableResource):
 
         self.retrying(end)
 
-    def _end_quietly(self, run_id: str, status: str, exc: BaseException | None = None, only_if_running: bool = False) -> None:
+    def _end_quietly(
+        self, run_id: str, status: str, exc: BaseException | None = None, only_if_running: bool = False
+    ) -> None:
         """_end_run for an error path: a failure to end is logged (and noted on `exc`), never raised."""
         import mlflow
 
@@ -274,13 +282,20 @@ class MLflowTracking(dg.ConfigurableResource):
         keras.saving.save_model(encoder, local_path)
         example = np.zeros((2, crop_size, crop_size, 1), np.float32)
         info = mlflow.keras.log_model(
-            encoder, name="encoder", signature=infer_signature(example, encoder.predict_on_batch(example)),
-            registered_model_name=registered_model, pip_requirements=["tensorflow-cpu", "keras>=3"],
+            encoder,
+            name="encoder",
+            signature=infer_signature(example, encoder.predict_on_batch(example)),
+            registered_model_name=registered_model,
+            pip_requirements=["tensorflow-cpu", "keras>=3"],
         )
         version = info.registered_model_version
         self.retrying(mlflow.MlflowClient().set_registered_model_alias, registered_model, "current", version)
-        return {"run_id": mlflow.active_run().info.run_id, "model_uri": info.model_uri,
-                "registered_model": registered_model, "version": version}
+        return {
+            "run_id": mlflow.active_run().info.run_id,
+            "model_uri": info.model_uri,
+            "registered_model": registered_model,
+            "version": version,
+        }
 
     def load_encoder(self, local_path: str | Path):
         """The Keras encoder log_encoder saved at local_path (uncompiled; for inference).
@@ -308,5 +323,5 @@ def sqlite_file(uri: str) -> Path | None:
     if not database or database == ":memory:":
         return None
     if database.startswith("file:"):  # sqlite:///file:path?mode=...&uri=true
-        database = database[len("file:"):].split("?", 1)[0]
+        database = database[len("file:") :].split("?", 1)[0]
     return Path(database).expanduser().absolute()

@@ -5,13 +5,18 @@ goes in the materialization metadata and in data/plate_versions/<plate>.json, wh
 cell_coordinates reads to refuse a plate that changed after it was validated.
 """
 
-
 import dagster as dg
 
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.errors import PlateError
-from gbm_assets.imaging.plates import check_plate_id, check_plate_unchanged, plate_version, validate_plate, write_plate_version
+from gbm_assets.imaging.plates import (
+    check_plate_id,
+    check_plate_unchanged,
+    plate_version,
+    validate_plate,
+    write_plate_version,
+)
 
 
 @dg.asset(
@@ -30,7 +35,11 @@ def raw_plates(context: dg.AssetExecutionContext, data: DataDirs) -> dg.Material
     summary = validate_plate(data.plate_dir(plate_id))
     # The version validated is the one seen before and after validation (a plate being copied fails).
     version = check_plate_unchanged(
-        summary.path, plate_id, before or plate_version(summary.path), "raw_plates began validating it", summary.manifest["image"]
+        summary.path,
+        plate_id,
+        before or plate_version(summary.path),
+        "raw_plates began validating it",
+        summary.manifest["image"],
     )
     record = write_plate_version(data.plate_version_file(plate_id), plate_id, version, run_id=context.run_id)
     return dg.MaterializeResult(

@@ -8,7 +8,6 @@ doubling each time, counted from the end of the failed run. A changed manifest s
 its first run.
 """
 
-
 import json
 import math
 import os
@@ -109,8 +108,10 @@ def plan_plate(instance: dg.DagsterInstance, plate_id: str, version: str, policy
     streak = 0
     if latest and latest[0].dagster_run.tags.get(VERSION_TAG) == version:
         if latest[0].dagster_run.status == dg.DagsterRunStatus.CANCELED:
-            return None, (f"plate {plate_id}: run {latest[0].dagster_run.run_id} was canceled; it is not retried "
-                          f"until its {MANIFEST_NAME} changes (or run `gbm-assets run --refresh`)")
+            return None, (
+                f"plate {plate_id}: run {latest[0].dagster_run.run_id} was canceled; it is not retried "
+                f"until its {MANIFEST_NAME} changes (or run `gbm-assets run --refresh`)"
+            )
         for record in same:
             if record.dagster_run.status != dg.DagsterRunStatus.FAILURE:
                 break
@@ -122,16 +123,21 @@ def plan_plate(instance: dg.DagsterInstance, plate_id: str, version: str, policy
     failed = same[0]
     run_id = failed.dagster_run.run_id
     if streak > policy.retries:
-        return None, (f"plate {plate_id}: given up after {streak} failed runs of manifest version {version} "
-                      f"(last: run {run_id}); it is ingested again when its {MANIFEST_NAME} changes "
-                      "(or run `gbm-assets run --refresh`)")
+        return None, (
+            f"plate {plate_id}: given up after {streak} failed runs of manifest version {version} "
+            f"(last: run {run_id}); it is ingested again when its {MANIFEST_NAME} changes "
+            "(or run `gbm-assets run --refresh`)"
+        )
     ended = failed.end_time or failed.update_timestamp.timestamp()
     due = ended + policy.wait_s(streak)
     if now < due:
-        return None, (f"plate {plate_id}: run {run_id} failed; retry {streak} of {policy.retries} "
-                      f"in {math.ceil(due - now)} s")
+        return None, (
+            f"plate {plate_id}: run {run_id} failed; retry {streak} of {policy.retries} in {math.ceil(due - now)} s"
+        )
     key = f"{plate_id}@{version}#retry-{streak}" if len(same) == streak else f"{plate_id}@{version}#run-{len(same) + 1}"
-    request = dg.RunRequest(run_key=key, partition_key=plate_id, tags={**tags, RETRY_TAG: str(streak), RETRY_OF_TAG: run_id})
+    request = dg.RunRequest(
+        run_key=key, partition_key=plate_id, tags={**tags, RETRY_TAG: str(streak), RETRY_OF_TAG: run_id}
+    )
     return request, f"retrying plate {plate_id} (attempt {streak} of {policy.retries}) after failure of run {run_id}"
 
 

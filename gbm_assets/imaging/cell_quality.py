@@ -94,9 +94,11 @@ def merge_fragments(
         both = pd.concat([borders, borders.rename(columns={"a": "b", "b": "a"})], ignore_index=True)
         both = both[small[both["a"].to_numpy()]]
         # for each small piece: the neighbour with the longest shared border (ties: the larger one)
-        both = both.assign(size=area[both["b"].to_numpy()]).sort_values(["a", "length", "size"], ascending=[True, False, False])
+        both = both.assign(size=area[both["b"].to_numpy()]).sort_values(
+            ["a", "length", "size"], ascending=[True, False, False]
+        )
         best = both.drop_duplicates("a")
-        for a, b in zip(best["a"].to_numpy(), best["b"].to_numpy()):
+        for a, b in zip(best["a"].to_numpy(), best["b"].to_numpy(), strict=False):
             # a small piece never adopts a smaller one: the larger of two small pieces is the root
             if small[b] and area[b] < area[a]:
                 continue
@@ -120,8 +122,13 @@ def merge_fragments(
 
 
 def quality_measures(
-    labels: np.ndarray, z: np.ndarray, tex: np.ndarray, texture_threshold: float, cells: pd.DataFrame,
-    cell_diameter_px: float, rules: QualityRules = QualityRules(),
+    labels: np.ndarray,
+    z: np.ndarray,
+    tex: np.ndarray,
+    texture_threshold: float,
+    cells: pd.DataFrame,
+    cell_diameter_px: float,
+    rules: QualityRules = QualityRules(),
 ) -> pd.DataFrame:
     """Per-candidate quality measures, one row per row of cells (same order).
 
@@ -174,13 +181,18 @@ def _nearest_gap(labels: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
         return out
     small = np.ascontiguousarray(labels[::4, ::4])
     background = (small == 0).astype(np.uint8)
-    dist, nearest = cv2.distanceTransformWithLabels(background, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
+    dist, nearest = cv2.distanceTransformWithLabels(
+        background, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL
+    )
     at = np.flatnonzero(small)
     lut = np.zeros(len(at) + 1, np.int32)  # DIST_LABEL_PIXEL numbers the labelled pixels 1..k
     lut[nearest.ravel()[at]] = small.ravel()[at]
     owner = lut[nearest]
     gap = np.full(n, np.inf)
-    for a, b, da, db in ((owner[:, :-1], owner[:, 1:], dist[:, :-1], dist[:, 1:]), (owner[:-1], owner[1:], dist[:-1], dist[1:])):
+    for a, b, da, db in (
+        (owner[:, :-1], owner[:, 1:], dist[:, :-1], dist[:, 1:]),
+        (owner[:-1], owner[1:], dist[:-1], dist[1:]),
+    ):
         meet = (a != b) & (a > 0) & (b > 0)
         total = 4.0 * (da[meet] + db[meet]).astype(np.float64)
         np.minimum.at(gap, a[meet], total)
@@ -189,7 +201,10 @@ def _nearest_gap(labels: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
 
 
 def label_quality(
-    measures: pd.DataFrame, centres_usable: np.ndarray, cell_diameter_px: float, rules: QualityRules = QualityRules(),
+    measures: pd.DataFrame,
+    centres_usable: np.ndarray,
+    cell_diameter_px: float,
+    rules: QualityRules = QualityRules(),
     compact: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """qc label and qc_reason per candidate from its measures (see module docstring).
@@ -208,11 +223,17 @@ def label_quality(
     reason = np.full(len(measures), "", dtype=object)
     rules_in_order = (
         (~centres_usable, "edge", "centre outside the culture surface (well edge, wall or glare)"),
-        ((area < rules.debris_area_scale) & alone, "debris",
-         f"smaller than {rules.debris_area_scale:g} cell areas with no neighbour within {rules.isolation_scale:g} diameters"),
+        (
+            (area < rules.debris_area_scale) & alone,
+            "debris",
+            f"smaller than {rules.debris_area_scale:g} cell areas with no neighbour within {rules.isolation_scale:g} diameters",
+        ),
         (texture < rules.min_texture_contrast, "debris", "too faint: texture below the foreground threshold"),
-        ((area < rules.fragment_area_scale) & ~compact, "fragment",
-         f"smaller than {rules.fragment_area_scale:g} cell areas, next to other candidates"),
+        (
+            (area < rules.fragment_area_scale) & ~compact,
+            "fragment",
+            f"smaller than {rules.fragment_area_scale:g} cell areas, next to other candidates",
+        ),
     )
     decided = np.zeros(len(measures), bool)
     for hit, label, why in rules_in_order:

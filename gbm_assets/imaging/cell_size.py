@@ -24,8 +24,8 @@ binning: 30-67 px cells) and rescales where it does not (20x, 40x, other binning
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -85,8 +85,9 @@ def estimate_from_diameters(diameters: Iterable[np.ndarray]) -> CellSizeEstimate
     per_image = [np.asarray(d, np.float64) for d in diameters]
     pooled = np.concatenate(per_image) if per_image else np.zeros(0)
     if len(pooled) < MIN_CELLS:
-        return CellSizeEstimate(None, len(pooled), len(per_image),
-                                f"only {len(pooled)} cells in a first pass (need {MIN_CELLS})")
+        return CellSizeEstimate(
+            None, len(pooled), len(per_image), f"only {len(pooled)} cells in a first pass (need {MIN_CELLS})"
+        )
     diameter = float(np.median(pooled)) / FOUND_PER_TRUE_DIAMETER
     diameter = float(np.clip(diameter, MIN_DIAMETER_PX, MAX_DIAMETER_PX))
     return CellSizeEstimate(round(diameter, 1), len(pooled), len(per_image))

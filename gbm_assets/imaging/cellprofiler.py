@@ -53,7 +53,16 @@ TABLE_SUFFIXES = (".csv", ".txt", ".tsv")
 # Tables saved as spreadsheet workbooks: never read, never silently ignored either.
 WORKBOOK_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
 # A column starting with one of these makes a table look like a CellProfiler export.
-CP_PREFIXES = ("ImageNumber", "ObjectNumber", "Location_", "AreaShape_", "FileName_", "PathName_", "Metadata_", "Count_")
+CP_PREFIXES = (
+    "ImageNumber",
+    "ObjectNumber",
+    "Location_",
+    "AreaShape_",
+    "FileName_",
+    "PathName_",
+    "Metadata_",
+    "Count_",
+)
 IMAGE_OBJECT, EXPERIMENT_OBJECT = "Image", "Experiment"
 KINDS_UNDERSTOOD = (
     "CellProfiler ExportToSpreadsheet tables: per-object tables (ImageNumber, ObjectNumber, "
@@ -91,7 +100,9 @@ class _ObjectSource:
         return f"{self.name} ({self.path.name}{', combined table' if self.combined else ''})"
 
 
-def read_plate_objects(plate_dir: str | Path, manifest: pd.DataFrame, objects_name: str | None = None) -> PlateObjects | None:
+def read_plate_objects(
+    plate_dir: str | Path, manifest: pd.DataFrame, objects_name: str | None = None
+) -> PlateObjects | None:
     """The CellProfiler objects of a plate, or None when its folder holds no table but its own.
 
     Every ``*.csv``, ``*.txt`` and ``*.tsv`` at the top of the plate folder, other than
@@ -134,23 +145,37 @@ def read_plate_objects(plate_dir: str | Path, manifest: pd.DataFrame, objects_na
         tables = [p.name for p in _table_files(plate_dir)]
         if not tables:
             return None
-        raise PlateError(plate_dir, f"CellProfiler tables {tables} but no object table (Cells.csv, Nuclei.csv...) "
-                         "with the cells' centres; export the objects with ExportToSpreadsheet too")
+        raise PlateError(
+            plate_dir,
+            f"CellProfiler tables {tables} but no object table (Cells.csv, Nuclei.csv...) "
+            "with the cells' centres; export the objects with ExportToSpreadsheet too",
+        )
     if len(image_tables) > 1:
-        raise PlateError(plate_dir, f"several CellProfiler Image tables: {[p.name for p, _ in image_tables]}; "
-                         "keep the one exported with the object table")
+        raise PlateError(
+            plate_dir,
+            f"several CellProfiler Image tables: {[p.name for p, _ in image_tables]}; "
+            "keep the one exported with the object table",
+        )
     image_table = image_tables[0] if image_tables else None
     if not sources:
-        raise PlateError(image_table[0], "a CellProfiler Image table but no object table (Cells.csv, Nuclei.csv...) "
-                         "with the cells' centres; export the objects with ExportToSpreadsheet too")
+        raise PlateError(
+            image_table[0],
+            "a CellProfiler Image table but no object table (Cells.csv, Nuclei.csv...) "
+            "with the cells' centres; export the objects with ExportToSpreadsheet too",
+        )
     _name_sources(sources, image_table)
     source = _choose(plate_dir, sources, objects_name)
     table = _objects_table(plate_dir, source, image_table, manifest)
     return PlateObjects(path=source.path, objects_name=source.name, table=table)
 
 
-def _check_coverage(image_table: tuple[Path, pd.DataFrame], set_images: pd.Series, manifest: pd.DataFrame,
-                    objects_name: str, object_images: pd.Series) -> None:
+def _check_coverage(
+    image_table: tuple[Path, pd.DataFrame],
+    set_images: pd.Series,
+    manifest: pd.DataFrame,
+    objects_name: str,
+    object_images: pd.Series,
+) -> None:
     """Every manifest image is an image set of the Image table, and each set's Count_<objects>
     equals its rows in the object table: otherwise images would get no cells without a word
     (CellProfiler did not process them, or the object table was cut short).
@@ -160,21 +185,27 @@ def _check_coverage(image_table: tuple[Path, pd.DataFrame], set_images: pd.Serie
     path, df = image_table
     missing = [i for i in manifest["image"] if i not in set(set_images)]
     if missing:
-        raise PlateError(path, f"{len(missing)} manifest image(s) are not image sets of this table "
-                         f"({missing[:3]}): CellProfiler did not process them, so their cells are unknown; "
-                         "export all images or remove them from the manifest")
+        raise PlateError(
+            path,
+            f"{len(missing)} manifest image(s) are not image sets of this table "
+            f"({missing[:3]}): CellProfiler did not process them, so their cells are unknown; "
+            "export all images or remove them from the manifest",
+        )
     count_col = next((c for c in df.columns if c.lower() == f"count_{objects_name}".lower()), None)
     if count_col is None:
         return
     found = object_images.value_counts()
-    for image, text, line in zip(set_images, df[count_col], df[LINE_COLUMN]):
+    for image, text, line in zip(set_images, df[count_col], df[LINE_COLUMN], strict=False):
         try:
             expected = int(float(text))
         except ValueError:
             continue  # a cross-check only
         if int(found.get(image, 0)) != expected:
-            raise PlateError(path, f"line {line}, column {count_col!r}: {expected} objects for {image!r}, but the "
-                             f"object table has {int(found.get(image, 0))} (a truncated or mismatched export)")
+            raise PlateError(
+                path,
+                f"line {line}, column {count_col!r}: {expected} objects for {image!r}, but the "
+                f"object table has {int(found.get(image, 0))} (a truncated or mismatched export)",
+            )
 
 
 # ---------------------------------------------------------------- finding and classifying tables
@@ -184,8 +215,11 @@ def _table_files(plate_dir: Path) -> list[Path]:
     # Hidden files are skipped: macOS writes "._Cells.csv" (binary resource forks) beside every
     # file copied to a foreign disk, and editors keep dot-named lock and swap files.
     return sorted(
-        p for p in plate_dir.iterdir()
-        if p.is_file() and p.suffix.lower() in (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES) and p.name.lower() not in PLATE_FILES
+        p
+        for p in plate_dir.iterdir()
+        if p.is_file()
+        and p.suffix.lower() in (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES)
+        and p.name.lower() not in PLATE_FILES
         and not p.name.startswith(".")
     )
 
@@ -221,8 +255,11 @@ def _first_fields(path: Path) -> list[str]:
 def _classify(path: Path) -> tuple[str, pd.DataFrame | None]:
     """("object" | "image" | "combined" | "ignored", table) for one file; PlateError otherwise."""
     if path.suffix.lower() in WORKBOOK_SUFFIXES:
-        raise PlateError(path, "a spreadsheet workbook in the plate folder is not read; save the table as CSV "
-                         "(comma or tab delimited), as CellProfiler's ExportToSpreadsheet writes it, or move it out")
+        raise PlateError(
+            path,
+            "a spreadsheet workbook in the plate folder is not read; save the table as CSV "
+            "(comma or tab delimited), as CellProfiler's ExportToSpreadsheet writes it, or move it out",
+        )
     first = _first_fields(path)
     # The Experiment table holds the whole pipeline as one quoted value: recognised by its
     # header alone, never parsed.
@@ -240,8 +277,11 @@ def _classify(path: Path) -> tuple[str, pd.DataFrame | None]:
             return "object", df
         if "ImageNumber" in columns or path.stem.lower().endswith("image"):
             return "image", df
-        raise PlateError(path, "looks like a CellProfiler table but has neither ObjectNumber and centre columns "
-                         "(an object table) nor ImageNumber (the Image table); re-export it with ExportToSpreadsheet")
+        raise PlateError(
+            path,
+            "looks like a CellProfiler table but has neither ObjectNumber and centre columns "
+            "(an object table) nor ImageNumber (the Image table); re-export it with ExportToSpreadsheet",
+        )
     if len(df) >= 1:
         df2 = _read(path, header_rows=2)
         features = [c.split("|", 1)[1] for c in df2.columns if "|" in c]
@@ -250,8 +290,11 @@ def _classify(path: Path) -> tuple[str, pd.DataFrame | None]:
     # A table we do not understand is an error, not something to skip: which tables a plate
     # holds decides where its cells come from, so a file meant as a CellProfiler export but not
     # recognised must never leave cells silently to our segmentation (nor a stray file pass).
-    raise PlateError(path, f"not a table gbm-assets understands. Besides manifest.csv and ground_truth.csv a "
-                     f"plate folder may hold only {KINDS_UNDERSTOOD}; move other files out of the plate folder")
+    raise PlateError(
+        path,
+        f"not a table gbm-assets understands. Besides manifest.csv and ground_truth.csv a "
+        f"plate folder may hold only {KINDS_UNDERSTOOD}; move other files out of the plate folder",
+    )
 
 
 def _combined_sources(path: Path, df: pd.DataFrame) -> list[_ObjectSource]:
@@ -304,7 +347,7 @@ def _name_sources(sources: list[_ObjectSource], image_table: tuple[Path, pd.Data
     prefix = ""
     if image_table is not None:
         path, df = image_table
-        counted = sorted((c[len("Count_"):] for c in df.columns if c.startswith("Count_")), key=len, reverse=True)
+        counted = sorted((c[len("Count_") :] for c in df.columns if c.startswith("Count_")), key=len, reverse=True)
         if path.stem.lower().endswith("image"):
             prefix = path.stem[: -len("image")]
     for s in sources:
@@ -315,7 +358,7 @@ def _name_sources(sources: list[_ObjectSource], image_table: tuple[Path, pd.Data
         if match:
             s.name = match
         elif prefix and stem.startswith(prefix) and len(stem) > len(prefix):
-            s.name = stem[len(prefix):]
+            s.name = stem[len(prefix) :]
         else:
             s.name = stem.rsplit("_", 1)[-1] or stem
 
@@ -325,21 +368,30 @@ def _choose(plate_dir: Path, sources: list[_ObjectSource], objects_name: str | N
         if len(sources) == 1:
             return sources[0]
         labels = ", ".join(s.label for s in sources)
-        raise PlateError(plate_dir, f"several CellProfiler object tables: {labels}; set cellprofiler_objects in the "
-                         f"cell_coordinates config to the object to use (e.g. {sources[0].name!r})")
+        raise PlateError(
+            plate_dir,
+            f"several CellProfiler object tables: {labels}; set cellprofiler_objects in the "
+            f"cell_coordinates config to the object to use (e.g. {sources[0].name!r})",
+        )
     want = objects_name.strip().casefold()
     exact = [s for s in sources if s.name.casefold() == want]
-    by_file = [s for s in sources if not s.combined and (
-        s.path.stem.casefold() == want or s.path.stem.casefold().endswith("_" + want))]
+    by_file = [
+        s
+        for s in sources
+        if not s.combined and (s.path.stem.casefold() == want or s.path.stem.casefold().endswith("_" + want))
+    ]
     found = exact or by_file
     if len(found) == 1:
         return found[0]
     labels = ", ".join(s.label for s in (found or sources))
     if not found:
-        raise PlateError(plate_dir, f"cellprofiler_objects is {objects_name!r} but the plate's CellProfiler tables "
-                         f"hold {labels}")
-    raise PlateError(plate_dir, f"cellprofiler_objects {objects_name!r} matches several tables: {labels}; "
-                     "keep one of them in the plate folder")
+        raise PlateError(
+            plate_dir, f"cellprofiler_objects is {objects_name!r} but the plate's CellProfiler tables hold {labels}"
+        )
+    raise PlateError(
+        plate_dir,
+        f"cellprofiler_objects {objects_name!r} matches several tables: {labels}; keep one of them in the plate folder",
+    )
 
 
 # ---------------------------------------------------------------- mapping to images
@@ -385,10 +437,16 @@ def _file_column(path: Path, df: pd.DataFrame, lookup: dict[str, str], what: str
         return next(iter(distinct.values()))
     if not fitting:
         misses = "; ".join(f"{c}: {v!r} (line {line})" for c, (line, v) in first_miss.items())
-        raise PlateError(path, f"{what} names files that are not in the plate's manifest ({misses}); files are "
-                         "matched by name within the plate folder (PathName_ is ignored)")
-    raise PlateError(path, f"{what} has several FileName_ columns naming manifest images "
-                     f"({[c for c, _ in fitting]}): which channel's files the objects belong to is ambiguous")
+        raise PlateError(
+            path,
+            f"{what} names files that are not in the plate's manifest ({misses}); files are "
+            "matched by name within the plate folder (PathName_ is ignored)",
+        )
+    raise PlateError(
+        path,
+        f"{what} has several FileName_ columns naming manifest images "
+        f"({[c for c, _ in fitting]}): which channel's files the objects belong to is ambiguous",
+    )
 
 
 def _image_numbers(path: Path, df: pd.DataFrame) -> pd.Series:
@@ -398,16 +456,20 @@ def _image_numbers(path: Path, df: pd.DataFrame) -> pd.Series:
         raise PlateError(exc.where, exc.problem) from None
 
 
-def _image_map(manifest: pd.DataFrame, image_table: tuple[Path, pd.DataFrame]
-               ) -> tuple[dict[int, str], dict[str, tuple], pd.Series]:
+def _image_map(
+    manifest: pd.DataFrame, image_table: tuple[Path, pd.DataFrame]
+) -> tuple[dict[int, str], dict[str, tuple], pd.Series]:
     """ImageNumber -> manifest image, image -> (height, width, line) where the table says, and the
     table's rows as manifest images."""
     path, df = image_table
     if "ImageNumber" not in df.columns:
         raise PlateError(path, "CellProfiler Image table without an ImageNumber column")
     if not any(c.startswith("FileName_") for c in df.columns):
-        raise PlateError(path, "CellProfiler Image table without a FileName_<channel> column: ImageNumber cannot be "
-                         "matched to the plate's images (export FileName_ with the Image measurements)")
+        raise PlateError(
+            path,
+            "CellProfiler Image table without a FileName_<channel> column: ImageNumber cannot be "
+            "matched to the plate's images (export FileName_ with the Image measurements)",
+        )
     numbers = _image_numbers(path, df)
     dup = numbers[numbers.duplicated()]
     if not dup.empty:
@@ -417,14 +479,17 @@ def _image_map(manifest: pd.DataFrame, image_table: tuple[Path, pd.DataFrame]
     twice = images[images.duplicated(keep=False)]
     if not twice.empty:
         lines = df.loc[twice.index, LINE_COLUMN].tolist()
-        raise PlateError(path, f"lines {lines}: several image sets name {twice.iloc[0]!r} in {col} (files are matched "
-                         "by name within the plate; PathName_ is ignored), so their objects cannot be told apart")
-    mapping = dict(zip(numbers.tolist(), images.tolist()))
+        raise PlateError(
+            path,
+            f"lines {lines}: several image sets name {twice.iloc[0]!r} in {col} (files are matched "
+            "by name within the plate; PathName_ is ignored), so their objects cannot be told apart",
+        )
+    mapping = dict(zip(numbers.tolist(), images.tolist(), strict=False))
     sizes: dict[str, tuple[int, int, int]] = {}
-    channel = col[len("FileName_"):]
+    channel = col[len("FileName_") :]
     hcol, wcol = f"Height_{channel}", f"Width_{channel}"
     if hcol in df.columns and wcol in df.columns:
-        for image, h, w, line in zip(images, df[hcol], df[wcol], df[LINE_COLUMN]):
+        for image, h, w, line in zip(images, df[hcol], df[wcol], df[LINE_COLUMN], strict=False):
             try:
                 sizes[image] = (int(float(h)), int(float(w)), int(line))
             except ValueError:
@@ -439,8 +504,11 @@ def _objects_images(plate_dir: Path, source: _ObjectSource, image_table, manifes
     lookup = _name_lookup(manifest)
     has_files = any(c.startswith("FileName_") for c in df.columns)
     if "ImageNumber" not in df.columns and not has_files:
-        raise PlateError(path, f"object table for {source.name} has neither ImageNumber nor a FileName_<channel> "
-                         "column: its objects cannot be matched to images")
+        raise PlateError(
+            path,
+            f"object table for {source.name} has neither ImageNumber nor a FileName_<channel> "
+            "column: its objects cannot be matched to images",
+        )
     mapping, sizes, set_images = _image_map(manifest, image_table) if image_table is not None else ({}, {}, None)
 
     numbers = _image_numbers(path, df) if "ImageNumber" in df.columns else None
@@ -451,28 +519,43 @@ def _objects_images(plate_dir: Path, source: _ObjectSource, image_table, manifes
             pairs = pd.DataFrame({"n": numbers, "image": images, "line": df[LINE_COLUMN]})
             for n, g in pairs.groupby("n", sort=False):
                 if g["image"].nunique() > 1:
-                    raise PlateError(path, f"line {int(g['line'].iloc[-1])}: ImageNumber {n} names several files "
-                                     f"{sorted(g['image'].unique())[:3]}")
+                    raise PlateError(
+                        path,
+                        f"line {int(g['line'].iloc[-1])}: ImageNumber {n} names several files "
+                        f"{sorted(g['image'].unique())[:3]}",
+                    )
                 if mapping and n not in mapping:
-                    raise PlateError(path, f"line {int(g['line'].iloc[0])}, column 'ImageNumber': {n} is not in "
-                                     f"the Image table {image_table[0].name}")
+                    raise PlateError(
+                        path,
+                        f"line {int(g['line'].iloc[0])}, column 'ImageNumber': {n} is not in "
+                        f"the Image table {image_table[0].name}",
+                    )
                 if mapping and mapping[n] != g["image"].iloc[0]:
-                    raise PlateError(path, f"line {int(g['line'].iloc[0])}: ImageNumber {n} is "
-                                     f"{g['image'].iloc[0]!r} here but {mapping[n]!r} in {image_table[0].name}")
+                    raise PlateError(
+                        path,
+                        f"line {int(g['line'].iloc[0])}: ImageNumber {n} is "
+                        f"{g['image'].iloc[0]!r} here but {mapping[n]!r} in {image_table[0].name}",
+                    )
         return images, sizes, set_images
     if image_table is not None:
         unknown = ~numbers.isin(mapping.keys())
         if unknown.any():
             i = int(np.argmax(unknown.to_numpy()))
-            raise PlateError(path, f"line {int(df[LINE_COLUMN].iloc[i])}, column 'ImageNumber': {int(numbers.iloc[i])} "
-                             f"is not in the Image table {image_table[0].name}")
+            raise PlateError(
+                path,
+                f"line {int(df[LINE_COLUMN].iloc[i])}, column 'ImageNumber': {int(numbers.iloc[i])} "
+                f"is not in the Image table {image_table[0].name}",
+            )
         return numbers.map(mapping), sizes, set_images
     images = manifest["image"].tolist()
     if len(images) == 1 and (numbers == 1).all():
         return pd.Series(images[0], index=df.index), sizes, None
-    raise PlateError(path, "objects are keyed by ImageNumber but the plate folder has no CellProfiler Image table "
-                     "(Image.csv or <prefix>Image.csv, with FileName_<channel>) to say which file each ImageNumber is; "
-                     "CellProfiler's numbering need not follow the manifest, so export the Image table beside it")
+    raise PlateError(
+        path,
+        "objects are keyed by ImageNumber but the plate folder has no CellProfiler Image table "
+        "(Image.csv or <prefix>Image.csv, with FileName_<channel>) to say which file each ImageNumber is; "
+        "CellProfiler's numbering need not follow the manifest, so export the Image table beside it",
+    )
 
 
 # ---------------------------------------------------------------- the table
@@ -492,12 +575,14 @@ def _objects_table(plate_dir: Path, source: _ObjectSource, image_table, manifest
     df, path = source.df, source.path
     centre = next(((x, y) for x, y in CENTRE_COLUMNS if x in df.columns and y in df.columns), None)
     if centre is None:
-        raise PlateError(path, f"object table for {source.name} has no centre columns "
-                         "(Location_Center_X/Y or AreaShape_Center_X/Y)")
+        raise PlateError(
+            path, f"object table for {source.name} has no centre columns (Location_Center_X/Y or AreaShape_Center_X/Y)"
+        )
     images, sizes, set_images = _objects_images(plate_dir, source, image_table, manifest)
     xcol, ycol = centre
-    out = pd.DataFrame({"image": images.to_numpy(), "x": _numbers(df, xcol, True).to_numpy(),
-                        "y": _numbers(df, ycol, True).to_numpy()})
+    out = pd.DataFrame(
+        {"image": images.to_numpy(), "x": _numbers(df, xcol, True).to_numpy(), "y": _numbers(df, ycol, True).to_numpy()}
+    )
     for cp_name, name in AREASHAPE_COLUMNS.items():
         if cp_name in df.columns:
             text = df[[cp_name, LINE_COLUMN]].copy()
@@ -519,14 +604,23 @@ def _check_inside(plate_dir, path, out, lines, xcol, ycol, sizes, image_table) -
         shape[image] = (h, w)
         if image in sizes and sizes[image][:2] != (h, w):
             th, tw, line = sizes[image]
-            raise PlateError(image_table[0], f"line {line}: {image!r} is {tw}x{th} (width x height) here but the file "
-                             f"is {w}x{h}: is this the Image table of these files?")
+            raise PlateError(
+                image_table[0],
+                f"line {line}: {image!r} is {tw}x{th} (width x height) here but the file "
+                f"is {w}x{h}: is this the Image table of these files?",
+            )
     height = out["image"].map(lambda i: shape[i][0]).to_numpy(float)
     width = out["image"].map(lambda i: shape[i][1]).to_numpy(float)
-    for col, values, limit, what in ((xcol, out["x"].to_numpy(), width, "width"), (ycol, out["y"].to_numpy(), height, "height")):
+    for col, values, limit, what in (
+        (xcol, out["x"].to_numpy(), width, "width"),
+        (ycol, out["y"].to_numpy(), height, "height"),
+    ):
         bad = (values < 0) | (values >= limit)
         if bad.any():
             i = int(np.argmax(bad))
-            raise PlateError(path, f"line {int(lines[i])}, column {col!r}: {values[i]:g} is outside image "
-                             f"{out['image'].iloc[i]!r} (0 <= value < {what} {int(limit[i])}; CellProfiler's "
-                             "centres are 0-based pixels)")
+            raise PlateError(
+                path,
+                f"line {int(lines[i])}, column {col!r}: {values[i]:g} is outside image "
+                f"{out['image'].iloc[i]!r} (0 <= value < {what} {int(limit[i])}; CellProfiler's "
+                "centres are 0-based pixels)",
+            )

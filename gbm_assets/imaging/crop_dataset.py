@@ -59,7 +59,7 @@ def _open(selection: CropSelection) -> tuple[pds.Dataset, list]:
     counts = np.array([f.count_rows() for f in fragments], dtype=np.int64)
     chosen = seeded_sample(int(counts.sum()), selection.max_crops, selection.seed)
     if chosen is None:  # every crop: the plates that have any
-        return dataset, [(f, None) for f, n in zip(fragments, counts) if n]
+        return dataset, [(f, None) for f, n in zip(fragments, counts, strict=False) if n]
     starts = np.concatenate([[0], np.cumsum(counts)])
     kept = []
     for i, fragment in enumerate(fragments):
@@ -201,11 +201,12 @@ def iter_crops_by_id(
             kept_starts = np.concatenate([[0], np.cumsum(np.where(kept, sizes, 0))])  # with skipped groups gone
             local = rows - starts[group_of] + kept_starts[group_of]
             groups = np.flatnonzero(kept)
-            batches = reader.iter_batches(batch_size=batch_size, row_groups=groups.tolist(), columns=[column],
-                                          use_threads=False)
+            batches = reader.iter_batches(
+                batch_size=batch_size, row_groups=groups.tolist(), columns=[column], use_threads=False
+            )
             done = 0
             for batch in take_rows(batches, local):
-                yield positions[done:done + batch.num_rows], decode_crops(batch.column(column), side)
+                yield positions[done : done + batch.num_rows], decode_crops(batch.column(column), side)
                 done += batch.num_rows
 
 

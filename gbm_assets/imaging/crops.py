@@ -63,7 +63,7 @@ def normalise_crops(windows: np.ndarray) -> np.ndarray:
     frac = (pos - below).astype(np.float32)
     lo, hi = (
         part[:, i].astype(np.float32) * (1 - f) + part[:, j].astype(np.float32) * f
-        for i, j, f in zip(below, above, frac)
+        for i, j, f in zip(below, above, frac, strict=False)
     )
     out = flat.astype(np.float32)
     out -= lo[:, None]

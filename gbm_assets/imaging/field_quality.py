@@ -60,8 +60,12 @@ def _saturation_value(image: np.ndarray) -> float | None:
 
 
 def non_culture_regions(
-    image: np.ndarray, objects: np.ndarray, cell_diameter_px: float,
-    extreme_level: float = 12.0, min_area_cells: float = 4.0, window_scale: float = 0.5,
+    image: np.ndarray,
+    objects: np.ndarray,
+    cell_diameter_px: float,
+    extreme_level: float = 12.0,
+    min_area_cells: float = 4.0,
+    window_scale: float = 0.5,
 ) -> np.ndarray:
     """bool (H, W) mask of regions that are not culture surface (well edge, wall, glare).
 
@@ -97,7 +101,9 @@ def non_culture_regions(
     saturated_value = _saturation_value(image)
     regions = _large_components(extreme, min_area_cells * cell_area / factor**2)
     if saturated_value is not None:
-        saturated = cv2.resize((image == saturated_value).astype(np.float32), small.shape[::-1], interpolation=cv2.INTER_AREA)
+        saturated = cv2.resize(
+            (image == saturated_value).astype(np.float32), small.shape[::-1], interpolation=cv2.INTER_AREA
+        )
         regions |= _large_components((saturated > 0.5).astype(np.uint8), cell_area / factor**2)
     if not regions.any():
         return out

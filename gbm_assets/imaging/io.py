@@ -52,8 +52,8 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -185,8 +185,20 @@ def image_size(path: str | Path, *, max_pixels: int | None = None) -> tuple[int,
         return source.height, source.width, source.bits
 
 
-_SECONDS = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "ms": 1e-3, "min": 60, "minute": 60, "minutes": 60,
-            "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600}
+_SECONDS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "seconds": 1,
+    "ms": 1e-3,
+    "min": 60,
+    "minute": 60,
+    "minutes": 60,
+    "h": 3600,
+    "hr": 3600,
+    "hour": 3600,
+    "hours": 3600,
+}
 
 
 def frame_interval_h(path: str | Path) -> float | None:
@@ -202,7 +214,9 @@ def frame_interval_h(path: str | Path) -> float | None:
         if path.suffix.lower() in VENDOR_SUFFIXES:
             from bioio import BioImage
 
-            interval = BioImage(path, reader=importlib.import_module(VENDOR_SUFFIXES[path.suffix.lower()]).Reader).time_interval
+            interval = BioImage(
+                path, reader=importlib.import_module(VENDOR_SUFFIXES[path.suffix.lower()]).Reader
+            ).time_interval
             seconds = interval.total_seconds() if interval is not None else None
         else:
             with tifffile.TiffFile(path) as tif:
@@ -233,8 +247,11 @@ def image_files(folder: str | Path) -> list[Path]:
     FileNotFoundError, NotADirectoryError
         When folder is missing or not a folder.
     """
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def max_image_pixels(max_pixels: int | None = None) -> int:
@@ -263,9 +280,7 @@ def max_image_pixels(max_pixels: int | None = None) -> int:
 
 
 def _many_frames(n: int) -> str:
-    return (
-        f"holds {n} frames (a stack or time-lapse); `gbm-assets add-plate` makes each frame its own image"
-    )
+    return f"holds {n} frames (a stack or time-lapse); `gbm-assets add-plate` makes each frame its own image"
 
 
 def _corrupt(path: Path, exc: BaseException) -> ImageReadError:
@@ -317,7 +332,8 @@ class _Source:
         image = _to_uint(self.path, np.asarray(image))
         if image.shape != (self.height, self.width):
             raise ImageReadError(
-                self.path, f"frame {index} decoded to shape {image.shape}, not the {self.height}x{self.width} "
+                self.path,
+                f"frame {index} decoded to shape {image.shape}, not the {self.height}x{self.width} "
                 "its header claims (corrupt image)",
             )
         return image
@@ -333,7 +349,7 @@ class _Source:
                 pass
         self._closers.clear()
 
-    def __enter__(self) -> "_Source":
+    def __enter__(self) -> _Source:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -411,16 +427,18 @@ class _TiffSource(_Source):
         if len(series_list) > 1:
             sizes = ", ".join(_series_size(s) for s in series_list[:4])
             raise ImageReadError(
-                path, f"holds {len(series_list)} image series ({sizes}: positions, scenes or a thumbnail); "
+                path,
+                f"holds {len(series_list)} image series ({sizes}: positions, scenes or a thumbnail); "
                 "save each as its own file",
             )
         series = series_list[0]
         axes = series.get_axes(squeeze=False)
         shape = tuple(int(n) for n in series.get_shape(squeeze=False))
-        sizes = dict(zip(axes, shape))
+        sizes = dict(zip(axes, shape, strict=False))
         if sizes.get("C", 1) > 1:
             raise ImageReadError(
-                path, f"holds {sizes['C']} channels; phase contrast is one channel (save the phase channel alone)",
+                path,
+                f"holds {sizes['C']} channels; phase contrast is one channel (save the phase channel alone)",
             )
         if "Y" not in sizes or "X" not in sizes:
             raise ImageReadError(path, f"unsupported TIFF layout (axes {axes!r})")
@@ -430,7 +448,7 @@ class _TiffSource(_Source):
         self.shape = shape
         self.height, self.width = sizes["Y"], sizes["X"]
         self.samples = sizes.get("S", 1)
-        self.n_frames = math.prod(n for a, n in zip(axes, shape) if a not in _FRAME_AXES_EXCLUDED)
+        self.n_frames = math.prod(n for a, n in zip(axes, shape, strict=False) if a not in _FRAME_AXES_EXCLUDED)
         page = series.keyframe
         self.keyframe = page
         self.photometric = page.photometric
@@ -446,22 +464,35 @@ class _TiffSource(_Source):
         own = 3 if page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR) else 1
         if self.samples > own + alpha:
             raise ImageReadError(
-                path, f"holds {self.samples} samples per pixel ({self.samples - alpha} channels) in a "
+                path,
+                f"holds {self.samples} samples per pixel ({self.samples - alpha} channels) in a "
                 f"{page.photometric.name.lower()} image; phase contrast is one channel (save the phase channel alone)",
             )
         if self.photometric not in (
-            tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.RGB,
-            tifffile.PHOTOMETRIC.YCBCR, tifffile.PHOTOMETRIC.PALETTE,
+            tifffile.PHOTOMETRIC.MINISBLACK,
+            tifffile.PHOTOMETRIC.MINISWHITE,
+            tifffile.PHOTOMETRIC.RGB,
+            tifffile.PHOTOMETRIC.YCBCR,
+            tifffile.PHOTOMETRIC.PALETTE,
         ):
             raise ImageReadError(path, f"unsupported TIFF colour model ({self.photometric.name})")
         pages = series.pages
         page_pixels = math.prod(page.shaped)
-        self.mode = "pages" if (
-            len(pages) == self.n_frames and page.shaped[1] == 1 and page_pixels == self.height * self.width * self.samples
-        ) else "contiguous" if (
-            series.dataoffset is not None and page.shaped[1] == 1
-            and page_pixels == self.height * self.width * self.samples
-        ) else "whole"
+        self.mode = (
+            "pages"
+            if (
+                len(pages) == self.n_frames
+                and page.shaped[1] == 1
+                and page_pixels == self.height * self.width * self.samples
+            )
+            else "contiguous"
+            if (
+                series.dataoffset is not None
+                and page.shaped[1] == 1
+                and page_pixels == self.height * self.width * self.samples
+            )
+            else "whole"
+        )
 
     def _decode(self, index: int) -> np.ndarray:
         page = self.keyframe
@@ -511,7 +542,7 @@ class _TiffSource(_Source):
 
 
 def _series_size(series) -> str:
-    sizes = dict(zip(series.get_axes(squeeze=False), series.get_shape(squeeze=False)))
+    sizes = dict(zip(series.get_axes(squeeze=False), series.get_shape(squeeze=False), strict=False))
     return f"{sizes.get('X', '?')}x{sizes.get('Y', '?')}"
 
 
@@ -586,17 +617,19 @@ class _BioioSource(_Source):
             from bioio import BioImage
         except ImportError:
             raise ImageReadError(
-                path, f"reading {suffix} needs the optional extra: pip install 'gbm-assets[formats]'",
+                path,
+                f"reading {suffix} needs the optional extra: pip install 'gbm-assets[formats]'",
             ) from None
         try:
             self.image = image = BioImage(path, reader=plugin.Reader)
             scenes = image.scenes
             if len(scenes) > 1:
                 raise ImageReadError(
-                    path, f"holds {len(scenes)} scenes (positions); export each position as its own file",
+                    path,
+                    f"holds {len(scenes)} scenes (positions); export each position as its own file",
                 )
             order = image.dims.order
-            sizes = dict(zip(order, (int(n) for n in image.dims.shape)))
+            sizes = dict(zip(order, (int(n) for n in image.dims.shape), strict=False))
             dtype = np.dtype(image.dtype)
         except ImageReadError:
             raise
@@ -604,7 +637,8 @@ class _BioioSource(_Source):
             raise _corrupt(path, exc) from None
         if sizes.get("C", 1) > 1:
             raise ImageReadError(
-                path, f"holds {sizes['C']} channels; phase contrast is one channel (export the phase channel alone)",
+                path,
+                f"holds {sizes['C']} channels; phase contrast is one channel (export the phase channel alone)",
             )
         other = {a: n for a, n in sizes.items() if a not in "TCZYXS" and n > 1}
         if other:
@@ -653,7 +687,7 @@ def _to_uint(path: Path, image: np.ndarray) -> np.ndarray:
     dtype = image.dtype
     if dtype == np.uint8 or dtype == np.uint16:
         return image
-    if dtype == bool:
+    if dtype.kind == "b":
         return image.astype(np.uint8) * np.uint8(255)
     if np.issubdtype(dtype, np.floating):
         if not np.isfinite(image).all():

@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
 
 import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from gbm_assets.imaging.cellprofiler_masks import cells_at_objects
-from gbm_assets.imaging.crops import extract_crops
-from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.cell_quality import kept_candidates
 from gbm_assets.imaging.cell_size import CellSizeEstimate, cell_diameters, estimate_from_diameters, sample_images
+from gbm_assets.imaging.cellprofiler_masks import cells_at_objects
+from gbm_assets.imaging.crops import extract_crops
 from gbm_assets.imaging.field_quality import field_quality
+from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates
 from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
 
@@ -76,7 +76,8 @@ def _pool(workers: int) -> ProcessPoolExecutor:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
         pool = _POOLS[key] = ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),))
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
+        )
     return pool
 
 
@@ -85,7 +86,7 @@ def _ppid_of(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
+        return int(stat[stat.rindex(b")") + 2 :].split()[1])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -201,8 +202,11 @@ def _objects_task(task: tuple[Path, str, SegmentationParams, pd.DataFrame]) -> I
 
 
 def estimate_plate_cell_size(
-    plate_dir: str | Path, images: Iterable[str], params: SegmentationParams = SegmentationParams(),
-    sample: int = 8, workers: int = 1,
+    plate_dir: str | Path,
+    images: Iterable[str],
+    params: SegmentationParams = SegmentationParams(),
+    sample: int = 8,
+    workers: int = 1,
 ) -> tuple[CellSizeEstimate, dict[str, ImageCells]]:
     """The plate's typical cell diameter from a first pass over up to `sample` of its images.
 
@@ -305,11 +309,15 @@ def crop_plate(
         columns = ["cell_id", "x", "y", *MEASUREMENT_COLUMNS, "qc"]
         tasks.append((plate_dir, row.image, cells[columns], masks[row.image], crop_size))
         meta.append(row)
-    for row, (cells, pixels, crop_masks) in zip(meta, _map_in_order(_crop_task, tasks, workers, progress)):
+    for row, (cells, pixels, crop_masks) in zip(
+        meta, _map_in_order(_crop_task, tasks, workers, progress), strict=False
+    ):
         yield crops_table(plate_id, row, cells, pixels, crop_masks, crop_size)
 
 
-def crops_table(plate_id: str, row, cells: pd.DataFrame, pixels: np.ndarray, masks: np.ndarray, crop_size: int) -> pa.Table:
+def crops_table(
+    plate_id: str, row, cells: pd.DataFrame, pixels: np.ndarray, masks: np.ndarray, crop_size: int
+) -> pa.Table:
     """Arrow table of one image's crops with full provenance (CROP_SCHEMA column order)."""
     n = len(cells)
     cols = {

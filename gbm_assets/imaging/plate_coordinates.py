@@ -22,7 +22,6 @@ from gbm_assets.imaging.cell_size import CellSizeEstimate
 from gbm_assets.imaging.plate_cells import Progress, estimate_plate_cell_size, find_plate_cells
 from gbm_assets.imaging.segmentation import SegmentationParams
 
-
 MASK_COLUMNS = ("image", "height", "width", "n_cells", "labels_png")
 
 
@@ -74,9 +73,16 @@ def plate_coordinates(
         cells.insert(0, "image", found.image)
         cells.insert(0, "plate", plate_id)
         frames.append(cells)
-        mask_rows.append({"image": found.image, "height": found.height, "width": found.width,
-                          "n_cells": int((found.cells["qc"] == "cell").sum()), "labels_png": found.labels_png,
-                          **found.measures})
+        mask_rows.append(
+            {
+                "image": found.image,
+                "height": found.height,
+                "width": found.width,
+                "n_cells": int((found.cells["qc"] == "cell").sum()),
+                "labels_png": found.labels_png,
+                **found.measures,
+            }
+        )
     coords = pd.concat(frames, ignore_index=True)
     coords["cell_id"] = coords["cell_id"].astype(np.int32)
     return PlateCoordinates(coords, pa.Table.from_pylist(mask_rows), size, params)
@@ -131,7 +137,9 @@ def cell_finding_quality(coordinates_dir: str | Path, masks_dir: str | Path) -> 
     for masks_file in sorted(Path(masks_dir).glob("plate=*/part-0.parquet")):
         plate_id = masks_file.parent.name.removeprefix("plate=")
         names = pq.ParquetFile(masks_file).schema_arrow.names
-        images = pq.read_table(masks_file, columns=[c for c in ("image", *QUALITY_TABLE_MEASURES) if c in names]).to_pandas()
+        images = pq.read_table(
+            masks_file, columns=[c for c in ("image", *QUALITY_TABLE_MEASURES) if c in names]
+        ).to_pandas()
         coords_file = Path(coordinates_dir) / masks_file.parent.name / "part-0.parquet"
         wanted = [c for c in ("image", "qc", "cell_diameter_px") if c in pq.ParquetFile(coords_file).schema_arrow.names]
         coords = pq.read_table(coords_file, columns=wanted).to_pandas()

@@ -26,7 +26,13 @@ from gbm_assets.errors import InputError, PlateError
 from gbm_assets.imaging.io import IMAGE_SUFFIXES, count_frames, image_files, read_frames
 from gbm_assets.imaging.io import frame_interval_h as recorded_interval_h
 from gbm_assets.imaging.plates import (
-    MANIFEST_COLUMNS, MANIFEST_NAME, check_plate_id, decimal_points, normalise_well, safe_plate_id, validate_plate,
+    MANIFEST_COLUMNS,
+    MANIFEST_NAME,
+    check_plate_id,
+    decimal_points,
+    normalise_well,
+    safe_plate_id,
+    validate_plate,
 )
 from gbm_assets.tables import LINE_COLUMN, describe_header, parse_numbers, read_delimited
 
@@ -129,12 +135,13 @@ def _expand_frames(image: SourceImage, interval_h: float | None) -> list[SourceI
     start = image.timepoint_h or 0.0
     step = interval_h if interval_h is not None else (recorded_interval_h(image.source) or 1.0)
     stem = Path(image.name).stem.removesuffix(".ome")
-    return [replace(image, name=f"{stem}_frame{k:03d}.tif", frame=k, timepoint_h=start + k * step)
-            for k in range(n)]
+    return [replace(image, name=f"{stem}_frame{k:03d}.tif", frame=k, timepoint_h=start + k * step) for k in range(n)]
 
 
 def source_images(
-    source: str | Path, timepoint_pattern: str | None = None, include: str | None = None,
+    source: str | Path,
+    timepoint_pattern: str | None = None,
+    include: str | None = None,
     frame_interval_h: float | None = None,
 ) -> list[SourceImage]:
     """Every image (or stack frame) under `source` (a folder, or one file), with what its name says.
@@ -153,28 +160,41 @@ def source_images(
     if include:
         files = [p for p in files if fnmatch.fnmatch(p.name, include)]
     if not files:
-        raise PlateError(source, f"no images here ({', '.join(IMAGE_SUFFIXES)}{'; --include ' + include if include else ''})")
+        raise PlateError(
+            source, f"no images here ({', '.join(IMAGE_SUFFIXES)}{'; --include ' + include if include else ''})"
+        )
     regex = _timepoint_regex(timepoint_pattern) if timepoint_pattern else None
     images = [_describe(p, regex) for p in files]
     groups = sorted({im.group for im in images if im.group})
     if len(groups) > 1:
-        raise PlateError(source, f"holds exports of {len(groups)} vessels or channels ({', '.join(groups[:4])}); "
-                         f"import one at a time, e.g. --include '{groups[0]}_*'")
+        raise PlateError(
+            source,
+            f"holds exports of {len(groups)} vessels or channels ({', '.join(groups[:4])}); "
+            f"import one at a time, e.g. --include '{groups[0]}_*'",
+        )
     times = [im.timepoint_h for im in images if im.timepoint_h is not None]
     if times and any(ABSOLUTE.search(im.name) for im in images):  # hours since the first scan
         first = min(times)
-        images = [replace(im, timepoint_h=im.timepoint_h - first) if im.timepoint_h is not None else im for im in images]
+        images = [
+            replace(im, timepoint_h=im.timepoint_h - first) if im.timepoint_h is not None else im for im in images
+        ]
     if regex is not None and len(images) > 1 and len({im.timepoint_h for im in images}) == 1:
-        raise PlateError("--timepoint-pattern", f"{timepoint_pattern!r} gives all {len(images)} images the same "
-                         f"time point ({images[0].timepoint_h:g}); its group must capture what changes between files")
+        raise PlateError(
+            "--timepoint-pattern",
+            f"{timepoint_pattern!r} gives all {len(images)} images the same "
+            f"time point ({images[0].timepoint_h:g}); its group must capture what changes between files",
+        )
     expanded = [frame for im in images for frame in _expand_frames(im, frame_interval_h)]
     seen: dict[tuple, str] = {}
     for im in expanded:  # after expansion: a stack's later frames may land on another file's time
         if im.well != "na":
             key = (im.well, im.position, im.timepoint_h)
             if key in seen:
-                raise PlateError(im.source, f"{im.name!r} has the same well {im.well}, position {im.position} and "
-                                 f"time ({im.timepoint_h:g} h) as {seen[key]!r}")
+                raise PlateError(
+                    im.source,
+                    f"{im.name!r} has the same well {im.well}, position {im.position} and "
+                    f"time ({im.timepoint_h:g} h) as {seen[key]!r}",
+                )
             seen[key] = im.name
     names = pd.Series([im.name for im in expanded])
     if names.duplicated().any():
@@ -193,7 +213,9 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
         table = read_delimited(path, what="plate map")
         table.columns = [c if c == LINE_COLUMN else c.strip().lower() for c in table.columns]
         if "well" not in table.columns:
-            raise PlateError(path, f"plate map needs a 'well' column; {describe_header(table.columns, ('well', *PLATE_MAP_COLUMNS))}")
+            raise PlateError(
+                path, f"plate map needs a 'well' column; {describe_header(table.columns, ('well', *PLATE_MAP_COLUMNS))}"
+            )
         present = [c for c in PLATE_MAP_COLUMNS if c in table.columns]
         if not present:
             raise PlateError(path, f"plate map needs at least one of {list(PLATE_MAP_COLUMNS)} beside 'well'")
@@ -211,8 +233,12 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
 
 
 def plate_manifest(
-    images: list[SourceImage], culture: str | None = None, concentration: str = "na", replicate: int = 1,
-    plate_map: pd.DataFrame | None = None, plate_map_name: str = "plate map",
+    images: list[SourceImage],
+    culture: str | None = None,
+    concentration: str = "na",
+    replicate: int = 1,
+    plate_map: pd.DataFrame | None = None,
+    plate_map_name: str = "plate map",
 ) -> pd.DataFrame:
     """The manifest of a plate to be, one row per image (MANIFEST_COLUMNS, then source and frame).
 
@@ -231,17 +257,27 @@ def plate_manifest(
         meta = {"culture": culture, "concentration": concentration, "replicate": replicate}
         if plate_map is not None:
             if im.well == "na":
-                raise PlateError(im.source, "no well in the file name, so the plate map cannot apply "
-                                 "(expected an instrument name like LINE_Phase_B2_1_02d04h30m.tif)")
+                raise PlateError(
+                    im.source,
+                    "no well in the file name, so the plate map cannot apply "
+                    "(expected an instrument name like LINE_Phase_B2_1_02d04h30m.tif)",
+                )
             if im.well not in plate_map.index:
                 raise PlateError(im.source, f"well {im.well} is not in the {plate_map_name}")
             meta.update({k: v for k, v in plate_map.loc[im.well].items() if str(v) != ""})
         if not meta["culture"]:
             raise PlateError(im.source, "no culture: give --culture or a culture column in the plate map")
-        rows.append({
-            "image": im.name, **meta, "timepoint_h": im.timepoint_h or 0.0, "well": im.well, "position": im.position,
-            "source": im.source.name, "frame": "" if im.frame is None else im.frame,
-        })
+        rows.append(
+            {
+                "image": im.name,
+                **meta,
+                "timepoint_h": im.timepoint_h or 0.0,
+                "well": im.well,
+                "position": im.position,
+                "source": im.source.name,
+                "frame": "" if im.frame is None else im.frame,
+            }
+        )
     manifest = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, "source", "frame"])
     if (manifest["frame"] == "").all():
         manifest = manifest.drop(columns="frame")
@@ -249,9 +285,16 @@ def plate_manifest(
 
 
 def make_plate(
-    source: str | Path, raw: str | Path, plate_id: str | None = None, culture: str | None = None,
-    concentration: str = "na", replicate: int = 1, timepoint_pattern: str | None = None,
-    link: bool = True, plate_map: str | Path | None = None, include: str | None = None,
+    source: str | Path,
+    raw: str | Path,
+    plate_id: str | None = None,
+    culture: str | None = None,
+    concentration: str = "na",
+    replicate: int = 1,
+    timepoint_pattern: str | None = None,
+    link: bool = True,
+    plate_map: str | Path | None = None,
+    include: str | None = None,
     frame_interval_h: float | None = None,
 ) -> Path:
     """Turn a folder of images (or an instrument export, or a stack) into the plate raw/<plate_id>.
@@ -298,5 +341,5 @@ def _fill(plate_dir: Path, images: list[SourceImage], link: bool) -> None:
         else:
             shutil.copy2(im.source, plate_dir / im.name)
     for path, frames in stacks.items():
-        for im, pixels in zip(frames, read_frames(path)):
+        for im, pixels in zip(frames, read_frames(path), strict=False):
             tifffile.imwrite(plate_dir / im.name, pixels, photometric="minisblack", metadata=None)

@@ -95,9 +95,7 @@ def check_image_name(manifest: Path, row: int, name: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise PlateError(manifest, f"row {row}: empty image name")
     pure = PurePosixPath(name.replace("\\", "/"))
-    if pure.is_absolute() or ".." in pure.parts or any(
-        unicodedata.category(ch).startswith("C") for ch in name
-    ):
+    if pure.is_absolute() or ".." in pure.parts or any(unicodedata.category(ch).startswith("C") for ch in name):
         raise PlateError(manifest, f"row {row}: image name {name!r} escapes the plate folder")
     if pure.suffix.lower() not in IMAGE_SUFFIXES:
         raise PlateError(manifest, f"row {row}: image {name!r} is not a supported image ({', '.join(IMAGE_SUFFIXES)})")
@@ -138,7 +136,9 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
     header = [c for c in df.columns if c != LINE_COLUMN]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise PlateError(manifest, f"manifest lacks required column(s) {missing}; {describe_header(header, MANIFEST_COLUMNS)}")
+        raise PlateError(
+            manifest, f"manifest lacks required column(s) {missing}; {describe_header(header, MANIFEST_COLUMNS)}"
+        )
     if len(set(header)) < len(header):
         twice = sorted({c for c in header if header.count(c) > 1 and c in MANIFEST_COLUMNS})
         raise PlateError(manifest, f"manifest repeats a column name{' (' + ', '.join(twice) + ')' if twice else ''}")
@@ -153,7 +153,8 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
         if empty.any():
             raise PlateError(manifest, f"line {df[LINE_COLUMN][empty].iloc[0]}: empty {col}")
     df["image"] = [
-        _on_disk(plate_dir, check_image_name(manifest, line, name)) for line, name in zip(df[LINE_COLUMN], df["image"])
+        _on_disk(plate_dir, check_image_name(manifest, line, name))
+        for line, name in zip(df[LINE_COLUMN], df["image"], strict=False)
     ]
     dup = df["image"][df["image"].duplicated()]
     if not dup.empty:
@@ -225,10 +226,8 @@ def validate_plate(plate_dir: str | Path, check_pixels: bool = True, plate_id: s
         bits_seen.add(bits)
         if len(sizes) > 1:
             (a, first), (b, _) = list(sizes.items())[:2]
-            raise PlateError(
-                path, f"mixed image sizes in plate: {first!r} is {a[1]}x{a[0]}, {name!r} is {b[1]}x{b[0]}"
-            )
-    (height, width), = sizes.keys()
+            raise PlateError(path, f"mixed image sizes in plate: {first!r} is {a[1]}x{a[0]}, {name!r} is {b[1]}x{b[0]}")
+    ((height, width),) = sizes.keys()
     return PlateSummary(
         plate_id=plate_id,
         path=plate_dir,
@@ -316,7 +315,7 @@ class PlateVersion:
         return {"manifest_sha256": self.manifest_sha256, "images_sha256": self.images_sha256, "n_images": self.n_images}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str | Path) -> "PlateVersion":
+    def from_dict(cls, d: dict, where: str | Path) -> PlateVersion:
         """Rebuild from as_dict().
 
         Raises
@@ -327,9 +326,11 @@ class PlateVersion:
         try:
             return cls(str(d["manifest_sha256"]), str(d["images_sha256"]), int(d["n_images"]))
         except (KeyError, TypeError, ValueError):
-            raise PlateError(where, "holds no valid plate version (keys manifest_sha256, images_sha256, n_images)") from None
+            raise PlateError(
+                where, "holds no valid plate version (keys manifest_sha256, images_sha256, n_images)"
+            ) from None
 
-    def describe_change(self, now: "PlateVersion") -> str:
+    def describe_change(self, now: PlateVersion) -> str:
         """What differs between this (earlier) version and `now`, in words."""
         parts = []
         if now.manifest_sha256 != self.manifest_sha256:
@@ -406,7 +407,9 @@ def read_plate_version(path: str | Path) -> PlateVersion | None:
     return PlateVersion.from_dict(record, path)
 
 
-def check_plate_unchanged(plate_dir: str | Path, plate_id: str, expected: PlateVersion, since: str, images=None) -> PlateVersion:
+def check_plate_unchanged(
+    plate_dir: str | Path, plate_id: str, expected: PlateVersion, since: str, images=None
+) -> PlateVersion:
     """Return the plate's current version if it equals `expected`, else raise PlateError.
 
     since: what recorded `expected`, for the message (e.g. "raw_plates validated it").

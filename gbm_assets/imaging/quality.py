@@ -20,7 +20,11 @@ CROP_CHECKS = {
 
 
 def expected_crop_count(
-    coords: pd.DataFrame, manifest: pd.DataFrame, sizes: pd.DataFrame, crop_size: int, filters: CropFilters,
+    coords: pd.DataFrame,
+    manifest: pd.DataFrame,
+    sizes: pd.DataFrame,
+    crop_size: int,
+    filters: CropFilters,
     keep_qc: Iterable[str] = ("cell",),
 ) -> int:
     """Coordinates with a kept qc label that pass the image filters and whose crop window lies
@@ -34,11 +38,15 @@ def expected_crop_count(
     if df.empty:
         return 0
     n_per_image = df.groupby("image")["cell_id"].transform("size")
-    keep = np.array([filters.keep_image(n, t) for n, t in zip(n_per_image, df["timepoint_h"])], dtype=bool)
+    keep = np.array(
+        [filters.keep_image(n, t) for n, t in zip(n_per_image, df["timepoint_h"], strict=False)], dtype=bool
+    )
     half = crop_size // 2
     x0 = np.rint(df["x"].to_numpy(float)).astype(int) - half
     y0 = np.rint(df["y"].to_numpy(float)).astype(int) - half
-    inside = (x0 >= 0) & (y0 >= 0) & (x0 + crop_size <= df["width"].to_numpy()) & (y0 + crop_size <= df["height"].to_numpy())
+    inside = (
+        (x0 >= 0) & (y0 >= 0) & (x0 + crop_size <= df["width"].to_numpy()) & (y0 + crop_size <= df["height"].to_numpy())
+    )
     return int((keep & inside).sum())
 
 

@@ -159,7 +159,9 @@ def fill_holes(mask: np.ndarray, max_hole_area: float) -> np.ndarray:
     contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return mask
-    holes = [c for c, h in zip(contours, hierarchy[0]) if h[3] >= 0 and cv2.contourArea(c) <= max_hole_area]
+    holes = [
+        c for c, h in zip(contours, hierarchy[0], strict=False) if h[3] >= 0 and cv2.contourArea(c) <= max_hole_area
+    ]
     filled = mask.copy()
     cv2.drawContours(filled, holes, -1, 1, thickness=cv2.FILLED)
     return filled
@@ -264,7 +266,7 @@ def _boxes(where: np.ndarray, label: np.ndarray, width: int) -> list[tuple[int, 
     bounds = [f.reduceat(v, starts) for v in (rows, cols) for f in (np.minimum, np.maximum)]
     return [
         (int(label[s]), (slice(int(r0), int(r1) + 1), slice(int(c0), int(c1) + 1)))
-        for s, r0, r1, c0, c1 in zip(starts, *bounds)
+        for s, r0, r1, c0, c1 in zip(starts, *bounds, strict=False)
     ]
 
 
@@ -381,8 +383,14 @@ def dark_seeds(
 
 
 def group_seeds(
-    xy: np.ndarray, scale: np.ndarray, maps: list[_BlobMap], z: np.ndarray, obj: np.ndarray,
-    depth: np.ndarray, compact: np.ndarray, params: SegmentationParams,
+    xy: np.ndarray,
+    scale: np.ndarray,
+    maps: list[_BlobMap],
+    z: np.ndarray,
+    obj: np.ndarray,
+    depth: np.ndarray,
+    compact: np.ndarray,
+    params: SegmentationParams,
 ) -> np.ndarray:
     """Group index per seed: seeds joined by a path inside one cell form one group.
 
@@ -518,9 +526,7 @@ def split_at_necks(mask: np.ndarray, params: SegmentationParams) -> np.ndarray:
     return pieces[1:-1, 1:-1]
 
 
-def split_along_halos(
-    inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params: SegmentationParams
-) -> np.ndarray:
+def split_along_halos(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, params: SegmentationParams) -> np.ndarray:
     """Split one object (inside: its mask in a box) among its seed groups along the halos.
 
     Pixels darker than halo form bodies bounded by halos. A body holding one seed group
@@ -667,9 +673,7 @@ def find_candidates(
     return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged)}
 
 
-def find_cells(
-    image: np.ndarray, params: SegmentationParams = SegmentationParams()
-) -> tuple[pd.DataFrame, np.ndarray]:
+def find_cells(image: np.ndarray, params: SegmentationParams = SegmentationParams()) -> tuple[pd.DataFrame, np.ndarray]:
     """Find the cells of one phase-contrast image: the candidates whose qc label is "cell".
 
     Returns (cells, labels): a table with one row per cell (find_candidates' columns; cell_id,

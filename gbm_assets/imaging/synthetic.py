@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -52,10 +52,12 @@ _MIXTURE_ROWS = (
     (0.20, 0.30, 0.05, 0.05, 0.40),
     (0.20, 0.20, 0.20, 0.20, 0.20),
 )
-CULTURE_MIXTURES = {c: dict(zip(MORPHOTYPES, row)) for c, row in zip(CULTURES, _MIXTURE_ROWS)}
+CULTURE_MIXTURES = {
+    c: dict(zip(MORPHOTYPES, row, strict=False)) for c, row in zip(CULTURES, _MIXTURE_ROWS, strict=False)
+}
 CONCENTRATIONS = ("250", "500", "1000", "2000", "4000")
 # Mean cells per 1024x1024 field, log-spaced like the plating dilutions; scaled by area.
-CELLS_PER_FIELD = dict(zip(CONCENTRATIONS, (10, 18, 33, 60, 110)))
+CELLS_PER_FIELD = dict(zip(CONCENTRATIONS, (10, 18, 33, 60, 110), strict=False))
 FIELD_SIZE = 1024
 
 EMPTY_FIELD_RATE = 0.04  # images with no cells at all (artefacts only)
@@ -66,7 +68,16 @@ DEBRIS_PER_FIELD = 30  # tiny dark specks on the dish
 
 GROUND_TRUTH_NAME = "ground_truth.csv"
 GROUND_TRUTH_COLUMNS = (
-    "image", "x", "y", "morphotype", "culture", "mask_id", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
+    "image",
+    "x",
+    "y",
+    "morphotype",
+    "culture",
+    "mask_id",
+    "bbox_x0",
+    "bbox_y0",
+    "bbox_x1",
+    "bbox_y1",
 )
 PARAMS_NAME = "synthetic.json"
 GENERATOR_VERSION = 3  # bump when the drawing changes, so plates written before are regenerated
@@ -212,7 +223,9 @@ def _wobble(rng: np.random.Generator, theta: np.ndarray, amount: float) -> np.nd
     return 1.0 + (amp * np.cos(k * theta + offset)).sum(axis=0)
 
 
-def _round_outline(rng: np.random.Generator, r_min: float, r_max: float, wobble: float, max_elongation: float) -> np.ndarray:
+def _round_outline(
+    rng: np.random.Generator, r_min: float, r_max: float, wobble: float, max_elongation: float
+) -> np.ndarray:
     theta = np.linspace(0, 2 * np.pi, 120, endpoint=False)
     r = rng.uniform(r_min, r_max) * _wobble(rng, theta, wobble)
     e = np.sqrt(rng.uniform(1.0, max_elongation))
@@ -337,9 +350,7 @@ def _clump(rng: np.random.Generator, k: int, hard: bool = False) -> list[_Member
     return members
 
 
-def _touching_spot(
-    rng: np.random.Generator, discs: list[tuple[np.ndarray, float]], radius: float
-) -> np.ndarray | None:
+def _touching_spot(rng: np.random.Generator, discs: list[tuple[np.ndarray, float]], radius: float) -> np.ndarray | None:
     """A centre where a cell of this radius touches a random member without covering any much."""
     for _ in range(30):
         anchor, anchor_radius = discs[int(rng.integers(len(discs)))]
@@ -364,7 +375,7 @@ def _object_plan(rng: np.random.Generator, p: np.ndarray, n_cells: int) -> list[
     starts = np.cumsum(sizes) - sizes
     keep = starts < n_cells
     sizes = np.minimum(sizes[keep], n_cells - starts[keep])
-    return [(MORPHOTYPES[k], int(n)) for k, n in zip(kinds[keep], sizes)]
+    return [(MORPHOTYPES[k], int(n)) for k, n in zip(kinds[keep], sizes, strict=False)]
 
 
 def _objects(rng: np.random.Generator, plan: list[tuple[str, int]], hard: bool = False) -> list[list[_Member]]:
@@ -385,7 +396,9 @@ def _reach(obj: list[_Member]) -> int:
 
 
 def _place(
-    rng: np.random.Generator, labels: np.ndarray, obj: list[_Member],
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    obj: list[_Member],
     anchors: list[tuple[int, int, int]] | None = None,
 ) -> tuple[int, int] | None:
     """A random origin where the whole object lies inside the (square) image and barely covers
@@ -409,10 +422,7 @@ def _place(
             cx = int(np.clip(round(ax + gap * np.cos(angle)), lo, hi))
         else:
             cy, cx = (int(v) for v in rng.integers(lo, hi + 1, 2))
-        if all(
-            np.count_nonzero(labels[_window(m, cy, cx)][m[0].mask]) <= _MAX_OVERLAP * m[0].mask.sum()
-            for m in obj
-        ):
+        if all(np.count_nonzero(labels[_window(m, cy, cx)][m[0].mask]) <= _MAX_OVERLAP * m[0].mask.sum() for m in obj):
             return cy, cx
     return None
 
@@ -539,16 +549,28 @@ def _cell_table(labels: np.ndarray, placed: list[tuple[int, str, tuple[slice, sl
         yy, xx = np.nonzero(labels[ys, xs] == mask_id)
         yy, xx = yy + ys.start, xx + xs.start
         rows.append(
-            (float(xx.mean()), float(yy.mean()), morphotype, mask_id,
-             int(xx.min()), int(yy.min()), int(xx.max()) + 1, int(yy.max()) + 1)
+            (
+                float(xx.mean()),
+                float(yy.mean()),
+                morphotype,
+                mask_id,
+                int(xx.min()),
+                int(yy.min()),
+                int(xx.max()) + 1,
+                int(yy.max()) + 1,
+            )
         )
     columns = ["x", "y", "morphotype", "mask_id", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
     return pd.DataFrame(rows, columns=columns)
 
 
 def synthesize_image(
-    rng: np.random.Generator, mixture: dict[str, float], n_cells: int, size: int = FIELD_SIZE,
-    difficulty: str = "easy", plate: PlateConditions | None = None,
+    rng: np.random.Generator,
+    mixture: dict[str, float],
+    n_cells: int,
+    size: int = FIELD_SIZE,
+    difficulty: str = "easy",
+    plate: PlateConditions | None = None,
 ) -> SyntheticImage:
     """One size x size field with about n_cells cells drawn from the morphotype mixture.
 
@@ -617,16 +639,29 @@ def synthesize_image(
 
 
 def _write_plate(
-    plate_dir: Path, culture: str, concentration: str, replicate: int, images: int, size: int,
-    entropy: list[int], timepoint_h: float, difficulty: str = "easy",
+    plate_dir: Path,
+    culture: str,
+    concentration: str,
+    replicate: int,
+    images: int,
+    size: int,
+    entropy: list[int],
+    timepoint_h: float,
+    difficulty: str = "easy",
 ) -> None:
     """Write one plate: images, masks, ground truth, parameters, and the manifest last.
 
     A plate already written with the same parameters is kept (it would come out byte-identical);
     anything else in its folder is replaced.
     """
-    params = {"version": GENERATOR_VERSION, "entropy": entropy, "images": images, "size": size,
-              "timepoint_h": timepoint_h, "difficulty": difficulty}
+    params = {
+        "version": GENERATOR_VERSION,
+        "entropy": entropy,
+        "images": images,
+        "size": size,
+        "timepoint_h": timepoint_h,
+        "difficulty": difficulty,
+    }
     params_path = plate_dir / PARAMS_NAME
     if (plate_dir / MANIFEST_NAME).is_file() and params_path.is_file():
         if json.loads(params_path.read_text()) == params:
@@ -650,8 +685,13 @@ def _write_plate(
     truth.to_csv(plate_dir / GROUND_TRUTH_NAME, index=False, float_format="%.3f")
     params_path.write_text(json.dumps(params, sort_keys=True) + "\n")
     manifest = pd.DataFrame(
-        {"image": names, "culture": culture, "concentration": concentration, "replicate": replicate,
-         "timepoint_h": float(timepoint_h)},
+        {
+            "image": names,
+            "culture": culture,
+            "concentration": concentration,
+            "replicate": replicate,
+            "timepoint_h": float(timepoint_h),
+        },
         columns=list(MANIFEST_COLUMNS),
     )
     tmp = plate_dir / f".{MANIFEST_NAME}.tmp"
@@ -697,16 +737,11 @@ def write_plates(
     if not 1 <= n_concentrations <= len(CONCENTRATIONS):
         raise ValueError(f"n_concentrations must be 1..{len(CONCENTRATIONS)}, got {n_concentrations}")
     if n_replicates < 1 or images_per_plate < 1 or size < 128 or seed < 0 or timepoint_h < 0:
-        raise ValueError(
-            "need n_replicates >= 1, images_per_plate >= 1, size >= 128, seed >= 0 and timepoint_h >= 0"
-        )
+        raise ValueError("need n_replicates >= 1, images_per_plate >= 1, size >= 128, seed >= 0 and timepoint_h >= 0")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plans = [
-        (ci, ki, r)
-        for ci in range(n_cultures)
-        for ki in range(n_concentrations)
-        for r in range(1, n_replicates + 1)
+        (ci, ki, r) for ci in range(n_cultures) for ki in range(n_concentrations) for r in range(1, n_replicates + 1)
     ]
     plates = []
     for done, (ci, ki, r) in enumerate(plans, start=1):
@@ -765,8 +800,10 @@ def regenerate_plates(plate_dirs: list[Path], difficulty: str = "hard") -> list[
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             raise ValueError(f"{plate_dir / PARAMS_NAME}: not a synthetic plate's parameters ({exc})") from exc
         if plate_dir.name != synthetic_plate_id(culture, concentration, replicate):
-            raise ValueError(f"{plate_dir}: its {PARAMS_NAME} describes plate "
-                             f"{synthetic_plate_id(culture, concentration, replicate)}, not {plate_dir.name}")
+            raise ValueError(
+                f"{plate_dir}: its {PARAMS_NAME} describes plate "
+                f"{synthetic_plate_id(culture, concentration, replicate)}, not {plate_dir.name}"
+            )
         _write_plate(plate_dir, culture, concentration, replicate, images, size, entropy, timepoint_h, difficulty)
         done.append(plate_dir)
     return done

@@ -59,7 +59,7 @@ def write_synthetic_crops(
     root = Path(root)
     rng = np.random.default_rng(seed)
     counts = [per_plate] * len(plates) if isinstance(per_plate, int) else list(per_plate)
-    for p, (plate, n) in enumerate(zip(plates, counts)):
+    for p, (plate, n) in enumerate(zip(plates, counts, strict=False)):
         shape = rng.integers(0, len(SHAPES), n) if mixed else np.full(n, p % len(SHAPES))
         pixels, masks = synthetic_crops(shape, size, rng, radius)
         image = [f"img{i % images}.tif" for i in range(n)]

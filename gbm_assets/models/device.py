@@ -15,8 +15,8 @@ to train on the CPU anyway.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 FLOAT32 = "float32"
 MIXED_BFLOAT16 = "mixed_bfloat16"

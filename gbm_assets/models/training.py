@@ -89,8 +89,11 @@ def usable_batch_size(n_crops: int, configured: int, variant: Variant, where="cr
     minimum = min_batch_size(variant)
     if n_crops < minimum:
         why = " (Barlow Twins standardises each feature over a batch of >= 2 crops)" if minimum > 1 else ""
-        raise InputError(where, f"{n_crops} crop{'s' if n_crops != 1 else ''} selected: training {variant.name} "
-                                f"needs at least {minimum}{why}")
+        raise InputError(
+            where,
+            f"{n_crops} crop{'s' if n_crops != 1 else ''} selected: training {variant.name} "
+            f"needs at least {minimum}{why}",
+        )
     return min(configured, n_crops)
 
 
@@ -121,7 +124,7 @@ class BarlowTwins(keras.Model):
             z2 = self.encoder(view2, training=True)
             loss = barlow_twins_loss(z1, z2, self.lambda_)
         weights = self.encoder.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights, strict=False))
         self.loss_tracker.update_state(loss)
         return {"bt_loss": self.loss_tracker.result()}
 
@@ -204,7 +207,9 @@ def train_encoder(
     model, encoder, loss_key = build_trainable(variant, plan.crop_size)
     data = training_dataset(plan.selection, variant, plan.batch_size, config.shuffle_buffer, plan.crop_size)
     log = EpochLog(loss_key, plan.steps_per_epoch * plan.batch_size, on_epoch_end)
-    model.fit(data, epochs=config.epochs, steps_per_epoch=plan.steps_per_epoch, callbacks=[log], shuffle=False, verbose=0)
+    model.fit(
+        data, epochs=config.epochs, steps_per_epoch=plan.steps_per_epoch, callbacks=[log], shuffle=False, verbose=0
+    )
     return TrainResult(encoder=encoder, history=log.history, n_crops=plan.n_crops, batch_size=plan.batch_size)
 
 
