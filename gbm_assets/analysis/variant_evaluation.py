@@ -213,6 +213,7 @@ def evaluate_with_baselines(
         base_figures = sorted(cached.glob("*.png"))
     else:
         target_dir = cached if cached is not None else out_dir
+        target_dir.mkdir(parents=True, exist_ok=True)  # a sample with nothing to score writes no figure there
         base, base_figures = evaluate_variant(
             rows, baseline_features_for(crops_dir, rows["crop_id"]), target_dir, "baselines", seed, splits, classifiers
         )
