@@ -76,12 +76,7 @@ def main() -> None:
         return
     results = []
     for n in args.sizes:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", str(n)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        proc = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True, text=True, check=True)
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     at_100k = next((r for r in results if r["n_cells"] == 100_000), None)
     print(

@@ -26,11 +26,7 @@ from gbm_assets.analysis.clustering import (
     scaled_min_cluster_size,
     split_embedding_table,
 )
-from gbm_assets.analysis.composition import (
-    chi_square_culture_vs_type,
-    composition,
-    composition_error,
-)
+from gbm_assets.analysis.composition import chi_square_culture_vs_type, composition, composition_error
 from gbm_assets.schema import PROVENANCE_COLUMNS
 
 N_TYPES = 4

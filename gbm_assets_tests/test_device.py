@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gbm_assets.models.device import (
-    GpuInfo,
-    TrainingDevice,
-    apply_device,
-    cpu_cores,
-    detect_device,
-    select_device,
-)
+from gbm_assets.models.device import GpuInfo, TrainingDevice, apply_device, cpu_cores, detect_device, select_device
 
 
 @pytest.fixture

@@ -19,14 +19,7 @@ import tifffile
 from PIL import Image
 
 from gbm_assets.errors import ImageReadError
-from gbm_assets.imaging.io import (
-    IMAGE_SUFFIXES,
-    count_frames,
-    image_size,
-    max_image_pixels,
-    read_frames,
-    read_image,
-)
+from gbm_assets.imaging.io import IMAGE_SUFFIXES, count_frames, image_size, max_image_pixels, read_frames, read_image
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
 from gbm_assets_tests.servers import unavailable
 

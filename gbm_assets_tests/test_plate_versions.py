@@ -26,12 +26,7 @@ from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.assets.sensors import new_plate_sensor
 from gbm_assets.errors import PlateError
-from gbm_assets.imaging.plates import (
-    find_ready_plates,
-    parquet_plate_version,
-    plate_version,
-    read_plate_version,
-)
+from gbm_assets.imaging.plates import find_ready_plates, parquet_plate_version, plate_version, read_plate_version
 from gbm_assets.paths import plate_file
 
 INGEST = [raw_plates, cell_coordinates, cell_crops]

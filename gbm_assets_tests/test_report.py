@@ -13,11 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gbm_assets.analysis.composition import (
-    chi_square_culture_vs_type,
-    composition,
-    composition_error,
-)
+from gbm_assets.analysis.composition import chi_square_culture_vs_type, composition, composition_error
 from gbm_assets.analysis.figures import THUMBNAIL_PX, crop_montage, stacked_composition_bar, umap_scatter
 from gbm_assets.analysis.report import (
     COMPARISON_COLUMNS,

@@ -24,11 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    adjusted_rand_score,
-    normalized_mutual_info_score,
-    silhouette_score,
-)
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
@@ -64,16 +60,7 @@ import hdbscan  # noqa: E402
 
 NOISE = -1
 EMBEDDING_COLUMN = "embedding"
-LABEL_COLUMNS = (
-    "umap_x",
-    "umap_y",
-    "hdbscan",
-    "hdbscan_noise",
-    "gmm",
-    "gmm_prob",
-    "gmm_probs",
-    "auto",
-)
+LABEL_COLUMNS = ("umap_x", "umap_y", "hdbscan", "hdbscan_noise", "gmm", "gmm_prob", "gmm_probs", "auto")
 
 # The thesis chose min_cluster_size 220 to get 11 clusters on 7,500 cells.
 THESIS_MIN_CLUSTER_SIZE = 220

@@ -19,12 +19,7 @@ def _frame(labels, cultures) -> pd.DataFrame:
 
 
 def composition(
-    labels,
-    cultures,
-    n_boot: int = 1000,
-    seed: int = 0,
-    include_noise: bool = False,
-    ci: float = 0.95,
+    labels, cultures, n_boot: int = 1000, seed: int = 0, include_noise: bool = False, ci: float = 0.95
 ) -> pd.DataFrame:
     """Proportion of each cluster per culture with percentile bootstrap confidence intervals.
 
@@ -141,12 +136,7 @@ def composition_error(cluster_labels, true_morphotypes, cultures) -> dict:
     true = pd.crosstab(df["culture"], df["truth"], normalize="index")
     estimated = estimated.reindex(index=true.index, columns=true.columns, fill_value=0.0)
     table = (
-        pd.DataFrame(
-            {
-                "estimated": estimated.stack(),
-                "true": true.stack(),
-            }
-        )
+        pd.DataFrame({"estimated": estimated.stack(), "true": true.stack()})
         .rename_axis(["culture", "morphotype"])
         .reset_index()
     )
@@ -215,13 +205,7 @@ def unit_proportions(labels, cultures, units, include_noise: bool = False) -> tu
 
 
 def composition_by_units(
-    labels,
-    cultures,
-    units,
-    n_boot: int = 1000,
-    seed: int = 0,
-    include_noise: bool = False,
-    ci: float = 0.95,
+    labels, cultures, units, n_boot: int = 1000, seed: int = 0, include_noise: bool = False, ci: float = 0.95
 ) -> pd.DataFrame:
     """composition()'s table with intervals from a cluster bootstrap over experimental units.
 
@@ -289,13 +273,7 @@ def _between_ss(props: np.ndarray):
 
 
 def culture_difference_test(
-    labels,
-    cultures,
-    units,
-    n_perm: int = 9999,
-    seed: int = 0,
-    min_unit_cells: int = 5,
-    alpha: float = 0.05,
+    labels, cultures, units, n_perm: int = 9999, seed: int = 0, min_unit_cells: int = 5, alpha: float = 0.05
 ) -> dict:
     """Does cell-type composition differ between cultures, with replicates as the units?
 

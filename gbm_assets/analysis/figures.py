@@ -64,12 +64,7 @@ def _save(fig, path: str | Path) -> Path:
 
 @literal_text
 def umap_scatter(
-    df: pd.DataFrame,
-    color_by: str,
-    path: str | Path,
-    max_points: int = 50_000,
-    seed: int = 0,
-    title: str | None = None,
+    df: pd.DataFrame, color_by: str, path: str | Path, max_points: int = 50_000, seed: int = 0, title: str | None = None
 ) -> Path:
     """UMAP plane coloured by a column (culture, concentration or a cluster label).
 
@@ -117,10 +112,7 @@ def umap_scatter(
 
 @literal_text
 def stacked_composition_bar(
-    comp_df: pd.DataFrame,
-    path: str | Path,
-    error_bars: bool = True,
-    title: str = "Cell-type composition per culture",
+    comp_df: pd.DataFrame, path: str | Path, error_bars: bool = True, title: str = "Cell-type composition per culture"
 ) -> Path:
     """One bar per culture stacked by cluster proportion (output of composition.composition).
 

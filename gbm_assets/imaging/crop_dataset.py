@@ -145,10 +145,7 @@ def iter_record_batches(
 
 
 def iter_crop_batches(
-    crops_dir,
-    batch_size: int = 256,
-    columns: Sequence[str] = PROVENANCE_COLUMNS,
-    plates: Sequence[str] | None = None,
+    crops_dir, batch_size: int = 256, columns: Sequence[str] = PROVENANCE_COLUMNS, plates: Sequence[str] | None = None
 ) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
     """(rows of `columns`, float32 pixels (n, S, S, 1) scaled to [0, 1]) per record batch, in dataset order.
 

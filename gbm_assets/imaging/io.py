@@ -437,8 +437,7 @@ class _TiffSource(_Source):
         sizes = dict(zip(axes, shape, strict=False))
         if sizes.get("C", 1) > 1:
             raise ImageReadError(
-                path,
-                f"holds {sizes['C']} channels; phase contrast is one channel (save the phase channel alone)",
+                path, f"holds {sizes['C']} channels; phase contrast is one channel (save the phase channel alone)"
             )
         if "Y" not in sizes or "X" not in sizes:
             raise ImageReadError(path, f"unsupported TIFF layout (axes {axes!r})")
@@ -617,16 +616,14 @@ class _BioioSource(_Source):
             from bioio import BioImage
         except ImportError:
             raise ImageReadError(
-                path,
-                f"reading {suffix} needs the optional extra: pip install 'gbm-assets[formats]'",
+                path, f"reading {suffix} needs the optional extra: pip install 'gbm-assets[formats]'"
             ) from None
         try:
             self.image = image = BioImage(path, reader=plugin.Reader)
             scenes = image.scenes
             if len(scenes) > 1:
                 raise ImageReadError(
-                    path,
-                    f"holds {len(scenes)} scenes (positions); export each position as its own file",
+                    path, f"holds {len(scenes)} scenes (positions); export each position as its own file"
                 )
             order = image.dims.order
             sizes = dict(zip(order, (int(n) for n in image.dims.shape), strict=False))
@@ -637,8 +634,7 @@ class _BioioSource(_Source):
             raise _corrupt(path, exc) from None
         if sizes.get("C", 1) > 1:
             raise ImageReadError(
-                path,
-                f"holds {sizes['C']} channels; phase contrast is one channel (export the phase channel alone)",
+                path, f"holds {sizes['C']} channels; phase contrast is one channel (export the phase channel alone)"
             )
         other = {a: n for a, n in sizes.items() if a not in "TCZYXS" and n > 1}
         if other:

@@ -51,8 +51,7 @@ def check_plate_id(plate_id: str) -> str:
         raise PlateError(repr(plate_id), "plate id contains control characters")
     if "/" in plate_id or "\\" in plate_id or ".." in plate_id or not _SAFE_ID.match(plate_id):
         raise PlateError(
-            repr(plate_id),
-            f"plate id is not a safe name (use {_PLATE_ID_RULE}); e.g. {safe_plate_id(plate_id)!r}",
+            repr(plate_id), f"plate id is not a safe name (use {_PLATE_ID_RULE}); e.g. {safe_plate_id(plate_id)!r}"
         )
     return plate_id
 

@@ -396,10 +396,7 @@ def _reach(obj: list[_Member]) -> int:
 
 
 def _place(
-    rng: np.random.Generator,
-    labels: np.ndarray,
-    obj: list[_Member],
-    anchors: list[tuple[int, int, int]] | None = None,
+    rng: np.random.Generator, labels: np.ndarray, obj: list[_Member], anchors: list[tuple[int, int, int]] | None = None
 ) -> tuple[int, int] | None:
     """A random origin where the whole object lies inside the (square) image and barely covers
     cells already placed, or None after _PLACE_TRIES misses.

@@ -15,13 +15,7 @@ import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from gbm_assets.errors import InputError  # noqa: E402
-from gbm_assets.imaging.crop_dataset import (  # noqa: E402
-    CropSelection,
-    count_crops,
-    crop_plates,
-    iter_crop_batches,
-    read_crop_size,
-)
+from gbm_assets.imaging.crop_dataset import CropSelection, count_crops, crop_plates, iter_crop_batches, read_crop_size  # noqa: E402
 from gbm_assets.models.augmentation import dihedral_views  # noqa: E402
 from gbm_assets.models.dataset import training_dataset  # noqa: E402
 from gbm_assets.models.embedding_table import embedding_batch, embedding_schema  # noqa: E402
@@ -235,11 +229,7 @@ def embed_batch_both(encoder: keras.Model, pixels) -> tuple[np.ndarray, np.ndarr
 
 
 def embed_crops(
-    encoder: keras.Model,
-    crops_dir,
-    batch_size: int = 256,
-    invariant: bool = False,
-    plates: Sequence[str] | None = None,
+    encoder: keras.Model, crops_dir, batch_size: int = 256, invariant: bool = False, plates: Sequence[str] | None = None
 ) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
     """(provenance rows, float32 embeddings) per batch; row i of the frame is vector i."""
     for rows, pixels in iter_crop_batches(crops_dir, batch_size, plates=plates):
