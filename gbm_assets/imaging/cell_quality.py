@@ -50,7 +50,6 @@ class QualityRules:
     isolation_scale: float = 0.5  # "alone": no other candidate within this gap, d
     min_texture_contrast: float = 1.0  # mean texture inside / foreground threshold; fainter is debris
     dark_level: float = 5.0  # darker than this (noise units) counts as dark body
-    halo_level: float = 3.0  # brighter than this (noise units) counts as halo
 
 
 def _borders(labels: np.ndarray) -> pd.DataFrame:
