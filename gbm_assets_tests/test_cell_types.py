@@ -315,3 +315,16 @@ def test_section_and_report_name_the_cell_types_that_differ(lab, tmp_path, monke
     assert "cluster 0" in lead and "cluster 1" in lead and "cluster 2" not in lead
     assert 'href="B/cells.parquet"' in page and 'href="B/cells.csv"' in page
     assert 'href="B/cell_types.png"' in page
+
+
+def test_a_culture_of_one_unit_is_left_out_of_the_test_not_an_error():
+    """The demo's T98G plate is one unit beside synthetic cultures of several: scipy's permutation
+    test refuses a sample of one, which failed the whole report."""
+    labels, cultures, units = overdispersed(differ=True, seed=0)
+    rng = np.random.default_rng(3)
+    labels = np.concatenate([labels, rng.choice(4, size=500)])
+    cultures = np.concatenate([cultures, np.full(500, "T98G")])
+    units = np.concatenate([units, np.full(500, "t98g")])
+    result = culture_difference_test(labels, cultures, units, n_perm=500)
+    assert result["reason"] == "" and result["left_out"] == ["T98G"]
+    assert result["n_cultures"] == 2 and result["n_units"] == 8 and result["p_value"] < 0.05

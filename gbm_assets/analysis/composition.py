@@ -287,7 +287,9 @@ def culture_difference_test(
     random ones, p = (1 + #{perm >= observed}) / (1 + n_perm). Per-cluster p-values are adjusted
     for the number of clusters by Benjamini-Hochberg (scipy.stats.false_discovery_control).
 
-    Returns {"p_value", "statistic", "n_units", "n_cultures", "n_perm", "min_p", "reason", "clusters"}:
+    Returns {"p_value", "statistic", "n_units", "n_cultures", "n_perm", "min_p", "reason", "clusters",
+    "left_out"}: left_out names the cultures with a single unit, which are left out of the test
+    (there is no spread between their replicates to compare with) when others have two or more.
     min_p is the smallest p-value the design allows (1 / number of distinct ways to split the
     units into cultures of these sizes, or 1 / (1 + n_perm)): 3 + 3 replicates cannot give p < 0.1.
     reason is "" when tested, else why not (fewer than 2 cultures, no culture with 2 units);
@@ -305,6 +307,12 @@ def culture_difference_test(
     counts, unit_culture = unit_proportions(labels, cultures, units)
     keep = (counts.sum(axis=1) >= min_unit_cells).to_numpy()
     counts, unit_culture = counts[keep], unit_culture[keep]
+    # a culture of one unit has no spread between its replicates to compare with: left out of the test
+    per_culture = unit_culture.value_counts()
+    single = sorted(per_culture.index[per_culture < 2], key=str)
+    if single and (per_culture >= 2).any():
+        keep = (~unit_culture.isin(single)).to_numpy()
+        counts, unit_culture = counts[keep], unit_culture[keep]
     props = counts.to_numpy(float) / np.maximum(counts.sum(axis=1).to_numpy(float)[:, None], 1)
     names = sorted(unit_culture.unique(), key=str)
     groups = pd.Categorical(unit_culture, categories=names).codes.astype(np.int64)
@@ -318,6 +326,7 @@ def culture_difference_test(
         "min_p": float("nan"),
         "reason": "",
         "clusters": pd.DataFrame(),
+        "left_out": [str(c) for c in single if (per_culture >= 2).any()],
     }
     if g < 2:
         result["reason"] = f"needs >= 2 cultures with >= {min_unit_cells} clustered cells per unit (found {g})"

@@ -457,7 +457,14 @@ def _variant_html(v: VariantSection, out_dir: Path) -> str:
                 f"({test['n_units']} units, {test['n_cultures']} cultures, {test['n_perm']} permutations of "
                 f"the culture labels among the units): overall p = {_fmt(test['p_value'])}; with these "
                 f"units no p below {_fmt(test.get('min_p', float('nan')))} is possible. Per cluster, "
-                "p adjusted is Benjamini-Hochberg's; shares are the mean over the culture's units.</p>",
+                "p adjusted is Benjamini-Hochberg's; shares are the mean over the culture's units."
+                + (
+                    f" Left out, with a single {html.escape(v.unit_level)} each: "
+                    f"{html.escape(', '.join(test['left_out']))}."
+                    if test.get("left_out")
+                    else ""
+                )
+                + "</p>",
                 _table(_culture_test_table(test)),
             ]
     if v.chi_square is not None:
