@@ -178,15 +178,9 @@ def _nearest_gap(labels: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
     n = int(labels.max(initial=0)) + 1
     if len(cells) < 2:
         return out
-    small = np.ascontiguousarray(labels[::4, ::4])
-    background = (small == 0).astype(np.uint8)
-    dist, nearest = cv2.distanceTransformWithLabels(
-        background, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL
-    )
-    at = np.flatnonzero(small)
-    lut = np.zeros(len(at) + 1, np.int32)  # DIST_LABEL_PIXEL numbers the labelled pixels 1..k
-    lut[nearest.ravel()[at]] = small.ravel()[at]
-    owner = lut[nearest]
+    from gbm_assets.imaging.segmentation import voronoi  # here: segmentation imports this module
+
+    owner, dist = voronoi(np.ascontiguousarray(labels[::4, ::4]))
     gap = np.full(n, np.inf)
     for a, b, da, db in (
         (owner[:, :-1], owner[:, 1:], dist[:, :-1], dist[:, 1:]),
