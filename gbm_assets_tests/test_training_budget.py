@@ -98,3 +98,40 @@ def test_budget_that_cannot_train_is_refused_before_training(crops_dir, field, v
     config = TrainConfig(**{"epochs": 1, "batch_size": 16, field: value})
     with pytest.raises(InputError, match=message):
         plan_training(get_variant("autoencoder"), crops_dir, config)
+
+
+def test_budget_and_stop_reason_land_in_mlflow_and_dagster_metadata(crops_dir, tmp_path):
+    """trained_encoders logs the budget as MLflow params, what stopped training as a param and
+    metrics, and the same in its Dagster metadata."""
+    import shutil
+
+    import dagster as dg
+    import mlflow
+
+    from gbm_assets.assets.encoders import trained_encoders
+    from gbm_assets.assets.mlflow_tracking import MLflowTracking
+    from gbm_assets.assets.resources import DataDirs
+
+    data = DataDirs(root=str(tmp_path / "data"))
+    shutil.copytree(crops_dir, data.crops)
+    tracking = MLflowTracking(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=(tmp_path / "artifacts").as_uri()
+    )
+    budget = {"epochs": 4, "max_steps_per_epoch": 3, "batch_size": 16, "max_minutes": 0.001, "patience": 2}
+    result = dg.materialize(
+        [trained_encoders],
+        partition_key="autoencoder",
+        instance=dg.DagsterInstance.ephemeral(),
+        resources={"data": data, "mlflow_tracking": tracking},
+        run_config={"ops": {"trained_encoders": {"config": budget}}},
+    )
+    assert result.success
+    meta = {k: v.value for k, v in result.asset_materializations_for_node("trained_encoders")[0].metadata.items()}
+    assert meta["stopped_by"] == "max_minutes" and meta["epochs"] == 1 and meta["configured_epochs"] == 4
+    assert meta["steps"] == 1 and meta["minutes"] >= 0.001
+    mlflow.set_tracking_uri(tracking.resolved_uri())
+    run = mlflow.MlflowClient().get_run(meta["mlflow_run_id"])
+    params, metrics = run.data.params, run.data.metrics
+    assert params["max_minutes"] == "0.001" and params["patience"] == "2" and params["min_delta"] == "0.01"
+    assert params["epochs"] == "4" and params["stopped_by"] == "max_minutes"
+    assert metrics["epochs_run"] == 1 and metrics["steps_run"] == 1 and metrics["training_minutes"] >= 0.001

@@ -29,13 +29,19 @@ TF_POOL = "tensorflow"
 
 
 class TrainingConfig(dg.Config):
-    """Training budget. The default keeps the demo short on 2 cores; raise epochs for real data.
+    """Training budget: whichever comes first of `epochs`, `max_minutes` of wall-clock time and a
+    loss plateau (`patience` epochs without a relative improvement of `min_delta`); None switches
+    the time limit or the plateau rule off. The defaults keep the demo short on 2 cores; for real
+    data raise max_minutes (or unset it) and unset max_steps_per_epoch.
 
     params() gives the core's models.training.TrainConfig (fields of the same name).
     """
 
-    epochs: int = 2
+    epochs: int = 40
     max_steps_per_epoch: int | None = 12  # None: a full pass over the crops per epoch
+    max_minutes: float | None = 0.5  # wall-clock limit of training, per variant
+    patience: int | None = 3  # epochs without improvement before stopping (None: never)
+    min_delta: float = 0.01  # relative loss improvement that counts (0.01: 1 %)
     batch_size: int = 128
     seed: int = 0
     max_crops: int | None = None  # seeded random subset of the crops (None: all)
@@ -78,6 +84,9 @@ def _training_params(variant: Variant, plan, config: TrainingConfig) -> dict:
         "configured_batch_size": config.batch_size,
         "epochs": config.epochs,
         "max_steps_per_epoch": config.max_steps_per_epoch,
+        "max_minutes": config.max_minutes,
+        "patience": config.patience,
+        "min_delta": config.min_delta,
         "crop_size": plan.crop_size,
         "seed": config.seed,
         "n_crops": plan.n_crops,
@@ -149,6 +158,15 @@ def trained_encoders(
                 on_epoch_end=_epoch_logger(context, mlflow_tracking, variant.name, config.epochs),
             )
             final_loss = float(result.history[-1]["loss"])
+            retry(mlflow.log_param, "stopped_by", result.stopped_by)
+            retry(
+                mlflow.log_metrics,
+                {"epochs_run": result.epochs, "steps_run": result.steps, "training_minutes": result.minutes},
+            )
+            context.log.info(
+                f"{variant.name}: training stopped by {result.stopped_by} after {result.epochs} epochs, "
+                f"{result.steps} steps, {result.minutes:.2f} min"
+            )
             if not np.isfinite(final_loss):
                 raise RuntimeError(f"{variant.name}: training diverged (loss {final_loss}); nothing was saved")
             with unreachable():
@@ -167,7 +185,11 @@ def trained_encoders(
             "n_crops": plan.n_crops,
             "batch_size": result.batch_size,
             "n_plates": len(plan.plates),
-            "epochs": config.epochs,
+            "stopped_by": result.stopped_by,
+            "epochs": result.epochs,
+            "configured_epochs": config.epochs,
+            "steps": result.steps,
+            "minutes": round(result.minutes, 3),
             "seconds": float(sum(r["seconds"] for r in result.history)),
             "path": dg.MetadataValue.path(str(final_encoder)),
         }
