@@ -73,7 +73,7 @@ def mask_names(images: list[Path]) -> dict[Path, Path]:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from gbm_assets.analysis.safe_csv import to_csv_safe
-    from gbm_assets.imaging.plate_cells import default_workers
+    from gbm_assets.imaging.plate_cells import decode_labels, default_workers, png_labels
     from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
     from gbm_assets.imaging.segmentation import SegmentationParams
     from gbm_assets.storage import atomic_path, write_bytes_atomic
@@ -96,8 +96,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
             progress=lambda d, t: bar.update(d - bar.n),
         )
     if masks_dir:
-        for image, png in zip(plate.masks["image"].to_pylist(), plate.masks["labels_png"].to_pylist(), strict=False):
-            write_bytes_atomic(masks_dir / names[Path(image)], png)  # 16-bit PNG of every candidate
+        for row in plate.masks.select(["image", "height", "width", "labels_zstd"]).to_pylist():
+            labels = decode_labels(row["labels_zstd"], (row["height"], row["width"]), row["image"])
+            write_bytes_atomic(masks_dir / names[Path(row["image"])], png_labels(labels))  # 16-bit PNG, every candidate
     table = plate.coordinates.drop(columns=["plate"])
     with atomic_path(args.out) as tmp:
         to_csv_safe(table, tmp, index=False)  # image names are data: never a spreadsheet formula

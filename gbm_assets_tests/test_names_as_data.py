@@ -366,7 +366,7 @@ def test_segment_csv_neutralises_image_names_the_segmenter_reports(tmp_path, mon
     found = plate_cells.ImageCells(
         image='=HYPERLINK("http://x","y").tif',
         cells=pd.DataFrame({"cell_id": [1, 2], "x": [3, -1], "y": [-0.5, 2.0], "area": 10.0, "qc": "cell"}),
-        labels_png=b"",
+        labels=b"",
         height=8,
         width=8,
         measures={},

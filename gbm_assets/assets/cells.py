@@ -5,6 +5,7 @@ One plate version per run: cell_coordinates works only on the plate version raw_
 the version cell_coordinates used. Each checks again before its output replaces the previous one.
 """
 
+import time
 from dataclasses import asdict, fields
 
 import dagster as dg
@@ -19,7 +20,7 @@ from gbm_assets.errors import PlateError
 from gbm_assets.imaging.cell_quality import kept_candidates
 from gbm_assets.imaging.cellprofiler import read_plate_objects
 from gbm_assets.imaging.plate_cells import CropFilters, crop_plate, default_workers
-from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
+from gbm_assets.imaging.plate_coordinates import LEGACY_LABELS_COLUMN, coordinates_summary, plate_coordinates
 from gbm_assets.imaging.plates import (
     PlateVersion,
     check_plate_id,
@@ -71,13 +72,20 @@ class CropConfig(dg.Config):
     workers: int = 0  # 0 = all cores
 
 
-def _progress(context: dg.AssetExecutionContext, what: str):
-    step = {"last": -1}
+PROGRESS_EVERY_S = 10.0  # least seconds between two progress lines of one step (the last always shows)
+
+
+def _progress(context: dg.AssetExecutionContext, what: str, every_s: float = PROGRESS_EVERY_S):
+    """progress(done, total) for the imaging functions: a log line at each 10% step reached at
+    least every_s seconds after the previous line, and one when all are done. Each line is an
+    event Dagster stores (a database write): a short plate gets one line, not one per image."""
+    step = {"last": -1, "at": time.monotonic()}
 
     def report(done: int, total: int) -> None:
         pct = int(100 * done / total)
-        if pct // 10 != step["last"] // 10 or done == total:
-            step["last"] = pct
+        now = time.monotonic()
+        if done == total or (pct // 10 != step["last"] // 10 and now - step["at"] >= every_s):
+            step["last"], step["at"] = pct, now
             context.log.info(f"{what}: {done}/{total} images ({pct}%)")
 
     return report
@@ -199,8 +207,9 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
     manifest = read_manifest(plate_dir)
     version = check_plate_unchanged(plate_dir, plate_id, used, "cell_coordinates found its cells", manifest["image"])
     coords = pd.read_parquet(plate_file(data.coordinates, plate_id))
-    masks_tbl = pq.read_table(masks_file(data, plate_id), columns=["image", "labels_png"])
-    masks = dict(zip(masks_tbl["image"].to_pylist(), masks_tbl["labels_png"].to_pylist(), strict=False))
+    masks_tbl = pq.read_table(masks_file(data, plate_id))
+    labels = "labels_zstd" if "labels_zstd" in masks_tbl.column_names else LEGACY_LABELS_COLUMN  # older plates: PNG
+    masks = dict(zip(masks_tbl["image"].to_pylist(), masks_tbl[labels].to_pylist(), strict=False))
     filters = CropFilters(config.max_cells_per_image, config.min_timepoint_h, config.max_timepoint_h)
 
     out = plate_file(data.crops, plate_id)
@@ -222,7 +231,7 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
             writer.write(table)
         # Still the same plate: else the new file is dropped and the previous one stays.
         check_plate_unchanged(plate_dir, plate_id, version, "cell_crops began", manifest["image"])
-    sizes = pq.read_table(masks_file(data, plate_id), columns=["image", "height", "width"]).to_pandas()
+    sizes = masks_tbl.select(["image", "height", "width"]).to_pandas()
     expected = expected_crop_count(coords, manifest, sizes, config.crop_size, filters, config.keep_qc)
     written = pq.read_table(out, columns=[*PROVENANCE_COLUMNS, *MEASUREMENT_COLUMNS]).to_pandas()
     return dg.MaterializeResult(

@@ -19,10 +19,12 @@ import pyarrow.parquet as pq
 
 from gbm_assets.imaging.cell_quality import QC_LABELS, kept_candidates
 from gbm_assets.imaging.cell_size import CellSizeEstimate
-from gbm_assets.imaging.plate_cells import Progress, estimate_plate_cell_size, find_plate_cells
+from gbm_assets.imaging.plate_cells import Progress, find_plate_cells, find_plate_cells_sized
 from gbm_assets.imaging.segmentation import SegmentationParams
 
-MASK_COLUMNS = ("image", "height", "width", "n_cells", "labels_png")
+MASK_COLUMNS = ("image", "height", "width", "n_cells", "labels_zstd")
+# Masks written before the label codec changed hold 16-bit PNG bytes in this column instead.
+LEGACY_LABELS_COLUMN = "labels_png"
 
 
 @dataclass
@@ -32,7 +34,8 @@ class PlateCoordinates:
     coordinates: one row per candidate: plate, image, cell_id, x, y, measurements, the qc label
     and measures (cell_quality.QUALITY_COLUMNS), the image's ImageQuality_* measures and
     cell_diameter_px (the plate's typical cell diameter, px). masks: one row per image
-    (MASK_COLUMNS plus the ImageQuality_* measures). size: the plate's size estimate, None when
+    (MASK_COLUMNS plus the ImageQuality_* measures; labels_zstd is plate_cells.encode_labels'
+    bytes of the image's label mask, height x width). size: the plate's size estimate, None when
     the diameter was given. params: the settings cells were found with.
     """
 
@@ -54,21 +57,23 @@ def plate_coordinates(
 ) -> PlateCoordinates:
     """Find (or place at CellProfiler's `objects`) every cell candidate of a plate.
 
-    With estimate_size (and no objects) the plate's cell diameter is estimated first
-    (estimate_plate_cell_size) and cells are found at the scale it calls for (the first pass's
+    With estimate_size (and no objects) the plate's cell diameter is estimated first and cells
+    are found at the scale it calls for (plate_cells.find_plate_cells_sized: the first pass's
     images are not redone when that is the scale they were found at); else at
-    params.cell_diameter_px. Raises the image reader's errors, naming the file.
+    params.cell_diameter_px. Each image is read once, on `workers` processes; the result does
+    not depend on their number. Raises the image reader's errors, naming the file.
     """
     images = list(images)
-    size, first = None, {}
+    size = None
     if estimate_size and objects is None:
-        size, first = estimate_plate_cell_size(plate_dir, images, params, workers=workers)
-        rescaled = size.params(params)
-        first = first if rescaled == params else {}  # found at the scale they are wanted at: kept
-        params = rescaled
+        size, params, found_cells = find_plate_cells_sized(
+            plate_dir, images, params, workers=workers, progress=progress
+        )
+    else:
+        found_cells = find_plate_cells(plate_dir, images, params, objects, workers=workers, progress=progress)
     diameter = size.diameter_px if size is not None and size.diameter_px else params.cell_diameter_px
     frames, mask_rows = [], []
-    for found in find_plate_cells(plate_dir, images, params, objects, workers=workers, progress=progress, found=first):
+    for found in found_cells:
         cells = found.cells.assign(**found.measures, cell_diameter_px=float(diameter))
         cells.insert(0, "image", found.image)
         cells.insert(0, "plate", plate_id)
@@ -79,7 +84,7 @@ def plate_coordinates(
                 "height": found.height,
                 "width": found.width,
                 "n_cells": int((found.cells["qc"] == "cell").sum()),
-                "labels_png": found.labels_png,
+                "labels_zstd": found.labels,
                 **found.measures,
             }
         )
@@ -101,7 +106,10 @@ def coordinates_summary(plate: PlateCoordinates) -> dict[str, float | int | dict
     median cell area (px) and the image quality measures (mean usable fraction, its minimum,
     the median focus score, fragments merged)."""
     coordinates = plate.coordinates
-    per_image = plate.masks.drop_columns(["labels_png"]).to_pandas()
+    per_image = plate.masks.drop_columns(
+        [c for c in ("labels_zstd", LEGACY_LABELS_COLUMN) if c in plate.masks.column_names]
+    )
+    per_image = per_image.to_pandas()
     images = per_image["image"].tolist()
     counts = qc_counts_per_image(coordinates, images)
     cells = kept_candidates(coordinates)
