@@ -1,4 +1,5 @@
-"""Evaluation of embeddings: random forest and linear probe, split by image and by plate, baselines, confusion figure."""
+"""Evaluation of embeddings: random forest and linear probe, averaged over group folds by image and by plate,
+baselines, confusion figure, the report's variant table."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gbm_assets.analysis import evaluation
 from gbm_assets.analysis.evaluation import (
     CLASSIFIERS,
     evaluate_features,
     plot_confusion,
     raw_pixel_features,
-    split_by_group,
     why_not_evaluable,
 )
 from gbm_assets.analysis.variant_evaluation import evaluate_with_baselines, metric_key, score_features, split_groups
@@ -35,24 +36,18 @@ def test_forest_beats_the_majority_baseline_on_separable_features():
     assert result["kappa"] > 0.5
     assert result["classes"] == ["250", "500", "1000"]  # numeric order, not string order
     confusion = result["confusion"]
-    assert confusion.shape == (3, 3) and confusion.sum() == result["n_test"]
-    assert result["n_train"] + result["n_test"] == len(labels)
-    assert np.trace(confusion) / confusion.sum() == pytest.approx(result["accuracy"])
+    assert confusion.shape == (3, 3) and confusion.sum() == result["n_test"] == len(labels)  # summed over folds
+    assert result["n_folds"] == 5 and result["n_train"] == pytest.approx(0.8 * len(labels), rel=0.1)
+    # The mean of 5 folds is not the pooled accuracy, but close to it with folds of similar size.
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(result["accuracy"], abs=0.02)
 
 
-def test_split_keeps_each_image_on_one_side():
-    _, labels, groups = separable(n_images=40)
-    for seed in range(3):
-        train, test = split_by_group(labels, groups, seed=seed, test_size=0.2)
-        assert set(groups.iloc[train]).isdisjoint(groups.iloc[test])
-        assert len(train) + len(test) == len(labels)
-        assert 0.1 < len(test) / len(labels) < 0.3
-
-
-def test_split_needs_enough_images():
+def test_folds_need_two_groups_and_shrink_to_the_groups_there_are():
     features, labels, groups = separable(n_images=3)
-    with pytest.raises(ValueError, match="at least 5 images"):
-        evaluate_features(features, labels, groups)
+    assert evaluate_features(features, labels, groups)["n_folds"] == 3  # k = min(5, groups)
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        evaluate_features(features[:10], labels[:10], groups[:10])  # one image
+    assert why_not_evaluable(labels, groups, "concentration") == "needs >= 5 images (found 3)"  # the pipeline's floor
 
 
 def test_raw_pixel_features_block_average():
@@ -156,10 +151,9 @@ def test_baselines_are_computed_once_per_cell_sample(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ve, "baseline_features_for", fake_baselines)
     embedding = {"embedding": features["morphology"][:, :3]}
-    first, figures = evaluate_with_baselines(
-        rows, embedding, "crops", tmp_path / "a", "A", cache_dir=tmp_path / "cache"
-    )
-    second, again = evaluate_with_baselines(rows, embedding, "crops", tmp_path / "b", "B", cache_dir=tmp_path / "cache")
+    folds = {"n_folds": 2, "cache_dir": tmp_path / "cache"}  # caching, not folds, is tested here: few fits
+    first, figures = evaluate_with_baselines(rows, embedding, "crops", tmp_path / "a", "A", **folds)
+    second, again = evaluate_with_baselines(rows, embedding, "crops", tmp_path / "b", "B", **folds)
     assert calls == [len(rows)]  # the second variant reuses the first's baseline scores
     pd.testing.assert_frame_equal(first, second)
     assert set(first["feature_set"]) == {"embedding", "raw_pixels", "handcrafted"}
@@ -167,7 +161,7 @@ def test_baselines_are_computed_once_per_cell_sample(tmp_path, monkeypatch):
     assert "confusion_handcrafted_culture.png" in names and "plate_confusion_raw_pixels_culture.png" in names
     assert all(p.parent == tmp_path / "b" and p.is_file() for p in again)
     # Another sample (another seed) recomputes and replaces the cached entry.
-    evaluate_with_baselines(rows, embedding, "crops", tmp_path / "c", "C", seed=1, cache_dir=tmp_path / "cache")
+    evaluate_with_baselines(rows, embedding, "crops", tmp_path / "c", "C", seed=1, **folds)
     assert calls == [len(rows)] * 2 and len(list((tmp_path / "cache").iterdir())) == 1
 
 
@@ -216,3 +210,100 @@ def test_report_lead_gives_the_plate_held_out_kappa_beside_the_baselines():
     text = lead(comparison)
     assert "held-out plates" in text
     assert "siamese_b scores culture kappa 0.310 (raw pixels 0.050; hand-crafted features 0.220)" in text
+
+
+# ---- group folds: every crop tested once, mean and sd over folds ------------------------------
+
+
+def test_group_folds_test_every_crop_once_and_never_split_a_group():
+    _, labels, groups = separable(n_images=40)
+    for seed in range(3):
+        folds = evaluation.group_folds(labels, groups, seed=seed)
+        assert len(folds) == 5
+        tested = np.concatenate([test for _, test in folds])
+        assert np.array_equal(np.sort(tested), np.arange(len(labels)))  # each crop in exactly one test set
+        for train, test in folds:
+            assert set(groups.iloc[train]).isdisjoint(groups.iloc[test])
+            assert len(train) + len(test) == len(labels)
+    plates = groups.str.split(":").str[0]  # 3 plates: k shrinks to 3, a plate never straddles a fold
+    assert all(set(plates.iloc[tr]).isdisjoint(plates.iloc[te]) for tr, te in evaluation.group_folds(labels, plates))
+
+
+def test_scores_are_the_mean_over_folds_with_their_sd():
+    features, labels, groups = separable(n_images=40)
+    features = features + np.random.default_rng(1).normal(scale=3.0, size=features.shape)  # folds now differ
+    for classifier in CLASSIFIERS:
+        result = evaluate_features(features, labels, groups, seed=0, classifier=classifier)
+        assert len(result["fold_kappa"]) == result["n_folds"] == 5
+        assert result["kappa"] == pytest.approx(np.mean(result["fold_kappa"]))
+        assert result["accuracy"] == pytest.approx(np.mean(result["fold_accuracy"]))
+        assert result["kappa_sd"] == pytest.approx(np.std(result["fold_kappa"], ddof=1)) and result["kappa_sd"] > 0
+        assert result["accuracy_sd"] > 0 and np.isfinite(result["majority_baseline_sd"])
+        assert result["confusion"].sum() == len(labels)
+
+
+def test_training_crops_per_fold_are_capped():
+    features, labels, groups = separable(n_images=40)
+    capped = evaluate_features(features, labels, groups, classifier="linear_probe", max_train=50)
+    assert capped["n_train"] == 50 and capped["n_test"] == len(labels)  # every crop still tested
+    assert capped["accuracy"] > capped["majority_baseline"] + 0.3
+
+
+def test_score_table_has_sd_columns_and_mlflow_sd_metrics():
+    from gbm_assets.analysis.variant_evaluation import SCORE_COLUMNS, score_metrics
+
+    rows, features = plates_with_a_look(n_cultures=3, plates_per_culture=4, images_per_plate=2, per_image=6)
+    scores = score_features(rows, features, seed=0, classifiers=("linear_probe",))
+    assert list(scores.columns) == list(SCORE_COLUMNS)
+    assert (scores["n_folds"] == 5).all() and (scores["n_test"] == len(rows)).all()
+    assert scores[["accuracy_sd", "kappa_sd"]].notna().all().all()
+    metrics = score_metrics(scores)
+    assert metrics["morphology.culture.image_split.linear_probe.kappa"] == pytest.approx(scores["kappa"].iloc[1])
+    line = scores[(scores["feature_set"] == "look") & (scores["split"] == "plate")].iloc[0]
+    assert metrics["look.culture.plate_split.linear_probe.kappa_sd"] == pytest.approx(line["kappa_sd"])
+    # A table written before folds (no *_sd columns) still gives its means, and no sd metric.
+    old = score_metrics(scores.drop(columns=["accuracy_sd", "kappa_sd", "majority_baseline_sd", "n_folds"]))
+    assert not any(k.endswith("_sd") for k in old) and len(old) == 3 * len(scores)
+
+
+def test_fold_mean_is_steadier_than_one_split():
+    """Across seeds, the fold mean of the plate-held-out kappa varies less than one 80/20 split of it."""
+    rows, features = plates_with_a_look(n_cultures=4, plates_per_culture=3, images_per_plate=1, per_image=6)
+    noisy = features["morphology"] + np.random.default_rng(2).normal(scale=2.0, size=features["morphology"].shape)
+    labels, plates = rows["culture"], rows["plate"]
+    one_split, fold_mean = [], []
+    for seed in range(8):
+        result = evaluate_features(noisy, labels, plates, seed=seed, classifier="linear_probe")
+        one_split.append(result["fold_kappa"][0])  # what the old single split scored
+        fold_mean.append(result["kappa"])
+    assert np.std(fold_mean) < 0.6 * np.std(one_split)
+
+
+def test_comparison_table_and_report_show_fold_sd_and_read_old_tables(tmp_path):
+    import pyarrow as pa
+
+    from gbm_assets.analysis.report import displayed, with_sd
+    from gbm_assets.analysis.report_inputs import comparison_table
+    from gbm_assets.storage import write_parquet_atomic
+
+    rows, features = plates_with_a_look(n_cultures=3, plates_per_culture=4, images_per_plate=2, per_image=6)
+    scores = score_features(rows, {"embedding": features["morphology"], "raw_pixels": features["look"]})
+    write_parquet_atomic(
+        pa.Table.from_pandas(scores, preserve_index=False), tmp_path / "new" / "siamese_b" / "scores.parquet"
+    )
+    old = scores.drop(columns=["accuracy_sd", "kappa_sd", "majority_baseline_sd", "n_folds"])
+    write_parquet_atomic(
+        pa.Table.from_pandas(old, preserve_index=False), tmp_path / "old" / "siamese_b" / "scores.parquet"
+    )
+    new_table = comparison_table(tmp_path / "new", ["siamese_b"]).set_index("variant")
+    old_table = comparison_table(tmp_path / "old", ["siamese_b"]).set_index("variant")
+    assert list(new_table.columns) == list(old_table.columns)
+    assert new_table["culture_plate_kappa_sd"].notna().all() and old_table["culture_plate_kappa_sd"].isna().all()
+    pd.testing.assert_series_equal(new_table["culture_plate_kappa"], old_table["culture_plate_kappa"])
+    shown = displayed(with_sd(new_table.reset_index())).set_index("variant")
+    assert "culture_plate_kappa_sd" not in shown
+    mean, sd = new_table.loc["siamese_b", ["culture_plate_kappa", "culture_plate_kappa_sd"]]
+    assert shown.loc["siamese_b", "culture_plate_kappa"] == f"{mean:.3f} ± {sd:.3f}"
+    assert displayed(with_sd(old_table.reset_index())).set_index("variant").loc["siamese_b", "culture_plate_kappa"] == (
+        f"{mean:.3f}"  # an old table: the mean alone
+    )

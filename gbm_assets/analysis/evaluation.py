@@ -3,8 +3,10 @@
 There is no ground truth for cell types, so, as in the thesis, an embedding is judged by how
 well a default random forest predicts a known label (culture of origin, plated concentration)
 from it; a linear probe (standardised logistic regression, the self-supervised literature's
-yardstick) is scored beside it. The split keeps all crops of one group on the same side. By
-image: neighbouring crops overlap and share an image's illumination, so a random split would
+yardstick) is scored beside it. Every crop is tested once, in a seeded stratified group k-fold
+(k = 5): the scores are the folds' mean, with their standard deviation beside them, so that one
+lucky or unlucky split of a few plates cannot decide them. Each fold keeps all crops of one group
+on the same side. By image: neighbouring crops overlap and share an image's illumination, so a random split would
 leak and overstate accuracy. By plate: every image of a plate shares its exposure, focus and
 illumination, and a plate holds one culture, so a feature that recognises the plate's look
 predicts culture on held-out images without any morphology; held-out plates expose it.
@@ -32,6 +34,10 @@ from gbm_assets.analysis.figures import literal_text
 from gbm_assets.imaging.plates import natural_key
 
 CLASSIFIERS = ("random_forest", "linear_probe")
+N_FOLDS = 5  # group folds per evaluation: every crop is tested once, scores are the folds' mean
+# Training crops per fold, at most (a seeded sample of the fold's training crops): bounds the K fits'
+# cost at large samples (10,000 cells: 5 forests on 4,000 against one on 8,000 before folds).
+MAX_TRAIN_CELLS = 4000
 LINEAR_PROBE_MAX_ITER = 300
 
 
@@ -51,26 +57,26 @@ def make_classifier(name: str, seed: int = 0):
     raise ValueError(f"unknown classifier {name!r}; use one of {CLASSIFIERS}")
 
 
-def min_images(test_size: float = 0.2) -> int:
-    """Images (groups) a held-out split needs: one per fold of a k-fold, k = round(1 / test_size) >= 2."""
-    return max(2, round(1 / test_size))
+def min_images(n_folds: int = N_FOLDS) -> int:
+    """Images (groups) a held-out evaluation needs: one per fold of the n_folds group k-fold (>= 2)."""
+    return max(2, n_folds)
 
 
 def why_not_evaluable(
-    labels: pd.Series, groups: pd.Series, target: str, test_size: float = 0.2, unit: str = "image"
+    labels: pd.Series, groups: pd.Series, target: str, n_folds: int = N_FOLDS, unit: str = "image"
 ) -> str | None:
-    """Why labels cannot be scored with a held-out split, e.g. "needs >= 2 cultures (found 1)"; None if they can.
+    """Why labels cannot be scored with held-out groups, e.g. "needs >= 2 cultures (found 1)"; None if they can.
 
     labels: one known label per crop (no missing values); groups: the crop's group (its image,
     or its plate: unit names it), same length. A classifier needs two classes to tell apart,
-    and the split one group per fold (min_images). Held out by plate, at least two classes
+    and the k-fold one group per fold (min_images). Held out by plate, at least two classes
     must each span two or more plates, or no held-out plate shows a class seen in training.
     """
     labels, groups = pd.Series(labels).reset_index(drop=True), pd.Series(groups).reset_index(drop=True)
     n_classes = labels.nunique()
     if n_classes < 2:
         return f"needs >= 2 {target}s (found {n_classes})"
-    n_groups, need = groups.nunique(), min_images(test_size)
+    n_groups, need = groups.nunique(), min_images(n_folds)
     if n_groups < need:
         return f"needs >= {need} {unit}s (found {n_groups})"
     if unit != "image":
@@ -80,25 +86,58 @@ def why_not_evaluable(
     return None
 
 
-def split_by_group(labels: pd.Series, groups: pd.Series, seed: int = 0, test_size: float = 0.2):
-    """(train, test) row positions: one fold of a stratified group k-fold, k = round(1 / test_size).
+def group_folds(
+    labels: pd.Series, groups: pd.Series, seed: int = 0, n_folds: int = N_FOLDS
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train, test) row positions of every fold of a seeded stratified group k-fold.
 
-    labels and groups (the crop's image, or its plate) have one entry per crop; the fold is
-    seeded (shuffled with random_state=seed) and keeps class shares close to the whole's. Returns two int ndarrays of
-    row positions, shape (n_train,) and (n_test,); no group is on both sides.
+    labels and groups (the crop's image, or its plate) have one entry per crop. k = min(n_folds,
+    number of groups); scikit-learn's StratifiedGroupKFold (shuffled with random_state=seed) keeps
+    class shares close to the whole's. Each fold is two int64 ndarrays of row positions, shapes
+    (n_train,) and (n_test,): no group is on both sides, and over the k folds every crop is in
+    exactly one test set.
 
     Raises
     ------
     ValueError
-        If there are fewer groups (images or plates) than folds (min_images(test_size)).
+        If there are fewer than 2 groups, or n_folds < 2.
     """
-    folds = min_images(test_size)
     n_groups = pd.Series(groups).nunique()
-    if n_groups < folds:
-        raise ValueError(f"need at least {folds} images (groups) for a {test_size:.0%} test split, got {n_groups}")
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    k = min(n_folds, n_groups)
+    if n_folds < 2 or k < 2:
+        raise ValueError(
+            f"need at least 2 groups (images or plates) and 2 folds, got {n_groups} groups, {n_folds} folds"
+        )
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     y = np.asarray(pd.Series(labels).astype(str))
-    return next(splitter.split(np.zeros(len(y)), y, np.asarray(groups)))
+    with warnings.catch_warnings():  # a class with fewer groups than folds cannot be in every fold: fine
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        return list(splitter.split(np.zeros(len(y)), y, np.asarray(groups)))
+
+
+def _fit_predict(classifier: str, seed: int, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray):
+    model = make_classifier(classifier, seed)
+    # One BLAS thread: the probe's small matrix products run ~40x slower when BLAS threads
+    # contend for shared cores (measured: 7 s against 0.16 s on 1,342 x 128 features).
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe stopped at max_iter is still a probe
+        model.fit(x_train, y_train)
+        return model.predict(x_test)
+
+
+def _kappa(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Cohen's kappa; NaN where it is undefined (a fold whose truth and predictions are one class)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns that kappa is undefined: it is NaN, and left out
+        return float(cohen_kappa_score(y_true, y_pred))
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1) of the finite values; NaN where too few."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    mean = float(v.mean()) if len(v) else float("nan")
+    return mean, float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
 
 def evaluate_features(
@@ -106,10 +145,14 @@ def evaluate_features(
     labels: pd.Series,
     groups: pd.Series,
     seed: int = 0,
-    test_size: float = 0.2,
+    n_folds: int = N_FOLDS,
     classifier: str = "random_forest",
+    max_train: int | None = MAX_TRAIN_CELLS,
 ) -> dict:
-    """Accuracy, Cohen's kappa, majority-class baseline and confusion matrix on held-out groups.
+    """Accuracy, Cohen's kappa and majority-class baseline on held-out groups, averaged over group folds.
+
+    A classifier is trained and tested once per fold of group_folds (k = min(n_folds, groups)):
+    one unlucky split of few plates no longer decides the score.
 
     Parameters
     ----------
@@ -118,43 +161,61 @@ def evaluate_features(
     labels : (n,) Series
         The known label per crop (culture, concentration), no missing values.
     groups : (n,) Series
-        The crop's image (or plate): crops of one group stay on one side of the split.
+        The crop's image (or plate): crops of one group stay on one side of every fold.
     classifier : {"random_forest", "linear_probe"}
-        See make_classifier; both are seeded with seed.
+        See make_classifier; both are seeded with seed, as are the folds.
+    max_train : int or None
+        A fold with more training crops trains on a seeded random sample of max_train of them
+        (None: all); every test crop is still scored.
 
     Returns
     -------
     dict
-        accuracy, kappa, majority_baseline (floats, on the test crops); confusion: (c, c) int64
-        ndarray of counts, rows true, columns predicted, in the order of classes (c labels in
-        natural order); n_train, n_test (ints); classifier (str).
+        accuracy, kappa, majority_baseline: means over folds (floats; a fold where kappa is
+        undefined is left out of its mean); accuracy_sd, kappa_sd, majority_baseline_sd: their
+        sample standard deviations over folds (ddof = 1); fold_accuracy, fold_kappa: lists of
+        the per-fold values; confusion: (c, c) int64 ndarray of counts summed over folds (every
+        crop tested once), rows true, columns predicted, in the order of classes (c labels in
+        natural order); n_folds; n_train (mean crops trained on per fold, rounded) and n_test
+        (crops tested over all folds: n) (ints); classifier (str).
 
     Raises
     ------
     ValueError
-        If there are fewer groups than the split needs (see split_by_group), or classifier is unknown.
+        If there are fewer than 2 groups (see group_folds), or classifier is unknown.
     """
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {classifier!r}; use one of {CLASSIFIERS}")
     features = np.asarray(features)
     labels = pd.Series(labels).reset_index(drop=True)
-    train, test = split_by_group(labels, groups, seed, test_size)
-    y_train, y_test = labels.iloc[train].to_numpy(), labels.iloc[test].to_numpy()
-    model = make_classifier(classifier, seed)
-    # One BLAS thread: the probe's small matrix products run ~40x slower when BLAS threads
-    # contend for shared cores (measured: 7 s against 0.16 s on 1,342 x 128 features).
-    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe stopped at max_iter is still a probe
-        model.fit(features[train], y_train)
-        predicted = model.predict(features[test])
-    majority = pd.Series(y_train).value_counts().idxmax()
+    y = labels.to_numpy()
     classes = sorted(labels.unique().tolist(), key=lambda v: natural_key(str(v)))
+    folds = group_folds(labels, groups, seed, n_folds)
+    confusion = np.zeros((len(classes), len(classes)), np.int64)
+    accuracy, kappa, majority, n_train = [], [], [], []
+    rng = np.random.default_rng(seed)
+    for train, test in folds:
+        if max_train is not None and len(train) > max_train:
+            train = np.sort(rng.choice(train, max_train, replace=False))
+        predicted = _fit_predict(classifier, seed, features[train], y[train], features[test])
+        y_test = y[test]
+        accuracy.append(float(accuracy_score(y_test, predicted)))
+        kappa.append(_kappa(y_test, predicted))
+        majority.append(float(np.mean(y_test == pd.Series(y[train]).value_counts().idxmax())))
+        confusion += confusion_matrix(y_test, predicted, labels=classes)
+        n_train.append(len(train))
+    out = {}
+    for name, values in (("accuracy", accuracy), ("kappa", kappa), ("majority_baseline", majority)):
+        out[name], out[f"{name}_sd"] = _mean_sd(values)
     return {
-        "accuracy": float(accuracy_score(y_test, predicted)),
-        "kappa": float(cohen_kappa_score(y_test, predicted)),
-        "majority_baseline": float(np.mean(y_test == majority)),
-        "confusion": confusion_matrix(y_test, predicted, labels=classes),
+        **out,
+        "fold_accuracy": accuracy,
+        "fold_kappa": kappa,
+        "confusion": confusion,
         "classes": classes,
-        "n_train": len(train),
-        "n_test": len(test),
+        "n_folds": len(folds),
+        "n_train": int(round(float(np.mean(n_train)))),
+        "n_test": int(sum(len(test) for _, test in folds)),
         "classifier": classifier,
     }
 
@@ -192,7 +253,10 @@ def raw_pixel_features(pixels: np.ndarray, size: int = 32) -> np.ndarray:
 
 @literal_text  # class names are data: drawn literally, never as $math$
 def plot_confusion(result: dict, title: str, path: str | Path) -> Path:
-    """Write the confusion matrix as a PNG: colour = share of the true class, text = counts."""
+    """Write the confusion matrix as a PNG: colour = share of the true class, text = counts.
+
+    result: evaluate_features' dict; its fold means ± standard deviations go in the title.
+    """
     counts = np.asarray(result["confusion"])
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     classes = [str(c) for c in result["classes"]]
@@ -208,9 +272,14 @@ def plot_confusion(result: dict, title: str, path: str | Path) -> Path:
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    folds = result.get("n_folds", 1)
+
+    def score(m: str) -> str:
+        return f"{result[m]:.3f}" + (f" ± {result[m + '_sd']:.3f}" if folds > 1 else "")
+
     ax.set_title(
-        f"{title}\naccuracy {result['accuracy']:.3f}, kappa {result['kappa']:.3f}, "
-        f"majority {result['majority_baseline']:.3f}"
+        f"{title}\naccuracy {score('accuracy')}, kappa {score('kappa')}, majority {result['majority_baseline']:.3f}"
+        + (f"\n(mean ± sd over {folds} folds; counts summed over folds)" if folds > 1 else "")
     )
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
     fig.tight_layout()

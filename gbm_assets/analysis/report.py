@@ -183,6 +183,24 @@ def displayed(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+SD_SUFFIX = "_sd"  # comparison columns "<score>_sd": the score's standard deviation over group folds
+
+
+def with_sd(comparison: pd.DataFrame) -> pd.DataFrame:
+    """The comparison with each score shown as "mean ± sd" text where a "<score>_sd" column has its
+    standard deviation over folds (the _sd columns are left out); a score without one stays a number,
+    and a missing score stays missing (NaN), so _scores_or_reasons can still put its reason there."""
+    shown = comparison.copy()
+    for column in [c for c in comparison.columns if f"{c}{SD_SUFFIX}" in comparison.columns]:
+        sd = comparison[f"{column}{SD_SUFFIX}"]
+        shown[column] = [
+            f"{_fmt(m)} ± {_fmt(d)}" if pd.notna(m) and pd.notna(d) else m
+            for m, d in zip(comparison[column], sd, strict=True)
+        ]
+        shown = shown.drop(columns=f"{column}{SD_SUFFIX}")
+    return shown
+
+
 def _scores_or_reasons(comparison: pd.DataFrame) -> pd.DataFrame:
     """The comparison for people: where a target was not scored, its score cells say why.
 
@@ -595,9 +613,10 @@ def write_report(
         f'<p class="lead" id="lead">{html.escape(lead(comparison, variants))}</p>',
         "<h2>Encoder variants</h2>",
         "<p>Random forest on each embedding predicting culture of origin and plated "
-        "concentration (held-out accuracy and Cohen's kappa); raw pixels are the baseline.</p>",
+        "concentration (held-out accuracy and Cohen's kappa); raw pixels are the baseline. "
+        "Scores are the mean ± standard deviation over 5 group folds (every cell tested once).</p>",
         f"<p>{best_text}</p>",
-        _table(_scores_or_reasons(comparison)),
+        _table(_scores_or_reasons(with_sd(comparison))),
     ]
     if cell_finding is not None and len(cell_finding):
         body.append(_cell_finding_html(cell_finding, out_dir))
@@ -642,7 +661,7 @@ def markdown_summary(comparison: pd.DataFrame, variants: Sequence[VariantSection
 
     cols = list(COMPARISON_COLUMNS)
     lines = [row(cols), row(["---"] * len(cols))]
-    shown = displayed(_scores_or_reasons(comparison)[cols])
+    shown = displayed(_scores_or_reasons(with_sd(comparison))[cols])
     lines += [row(r) for r in shown.itertuples(index=False)]
     best = best_variant(comparison)
     if best is not None:

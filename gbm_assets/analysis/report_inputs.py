@@ -35,7 +35,7 @@ def _score(
     classifier: str = "random_forest",
 ) -> float:
     hit = _lines(scores, feature_set, target, split, classifier)
-    return float(hit[metric].iloc[0]) if len(hit) else np.nan
+    return float(hit[metric].iloc[0]) if len(hit) and metric in hit else np.nan  # old tables: no *_sd
 
 
 def _skipped(scores: pd.DataFrame, feature_set: str, target: str, split: str = "image") -> str:
@@ -46,23 +46,38 @@ def _skipped(scores: pd.DataFrame, feature_set: str, target: str, split: str = "
     return str(hit["skipped"].iloc[0]) if len(hit) and isinstance(hit["skipped"].iloc[0], str) else ""
 
 
+# Score columns of a row: (target, metric, split, classifier). Each also gets "<column>_sd", the
+# standard deviation over the evaluation's group folds (NaN for score tables written before folds).
+ROW_SCORES = {
+    "culture_accuracy": ("culture", "accuracy", "image", "random_forest"),
+    "concentration_accuracy": ("concentration", "accuracy", "image", "random_forest"),
+    "culture_kappa": ("culture", "kappa", "image", "random_forest"),
+    "concentration_kappa": ("concentration", "kappa", "image", "random_forest"),
+    "morphotype_accuracy": ("morphotype", "accuracy", "image", "random_forest"),
+    "culture_kappa_linear": ("culture", "kappa", "image", "linear_probe"),
+    "morphotype_accuracy_linear": ("morphotype", "accuracy", "image", "linear_probe"),
+    "culture_plate_accuracy": ("culture", "accuracy", "plate", "random_forest"),
+    "culture_plate_kappa": ("culture", "kappa", "plate", "random_forest"),
+    "culture_plate_kappa_linear": ("culture", "kappa", "plate", "linear_probe"),
+    "morphotype_plate_accuracy": ("morphotype", "accuracy", "plate", "random_forest"),
+}
+
+
+INVARIANT_SCORES = (("kappa", ""), ("kappa", "_sd"), ("accuracy", ""), ("accuracy", "_sd"))
+
+
 def _row(name: str, scores: pd.DataFrame, feature_set: str, **described) -> dict:
     """The table row of one feature set: the thesis' scores (by image, random forest), then the
-    linear probe (suffix _linear) and the plate-held-out split (culture_plate_*, morphotype_plate_*)."""
+    linear probe (suffix _linear) and the plate-held-out split (culture_plate_*, morphotype_plate_*),
+    each the mean over group folds with its standard deviation beside it (suffix _sd)."""
     return {
         "variant": name,
         **described,
-        "culture_accuracy": _score(scores, feature_set, "culture", "accuracy"),
-        "concentration_accuracy": _score(scores, feature_set, "concentration", "accuracy"),
-        "culture_kappa": _score(scores, feature_set, "culture", "kappa"),
-        "concentration_kappa": _score(scores, feature_set, "concentration", "kappa"),
-        "morphotype_accuracy": _score(scores, feature_set, "morphotype", "accuracy"),
-        "culture_kappa_linear": _score(scores, feature_set, "culture", "kappa", classifier="linear_probe"),
-        "morphotype_accuracy_linear": _score(scores, feature_set, "morphotype", "accuracy", classifier="linear_probe"),
-        "culture_plate_accuracy": _score(scores, feature_set, "culture", "accuracy", split="plate"),
-        "culture_plate_kappa": _score(scores, feature_set, "culture", "kappa", split="plate"),
-        "culture_plate_kappa_linear": _score(scores, feature_set, "culture", "kappa", "plate", "linear_probe"),
-        "morphotype_plate_accuracy": _score(scores, feature_set, "morphotype", "accuracy", split="plate"),
+        **{
+            column + suffix: _score(scores, feature_set, target, metric + suffix, split, classifier)
+            for column, (target, metric, split, classifier) in ROW_SCORES.items()
+            for suffix in ("", "_sd")
+        },
         **{
             f"{target}{SKIPPED_SUFFIX}": _skipped(scores, feature_set, target)
             for target in ("culture", "concentration", "morphotype")
@@ -79,7 +94,9 @@ def comparison_table(evaluation_dir: str | Path, variants: Sequence[str]) -> pd.
 
     The baseline rows (raw pixels; hand-crafted features where the scores have them) come from
     the first variant's scores: every variant is scored on the same seeded sample of cells, so
-    the baselines are the same for all. Columns without a suffix are the thesis' scores (split
+    the baselines are the same for all. Scores are means over the evaluation's group folds and
+    each has its standard deviation over folds in "<column>_sd" (NaN for older score tables,
+    which scored one split). Columns without a suffix are the thesis' scores (split
     by image, random forest); "_linear" ones the linear probe; "culture_plate_*" and
     "morphotype_plate_*" the split by plate, where a plate's look cannot pass for morphology. culture_skipped and
     concentration_skipped say why a target has no scores ("needs >= 2 cultures (found 1)"),
@@ -94,8 +111,10 @@ def comparison_table(evaluation_dir: str | Path, variants: Sequence[str]) -> pd.
         v = get_variant(name)
         described = {"features": v.features, "lambda": v.lambda_, "segmentation": v.segmentation}
         row = _row(name, scores, "embedding", **described)
-        row["culture_kappa_invariant"] = _score(scores, "embedding_invariant", "culture", "kappa")
-        row["culture_accuracy_invariant"] = _score(scores, "embedding_invariant", "culture", "accuracy")
+        for metric, suffix in INVARIANT_SCORES:
+            row[f"culture_{metric}_invariant{suffix}"] = _score(
+                scores, "embedding_invariant", "culture", metric + suffix
+            )
         rows.append(row)
         if baselines is None:
             baselines = []
@@ -108,5 +127,5 @@ def comparison_table(evaluation_dir: str | Path, variants: Sequence[str]) -> pd.
     columns = list(
         _row("", pd.DataFrame(columns=["feature_set", "target"]), "", features=0, **{"lambda": 0}, segmentation="")
     )
-    columns += ["culture_kappa_invariant", "culture_accuracy_invariant", "culture_majority"]
+    columns += [f"culture_{metric}_invariant{suffix}" for metric, suffix in INVARIANT_SCORES] + ["culture_majority"]
     return pd.DataFrame(rows, columns=columns)  # the columns even when no variant has scores yet

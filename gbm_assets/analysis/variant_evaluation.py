@@ -3,8 +3,9 @@
 For each feature set (the embedding, its rotation/flip-invariant mean, and the baselines: raw
 pixels and hand-crafted CellProfiler-style features), each target (culture, concentration, and
 the true morphotype on synthetic plates), each split (held-out images, held-out plates) and each
-classifier (random forest, linear probe), a classifier is trained on 80% of the groups and tested
-on the other 20% (evaluation.evaluate_features). The plate split is the one a plate's look
+classifier (random forest, linear probe), a classifier is trained and tested in each of 5 seeded
+group folds (80% of the groups against the other 20%, every crop tested once) and scored by the
+folds' mean and standard deviation (evaluation.evaluate_features). The plate split is the one a plate's look
 cannot pass: a feature that only recognises a plate's illumination scores well by image and
 falls to chance by plate.
 
@@ -27,6 +28,7 @@ import pyarrow as pa
 
 from gbm_assets.analysis.evaluation import (
     CLASSIFIERS,
+    N_FOLDS,
     evaluate_features,
     plot_confusion,
     raw_pixel_features,
@@ -55,10 +57,15 @@ SCORE_COLUMNS = (
     "n_train",
     "n_test",
     "skipped",
+    "accuracy_sd",
+    "kappa_sd",
+    "majority_baseline_sd",
+    "n_folds",
 )
-METRICS = ("accuracy", "kappa", "majority_baseline")
+METRICS = ("accuracy", "kappa", "majority_baseline")  # means over folds (old tables: one 80/20 split)
+SD_METRICS = tuple(f"{m}_sd" for m in METRICS)  # their standard deviation over folds (old tables lack them)
 FIGURE_CLASSIFIER = "random_forest"  # confusion matrices are drawn for the thesis' classifier only
-_CACHE_VERSION = 1  # bump when baseline features or scoring change, so cached baseline scores are recomputed
+_CACHE_VERSION = 2  # bump when baseline features or scoring change, so cached baseline scores are recomputed
 
 
 def split_groups(rows: pd.DataFrame, split: str) -> pd.Series:
@@ -88,6 +95,7 @@ def score_features(
     splits: Sequence[str] = tuple(SPLITS),
     classifiers: Sequence[str] = CLASSIFIERS,
     on_result: Callable[[str, str, str, dict], None] | None = None,
+    n_folds: int = N_FOLDS,
 ) -> pd.DataFrame:
     """Score every feature set for every target present in rows, split and classifier; one line each.
 
@@ -100,6 +108,8 @@ def score_features(
         One matrix per feature set, rows aligned with rows.
     seed : int
         Seeds the splits and the classifiers.
+    n_folds : int
+        Group folds per score (evaluation.group_folds); a (target, split) needs as many groups.
     on_result : callable, optional
         on_result(feature_set, target, split, result) after each scored fit (result as
         evaluation.evaluate_features returns it).
@@ -107,7 +117,9 @@ def score_features(
     Returns
     -------
     DataFrame with columns SCORE_COLUMNS
-        A (target, split) that cannot be scored (one culture, fewer than 5 images or plates,
+        accuracy, kappa and majority_baseline are means over the n_folds group folds, the *_sd
+        columns their standard deviations; n_test counts every crop tested (each once), n_train
+        the mean training crops per fold. A (target, split) that cannot be scored (one culture, fewer than 5 images or plates,
         classes on one plate each: evaluation.why_not_evaluable) still gets its lines, with NaN
         scores, n_train = n_test = 0 and the reason in `skipped` (empty on scored lines).
     """
@@ -119,21 +131,26 @@ def score_features(
         labels = rows.loc[known, target].astype(str)
         for split in splits:
             groups = split_groups(rows, split)[known]
-            reason = why_not_evaluable(labels, groups, target, unit=split)
+            reason = why_not_evaluable(labels, groups, target, n_folds=n_folds, unit=split)
             for classifier in classifiers:
                 for name, matrix in features.items():
                     key = {"feature_set": name, "target": target, "split": split, "classifier": classifier}
                     if reason is not None:
                         lines.append(
-                            {**key, **{m: np.nan for m in METRICS}, "n_train": 0, "n_test": 0, "skipped": reason}
+                            {
+                                **key,
+                                **{m: np.nan for m in (*METRICS, *SD_METRICS)},
+                                **{"n_train": 0, "n_test": 0, "n_folds": 0, "skipped": reason},
+                            }
                         )
                         continue
                     result = evaluate_features(
-                        np.asarray(matrix)[known], labels, groups, seed=seed, classifier=classifier
+                        np.asarray(matrix)[known], labels, groups, seed=seed, n_folds=n_folds, classifier=classifier
                     )
                     if on_result is not None:
                         on_result(name, target, split, result)
-                    lines.append({**key, **{k: result[k] for k in (*METRICS, "n_train", "n_test")}, "skipped": ""})
+                    taken = (*METRICS, *SD_METRICS, "n_train", "n_test", "n_folds")
+                    lines.append({**key, **{k: result[k] for k in taken}, "skipped": ""})
     return pd.DataFrame(lines, columns=list(SCORE_COLUMNS))
 
 
@@ -145,6 +162,7 @@ def evaluate_variant(
     seed: int = 0,
     splits: Sequence[str] = tuple(SPLITS),
     classifiers: Sequence[str] = CLASSIFIERS,
+    n_folds: int = N_FOLDS,
 ) -> tuple[pd.DataFrame, list[Path]]:
     """score_features, plus a confusion-matrix PNG in out_dir per random-forest fit (confusion_name).
 
@@ -158,7 +176,7 @@ def evaluate_variant(
         label = f"{title}: {FEATURE_SETS.get(name, name)} -> {target}, {SPLITS.get(split, split)}"
         figures.append(plot_confusion(result, label, out_dir / confusion_name(name, target, split)))
 
-    scores = score_features(rows, features, seed, splits, classifiers, on_result=draw)
+    scores = score_features(rows, features, seed, splits, classifiers, on_result=draw, n_folds=n_folds)
     return scores, figures
 
 
@@ -178,10 +196,13 @@ def baseline_features_for(crops_dir: str | Path, crop_ids: pd.Series) -> dict[st
     }
 
 
-def _baseline_key(rows: pd.DataFrame, seed: int, splits: Sequence[str], classifiers: Sequence[str]) -> str:
+def _baseline_key(
+    rows: pd.DataFrame, seed: int, splits: Sequence[str], classifiers: Sequence[str], n_folds: int = N_FOLDS
+) -> str:
     """Fingerprint of what baseline scores depend on: the cells, their labels and groups, and the scoring."""
     columns = [c for c in ("crop_id", "plate", "image", *TARGETS) if c in rows]
-    h = hashlib.sha256(json.dumps([_CACHE_VERSION, seed, list(splits), list(classifiers), columns]).encode())
+    scoring = [_CACHE_VERSION, seed, list(splits), list(classifiers), n_folds, columns]
+    h = hashlib.sha256(json.dumps(scoring).encode())
     h.update(pd.util.hash_pandas_object(rows[columns].astype(str), index=False).to_numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -196,6 +217,7 @@ def evaluate_with_baselines(
     cache_dir: str | Path | None = None,
     splits: Sequence[str] = tuple(SPLITS),
     classifiers: Sequence[str] = CLASSIFIERS,
+    n_folds: int = N_FOLDS,
 ) -> tuple[pd.DataFrame, list[Path]]:
     """evaluate_variant of features (the embeddings) and of BASELINE_FEATURE_SETS of the same crops.
 
@@ -206,16 +228,18 @@ def evaluate_with_baselines(
     Returns all scores (embeddings first) and the figures in out_dir.
     """
     out_dir = Path(out_dir)
-    scores, figures = evaluate_variant(rows, features, out_dir, title, seed, splits, classifiers)
-    cached = Path(cache_dir) / _baseline_key(rows, seed, splits, classifiers) if cache_dir is not None else None
+    scores, figures = evaluate_variant(rows, features, out_dir, title, seed, splits, classifiers, n_folds)
+    key = _baseline_key(rows, seed, splits, classifiers, n_folds)
+    cached = Path(cache_dir) / key if cache_dir is not None else None
     if cached is not None and (cached / "scores.parquet").is_file():
         base = pd.read_parquet(cached / "scores.parquet")
         base_figures = sorted(cached.glob("*.png"))
     else:
         target_dir = cached if cached is not None else out_dir
         target_dir.mkdir(parents=True, exist_ok=True)  # a sample with nothing to score writes no figure there
+        baselines = baseline_features_for(crops_dir, rows["crop_id"])
         base, base_figures = evaluate_variant(
-            rows, baseline_features_for(crops_dir, rows["crop_id"]), target_dir, "baselines", seed, splits, classifiers
+            rows, baselines, target_dir, "baselines", seed, splits, classifiers, n_folds
         )
         if cached is not None:
             for old in Path(cache_dir).iterdir():
@@ -247,6 +271,20 @@ def metric_key(line, metric: str) -> str:
     return f"{line.feature_set}.{line.target}.{split}_split.{classifier}.{metric}"
 
 
+def score_metrics(scores: pd.DataFrame) -> dict[str, float]:
+    """MLflow metrics of a table of scored lines: {metric_key(line, m): value} for every METRICS
+    mean (as before) and every finite SD_METRICS standard deviation over folds ("..._sd"; old
+    tables have none)."""
+    out = {}
+    for line in scores.itertuples():
+        out.update({metric_key(line, m): float(getattr(line, m)) for m in METRICS})
+        for m in SD_METRICS:
+            value = getattr(line, m, np.nan)
+            if value is not None and np.isfinite(value):
+                out[metric_key(line, m)] = float(value)
+    return out
+
+
 def skipped_targets(scores: pd.DataFrame) -> dict[str, str]:
     """{target: reason} of what evaluate_variant could not score (old score tables: by image only).
 
@@ -266,13 +304,15 @@ def skipped_targets(scores: pd.DataFrame) -> dict[str, str]:
 
 def evaluation_params() -> dict[str, str]:
     """MLflow params of the evaluation scheme (constants, so a re-logged run never conflicts):
-    evaluation.splits, evaluation.classifiers, evaluation.baselines (comma-separated) and
-    evaluation.test_share (the held-out share of groups per split)."""
+    evaluation.splits, evaluation.classifiers, evaluation.baselines (comma-separated),
+    evaluation.test_share (the held-out share of groups per fold) and evaluation.folds (group
+    folds averaged per score; fewer when there are fewer groups)."""
     return {
         "evaluation.splits": ",".join(SPLITS),
         "evaluation.classifiers": ",".join(CLASSIFIERS),
         "evaluation.baselines": ",".join(BASELINE_FEATURE_SETS),
-        "evaluation.test_share": "0.2",
+        "evaluation.test_share": f"{1 / N_FOLDS:g}",
+        "evaluation.folds": str(N_FOLDS),
     }
 
 
@@ -284,7 +324,8 @@ def plate_split(scores: pd.DataFrame, classifier: str = FIGURE_CLASSIFIER) -> pd
 
 
 def accuracy_table(scores: pd.DataFrame) -> pd.DataFrame | None:
-    """Accuracy (rounded to 3 decimals) per feature set (rows) and target/split/classifier (columns); None if empty."""
+    """Accuracy (fold mean, rounded to 3 decimals) per feature set (rows) and target/split/classifier (columns);
+    None if empty."""
     if not len(scores):
         return None
     columns = [c for c in ("target", "split", "classifier") if c in scores]

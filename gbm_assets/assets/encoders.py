@@ -293,7 +293,7 @@ def _log_embedding_run(
     """Add embedding speed, scores and figures to the encoder's training run; return its URL."""
     import mlflow
 
-    from gbm_assets.analysis.variant_evaluation import evaluation_params, metric_key
+    from gbm_assets.analysis.variant_evaluation import evaluation_params, score_metrics
 
     retry = mlflow_tracking.retrying
     scored, skipped = _scored(scores)
@@ -303,14 +303,7 @@ def _log_embedding_run(
             {"embedding_seconds": seconds, "embedded_crops_per_s": done / max(seconds, 1e-9), "n_embedded": done},
         )
         retry(mlflow.log_params, evaluation_params())
-        retry(
-            mlflow.log_metrics,
-            {
-                metric_key(r, m): getattr(r, m)
-                for r in scored.itertuples()
-                for m in ("accuracy", "kappa", "majority_baseline")
-            },
-        )
+        retry(mlflow.log_metrics, score_metrics(scored))  # fold means, and their sd as "..._sd"
         if skipped:
             retry(
                 mlflow.set_tags,
