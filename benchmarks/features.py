@@ -9,8 +9,8 @@ Synthesizes plates (default: the hard generator, 4 cultures x 5 concentrations, 
 report) with a temporary Dagster instance and MLflow store, at the shipped training budget unless
 --epochs/--steps say otherwise. Prints one JSON object: per variant and per baseline (raw pixels,
 hand-crafted features) the culture and morphotype accuracy and Cohen's kappa of the random forest
-and the linear probe, held out by image and by plate (from each variant's evaluation
-scores.parquet); per variant the ARI of its GMM and HDBSCAN labels against the true morphotype and
+and the linear probe, held out by image and by plate: the mean over 5 group folds and, as
+"..._sd", its standard deviation over folds (from each variant's evaluation scores.parquet); per variant the ARI of its GMM and HDBSCAN labels against the true morphotype and
 the composition error (mean absolute error of per-culture morphotype proportions, HDBSCAN),
 as the report computes them.
 """
@@ -47,16 +47,21 @@ def _environment(work: Path) -> None:
     os.environ.update(_env(work))  # the same layout as the scale benchmark's per-size folder
 
 
+def _rounded(value) -> float | None:
+    return None if value is None or value != value else round(float(value), 3)
+
+
 def feature_scores(scores, feature_set: str) -> dict:
-    """{"<target>_<metric>_<split>_<classifier>": value} of one feature set's score lines (rounded)."""
+    """{"<target>_<metric>_<split>_<classifier>": fold mean, "..._sd": its sd over folds} of one feature
+    set's score lines (rounded; no "_sd" key for a table written before folds)."""
     out = {}
     lines = scores[scores["feature_set"] == feature_set]
     for target, metric in SCORED:
         for line in lines[lines["target"] == target].itertuples():
-            value = getattr(line, metric)
-            out[f"{target}_{metric}_{line.split}_{line.classifier}"] = (
-                None if value != value else round(float(value), 3)
-            )
+            key = f"{target}_{metric}_{line.split}_{line.classifier}"
+            out[key] = _rounded(getattr(line, metric))
+            if hasattr(line, f"{metric}_sd"):
+                out[f"{key}_sd"] = _rounded(getattr(line, f"{metric}_sd"))
     return out
 
 
@@ -153,7 +158,9 @@ def main() -> None:
                 report["variants"][variant] = {"error": "no scores"}
                 continue
             scores = pd.read_parquet(path)
-            report["n_cells_scored"] = int(scores["n_train"].max() + scores["n_test"].max())
+            report["n_cells_scored"] = int(scores["n_test"].max())  # every scored cell is tested once over the folds
+            if "n_folds" in scores:
+                report["evaluation_folds"] = int(scores["n_folds"].max())
             report["variants"][variant] = {
                 "embedding": feature_scores(scores, "embedding"),
                 "embedding_invariant": feature_scores(scores, "embedding_invariant"),
