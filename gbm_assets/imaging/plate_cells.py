@@ -73,7 +73,7 @@ def decode_labels(data: bytes, shape: tuple[int, int], where: str = "labels") ->
         else:
             size = int(np.prod(shape)) * 2
             labels = np.frombuffer(pa.decompress(data, size, LABELS_CODEC, asbytes=True), np.uint16).reshape(shape)
-    except (pa.ArrowException, ValueError, cv2.error) as e:
+    except (pa.ArrowException, OSError, ValueError, cv2.error) as e:
         raise ValueError(f"{where}: stored label mask is corrupt ({e})") from e
     if labels is None or labels.shape != tuple(shape):
         got = "unreadable" if labels is None else f"{labels.shape}"
@@ -89,10 +89,10 @@ def _map_in_order(fn, tasks: list, workers: int, progress: Progress) -> Iterator
     """Run fn over tasks, in a process pool when workers > 1, yielding results in task order."""
     total = len(tasks)
     results = map(fn, tasks) if workers <= 1 or total <= 1 else _pool(workers).map(fn, tasks, chunksize=1)
-    for i, result in enumerate(results):
+    for done, result in enumerate(results, 1):
+        if progress:  # before handing it over: a consumer that stops at the last one still reports it
+            progress(done, total)
         yield result
-        if progress:
-            progress(i + 1, total)
 
 
 _POOLS: dict[tuple[int, int], ProcessPoolExecutor] = {}
@@ -251,8 +251,9 @@ def find_plate_cells_sized(
     spread evenly over the list (cell_size.sample_images: the same ones on every run); cells are
     then found at estimate.params(params), and the first pass's results are kept where that is
     `params`. With workers > 1, a worker left idle while the last first-pass images finish starts
-    on the other images at `params` (at most workers - 1 of them are discarded when the scale
-    changes), so the pool does not wait for the estimate.
+    on the other images at `params`, so the pool does not wait for the estimate; that work is
+    discarded when the scale changes (it cost only otherwise idle time, and at most one image per
+    worker still running).
 
     Returns (estimate, the params cells are found at, ImageCells per image in image order; the
     iterator reports progress(done, total) as it goes). Raises the image reader's errors, naming
@@ -301,9 +302,10 @@ def _results_in_order(futures: dict[str, Future], images: list[str], progress: P
     when the caller stops early or a task fails."""
     try:
         for done, name in enumerate(images, 1):
-            yield futures.pop(name).result()
+            result = futures.pop(name).result()
             if progress:
                 progress(done, len(images))
+            yield result
     finally:
         _cancel(futures.values())
 
@@ -318,7 +320,8 @@ def find_plate_cells(
     found: Mapping[str, ImageCells] | None = None,
 ) -> Iterator[ImageCells]:
     """Find cells in each image of a plate (or place them at `objects`, a CellProfiler table),
-    yielding them in image order. found: images already done at these params, not redone."""
+    yielding them in image order and reporting progress(done, total) after each. found: images
+    already done at these params, not redone."""
     plate_dir = Path(plate_dir)
     images = list(images)
     found = found or {}
@@ -331,11 +334,12 @@ def find_plate_cells(
         empty = objects.iloc[0:0]
         tasks = [(plate_dir, name, params, groups.get(name, empty)) for name in todo]
         fn = _objects_task
-    shift = len(images) - len(todo)
-    step = (lambda done, total: progress(done + shift, total + shift)) if progress and shift else progress
-    computed = _map_in_order(fn, tasks, workers, step)
-    for name in images:
-        yield found[name] if name in found else next(computed)
+    computed = _map_in_order(fn, tasks, workers, None)
+    for done, name in enumerate(images, 1):
+        result = found[name] if name in found else next(computed)
+        if progress:
+            progress(done, len(images))
+        yield result
 
 
 # ---------------------------------------------------------------- crops
