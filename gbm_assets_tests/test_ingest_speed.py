@@ -25,6 +25,7 @@ from gbm_assets.imaging.cell_size import sample_images
 from gbm_assets.imaging.plate_cells import decode_labels, encode_labels, png_labels
 from gbm_assets.imaging.plate_coordinates import plate_coordinates
 from gbm_assets.imaging.plates import find_ready_plates
+from gbm_assets.imaging.segmentation import SegmentationParams
 from gbm_assets.imaging.synthetic import write_plates
 from gbm_assets.paths import plate_file
 
@@ -203,7 +204,7 @@ def test_idle_workers_start_on_the_other_images_before_the_size_estimate(tmp_pat
         for pool in pools.values():
             pool.shutdown()
     assert set(started_at_estimate) - set(sample)  # the pool did not wait for the estimate
-    assert pooled.params.cell_diameter_px == 40.0
+    assert pooled.params.cell_diameter_px == SegmentationParams().cell_diameter_px
     assert sorted(reads) == names  # each image read and segmented once
     assert sorted(name for name, _ in finder.calls) == names
 

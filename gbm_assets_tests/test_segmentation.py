@@ -258,16 +258,21 @@ def test_real_t98g_frames_f1():
 
 
 def test_synthetic_plates_precision_recall_per_concentration(tmp_path):
-    """Every plated density, the crowded ones included (touching and clumped cells)."""
+    """Every plated density, the crowded ones included (touching and clumped cells), through
+    the production path: the plate's cell size estimated, the candidates labelled "cell" kept."""
     from gbm_assets.imaging import synthetic
+    from gbm_assets.imaging.cell_quality import kept_candidates
+    from gbm_assets.imaging.plate_coordinates import plate_coordinates
 
     plates = synthetic.write_plates(tmp_path, n_cultures=4, n_concentrations=5, images_per_plate=1, seed=1)
     scores: dict[str, list[dict]] = {}
     for plate in plates:
         truth = pd.read_csv(plate / synthetic.GROUND_TRUTH_NAME)
         concentration = pd.read_csv(plate / "manifest.csv", dtype=str)["concentration"].iloc[0]
-        for path in sorted(plate.glob("img*.tif")):
-            cells, _ = find_cells(read_image(path))
+        images = sorted(p.name for p in plate.glob("img*.tif"))
+        found = kept_candidates(plate_coordinates(plate.name, plate, images).coordinates)
+        for path in (plate / name for name in images):
+            cells = found[found["image"] == path.name]
             true_xy = truth.loc[truth.image == path.name, ["x", "y"]].to_numpy()
             score = score_within_distance(cells[["x", "y"]].to_numpy(), true_xy, max_dist=8.0)
             scores.setdefault(concentration, []).append(score)

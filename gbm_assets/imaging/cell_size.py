@@ -1,7 +1,7 @@
 """The typical cell diameter of a plate, found from its images.
 
 Cell finding measures everything in cell diameters, and the right diameter differs several-fold
-between microscopes, objectives, binning and cell lines (about 40 px for the synthetic plates,
+between microscopes, objectives, binning and cell lines (about 30-55 px for the synthetic plates,
 55-75 px for the Usiigaci and T98G frames at 10x with 2x2 binning, 80 px or more at 20x). A
 first pass of cell finding at the default scale finds cells and pieces of cells whatever their
 true size, and the median equivalent diameter of what it finds tracks the true diameter: over
@@ -10,16 +10,17 @@ the 24 hand-annotated Usiigaci fields, the 6 T98G frames and synthetic fields dr
 with a spread of about 15% between fields. Iterating (re-finding at the estimate) does not
 converge: larger scales merge neighbours and the estimate runs away, so one pass it is.
 
-Cell finding then runs at the default scale moved just enough to lie within SCALE_RANGE of
-the estimate. The segmentation's length scale is that of a cell's dark body and seeds rather
-than of its whole outline with halo and protrusions, and it tolerates a range: on the
-annotated sets F1 was flat (0.69-0.72 on Usiigaci, 0.73-0.81 on T98G) for scales from 0.6 to
-1.0 of the annotated diameter, and fell below it (cells cut in pieces). Above it, the default
-stays up to 1.4 diameters: a culture of mixed sizes (many small rounded cells among large
-spread ones, as in some synthetic cultures) pulls the median down, and finding its cells at
-that median lost recall (0.91 -> 0.88 at the highest density) where the default kept it.
-Keeping the tuned default inside that range changes nothing where it already fits (10x, 2x2
-binning: 30-67 px cells) and rescales where it does not (20x, 40x, other binning).
+Cell finding then runs at the default scale (43 px) moved just enough to lie within SCALE_RANGE
+of the estimate. The segmentation's length scale is that of a cell's dark body and seeds rather
+than of its whole outline with halo and protrusions, so the best scale hardly follows the outline:
+on the 24 hand-annotated Usiigaci fields the per-field best scale was 45-50 px for cells of 40
+px as for cells of 72 px, and T98G's 40-50 px (cells of 54-65 px), while the synthetic plates'
+densest fields lose recall above about 43 px. 43 px is the default that serves both (Usiigaci
+precision 0.61 -> 0.68 at recall 0.86 -> 0.85 against the former 40 px; synthetic precision and
+recall still at least 0.9 at every density). The estimate moves the scale only where cells are
+far from that: above 1.4 diameters (a culture of mixed sizes, many small rounded cells among
+spread ones, pulls the median down, and finding it at that median lost recall) or below 0.6
+diameters (20x, 40x, other binning: cells cut in pieces).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class CellSizeEstimate:
 def first_pass_diameters(image: np.ndarray, params: SegmentationParams = SegmentationParams()) -> np.ndarray:
     """float64 (n,) equivalent diameters (px) of the cells a first pass finds in one 2-D image.
 
-    The first pass runs at params' scale (default 40 px); only candidates labelled "cell" by
+    The first pass runs at params' scale (default 43 px); only candidates labelled "cell" by
     the quality rules count. Raises ValueError when the image is not 2-D.
     """
     return cell_diameters(find_candidates(image, params)[0])
