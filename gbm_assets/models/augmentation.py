@@ -9,6 +9,12 @@ distortions from a fresh seed.
 PBR/FBR spare the cell: the stored mask (already only the connected component at the crop
 centre) dilated with a 5x5 disc. Dilation commutes with rotations and flips, so it is done once
 per crop at decode time, in NumPy (dilate_masks), where it is about 10x cheaper than any TF op.
+
+Beyond the thesis' distortions, opt-in ones (off by default, so the thesis' variants draw exactly
+the pairs they drew before): small translations and scale jitter (random_resized_crop),
+brightness/contrast/gamma jitter and Gaussian noise (random_photometric), and a blackout that
+fills with the crop's mean intensity instead of black (background_fill="mean"). Their seeds
+come from a fold of the pair's seed that the thesis' distortions never use.
 """
 
 from __future__ import annotations
@@ -20,6 +26,14 @@ MAX_BLUR_SIGMA = 1.5  # "mild": at most a 1.5-pixel Gaussian
 BLUR_RADIUS = 3  # kernel half-width, 2 sigma at the strongest blur
 PBR_SIDE = (0.25, 0.5)  # side of the PBR square as a fraction of the crop side
 SEGMENTATIONS = ("none", "pbr", "fbr")
+BACKGROUND_FILLS = ("black", "mean")
+ZOOM = (0.9, 1.15)  # output magnification of random_resized_crop (< 1 zooms out)
+MAX_SHIFT = 0.06  # largest translation of random_resized_crop, fraction of the crop side (8 px of 128)
+BRIGHTNESS = 0.08  # largest added intensity (images in [0, 1])
+CONTRAST = (0.75, 1.33)  # factor on the deviation from the crop's mean, log-uniform
+GAMMA = (0.75, 1.33)  # exponent on the intensity, log-uniform
+MAX_NOISE = 0.03  # largest standard deviation of the added Gaussian noise
+_EXTRA_SEED_FOLD = 1  # stateless_fold_in key of the seeds of the opt-in distortions
 
 _ROTATIONS = tuple((k, False, False) for k in range(4))  # (quarter turns, flip lr, flip ud)
 _FLIPS = ((0, False, False), (0, True, False), (0, False, True), (0, True, True))
@@ -147,12 +161,119 @@ def random_blur(images, seed, max_sigma: float = MAX_BLUR_SIGMA):
     return tf.transpose(x, [3, 1, 2, 0])
 
 
-def partial_blackout(images, keep, seed, side=PBR_SIDE):
-    """PBR: zero a random square (side drawn from `side` x crop side) except where keep is 1.
+def _log_uniform(shape, seed, bounds):
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    return tf.exp(tf.random.stateless_uniform(shape, seed, lo, hi))
+
+
+def random_resized_crop(images, masks, seed, zoom=ZOOM, max_shift: float = MAX_SHIFT):
+    """Small translations and scale jitter: each crop (and its mask alike) resampled from a random box.
+
+    The box is drawn so that the crop's centre lands at most max_shift x S pixels from the
+    output centre (in each axis) and appears magnified by a factor drawn log-uniformly from
+    zoom. Where the box leaves the crop (zooming out, shifting), the image is filled with its
+    own mean intensity (a black border would be a cue no real crop has) and the mask with 0.
+    Bilinear resampling (tf.image.crop_and_resize); masks are thresholded back to 0/1 at 0.5.
+
+    Parameters
+    ----------
+    images : (B, S, S, 1) float32 tensor
+        Crops with intensities in [0, 1].
+    masks : (B, S, S, 1) float32 tensor or None
+        0/1 masks moved exactly like the images; None when there are none.
+    seed : (2,) int tensor
+        Stateless seed.
+    zoom : (min, max) float
+        Range of the magnification (1: same scale; 1.15: structures 15 % larger).
+    max_shift : float
+        Largest translation per axis, as a fraction of the crop side S.
+
+    Returns
+    -------
+    images, masks : (B, S, S, 1) float32 tensors
+        The resampled crops (in [0, 1]) and masks (None when None was given).
+    """
+    shape = tf.shape(images)
+    b, s = shape[0], shape[1]
+    scale = _log_uniform([b], seed, zoom)
+    shift = tf.random.stateless_uniform(
+        [2, b], tf.random.experimental.stateless_fold_in(seed, 1), -max_shift, max_shift
+    )
+    side = 1.0 / scale  # box side, in units of the crop side
+    # an output position u (0..1) samples the input at start + u * side; the crop centre 0.5
+    # appears at u = 0.5 + shift, hence:
+    y0 = 0.5 - (0.5 + shift[0]) * side
+    x0 = 0.5 - (0.5 + shift[1]) * side
+    boxes = tf.stack([y0, x0, y0 + side, x0 + side], axis=1)
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    both = images - mean if masks is None else tf.concat([images - mean, masks], axis=-1)
+    moved = tf.image.crop_and_resize(both, boxes, tf.range(b), tf.stack([s, s]), extrapolation_value=0.0)
+    moved_images = tf.clip_by_value(moved[..., :1] + mean, 0.0, 1.0)
+    if masks is None:
+        return moved_images, None
+    return moved_images, tf.cast(moved[..., 1:] >= 0.5, tf.float32)
+
+
+def random_photometric(
+    images, seed, brightness: float = BRIGHTNESS, contrast=CONTRAST, gamma=GAMMA, max_noise: float = MAX_NOISE
+):
+    """Brightness, contrast and gamma jitter, then Gaussian noise, each drawn per crop.
+
+    x -> x ** g (gamma, g log-uniform in `gamma`), then m + c (x - m) around the crop's mean m
+    (contrast, c log-uniform in `contrast`), then + d (brightness, d uniform in +-brightness),
+    then + sigma N(0, 1) per pixel (sigma uniform in [0, max_noise]), clipped to [0, 1]. Without
+    noise the map is monotone per crop: pixels keep their order, so a cell keeps its shape.
+    Single-channel phase contrast has no colour to jitter: these are the plate-to-plate
+    differences of exposure, illumination and camera noise.
+
+    Parameters
+    ----------
+    images : (B, S, S, 1) float32 tensor
+        Crops with intensities in [0, 1].
+    seed : (2,) int tensor
+        Stateless seed.
+    brightness : float
+        Largest added intensity.
+    contrast, gamma : (min, max) float, both > 0
+        Ranges of the contrast factor and the gamma exponent.
+    max_noise : float
+        Largest standard deviation of the noise (0: no noise).
+
+    Returns
+    -------
+    images : (B, S, S, 1) float32 tensor in [0, 1]
+    """
+    b = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=5)
+    g = _log_uniform([b, 1, 1, 1], seeds[0], gamma)
+    c = _log_uniform([b, 1, 1, 1], seeds[1], contrast)
+    d = tf.random.stateless_uniform([b, 1, 1, 1], seeds[2], -brightness, brightness)
+    x = tf.pow(tf.clip_by_value(images, 0.0, 1.0), g)
+    m = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    x = m + c * (x - m) + d
+    if max_noise > 0:
+        sigma = tf.random.stateless_uniform([b, 1, 1, 1], seeds[3], 0.0, max_noise)
+        x = x + sigma * tf.random.stateless_normal(tf.shape(images), seeds[4])
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+def _fill_value(images, fill: str):
+    """0 for a black fill; each crop's mean intensity (B, 1, 1, 1) for a mean fill."""
+    if fill not in BACKGROUND_FILLS:
+        raise ValueError(f"background_fill must be one of {BACKGROUND_FILLS}, got {fill!r}")
+    if fill == "black":
+        return tf.zeros_like(images)
+    return tf.broadcast_to(tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True), tf.shape(images))
+
+
+def partial_blackout(images, keep, seed, side=PBR_SIDE, fill: str = "black"):
+    """PBR: blank a random square (side drawn from `side` x crop side) except where keep is 1.
 
     images: (B, S, S, 1) float32 tensor; keep: the dilated cell mask (dilate_masks), as 0/1
-    float32 (B, S, S, 1); seed: (2,) int tensor; side: (min, max) fraction of the crop side.
-    Returns the (B, S, S, 1) float32 tensor with the square zeroed.
+    float32 (B, S, S, 1); seed: (2,) int tensor; side: (min, max) fraction of the crop side;
+    fill: "black" (0, the thesis) or "mean" (each crop's mean intensity).
+    Returns the (B, S, S, 1) float32 tensor with the square blanked. Raises ValueError for an
+    unknown fill.
     """
     shape = tf.shape(images)
     b, s = shape[0], shape[1]
@@ -164,19 +285,35 @@ def partial_blackout(images, keep, seed, side=PBR_SIDE):
     in_rows = (idx[None, :] >= r0[:, None]) & (idx[None, :] < (r0 + sides)[:, None])
     in_cols = (idx[None, :] >= c0[:, None]) & (idx[None, :] < (c0 + sides)[:, None])
     square = (in_rows[:, :, None] & in_cols[:, None, :])[..., None]
-    return tf.where(square & (keep < 0.5), tf.zeros_like(images), images)
+    return tf.where(square & (keep < 0.5), _fill_value(images, fill), images)
 
 
-def full_blackout(images, keep):
-    """FBR: zero everything outside keep, the dilated mask of the centre cell.
+def full_blackout(images, keep, fill: str = "black"):
+    """FBR: blank everything outside keep, the dilated mask of the centre cell.
 
-    images and keep are (B, S, S, 1) float32 tensors (keep 0/1); returns images * keep.
+    images and keep are (B, S, S, 1) float32 tensors (keep 0/1); fill "black" returns
+    images * keep (the thesis), "mean" puts each crop's mean intensity outside keep instead.
+    Raises ValueError for an unknown fill.
     """
-    return tf.multiply(images, keep)
+    if fill == "black":
+        return tf.multiply(images, keep)
+    return tf.where(keep < 0.5, _fill_value(images, fill), images)
 
 
-def distort(images, keep, seed, segmentation: str = "none"):
-    """The distorted view: rotation, flips, mild blur, then PBR/FBR if the variant asks for it.
+def distort(
+    images,
+    keep,
+    seed,
+    segmentation: str = "none",
+    *,
+    geometric: bool = False,
+    photometric: bool = False,
+    background_fill: str = "black",
+):
+    """The distorted view: rotation, flips, [translation and scale], mild blur, [intensity jitter], then PBR/FBR.
+
+    With the defaults this is the thesis' distortion, drawing the same view from the same seed
+    as before the opt-in distortions existed.
 
     Parameters
     ----------
@@ -189,6 +326,13 @@ def distort(images, keep, seed, segmentation: str = "none"):
         Stateless seed, split into one seed per distortion.
     segmentation : {"none", "pbr", "fbr"}
         Blackout after the moves: none, partial (partial_blackout) or full (full_blackout).
+    geometric : bool
+        After the rotation and flips, random_resized_crop (the mask moves alike).
+    photometric : bool
+        After the blur, random_photometric (before the blackout, so the blanked region stays
+        exactly as the fill makes it).
+    background_fill : {"black", "mean"}
+        What PBR/FBR put outside the kept cell.
 
     Returns
     -------
@@ -197,32 +341,56 @@ def distort(images, keep, seed, segmentation: str = "none"):
     Raises
     ------
     ValueError
-        If segmentation is not one of SEGMENTATIONS.
+        If segmentation is not one of SEGMENTATIONS or background_fill not one of
+        BACKGROUND_FILLS.
     """
     if segmentation not in SEGMENTATIONS:
         raise ValueError(f"segmentation must be one of {SEGMENTATIONS}, got {segmentation!r}")
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
+    if background_fill not in BACKGROUND_FILLS:
+        raise ValueError(f"background_fill must be one of {BACKGROUND_FILLS}, got {background_fill!r}")
+    seed = tf.cast(seed, tf.int64)
+    seeds = tf.random.experimental.stateless_split(seed, num=3)
+    extra = tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(seed, _EXTRA_SEED_FOLD), num=2
+    )
     images, keep = random_rot90_and_flips(images, keep if segmentation != "none" else None, seeds[0])
+    if geometric:
+        images, keep = random_resized_crop(images, keep, extra[0])
     images = random_blur(images, seeds[1])
+    if photometric:
+        images = random_photometric(images, extra[1])
     if segmentation == "pbr":
-        images = partial_blackout(images, keep, seeds[2])
+        images = partial_blackout(images, keep, seeds[2], fill=background_fill)
     elif segmentation == "fbr":
-        images = full_blackout(images, keep)
+        images = full_blackout(images, keep, fill=background_fill)
     return images
 
 
-def make_pair(images, keep, seed, segmentation: str = "none"):
+def make_pair(
+    images,
+    keep,
+    seed,
+    segmentation: str = "none",
+    *,
+    geometric: bool = False,
+    photometric: bool = False,
+    background_fill: str = "black",
+):
     """A Barlow Twins pair as in the thesis: the original crop and a distorted copy.
 
-    Takes what distort takes; returns (images, distort(images, keep, seed, segmentation)), two
+    Takes what distort takes (a Variant's row gives them: make_pair(x, keep, seed,
+    variant.segmentation, **variant.distortions)); returns (images, distort(...)), two
     (B, S, S, 1) float32 tensors.
 
     Raises
     ------
     ValueError
-        If segmentation is not one of SEGMENTATIONS.
+        If segmentation is not one of SEGMENTATIONS or background_fill not one of
+        BACKGROUND_FILLS.
     """
-    return images, distort(images, keep, seed, segmentation)
+    return images, distort(
+        images, keep, seed, segmentation, geometric=geometric, photometric=photometric, background_fill=background_fill
+    )
 
 
 def dihedral_views(x):

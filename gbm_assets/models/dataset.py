@@ -57,7 +57,8 @@ def training_dataset(
         if not siamese:
             return x, x
         keep = tf.cast(crops[1], tf.float32)[..., None] if blackout else None
-        return make_pair(x, keep, tf.stack([tf.cast(selection.seed, tf.int64), step]), variant.segmentation)
+        seed = tf.stack([tf.cast(selection.seed, tf.int64), step])
+        return make_pair(x, keep, seed, variant.segmentation, **variant.distortions)
 
     ds = ds.map(to_inputs, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -108,3 +108,41 @@ def build_siamese_encoder(crop_size: int = 128, features: int = 128) -> keras.Mo
     x = layers.Dense(features)(x)
     outputs = layers.BatchNormalization(name="embedding")(x)
     return keras.Model(inputs, outputs, name="siamese_encoder")
+
+
+def build_projector(features: int = 128, width: int = 512) -> keras.Model:
+    """The Barlow Twins projector head: (Linear-BN-ReLU) x 2, then Linear.
+
+    As in Zbontar et al. 2021 ("Barlow Twins: Self-Supervised Learning via Redundancy
+    Reduction", ICML; facebookresearch/barlowtwins: bias-free linear layers, 8192 units on a
+    2048-feature ResNet-50). The loss is taken on its output and the head is dropped after
+    training: the embedding is the encoder's output, which the paper found to transfer better
+    than the projector's.
+
+    Parameters
+    ----------
+    features : int
+        Width of the encoder's output (the head's input).
+    width : int
+        Units of each of the three linear layers (the loss' dimension).
+
+    Returns
+    -------
+    projector : keras.Model
+        (batch, features) float32 -> (batch, width) float32.
+
+    Raises
+    ------
+    ValueError
+        If features or width is below 1.
+    """
+    if features < 1 or width < 1:
+        raise ValueError(f"features and width must be >= 1, got {features} and {width}")
+    inputs = keras.Input((features,), name="embedding")
+    x = inputs
+    for _ in range(2):
+        x = layers.Dense(width, use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU()(x)
+    outputs = layers.Dense(width, use_bias=False, name="projection")(x)
+    return keras.Model(inputs, outputs, name="projector")

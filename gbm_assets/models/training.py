@@ -19,7 +19,7 @@ from gbm_assets.imaging.crop_dataset import CropSelection, count_crops, crop_pla
 from gbm_assets.models.augmentation import dihedral_views  # noqa: E402
 from gbm_assets.models.dataset import training_dataset  # noqa: E402
 from gbm_assets.models.embedding_table import embedding_batch, embedding_schema  # noqa: E402
-from gbm_assets.models.encoders import build_autoencoder, build_siamese_encoder  # noqa: E402
+from gbm_assets.models.encoders import build_autoencoder, build_projector, build_siamese_encoder  # noqa: E402
 from gbm_assets.models.losses import barlow_twins_loss  # noqa: E402
 from gbm_assets.models.variants import Variant  # noqa: E402
 from gbm_assets.storage import AtomicParquetWriter  # noqa: E402
@@ -117,13 +117,17 @@ def usable_batch_size(n_crops: int, configured: int, variant: Variant, where="cr
 class BarlowTwins(keras.Model):
     """Siamese wrapper: one shared encoder, trained on the Barlow Twins loss of a pair.
 
-    The loss is reported as 'bt_loss' through its own Mean tracker: a custom train_step
-    returning 'loss' after compile() without a loss shows 0.0 in Keras 3.
+    With a projector (models.encoders.build_projector, the paper's head) the loss is taken on
+    projector(encoder(view)) and both are trained; the caller keeps the encoder alone for
+    embedding, so the head is dropped after training. The loss is reported as 'bt_loss'
+    through its own Mean tracker: a custom train_step returning 'loss' after compile() without
+    a loss shows 0.0 in Keras 3.
     """
 
-    def __init__(self, encoder: keras.Model, lambda_: float, **kwargs):
+    def __init__(self, encoder: keras.Model, lambda_: float, projector: keras.Model | None = None, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
+        self.projector = projector
         self.lambda_ = lambda_
         self.loss_tracker = keras.metrics.Mean(name="bt_loss")
 
@@ -139,8 +143,12 @@ class BarlowTwins(keras.Model):
         with tf.GradientTape() as tape:
             z1 = self.encoder(view1, training=True)
             z2 = self.encoder(view2, training=True)
+            if self.projector is not None:
+                z1, z2 = self.projector(z1, training=True), self.projector(z2, training=True)
             loss = barlow_twins_loss(z1, z2, self.lambda_)
         weights = self.encoder.trainable_variables
+        if self.projector is not None:
+            weights = weights + self.projector.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights, strict=False))
         self.loss_tracker.update_state(loss)
         return {"bt_loss": self.loss_tracker.result()}
@@ -241,14 +249,20 @@ class TrainingBudget(keras.callbacks.Callback):
 
 
 def build_trainable(variant: Variant, crop_size: int) -> tuple[keras.Model, keras.Model, str]:
-    """(compiled model to fit, its functional encoder, the history key of its loss)."""
+    """(compiled model to fit, its functional encoder, the history key of its loss).
+
+    A siamese variant with projector=True trains BarlowTwins with the paper's projector head
+    (build_projector(variant.features, variant.projector_width)); the encoder returned, which
+    is what gets embedded, saved and logged, has no head: its output is variant.features wide.
+    """
     optimizer = keras.optimizers.Adam(learning_rate=variant.learning_rate)
     if variant.kind == "autoencoder":
         model, encoder = build_autoencoder(crop_size, variant.features)
         model.compile(optimizer=optimizer, loss="mse")
         return model, encoder, "loss"
     encoder = build_siamese_encoder(crop_size, variant.features)
-    model = BarlowTwins(encoder, variant.lambda_)
+    projector = build_projector(variant.features, variant.projector_width) if variant.projector else None
+    model = BarlowTwins(encoder, variant.lambda_, projector)
     model.compile(optimizer=optimizer)
     return model, encoder, "bt_loss"
 

@@ -1,4 +1,12 @@
-"""The model variants (thesis Table 1) as one table: adding a variant is adding one row."""
+"""The model variants (thesis Table 1) as one table: adding a variant is adding one row.
+
+Rows A-H and the autoencoder are the thesis' Table 1. Rows after them add what the Barlow Twins
+paper and the thesis' own discussion suggest, each as fields whose defaults keep the thesis'
+rows as they were: the paper's projector head (Zbontar J, Jing L, Misra I, LeCun Y, Deny S.
+"Barlow Twins: Self-Supervised Learning via Redundancy Reduction", ICML 2021,
+arXiv:2103.03230), small translations and scale jitter, brightness/contrast/gamma jitter and
+noise, and filling the blacked-out background with the crop's mean instead of black.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,24 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class Variant:
-    """One encoder to train: its kind, embedding width, Barlow Twins lambda and blackout mode."""
+    """One encoder to train: its kind, embedding width, Barlow Twins lambda, blackout mode and recipe.
+
+    The fields after learning_rate apply to siamese variants only; their defaults are the
+    thesis' recipe, so rows that leave them out train exactly as before.
+
+    projector : bool
+        Train through the Barlow Twins paper's projector (models.encoders.build_projector:
+        Linear-BN-ReLU twice, then Linear, `projector_width` units each) and take the loss on
+        its output; the head is dropped after training and embeddings come from the encoder.
+    geometric : bool
+        Add small translations and scale jitter to the distorted view
+        (models.augmentation.random_resized_crop).
+    photometric : bool
+        Add brightness, contrast and gamma jitter and Gaussian noise to the distorted view
+        (models.augmentation.random_photometric).
+    background_fill : {"black", "mean"}
+        What PBR/FBR put outside the kept cell: black (the thesis) or the crop's mean intensity.
+    """
 
     name: str
     kind: Literal["autoencoder", "siamese"]
@@ -16,6 +41,16 @@ class Variant:
     lambda_: float | None  # Barlow Twins off-diagonal weight; None for the autoencoder
     segmentation: Literal["none", "pbr", "fbr"]  # blackout of the distorted view
     learning_rate: float
+    projector: bool = False
+    projector_width: int = 512  # units of each projector layer (the paper: 8192 on 2048 features)
+    geometric: bool = False
+    photometric: bool = False
+    background_fill: Literal["black", "mean"] = "black"
+
+    @property
+    def distortions(self) -> dict:
+        """Keyword arguments of models.augmentation.make_pair/distort beyond the segmentation."""
+        return {"geometric": self.geometric, "photometric": self.photometric, "background_fill": self.background_fill}
 
 
 _TABLE = (
@@ -29,6 +64,14 @@ _TABLE = (
     Variant("siamese_f", "siamese", 128, 0.01, "pbr", 0.001),
     Variant("siamese_g", "siamese", 128, 0.005, "pbr", 0.001),
     Variant("siamese_h", "siamese", 128, 0.01, "fbr", 0.001),
+    # beyond the thesis: one change each to the base row named in the name
+    # the projector's 512-wide loss has 16x the off-diagonal terms of B's 128: lambda / 4 keeps
+    # the balance of the two terms of the loss where B has it
+    Variant("siamese_b_projector", "siamese", 128, 0.025, "none", 0.001, projector=True),
+    Variant("siamese_b_geometric", "siamese", 128, 0.1, "none", 0.001, geometric=True),
+    Variant("siamese_b_photometric", "siamese", 128, 0.1, "none", 0.001, photometric=True),
+    Variant("siamese_h_mean", "siamese", 128, 0.01, "fbr", 0.001, background_fill="mean"),
+    Variant("siamese_b_recipe", "siamese", 128, 0.025, "none", 0.001, projector=True, geometric=True, photometric=True),
 )
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in _TABLE}
