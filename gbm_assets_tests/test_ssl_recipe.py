@@ -248,3 +248,16 @@ def test_projector_trains_with_the_encoder_and_is_dropped_after_training(tmp_pat
     assert "projector" not in {layer.name for layer in result.encoder.layers}
     _, pixels = next(iter_crop_batches(crops, 8))
     assert embed_batch(result.encoder, pixels).shape == (8, 16)
+
+
+def test_mlflow_params_name_the_recipe():
+    from types import SimpleNamespace
+
+    from gbm_assets.assets.encoders import TrainingConfig, _training_params
+
+    plan = SimpleNamespace(batch_size=8, crop_size=SIZE, n_crops=24, plates=("P1",))
+    recipe = Variant("siamese_x", "siamese", 16, 0.025, "fbr", 0.001, True, 24, True, True, "mean")
+    p = _training_params(recipe, plan, TrainingConfig())
+    assert (p["projector"], p["geometric"], p["photometric"], p["background_fill"]) == (24, True, True, "mean")
+    p = _training_params(get_variant("siamese_b"), plan, TrainingConfig())
+    assert (p["projector"], p["geometric"], p["photometric"], p["background_fill"]) == (0, False, False, "black")

@@ -79,6 +79,8 @@ def _training_params(variant: Variant, plan, config: TrainingConfig) -> dict:
         "features": variant.features,
         "lambda": variant.lambda_,
         "segmentation": variant.segmentation,
+        "projector": variant.projector_width if variant.projector else 0,  # its width; 0: none
+        **variant.distortions,  # geometric, photometric, background_fill
         "learning_rate": variant.learning_rate,
         "batch_size": plan.batch_size,
         "configured_batch_size": config.batch_size,
