@@ -23,7 +23,7 @@ from gbm_assets.imaging.plates import find_ready_plates
 from gbm_assets.schema import PROVENANCE_COLUMNS
 from gbm_assets.storage import plate_dataset
 
-TINY_TRAINING = {"epochs": 2, "max_steps_per_epoch": 3, "batch_size": 32, "seed": 1}
+TINY_TRAINING = {"epochs": 2, "max_steps_per_epoch": 3, "batch_size": 32, "seed": 1, "max_minutes": None}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,8 @@ def test_training_run_is_complete_in_mlflow(trained):
             "git_commit",
         } <= set(p)
         assert run.data.tags["dagster.partition"] == variant
+        assert p["max_minutes"] == "None" and p["patience"] == "3" and p["stopped_by"] == "epochs"
+        assert run.data.metrics["steps_run"] == 6 and meta["stopped_by"].value == "epochs"
         history = client.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == [0, 1] and all(np.isfinite(m.value) for m in history)
         # Evaluation lands in the same run, beside the raw-pixel baseline.
