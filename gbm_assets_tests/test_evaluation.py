@@ -307,3 +307,13 @@ def test_comparison_table_and_report_show_fold_sd_and_read_old_tables(tmp_path):
     assert displayed(with_sd(old_table.reset_index())).set_index("variant").loc["siamese_b", "culture_plate_kappa"] == (
         f"{mean:.3f}"  # an old table: the mean alone
     )
+
+
+def test_a_fold_that_trains_on_one_class_predicts_it():
+    # Culture B on one image: the fold that holds it out trains on culture A alone.
+    labels = pd.Series(["A"] * 80 + ["B"] * 10)
+    groups = pd.Series(np.repeat([f"img{i}" for i in range(9)], 10))
+    features = np.random.default_rng(0).normal(size=(90, 4))
+    for classifier in CLASSIFIERS:
+        result = evaluate_features(features, labels, groups, seed=0, classifier=classifier)
+        assert result["confusion"].sum() == 90 and result["confusion"][1].tolist() == [10, 0]  # B: called A
