@@ -102,9 +102,12 @@ def test_training_run_is_complete_in_mlflow(trained):
             "embedding.culture.image_split.linear_probe.kappa",
             "handcrafted.culture.accuracy",
             "handcrafted.culture.plate_split.linear_probe.kappa",
+            "embedding.culture.plate_split.random_forest.kappa_sd",  # sd over the 5 group folds
+            "raw_pixels.culture.kappa_sd",
         ):
             assert key in run.data.metrics, key
         assert p["evaluation.splits"] == "image,plate" and p["evaluation.baselines"] == "raw_pixels,handcrafted"
+        assert p["evaluation.folds"] == "5"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
         assert "evaluation/confusion_embedding_culture.png" in artifacts
         assert meta["mlflow_run"].value.endswith(run.info.run_id)
