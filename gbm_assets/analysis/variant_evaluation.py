@@ -119,9 +119,10 @@ def score_features(
     DataFrame with columns SCORE_COLUMNS
         accuracy, kappa and majority_baseline are means over the n_folds group folds, the *_sd
         columns their standard deviations; n_test counts every crop tested (each once), n_train
-        the mean training crops per fold. A (target, split) that cannot be scored (one culture, fewer than 5 images or plates,
-        classes on one plate each: evaluation.why_not_evaluable) still gets its lines, with NaN
-        scores, n_train = n_test = 0 and the reason in `skipped` (empty on scored lines).
+        the mean training crops per fold. A (target, split) that cannot be scored (one culture,
+        fewer than n_folds images or plates, classes on one plate each:
+        evaluation.why_not_evaluable) still gets its lines, with NaN scores, n_train = n_test =
+        n_folds = 0 and the reason in `skipped` (empty on scored lines).
     """
     lines = []
     for target in TARGETS:
