@@ -402,10 +402,10 @@ def test_training_config_fills_the_core_parameters():
     from gbm_assets.assets.encoders import TrainingConfig
 
     assert TrainingConfig().params() == TrainConfig(
-        epochs=40, max_steps_per_epoch=12, max_minutes=0.5, patience=3, batch_size=128, seed=0, max_crops=None
+        epochs=2, max_steps_per_epoch=12, max_minutes=None, patience=3, batch_size=128, seed=0, max_crops=None
     )
     assert TrainingConfig(epochs=5, max_crops=40, seed=2, mlflow_retries=0).params() == TrainConfig(
-        epochs=5, max_steps_per_epoch=12, max_minutes=0.5, patience=3, batch_size=128, seed=2, max_crops=40
+        epochs=5, max_steps_per_epoch=12, max_minutes=None, patience=3, batch_size=128, seed=2, max_crops=40
     )
 
 
