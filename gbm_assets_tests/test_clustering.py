@@ -5,6 +5,7 @@ One UMAP fit for the whole module (numba compiles on first use, which dominates 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from sklearn.metrics import homogeneity_score
+from sklearn.metrics import adjusted_rand_score, homogeneity_score
 
 from gbm_assets.analysis.clustering import (
     LABEL_COLUMNS,
     ClusteringConfig,
+    _hdbscan,
     assign_new,
     choose_k,
     cluster_metrics,
@@ -24,6 +26,7 @@ from gbm_assets.analysis.clustering import (
     load_clustering,
     save_clustering,
     scaled_min_cluster_size,
+    sized_parameters,
     split_embedding_table,
 )
 from gbm_assets.analysis.composition import chi_square_culture_vs_type, composition, composition_error
@@ -105,8 +108,7 @@ def test_labels_store_in_parquet(fitted, tmp_path):
 def test_planted_types_are_recovered(fitted):
     table, types, model, labels = fitted
     xy = labels[["umap_x", "umap_y"]].to_numpy()
-    # Leaf selection may split a type into several clusters and leave noise (as in the
-    # thesis), but must not mix types.
+    # HDBSCAN must not mix types (leaf selection, the thesis', could also split them).
     hdb = labels["hdbscan"].to_numpy()
     assert homogeneity_score(types[hdb != -1], hdb[hdb != -1]) > 0.95
     assert model.auto_k.k == N_TYPES
@@ -138,6 +140,54 @@ def test_assign_new_does_not_refit(fitted, tmp_path):
     # The stored model places new cells exactly as the fitted one does.
     pd.testing.assert_frame_equal(assign_new(restored, new_plate), new)
     assert cluster_metrics(new[["umap_x", "umap_y"]].to_numpy(), new["auto"], new_types)["ari"] > 0.9
+
+
+def test_model_files_written_before_icl_load_as_fitted(fitted, tmp_path):
+    """A file from before auto_k_criterion (no icl column, no such config field) loads, says "bic"."""
+    model = fitted[2]
+    save_clustering(model, tmp_path / "new.npz")
+    restored = load_clustering(tmp_path / "new.npz", expected_fingerprint=model.fingerprint())
+    assert restored.config == model.config and restored.config.auto_k_criterion == "icl"
+    pd.testing.assert_frame_equal(restored.auto_k.table, model.auto_k.table, check_dtype=False)
+
+    with np.load(tmp_path / "new.npz", allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in stored.files if name != "auto_k.icl"}
+    header = json.loads(str(arrays["header"]))
+    del header["config"]["auto_k_criterion"]
+    header["config"]["hdbscan_selection"] = "leaf"
+    arrays["header"] = np.array(json.dumps(header))
+    np.savez_compressed(tmp_path / "old.npz", **arrays)
+    old = load_clustering(tmp_path / "old.npz", expected_fingerprint=model.fingerprint())
+    assert old.config.auto_k_criterion == "bic" and old.config.hdbscan_selection == "leaf"
+    assert list(old.auto_k.table.columns) == ["k", "bic", "candidate", "stability"]
+
+
+def test_default_hdbscan_keeps_a_type_with_two_density_bumps_whole():
+    """Excess-of-mass selection: 5 types of two overlapping bumps each are 5 clusters, no noise.
+
+    The thesis' leaf selection made each bump a cluster (10) and their rims noise (ARI 0.48).
+    """
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [20, 0], [0, 20], [20, 20], [10, 40]], float)
+    types = np.repeat(np.arange(5), 400)
+    bumps = np.c_[np.where(np.arange(2000) % 2, 1.6, -1.6), np.zeros(2000)]
+    points = centres[types] + bumps + rng.normal(0, 0.7, (2000, 2))
+    config = ClusteringConfig()
+    labels = _hdbscan(config, sized_parameters(config, len(points))).fit(points).labels_
+    assert labels.max() + 1 == 5 and (labels == -1).mean() < 0.02
+    assert adjusted_rand_score(types, labels) > 0.95
+
+
+def test_choose_k_counts_non_gaussian_clusters_once():
+    """Three uniform squares: ICL (the default) picks 3; BIC's minimum lies at more components."""
+    rng = np.random.default_rng(0)
+    corners = np.array([[0, 0], [30, 0], [15, 30]], float)
+    points = corners[rng.integers(0, 3, 1_500)] + rng.uniform(-5, 5, (1_500, 2))
+    result = choose_k(points, ClusteringConfig(auto_k_max=7, auto_k_stability_runs=3))
+    assert result.k == 3 and result.rule.startswith("smallest") and "ICL" in result.rule
+    table = result.table
+    assert table.loc[table["bic"].idxmin(), "k"] > 3 and table.loc[table["icl"].idxmin(), "k"] == 3
+    assert (table["icl"] >= table["bic"] - 1e-6).all()  # the entropy term is never negative
 
 
 def test_assign_new_rejects_wrong_width(fitted):
