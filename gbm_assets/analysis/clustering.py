@@ -301,21 +301,27 @@ def choose_k(points_2d: np.ndarray, config: ClusteringConfig, k_max: int | None 
     Rule: (1) fit a GMM for every k in [auto_k_min, auto_k_max] and compute BIC and ICL
     (integrated_completed_likelihood); the criterion is config.auto_k_criterion. Every k whose
     criterion lies within auto_k_bic_tolerance of the criterion's range above the minimum is a
-    candidate. Why ICL: UMAP output is not a mixture of Gaussians, so BIC keeps falling slowly
-    with k as more components fit each cluster's shape, and every candidate was a large k. ICL
-    is the criterion for the number of clusters rather than of density components (Biernacki
-    et al. 2000; Baudry et al. 2010, J Comput Graph Stat 19:332). Measured on the UMAP of
-    hard synthetic plates (benchmarks/cluster_ceiling.py, 5 morphotypes): BIC's minimum lay at
-    k 14-19 for true-type, hand-crafted and raw-pixel features, ICL's at 5, 4-17 and 4; on the
-    thesis' setting (11 overlapping types, 7,500 cells) BIC's at 19 (GMM ARI 0.56), ICL's at 9
-    (0.78). (2) For the auto_k_max_candidates smallest candidates, in ascending k, fit
-    auto_k_stability_runs GMMs on random subsamples (auto_k_subsample of the cells, without
-    replacement, as in consensus clustering), label all cells with each, and take the mean
-    pairwise adjusted Rand index; stop at the first k reaching auto_k_min_stability.
-    (3) Choose that k, else the most stable one measured. The 0.8 default sits near
-    Hennig's clusterboot rule of thumb (0.75) for stable clusters; on overlapping synthetic
-    types the true k scored 0.87, so 0.9 rejected it. The caps bound the cost (each
-    stability value is several GMM fits); the sweep runs on at most auto_k_max_cells cells.
+    candidate. (2) For at most auto_k_max_candidates candidates, in order (ICL: lowest ICL
+    first; BIC, as before issue 13: ascending k), fit auto_k_stability_runs GMMs on random
+    subsamples (auto_k_subsample of the cells, without replacement, as in consensus
+    clustering), label all cells with each, and take the mean pairwise adjusted Rand index;
+    stop at the first k reaching auto_k_min_stability. (3) Choose that k, else the most stable
+    one measured. So with ICL the k is the criterion's best among the stable ones: stability
+    filters, it does not choose. The 0.8 default sits near Hennig's clusterboot rule of thumb
+    (0.75) for stable clusters; on overlapping synthetic types the true k scored 0.87, so 0.9
+    rejected it. The caps bound the cost (each stability value is several GMM fits); the sweep
+    runs on at most auto_k_max_cells cells.
+
+    Why ICL: UMAP output is not a mixture of Gaussians, so BIC keeps falling slowly with k as
+    more components fit each cluster's shape, and the BIC candidates were all large k. ICL is
+    the criterion for the number of clusters rather than of density components (Biernacki et
+    al. 2000; Baudry et al. 2010, J Comput Graph Stat 19:332). Measured (automatic-k GMM's ARI
+    against the truth, BIC rule -> ICL rule): on the UMAP of hard synthetic plates
+    (benchmarks/cluster_ceiling.py, 1,273 cells of 5 morphotypes) k 5 -> 5 (ARI 1.0 -> 1.0) for
+    the true type as features, 19 -> 4 (0.35 -> 0.79) for standardised hand-crafted features,
+    16 -> 4 (0.28 -> 0.49) for raw pixels; on the thesis' setting (benchmarks/clustering.py,
+    11 overlapping types, 7,500 cells) 11 -> 9 (0.78 -> 0.78; ICL's smallest stable candidate,
+    8, would score 0.69, hence the ICL order in (2)).
     k_max (default config.auto_k_max) caps the sweep, e.g. at n // 2 for small data.
 
     Parameters
@@ -352,8 +358,13 @@ def choose_k(points_2d: np.ndarray, config: ClusteringConfig, k_max: int | None 
     candidate = score - score.min() <= config.auto_k_bic_tolerance * span
     stability = np.full(len(ks), np.nan)
     m = max(2, int(round(config.auto_k_subsample * n)))
-    chosen, how = None, "smallest candidate with stability >= threshold"
-    for i in np.flatnonzero(candidate)[: config.auto_k_max_candidates]:
+    order = np.flatnonzero(candidate)
+    if config.auto_k_criterion == "icl":  # best ICL first (stable sort: ties by k); BIC as before, by k
+        order = order[np.argsort(score[order], kind="stable")]
+        chosen, how = None, "lowest-ICL candidate with stability >= threshold"
+    else:
+        chosen, how = None, "smallest BIC candidate with stability >= threshold"
+    for i in order[: config.auto_k_max_candidates]:
         runs = []
         for r in range(config.auto_k_stability_runs):
             idx = rng.choice(n, m, replace=False)
@@ -364,7 +375,7 @@ def choose_k(points_2d: np.ndarray, config: ClusteringConfig, k_max: int | None 
             break
     if chosen is None:
         chosen = int(np.nanargmax(stability))
-        how = "most stable BIC candidate measured (none reached the threshold)"
+        how = f"most stable {config.auto_k_criterion.upper()} candidate measured (none reached the threshold)"
     table = pd.DataFrame({"k": ks, "bic": bic, "icl": icl, "candidate": candidate, "stability": stability})
     rule = (
         f"{how}; candidates: {config.auto_k_criterion.upper()} within {config.auto_k_bic_tolerance:.0%} of its range above "
