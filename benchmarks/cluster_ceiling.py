@@ -19,7 +19,9 @@ of those crops:
   normalised before any distance is taken, else the largest-unit columns decide every distance);
 - raw_pixels: analysis.evaluation.raw_pixel_features (crops block-averaged to 32 x 32);
 
-it runs the production clustering (clustering.fit_clusters with the shipped ClusteringConfig, or
+and with --variants, each named encoder trained on these crops at the shipped budget
+(assets.encoders.TrainingConfig through models.training.train_encoder) and its embedding, as it is
+and standardised (<variant>, <variant>_standardized), it runs the production clustering (clustering.fit_clusters with the shipped ClusteringConfig, or
 the one --config overrides: '{"hdbscan_selection": "leaf", "auto_k_criterion": "bic"}' is the
 clustering as it was before issue 13) and prints one JSON object: per feature set and labelling (hdbscan,
 gmm, auto) the ARI and NMI against the true morphotype (noise as its own group, as the report
@@ -102,13 +104,42 @@ def feature_sets(rows: pd.DataFrame, crops: Path, seed: int) -> dict[str, np.nda
     oracle = np.eye(codes.max() + 1, dtype=np.float32)[codes]
     oracle += rng.normal(0.0, ORACLE_NOISE_SD, oracle.shape).astype(np.float32)
     handcrafted = handcrafted_features_for(crops, rows["crop_id"])
-    scale = handcrafted.std(axis=0)
     return {
         "oracle": oracle,
         "handcrafted": handcrafted,
-        "handcrafted_standardized": (handcrafted - handcrafted.mean(axis=0)) / np.where(scale > 0, scale, 1.0),
+        "handcrafted_standardized": _standardized(handcrafted),
         "raw_pixels": raw_pixel_features(read_crops(crops, rows["crop_id"])),
     }
+
+
+def embedding_sets(rows: pd.DataFrame, crops: Path, variants: list[str]) -> dict[str, np.ndarray]:
+    """Each variant's embedding of rows' crops, trained on all crops at the shipped budget; as is and standardised."""
+    from gbm_assets.assets.encoders import TrainingConfig
+    from gbm_assets.models.training import TrainConfig, embed_crops, limit_cpu_threads, train_encoder
+    from gbm_assets.models.variants import get_variant
+
+    limit_cpu_threads()
+    shipped = TrainingConfig()
+    config = TrainConfig(
+        epochs=shipped.epochs,
+        max_steps_per_epoch=shipped.max_steps_per_epoch,
+        patience=shipped.patience,
+        batch_size=shipped.batch_size,
+    )
+    out = {}
+    for name in variants:
+        encoder = train_encoder(get_variant(name), crops, config).encoder
+        parts = list(embed_crops(encoder, crops))
+        ids = pd.concat([r["crop_id"] for r, _ in parts], ignore_index=True).astype(str)
+        x = np.concatenate([e for _, e in parts])[pd.Index(ids).get_indexer(rows["crop_id"].astype(str))]
+        out[name] = x
+        out[f"{name}_standardized"] = _standardized(x)
+    return out
+
+
+def _standardized(x: np.ndarray) -> np.ndarray:
+    scale = x.std(axis=0)
+    return (x - x.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
 
 
 def probe_accuracy(x: np.ndarray, truth: np.ndarray, seed: int) -> float:
@@ -165,6 +196,7 @@ def main() -> None:
     parser.add_argument(
         "--sets", nargs="+", default=["oracle", "handcrafted", "handcrafted_standardized", "raw_pixels"]
     )
+    parser.add_argument("--variants", nargs="*", default=[], help="encoders to train and add (e.g. siamese_b)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (plates and crops are reused)")
     args = parser.parse_args()
 
@@ -189,6 +221,7 @@ def main() -> None:
         make_crops(raw, crops, args.workers)
         rows = crops_with_truth(raw, crops)
         sets = feature_sets(rows, crops, args.seed)
+        sets.update(embedding_sets(rows, crops, args.variants))
         truth = rows["truth"].astype(str).to_numpy()
         report: dict = {
             "plates": {
@@ -204,7 +237,7 @@ def main() -> None:
             "targets": {"ari": 0.6, "composition_error": 0.03},
             "feature_sets": {},
         }
-        for name in args.sets:
+        for name in [*args.sets, *(f"{v}{s}" for v in args.variants for s in ("", "_standardized"))]:
             x = sets[name]
             report["feature_sets"][name] = {
                 "n_features": int(x.shape[1]),
