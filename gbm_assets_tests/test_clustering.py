@@ -190,6 +190,12 @@ def test_choose_k_counts_non_gaussian_clusters_once():
     assert (table["icl"] >= table["bic"] - 1e-6).all()  # the entropy term is never negative
 
 
+@pytest.mark.parametrize("field", ["hdbscan_selection", "auto_k_criterion"])
+def test_config_rejects_unknown_choices(field):
+    with pytest.raises(ValueError, match=field):
+        ClusteringConfig(**{field: "aic"})
+
+
 def test_assign_new_rejects_wrong_width(fitted):
     with pytest.raises(ValueError, match="columns"):
         assign_new(fitted[2], np.zeros((5, DIMS + 1), np.float32))

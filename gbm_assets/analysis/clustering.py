@@ -111,9 +111,11 @@ class ClusteringConfig:
     density has two bumps becomes two clusters and its low-density rim noise. Measured
     (benchmarks/cluster_ceiling.py, hard synthetic plates, 1,273 cells, 5 morphotypes): on
     features that are the true type (one-hot plus noise) leaf gave 10 clusters, 28 % noise and
-    ARI 0.41, eom 5 clusters, ARI 1.0; standardised hand-crafted features 0.50 -> 0.80, raw
+    ARI 0.41, eom 5 clusters, ARI 1.0; standardised hand-crafted features 0.10 -> 0.80 (leaf
+    gave 0.10-0.50 as float rounding of the input moved the layout; eom 0.80 both times), raw
     pixels 0.16 -> 0.35. On the thesis' setting (benchmarks/clustering.py's 11 overlapping
-    types, 7,500 cells, min_cluster_size 220) both give the same labels (ARI 0.75, 10 clusters).
+    types, min_cluster_size scaled from 220) both give the same labels: ARI 0.75, 10 clusters at
+    7,500 cells; 0.875 at 100,000.
 
     auto_k_criterion "icl": the automatic k minimises the integrated completed likelihood
     (Biernacki, Celeux & Govaert 2000, IEEE TPAMI 22:719), BIC plus twice the entropy of the
@@ -138,6 +140,12 @@ class ClusteringConfig:
     auto_k_max_candidates: int = 5  # stability is measured for at most this many k
     auto_k_criterion: str = "icl"  # "icl" (integrated completed likelihood) or "bic" (as before)
     n_jobs: int = -1  # HDBSCAN core distances; UMAP is seeded, so 1 thread
+
+    def __post_init__(self):
+        """Raises ValueError for a hdbscan_selection or auto_k_criterion that is not one of the choices."""
+        for name, choices in (("hdbscan_selection", ("eom", "leaf")), ("auto_k_criterion", ("icl", "bic"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"ClusteringConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
 
     def min_cluster_size(self, n_cells: int) -> int:
         return self.hdbscan_min_cluster_size or scaled_min_cluster_size(n_cells)
@@ -170,7 +178,7 @@ def sized_parameters(config: ClusteringConfig, n_cells: int) -> dict[str, int]:
 
 @dataclass
 class AutoK:
-    """The chosen k and the evidence: per k its BIC, whether it is a candidate, its stability."""
+    """The chosen k and the evidence: per k its BIC and ICL, whether it is a candidate, its stability."""
 
     k: int
     table: pd.DataFrame  # columns k, bic, icl, candidate, stability (NaN where not measured)
@@ -321,7 +329,8 @@ def choose_k(points_2d: np.ndarray, config: ClusteringConfig, k_max: int | None 
     the true type as features, 19 -> 4 (0.35 -> 0.79) for standardised hand-crafted features,
     16 -> 4 (0.28 -> 0.49) for raw pixels; on the thesis' setting (benchmarks/clustering.py,
     11 overlapping types, 7,500 cells) 11 -> 9 (0.78 -> 0.78; ICL's smallest stable candidate,
-    8, would score 0.69, hence the ICL order in (2)).
+    8, would score 0.69, hence the ICL order in (2)); at 100,000 cells both choose 11.
+
     k_max (default config.auto_k_max) caps the sweep, e.g. at n // 2 for small data.
 
     Parameters
@@ -348,8 +357,6 @@ def choose_k(points_2d: np.ndarray, config: ClusteringConfig, k_max: int | None 
     ks = [k for k in range(config.auto_k_min, k_max + 1) if k < n]
     if not ks:
         raise ValueError(f"too few cells ({n}) to choose a number of clusters")
-    if config.auto_k_criterion not in ("icl", "bic"):
-        raise ValueError(f"auto_k_criterion must be 'icl' or 'bic', got {config.auto_k_criterion!r}")
     fits = [_gmm(k, config.seed).fit(points_2d) for k in ks]
     bic = np.array([g.bic(points_2d) for g in fits])
     icl = np.array([integrated_completed_likelihood(g, points_2d) for g in fits])
