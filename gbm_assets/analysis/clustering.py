@@ -326,7 +326,8 @@ def choose_k(points_2d: np.ndarray, config: ClusteringConfig, k_max: int | None 
     al. 2000; Baudry et al. 2010, J Comput Graph Stat 19:332). Measured (automatic-k GMM's ARI
     against the truth, BIC rule -> ICL rule): on the UMAP of hard synthetic plates
     (benchmarks/cluster_ceiling.py, 1,273 cells of 5 morphotypes) k 5 -> 5 (ARI 1.0 -> 1.0) for
-    the true type as features, 19 -> 4 (0.35 -> 0.79) for standardised hand-crafted features,
+    the true type as features, 19 -> 4 (0.35 -> 0.79) for standardised hand-crafted features
+    (on one of their two layouts; on the other, ICL too chose 19),
     16 -> 4 (0.28 -> 0.49) for raw pixels; on the thesis' setting (benchmarks/clustering.py,
     11 overlapping types, 7,500 cells) 11 -> 9 (0.78 -> 0.78; ICL's smallest stable candidate,
     8, would score 0.69, hence the ICL order in (2)); at 100,000 cells both choose 11.
