@@ -104,11 +104,9 @@ def pixel_features(pixels: np.ndarray, masks: np.ndarray) -> np.ndarray:
         outside = crop[~inside]
         p05, p25, p50, p75, p95 = np.percentile(values, [5, 25, 50, 75, 95])
         background = float(outside.mean()) if outside.size else float(values.mean())
-        f = crop.astype(np.float32)
-        gradient = cv2.magnitude(cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3))[
-            inside
-        ]
-        laplacian = cv2.Laplacian(f, cv2.CV_32F, ksize=3)[inside]
+        f = crop.astype(np.float64)  # float64 throughout: float32 SIMD paths made last digits vary between calls
+        gradient = np.hypot(cv2.Sobel(f, cv2.CV_64F, 1, 0, ksize=3), cv2.Sobel(f, cv2.CV_64F, 0, 1, ksize=3))[inside]
+        laplacian = cv2.Laplacian(f, cv2.CV_64F, ksize=3)[inside]
         out[i] = [
             values.mean(),
             values.std(),
