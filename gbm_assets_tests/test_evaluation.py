@@ -317,3 +317,17 @@ def test_a_fold_that_trains_on_one_class_predicts_it():
     for classifier in CLASSIFIERS:
         result = evaluate_features(features, labels, groups, seed=0, classifier=classifier)
         assert result["confusion"].sum() == 90 and result["confusion"][1].tolist() == [10, 0]  # B: called A
+
+
+def test_a_fold_the_splitter_leaves_empty_is_dropped_and_every_crop_still_tested():
+    """StratifiedGroupKFold's greedy stratification leaves one of 4 folds without a group here
+    (4 images, 2 cultures); scoring that fold failed on 0 crops (seen in the main job)."""
+    sizes, cultures = [19, 22, 35, 11], ["a", "b", "a", "b"]
+    groups = pd.Series(np.repeat([f"img{i}" for i in range(4)], sizes))
+    labels = pd.Series(np.repeat(cultures, sizes))
+    folds = evaluation.group_folds(labels, groups, seed=0)
+    assert all(len(train) and len(test) for train, test in folds)
+    assert sorted(np.concatenate([test for _, test in folds]).tolist()) == list(range(sum(sizes)))
+    features = np.random.default_rng(0).normal(size=(sum(sizes), 3))
+    result = evaluate_features(features, labels, groups)
+    assert result["n_test"] == sum(sizes) and result["n_folds"] == len(folds)

@@ -94,8 +94,8 @@ def group_folds(
     labels and groups (the crop's image, or its plate) have one entry per crop. k = min(n_folds,
     number of groups); scikit-learn's StratifiedGroupKFold (shuffled with random_state=seed) keeps
     class shares close to the whole's. Each fold is two int64 ndarrays of row positions, shapes
-    (n_train,) and (n_test,): no group is on both sides, and over the k folds every crop is in
-    exactly one test set.
+    (n_train,) and (n_test,): no group is on both sides, and over the folds every crop is in
+    exactly one test set. A fold the splitter leaves empty is dropped, so there can be fewer than k.
 
     Raises
     ------
@@ -112,7 +112,10 @@ def group_folds(
     y = np.asarray(pd.Series(labels).astype(str))
     with warnings.catch_warnings():  # a class with fewer groups than folds cannot be in every fold: fine
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        return list(splitter.split(np.zeros(len(y)), y, np.asarray(groups)))
+        folds = list(splitter.split(np.zeros(len(y)), y, np.asarray(groups)))
+    # Its greedy stratification can leave a fold with no group at all (4 groups of 2 classes
+    # in 4 folds); such a fold tests nothing, so it is dropped rather than scored on 0 crops.
+    return [(train, test) for train, test in folds if len(train) and len(test)]
 
 
 def _fit_predict(classifier: str, seed: int, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray):
