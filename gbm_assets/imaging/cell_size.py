@@ -10,17 +10,18 @@ the 24 hand-annotated Usiigaci fields, the 6 T98G frames and synthetic fields dr
 with a spread of about 15% between fields. Iterating (re-finding at the estimate) does not
 converge: larger scales merge neighbours and the estimate runs away, so one pass it is.
 
-Cell finding then runs at the default scale (43 px) moved just enough to lie within SCALE_RANGE
+Cell finding then runs at the default scale (41 px) moved just enough to lie within SCALE_RANGE
 of the estimate. The segmentation's length scale is that of a cell's dark body and seeds rather
 than of its whole outline with halo and protrusions, so the best scale hardly follows the outline:
 on the 24 hand-annotated Usiigaci fields the per-field best scale was 45-50 px for cells of 40
-px as for cells of 72 px, and T98G's 40-50 px (cells of 54-65 px), while the synthetic plates'
-densest fields lose recall above about 43 px. 43 px is the default that serves both (Usiigaci
-precision 0.61 -> 0.68 at recall 0.86 -> 0.85 against the former 40 px; synthetic precision and
-recall still at least 0.9 at every density). The estimate moves the scale only where cells are
-far from that: above 1.4 diameters (a culture of mixed sizes, many small rounded cells among
-spread ones, pulls the median down, and finding it at that median lost recall) or below 0.6
-diameters (20x, 40x, other binning: cells cut in pieces).
+px as for cells of 72 px, and T98G's 40-50 px (cells of 54-65 px), while the densest synthetic
+fields (4,000 cells plated) lose recall above about 41 px (0.91 at 41, 0.90 at 42, 0.88 at 43).
+41 px is the largest default that keeps synthetic precision and recall at 0.9 or more at every
+density (Usiigaci precision 0.61 -> 0.64 and T98G F1 0.81 -> 0.82 against the former 40 px; 43
+px would give Usiigaci 0.68). The estimate moves the scale only where cells are far from that:
+above 1.4 diameters (a culture of mixed sizes, many small rounded cells among spread ones, pulls
+the median down, and finding it at that median lost recall) or below 0.6 diameters (20x, 40x,
+other binning: cells cut in pieces).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class CellSizeEstimate:
 def first_pass_diameters(image: np.ndarray, params: SegmentationParams = SegmentationParams()) -> np.ndarray:
     """float64 (n,) equivalent diameters (px) of the cells a first pass finds in one 2-D image.
 
-    The first pass runs at params' scale (default 43 px); only candidates labelled "cell" by
+    The first pass runs at params' scale (default 41 px); only candidates labelled "cell" by
     the quality rules count. Raises ValueError when the image is not 2-D.
     """
     return cell_diameters(find_candidates(image, params)[0])

@@ -54,7 +54,7 @@ class SegmentationParams:
     noise ("noise"), so the defaults carry over between microscopes and bit depths.
     Frozen, so the default instance shared by every call can never be changed."""
 
-    cell_diameter_px: float = 43.0  # the length scale of cell finding, px (see cell_size for how it is chosen)
+    cell_diameter_px: float = 41.0  # the length scale of cell finding, px (see cell_size for how it is chosen)
     background_scale: float = 2.0  # Gaussian sigma of the background (flat-field) estimate, d
     texture_scale: float = 0.2  # side of the local standard deviation window, d
     threshold_correction: float = 1.0  # multiplies the Otsu texture threshold (as in CellProfiler)
