@@ -366,21 +366,12 @@ def distort(
     return images
 
 
-def make_pair(
-    images,
-    keep,
-    seed,
-    segmentation: str = "none",
-    *,
-    geometric: bool = False,
-    photometric: bool = False,
-    background_fill: str = "black",
-):
+def make_pair(images, keep, seed, segmentation: str = "none", **distortions):
     """A Barlow Twins pair as in the thesis: the original crop and a distorted copy.
 
-    Takes what distort takes (a Variant's row gives them: make_pair(x, keep, seed,
-    variant.segmentation, **variant.distortions)); returns (images, distort(...)), two
-    (B, S, S, 1) float32 tensors.
+    Takes what distort takes, its keyword-only distortions passed through (a Variant's row
+    gives them: make_pair(x, keep, seed, variant.segmentation, **variant.distortions)); returns
+    (images, distort(...)), two (B, S, S, 1) float32 tensors.
 
     Raises
     ------
@@ -388,9 +379,7 @@ def make_pair(
         If segmentation is not one of SEGMENTATIONS or background_fill not one of
         BACKGROUND_FILLS.
     """
-    return images, distort(
-        images, keep, seed, segmentation, geometric=geometric, photometric=photometric, background_fill=background_fill
-    )
+    return images, distort(images, keep, seed, segmentation, **distortions)
 
 
 def dihedral_views(x):
