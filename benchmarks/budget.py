@@ -9,10 +9,9 @@ the first budget through gbm_assets.pipeline.run_main_job (ingest, train, embed 
 cluster, report), each later one through the same jobs run_main_job runs after ingest
 (train_all_variants, cluster_all_variants; pipeline.run_partitions) on the same crops. A budget
 is a number of optimizer steps (epochs of --steps-per-epoch steps, no time limit and no plateau
-rule: deterministic given the seed) or "shipped": the TrainingConfig defaults (time limit and
-plateau rule; what the demo runs). Prints one JSON object: per variant and budget the steps
-run, the training minutes and what stopped training (from the trained_encoders metadata), the
-ARI of its GMM and HDBSCAN labels against the true morphotype, the composition error and the
+rule: deterministic given the seed) or "shipped": the TrainingConfig defaults (what the demo
+runs). Prints one JSON object: per variant and budget the steps run, the training minutes
+and what stopped training (from the trained_encoders metadata), the ARI of its GMM and HDBSCAN labels against the true morphotype, the composition error and the
 culture and morphotype kappa held out by image and by plate (random forest and linear probe);
 the baselines' scores once (they do not depend on the budget). The scores are read the way
 benchmarks/features.py reads them (its helpers, imported).
@@ -30,7 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.features import BASELINES, _environment, cluster_scores, feature_scores  # noqa: E402
+from benchmarks.features import (  # noqa: E402
+    BASELINES,
+    _environment,
+    add_plate_arguments,
+    cluster_scores,
+    feature_scores,
+    write_benchmark_plates,
+)
 
 KEPT_SCORES = ("culture_kappa", "morphotype_kappa")  # prefixes of feature_scores keys in the report
 
@@ -74,13 +80,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["12", "48", "120", "shipped"])
     parser.add_argument("--steps-per-epoch", type=int, default=12)
     parser.add_argument("--variants", nargs="+", default=["autoencoder", "siamese_b", "siamese_f"])
-    parser.add_argument("--cultures", type=int, default=4)
-    parser.add_argument("--concentrations", type=int, default=5)
-    parser.add_argument("--replicates", type=int, default=1)
-    parser.add_argument("--images-per-plate", type=int, default=2)
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--difficulty", choices=("easy", "hard"), default="hard")
+    add_plate_arguments(parser)
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
     configs = {budget: training_config(budget, args.steps_per_epoch) for budget in args.budgets}
@@ -93,30 +93,13 @@ def main() -> None:
 
         from gbm_assets.assets.resources import DataDirs
         from gbm_assets.definitions import defs
-        from gbm_assets.imaging.synthetic import write_plates
         from gbm_assets.pipeline import SilentBar, run_main_job, run_partitions
 
         started = time.perf_counter()
-        write_plates(
-            work / "data" / "raw",
-            n_cultures=args.cultures,
-            n_concentrations=args.concentrations,
-            n_replicates=args.replicates,
-            images_per_plate=args.images_per_plate,
-            size=args.size,
-            seed=args.seed,
-            difficulty=args.difficulty,
-        )
+        plates = write_benchmark_plates(work / "data" / "raw", args)
         data = DataDirs(root=str(work / "data"))
         report: dict = {
-            "plates": {
-                "cultures": args.cultures,
-                "concentrations": args.concentrations,
-                "replicates": args.replicates,
-                "images_per_plate": args.images_per_plate,
-                "size": args.size,
-                "difficulty": args.difficulty,
-            },
+            "plates": plates,
             "budgets": {budget: config or "TrainingConfig defaults" for budget, config in configs.items()},
             "variants": {v: {} for v in args.variants},
             "baselines": {},

@@ -93,8 +93,11 @@ def cluster_scores(data, variant: str, seed: int = 0) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+PLATE_ARGUMENTS = ("cultures", "concentrations", "replicates", "images_per_plate", "size", "seed", "difficulty")
+
+
+def add_plate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The synthetic plates' options (PLATE_ARGUMENTS), shared by the benchmarks that run the pipeline."""
     parser.add_argument("--cultures", type=int, default=4)
     parser.add_argument("--concentrations", type=int, default=5)
     parser.add_argument("--replicates", type=int, default=1)
@@ -102,6 +105,29 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--difficulty", choices=("easy", "hard"), default="hard")
+
+
+def write_benchmark_plates(raw: Path, args: argparse.Namespace) -> dict:
+    """Write the plates add_plate_arguments describes under raw; returns them for the JSON report
+    (every plate option but the seed)."""
+    from gbm_assets.imaging.synthetic import write_plates
+
+    write_plates(
+        raw,
+        n_cultures=args.cultures,
+        n_concentrations=args.concentrations,
+        n_replicates=args.replicates,
+        images_per_plate=args.images_per_plate,
+        size=args.size,
+        seed=args.seed,
+        difficulty=args.difficulty,
+    )
+    return {name: getattr(args, name) for name in PLATE_ARGUMENTS if name != "seed"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_plate_arguments(parser)
     parser.add_argument("--variants", nargs="+", default=["autoencoder", "siamese_b", "siamese_d", "siamese_f"])
     parser.add_argument("--epochs", type=int, help="training epochs (default: the shipped TrainingConfig)")
     parser.add_argument("--steps", type=int, help="max steps per epoch (default: the shipped TrainingConfig)")
@@ -115,20 +141,10 @@ def main() -> None:
 
         from gbm_assets.assets.encoders import TrainingConfig
         from gbm_assets.assets.resources import DataDirs
-        from gbm_assets.imaging.synthetic import write_plates
         from gbm_assets.pipeline import SilentBar, run_main_job
 
         started = time.perf_counter()
-        write_plates(
-            work / "data" / "raw",
-            n_cultures=args.cultures,
-            n_concentrations=args.concentrations,
-            n_replicates=args.replicates,
-            images_per_plate=args.images_per_plate,
-            size=args.size,
-            seed=args.seed,
-            difficulty=args.difficulty,
-        )
+        plates = write_benchmark_plates(work / "data" / "raw", args)
         shipped = TrainingConfig()
         training = {
             "epochs": args.epochs or shipped.epochs,
@@ -139,14 +155,7 @@ def main() -> None:
             status = run_main_job(SilentBar, variants=args.variants, run_config=run_config)
         data = DataDirs(root=str(work / "data"))
         report: dict = {
-            "plates": {
-                "cultures": args.cultures,
-                "concentrations": args.concentrations,
-                "replicates": args.replicates,
-                "images_per_plate": args.images_per_plate,
-                "size": args.size,
-                "difficulty": args.difficulty,
-            },
+            "plates": plates,
             "training": training,
             "pipeline_status": status,
             "variants": {},
