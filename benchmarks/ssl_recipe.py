@@ -3,17 +3,21 @@
     nice -n 5 .venv/bin/python benchmarks/features.py --variants siamese_d --keep /tmp/work
     nice -n 5 .venv/bin/python benchmarks/ssl_recipe.py /tmp/work [--epochs 6] [--seeds 0 1]
         [--variants siamese_b siamese_b_projector siamese_b_recipe siamese_h siamese_h_mean]
+        [--variants siamese_b 'siamese_b:input_mask=cell,both_views=true'] [--baselines]
 
 Reads the crops and ground truth that a kept benchmarks/features.py run left (DIR/data/
 cell_crops.parquet, DIR/data/raw), so every row trains on the same cells. For each seed and
 variant: models.training.train_encoder at a fixed number of steps (epochs x at most 12 batches of
 128, no time limit, so the budget does not depend on the machine's load), the plain embedding of
-every crop, analysis.variant_evaluation.score_features held out by plate (culture and true
+every crop (the cell alone for input_mask="cell", as the embeddings asset does),
+analysis.variant_evaluation.score_features held out by plate (culture and true
 morphotype kappa, random forest and linear probe, 5 group folds), the production clustering
 (analysis.clustering.fit_clusters, shipped ClusteringConfig) scored against the true morphotype
 (GMM and HDBSCAN ARI) and the HDBSCAN composition error. Prints one JSON object: per variant and
 seed those numbers with the final loss, steps and seconds, and per variant their mean and sd over
-the seeds. The features benchmark scores one trained encoder per variant; differences between
+the seeds. A variant is a row of models.variants or a row with fields changed, NAME:FIELD=VALUE,...
+(a trial recipe that has no row yet). --baselines scores raw pixels and hand-crafted features
+(analysis.variant_evaluation.baseline_features_for; clustered z-scored) the same way, once. The features benchmark scores one trained encoder per variant; differences between
 rows are of the size of the seed-to-seed spread, which this one measures.
 """
 
@@ -41,56 +45,82 @@ def main() -> None:
         nargs="+",
         default=["siamese_b", "siamese_b_projector", "siamese_b_recipe", "siamese_h", "siamese_h_mean"],
     )
+    parser.add_argument("--baselines", action="store_true", help="score raw pixels and hand-crafted features too")
     args = parser.parse_args()
 
     import numpy as np
     import pandas as pd
 
-    from gbm_assets.models.training import TrainConfig, embed_batch, limit_cpu_threads, train_encoder
+    from gbm_assets.models.training import (
+        TrainConfig,
+        embed_batch,
+        iter_encoder_inputs,
+        limit_cpu_threads,
+        train_encoder,
+    )
 
     limit_cpu_threads()
     from gbm_assets.analysis.clustering import ClusteringConfig, fit_clusters
     from gbm_assets.analysis.composition import composition_error
     from gbm_assets.analysis.truth import true_morphotypes
-    from gbm_assets.analysis.variant_evaluation import score_features
+    from gbm_assets.analysis.variant_evaluation import baseline_features_for, score_features
     from gbm_assets.analysis.variant_report import labeling_metrics
-    from gbm_assets.imaging.crop_dataset import iter_crop_batches
-    from gbm_assets.models.variants import get_variant
     from gbm_assets.schema import PROVENANCE_COLUMNS
 
     crops, raw = args.work / "data" / "cell_crops.parquet", args.work / "data" / "raw"
     columns = list(dict.fromkeys([*PROVENANCE_COLUMNS, "culture", "concentration"]))
-    batches = list(iter_crop_batches(crops, 512, columns=columns))
-    rows = pd.concat([r for r, _ in batches], ignore_index=True)
-    pixels = np.concatenate([p for _, p in batches])
+    batches = list(iter_encoder_inputs(crops, 512, "cell", columns=columns))
+    rows = pd.concat([r for r, _, _ in batches], ignore_index=True)
+    pixels = np.concatenate([p for _, p, _ in batches])
+    keep = np.concatenate([k for _, _, k in batches])  # dilated cell masks, as training dilates them
+    del batches
     rows["morphotype"] = true_morphotypes(rows, raw)
     known = rows["morphotype"].notna().to_numpy()
+
+    def scored(features: np.ndarray, clustered: np.ndarray) -> dict:
+        """Plate-held-out kappas of features; ARI and composition error of the production clustering of clustered."""
+        scores = score_features(rows, {"x": features}, seed=0, splits=("plate",))
+        line = {
+            f"{s.target}_kappa_plate_{s.classifier}": round(float(s.kappa), 3)
+            for s in scores.itertuples()
+            if s.target in ("culture", "morphotype")
+        }
+        _, labels = fit_clusters(clustered, ClusteringConfig(seed=0))
+        metrics = labeling_metrics(labels, rows["morphotype"], 0)
+        error = composition_error(
+            labels["hdbscan"].to_numpy()[known],
+            rows["morphotype"][known].astype(str).to_numpy(),
+            rows["culture"].astype(str).to_numpy()[known],
+        )
+        return {
+            **line,
+            "ari_gmm": round(metrics["gmm"]["ari"], 3),
+            "ari_hdbscan": round(metrics["hdbscan"]["ari"], 3),
+            "composition_error": round(float(error["mae"]), 4),
+        }
+
+    baselines = {}
+    if args.baselines:
+        for name, x in baseline_features_for(crops, rows["crop_id"]).items():
+            z = (x - x.mean(axis=0)) / np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+            baselines[name] = scored(x, z)
+            print(name, json.dumps(baselines[name]), file=sys.stderr, flush=True)
     per_seed: dict = {}
     for seed in args.seeds:
         for name in args.variants:
             started = time.perf_counter()
+            variant = parse_variant(name)
             config = TrainConfig(epochs=args.epochs, max_steps_per_epoch=12, seed=seed)
-            result = train_encoder(get_variant(name), crops, config)
+            result = train_encoder(variant, crops, config)
+            cell = variant.input_mask == "cell"
             embedding = np.concatenate(
-                [embed_batch(result.encoder, pixels[i : i + 256]) for i in range(0, len(pixels), 256)]
+                [
+                    embed_batch(result.encoder, pixels[i : i + 256], keep=keep[i : i + 256] if cell else None)
+                    for i in range(0, len(pixels), 256)
+                ]
             )
-            scores = score_features(rows, {"embedding": embedding}, seed=0, splits=("plate",))
-            line = {
-                f"{s.target}_kappa_plate_{s.classifier}": round(float(s.kappa), 3)
-                for s in scores.itertuples()
-                if s.target in ("culture", "morphotype")
-            }
-            _, labels = fit_clusters(embedding, ClusteringConfig(seed=0))
-            metrics = labeling_metrics(labels, rows["morphotype"], 0)
-            error = composition_error(
-                labels["hdbscan"].to_numpy()[known],
-                rows["morphotype"][known].astype(str).to_numpy(),
-                rows["culture"].astype(str).to_numpy()[known],
-            )
+            line = scored(embedding, embedding)
             line.update(
-                ari_gmm=round(metrics["gmm"]["ari"], 3),
-                ari_hdbscan=round(metrics["hdbscan"]["ari"], 3),
-                composition_error=round(float(error["mae"]), 4),
                 loss=round(result.history[-1]["loss"], 2),
                 steps=sum(h.get("steps", 0) for h in result.history),
                 seconds=round(time.perf_counter() - started, 1),
@@ -108,7 +138,29 @@ def main() -> None:
         for name, lines in per_seed.items()
     }
     report = {"epochs": args.epochs, "max_steps_per_epoch": 12, "seeds": args.seeds, "n_crops": len(rows)}
-    print(json.dumps({**report, "n_with_truth": int(known.sum()), "per_seed": per_seed, "mean_sd": summary}, indent=1))
+    out = {**report, "n_with_truth": int(known.sum()), "baselines": baselines, "per_seed": per_seed, "mean_sd": summary}
+    print(json.dumps(out, indent=1))
+
+
+def parse_variant(spec: str):
+    """A variant of the table, or one with fields changed: "siamese_b:input_mask=cell,both_views=true".
+
+    Values are read as JSON where they parse (numbers, true/false), else as strings. Raises
+    KeyError for an unknown row, TypeError for an unknown field.
+    """
+    from dataclasses import replace
+
+    from gbm_assets.models.variants import get_variant
+
+    name, _, changes = spec.partition(":")
+    fields = {}
+    for item in filter(None, changes.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    return replace(get_variant(name), name=spec.replace(":", "_").replace(",", "_").replace("=", "_"), **fields)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,13 @@ def test_thesis_distortions_draw_byte_identical_pairs_as_before_the_recipe(segme
         assert old.tobytes() == new.tobytes()
     for name in THESIS:  # what the training stream passes for the thesis' rows: the defaults
         v = get_variant(name)
-        assert v.distortions == {"geometric": False, "photometric": False, "background_fill": "black"}
+        assert v.distortions == {
+            "geometric": False,
+            "photometric": False,
+            "background_fill": "black",
+            "input_mask": "none",
+            "both_views": False,
+        }
         assert not v.projector
 
 
@@ -100,13 +106,15 @@ def test_recipe_fields_default_to_the_thesis_recipe():
     defaults = {f.name: f.default for f in fields(Variant) if f.name not in ("name", "kind", "features", "lambda_")}
     assert defaults["projector"] is False and defaults["geometric"] is False and defaults["photometric"] is False
     assert defaults["background_fill"] == "black"
+    assert defaults["input_mask"] == "none" and defaults["both_views"] is False
     assert all(re.fullmatch(r"[a-z0-9_]+", name) for name in VARIANTS)  # Dagster partition keys
     new = [v for v in VARIANTS.values() if v.name not in THESIS and v.kind == "siamese"]
     assert new, "no recipe rows"
     for v in new:  # each new row changes the recipe of the thesis row it names
         base = get_variant(re.match(r"siamese_[a-h]", v.name).group(0))
         assert v.segmentation == base.segmentation and v.features == base.features
-        assert (v.projector, v.geometric, v.photometric, v.background_fill) != (False, False, False, "black")
+        recipe = (v.projector, v.geometric, v.photometric, v.background_fill, v.input_mask, v.both_views)
+        assert recipe != (False, False, False, "black", "none", False)
 
 
 # --- mean fill ----------------------------------------------------------------------------------

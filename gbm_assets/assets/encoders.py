@@ -82,7 +82,7 @@ def _training_params(variant: Variant, plan, config: TrainingConfig) -> dict:
         "lambda": variant.lambda_,
         "segmentation": variant.segmentation,
         "projector": variant.projector_width if variant.projector else 0,  # its width; 0: none
-        **variant.distortions,  # geometric, photometric, background_fill
+        **variant.distortions,  # geometric, photometric, background_fill, input_mask, both_views
         "learning_rate": variant.learning_rate,
         "batch_size": plan.batch_size,
         "configured_batch_size": config.batch_size,
@@ -235,6 +235,7 @@ def embeddings(
             on_progress=lambda n, total, rate: context.log.info(
                 f"{variant.name}: embedded {n}/{total} crops ({rate:.0f}/s)"
             ),
+            input_mask=variant.input_mask,  # "cell": reads the mask column, embeds the cell alone
         )
         scores, figures = _evaluate(context, config, data, variant.name, staged_out, stage.directory(eval_dir))
         scored, skipped = _scored(scores)

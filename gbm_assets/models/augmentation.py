@@ -15,6 +15,12 @@ the pairs they drew before): small translations and scale jitter (random_resized
 brightness/contrast/gamma jitter and Gaussian noise (random_photometric), and a blackout that
 fills with the crop's mean intensity instead of black (background_fill="mean"). Their seeds
 come from a fold of the pair's seed that the thesis' distortions never use.
+
+Two more opt-in pair options (make_pair): input_mask="cell" shows the encoder the cell alone in
+BOTH views (mask_input: everything outside the dilated cell mask becomes the level of the
+background band around the cell, so neighbours and background cannot dominate; the embedding
+must then be taken of masked crops too), and both_views=True distorts the first view as well
+(independently, as the Barlow Twins paper does) instead of keeping the original crop.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ BLUR_RADIUS = 3  # kernel half-width, 2 sigma at the strongest blur
 PBR_SIDE = (0.25, 0.5)  # side of the PBR square as a fraction of the crop side
 SEGMENTATIONS = ("none", "pbr", "fbr")
 BACKGROUND_FILLS = ("black", "mean")
+INPUT_MASKS = ("none", "cell")
+BAND = 2  # width of the background band (the outer pixels of the dilated mask) whose mean fills mask_input
 ZOOM = (0.9, 1.15)  # output magnification of random_resized_crop (< 1 zooms out)
 MAX_SHIFT = 0.06  # largest translation of random_resized_crop, fraction of the crop side (8 px of 128)
 BRIGHTNESS = 0.08  # largest added intensity (images in [0, 1])
@@ -34,6 +42,7 @@ CONTRAST = (0.75, 1.33)  # factor on the deviation from the crop's mean, log-uni
 GAMMA = (0.75, 1.33)  # exponent on the intensity, log-uniform
 MAX_NOISE = 0.03  # largest standard deviation of the added Gaussian noise
 _EXTRA_SEED_FOLD = 1  # stateless_fold_in key of the seeds of the opt-in distortions
+_FIRST_VIEW_SEED_FOLD = 2  # stateless_fold_in key of the first view's seed (both_views=True)
 
 _ROTATIONS = tuple((k, False, False) for k in range(4))  # (quarter turns, flip lr, flip ud)
 _FLIPS = ((0, False, False), (0, True, False), (0, False, True), (0, True, True))
@@ -366,20 +375,77 @@ def distort(
     return images
 
 
-def make_pair(images, keep, seed, segmentation: str = "none", **distortions):
-    """A Barlow Twins pair as in the thesis: the original crop and a distorted copy.
+def mask_input(images, keep, band: int = BAND):
+    """The cell alone: every pixel outside keep set to the mean of the band of keep's outer pixels.
+
+    keep is the dilated cell mask (dilate_masks), so its outer `band` pixels are mostly the
+    background right around the cell: their mean is the local background level, and taking it
+    from inside keep makes the result depend on the pixels inside keep only (whatever lies
+    outside, neighbours included, cannot change it). A crop whose keep has no band (empty, or
+    the whole crop) is filled with the mean of its kept pixels, or left as it is.
+
+    Parameters
+    ----------
+    images : (B, S, S, 1) float32 tensor or array
+        Crops with intensities in [0, 1].
+    keep : (B, S, S, 1) float32 tensor or array
+        0/1 dilated cell masks of the crops.
+    band : int
+        Width of the band, in pixels (keep minus keep eroded by a (2 band + 1) square).
+
+    Returns
+    -------
+    masked : (B, S, S, 1) float32 tensor
+        images inside keep, the band's mean outside.
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    keep = tf.cast(tf.convert_to_tensor(keep) >= 0.5, tf.float32)
+    side = 2 * band + 1
+    inner = -tf.nn.max_pool2d(-keep, side, 1, "SAME")  # erosion (the crop's edge does not erode)
+    ring = keep - inner
+    axes = [1, 2, 3]
+    n_ring = tf.reduce_sum(ring, axis=axes, keepdims=True)
+    n_keep = tf.reduce_sum(keep, axis=axes, keepdims=True)
+    ring_mean = tf.reduce_sum(images * ring, axis=axes, keepdims=True) / tf.maximum(n_ring, 1.0)
+    keep_mean = tf.reduce_sum(images * keep, axis=axes, keepdims=True) / tf.maximum(n_keep, 1.0)
+    fill = tf.where(n_ring > 0, ring_mean, keep_mean)
+    return tf.where(keep >= 0.5, images, fill)
+
+
+def make_pair(
+    images, keep, seed, segmentation: str = "none", *, input_mask: str = "none", both_views: bool = False, **distortions
+):
+    """A Barlow Twins pair: as in the thesis the original crop and a distorted copy.
 
     Takes what distort takes, its keyword-only distortions passed through (a Variant's row
-    gives them: make_pair(x, keep, seed, variant.segmentation, **variant.distortions)); returns
-    (images, distort(...)), two (B, S, S, 1) float32 tensors.
+    gives them: make_pair(x, keep, seed, variant.segmentation, **variant.distortions)), and two
+    options of the pair. With their defaults it returns (images, distort(...)), the thesis' pair.
+
+    input_mask : {"none", "cell"}
+        "cell": both views are made from mask_input(images, keep) (keep must be given).
+    both_views : bool
+        True: the first view is distort(...) too, from its own seed (a fold of seed), so the two
+        views are independently distorted copies (Zbontar et al. 2021).
+
+    Returns two (B, S, S, 1) float32 tensors.
 
     Raises
     ------
     ValueError
-        If segmentation is not one of SEGMENTATIONS or background_fill not one of
-        BACKGROUND_FILLS.
+        If segmentation is not one of SEGMENTATIONS, background_fill not one of
+        BACKGROUND_FILLS, input_mask not one of INPUT_MASKS, or input_mask is "cell" without keep.
     """
-    return images, distort(images, keep, seed, segmentation, **distortions)
+    if input_mask not in INPUT_MASKS:
+        raise ValueError(f"input_mask must be one of {INPUT_MASKS}, got {input_mask!r}")
+    if input_mask == "cell":
+        if keep is None:
+            raise ValueError('input_mask="cell" needs the cell masks (keep)')
+        images = mask_input(images, keep)
+    second = distort(images, keep, seed, segmentation, **distortions)
+    if not both_views:
+        return images, second
+    first_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), _FIRST_VIEW_SEED_FOLD)
+    return distort(images, keep, first_seed, segmentation, **distortions), second
 
 
 def dihedral_views(x):

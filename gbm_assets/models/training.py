@@ -15,13 +15,22 @@ import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from gbm_assets.errors import InputError  # noqa: E402
-from gbm_assets.imaging.crop_dataset import CropSelection, count_crops, crop_plates, iter_crop_batches, read_crop_size  # noqa: E402
-from gbm_assets.models.augmentation import dihedral_views  # noqa: E402
+from gbm_assets.imaging.crop_dataset import (  # noqa: E402
+    CropSelection,
+    count_crops,
+    crop_plates,
+    iter_crop_batches,
+    iter_record_batches,
+    read_crop_size,
+)
+from gbm_assets.imaging.crops import decode_crops  # noqa: E402
+from gbm_assets.models.augmentation import INPUT_MASKS, dihedral_views, dilate_masks, mask_input  # noqa: E402
 from gbm_assets.models.dataset import training_dataset  # noqa: E402
 from gbm_assets.models.embedding_table import embedding_batch, embedding_schema  # noqa: E402
 from gbm_assets.models.encoders import build_autoencoder, build_projector, build_siamese_encoder  # noqa: E402
 from gbm_assets.models.losses import barlow_twins_loss  # noqa: E402
 from gbm_assets.models.variants import Variant  # noqa: E402
+from gbm_assets.schema import PROVENANCE_COLUMNS  # noqa: E402
 from gbm_assets.storage import AtomicParquetWriter  # noqa: E402
 
 
@@ -354,33 +363,76 @@ def check_budget(config: TrainConfig, where="TrainConfig") -> None:
         raise InputError(where, "; ".join(p for p in problems if p))
 
 
-def embed_batch(encoder: keras.Model, pixels, invariant: bool = False) -> np.ndarray:
-    """Embeddings (n, features) of one batch in inference mode.
+def embed_batch(encoder: keras.Model, pixels, invariant: bool = False, keep=None) -> np.ndarray:
+    """Embeddings (n, features) of one batch (n, S, S, 1) float32 in [0, 1], in inference mode.
 
     predict_on_batch reuses the model's compiled predict function across calls (no retracing
     per embed_crops call) and measured as fast as a hand-written tf.function. invariant=True
     averages over the 8 rotations/flips (dihedral_8), one transform at a time to bound memory.
+    keep: the crops' dilated 0/1 cell masks (n, S, S, 1) for a variant with input_mask="cell":
+    the encoder then sees mask_input(pixels, keep), as in training; None embeds pixels as they are.
     """
     if not invariant:
-        return encoder.predict_on_batch(pixels)
-    return embed_batch_both(encoder, pixels)[1]
+        return encoder.predict_on_batch(_encoder_input(pixels, keep))
+    return embed_batch_both(encoder, pixels, keep)[1]
 
 
-def embed_batch_both(encoder: keras.Model, pixels) -> tuple[np.ndarray, np.ndarray]:
+def embed_batch_both(encoder: keras.Model, pixels, keep=None) -> tuple[np.ndarray, np.ndarray]:
     """(plain, rotation/flip-invariant) embeddings in 8 forward passes, not 9.
 
-    The first dihedral view is the identity, so its output is the plain embedding.
+    The first dihedral view is the identity, so its output is the plain embedding. keep as in
+    embed_batch (the masking is done once, before the 8 views).
     """
-    outputs = [encoder.predict_on_batch(view) for view in dihedral_views(tf.convert_to_tensor(pixels))]
+    x = tf.convert_to_tensor(_encoder_input(pixels, keep))
+    outputs = [encoder.predict_on_batch(view) for view in dihedral_views(x)]
     return outputs[0], sum(outputs) / np.float32(8.0)
 
 
+def _encoder_input(pixels, keep):
+    return pixels if keep is None else mask_input(pixels, keep).numpy()
+
+
+def iter_encoder_inputs(
+    crops_dir,
+    batch_size: int = 256,
+    input_mask: str = "none",
+    columns: Sequence[str] = PROVENANCE_COLUMNS,
+    plates: Sequence[str] | None = None,
+) -> Iterator[tuple[pd.DataFrame, np.ndarray, np.ndarray | None]]:
+    """(rows of `columns`, float32 pixels (n, S, S, 1) in [0, 1], keep) per record batch, in dataset order.
+
+    keep is None for input_mask "none"; for "cell" the crops' stored masks dilated as in
+    training (dilate_masks), float32 0/1 (n, S, S, 1), to pass to embed_batch. Raises
+    ValueError for an unknown input_mask, InputError when the dataset is missing, empty or
+    lacks a column.
+    """
+    if input_mask not in INPUT_MASKS:
+        raise ValueError(f"input_mask must be one of {INPUT_MASKS}, got {input_mask!r}")
+    if input_mask == "none":
+        for rows, pixels in iter_crop_batches(crops_dir, batch_size, columns=columns, plates=plates):
+            yield rows, pixels, None
+        return
+    size = read_crop_size(crops_dir)
+    for batch in iter_record_batches(CropSelection.of(crops_dir, plates), [*columns, "pixels", "mask"], batch_size):
+        pixels = (decode_crops(batch.column("pixels"), size).astype(np.float32) / np.float32(255.0))[..., None]
+        keep = dilate_masks(decode_crops(batch.column("mask"), size)).astype(np.float32)[..., None]
+        yield batch.drop_columns(["pixels", "mask"]).to_pandas(), pixels, keep
+
+
 def embed_crops(
-    encoder: keras.Model, crops_dir, batch_size: int = 256, invariant: bool = False, plates: Sequence[str] | None = None
+    encoder: keras.Model,
+    crops_dir,
+    batch_size: int = 256,
+    invariant: bool = False,
+    plates: Sequence[str] | None = None,
+    input_mask: str = "none",
 ) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
-    """(provenance rows, float32 embeddings) per batch; row i of the frame is vector i."""
-    for rows, pixels in iter_crop_batches(crops_dir, batch_size, plates=plates):
-        yield rows, embed_batch(encoder, pixels, invariant).astype(np.float32, copy=False)
+    """(provenance rows, float32 embeddings) per batch; row i of the frame is vector i.
+
+    input_mask: the variant's (Variant.input_mask); "cell" embeds the cell alone, as it trained.
+    """
+    for rows, pixels, keep in iter_encoder_inputs(crops_dir, batch_size, input_mask, plates=plates):
+        yield rows, embed_batch(encoder, pixels, invariant, keep).astype(np.float32, copy=False)
 
 
 def write_embeddings(
@@ -389,21 +441,24 @@ def write_embeddings(
     path,
     batch_size: int = 256,
     on_progress: Callable[[int, int, float], None] | None = None,
+    input_mask: str = "none",
 ) -> tuple[int, float]:
     """Embed every crop into one embeddings Parquet file (embedding_table schema); return (crops, seconds).
 
     Each row holds the crop's provenance, `embedding` and `embedding_invariant` (float32,
     encoder features each; embed_batch_both: 8 forward passes per crop), in dataset order. The
     file appears atomically when complete. on_progress(done, total, crops_per_s) is called
-    after the first batch to pass each further tenth of the crops, and at the end. Raises
-    InputError when the crops dataset is missing or empty.
+    after the first batch to pass each further tenth of the crops, and at the end. input_mask:
+    the variant's (Variant.input_mask); "cell" reads the crops' masks and embeds the cell alone,
+    as it trained. Raises InputError when the crops dataset is missing or empty, ValueError for
+    an unknown input_mask.
     """
     total = count_crops(CropSelection.of(crops_dir))
     schema = embedding_schema(int(encoder.outputs[0].shape[-1]))
     done, started, next_report = 0, time.perf_counter(), 0.0
     with AtomicParquetWriter(path, schema) as writer:
-        for rows, pixels in iter_crop_batches(crops_dir, batch_size):
-            writer.write(embedding_batch(rows, *embed_batch_both(encoder, pixels)))
+        for rows, pixels, keep in iter_encoder_inputs(crops_dir, batch_size, input_mask):
+            writer.write(embedding_batch(rows, *embed_batch_both(encoder, pixels, keep)))
             done += len(rows)
             if on_progress is not None and (done / total >= next_report or done == total):
                 on_progress(done, total, done / max(time.perf_counter() - started, 1e-9))

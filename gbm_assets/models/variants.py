@@ -33,6 +33,14 @@ class Variant:
         (models.augmentation.random_photometric).
     background_fill : {"black", "mean"}
         What PBR/FBR put outside the kept cell: black (the thesis) or the crop's mean intensity.
+    input_mask : {"none", "cell"}
+        "cell": the encoder sees the cell alone, in both training views and when embedding
+        (models.augmentation.mask_input: outside the dilated cell mask, the level of the
+        background around the cell), so neighbours and background cannot dominate. Applies to
+        the autoencoder too.
+    both_views : bool
+        Distort both views independently (the Barlow Twins paper) instead of pairing the
+        original crop with one distorted copy (the thesis).
     """
 
     name: str
@@ -46,11 +54,19 @@ class Variant:
     geometric: bool = False
     photometric: bool = False
     background_fill: Literal["black", "mean"] = "black"
+    input_mask: Literal["none", "cell"] = "none"
+    both_views: bool = False
 
     @property
     def distortions(self) -> dict:
-        """Keyword arguments of models.augmentation.make_pair/distort beyond the segmentation."""
-        return {"geometric": self.geometric, "photometric": self.photometric, "background_fill": self.background_fill}
+        """Keyword arguments of models.augmentation.make_pair beyond the segmentation (also MLflow params)."""
+        return {
+            "geometric": self.geometric,
+            "photometric": self.photometric,
+            "background_fill": self.background_fill,
+            "input_mask": self.input_mask,
+            "both_views": self.both_views,
+        }
 
 
 _TABLE = (
