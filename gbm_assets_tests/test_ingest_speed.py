@@ -97,14 +97,17 @@ def _messages(instance, result, prefix):
     return [e.user_message for e in instance.all_logs(result.run_id) if e.user_message.startswith(prefix)]
 
 
-def test_a_short_plate_logs_one_progress_line_per_stage(data_root):
-    """Each log line is a database write of Dagster's: a plate done in seconds gets its final line only."""
+def test_a_short_plate_logs_one_line_in_all(data_root):
+    """Each log line is a database write of Dagster's, inside the step's time: a plate done in
+    seconds gets one summary line (cell finding's), no progress lines and no line per step."""
     plate_id = find_ready_plates(data_root / "raw")[0]
     instance = _instance(plate_id)
     result = _materialize(data_root, plate_id, instance, [raw_plates, cell_coordinates, cell_crops])
     assert result.success
-    for stage in ("cell finding", "cropping"):
-        assert _messages(instance, result, stage) == [f"{stage} {plate_id}: 2/2 images (100%)"]
+    lines = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"plate {plate_id}: 2 images, cells from segmentation; ")
+    assert lines[0].endswith(" px") and "cells found at" in lines[0]
 
 
 class _Log:
@@ -132,6 +135,13 @@ def test_a_long_plate_still_logs_its_progress_at_most_every_10_s(monkeypatch):
     assert lines[-1] == "cell finding p: 100/100 images (100%)"
     assert 8 <= len(lines) <= 11  # about every 10% (30 s apart here), never per image
     assert "cell finding p: 10/100 images (10%)" in lines
+
+    quick = _Context()
+    report = cells_assets._progress(quick, "cropping p")
+    for done in range(1, 101):  # 100 images in 5 s: under PROGRESS_EVERY_S, no line at all
+        clock["now"] += 0.05
+        report(done, 100)
+    assert quick.log.lines == []
 
 
 def _tiny_plate(folder, n):

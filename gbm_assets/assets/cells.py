@@ -77,15 +77,16 @@ PROGRESS_EVERY_S = 10.0  # least seconds between two progress lines of one step 
 
 def _progress(context: dg.AssetExecutionContext, what: str, every_s: float = PROGRESS_EVERY_S):
     """progress(done, total) for the imaging functions: a log line at each 10% step reached at
-    least every_s seconds after the previous line, and one when all are done. Each line is an
-    event Dagster stores (a database write): a short plate gets one line, not one per image."""
-    step = {"last": -1, "at": time.monotonic()}
+    least every_s seconds after the previous line (or the start), and one when all are done if
+    any came before. Each line is an event Dagster stores (a database write, in the step's time):
+    a plate done within every_s gets none (its materialization says what was done)."""
+    step = {"last": -1, "at": time.monotonic(), "lines": 0}
 
     def report(done: int, total: int) -> None:
         pct = int(100 * done / total)
         now = time.monotonic()
-        if done == total or (pct // 10 != step["last"] // 10 and now - step["at"] >= every_s):
-            step["last"], step["at"] = pct, now
+        if (done == total and step["lines"]) or (pct // 10 != step["last"] // 10 and now - step["at"] >= every_s):
+            step["last"], step["at"], step["lines"] = pct, now, step["lines"] + 1
             context.log.info(f"{what}: {done}/{total} images ({pct}%)")
 
     return report
@@ -140,7 +141,6 @@ def cell_coordinates(
         read_plate_objects(plate_dir, manifest, config.cellprofiler_objects) if config.use_cellprofiler_table else None
     )
     source = f"CellProfiler table {found.path.name}, objects {found.objects_name}" if found else "segmentation"
-    context.log.info(f"plate {plate_id}: {len(manifest)} images, cells from {source}")
     plate = plate_coordinates(
         plate_id,
         plate_dir,
@@ -151,8 +151,12 @@ def cell_coordinates(
         workers=config.workers or default_workers(),
         progress=_progress(context, f"cell finding {plate_id}"),
     )
-    if plate.size is not None:
-        context.log.info(f"plate {plate_id}: {plate.size.note()}; cells found at {plate.params.cell_diameter_px} px")
+    # One line for the whole step (each log line is a database write of Dagster's).
+    size = f"{plate.size.note()}; " if plate.size is not None else ""
+    context.log.info(
+        f"plate {plate_id}: {len(manifest)} images, cells from {source}; {size}"
+        f"cells found at {plate.params.cell_diameter_px} px"
+    )
     check_plate_unchanged(plate_dir, plate_id, version, "cell_coordinates began", manifest["image"])
     write_parquet_atomic(_with_version(plate.masks, version), masks_file(data, plate_id))
     coords = plate.coordinates

@@ -26,8 +26,7 @@ from gbm_assets.imaging.plates import (
     description="A plate folder under data/raw/<plate>/ (images + manifest.csv), validated.",
 )
 def raw_plates(context: dg.AssetExecutionContext, data: DataDirs) -> dg.MaterializeResult:
-    plate_id = check_plate_id(context.partition_key)
-    context.log.info(f"validating plate {plate_id} at {data.plate_dir(plate_id)}")
+    plate_id = check_plate_id(context.partition_key)  # no log line: each is a database write; errors name the file
     try:
         before = plate_version(data.plate_dir(plate_id))
     except PlateError:
