@@ -1,0 +1,168 @@
+"""Cell finding on real annotated fields made to look like other microscopes (benchmarks/microscopes.py).
+
+What should hold whatever the set-up: the size estimate follows the magnification, and cell
+finding keeps its precision and recall at another magnification, bit depth or compression. Cases
+that fail on the current cell finding are marked xfail(strict=True) with the measured figures, so
+they turn into failures (to be unmarked) the day they are fixed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from gbm_assets.imaging.cell_quality import kept_candidates
+from gbm_assets.imaging.cell_size import estimate_cell_diameter
+from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.plate_coordinates import plate_coordinates
+from gbm_assets.imaging.scoring import score_point_in_mask
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the benchmarks/ folder
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.microscopes import rescale, tiles, to_8bit, write_image  # noqa: E402
+from benchmarks.segmentation import annotated_diameter  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+USIIGACI, T98G = SHARED / "usiigaci", SHARED / "t98g"
+needs_data = pytest.mark.skipif(
+    not (USIIGACI / "images").is_dir() or not (T98G / "images").is_dir(),
+    reason=f"real annotated fields not found under {SHARED}",
+)
+pytestmark = needs_data
+
+SIZE_FOLLOWS_SCALE = (
+    "cell_size's estimate does not follow the magnification: the first pass runs at the fixed 41 px "
+    "scale, and the objects it finds (cells cut into pieces at 41 px when they are larger, debris that "
+    "clears the area limits once enlarged; whole cells and merged neighbours when they are smaller) "
+    "have a median diameter set by that scale, not by the cells"
+)
+
+
+def _field(folder: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    image = read_image(folder / "images" / f"{stem}.tif")
+    return image, cv2.imread(str(folder / "masks" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+
+
+def _score_on_plate(tmp: Path, fields: list[tuple[np.ndarray, np.ndarray]], variant: str = "") -> tuple[dict, object]:
+    """Precision / recall of the candidates labelled "cell" on a plate folder written with the
+    fields' images (production path: plate_coordinates with the size estimate), pooled."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    names = [write_image(tmp, f"f{i}", image, variant) for i, (image, _) in enumerate(fields)]
+    plate = plate_coordinates("p", tmp, names, estimate_size=True, workers=1)
+    cells = kept_candidates(plate.coordinates)
+    scores = [
+        score_point_in_mask(cells.loc[cells["image"] == name, ["x", "y"]].to_numpy(float), mask)
+        for name, (_, mask) in zip(names, fields, strict=True)
+    ]
+    tp, fp, fn = (sum(s[k] for s in scores) for k in ("tp", "fp", "fn"))
+    return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1)}, plate
+
+
+@pytest.mark.parametrize(
+    "factor",
+    [
+        1.0,
+        pytest.param(
+            0.5,
+            marks=pytest.mark.xfail(
+                strict=True, reason=SIZE_FOLLOWS_SCALE + " (measured: 47.3 px for cells of 32.6, 1.45x)"
+            ),
+        ),
+        pytest.param(
+            2.0,
+            marks=pytest.mark.xfail(
+                strict=True, reason=SIZE_FOLLOWS_SCALE + " (measured: 57.8 px for cells of 130.3, 0.44x)"
+            ),
+        ),
+    ],
+)
+def test_t98g_size_estimate_follows_magnification(factor):
+    """A T98G frame seen at another magnification: the estimate lands within 25% of the annotated
+    mean diameter times the factor."""
+    image, mask = _field(T98G, "20180101ef002xy01t07")
+    image, mask = rescale(image, mask, factor)
+    estimate = estimate_cell_diameter([image]).diameter_px
+    truth = annotated_diameter(mask)
+    assert estimate is not None
+    assert abs(estimate / truth - 1) <= 0.25, f"estimate {estimate} px, annotated {truth:.1f} px"
+
+
+def test_t98g_size_estimate_on_696x520_tiles():
+    """The six T98G frames cut into 696x520 tiles (a smaller camera, as many tiles as cover each
+    frame), as one plate: fewer cells per image, the same estimate within 25%."""
+    frames = [_field(T98G, path.stem) for path in sorted((T98G / "images").glob("*.tif"))]
+    truth = float(np.mean([annotated_diameter(mask) for _, mask in frames]))
+    estimate = estimate_cell_diameter(image[w] for image, _ in frames for _, _, w in tiles(image, 696, 520)).diameter_px
+    assert estimate is not None
+    assert abs(estimate / truth - 1) <= 0.25, f"estimate {estimate} px, annotated {truth:.1f} px"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=SIZE_FOLLOWS_SCALE + " (measured on this plate: 0.45x the annotated diameter; the held-out U373 "
+    "frames, 20x / 696x520 / 8-bit, scored precision 0.39 at the default scale for the same reason)",
+)
+def test_size_estimate_on_a_u373_like_plate(tmp_path):
+    """T98G frames at twice the magnification, cut into 696x520 tiles, 8-bit (the held-out U373
+    set-up): the plate's estimate lands within 25% of the annotated mean diameter x 2."""
+    image, mask = _field(T98G, "20180101ef002xy01t07")
+    image, mask = rescale(image, mask, 2.0)
+    image = to_8bit(image)
+    fields = [(image[w], mask[w]) for _, _, w in tiles(image, 696, 520)]
+    _, plate = _score_on_plate(tmp_path, fields)
+    truth = 2 * annotated_diameter(_field(T98G, "20180101ef002xy01t07")[1])
+    assert plate.size.diameter_px is not None
+    assert abs(plate.size.diameter_px / truth - 1) <= 0.25, f"estimate {plate.size.diameter_px} px, annotated {truth}"
+
+
+@pytest.fixture(scope="module")
+def set12_baseline(tmp_path_factory) -> dict:
+    image, mask = _field(USIIGACI, "set12")
+    return _score_on_plate(tmp_path_factory.mktemp("set12"), [(image, mask)])[0]
+
+
+@pytest.mark.parametrize("variant", ["8bit", "jpeg85"])
+def test_8bit_and_jpeg_keep_precision_and_recall(variant, set12_baseline, tmp_path):
+    """A Usiigaci field converted to 8-bit (linear, 0.1 / 99.9 percentiles; PNG, or JPEG of
+    quality 85): precision and recall within 0.05 of the 16-bit field's (measured: 0.71 / 0.89
+    at 16-bit; within 0.02 for both)."""
+    image, mask = _field(USIIGACI, "set12")
+    scores, _ = _score_on_plate(tmp_path, [(to_8bit(image), mask)], variant)
+    for key in ("precision", "recall"):
+        assert scores[key] >= set12_baseline[key] - 0.05, (key, scores, set12_baseline)
+
+
+@pytest.mark.parametrize(
+    "factor",
+    [
+        pytest.param(
+            0.5,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=SIZE_FOLLOWS_SCALE + " (measured: recall 0.89 -> 0.60, precision 0.71 -> 0.83; found at "
+                "20.5 px instead of 41 the 24 fields keep recall 0.84, as unscaled)",
+            ),
+        ),
+        pytest.param(
+            2.0,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=SIZE_FOLLOWS_SCALE + " (measured: precision 0.71 -> 0.18, enlarged debris and pieces of "
+                "cells; found at 82 px instead of 41 the 24 fields keep precision 0.64, as unscaled)",
+            ),
+        ),
+    ],
+)
+def test_usiigaci_field_at_another_magnification_keeps_precision_and_recall(factor, set12_baseline, tmp_path):
+    """A Usiigaci field at half / twice the magnification: precision and recall within 0.1 of the
+    unscaled field's."""
+    image, mask = _field(USIIGACI, "set12")
+    scores, _ = _score_on_plate(tmp_path, [rescale(image, mask, factor)])
+    for key in ("precision", "recall"):
+        assert scores[key] >= set12_baseline[key] - 0.1, (key, scores, set12_baseline)
