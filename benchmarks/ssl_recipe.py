@@ -17,7 +17,8 @@ morphotype kappa, random forest and linear probe, 5 group folds), the production
 seed those numbers with the final loss, steps and seconds, and per variant their mean and sd over
 the seeds. A variant is a row of models.variants or a row with fields changed, NAME:FIELD=VALUE,...
 (a trial recipe that has no row yet). --baselines scores raw pixels and hand-crafted features
-(analysis.variant_evaluation.baseline_features_for; clustered z-scored) the same way, once. The features benchmark scores one trained encoder per variant; differences between
+(analysis.variant_evaluation.baseline_features_for; clustered z-scored) the same way, once;
+--invariant scores the rotation/flip-invariant embedding too (keys ending in _invariant). The features benchmark scores one trained encoder per variant; differences between
 rows are of the size of the seed-to-seed spread, which this one measures.
 """
 
@@ -46,6 +47,7 @@ def main() -> None:
         default=["siamese_b", "siamese_b_projector", "siamese_b_recipe", "siamese_h", "siamese_h_mean"],
     )
     parser.add_argument("--baselines", action="store_true", help="score raw pixels and hand-crafted features too")
+    parser.add_argument("--invariant", action="store_true", help="score the rotation/flip-invariant embedding too")
     args = parser.parse_args()
 
     import numpy as np
@@ -120,6 +122,14 @@ def main() -> None:
                 ]
             )
             line = scored(embedding, embedding)
+            if args.invariant:  # the clusters asset's vector="embedding_invariant"
+                invariant = np.concatenate(
+                    [
+                        embed_batch(result.encoder, pixels[i : i + 256], True, keep[i : i + 256] if cell else None)
+                        for i in range(0, len(pixels), 256)
+                    ]
+                )
+                line.update({f"{k}_invariant": v for k, v in scored(invariant, invariant).items()})
             line.update(
                 loss=round(result.history[-1]["loss"], 2),
                 steps=sum(h.get("steps", 0) for h in result.history),

@@ -167,16 +167,17 @@ def test_embeddings_hide_what_lies_outside_the_mask(datasets, tmp_path):
         next(embed_crops(encoder, crops, 16, input_mask="cells"))
 
 
-def test_input_mask_and_both_views_default_off_and_reach_mlflow():
+def test_input_mask_both_views_and_rotation_default_off_and_reach_mlflow():
     from types import SimpleNamespace
 
     from gbm_assets.assets.encoders import TrainingConfig, _training_params
 
     for v in VARIANTS.values():
         if not v.name.endswith("_cell"):
-            assert v.input_mask == "none" and not v.both_views, v.name
+            assert v.input_mask == "none" and not v.both_views and not v.rotation, v.name
     plan = SimpleNamespace(batch_size=8, crop_size=SIZE, n_crops=24, plates=("P1",))
-    p = _training_params(replace(get_variant("siamese_b"), input_mask="cell", both_views=True), plan, TrainingConfig())
-    assert (p["input_mask"], p["both_views"]) == ("cell", True)
+    recipe = replace(get_variant("siamese_b"), input_mask="cell", both_views=True, rotation=True)
+    p = _training_params(recipe, plan, TrainingConfig())
+    assert (p["input_mask"], p["both_views"], p["rotation"]) == ("cell", True, True)
     p = _training_params(get_variant("siamese_b"), plan, TrainingConfig())
-    assert (p["input_mask"], p["both_views"]) == ("none", False)
+    assert (p["input_mask"], p["both_views"], p["rotation"]) == ("none", False, False)

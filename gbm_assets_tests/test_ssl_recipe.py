@@ -98,6 +98,7 @@ def test_thesis_distortions_draw_byte_identical_pairs_as_before_the_recipe(segme
             "background_fill": "black",
             "input_mask": "none",
             "both_views": False,
+            "rotation": False,
         }
         assert not v.projector
 
@@ -113,8 +114,8 @@ def test_recipe_fields_default_to_the_thesis_recipe():
     for v in new:  # each new row changes the recipe of the thesis row it names
         base = get_variant(re.match(r"siamese_[a-h]", v.name).group(0))
         assert v.segmentation == base.segmentation and v.features == base.features
-        recipe = (v.projector, v.geometric, v.photometric, v.background_fill, v.input_mask, v.both_views)
-        assert recipe != (False, False, False, "black", "none", False)
+        recipe = (v.projector, v.geometric, v.photometric, v.background_fill, v.input_mask, v.both_views, v.rotation)
+        assert recipe != (False, False, False, "black", "none", False, False)
 
 
 # --- mean fill ----------------------------------------------------------------------------------
@@ -267,3 +268,40 @@ def test_mlflow_params_name_the_recipe():
     assert (p["projector"], p["geometric"], p["photometric"], p["background_fill"]) == (24, True, True, "mean")
     p = _training_params(get_variant("siamese_b"), plan, TrainingConfig())
     assert (p["projector"], p["geometric"], p["photometric"], p["background_fill"]) == (0, False, False, "black")
+
+
+# --- any-angle rotation -------------------------------------------------------------------------
+
+
+def orientation(masks: np.ndarray) -> np.ndarray:
+    """(n,) angle in degrees [0, 180) of the major axis of (n, S, S, 1) 0/1 masks (second moments)."""
+    rows, cols = np.mgrid[: masks.shape[1], : masks.shape[2]]
+    out = []
+    for m in masks[..., 0]:
+        w = m / m.sum()
+        y, x = (w * rows).sum(), (w * cols).sum()
+        myy, mxx, mxy = (w * (rows - y) ** 2).sum(), (w * (cols - x) ** 2).sum(), (w * (rows - y) * (cols - x)).sum()
+        out.append(np.degrees(0.5 * np.arctan2(2 * mxy, mxx - myy)) % 180)
+    return np.array(out)
+
+
+def test_any_angle_rotation_turns_the_cell_and_its_mask_alike():
+    images, keep = cell_batch(n=32, size=48)
+    moved, moved_keep = (t.numpy() for t in aug.random_rotation(images, keep, tf.constant([6, 1])))
+    assert set(np.unique(moved_keep)) <= {0.0, 1.0}
+    area = moved_keep.sum(axis=(1, 2, 3)) / keep.sum(axis=(1, 2, 3))
+    assert 0.9 < area.min() and area.max() < 1.1  # a rotation keeps the area
+    assert np.abs(centroid(moved_keep) - centroid(keep)).max() < 1.0  # about the centre
+    turned = orientation(moved_keep)
+    assert np.ptp(orientation(keep)) < 1.0  # all ellipses lie along the rows ...
+    assert (np.minimum(turned % 45, 45 - turned % 45) > 5).mean() > 0.5  # ... and are turned by any angle
+    assert moved[moved_keep > 0].mean() > moved[moved_keep == 0].mean() + 0.2  # the image turned with its mask
+    frame = np.concatenate([images[:, 0, :, 0], images[:, -1, :, 0]], axis=1).mean(1)
+    corner = moved[:, 0, 0, 0]  # from outside the crop for most angles: the frame's mean
+    assert np.median(np.abs(corner - frame)) < 0.02
+    again = aug.random_rotation(images, keep, tf.constant([6, 1]))[0].numpy()
+    assert np.array_equal(moved, again)
+
+    plain = aug.distort(images, keep, tf.constant([2, 2]), "fbr").numpy()
+    rotated = aug.distort(images, keep, tf.constant([2, 2]), "fbr", rotation=True).numpy()
+    assert not np.array_equal(plain == 0, rotated == 0)  # the blackout follows the turned mask

@@ -43,6 +43,7 @@ GAMMA = (0.75, 1.33)  # exponent on the intensity, log-uniform
 MAX_NOISE = 0.03  # largest standard deviation of the added Gaussian noise
 _EXTRA_SEED_FOLD = 1  # stateless_fold_in key of the seeds of the opt-in distortions
 _FIRST_VIEW_SEED_FOLD = 2  # stateless_fold_in key of the first view's seed (both_views=True)
+_ROTATION_SEED_FOLD = 3  # stateless_fold_in key of the seed of random_rotation
 
 _ROTATIONS = tuple((k, False, False) for k in range(4))  # (quarter turns, flip lr, flip ud)
 _FLIPS = ((0, False, False), (0, True, False), (0, False, True), (0, True, True))
@@ -168,6 +169,44 @@ def random_blur(images, seed, max_sigma: float = MAX_BLUR_SIGMA):
     x = tf.nn.depthwise_conv2d(x, tf.reshape(kernel, [2 * r + 1, 1, b, 1]), [1, 1, 1, 1], "VALID")
     x = tf.nn.depthwise_conv2d(x, tf.reshape(kernel, [1, 2 * r + 1, b, 1]), [1, 1, 1, 1], "VALID")
     return tf.transpose(x, [3, 1, 2, 0])
+
+
+def random_rotation(images, masks, seed):
+    """Rotate each crop (and its mask alike) about its centre by an angle drawn uniformly in [0, 360).
+
+    Bilinear resampling (tf.raw_ops.ImageProjectiveTransformV3); the corners that come from
+    outside the crop get the mean of the crop's outermost pixels (for a mask_input crop, its
+    fill), the mask 0; masks are thresholded back to 0/1 at 0.5. The 90-degree rotations and
+    flips of the thesis cover 8 orientations; this covers all, for cells that lie at any angle.
+
+    images: (B, S, S, 1) float32 tensor in [0, 1]; masks: the same shape, 0/1, or None; seed:
+    (2,) int tensor. Returns the rotated (images, masks) (masks None when None was given).
+    """
+    shape = tf.shape(images)
+    b, s = shape[0], shape[1]
+    angle = tf.random.stateless_uniform([b], seed, 0.0, 2.0 * np.pi)
+    c = (tf.cast(s, tf.float32) - 1.0) / 2.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    zeros = tf.zeros_like(angle)
+    # output (x, y) samples the input at R (x - c, y - c) + c
+    transforms = tf.stack([cos, -sin, c - cos * c + sin * c, sin, cos, c - sin * c - cos * c, zeros, zeros], axis=1)
+    frame = tf.concat(
+        [images[:, 0], images[:, -1], images[:, 1:-1, 0], images[:, 1:-1, -1]], axis=1
+    )  # (B, 4 S - 4, 1): the outermost pixels
+    fill = tf.reduce_mean(frame, axis=[1, 2])[:, None, None, None]
+    both = images - fill if masks is None else tf.concat([images - fill, masks], axis=-1)
+    moved = tf.raw_ops.ImageProjectiveTransformV3(
+        images=both,
+        transforms=transforms,
+        output_shape=tf.stack([s, s]),
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+    moved_images = tf.clip_by_value(moved[..., :1] + fill, 0.0, 1.0)
+    if masks is None:
+        return moved_images, None
+    return moved_images, tf.cast(moved[..., 1:] >= 0.5, tf.float32)
 
 
 def _log_uniform(shape, seed, bounds):
@@ -318,8 +357,9 @@ def distort(
     geometric: bool = False,
     photometric: bool = False,
     background_fill: str = "black",
+    rotation: bool = False,
 ):
-    """The distorted view: rotation, flips, [translation and scale], mild blur, [intensity jitter], then PBR/FBR.
+    """The distorted view: rotation, flips, [any-angle rotation], [translation and scale], mild blur, [intensity jitter], then PBR/FBR.
 
     With the defaults this is the thesis' distortion, drawing the same view from the same seed
     as before the opt-in distortions existed.
@@ -335,8 +375,10 @@ def distort(
         Stateless seed, split into one seed per distortion.
     segmentation : {"none", "pbr", "fbr"}
         Blackout after the moves: none, partial (partial_blackout) or full (full_blackout).
+    rotation : bool
+        After the rotation and flips, random_rotation (any angle; the mask moves alike).
     geometric : bool
-        After the rotation and flips, random_resized_crop (the mask moves alike).
+        Then random_resized_crop (the mask moves alike).
     photometric : bool
         After the blur, random_photometric (before the blackout, so the blanked region stays
         exactly as the fill makes it).
@@ -363,6 +405,10 @@ def distort(
         tf.random.experimental.stateless_fold_in(seed, _EXTRA_SEED_FOLD), num=2
     )
     images, keep = random_rot90_and_flips(images, keep if segmentation != "none" else None, seeds[0])
+    if rotation:
+        images, keep = random_rotation(
+            images, keep, tf.random.experimental.stateless_fold_in(seed, _ROTATION_SEED_FOLD)
+        )
     if geometric:
         images, keep = random_resized_crop(images, keep, extra[0])
     images = random_blur(images, seeds[1])

@@ -33,6 +33,9 @@ class Variant:
         (models.augmentation.random_photometric).
     background_fill : {"black", "mean"}
         What PBR/FBR put outside the kept cell: black (the thesis) or the crop's mean intensity.
+    rotation : bool
+        Rotate the distorted view by any angle (models.augmentation.random_rotation), beyond
+        the thesis' 90-degree turns and flips.
     input_mask : {"none", "cell"}
         "cell": the encoder sees the cell alone, in both training views and when embedding
         (models.augmentation.mask_input: outside the dilated cell mask, the level of the
@@ -56,6 +59,7 @@ class Variant:
     background_fill: Literal["black", "mean"] = "black"
     input_mask: Literal["none", "cell"] = "none"
     both_views: bool = False
+    rotation: bool = False
 
     @property
     def distortions(self) -> dict:
@@ -66,6 +70,7 @@ class Variant:
             "background_fill": self.background_fill,
             "input_mask": self.input_mask,
             "both_views": self.both_views,
+            "rotation": self.rotation,
         }
 
 
