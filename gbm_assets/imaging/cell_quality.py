@@ -140,7 +140,7 @@ def quality_measures(
     (gap to the nearest other candidate's pixels, px; inf when alone in the image).
     """
     n = int(labels.max(initial=0)) + 1
-    where = np.flatnonzero(labels)
+    where = np.flatnonzero(labels.ravel() != 0)  # on a bool array: several times faster
     label = labels.ravel()[where]
     count = np.maximum(np.bincount(label, minlength=n), 1)
     dark = np.bincount(label, weights=z.ravel()[where] < -rules.dark_level, minlength=n) / count

@@ -92,5 +92,8 @@ def measure_cells(labels: np.ndarray) -> pd.DataFrame:
                 4 * np.pi * area / perimeter**2 if perimeter > 0 else 0.0,
             )
         )
-    cells = pd.DataFrame(rows, columns=list(CELL_COLUMNS))
-    return cells.astype({"cell_id": np.int32, **{name: np.float64 for name in CELL_COLUMNS[1:]}})
+    # one float64 array, then the columns: several times faster than DataFrame.astype per column
+    values = np.array(rows, np.float64).reshape(len(rows), len(CELL_COLUMNS))
+    return pd.DataFrame(
+        {"cell_id": values[:, 0].astype(np.int32), **{name: values[:, i] for i, name in enumerate(CELL_COLUMNS) if i}}
+    )
