@@ -25,7 +25,9 @@ the size estimate against the annotated mean diameter of the source field times 
 (mean / min / max ratio, plates within 25%, plates with no estimate), the scales cells were
 found at, and the failure modes seen (size off by more than 25% on a plate, recall or precision
 down by more than 0.1 from the baseline). --overlays writes, per variant and set, the worst
-field's image with annotated outlines (green) and detections (red: false, blue: true) as PNGs.
+field's image with annotated outlines (green) and detections (blue: true, orange: a second one in
+a cell, red: off the cells) as PNGs. recall_away_from_border: recall on the annotated cells that
+do not touch the image border (a tile's edge cuts cells).
 Prints one JSON object.
 """
 
@@ -168,7 +170,7 @@ def run_variant(
             plates = [[*(plates[0] if plates else []), *(f for p in made for f in p)]]
         else:
             plates.extend(made)
-    scores, ratios, no_estimate, scales, per_field = [], [], 0, set(), []
+    scores, inner, ratios, no_estimate, scales, per_field = [], [], [], 0, set(), []
     start = time.perf_counter()
     for k, plate in enumerate(plates):
         folder = tmp / f"{set_name}-{variant}-{k}"
@@ -184,11 +186,13 @@ def run_variant(
         for f, name in zip(plate, names, strict=True):
             s = score_point_in_mask(centres[name], f.mask)
             scores.append(s)
+            inner.append(score_point_in_mask(centres[name], away_from_border(f.mask)))
             per_field.append((f, centres[name], s, ratios[-1] if info["estimated_diameter_px"] else None))
     out = _pooled(scores) | {
         "n_images": len(scores),
         "n_plates": len(plates),
         "n_detected": int(sum(s["tp"] + s["fp"] for s in scores)),
+        "recall_away_from_border": _pooled(inner)["recall"],
         "size": {
             "annotated_mean_diameter_px": round(float(np.mean([f.diameter_px for f, *_ in per_field])), 1),
             "estimate_over_annotated": {
@@ -220,6 +224,12 @@ def run_variant(
     return out
 
 
+def away_from_border(mask: np.ndarray) -> np.ndarray:
+    """The instance mask without the cells that touch the image border (cut by a tile's edge)."""
+    border = np.unique(np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]]))
+    return np.where(np.isin(mask, border[border > 0]), 0, mask)
+
+
 def failure_modes(result: dict, baseline: dict) -> list[str]:
     """The failures of a variant against its set's baseline (see module doc)."""
     found = []
@@ -236,8 +246,8 @@ def failure_modes(result: dict, baseline: dict) -> list[str]:
 
 
 def overlay(path: Path, field: Field, centres: np.ndarray) -> None:
-    """PNG of a field (8-bit) with annotated outlines (green), detections on a cell (blue) and
-    false detections (red)."""
+    """PNG of a field (8-bit) with annotated outlines (green), true detections (blue), second
+    detections in a cell (orange) and detections off the cells (red)."""
     grey = field.image if field.image.dtype == np.uint8 else to_8bit(field.image)
     out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     edges = (cv2.morphologyEx(field.mask.astype(np.uint16), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0) & (
@@ -245,9 +255,12 @@ def overlay(path: Path, field: Field, centres: np.ndarray) -> None:
     )
     out[edges] = (0, 200, 0)
     h, w = field.mask.shape
+    claimed = set()
     for x, y in np.rint(centres).astype(int):
-        on_cell = 0 <= y < h and 0 <= x < w and field.mask[y, x] > 0
-        cv2.circle(out, (int(x), int(y)), 4, (255, 0, 0) if on_cell else (0, 0, 255), -1)
+        cell = int(field.mask[y, x]) if 0 <= y < h and 0 <= x < w else 0
+        colour = (0, 0, 255) if cell == 0 else (0, 140, 255) if cell in claimed else (255, 0, 0)
+        claimed.add(cell)
+        cv2.circle(out, (int(x), int(y)), 4, colour, -1)
     cv2.imwrite(str(path), out)
 
 
@@ -266,7 +279,7 @@ def main() -> None:
     if "baseline" not in variants:
         variants.insert(0, "baseline")
     sets = {"usiigaci": (load_set(args.usiigaci, args.fields), False), "t98g": (load_set(args.t98g, None), True)}
-    report: dict = {"fields": {name: len(f) for name, (f, _) in sets.items()}, "variants": {}}
+    report: dict = {"fields": {name: len(f) for name, (f, _) in sets.items()}, "summary": {}, "variants": {}}
     if args.overlays:
         args.overlays.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -278,11 +291,17 @@ def main() -> None:
                 worst = result.pop("_worst")
                 if args.overlays and worst:
                     overlay(args.overlays / f"{variant}-{set_name}-{worst[0].name}.png", worst[0], worst[1])
+                base = report["variants"]["baseline"][set_name] if variant != "baseline" else result
                 if variant != "baseline":
-                    base = report["variants"]["baseline"][set_name]
                     result["change"] = {k: round(result[k] - base[k], 4) for k in ("precision", "recall", "f1")}
-                    result["failures"] = failure_modes(result, base)
+                result["failures"] = failure_modes(result, base)
                 report["variants"][variant][set_name] = result
+                ratio = result["size"]["estimate_over_annotated"]
+                report["summary"][f"{variant} {set_name}"] = (
+                    f"P {result['precision']:.2f} R {result['recall']:.2f} F1 {result['f1']:.2f}, "
+                    f"size x{ratio['mean'] if ratio else float('nan'):.2f}"
+                    + (f" ({len(result['failures'])} failure modes)" if result["failures"] else "")
+                )
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(report, indent=2))
 
