@@ -3,8 +3,17 @@
 One plate version per run: cell_coordinates works only on the plate version raw_plates validated
 (data/plate_versions/<plate>.json) and records it in its Parquet files; cell_crops works only on
 the version cell_coordinates used. Each checks again before its output replaces the previous one.
+
+One pass when one run makes both: cell_coordinates then also crops each image while its worker
+holds the image and its label mask (with the run's cell_crops config), and leaves the crops
+beside the crops file, hidden and tied to its coordinates by a token (plate_cells.CROPS_PASS_KEY);
+cell_crops adopts that file when it matches the coordinates and its own config, else crops as
+before. Either materializes alone as before.
 """
 
+import contextlib
+import os
+import secrets
 import time
 from dataclasses import asdict, fields
 
@@ -19,7 +28,16 @@ from gbm_assets.assets.resources import DataDirs
 from gbm_assets.errors import PlateError
 from gbm_assets.imaging.cell_quality import kept_candidates
 from gbm_assets.imaging.cellprofiler import read_plate_objects
-from gbm_assets.imaging.plate_cells import CropFilters, crop_plate, default_workers
+from gbm_assets.imaging.plate_cells import (
+    CropFilters,
+    CropRequest,
+    crop_plate,
+    crops_pass_metadata,
+    crops_table,
+    default_workers,
+    pending_crops_match,
+    pending_crops_path,
+)
 from gbm_assets.imaging.plate_coordinates import LEGACY_LABELS_COLUMN, coordinates_summary, plate_coordinates
 from gbm_assets.imaging.plates import (
     PlateVersion,
@@ -70,6 +88,27 @@ class CropConfig(dg.Config):
     min_timepoint_h: float | None = None
     max_timepoint_h: float | None = None
     workers: int = 0  # 0 = all cores
+
+    def request(self, manifest: pd.DataFrame) -> CropRequest:
+        """These settings as a plate_cells.CropRequest for a plate of this manifest."""
+        filters = CropFilters(self.max_cells_per_image, self.min_timepoint_h, self.max_timepoint_h)
+        times = dict(zip(manifest["image"], manifest["timepoint_h"].astype(float), strict=True))
+        return CropRequest(self.crop_size, tuple(self.keep_qc), filters, times)
+
+
+def _crops_in_this_run(context: dg.AssetExecutionContext) -> CropConfig | None:
+    """cell_crops' config when this run also materializes cell_crops (so cell finding crops in the
+    same pass), else None (also when that config is not valid: cell_crops then says why)."""
+    steps = context.run.step_keys_to_execute
+    if steps is None:
+        steps = [key.path[-1] for key in context.job_def.asset_layer.executable_asset_keys]
+    if "cell_crops" not in steps:
+        return None
+    given = ((context.run_config or {}).get("ops") or {}).get("cell_crops") or {}
+    try:
+        return CropConfig(**(given.get("config") or {}))
+    except (TypeError, ValueError):
+        return None
 
 
 PROGRESS_EVERY_S = 10.0  # least seconds between two progress lines of one step (the last always shows)
@@ -141,27 +180,47 @@ def cell_coordinates(
         read_plate_objects(plate_dir, manifest, config.cellprofiler_objects) if config.use_cellprofiler_table else None
     )
     source = f"CellProfiler table {found.path.name}, objects {found.objects_name}" if found else "segmentation"
-    plate = plate_coordinates(
-        plate_id,
-        plate_dir,
-        manifest["image"],
-        config.params(),
-        config.cell_diameter_px is None,
-        found.table if found else None,
-        workers=config.workers or default_workers(),
-        progress=_progress(context, f"cell finding {plate_id}"),
-    )
+    crop_config = _crops_in_this_run(context)
+    request = crop_config.request(manifest) if crop_config is not None else None
+    token = secrets.token_hex(8)  # ties crops made in this pass to these coordinates
+    with contextlib.ExitStack() as stack:
+        on_crops = None
+        if request is not None:
+            rows = {row.image: row for row in manifest.itertuples(index=False)}
+            schema = CROP_SCHEMA.with_metadata(
+                plate_version_schema_metadata(version, CROP_SCHEMA.metadata) | crops_pass_metadata(token, request)
+            )
+            writer = stack.enter_context(
+                AtomicParquetWriter(pending_crops_path(plate_file(data.crops, plate_id)), schema)
+            )
+
+            def on_crops(image):
+                writer.write(crops_table(plate_id, rows[image.image], *image.crops, request.crop_size))
+
+        plate = plate_coordinates(
+            plate_id,
+            plate_dir,
+            manifest["image"],
+            config.params(),
+            config.cell_diameter_px is None,
+            found.table if found else None,
+            workers=config.workers or default_workers(),
+            progress=_progress(context, f"cell finding {plate_id}"),
+            crop=request,
+            on_crops=on_crops,
+        )
+        check_plate_unchanged(plate_dir, plate_id, version, "cell_coordinates began", manifest["image"])
     # One line for the whole step (each log line is a database write of Dagster's).
     size = f"{plate.size.note()}; " if plate.size is not None else ""
     context.log.info(
         f"plate {plate_id}: {len(manifest)} images, cells from {source}; {size}"
         f"cells found at {plate.params.cell_diameter_px} px"
     )
-    check_plate_unchanged(plate_dir, plate_id, version, "cell_coordinates began", manifest["image"])
     write_parquet_atomic(_with_version(plate.masks, version), masks_file(data, plate_id))
     coords = plate.coordinates
+    table = _with_version(pa.Table.from_pandas(coords, preserve_index=False), version)
     out = write_parquet_atomic(
-        _with_version(pa.Table.from_pandas(coords, preserve_index=False), version),
+        table.replace_schema_metadata(table.schema.metadata | crops_pass_metadata(token)),
         plate_file(data.coordinates, plate_id),
     )
     cells = kept_candidates(coords)
@@ -176,6 +235,7 @@ def cell_coordinates(
             "cell_diameter_px": float(coords["cell_diameter_px"].iloc[0]) if len(coords) else float("nan"),
             "cell_size": plate.size.note() if plate.size is not None else "given in the run config",
             "segmentation_params": dg.MetadataValue.json(asdict(plate.params)),
+            "crops_made": "in this pass, for cell_crops" if request is not None else "no (cell_crops not in this run)",
         },
         check_results=[
             dg.AssetCheckResult(
@@ -210,39 +270,51 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
         )
     manifest = read_manifest(plate_dir)
     version = check_plate_unchanged(plate_dir, plate_id, used, "cell_coordinates found its cells", manifest["image"])
-    coords = pd.read_parquet(plate_file(data.coordinates, plate_id))
-    masks_tbl = pq.read_table(masks_file(data, plate_id))
-    labels = "labels_zstd" if "labels_zstd" in masks_tbl.column_names else LEGACY_LABELS_COLUMN  # older plates: PNG
-    masks = dict(zip(masks_tbl["image"].to_pylist(), masks_tbl[labels].to_pylist(), strict=False))
-    filters = CropFilters(config.max_cells_per_image, config.min_timepoint_h, config.max_timepoint_h)
-
+    coords_file = plate_file(data.coordinates, plate_id)
+    coords = pd.read_parquet(coords_file)
+    request = config.request(manifest)
+    filters = request.filters
     out = plate_file(data.crops, plate_id)
-    with AtomicParquetWriter(
-        out, CROP_SCHEMA.with_metadata(plate_version_schema_metadata(version, CROP_SCHEMA.metadata))
-    ) as writer:
-        for table in crop_plate(
-            plate_id,
-            plate_dir,
-            manifest,
-            coords,
-            masks,
-            config.crop_size,
-            filters,
-            workers=config.workers or default_workers(),
-            progress=_progress(context, f"cropping {plate_id}"),
-            keep_qc=config.keep_qc,
-        ):
-            writer.write(table)
-        # Still the same plate: else the new file is dropped and the previous one stays.
+    pending = pending_crops_path(out)
+    made_in_pass = pending_crops_match(pending, coords_file, request) and parquet_plate_version(pending) == version
+    if made_in_pass:  # crops cell_coordinates made in its pass over these very coordinates
+        # Still the same plate: else the previous crops file stays.
         check_plate_unchanged(plate_dir, plate_id, version, "cell_crops began", manifest["image"])
-    sizes = masks_tbl.select(["image", "height", "width"]).to_pandas()
+        os.replace(pending, out)
+        sizes = pq.read_table(masks_file(data, plate_id), columns=["image", "height", "width"]).to_pandas()
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pending)  # made from other coordinates or settings
+        masks_tbl = pq.read_table(masks_file(data, plate_id))
+        labels = "labels_zstd" if "labels_zstd" in masks_tbl.column_names else LEGACY_LABELS_COLUMN  # older: PNG
+        masks = dict(zip(masks_tbl["image"].to_pylist(), masks_tbl[labels].to_pylist(), strict=False))
+        with AtomicParquetWriter(
+            out, CROP_SCHEMA.with_metadata(plate_version_schema_metadata(version, CROP_SCHEMA.metadata))
+        ) as writer:
+            for table in crop_plate(
+                plate_id,
+                plate_dir,
+                manifest,
+                coords,
+                masks,
+                config.crop_size,
+                filters,
+                workers=config.workers or default_workers(),
+                progress=_progress(context, f"cropping {plate_id}"),
+                keep_qc=config.keep_qc,
+            ):
+                writer.write(table)
+            # Still the same plate: else the new file is dropped and the previous one stays.
+            check_plate_unchanged(plate_dir, plate_id, version, "cell_crops began", manifest["image"])
+        sizes = masks_tbl.select(["image", "height", "width"]).to_pandas()
     expected = expected_crop_count(coords, manifest, sizes, config.crop_size, filters, config.keep_qc)
     written = pq.read_table(out, columns=[*PROVENANCE_COLUMNS, *MEASUREMENT_COLUMNS]).to_pandas()
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
             **_version_metadata(version),
-            "n_crops": writer.rows,
+            "cropped_in": "cell_coordinates' pass (images read once)" if made_in_pass else "this step",
+            "n_crops": len(written),
             "crop_size": config.crop_size,
             "n_coordinates": len(coords),
             "filters": dg.MetadataValue.json(

@@ -8,17 +8,19 @@ PNG and about ten times faster to write and read back); cell_crops reads masks o
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gbm_assets.imaging.cell_quality import kept_candidates
 from gbm_assets.imaging.cell_size import CellSizeEstimate, cell_diameters, estimate_from_diameters, sample_images
@@ -207,10 +209,30 @@ def _init_worker(owner: int | None = None) -> None:
 # ---------------------------------------------------------------- cell finding
 
 
+@dataclass(frozen=True)
+class CropFilters:
+    """The thesis' image filters; None switches a filter off."""
+
+    max_cells_per_image: int | None = None  # keep images with fewer cells than this (thesis: 100)
+    min_timepoint_h: float | None = None  # keep images at or after this time point
+    max_timepoint_h: float | None = None  # keep images at or before this time point (thesis: 1)
+
+    def keep_image(self, n_cells: int, timepoint_h: float) -> bool:
+        if self.max_cells_per_image is not None and n_cells >= self.max_cells_per_image:
+            return False
+        if self.min_timepoint_h is not None and timepoint_h < self.min_timepoint_h:
+            return False
+        if self.max_timepoint_h is not None and timepoint_h > self.max_timepoint_h:
+            return False
+        return True
+
+
 @dataclass
 class ImageCells:
     """Cell candidates found in one image (with their qc labels), its label mask (encode_labels'
-    bytes) and its image quality measures (field_quality's ImageQuality_* columns)."""
+    bytes) and its image quality measures (field_quality's ImageQuality_* columns). crops: the
+    image's crops (cells, pixels, masks as crop_plate makes them) when a CropRequest asked for
+    them and the image passes its filters, else None."""
 
     image: str
     cells: pd.DataFrame
@@ -218,23 +240,66 @@ class ImageCells:
     height: int
     width: int
     measures: dict[str, float]
+    crops: tuple[pd.DataFrame, np.ndarray, np.ndarray] | None = None
 
 
-def _segment_task(task: tuple[Path, str, SegmentationParams]) -> ImageCells:
-    plate_dir, name, params = task
+@dataclass(frozen=True)
+class CropRequest:
+    """The crops cell_crops will make of a plate, so that cell finding makes them in the same
+    pass, while it holds each image and its label mask (no second read or mask decode).
+
+    crop_size: crop side in px (positive, even); keep_qc: the qc labels cropped; filters: the
+    image filters; timepoints: each image's timepoint_h (the manifest's), for the filters.
+    The crops are those crop_plate makes from the stored coordinates and masks, byte for byte.
+    """
+
+    crop_size: int = 128
+    keep_qc: tuple[str, ...] = ("cell",)
+    filters: CropFilters = CropFilters()
+    timepoints: Mapping[str, float] = field(default_factory=dict)
+
+    def settings(self) -> dict:
+        """crop_size, keep_qc and filters as JSON-ready values: what a stored result was made with."""
+        return {"crop_size": int(self.crop_size), "keep_qc": list(self.keep_qc), **asdict(self.filters)}
+
+    def task(self, name: str) -> tuple | None:
+        """What a worker needs to crop image `name` (KeyError when its timepoint is not known)."""
+        return (self.crop_size, tuple(self.keep_qc), self.filters, float(self.timepoints[name]))
+
+
+CROP_CELL_COLUMNS = ["cell_id", "x", "y", *MEASUREMENT_COLUMNS, "qc"]
+
+
+def _image_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, crop: tuple | None):
+    """(cells, pixels, masks) of one image's kept candidates, as crop_plate makes them; None when
+    there is no request, no kept candidate or the image filters drop the image."""
+    if crop is None:
+        return None
+    crop_size, keep_qc, filters, timepoint_h = crop
+    kept = kept_candidates(cells, keep_qc).reset_index(drop=True)
+    if kept.empty or not filters.keep_image(len(kept), timepoint_h):
+        return None
+    batch = extract_crops(image, kept[CROP_CELL_COLUMNS], labels, crop_size)
+    return batch.cells, batch.pixels, batch.masks
+
+
+def _segment_task(task: tuple) -> ImageCells:
+    plate_dir, name, params, *crop = task
     image = read_image(plate_dir / name)
     cells, labels, measures = find_candidates(image, params)
-    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *image.shape, measures)
+    crops = _image_crops(image, cells, labels, crop[0] if crop else None)
+    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *image.shape, measures, crops)
 
 
-def _objects_task(task: tuple[Path, str, SegmentationParams, pd.DataFrame]) -> ImageCells:
-    plate_dir, name, params, objects = task
+def _objects_task(task: tuple) -> ImageCells:
+    plate_dir, name, params, objects, *crop = task
     image = read_image(plate_dir / name)
     cells, labels = cells_at_objects(image, objects, params)
     # CellProfiler's objects are the user's own choice of cells: kept as cells, not judged again
     cells = cells.assign(qc="cell", qc_reason="CellProfiler object")
     measures = field_quality(image, labels, params.cell_diameter_px).measures
-    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *labels.shape, measures)
+    crops = _image_crops(image, cells, labels, crop[0] if crop else None)
+    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *labels.shape, measures, crops)
 
 
 def find_plate_cells_sized(
@@ -244,6 +309,7 @@ def find_plate_cells_sized(
     sample: int = 8,
     workers: int = 1,
     progress: Progress = None,
+    crop: CropRequest | None = None,
 ) -> tuple[CellSizeEstimate, SegmentationParams, Iterator[ImageCells]]:
     """Estimate a plate's typical cell diameter, then find each image's cells at the scale it calls for.
 
@@ -255,28 +321,33 @@ def find_plate_cells_sized(
     discarded when the scale changes (it cost only otherwise idle time, and at most one image per
     worker still running).
 
-    Returns (estimate, the params cells are found at, ImageCells per image in image order; the
-    iterator reports progress(done, total) as it goes). Raises the image reader's errors, naming
+    Returns (estimate, the params cells are found at, ImageCells per image in image order, with
+    their crops when `crop` asks for them; the iterator reports progress(done, total) as it goes). Raises the image reader's errors, naming
     the file, for an unreadable image (from the first pass or while iterating).
     """
     plate_dir = Path(plate_dir)
     images = list(images)
     picked = sample_images(images, sample)
+
+    def task(name: str, at: SegmentationParams) -> tuple:
+        return (plate_dir, name, at, crop.task(name)) if crop is not None else (plate_dir, name, at)
+
+    again = {"workers": workers, "progress": progress, "crop": crop}
     if workers <= 1 or len(images) <= 1:
-        first = {name: _segment_task((plate_dir, name, params)) for name in picked}
+        first = {name: _segment_task(task(name, params)) for name in picked}
         size = estimate_from_diameters(cell_diameters(f.cells) for f in first.values())
         scaled = size.params(params)
         kept = first if scaled == params else {}
-        return size, scaled, find_plate_cells(plate_dir, images, scaled, workers=1, progress=progress, found=kept)
+        return size, scaled, find_plate_cells(plate_dir, images, scaled, found=kept, **(again | {"workers": 1}))
     pool = _pool(workers)
-    futures = {name: pool.submit(_segment_task, (plate_dir, name, params)) for name in picked}
+    futures = {name: pool.submit(_segment_task, task(name, params)) for name in picked}
     rest = iter([name for name in images if name not in futures])
     try:
         waiting = set(futures.values())
         while waiting:
             in_flight = sum(not f.done() for f in futures.values())
             while in_flight < workers and (name := next(rest, None)) is not None:
-                futures[name] = pool.submit(_segment_task, (plate_dir, name, params))
+                futures[name] = pool.submit(_segment_task, task(name, params))
                 in_flight += 1
             waiting = wait(waiting, return_when=FIRST_COMPLETED).not_done
         size = estimate_from_diameters(cell_diameters(futures[name].result().cells) for name in picked)
@@ -286,9 +357,9 @@ def find_plate_cells_sized(
     scaled = size.params(params)
     if scaled != params:
         _cancel(futures.values())  # found at a scale not wanted: all images again at the right one
-        return size, scaled, find_plate_cells(plate_dir, images, scaled, workers=workers, progress=progress)
+        return size, scaled, find_plate_cells(plate_dir, images, scaled, **again)
     for name in rest:
-        futures[name] = pool.submit(_segment_task, (plate_dir, name, params))
+        futures[name] = pool.submit(_segment_task, task(name, params))
     return size, scaled, _results_in_order(futures, images, progress)
 
 
@@ -318,21 +389,23 @@ def find_plate_cells(
     workers: int = 1,
     progress: Progress = None,
     found: Mapping[str, ImageCells] | None = None,
+    crop: CropRequest | None = None,
 ) -> Iterator[ImageCells]:
     """Find cells in each image of a plate (or place them at `objects`, a CellProfiler table),
     yielding them in image order and reporting progress(done, total) after each. found: images
-    already done at these params, not redone."""
+    already done at these params, not redone. crop: also crop each image (ImageCells.crops)."""
     plate_dir = Path(plate_dir)
     images = list(images)
     found = found or {}
     todo = [name for name in images if name not in found]
+    extra = (lambda name: (crop.task(name),)) if crop is not None else (lambda name: ())
     if objects is None:
-        tasks = [(plate_dir, name, params) for name in todo]
+        tasks = [(plate_dir, name, params, *extra(name)) for name in todo]
         fn = _segment_task
     else:
         groups = {name: g.reset_index(drop=True) for name, g in objects.groupby("image", sort=False)}
         empty = objects.iloc[0:0]
-        tasks = [(plate_dir, name, params, groups.get(name, empty)) for name in todo]
+        tasks = [(plate_dir, name, params, groups.get(name, empty), *extra(name)) for name in todo]
         fn = _objects_task
     computed = _map_in_order(fn, tasks, workers, None)
     for done, name in enumerate(images, 1):
@@ -343,24 +416,6 @@ def find_plate_cells(
 
 
 # ---------------------------------------------------------------- crops
-
-
-@dataclass(frozen=True)
-class CropFilters:
-    """The thesis' image filters; None switches a filter off."""
-
-    max_cells_per_image: int | None = None  # keep images with fewer cells than this (thesis: 100)
-    min_timepoint_h: float | None = None  # keep images at or after this time point
-    max_timepoint_h: float | None = None  # keep images at or before this time point (thesis: 1)
-
-    def keep_image(self, n_cells: int, timepoint_h: float) -> bool:
-        if self.max_cells_per_image is not None and n_cells >= self.max_cells_per_image:
-            return False
-        if self.min_timepoint_h is not None and timepoint_h < self.min_timepoint_h:
-            return False
-        if self.max_timepoint_h is not None and timepoint_h > self.max_timepoint_h:
-            return False
-        return True
 
 
 def _crop_task(task) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -397,13 +452,51 @@ def crop_plate(
         cells = by_image.get(row.image)
         if cells is None or cells.empty or not filters.keep_image(len(cells), row.timepoint_h):
             continue
-        columns = ["cell_id", "x", "y", *MEASUREMENT_COLUMNS, "qc"]
-        tasks.append((plate_dir, row.image, cells[columns], masks[row.image], crop_size))
+        tasks.append((plate_dir, row.image, cells[CROP_CELL_COLUMNS], masks[row.image], crop_size))
         meta.append(row)
     for row, (cells, pixels, crop_masks) in zip(
         meta, _map_in_order(_crop_task, tasks, workers, progress), strict=False
     ):
         yield crops_table(plate_id, row, cells, pixels, crop_masks, crop_size)
+
+
+# Crops made in the cell-finding pass wait beside the crops file, hidden (a leading dot: dataset
+# readers skip it), until cell_crops adopts them. They and the coordinates they were cut from
+# carry the same random token in their Parquet key-value metadata, and the crops their settings.
+CROPS_PASS_KEY = b"gbm_assets.crops_pass"
+CROP_SETTINGS_KEY = b"gbm_assets.crop_settings"
+
+
+def pending_crops_path(crops_file: str | Path) -> Path:
+    """Where crops made in the cell-finding pass wait for cell_crops: beside crops_file, hidden."""
+    crops_file = Path(crops_file)
+    return crops_file.with_name(f".pending-{crops_file.name}")
+
+
+def crops_pass_metadata(token: str, request: CropRequest | None = None) -> dict[bytes, bytes]:
+    """Parquet key-value metadata tying crops made in a cell-finding pass to its coordinates:
+    the pass' token, and (for the crops file) the request's settings as JSON."""
+    meta = {CROPS_PASS_KEY: token.encode()}
+    if request is not None:
+        meta[CROP_SETTINGS_KEY] = json.dumps(request.settings(), sort_keys=True).encode()
+    return meta
+
+
+def pending_crops_match(pending: str | Path, coordinates_file: str | Path, request: CropRequest) -> bool:
+    """True when `pending` (crops made in a cell-finding pass) is what crop_plate would make now:
+    cut from the coordinates now in coordinates_file (same pass token) with request's settings.
+    False when either file is missing or lacks the records, or any of them differs."""
+    try:
+        made = pq.read_schema(pending).metadata or {}
+        coords = pq.read_schema(coordinates_file).metadata or {}
+    except (OSError, pa.ArrowException):
+        return False
+    token = made.get(CROPS_PASS_KEY)
+    return (
+        token is not None
+        and coords.get(CROPS_PASS_KEY) == token
+        and made.get(CROP_SETTINGS_KEY) == crops_pass_metadata("", request)[CROP_SETTINGS_KEY]
+    )
 
 
 def crops_table(

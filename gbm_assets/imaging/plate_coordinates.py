@@ -8,7 +8,7 @@ metadata, the command line and the report.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from gbm_assets.imaging.cell_quality import QC_LABELS, kept_candidates
 from gbm_assets.imaging.cell_size import CellSizeEstimate
-from gbm_assets.imaging.plate_cells import Progress, find_plate_cells, find_plate_cells_sized
+from gbm_assets.imaging.plate_cells import CropRequest, ImageCells, Progress, find_plate_cells, find_plate_cells_sized
 from gbm_assets.imaging.segmentation import SegmentationParams
 
 MASK_COLUMNS = ("image", "height", "width", "n_cells", "labels_zstd")
@@ -54,6 +54,8 @@ def plate_coordinates(
     objects: pd.DataFrame | None = None,
     workers: int = 1,
     progress: Progress = None,
+    crop: CropRequest | None = None,
+    on_crops: Callable[[ImageCells], None] | None = None,
 ) -> PlateCoordinates:
     """Find (or place at CellProfiler's `objects`) every cell candidate of a plate.
 
@@ -61,19 +63,26 @@ def plate_coordinates(
     are found at the scale it calls for (plate_cells.find_plate_cells_sized: the first pass's
     images are not redone when that is the scale they were found at); else at
     params.cell_diameter_px. Each image is read once, on `workers` processes; the result does
-    not depend on their number. Raises the image reader's errors, naming the file.
+    not depend on their number. With `crop`, each image is also cropped in the same pass and
+    on_crops(found) is called, in image order, for each image with crops (found.crops: cells,
+    pixels, masks as plate_cells.crop_plate makes them). Raises the image reader's errors,
+    naming the file, and whatever on_crops raises.
     """
     images = list(images)
     size = None
     if estimate_size and objects is None:
         size, params, found_cells = find_plate_cells_sized(
-            plate_dir, images, params, workers=workers, progress=progress
+            plate_dir, images, params, workers=workers, progress=progress, crop=crop
         )
     else:
-        found_cells = find_plate_cells(plate_dir, images, params, objects, workers=workers, progress=progress)
+        found_cells = find_plate_cells(
+            plate_dir, images, params, objects, workers=workers, progress=progress, crop=crop
+        )
     diameter = size.diameter_px if size is not None and size.diameter_px else params.cell_diameter_px
     frames, mask_rows = [], []
     for found in found_cells:
+        if found.crops is not None and on_crops is not None:
+            on_crops(found)
         cells = found.cells.assign(**found.measures, cell_diameter_px=float(diameter))
         cells.insert(0, "image", found.image)
         cells.insert(0, "plate", plate_id)
