@@ -128,8 +128,9 @@ def embedding_sets(rows: pd.DataFrame, crops: Path, variants: list[str]) -> dict
     )
     out = {}
     for name in variants:
-        encoder = train_encoder(get_variant(name), crops, config).encoder
-        parts = list(embed_crops(encoder, crops))
+        variant = get_variant(name)
+        encoder = train_encoder(variant, crops, config).encoder
+        parts = list(embed_crops(encoder, crops, input_mask=variant.input_mask))  # as the embeddings asset
         ids = pd.concat([r["crop_id"] for r, _ in parts], ignore_index=True).astype(str)
         x = np.concatenate([e for _, e in parts])[pd.Index(ids).get_indexer(rows["crop_id"].astype(str))]
         out[name] = x
