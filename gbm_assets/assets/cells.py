@@ -210,12 +210,7 @@ def cell_coordinates(
             on_crops=on_crops,
         )
         check_plate_unchanged(plate_dir, plate_id, version, "cell_coordinates began", manifest["image"])
-    # One line for the whole step (each log line is a database write of Dagster's).
-    size = f"{plate.size.note()}; " if plate.size is not None else ""
-    context.log.info(
-        f"plate {plate_id}: {len(manifest)} images, cells from {source}; {size}"
-        f"cells found at {plate.params.cell_diameter_px} px"
-    )
+    # No log line: each is a database write of Dagster's in the step's time; the metadata says it all.
     write_parquet_atomic(_with_version(plate.masks, version), masks_file(data, plate_id))
     coords = plate.coordinates
     table = _with_version(pa.Table.from_pandas(coords, preserve_index=False), version)
@@ -234,6 +229,7 @@ def cell_coordinates(
             },
             "cell_diameter_px": float(coords["cell_diameter_px"].iloc[0]) if len(coords) else float("nan"),
             "cell_size": plate.size.note() if plate.size is not None else "given in the run config",
+            "cells_found_at_px": float(plate.params.cell_diameter_px),
             "segmentation_params": dg.MetadataValue.json(asdict(plate.params)),
             "crops_made": "in this pass, for cell_crops" if request is not None else "no (cell_crops not in this run)",
         },
