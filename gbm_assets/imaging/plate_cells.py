@@ -4,6 +4,8 @@ Work is spread over a process pool (one image per task); results come back in ma
 order so output is deterministic whatever the number of workers. Label masks travel and are
 stored as their 16-bit pixels compressed with Zstandard (encode_labels: lossless, smaller than a
 PNG and about ten times faster to write and read back); cell_crops reads masks of either kind.
+Given a CropRequest, cell finding also crops each image while its worker holds the image and its
+label mask (ImageCells.crops), so that one ingest run reads each image once for both assets.
 """
 
 from __future__ import annotations
@@ -262,7 +264,7 @@ class CropRequest:
         """crop_size, keep_qc and filters as JSON-ready values: what a stored result was made with."""
         return {"crop_size": int(self.crop_size), "keep_qc": list(self.keep_qc), **asdict(self.filters)}
 
-    def task(self, name: str) -> tuple | None:
+    def task(self, name: str) -> tuple:
         """What a worker needs to crop image `name` (KeyError when its timepoint is not known)."""
         return (self.crop_size, tuple(self.keep_qc), self.filters, float(self.timepoints[name]))
 
@@ -322,8 +324,9 @@ def find_plate_cells_sized(
     worker still running).
 
     Returns (estimate, the params cells are found at, ImageCells per image in image order, with
-    their crops when `crop` asks for them; the iterator reports progress(done, total) as it goes). Raises the image reader's errors, naming
-    the file, for an unreadable image (from the first pass or while iterating).
+    their crops when `crop` asks for them; the iterator reports progress(done, total) as it
+    goes). Raises the image reader's errors, naming the file, for an unreadable image (from the
+    first pass or while iterating).
     """
     plate_dir = Path(plate_dir)
     images = list(images)
