@@ -153,6 +153,7 @@ def evaluate_features(
     n_folds: int = N_FOLDS,
     classifier: str = "random_forest",
     max_train: int | None = MAX_TRAIN_CELLS,
+    folds: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict:
     """Accuracy, Cohen's kappa and majority-class baseline on held-out groups, averaged over group folds.
 
@@ -172,6 +173,10 @@ def evaluate_features(
     max_train : int or None
         A fold with more training crops trains on a seeded random sample of max_train of them
         (None: all); every test crop is still scored.
+    folds : list of (train, test) ndarrays, optional
+        group_folds(labels, groups, seed, n_folds), when the caller already has them: the folds
+        depend only on labels, groups, seed and n_folds, so scoring several feature sets or
+        classifiers of the same crops computes them once (score_features). None: computed here.
 
     Returns
     -------
@@ -195,7 +200,8 @@ def evaluate_features(
     labels = pd.Series(labels).reset_index(drop=True)
     y = labels.to_numpy()
     classes = sorted(labels.unique().tolist(), key=lambda v: natural_key(str(v)))
-    folds = group_folds(labels, groups, seed, n_folds)
+    if folds is None:
+        folds = group_folds(labels, groups, seed, n_folds)
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     accuracy, kappa, majority, n_train = [], [], [], []
     rng = np.random.default_rng(seed)

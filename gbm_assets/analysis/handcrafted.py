@@ -155,11 +155,15 @@ def handcrafted_features(measurements: pd.DataFrame, pixels: np.ndarray, masks: 
     return np.hstack([shape, pixel_features(pixels, masks)])
 
 
-def handcrafted_features_for(crops_dir: str | Path, crop_ids: pd.Series) -> np.ndarray:
+def handcrafted_features_for(
+    crops_dir: str | Path, crop_ids: pd.Series, pixels: np.ndarray | None = None
+) -> np.ndarray:
     """handcrafted_features of the given crops of a crops dataset, in crop_ids order.
 
-    Reads the crops' measurements, pixels and masks (only the rows asked for). Raises KeyError
-    naming crop ids that are not in the dataset.
+    Reads the crops' measurements, pixels and masks (only the rows asked for). pixels: the
+    crops' (n, S, S) uint8 pixels in crop_ids order when the caller has already read them
+    (read_crops(crops_dir, crop_ids)); they are then not read again. Raises KeyError naming
+    crop ids that are not in the dataset, ValueError when pixels has another number of crops.
     """
     from gbm_assets.analysis.cell_types import read_measurements
     from gbm_assets.imaging.crop_dataset import read_crops
@@ -168,6 +172,8 @@ def handcrafted_features_for(crops_dir: str | Path, crop_ids: pd.Series) -> np.n
     for column in MEASUREMENT_COLUMNS:
         if column not in measurements:
             measurements[column] = np.nan
-    return handcrafted_features(
-        measurements, read_crops(crops_dir, crop_ids), read_crops(crops_dir, crop_ids, column="mask")
-    )
+    if pixels is None:
+        pixels = read_crops(crops_dir, crop_ids)
+    elif len(pixels) != len(crop_ids):
+        raise ValueError(f"{crops_dir}: {len(pixels)} crops of pixels given for {len(crop_ids)} crop ids")
+    return handcrafted_features(measurements, pixels, read_crops(crops_dir, crop_ids, column="mask"))

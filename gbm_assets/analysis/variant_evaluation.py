@@ -30,6 +30,7 @@ from gbm_assets.analysis.evaluation import (
     CLASSIFIERS,
     N_FOLDS,
     evaluate_features,
+    group_folds,
     plot_confusion,
     raw_pixel_features,
     why_not_evaluable,
@@ -133,6 +134,8 @@ def score_features(
         for split in splits:
             groups = split_groups(rows, split)[known]
             reason = why_not_evaluable(labels, groups, target, n_folds=n_folds, unit=split)
+            # The folds depend on the labels, groups and seed only: one split for every feature set and classifier.
+            folds = group_folds(labels, groups, seed, n_folds) if reason is None else None
             for classifier in classifiers:
                 for name, matrix in features.items():
                     key = {"feature_set": name, "target": target, "split": split, "classifier": classifier}
@@ -146,7 +149,13 @@ def score_features(
                         )
                         continue
                     result = evaluate_features(
-                        np.asarray(matrix)[known], labels, groups, seed=seed, n_folds=n_folds, classifier=classifier
+                        np.asarray(matrix)[known],
+                        labels,
+                        groups,
+                        seed=seed,
+                        n_folds=n_folds,
+                        classifier=classifier,
+                        folds=folds,
                     )
                     if on_result is not None:
                         on_result(name, target, split, result)
@@ -188,12 +197,17 @@ def raw_pixels_for(crops_dir: str | Path, crop_ids: pd.Series, size: int = 32) -
 
 
 def baseline_features_for(crops_dir: str | Path, crop_ids: pd.Series) -> dict[str, np.ndarray]:
-    """{"raw_pixels": (n, 1024), "handcrafted": (n, len(HANDCRAFTED_FEATURES))} float32 of the given crops."""
+    """{"raw_pixels": (n, 1024), "handcrafted": (n, len(HANDCRAFTED_FEATURES))} float32 of the given crops.
+
+    The crops' pixels are read once and feed both (raw_pixels_for's block means, and
+    handcrafted.handcrafted_features_for, which reads only the masks and measurements besides).
+    """
     from gbm_assets.analysis.handcrafted import handcrafted_features_for
 
+    crops = read_crops(crops_dir, crop_ids)
     return {
-        "raw_pixels": raw_pixels_for(crops_dir, crop_ids),
-        "handcrafted": handcrafted_features_for(crops_dir, crop_ids),
+        "raw_pixels": raw_pixel_features(crops, size=min(32, crops.shape[1])),
+        "handcrafted": handcrafted_features_for(crops_dir, crop_ids, pixels=crops),
     }
 
 
