@@ -20,6 +20,7 @@ from gbm_assets.imaging.cell_size import estimate_cell_diameter
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.plate_coordinates import plate_coordinates
 from gbm_assets.imaging.scoring import score_point_in_mask
+from gbm_assets.imaging.segmentation import SegmentationParams
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the benchmarks/ folder
@@ -166,3 +167,25 @@ def test_usiigaci_field_at_another_magnification_keeps_precision_and_recall(fact
     scores, _ = _score_on_plate(tmp_path, [rescale(image, mask, factor)])
     for key in ("precision", "recall"):
         assert scores[key] >= set12_baseline[key] - 0.1, (key, scores, set12_baseline)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a 696x520 tile that large cells fill half of gives no cell at the scale its magnification "
+    "calls for (measured: 0 of 11 annotated cells at 82 px, 0 at 60, 80 and 88, 9 detections at 41; the "
+    "whole frame at x2 and 82 px: precision 0.83, recall 0.90): segmentation.dark_seeds finds no seed. "
+    "The tile's background share is 0.509, just above the 0.5 where medium_units switches to the "
+    "medium's statistics; forced to them the tile gives 7 detections (recall 0.36)",
+)
+def test_cells_found_in_a_small_field_of_large_cells(tmp_path):
+    """The top-left 696x520 tile of a T98G frame at twice the magnification, cells found at twice
+    the default scale (as `--cell-diameter` or a size estimate that follows the magnification
+    would set it): at least half of its annotated cells are found."""
+    image, mask = _field(T98G, "20180101ef002xy01t07")
+    image, mask = rescale(image, mask, 2.0)
+    window = next(tiles(image, 696, 520))[2]
+    name = write_image(tmp_path, "tile", image[window], "")
+    plate = plate_coordinates("p", tmp_path, [name], SegmentationParams(cell_diameter_px=82.0), estimate_size=False)
+    cells = kept_candidates(plate.coordinates)
+    scores = score_point_in_mask(cells[["x", "y"]].to_numpy(float), mask[window])
+    assert scores["recall"] >= 0.5, scores
