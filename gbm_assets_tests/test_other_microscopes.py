@@ -83,12 +83,12 @@ def _score_on_plate(tmp: Path, fields: list[tuple[np.ndarray, np.ndarray]], vari
         ),
     ],
 )
-def test_t98g_size_estimate_follows_magnification(factor):
-    """A T98G frame seen at another magnification: the estimate lands within 25% of the annotated
-    mean diameter times the factor."""
+def test_t98g_size_estimate_follows_magnification(factor, tmp_path):
+    """A T98G frame seen at another magnification, as a plate of its own: the plate's size
+    estimate (plate_coordinates) lands within 25% of the annotated mean diameter times the factor."""
     image, mask = _field(T98G, "20180101ef002xy01t07")
     image, mask = rescale(image, mask, factor)
-    estimate = estimate_cell_diameter([image]).diameter_px
+    estimate = _score_on_plate(tmp_path, [(image, mask)])[1].size.diameter_px
     truth = annotated_diameter(mask)
     assert estimate is not None
     assert abs(estimate / truth - 1) <= 0.25, f"estimate {estimate} px, annotated {truth:.1f} px"
@@ -106,7 +106,7 @@ def test_t98g_size_estimate_on_696x520_tiles():
 
 @pytest.mark.xfail(
     strict=True,
-    reason=SIZE_FOLLOWS_SCALE + " (measured on this plate: 0.45x the annotated diameter; the held-out U373 "
+    reason=SIZE_FOLLOWS_SCALE + " (measured on this plate: 54.6 px for cells of 130.3, 0.42x; the held-out U373 "
     "frames, 20x / 696x520 / 8-bit, scored precision 0.39 at the default scale for the same reason)",
 )
 def test_size_estimate_on_a_u373_like_plate(tmp_path):
