@@ -95,3 +95,31 @@ def test_baselines_read_the_crops_pixels_once(tmp_path, monkeypatch):
     assert np.array_equal(got["handcrafted"], handcrafted.handcrafted_features(measurements, pixels, masks))
     with pytest.raises(ValueError, match="crops of pixels"):
         handcrafted.handcrafted_features_for(crops_dir, ids, pixels=pixels[:3])
+
+
+def test_probe_folds_are_fitted_side_by_side_with_the_same_scores(monkeypatch):
+    import threading
+
+    rows, features = _rows_and_features(n_plates=12)
+    labels, groups = rows["culture"], split_groups(rows, "image")
+    threads = set()
+    real = evaluation._fit_predict
+
+    def recording(*args):
+        threads.add(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(evaluation, "_fit_predict", recording)
+    monkeypatch.setattr(evaluation, "cpu_cores", lambda: 1)
+    one = evaluate_features(features["embedding"], labels, groups, seed=2, classifier="linear_probe")
+    assert threads == {threading.current_thread().name}
+    monkeypatch.setattr(evaluation, "cpu_cores", lambda: 16)
+    assert evaluation.n_jobs() == evaluation.MAX_JOBS == 2  # bounded: other steps and tests share the cores
+    threads.clear()
+    two = evaluate_features(features["embedding"], labels, groups, seed=2, classifier="linear_probe")
+    assert len(threads) == 2 and all(t.startswith("probe-fold") for t in threads)
+    for key in ("fold_accuracy", "fold_kappa", "accuracy", "majority_baseline", "n_train"):
+        assert one[key] == two[key]
+    assert np.array_equal(one["confusion"], two["confusion"])
+    # The forest keeps one fold at a time: it already grows its trees in n_jobs() threads.
+    assert evaluation.make_classifier("random_forest").n_jobs == 2

@@ -14,7 +14,9 @@ predicts culture on held-out images without any morphology; held-out plates expo
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ from threadpoolctl import threadpool_limits
 
 from gbm_assets.analysis.figures import literal_text
 from gbm_assets.imaging.plates import natural_key
+from gbm_assets.models.device import cpu_cores
 
 CLASSIFIERS = ("random_forest", "linear_probe")
 N_FOLDS = 5  # group folds per evaluation: every crop is tested once, scores are the folds' mean
@@ -39,6 +42,15 @@ N_FOLDS = 5  # group folds per evaluation: every crop is tested once, scores are
 # cost at large samples (10,000 cells: 5 forests on 4,000 against one on 8,000 before folds).
 MAX_TRAIN_CELLS = 4000
 LINEAR_PROBE_MAX_ITER = 300
+# Threads one evaluation uses (at most; fewer on fewer cores): the forest's trees are grown in
+# parallel, and the probe's folds are fitted side by side (each with one BLAS thread). Bounded so
+# that steps Dagster runs at once, and tests, do not oversubscribe a small machine.
+MAX_JOBS = 2
+
+
+def n_jobs() -> int:
+    """Threads for one evaluation: min(MAX_JOBS, the CPU cores this process may use), at least 1."""
+    return max(1, min(MAX_JOBS, cpu_cores()))
 
 
 def make_classifier(name: str, seed: int = 0):
@@ -51,7 +63,7 @@ def make_classifier(name: str, seed: int = 0):
         If name is not one of CLASSIFIERS.
     """
     if name == "random_forest":
-        return RandomForestClassifier(random_state=seed, n_jobs=2)
+        return RandomForestClassifier(random_state=seed, n_jobs=n_jobs())  # same trees at any n_jobs
     if name == "linear_probe":
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=LINEAR_PROBE_MAX_ITER, random_state=seed))
     raise ValueError(f"unknown classifier {name!r}; use one of {CLASSIFIERS}")
@@ -119,15 +131,48 @@ def group_folds(
 
 
 def _fit_predict(classifier: str, seed: int, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray):
+    """Fit a fresh classifier and predict x_test; run it inside _fitting() (one BLAS thread, no convergence warning)."""
     if len(np.unique(y_train)) < 2:  # a fold whose training groups hold one class: it is all a model could say
         return np.full(len(x_test), y_train[0], dtype=y_train.dtype)
     model = make_classifier(classifier, seed)
-    # One BLAS thread: the probe's small matrix products run ~40x slower when BLAS threads
-    # contend for shared cores (measured: 7 s against 0.16 s on 1,342 x 128 features).
-    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe stopped at max_iter is still a probe
-        model.fit(x_train, y_train)
-        return model.predict(x_test)
+    model.fit(x_train, y_train)
+    return model.predict(x_test)
+
+
+def _fitting():
+    """The context every fit runs in, entered once by the thread that starts the fold fits.
+
+    One BLAS thread: the probe's small matrix products run ~40x slower when BLAS threads
+    contend for shared cores (measured: 7 s against 0.16 s on 1,342 x 128 features). Both the
+    BLAS limit and the warnings filter are process-wide, so they are set around all folds
+    rather than per fit: a fit that ended first would otherwise restore them under another
+    still running in a parallel thread.
+    """
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore", ConvergenceWarning)  # a probe stopped at max_iter is still a probe
+    stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+    return stack
+
+
+def _fold_predictions(classifier, seed, features, y, folds, trains) -> list[np.ndarray]:
+    """The predictions of every fold's test crops, in fold order.
+
+    The forest already grows its trees in n_jobs() threads; the linear probe (one thread each)
+    fits up to n_jobs() folds side by side. Each fit depends on its fold alone, so the
+    predictions are the same whichever thread makes them.
+    """
+
+    def fit(i: int) -> np.ndarray:
+        train, test = trains[i], folds[i][1]
+        return _fit_predict(classifier, seed, features[train], y[train], features[test])
+
+    workers = 1 if classifier == "random_forest" else min(n_jobs(), len(folds))
+    with _fitting():
+        if workers < 2:
+            return [fit(i) for i in range(len(folds))]
+        with ThreadPoolExecutor(workers, thread_name_prefix="probe-fold") as pool:
+            return list(pool.map(fit, range(len(folds))))
 
 
 def _kappa(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -205,10 +250,13 @@ def evaluate_features(
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     accuracy, kappa, majority, n_train = [], [], [], []
     rng = np.random.default_rng(seed)
-    for train, test in folds:
+    trains = []  # each fold's training crops, sampled in fold order from one seeded generator
+    for train, _test in folds:
         if max_train is not None and len(train) > max_train:
             train = np.sort(rng.choice(train, max_train, replace=False))
-        predicted = _fit_predict(classifier, seed, features[train], y[train], features[test])
+        trains.append(train)
+    predictions = _fold_predictions(classifier, seed, features, y, folds, trains)
+    for (_train, test), train, predicted in zip(folds, trains, predictions, strict=True):
         y_test = y[test]
         accuracy.append(float(accuracy_score(y_test, predicted)))
         kappa.append(_kappa(y_test, predicted))
