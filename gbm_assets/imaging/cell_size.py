@@ -10,8 +10,12 @@ the 24 hand-annotated Usiigaci fields, the 6 T98G frames and synthetic fields dr
 with a spread of about 15% between fields. Iterating (re-finding at the estimate) does not
 converge: larger scales merge neighbours and the estimate runs away, so one pass it is.
 
-Cell finding then runs at the default scale (41 px) moved just enough to lie within SCALE_RANGE
-of the estimate. The segmentation's length scale is that of a cell's dark body and seeds rather
+That holds at the magnification the default scale was chosen on. At another one the first pass
+finds pieces or merged neighbours whose size is set by its own scale (58 px for cells of 130 px at
+twice the magnification), so the set-up's magnification is measured first, from the scale of the
+image's fine structure (see magnification), and where it is far from the reference the first pass
+and the default scale are multiplied by it. Cell finding then runs at that scale (41 px at the
+reference magnification) moved just enough to lie within SCALE_RANGE of the estimate. The segmentation's length scale is that of a cell's dark body and seeds rather
 than of its whole outline with halo and protrusions, so the best scale hardly follows the outline:
 on the 24 hand-annotated Usiigaci fields the per-field best scale was 45-50 px for cells of 40
 px as for cells of 72 px, and T98G's 40-50 px (cells of 54-65 px), while the densest synthetic
@@ -32,6 +36,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from gbm_assets.imaging import magnification
 from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates
 
 FOUND_PER_TRUE_DIAMETER = 1.2  # first-pass objects' median equivalent diameter / annotated mean diameter
@@ -49,15 +54,26 @@ class CellSizeEstimate:
     n_cells: int
     n_images: int
     reason: str = ""
+    magnification: float | None = None  # relative to the reference set-up (see magnification); None: not measured
 
     def note(self) -> str:
         """One line for logs and metadata."""
+        if self.magnification is None:
+            seen = ""
+        elif magnification.magnified(SegmentationParams(), self.magnification) == SegmentationParams():
+            seen = f"; magnification {self.magnification}x the reference set-up's (default scale kept)"
+        else:
+            seen = f"; magnification {self.magnification}x the reference set-up's (scale multiplied by it)"
         if self.diameter_px is None:
-            return f"cell diameter not estimated ({self.reason}); the default scale is used"
-        return f"estimated cell diameter {self.diameter_px} px from {self.n_cells} cells in {self.n_images} images"
+            return f"cell diameter not estimated ({self.reason}); the default scale is used{seen}"
+        return (
+            f"estimated cell diameter {self.diameter_px} px from {self.n_cells} cells in {self.n_images} images{seen}"
+        )
 
     def params(self, params: SegmentationParams) -> SegmentationParams:
-        """params with their scale moved into SCALE_RANGE of this estimate (unchanged without one)."""
+        """params magnified as self.magnification calls for (magnification.magnified), then with
+        their scale moved into SCALE_RANGE of this diameter (without one, just magnified)."""
+        params = magnification.magnified(params, self.magnification)
         if self.diameter_px is None:
             return params
         low, high = (f * self.diameter_px for f in SCALE_RANGE)
@@ -98,11 +114,18 @@ def estimate_from_diameters(diameters: Iterable[np.ndarray]) -> CellSizeEstimate
 def estimate_cell_diameter(
     images: Iterable[np.ndarray], params: SegmentationParams = SegmentationParams()
 ) -> CellSizeEstimate:
-    """Typical whole-cell diameter (px) of a set of 2-D images of one plate (one pass each).
+    """Typical whole-cell diameter (px) of a set of 2-D images of one plate.
 
+    As a plate's ingest does it: the set-up's magnification from up to magnification.IMAGES of
+    the images (spread over the list), then one pass over every image at params magnified by it.
     Raises ValueError when an image is not 2-D.
     """
-    return estimate_from_diameters(first_pass_diameters(image, params) for image in images)
+    images = list(images)
+    probes = sample_images(list(range(len(images))), magnification.IMAGES)
+    ratio = magnification.relative_magnification(magnification.fine_scale(images[i]) for i in probes)
+    params = magnification.magnified(params, ratio)
+    found = estimate_from_diameters(first_pass_diameters(image, params) for image in images)
+    return replace(found, magnification=ratio)
 
 
 def sample_images(names: list[str], k: int = 8) -> list[str]:

@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gbm_assets.imaging import magnification
 from gbm_assets.imaging.cell_quality import kept_candidates
 from gbm_assets.imaging.cell_size import CellSizeEstimate, cell_diameters, estimate_from_diameters, sample_images
 from gbm_assets.imaging.cellprofiler_masks import cells_at_objects
@@ -243,6 +244,7 @@ class ImageCells:
     width: int
     measures: dict[str, float]
     crops: tuple[pd.DataFrame, np.ndarray, np.ndarray] | None = None
+    fine_scale: float | None = None  # magnification.fine_scale (px) when it was asked for
 
 
 @dataclass(frozen=True)
@@ -285,12 +287,14 @@ def _image_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, cro
     return batch.cells, batch.pixels, batch.masks
 
 
-def _segment_task(task: tuple) -> ImageCells:
+def _segment_task(task: tuple, fine_scale: bool = False) -> ImageCells:
+    """One image's ImageCells; fine_scale: with its magnification.fine_scale too (same read)."""
     plate_dir, name, params, *crop = task
     image = read_image(plate_dir / name)
     cells, labels, measures = find_candidates(image, params)
     crops = _image_crops(image, cells, labels, crop[0] if crop else None)
-    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *image.shape, measures, crops)
+    scale = magnification.fine_scale(image) if fine_scale else None
+    return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *image.shape, measures, crops, scale)
 
 
 def _objects_task(task: tuple) -> ImageCells:
@@ -316,9 +320,11 @@ def find_plate_cells_sized(
     """Estimate a plate's typical cell diameter, then find each image's cells at the scale it calls for.
 
     The estimate (see cell_size) comes from a first pass at `params` over up to `sample` images
-    spread evenly over the list (cell_size.sample_images: the same ones on every run); cells are
-    then found at estimate.params(params), and the first pass's results are kept where that is
-    `params`. With workers > 1, a worker left idle while the last first-pass images finish starts
+    spread evenly over the list (cell_size.sample_images: the same ones on every run), which also
+    measures the set-up's magnification (magnification.fine_scale of up to magnification.IMAGES
+    of them, from the same read); where that calls for another scale, the first pass runs again
+    at it. Cells are then found at estimate.params(params), and the first pass's results are kept
+    where that is the first pass's scale. With workers > 1, a worker left idle while the last first-pass images finish starts
     on the other images at `params`, so the pool does not wait for the estimate; that work is
     discarded when the scale changes (it cost only otherwise idle time, and at most one image per
     worker still running).
@@ -331,19 +337,27 @@ def find_plate_cells_sized(
     plate_dir = Path(plate_dir)
     images = list(images)
     picked = sample_images(images, sample)
+    probes = set(sample_images(picked, magnification.IMAGES))  # their fine scale: the magnification
 
     def task(name: str, at: SegmentationParams) -> tuple:
         return (plate_dir, name, at, crop.task(name)) if crop is not None else (plate_dir, name, at)
 
+    def sized(first: Mapping[str, ImageCells], at: SegmentationParams) -> tuple[CellSizeEstimate, SegmentationParams]:
+        found = estimate_from_diameters(cell_diameters(first[name].cells) for name in picked)
+        return replace(found, magnification=ratio), found.params(at)
+
     again = {"workers": workers, "progress": progress, "crop": crop}
     if workers <= 1 or len(images) <= 1:
-        first = {name: _segment_task(task(name, params)) for name in picked}
-        size = estimate_from_diameters(cell_diameters(f.cells) for f in first.values())
-        scaled = size.params(params)
-        kept = first if scaled == params else {}
+        first = {name: _segment_task(task(name, params), name in probes) for name in picked}
+        ratio = magnification.relative_magnification(first[name].fine_scale for name in probes)
+        at = magnification.magnified(params, ratio)
+        if at != params:  # another magnification: the first pass again at its scale
+            first = {name: _segment_task(task(name, at)) for name in picked}
+        size, scaled = sized(first, at)
+        kept = first if scaled == at else {}
         return size, scaled, find_plate_cells(plate_dir, images, scaled, found=kept, **(again | {"workers": 1}))
     pool = _pool(workers)
-    futures = {name: pool.submit(_segment_task, task(name, params)) for name in picked}
+    futures = {name: pool.submit(_segment_task, task(name, params), name in probes) for name in picked}
     rest = iter([name for name in images if name not in futures])
     try:
         waiting = set(futures.values())
@@ -353,14 +367,22 @@ def find_plate_cells_sized(
                 futures[name] = pool.submit(_segment_task, task(name, params))
                 in_flight += 1
             waiting = wait(waiting, return_when=FIRST_COMPLETED).not_done
-        size = estimate_from_diameters(cell_diameters(futures[name].result().cells) for name in picked)
+        ratio = magnification.relative_magnification(futures[name].result().fine_scale for name in probes)
+        at = magnification.magnified(params, ratio)
+        first = {name: futures[name].result() for name in picked}
+        if at != params:  # another magnification: the first pass again at its scale
+            _cancel(futures.values())
+            first = dict(
+                zip(picked, _map_in_order(_segment_task, [task(n, at) for n in picked], workers, None), strict=True)
+            )
+        size, scaled = sized(first, at)
     except BaseException:
         _cancel(futures.values())
         raise
-    scaled = size.params(params)
     if scaled != params:
         _cancel(futures.values())  # found at a scale not wanted: all images again at the right one
-        return size, scaled, find_plate_cells(plate_dir, images, scaled, **again)
+        kept = first if scaled == at else {}
+        return size, scaled, find_plate_cells(plate_dir, images, scaled, found=kept, **again)
     for name in rest:
         futures[name] = pool.submit(_segment_task, task(name, params))
     return size, scaled, _results_in_order(futures, images, progress)
