@@ -2,7 +2,7 @@
 
     nice -n 5 .venv/bin/python benchmarks/features.py --variants siamese_d --keep /tmp/work
     nice -n 5 .venv/bin/python benchmarks/ssl_recipe.py /tmp/work [--epochs 6] [--seeds 0 1]
-        [--variants siamese_b siamese_b_cell siamese_b_recipe siamese_h siamese_h_mean]
+        [--variants siamese_b siamese_b_projector siamese_b_recipe siamese_h siamese_h_mean siamese_b_cell]
         [--variants siamese_b 'siamese_b:input_mask=cell,both_views=true'] [--baselines]
 
 Reads the crops and ground truth that a kept benchmarks/features.py run left (DIR/data/
@@ -44,7 +44,14 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["siamese_b", "siamese_b_cell", "siamese_b_recipe", "siamese_h", "siamese_h_mean"],
+        default=[
+            "siamese_b",
+            "siamese_b_projector",
+            "siamese_b_recipe",
+            "siamese_h",
+            "siamese_h_mean",
+            "siamese_b_cell",
+        ],
     )
     parser.add_argument("--baselines", action="store_true", help="score raw pixels and hand-crafted features too")
     parser.add_argument("--invariant", action="store_true", help="score the rotation/flip-invariant embedding too")
