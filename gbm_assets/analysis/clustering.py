@@ -80,7 +80,10 @@ def _cache_umap_compilation() -> int:
         module = sys.modules.get(name)
         for value in vars(module).values() if module is not None else ():
             if isinstance(value, Dispatcher) and isinstance(value._cache, NullCache):
-                value.enable_caching()
+                try:
+                    value.enable_caching()
+                except RuntimeError:  # numba found no writable cache folder: compile in memory, as before
+                    return switched
                 switched += 1
     return switched
 
