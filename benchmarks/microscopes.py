@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.segmentation import T98G, USIIGACI, _ours_on_plate, _pooled, annotated_diameter
+from benchmarks.segmentation import T98G, USIIGACI, _ours_on_plate, _pooled, annotated_diameter, ratio_summary
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.scoring import score_point_in_mask
 
@@ -195,14 +195,7 @@ def run_variant(
         "recall_away_from_border": _pooled(inner)["recall"],
         "size": {
             "annotated_mean_diameter_px": round(float(np.mean([f.diameter_px for f, *_ in per_field])), 1),
-            "estimate_over_annotated": {
-                "mean": round(float(np.mean(ratios)), 3),
-                "min": round(min(ratios), 3),
-                "max": round(max(ratios), 3),
-                "within_25_percent": f"{sum(abs(r - 1) <= SIZE_TOLERANCE for r in ratios)}/{len(ratios)}",
-            }
-            if ratios
-            else None,
+            "estimate_over_annotated": ratio_summary(ratios, SIZE_TOLERANCE),
             "plates_without_estimate": no_estimate,
             "scale_px": [round(min(scales), 1), round(max(scales), 1)],
         },

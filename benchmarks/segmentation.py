@@ -137,6 +137,19 @@ def _summed(counts: list[dict]) -> dict:
     return {k: sum(c[k] for c in counts) for k in counts[0]} if counts else {}
 
 
+def ratio_summary(ratios: list[float], tolerance: float = 0.25) -> dict | None:
+    """Mean, min and max of size-estimate / annotated-diameter ratios and how many lie within
+    tolerance of 1 ("k/n"); None without a ratio."""
+    if not ratios:
+        return None
+    return {
+        "mean": round(float(np.mean(ratios)), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+        "within_25_percent": f"{sum(abs(r - 1) <= tolerance for r in ratios)}/{len(ratios)}",
+    }
+
+
 def score_real_set(name: str, folder: Path, per_field: bool) -> dict:
     """Precision/recall/F1 of ours (production path) and the reference on a set of real fields
     with instance masks (images/*.tif, masks/*.png); per_field: each field is its own plate."""
@@ -163,14 +176,7 @@ def score_real_set(name: str, folder: Path, per_field: bool) -> dict:
         ratios = [estimates[0] / float(np.mean(truth_d))] if estimates[0] else []
     out["size"] = {
         "annotated_mean_diameter_px": round(float(np.mean(truth_d)), 1),
-        "estimate_over_annotated": {
-            "mean": round(float(np.mean(ratios)), 3),
-            "min": round(min(ratios), 3),
-            "max": round(max(ratios), 3),
-            "within_25_percent": f"{sum(abs(r - 1) <= 0.25 for r in ratios)}/{len(ratios)}",
-        }
-        if ratios
-        else None,
+        "estimate_over_annotated": ratio_summary(ratios),
         "scale_px": sorted({info["scale_px"] for info in infos}),
     }
     out["qc_counts"] = _summed([info["qc_counts"] for info in infos])
