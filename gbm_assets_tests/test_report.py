@@ -236,6 +236,20 @@ def test_lead_names_best_variant_and_its_margin_over_the_baselines(sections, tmp
     assert lead(table.assign(culture_kappa=np.nan)).startswith("No variant has a culture kappa")
 
 
+def test_lead_names_the_best_variant_on_held_out_plates_when_another_leads_by_image(sections):
+    """A variant that wins by image may win on the plate's illumination: the lead also names the
+    best variant held out by plate, and says whether it beats every baseline there."""
+    table = comparison_table()
+    kappas = {"raw pixels": 0.03, "A": 0.05, "B": 0.02}
+    table["culture_plate_kappa"] = table["variant"].map(kappas)
+    text = lead(table, sections)
+    assert best_variant(table)["variant"] == "B" and best_variant(table, "culture_plate_kappa")["variant"] == "A"
+    assert "B scores culture kappa 0.020 (raw pixels 0.030)" in text
+    assert "The best variant on held-out plates is A (culture kappa 0.050, above every baseline)." in text
+    table["culture_plate_kappa"] = table["variant"].map({"raw pixels": 0.03, "A": 0.01, "B": 0.02})
+    assert "best variant on held-out plates" not in lead(table, sections)  # B leads both ways
+
+
 def test_report_rewrites_in_place(sections, tmp_path):
     first = write_report(tmp_path, comparison_table(), sections[:1])
     second = write_report(tmp_path, comparison_table(), sections)

@@ -89,11 +89,14 @@ def is_baseline(comparison: pd.DataFrame) -> pd.Series:
     return mask
 
 
-def best_variant(comparison: pd.DataFrame) -> pd.Series | None:
-    """The row with the highest culture kappa, the baselines excluded (None if no row has one)."""
+def best_variant(comparison: pd.DataFrame, score: str = "culture_kappa") -> pd.Series | None:
+    """The row with the highest score (default culture kappa held out by image; "culture_plate_kappa":
+    held out by plate), the baselines excluded (None if no row has one)."""
+    if score not in comparison:
+        return None
     rows = comparison[~is_baseline(comparison)]
-    rows = rows.dropna(subset=["culture_kappa"])
-    return None if rows.empty else rows.loc[rows["culture_kappa"].idxmax()]
+    rows = rows.dropna(subset=[score])
+    return None if rows.empty else rows.loc[rows[score].astype(float).idxmax()]
 
 
 def _check_comparison(comparison: pd.DataFrame) -> None:
@@ -366,6 +369,13 @@ def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> s
             f"On held-out plates, where a plate's illumination cannot stand in for morphology, {name} "
             f"scores culture kappa {_fmt(best['culture_plate_kappa'])}" + (f" ({others})." if others else ".")
         )
+        held_out = best_variant(comparison, "culture_plate_kappa")
+        if held_out is not None and str(held_out["variant"]) != name:
+            beats = bool((held_out["culture_plate_kappa"] > baselines["culture_plate_kappa"].dropna()).all())
+            text.append(
+                f"The best variant on held-out plates is {held_out['variant']} (culture kappa "
+                f"{_fmt(held_out['culture_plate_kappa'])}" + (", above every baseline)." if beats and others else ").")
+            )
     chance = baselines["culture_majority"].dropna() if "culture_majority" in baselines else pd.Series([], dtype=float)
     if len(chance):
         text.append(f"Always guessing the most common culture scores an accuracy of {_fmt(float(chance.iloc[0]))}.")
