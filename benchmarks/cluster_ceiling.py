@@ -47,6 +47,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.features import add_plate_arguments, plate_options, write_benchmark_plates  # noqa: E402
+
 ORACLE_NOISE_SD = 0.05
 LABELINGS = ("hdbscan", "gmm", "auto")
 
@@ -186,12 +188,7 @@ def score(x: np.ndarray, rows: pd.DataFrame, config) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cultures", type=int, default=4)
-    parser.add_argument("--concentrations", type=int, default=5)
-    parser.add_argument("--images-per-plate", type=int, default=2)
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--difficulty", choices=("easy", "hard"), default="hard")
+    add_plate_arguments(parser)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--config", default="{}", help="JSON of ClusteringConfig fields to override")
     parser.add_argument(
@@ -202,7 +199,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from gbm_assets.analysis.clustering import ClusteringConfig
-    from gbm_assets.imaging.synthetic import write_plates
 
     config = replace(ClusteringConfig(seed=args.seed), **json.loads(args.config))
     with tempfile.TemporaryDirectory(prefix="gbm-ceiling-") as tmp:
@@ -210,28 +206,14 @@ def main() -> None:
         raw, crops = work / "raw", work / "crops"
         started = time.perf_counter()
         if not raw.is_dir() or not any(raw.glob("*/manifest.csv")):
-            write_plates(
-                raw,
-                n_cultures=args.cultures,
-                n_concentrations=args.concentrations,
-                images_per_plate=args.images_per_plate,
-                size=args.size,
-                seed=args.seed,
-                difficulty=args.difficulty,
-            )
+            write_benchmark_plates(raw, args)
         make_crops(raw, crops, args.workers)
         rows = crops_with_truth(raw, crops)
         sets = feature_sets(rows, crops, args.seed)
         sets.update(embedding_sets(rows, crops, args.variants))
         truth = rows["truth"].astype(str).to_numpy()
         report: dict = {
-            "plates": {
-                "cultures": args.cultures,
-                "concentrations": args.concentrations,
-                "images_per_plate": args.images_per_plate,
-                "size": args.size,
-                "difficulty": args.difficulty,
-            },
+            "plates": plate_options(args),
             "n_cells_with_truth": len(rows),
             "morphotype_shares": rows["truth"].value_counts(normalize=True).round(3).to_dict(),
             "config": asdict(config),

@@ -122,6 +122,11 @@ def write_benchmark_plates(raw: Path, args: argparse.Namespace) -> dict:
         seed=args.seed,
         difficulty=args.difficulty,
     )
+    return plate_options(args)
+
+
+def plate_options(args: argparse.Namespace) -> dict:
+    """The plates' options for the JSON report: every one of PLATE_ARGUMENTS but the seed."""
     return {name: getattr(args, name) for name in PLATE_ARGUMENTS if name != "seed"}
 
 
