@@ -274,16 +274,27 @@ class CropRequest:
 CROP_CELL_COLUMNS = ["cell_id", "x", "y", *MEASUREMENT_COLUMNS, "qc"]
 
 
+def _cells_to_crop(
+    cells: pd.DataFrame, keep_qc: Iterable[str], filters: CropFilters, timepoint_h: float
+) -> pd.DataFrame | None:
+    """One image's candidates that get crops (those whose qc is in keep_qc; CROP_CELL_COLUMNS),
+    None when there is none or the image filters drop the image. Both cropping paths use it."""
+    kept = kept_candidates(cells, keep_qc).reset_index(drop=True)
+    if kept.empty or not filters.keep_image(len(kept), timepoint_h):
+        return None
+    return kept[CROP_CELL_COLUMNS]
+
+
 def _image_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, crop: tuple | None):
     """(cells, pixels, masks) of one image's kept candidates, as crop_plate makes them; None when
     there is no request, no kept candidate or the image filters drop the image."""
     if crop is None:
         return None
     crop_size, keep_qc, filters, timepoint_h = crop
-    kept = kept_candidates(cells, keep_qc).reset_index(drop=True)
-    if kept.empty or not filters.keep_image(len(kept), timepoint_h):
+    chosen = _cells_to_crop(cells, keep_qc, filters, timepoint_h)
+    if chosen is None:
         return None
-    batch = extract_crops(image, kept[CROP_CELL_COLUMNS], labels, crop_size)
+    batch = extract_crops(image, chosen, labels, crop_size)
     return batch.cells, batch.pixels, batch.masks
 
 
@@ -342,7 +353,10 @@ def find_plate_cells_sized(
     def task(name: str, at: SegmentationParams) -> tuple:
         return (plate_dir, name, at, crop.task(name)) if crop is not None else (plate_dir, name, at)
 
-    def sized(first: Mapping[str, ImageCells], at: SegmentationParams) -> tuple[CellSizeEstimate, SegmentationParams]:
+    def sized(
+        first: Mapping[str, ImageCells], at: SegmentationParams, ratio: float | None
+    ) -> tuple[CellSizeEstimate, SegmentationParams]:
+        """The estimate (with the magnification) and the scale cells are found at, from a first pass at `at`."""
         found = estimate_from_diameters(cell_diameters(first[name].cells) for name in picked)
         return replace(found, magnification=ratio), found.params(at)
 
@@ -353,7 +367,7 @@ def find_plate_cells_sized(
         at = magnification.magnified(params, ratio)
         if at != params:  # another magnification: the first pass again at its scale
             first = {name: _segment_task(task(name, at)) for name in picked}
-        size, scaled = sized(first, at)
+        size, scaled = sized(first, at, ratio)
         kept = first if scaled == at else {}
         return size, scaled, find_plate_cells(plate_dir, images, scaled, found=kept, **(again | {"workers": 1}))
     pool = _pool(workers)
@@ -375,7 +389,7 @@ def find_plate_cells_sized(
             first = dict(
                 zip(picked, _map_in_order(_segment_task, [task(n, at) for n in picked], workers, None), strict=True)
             )
-        size, scaled = sized(first, at)
+        size, scaled = sized(first, at, ratio)
     except BaseException:
         _cancel(futures.values())
         raise
@@ -470,14 +484,14 @@ def crop_plate(
     errors, and ValueError naming the image when its mask is corrupt or of another size.
     """
     plate_dir = Path(plate_dir)
-    kept = kept_candidates(coordinates, keep_qc)
-    by_image = {name: g.reset_index(drop=True) for name, g in kept.groupby("image", sort=False)}
+    by_image = dict(tuple(coordinates.groupby("image", sort=False)))
     tasks, meta = [], []
     for row in manifest.itertuples(index=False):
         cells = by_image.get(row.image)
-        if cells is None or cells.empty or not filters.keep_image(len(cells), row.timepoint_h):
+        chosen = None if cells is None else _cells_to_crop(cells, keep_qc, filters, row.timepoint_h)
+        if chosen is None:
             continue
-        tasks.append((plate_dir, row.image, cells[CROP_CELL_COLUMNS], masks[row.image], crop_size))
+        tasks.append((plate_dir, row.image, chosen, masks[row.image], crop_size))
         meta.append(row)
     for row, (cells, pixels, crop_masks) in zip(
         meta, _map_in_order(_crop_task, tasks, workers, progress), strict=False
