@@ -190,16 +190,10 @@ def evaluate_variant(
     return scores, figures
 
 
-def raw_pixels_for(crops_dir: str | Path, crop_ids: pd.Series, size: int = 32) -> np.ndarray:
-    """Block-averaged raw pixels (n, size*size) of the given crops, in crop_ids order."""
-    crops = read_crops(crops_dir, crop_ids)
-    return raw_pixel_features(crops, size=min(size, crops.shape[1]))
-
-
 def baseline_features_for(crops_dir: str | Path, crop_ids: pd.Series) -> dict[str, np.ndarray]:
     """{"raw_pixels": (n, 1024), "handcrafted": (n, len(HANDCRAFTED_FEATURES))} float32 of the given crops.
 
-    The crops' pixels are read once and feed both (raw_pixels_for's block means, and
+    The crops' pixels are read once and feed both (evaluation.raw_pixel_features' 32 x 32 block means, and
     handcrafted.handcrafted_features_for, which reads only the masks and measurements besides).
     """
     from gbm_assets.analysis.handcrafted import handcrafted_features_for
