@@ -66,13 +66,22 @@ class Field:
     diameter_px: float
 
 
-def rescale(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """An image and its instance mask seen at `factor` times the magnification: image by
-    cv2.INTER_AREA when shrinking, INTER_LINEAR when enlarging (dtype kept), mask by INTER_NEAREST."""
-    h, w = image.shape
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+def _rescaled_size(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    h, w = shape
+    return max(1, round(w * factor)), max(1, round(h * factor))
+
+
+def rescale_image(image: np.ndarray, factor: float) -> np.ndarray:
+    """An image seen at `factor` times the magnification: cv2.INTER_AREA when shrinking,
+    INTER_LINEAR when enlarging (dtype kept)."""
     how = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    return cv2.resize(image, size, interpolation=how), cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(image, _rescaled_size(image.shape, factor), interpolation=how)
+
+
+def rescale(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """An image (rescale_image) and its instance mask (INTER_NEAREST) seen at `factor` times the magnification."""
+    size = _rescaled_size(image.shape, factor)
+    return rescale_image(image, factor), cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
 
 
 def tile_origins(length: int, tile: int) -> list[int]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -14,20 +14,21 @@ from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.segmentation import SegmentationParams
 from gbm_assets.imaging.synthetic import CULTURE_MIXTURES, PlateConditions, draw_plate_conditions, synthesize_image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the benchmarks/ folder
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.microscopes import rescale_image  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
 T98G_FRAME = SHARED / "t98g" / "images" / "20180101ef002xy01t07.tif"
 needs_data = pytest.mark.skipif(not T98G_FRAME.is_file(), reason=f"real fields not found under {SHARED}")
-
-
-def _rescaled(image: np.ndarray, factor: float) -> np.ndarray:
-    interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    return cv2.resize(image, None, fx=factor, fy=factor, interpolation=interpolation)
 
 
 @needs_data
 def test_fine_scale_follows_a_rescaled_real_field():
     image = read_image(T98G_FRAME)
-    at = {f: magnification.fine_scale(_rescaled(image, f)) for f in (0.5, 1.0, 2.0)}
+    at = {f: magnification.fine_scale(rescale_image(image, f)) for f in (0.5, 1.0, 2.0)}
     assert magnification.MAGNIFICATION_BAND[0] <= at[1.0] / magnification.REFERENCE_FINE_SCALE_PX <= 1.2
     assert 0.45 <= at[0.5] / at[1.0] <= 0.65, at
     assert 1.6 <= at[2.0] / at[1.0] <= 2.4, at
@@ -79,7 +80,7 @@ def test_the_scale_moves_only_outside_the_band():
 
 @needs_data
 def test_size_estimate_at_twice_the_magnification_finds_cells_at_twice_the_scale():
-    image = _rescaled(read_image(T98G_FRAME), 2.0)
+    image = rescale_image(read_image(T98G_FRAME), 2.0)
     estimate = estimate_cell_diameter([image])
     assert 1.6 <= estimate.magnification <= 2.4
     assert estimate.params(SegmentationParams()).cell_diameter_px >= 65
