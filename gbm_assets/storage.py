@@ -130,6 +130,22 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def claim(path: str | Path) -> Path | None:
+    """Take `path` away from other writers: rename it to a hidden temporary name beside it
+    (`.<name>.<host>.<pid>.<random>.tmp`, as atomic_path's) and return that path, None when
+    `path` does not exist. What the caller then reads and renames is what it took, even if
+    another process writes `path` again meanwhile; the caller deletes or renames the claimed
+    file, and a claim left by a killed process is removed like a temp file (remove_stale_temps).
+    """
+    path = Path(path)
+    claimed = path.parent / _temp_name(path.name)
+    try:
+        os.replace(path, claimed)
+    except FileNotFoundError:
+        return None
+    return claimed
+
+
 def write_bytes_atomic(final: str | Path, data: bytes) -> Path:
     """Write a whole file atomically."""
     with atomic_path(final) as tmp:

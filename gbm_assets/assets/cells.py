@@ -8,7 +8,8 @@ One pass when one run makes both: cell_coordinates then also crops each image wh
 holds the image and its label mask (with the run's cell_crops config), and leaves the crops
 beside the crops file, hidden and tied to its coordinates by a token (plate_cells.CROPS_PASS_KEY);
 cell_crops adopts that file when it matches the coordinates and its own config, else crops as
-before. Either materializes alone as before.
+before. Either materializes alone as before. The label masks carry the coordinates' token too, so
+masks and coordinates of two different runs (one stopped between writing them) are never paired.
 """
 
 import contextlib
@@ -21,12 +22,13 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydantic
 
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.errors import PlateError
-from gbm_assets.imaging.cell_quality import kept_candidates
+from gbm_assets.imaging.cell_quality import QC_LABELS, kept_candidates
 from gbm_assets.imaging.cellprofiler import read_plate_objects
 from gbm_assets.imaging.plate_cells import (
     CropFilters,
@@ -35,6 +37,7 @@ from gbm_assets.imaging.plate_cells import (
     crops_pass_metadata,
     crops_table,
     default_workers,
+    pass_token,
     pending_crops_match,
     pending_crops_path,
 )
@@ -52,7 +55,7 @@ from gbm_assets.imaging.quality import CROP_CHECKS, check_crops, expected_crop_c
 from gbm_assets.imaging.segmentation import SegmentationParams
 from gbm_assets.paths import plate_file
 from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, PROVENANCE_COLUMNS
-from gbm_assets.storage import AtomicParquetWriter, write_parquet_atomic
+from gbm_assets.storage import AtomicParquetWriter, claim, remove_stale_temps, write_parquet_atomic
 
 _SEG_DEFAULTS = SegmentationParams()
 
@@ -88,6 +91,21 @@ class CropConfig(dg.Config):
     min_timepoint_h: float | None = None
     max_timepoint_h: float | None = None
     workers: int = 0  # 0 = all cores
+
+    @pydantic.field_validator("crop_size")
+    @classmethod
+    def _even_size(cls, value: int) -> int:
+        if value <= 0 or value % 2:
+            raise ValueError(f"crop_size must be a positive even number of pixels, got {value}")
+        return value
+
+    @pydantic.field_validator("keep_qc")
+    @classmethod
+    def _known_labels(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(QC_LABELS))
+        if unknown or not value:
+            raise ValueError(f"keep_qc must list qc labels among {list(QC_LABELS)}, got {value}")
+        return value
 
     def request(self, manifest: pd.DataFrame) -> CropRequest:
         """These settings as a plate_cells.CropRequest for a plate of this manifest."""
@@ -182,7 +200,9 @@ def cell_coordinates(
     source = f"CellProfiler table {found.path.name}, objects {found.objects_name}" if found else "segmentation"
     crop_config = _crops_in_this_run(context)
     request = crop_config.request(manifest) if crop_config is not None else None
-    token = secrets.token_hex(8)  # ties crops made in this pass to these coordinates
+    token = secrets.token_hex(8)  # ties these coordinates to their label masks and crops made in this pass
+    pending = pending_crops_path(plate_file(data.crops, plate_id))
+    remove_stale_temps(pending)  # pending crops of a killed pass, or claimed by a killed cell_crops
     with contextlib.ExitStack() as stack:
         on_crops = None
         if request is not None:
@@ -190,9 +210,7 @@ def cell_coordinates(
             schema = CROP_SCHEMA.with_metadata(
                 plate_version_schema_metadata(version, CROP_SCHEMA.metadata) | crops_pass_metadata(token, request)
             )
-            writer = stack.enter_context(
-                AtomicParquetWriter(pending_crops_path(plate_file(data.crops, plate_id)), schema)
-            )
+            writer = stack.enter_context(AtomicParquetWriter(pending, schema))
 
             def on_crops(image):
                 writer.write(crops_table(plate_id, rows[image.image], *image.crops, request.crop_size))
@@ -211,13 +229,18 @@ def cell_coordinates(
         )
         check_plate_unchanged(plate_dir, plate_id, version, "cell_coordinates began", manifest["image"])
     # No log line: each is a database write of Dagster's in the step's time; the metadata says it all.
-    write_parquet_atomic(_with_version(plate.masks, version), masks_file(data, plate_id))
+    masks = _with_version(plate.masks, version)
+    write_parquet_atomic(
+        masks.replace_schema_metadata(masks.schema.metadata | crops_pass_metadata(token)), masks_file(data, plate_id)
+    )
     coords = plate.coordinates
     table = _with_version(pa.Table.from_pandas(coords, preserve_index=False), version)
     out = write_parquet_atomic(
         table.replace_schema_metadata(table.schema.metadata | crops_pass_metadata(token)),
         plate_file(data.coordinates, plate_id),
     )
+    if request is None:  # crops pending from earlier coordinates can no longer match
+        pending.unlink(missing_ok=True)
     cells = kept_candidates(coords)
     return dg.MaterializeResult(
         metadata={
@@ -264,6 +287,12 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
             f"label masks of plate {plate_id!r} are of another plate version "
             "than its cell coordinates; materialize cell_coordinates again",
         )
+    if pass_token(masks_file(data, plate_id)) != pass_token(plate_file(data.coordinates, plate_id)):
+        raise PlateError(
+            masks_file(data, plate_id),
+            f"label masks of plate {plate_id!r} are of another cell_coordinates run than its cell "
+            "coordinates (a run stopped between writing them); materialize cell_coordinates again",
+        )
     manifest = read_manifest(plate_dir)
     version = check_plate_unchanged(plate_dir, plate_id, used, "cell_coordinates found its cells", manifest["image"])
     coords_file = plate_file(data.coordinates, plate_id)
@@ -272,15 +301,25 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
     filters = request.filters
     out = plate_file(data.crops, plate_id)
     pending = pending_crops_path(out)
-    made_in_pass = pending_crops_match(pending, coords_file, request) and parquet_plate_version(pending) == version
-    if made_in_pass:  # crops cell_coordinates made in its pass over these very coordinates
-        # Still the same plate: else the previous crops file stays.
-        check_plate_unchanged(plate_dir, plate_id, version, "cell_crops began", manifest["image"])
-        os.replace(pending, out)
+    remove_stale_temps(pending)
+    # Taken away first, so that what is checked is what is adopted, whatever another run writes meanwhile.
+    claimed = claim(pending)
+    try:
+        made_in_pass = (
+            claimed is not None
+            and pending_crops_match(claimed, coords_file, request)
+            and parquet_plate_version(claimed) == version
+        )
+        if made_in_pass:  # crops cell_coordinates made in its pass over these very coordinates
+            # Still the same plate: else the previous crops file stays.
+            check_plate_unchanged(plate_dir, plate_id, version, "cell_crops began", manifest["image"])
+            os.replace(claimed, out)
+    finally:
+        if claimed is not None:  # not adopted: made from other coordinates or settings
+            claimed.unlink(missing_ok=True)
+    if made_in_pass:
         sizes = pq.read_table(masks_file(data, plate_id), columns=["image", "height", "width"]).to_pandas()
     else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(pending)  # made from other coordinates or settings
         masks_tbl = pq.read_table(masks_file(data, plate_id))
         labels = "labels_zstd" if "labels_zstd" in masks_tbl.column_names else LEGACY_LABELS_COLUMN  # older: PNG
         masks = dict(zip(masks_tbl["image"].to_pylist(), masks_tbl[labels].to_pylist(), strict=False))

@@ -521,19 +521,26 @@ def crops_pass_metadata(token: str, request: CropRequest | None = None) -> dict[
     return meta
 
 
+def pass_token(parquet_file: str | Path) -> bytes | None:
+    """The cell-finding pass token recorded in a Parquet file's key-value metadata (coordinates,
+    label masks or pending crops of one pass share it); None when it records none (files written
+    before tokens existed). Raises OSError or pyarrow's error for a missing or unreadable file."""
+    return (pq.read_schema(parquet_file).metadata or {}).get(CROPS_PASS_KEY)
+
+
 def pending_crops_match(pending: str | Path, coordinates_file: str | Path, request: CropRequest) -> bool:
     """True when `pending` (crops made in a cell-finding pass) is what crop_plate would make now:
     cut from the coordinates now in coordinates_file (same pass token) with request's settings.
     False when either file is missing or lacks the records, or any of them differs."""
     try:
         made = pq.read_schema(pending).metadata or {}
-        coords = pq.read_schema(coordinates_file).metadata or {}
+        coords_token = pass_token(coordinates_file)
     except (OSError, pa.ArrowException):
         return False
     token = made.get(CROPS_PASS_KEY)
     return (
         token is not None
-        and coords.get(CROPS_PASS_KEY) == token
+        and coords_token == token
         and made.get(CROP_SETTINGS_KEY) == crops_pass_metadata("", request)[CROP_SETTINGS_KEY]
     )
 

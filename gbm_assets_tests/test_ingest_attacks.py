@@ -1,0 +1,137 @@
+"""Attacks on the ingest path's data integrity: crops made in cell finding's pass (adopted by
+cell_crops only when they are what cropping now would make), label masks tied to their
+coordinates, crop settings checked before any step runs, and magnification on odd images."""
+
+from __future__ import annotations
+
+import shutil
+
+import dagster as dg
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+import gbm_assets.assets.cells as cells_module
+from gbm_assets.assets.cells import cell_coordinates, cell_crops
+from gbm_assets.assets.partitions import plates
+from gbm_assets.assets.raw_plates import raw_plates
+from gbm_assets.assets.resources import DataDirs
+from gbm_assets.imaging.plate_cells import pending_crops_path
+from gbm_assets.imaging.plates import find_ready_plates
+from gbm_assets.paths import plate_file
+from gbm_assets.storage import host_tag, plate_dataset
+
+INGEST = [raw_plates, cell_coordinates, cell_crops]
+
+
+def _run(data_root, plate_id, instance, assets, crops=None, finding=None, raise_on_error=True):
+    ops = {
+        "cell_crops": {"config": {"crop_size": 64, "workers": 1, **(crops or {})}},
+        "cell_coordinates": {"config": {"workers": 1, **(finding or {})}},
+    }
+    names = {a.key.path[-1] for a in assets}
+    return dg.materialize(
+        assets,
+        partition_key=plate_id,
+        instance=instance,
+        resources={"data": DataDirs(root=str(data_root))},
+        run_config={"ops": {k: v for k, v in ops.items() if k in names}},
+        raise_on_error=raise_on_error,
+    )
+
+
+def _setup(data_root):
+    plate_id = find_ready_plates(data_root / "raw")[-1]
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(plates.name, [plate_id])
+    data = DataDirs(root=str(data_root))
+    return plate_id, instance, data
+
+
+def _cropped_in(result) -> str:
+    return result.asset_materializations_for_node("cell_crops")[0].metadata["cropped_in"].value
+
+
+def test_masks_of_a_run_killed_before_its_coordinates_are_not_paired_with_older_coordinates(data_root, monkeypatch):
+    """A cell_coordinates run that wrote its label masks but died before its coordinates left
+    masks whose labels are not the stored coordinates' cell ids: cell_crops must refuse them,
+    not cut each crop's mask from another segmentation."""
+    plate_id, instance, data = _setup(data_root)
+    assert _run(data_root, plate_id, instance, INGEST, finding={"cell_diameter_px": 41}).success
+    coords_file = plate_file(data.coordinates, plate_id)
+    write = cells_module.write_parquet_atomic
+
+    def dies_at_coordinates(table, final, *a, **k):
+        if str(final) == str(coords_file):
+            raise KeyboardInterrupt("killed")
+        return write(table, final, *a, **k)
+
+    monkeypatch.setattr(cells_module, "write_parquet_atomic", dies_at_coordinates)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data_root, plate_id, instance, [cell_coordinates], finding={"cell_diameter_px": 25})
+    monkeypatch.undo()
+    result = _run(data_root, plate_id, instance, [cell_crops], raise_on_error=False)
+    assert not result.success
+    assert "another cell_coordinates run" in str(result.all_events)
+
+
+def test_pending_crops_replaced_after_the_check_are_not_adopted(data_root, monkeypatch):
+    """Another run's cell_coordinates may replace the pending crops between cell_crops' check
+    that they match and its adopting them: what is adopted must be what was checked."""
+    plate_id, instance, data = _setup(data_root)
+    crops_file = plate_file(data.crops, plate_id)
+    assert _run(data_root, plate_id, instance, INGEST, crops={"crop_size": 32}).success
+    foreign = crops_file.with_name("other-run.parquet")
+    shutil.copy(crops_file, foreign)  # crops of another run, at another size
+    check = cells_module.check_plate_unchanged
+
+    def meanwhile_another_run_writes(plate_dir, pid, version, since, *a, **k):
+        if since == "cell_crops began":
+            shutil.copy(foreign, pending_crops_path(crops_file))
+        return check(plate_dir, pid, version, since, *a, **k)
+
+    monkeypatch.setattr(cells_module, "check_plate_unchanged", meanwhile_another_run_writes)
+    result = _run(data_root, plate_id, instance, [cell_coordinates, cell_crops], crops={"crop_size": 64})
+    assert result.success
+    assert set(pq.read_table(crops_file, columns=["crop_size"])["crop_size"].to_pylist()) == {64}
+
+
+@pytest.mark.parametrize(
+    ("crops", "problem"),
+    [({"crop_size": 63}, "crop_size"), ({"crop_size": 0}, "crop_size"), ({"keep_qc": ["cells"]}, "keep_qc")],
+)
+def test_bad_crop_settings_fail_cell_crops_not_cell_finding(data_root, crops, problem):
+    """cell_crops' settings are checked before anything is cropped: a crop size that is not a
+    positive even number or an unknown qc label fails cell_crops with a message naming the
+    setting, and cell_coordinates (which crops in the same pass) still succeeds."""
+    plate_id, instance, data = _setup(data_root)
+    result = _run(data_root, plate_id, instance, INGEST, crops=crops, raise_on_error=False)
+    assert not result.success
+    assert result.asset_materializations_for_node("cell_coordinates")
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert [e.step_key for e in failure] == ["cell_crops"]
+    assert problem in failure[0].event_specific_data.error.to_string()
+    assert not pending_crops_path(plate_file(data.crops, plate_id)).exists()
+
+
+def test_no_pending_crops_outlive_the_coordinates_they_were_cut_from(data_root, monkeypatch):
+    """Crops left pending by a run whose cell_crops never adopted them (it failed, or the run was
+    killed) and a killed pass' half-written pending file are removed by the next cell_coordinates
+    run, even one without cell_crops; meanwhile dataset readers of the crops folder skip them."""
+    plate_id, instance, data = _setup(data_root)
+    crops_file = plate_file(data.crops, plate_id)
+    assert _run(data_root, plate_id, instance, INGEST).success
+    before = pq.read_table(crops_file)
+    monkeypatch.setattr(cells_module, "parquet_plate_version", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+    assert not _run(data_root, plate_id, instance, [cell_coordinates, cell_crops], raise_on_error=False).success
+    monkeypatch.undo()
+    pending = pending_crops_path(crops_file)
+    assert pending.exists()  # cell_crops failed before adopting them
+    half = pending.with_name(f".{pending.name}.{host_tag()}.999999999.0123abcd.tmp")  # a killed writer's
+    half.write_bytes(b"PAR1")
+    assert pd.read_parquet(crops_file.parent).shape[0] == before.num_rows  # readers skip hidden files
+    assert plate_dataset(data.crops).count_rows() == before.num_rows
+
+    assert _run(data_root, plate_id, instance, [cell_coordinates]).success
+    assert not pending.exists() and not half.exists()
+    assert sorted(p.name for p in crops_file.parent.iterdir()) == [crops_file.name]
