@@ -39,7 +39,7 @@ class CropBatch:
 def normalise_crops(windows: np.ndarray) -> np.ndarray:
     """Stretch each crop's [p1, p99] to [0, 255] and return uint8 (N, S, S).
 
-    Percentiles as numpy's default (linear interpolation), from one partial sort of all crops.
+    Percentiles as numpy's default (linear interpolation), from one sort of all crops.
 
     Parameters
     ----------
@@ -59,7 +59,8 @@ def normalise_crops(windows: np.ndarray) -> np.ndarray:
     pos = np.array([LOW_PERCENTILE, HIGH_PERCENTILE]) / 100 * (n - 1)
     below = np.floor(pos).astype(int)
     above = np.minimum(below + 1, n - 1)
-    part = np.partition(flat, np.unique(np.r_[below, above]), axis=1)
+    # a full sort, not a partition: numpy sorts 8- and 16-bit rows with SIMD several times faster
+    part = np.sort(flat, axis=1)
     frac = (pos - below).astype(np.float32)
     lo, hi = (
         part[:, i].astype(np.float32) * (1 - f) + part[:, j].astype(np.float32) * f
@@ -72,14 +73,15 @@ def normalise_crops(windows: np.ndarray) -> np.ndarray:
     return np.rint(out, out=out).astype(np.uint8).reshape(windows.shape)
 
 
-def crop_origin(x: float, y: float, crop_size: int) -> tuple[int, int, int, int]:
-    """Integer centre (cx, cy) and top-left corner (x0, y0) of the crop around (x, y).
+def crop_origin(x: np.ndarray, y: np.ndarray, crop_size: int) -> tuple[np.ndarray, ...]:
+    """Integer centres (cx, cy) and top-left corners (x0, y0) of the crops around (x, y).
 
-    x, y are a cell's centroid in pixels (x = column, y = row, float); crop_size is the crop's side
-    in pixels. Returns four ints, in pixels: the rounded centre and cx - crop_size // 2,
+    x, y are cells' centroids in pixels (x = column, y = row; float arrays of one shape, or
+    scalars); crop_size is the crop's side in pixels. Returns four int64 arrays of that shape,
+    in pixels: the centres rounded half to even (as Python's round) and cx - crop_size // 2,
     cy - crop_size // 2 (negative near the image's top or left edge).
     """
-    cx, cy = int(round(float(x))), int(round(float(y)))
+    cx, cy = (np.rint(np.asarray(v, np.float64)).astype(np.int64) for v in (x, y))
     half = crop_size // 2
     return cx, cy, cx - half, cy - half
 
@@ -142,18 +144,18 @@ def extract_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, cr
     if crop_size <= 0 or crop_size % 2:
         raise ValueError(f"crop_size must be a positive even number, got {crop_size}")
     h, w = image.shape
-    kept, windows, masks = [], [], []
-    for row in cells.itertuples(index=False):
-        cx, cy, x0, y0 = crop_origin(row.x, row.y, crop_size)
-        if x0 < 0 or y0 < 0 or x0 + crop_size > w or y0 + crop_size > h:
-            continue
-        windows.append(image[y0 : y0 + crop_size, x0 : x0 + crop_size])
-        masks.append(centre_component(labels[y0 : y0 + crop_size, x0 : x0 + crop_size] == row.cell_id))
-        kept.append((row.cell_id, cx, cy))
-    out = cells.set_index("cell_id").loc[[k[0] for k in kept]].reset_index()
-    out["x"] = np.array([k[1] for k in kept], dtype=np.int32)
-    out["y"] = np.array([k[2] for k in kept], dtype=np.int32)
-    if not kept:
+    cx, cy, x0, y0 = crop_origin(cells["x"].to_numpy(), cells["y"].to_numpy(), crop_size)
+    inside = np.flatnonzero((x0 >= 0) & (y0 >= 0) & (x0 + crop_size <= w) & (y0 + crop_size <= h))
+    cell_ids = cells["cell_id"].to_numpy()
+    windows, masks = [], []
+    for i in inside:
+        rows, cols = slice(y0[i], y0[i] + crop_size), slice(x0[i], x0[i] + crop_size)
+        windows.append(image[rows, cols])
+        masks.append(centre_component(labels[rows, cols] == cell_ids[i]))
+    out = cells.set_index("cell_id").loc[cell_ids[inside].tolist()].reset_index()
+    out["x"] = cx[inside].astype(np.int32)
+    out["y"] = cy[inside].astype(np.int32)
+    if not len(inside):
         empty = np.zeros((0, crop_size, crop_size), np.uint8)
         return CropBatch(out, empty, empty.copy())
     return CropBatch(out, normalise_crops(np.stack(windows)), np.stack(masks))
