@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import shutil
 
+import cv2
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import tifffile
 
 import gbm_assets.assets.cells as cells_module
 from gbm_assets.assets.cells import cell_coordinates, cell_crops
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
-from gbm_assets.imaging.plate_cells import pending_crops_path
+from gbm_assets.errors import ImageReadError
+from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.plate_cells import find_plate_cells_sized, pending_crops_path
+from gbm_assets.imaging.plate_coordinates import magnification_summary, plate_coordinates
 from gbm_assets.imaging.plates import find_ready_plates
+from gbm_assets.imaging.segmentation import SegmentationParams
 from gbm_assets.paths import plate_file
 from gbm_assets.storage import host_tag, plate_dataset
 
@@ -135,3 +142,71 @@ def test_no_pending_crops_outlive_the_coordinates_they_were_cut_from(data_root, 
     assert _run(data_root, plate_id, instance, [cell_coordinates]).success
     assert not pending.exists() and not half.exists()
     assert sorted(p.name for p in crops_file.parent.iterdir()) == [crops_file.name]
+
+
+# ---------------------------------------------------------------- magnification and image size
+
+
+def _write_plate(plate_dir, images) -> list[str]:
+    plate_dir.mkdir(parents=True)
+    names = [f"i{i}.tif" for i in range(len(images))]
+    for name, image in zip(names, images, strict=True):
+        tifffile.imwrite(plate_dir / name, image)
+    pd.DataFrame({"image": names, "culture": "A"}).to_csv(plate_dir / "manifest.csv", index=False)
+    return names
+
+
+def test_images_too_small_to_hold_a_cell_are_refused_naming_the_file(tmp_path):
+    """A 4x4 or 1-row image passed raw_plates and then failed deep in OpenCV's resize; it is
+    refused by raw_plates, and by cell finding itself, naming the file and its size."""
+    rng = np.random.default_rng(0)
+    for shape in ((4, 4), (1, 512)):
+        root = tmp_path / f"{shape[0]}x{shape[1]}"
+        names = _write_plate(root / "raw" / "tiny", [rng.integers(900, 1100, shape).astype(np.uint16)] * 2)
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions(plates.name, ["tiny"])
+        result = _run(root, "tiny", instance, [raw_plates], raise_on_error=False)
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        message = failure.event_specific_data.error.to_string()
+        assert "i0.tif" in message and f"{shape[1]}x{shape[0]} px" in message and "at least" in message
+        with pytest.raises(ImageReadError, match=r"i0\.tif.*at least 32 px"):
+            plate_coordinates("tiny", root / "raw" / "tiny", names, workers=1)
+
+
+def test_small_real_tiles_do_not_pass_for_another_magnification(t98g, tmp_path):
+    """64-px tiles of real 10x fields read a fine scale of about 12 px (3.9x the reference) and
+    the plate was searched at a 160-px scale without a word; under magnification.MIN_SIDE_PX
+    nothing is measured, the default scale stays, and the metadata summary says so."""
+    frames = sorted((t98g / "images").glob("*.tif"))[:3]
+    names = _write_plate(tmp_path / "tiles", [read_image(path)[:64, :64] for path in frames])
+    size, params, _ = find_plate_cells_sized(tmp_path / "tiles", names)
+    assert params.cell_diameter_px == SegmentationParams().cell_diameter_px
+    summary = magnification_summary(size)
+    assert summary["relative"] is None and summary["used"].startswith("not measured")
+    assert summary["fine_scale_px"] == {"i0.tif": None, "i1.tif": None, "i2.tif": None}
+
+
+def test_a_plate_mixing_two_magnifications_is_flagged_naming_the_images(t98g, tmp_path):
+    """Real fields at 1x and at 2x in one plate: the median of the sampled images' fine scales
+    is used for all of them, and the metadata warns, naming the images that disagree."""
+    frames = [read_image(path)[:512, :512] for path in sorted((t98g / "images").glob("*.tif"))[:3]]
+    doubled = cv2.resize(frames[2], None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)[:512, :512]
+    names = _write_plate(tmp_path / "mixed", [frames[0], frames[1], np.ascontiguousarray(doubled)])
+    size, _, _ = find_plate_cells_sized(tmp_path / "mixed", names)
+    summary = magnification_summary(size)
+    assert summary["relative"] is not None
+    assert "disagree" in summary["warning"] and "'i2.tif'" in summary["warning"]
+    same = magnification_summary(find_plate_cells_sized(tmp_path / "mixed", names[:2])[0])
+    assert same["warning"] == "" and len(same["fine_scale_px"]) == 2
+
+
+def test_cell_coordinates_metadata_says_when_the_magnification_was_not_measured(tmp_path):
+    """A blank plate gives no fine scale: the magnification step is skipped, visibly."""
+    _write_plate(tmp_path / "raw" / "blank", [np.full((300, 300), 1000, np.uint16)] * 2)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(plates.name, ["blank"])
+    result = _run(tmp_path, "blank", instance, [raw_plates, cell_coordinates])
+    meta = result.asset_materializations_for_node("cell_coordinates")[0].metadata
+    summary = meta["magnification"].value
+    assert summary["relative"] is None and summary["used"].startswith("not measured")

@@ -41,7 +41,12 @@ from gbm_assets.imaging.plate_cells import (
     pending_crops_match,
     pending_crops_path,
 )
-from gbm_assets.imaging.plate_coordinates import LEGACY_LABELS_COLUMN, coordinates_summary, plate_coordinates
+from gbm_assets.imaging.plate_coordinates import (
+    LEGACY_LABELS_COLUMN,
+    coordinates_summary,
+    magnification_summary,
+    plate_coordinates,
+)
 from gbm_assets.imaging.plates import (
     PlateVersion,
     check_plate_id,
@@ -242,6 +247,9 @@ def cell_coordinates(
     if request is None:  # crops pending from earlier coordinates can no longer match
         pending.unlink(missing_ok=True)
     cells = kept_candidates(coords)
+    magnified = magnification_summary(plate.size)
+    if magnified["warning"]:
+        context.log.warning(f"plate {plate_id!r}: {magnified['warning']}")
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
@@ -252,6 +260,7 @@ def cell_coordinates(
             },
             "cell_diameter_px": float(coords["cell_diameter_px"].iloc[0]) if len(coords) else float("nan"),
             "cell_size": plate.size.note() if plate.size is not None else "given in the run config",
+            "magnification": dg.MetadataValue.json(magnified),
             "cells_found_at_px": float(plate.params.cell_diameter_px),
             "segmentation_params": dg.MetadataValue.json(asdict(plate.params)),
             "crops_made": "in this pass, for cell_crops" if request is not None else "no (cell_crops not in this run)",

@@ -10,6 +10,7 @@ import dagster as dg
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.errors import PlateError
+from gbm_assets.imaging.plate_cells import check_image_size
 from gbm_assets.imaging.plates import (
     check_plate_id,
     check_plate_unchanged,
@@ -32,6 +33,7 @@ def raw_plates(context: dg.AssetExecutionContext, data: DataDirs) -> dg.Material
     except PlateError:
         before = None  # validate_plate says what is wrong with the plate
     summary = validate_plate(data.plate_dir(plate_id))
+    check_image_size((summary.height, summary.width), summary.path / summary.manifest["image"].iloc[0])
     # The version validated is the one seen before and after validation (a plate being copied fails).
     version = check_plate_unchanged(
         summary.path,

@@ -55,6 +55,7 @@ class CellSizeEstimate:
     n_images: int
     reason: str = ""
     magnification: float | None = None  # relative to the reference set-up (see magnification); None: not measured
+    fine_scales: tuple[tuple[str, float], ...] = ()  # (image, magnification.fine_scale px, nan: none) measured
 
     def note(self) -> str:
         """One line for logs and metadata."""

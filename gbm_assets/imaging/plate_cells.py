@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gbm_assets.errors import ImageReadError
 from gbm_assets.imaging import magnification
 from gbm_assets.imaging.cell_quality import kept_candidates
 from gbm_assets.imaging.cell_size import CellSizeEstimate, cell_diameters, estimate_from_diameters, sample_images
@@ -84,6 +85,21 @@ def decode_labels(data: bytes, shape: tuple[int, int], where: str = "labels") ->
         got = "unreadable" if labels is None else f"{labels.shape}"
         raise ValueError(f"{where}: label mask {got} does not match image {tuple(shape)}")
     return labels
+
+
+MIN_IMAGE_SIDE_PX = 32  # a smaller image cannot hold a whole cell at the set-ups cell finding is tuned for
+
+
+def check_image_size(shape: tuple[int, ...], where: str | Path) -> None:
+    """Raise ImageReadError naming `where` when an image of (H, W) = shape[:2] px is smaller than
+    MIN_IMAGE_SIDE_PX on a side (cell finding's filters would otherwise fail deep in OpenCV)."""
+    height, width = shape[:2]
+    if min(height, width) < MIN_IMAGE_SIDE_PX:
+        raise ImageReadError(
+            where,
+            f"image is {width}x{height} px; cell finding needs at least {MIN_IMAGE_SIDE_PX} px on each "
+            "side (a cell is about 40-70 px across at the reference set-up)",
+        )
 
 
 def default_workers() -> int:
@@ -302,6 +318,7 @@ def _segment_task(task: tuple, fine_scale: bool = False) -> ImageCells:
     """One image's ImageCells; fine_scale: with its magnification.fine_scale too (same read)."""
     plate_dir, name, params, *crop = task
     image = read_image(plate_dir / name)
+    check_image_size(image.shape, plate_dir / name)
     cells, labels, measures = find_candidates(image, params)
     crops = _image_crops(image, cells, labels, crop[0] if crop else None)
     scale = magnification.fine_scale(image) if fine_scale else None
@@ -311,6 +328,7 @@ def _segment_task(task: tuple, fine_scale: bool = False) -> ImageCells:
 def _objects_task(task: tuple) -> ImageCells:
     plate_dir, name, params, objects, *crop = task
     image = read_image(plate_dir / name)
+    check_image_size(image.shape, plate_dir / name)
     cells, labels = cells_at_objects(image, objects, params)
     # CellProfiler's objects are the user's own choice of cells: kept as cells, not judged again
     cells = cells.assign(qc="cell", qc_reason="CellProfiler object")
@@ -354,20 +372,22 @@ def find_plate_cells_sized(
         return (plate_dir, name, at, crop.task(name)) if crop is not None else (plate_dir, name, at)
 
     def sized(
-        first: Mapping[str, ImageCells], at: SegmentationParams, ratio: float | None
+        first: Mapping[str, ImageCells], at: SegmentationParams, scales: dict[str, float]
     ) -> tuple[CellSizeEstimate, SegmentationParams]:
-        """The estimate (with the magnification) and the scale cells are found at, from a first pass at `at`."""
+        """The estimate (with the magnification measured as `scales`: each probe's fine scale) and
+        the scale cells are found at, from a first pass at `at`."""
         found = estimate_from_diameters(cell_diameters(first[name].cells) for name in picked)
-        return replace(found, magnification=ratio), found.params(at)
+        ratio = magnification.relative_magnification(scales.values())
+        return replace(found, magnification=ratio, fine_scales=tuple(scales.items())), found.params(at)
 
     again = {"workers": workers, "progress": progress, "crop": crop}
     if workers <= 1 or len(images) <= 1:
         first = {name: _segment_task(task(name, params), name in probes) for name in picked}
-        ratio = magnification.relative_magnification(first[name].fine_scale for name in probes)
-        at = magnification.magnified(params, ratio)
+        scales = {name: first[name].fine_scale for name in picked if name in probes}
+        at = magnification.magnified(params, magnification.relative_magnification(scales.values()))
         if at != params:  # another magnification: the first pass again at its scale
             first = {name: _segment_task(task(name, at)) for name in picked}
-        size, scaled = sized(first, at, ratio)
+        size, scaled = sized(first, at, scales)
         kept = first if scaled == at else {}
         return size, scaled, find_plate_cells(plate_dir, images, scaled, found=kept, **(again | {"workers": 1}))
     pool = _pool(workers)
@@ -381,15 +401,15 @@ def find_plate_cells_sized(
                 futures[name] = pool.submit(_segment_task, task(name, params))
                 in_flight += 1
             waiting = wait(waiting, return_when=FIRST_COMPLETED).not_done
-        ratio = magnification.relative_magnification(futures[name].result().fine_scale for name in probes)
-        at = magnification.magnified(params, ratio)
+        scales = {name: futures[name].result().fine_scale for name in picked if name in probes}
+        at = magnification.magnified(params, magnification.relative_magnification(scales.values()))
         first = {name: futures[name].result() for name in picked}
         if at != params:  # another magnification: the first pass again at its scale
             _cancel(futures.values())
             first = dict(
                 zip(picked, _map_in_order(_segment_task, [task(n, at) for n in picked], workers, None), strict=True)
             )
-        size, scaled = sized(first, at, ratio)
+        size, scaled = sized(first, at, scales)
     except BaseException:
         _cancel(futures.values())
         raise

@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gbm_assets.imaging import magnification
 from gbm_assets.imaging.cell_quality import QC_LABELS, kept_candidates
 from gbm_assets.imaging.cell_size import CellSizeEstimate
 from gbm_assets.imaging.plate_cells import CropRequest, ImageCells, Progress, find_plate_cells, find_plate_cells_sized
@@ -100,6 +101,47 @@ def plate_coordinates(
     coords = pd.concat(frames, ignore_index=True)
     coords["cell_id"] = coords["cell_id"].astype(np.int32)
     return PlateCoordinates(coords, pa.Table.from_pylist(mask_rows), size, params)
+
+
+MIXED_FINE_SCALES = 1.5  # sampled images' fine scales further apart than this ratio: two set-ups?
+
+
+def magnification_summary(size: CellSizeEstimate | None) -> dict:
+    """How a plate's magnification was found, for Dagster metadata (JSON-ready).
+
+    Returns relative (the plate's magnification, None when not measured), fine_scale_px (each
+    sampled image's magnification.fine_scale, px, None where it gave none), used (what cell
+    finding did about it) and warning: "" unless the sampled images' fine scales lie more than
+    MIXED_FINE_SCALES apart (two set-ups, or out-of-focus fields, in one plate: their median is
+    used for every image), naming the images. size None: the diameter was given, nothing measured.
+    """
+    if size is None:
+        return {
+            "relative": None,
+            "fine_scale_px": {},
+            "used": "not measured (cell_diameter_px given, or CellProfiler objects used)",
+            "warning": "",
+        }
+    scales = {name: round(float(px), 2) if np.isfinite(px) else None for name, px in size.fine_scales}
+    if size.magnification is None:
+        used = (
+            f"not measured: no sampled image gave a fine scale (images under {magnification.MIN_SIDE_PX} px on a "
+            "side, blank, saturated or without textured cells); the reference set-up is assumed"
+        )
+    elif magnification.magnified(SegmentationParams(), size.magnification) == SegmentationParams():
+        used = f"{size.magnification}x the reference set-up: inside {magnification.MAGNIFICATION_BAND}, default scale"
+    else:
+        used = f"{size.magnification}x the reference set-up: the default scale is multiplied by it"
+    measured = {name: px for name, px in scales.items() if px is not None}
+    warning = ""
+    if measured and max(measured.values()) > MIXED_FINE_SCALES * min(measured.values()):
+        low, high = min(measured, key=measured.get), max(measured, key=measured.get)
+        warning = (
+            f"sampled images disagree on the magnification: fine scale {measured[low]} px in {low!r}, "
+            f"{measured[high]} px in {high!r} (more than {MIXED_FINE_SCALES}x apart): two set-ups (objective, "
+            "binning) or out-of-focus fields in one plate? Their median is used for every image"
+        )
+    return {"relative": size.magnification, "fine_scale_px": scales, "used": used, "warning": warning}
 
 
 def qc_counts_per_image(coordinates: pd.DataFrame, images: Iterable[str]) -> pd.DataFrame:
