@@ -173,6 +173,59 @@ def scaled_min_cluster_size(n_cells: int, floor: int = 15) -> int:
     return max(floor, round(THESIS_MIN_CLUSTER_SIZE * n_cells / THESIS_N_CELLS))
 
 
+PREPROCESSING = ("none", "standardize", "pca_whiten")
+
+
+@dataclass(frozen=True)
+class FeatureTransform:
+    """The affine map the clusterings see the features through: (x - center) @ matrix.
+
+    Fitted on the training cells (fit_feature_transform) and kept with the models, so that cells
+    of later plates (assign_new) are mapped exactly as the training cells were.
+
+    center : (d,) float64 ndarray, in the features' units.
+    matrix : (d, k) float64 ndarray; k = d for "standardize" (diagonal 1 / sd), k <= d for
+        "pca_whiten" (the principal axes divided by the square root of their variance).
+    """
+
+    center: np.ndarray
+    matrix: np.ndarray
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(n, d) features -> (n, k) float32."""
+        return ((np.asarray(x, np.float64) - self.center) @ self.matrix).astype(np.float32)
+
+
+def fit_feature_transform(x: np.ndarray, how: str, n_components: int = 8) -> FeatureTransform | None:
+    """The preprocessing `how` (one of PREPROCESSING) fitted on the cells x (n, d); None for "none".
+
+    "standardize": each feature z-scored over the cells (sklearn StandardScaler; a constant
+    feature keeps scale 1), as pycytominer's normalize does. "pca_whiten": the first
+    min(n_components, d, n) principal components (sklearn PCA), each scaled to unit variance
+    (a component of zero variance is set to 0), so that UMAP's Euclidean distances weigh the
+    few directions that carry most of the variance equally, and the many low-variance ones
+    not at all.
+
+    Raises ValueError for an unknown `how`.
+    """
+    if how not in PREPROCESSING:
+        raise ValueError(f"preprocess must be one of {PREPROCESSING}, got {how!r}")
+    if how == "none":
+        return None
+    x = np.asarray(x, np.float64)
+    if how == "standardize":
+        from sklearn.preprocessing import StandardScaler
+
+        scaler = StandardScaler().fit(x)
+        return FeatureTransform(scaler.mean_, np.diag(1.0 / scaler.scale_))
+    from sklearn.decomposition import PCA
+
+    pca = PCA(min(n_components, *x.shape), random_state=0).fit(x)
+    sd = np.sqrt(pca.explained_variance_)
+    scale = np.divide(1.0, sd, out=np.zeros_like(sd), where=sd > 1e-12 * max(sd.max(), 1e-300))
+    return FeatureTransform(pca.mean_, pca.components_.T * scale)
+
+
 @dataclass(frozen=True)
 class ClusteringConfig:
     """Thesis settings by default, except HDBSCAN's cluster selection; the auto_k_* and
@@ -214,13 +267,22 @@ class ClusteringConfig:
     auto_k_min_stability: float = 0.8  # mean pairwise ARI a k must reach
     auto_k_max_candidates: int = 5  # stability is measured for at most this many k
     auto_k_criterion: str = "icl"  # "icl" (integrated completed likelihood) or "bic" (as before)
+    preprocess: str = "none"  # "none", "standardize" or "pca_whiten": what UMAP sees (feature_transform)
+    pca_components: int = 8  # components kept by preprocess="pca_whiten"
     n_jobs: int = -1  # HDBSCAN core distances; UMAP is seeded, so 1 thread
 
     def __post_init__(self):
-        """Raises ValueError for a hdbscan_selection or auto_k_criterion that is not one of the choices."""
-        for name, choices in (("hdbscan_selection", ("eom", "leaf")), ("auto_k_criterion", ("icl", "bic"))):
+        """Raises ValueError for a hdbscan_selection, auto_k_criterion or preprocess that is not one of
+        the choices, or pca_components < 1."""
+        for name, choices in (
+            ("hdbscan_selection", ("eom", "leaf")),
+            ("auto_k_criterion", ("icl", "bic")),
+            ("preprocess", PREPROCESSING),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"ClusteringConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.pca_components < 1:
+            raise ValueError(f"ClusteringConfig.pca_components must be >= 1, got {self.pca_components}")
 
     def min_cluster_size(self, n_cells: int) -> int:
         return self.hdbscan_min_cluster_size or scaled_min_cluster_size(n_cells)
@@ -282,6 +344,7 @@ class FittedClustering:
     auto_k: AutoK
     timings: dict[str, float] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
+    transform: FeatureTransform | None = None  # config.preprocess fitted on the training cells
 
     def fingerprint(self) -> str:
         """sha256 over every fitted parameter, to prove that assigning new cells changed nothing."""
@@ -295,6 +358,8 @@ class FittedClustering:
         ]
         for gmm in (self.gmm, self.auto_gmm):
             arrays += [gmm.weights_, gmm.means_, gmm.covariances_]
+        if self.transform is not None:
+            arrays += [self.transform.center, self.transform.matrix]
         for a in arrays:
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()
@@ -503,6 +568,9 @@ def fit_clusters(
     x = _checked(x)
     params = sized_parameters(config, len(x))
     timings: dict[str, float] = {}
+    n_features = x.shape[1]
+    transform = fit_feature_transform(x, config.preprocess, config.pca_components)
+    x = x if transform is None else transform.apply(x)
     t = time.perf_counter()
     reducer = _umap(config, params["umap_neighbors"])
     xy = reducer.fit_transform(x).astype(np.float32)
@@ -529,7 +597,7 @@ def fit_clusters(
 
     fitted = FittedClustering(
         config=config,
-        n_features=x.shape[1],
+        n_features=n_features,
         n_train=len(x),
         min_cluster_size=min_size,
         umap=reducer,
@@ -539,6 +607,7 @@ def fit_clusters(
         auto_k=auto_k,
         timings=timings,
         params=params,
+        transform=transform,
     )
     return fitted, labels
 
@@ -614,7 +683,7 @@ MODEL_FORMAT = "gbm-assets.clustering/1"
 _GMM_ARRAYS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
 _AUTO_K_COLUMNS = ("k", "bic", "icl", "candidate", "stability")
 # ClusteringConfig fields added after format 1 was first written, with the value older files were fitted with.
-_CONFIG_BEFORE = {"auto_k_criterion": "bic"}
+_CONFIG_BEFORE = {"auto_k_criterion": "bic", "preprocess": "none"}
 _UMAP_SCALARS = ("_a", "_b", "_n_neighbors", "_disconnection_distance", "_initial_alpha", "_input_hash")
 
 
@@ -631,7 +700,9 @@ def save_clustering(fitted: FittedClustering, path: str | Path) -> Path:
     (load_clustering) cannot execute code. skops does not serialise umap.UMAP, and a digest
     kept beside the file proves nothing (whoever plants the file rewrites the digest).
 
-    What is stored: UMAP's training vectors (n_train, n_features) float32 and 2-D layout
+    What is stored: the fitted preprocessing (FeatureTransform's center and matrix, float64,
+    when config.preprocess is not "none"); UMAP's training vectors (n_train, features after the
+    preprocessing) float32 and 2-D layout
     (n_train, 2) float32 with its fitted constants; HDBSCAN's training points, condensed tree,
     labels and membership strengths (its prediction data is rebuilt from them); both GMMs'
     weights, means, covariances and precisions; the auto-k table. Returns path.
@@ -670,6 +741,8 @@ def save_clustering(fitted: FittedClustering, path: str | Path) -> Path:
         **{f"auto_gmm.{a}": getattr(fitted.auto_gmm, a) for a in _GMM_ARRAYS},
         **{f"auto_k.{c}": fitted.auto_k.table[c].to_numpy() for c in _AUTO_K_COLUMNS if c in fitted.auto_k.table},
     }
+    if fitted.transform is not None:
+        arrays.update({"transform.center": fitted.transform.center, "transform.matrix": fitted.transform.matrix})
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     path.write_bytes(buffer.getvalue())
@@ -749,7 +822,13 @@ def _restore(header: dict, arrays: dict) -> FittedClustering:
     config = ClusteringConfig(**{**_CONFIG_BEFORE, **header["config"]})
     params = {k: int(v) for k, v in header["params"].items()}
     raw, layout = arrays["umap.raw_data"], arrays["umap.embedding"]
-    if raw.ndim != 2 or layout.shape != (len(raw), 2) or raw.shape[1] != header["n_features"]:
+    transform = None
+    if config.preprocess != "none":
+        transform = FeatureTransform(arrays["transform.center"], arrays["transform.matrix"])
+        if transform.center.shape != (header["n_features"],) or transform.matrix.shape[0] != header["n_features"]:
+            raise ValueError(f"transform arrays have shapes {transform.center.shape} and {transform.matrix.shape}")
+    umap_features = header["n_features"] if transform is None else transform.matrix.shape[1]
+    if raw.ndim != 2 or layout.shape != (len(raw), 2) or raw.shape[1] != umap_features:
         raise ValueError(f"UMAP arrays have shapes {raw.shape} and {layout.shape}")
     reducer = _umap(config, params["umap_neighbors"])
     reducer._raw_data, reducer.embedding_ = raw, layout
@@ -781,6 +860,7 @@ def _restore(header: dict, arrays: dict) -> FittedClustering:
         auto_k=AutoK(k=int(header["auto_k"]["k"]), table=table, rule=header["auto_k"]["rule"]),
         timings=dict(header.get("timings", {})),
         params=params,
+        transform=transform,
     )
 
 
@@ -807,6 +887,8 @@ def assign_new(fitted: FittedClustering, features: pd.DataFrame | np.ndarray) ->
     """
     prov, x = split_embedding_table(features)
     x = _checked(x, fitted.n_features)
+    if fitted.transform is not None:
+        x = fitted.transform.apply(x)
     xy = fitted.umap.transform(x).astype(np.float32)
     hdb, _strength = hdbscan.approximate_predict(fitted.hdbscan, xy)
     with _single_threaded():
