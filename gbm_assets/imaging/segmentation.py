@@ -417,40 +417,47 @@ def group_seeds(
     near = np.linalg.norm(b - a, axis=1) <= 1.5 * d
     steps = np.linspace(0, 1, int(reach) + 2)[None, :, None]
     straight = a[:, None, :] + (b - a)[:, None, :] * steps
-    normal = np.stack([a[:, 1] - b[:, 1], b[:, 0] - a[:, 0]], 1)
-    normal = (normal / np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9))[:, None, :]
     start = obj[a[:, 1].astype(int), a[:, 0].astype(int)]
-    finer = np.minimum(scale[pairs[:, 0]], scale[pairs[:, 1]])[:, None]
-    ends = np.minimum(
-        np.where(finer[:, 0] == 0, maps[0].sample(a), maps[1].sample(a)),
-        np.where(finer[:, 0] == 0, maps[0].sample(b), maps[1].sample(b)),
-    )
+    finer = np.minimum(scale[pairs[:, 0]], scale[pairs[:, 1]])
 
-    def follow(path: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def follow(path: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h, w = obj.shape
         cols = np.clip(np.rint(path[..., 0]).astype(int), 0, w - 1)
         rows = np.clip(np.rint(path[..., 1]).astype(int), 0, h - 1)
         return (obj[rows, cols] == start[:, None]).all(1), rows, cols
 
-    no_halo = np.zeros(len(pairs), bool)
-    for offset in (0.0, -0.1 * d, 0.1 * d):
-        inside, rows, cols = follow(straight + normal * offset)
-        no_halo |= inside & (z[rows, cols].max(1) < params.merge_halo)
-    dark = np.zeros(len(pairs), bool)
-    bow = np.sin(np.pi * steps)
-    for offset in (0.0, -0.15 * d, 0.15 * d, -0.3 * d, 0.3 * d):
-        path = straight + normal * offset * bow
-        inside, _, _ = follow(path)
-        profile = np.where(finer == 0, maps[0].sample(path), maps[1].sample(path))
-        dark |= inside & (profile.min(1) >= params.merge_darkness_ratio * ends)
-    inside, rows, cols = follow(straight)
+    # The waist, compact-body and strip tests first, on the straight path: the halo and
+    # darkness tests, which try several paths, are needed only for the pairs these leave.
+    inside, rows, cols = follow(straight, start)
     profile = depth[rows, cols]
     no_neck = profile.min(1) >= params.merge_neck_ratio * np.minimum(profile[:, 0], profile[:, -1])
-    strip = inside & (profile.max(1) <= params.strip_scale * d) & dark
+    in_strip = inside & (profile.max(1) <= params.strip_scale * d)
     body_a = compact[a[:, 1].astype(int), a[:, 0].astype(int)]
     body_b = compact[b[:, 1].astype(int), b[:, 0].astype(int)]
-    one_body = (finer[:, 0] == 1) | (body_a == body_b)
-    same = pairs[no_halo & ((dark & near) | strip) & one_body & no_neck]
+    one_body = (finer == 1) | (body_a == body_b)
+    test = np.flatnonzero(one_body & no_neck & (near | in_strip))
+    a, b, straight, start, inside, rows, cols = (v[test] for v in (a, b, straight, start, inside, rows, cols))
+    fine = finer[test] == 0
+    normal = np.stack([a[:, 1] - b[:, 1], b[:, 0] - a[:, 0]], 1)
+    normal = (normal / np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9))[:, None, :]
+
+    def darkness(points: np.ndarray) -> np.ndarray:
+        """Each pair's points sampled on the map of its finer scale."""
+        out = np.empty(points.shape[:-1], maps[0].smooth.dtype)
+        out[fine], out[~fine] = maps[0].sample(points[fine]), maps[1].sample(points[~fine])
+        return out
+
+    ends = np.minimum(darkness(a), darkness(b))
+    no_halo = inside & (z[rows, cols].max(1) < params.merge_halo)
+    for offset in (-0.1 * d, 0.1 * d):
+        inside_here, rows_here, cols_here = follow(straight + normal * offset, start)
+        no_halo |= inside_here & (z[rows_here, cols_here].max(1) < params.merge_halo)
+    dark = inside & (darkness(straight).min(1) >= params.merge_darkness_ratio * ends)
+    bow = np.sin(np.pi * steps)
+    for offset in (-0.15 * d, 0.15 * d, -0.3 * d, 0.3 * d):
+        path = straight + normal * offset * bow
+        dark |= follow(path, start)[0] & (darkness(path).min(1) >= params.merge_darkness_ratio * ends)
+    same = pairs[test[no_halo & dark]]
     graph = coo_matrix((np.ones(len(same)), (same[:, 0], same[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
