@@ -284,7 +284,7 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     core = ((obj > 0) & (z < params.halo_level)).astype(np.uint8)
     core = cv2.morphologyEx(core, cv2.MORPH_OPEN, _disc(1))
     n, bodies, where, body, area, radius = _components(core, connectivity=4)
-    dark = np.bincount(body, weights=z.ravel()[where] < -params.dark_level, minlength=n) / area
+    dark = np.bincount(body[z.ravel()[where] < -params.dark_level], minlength=n) / area
     small = radius < params.compact_radius_scale * params.cell_diameter_px
     roundish = area <= params.compact_elongation * np.pi * radius**2
     compact = (dark >= params.solid_fraction) & small & roundish
@@ -465,16 +465,22 @@ def group_seeds(
 # ---- cells --------------------------------------------------------------------------------
 
 
-def voronoi(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every pixel's nearest labelled pixel of seeds (int (H, W), 0 = none): its label (int32
-    (H, W)) and the distance to it (float32 (H, W), px; 0 on labelled pixels). A Voronoi split."""
+def _nearest_seed_pixel(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """voronoi's parts: lut, nearest and dist, where lut[nearest] is every pixel's label."""
     background = (seeds == 0).astype(np.uint8)
     dist, nearest = cv2.distanceTransformWithLabels(
         background, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL
     )
-    at = np.flatnonzero(seeds.ravel() != 0)
+    at = np.flatnonzero(background.ravel() == 0)
     lut = np.zeros(len(at) + 1, np.int32)  # DIST_LABEL_PIXEL numbers the seed pixels 1..k
     lut[nearest.ravel()[at]] = seeds.ravel()[at]
+    return lut, nearest, dist
+
+
+def voronoi(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel's nearest labelled pixel of seeds (int (H, W), 0 = none): its label (int32
+    (H, W)) and the distance to it (float32 (H, W), px; 0 on labelled pixels). A Voronoi split."""
+    lut, nearest, dist = _nearest_seed_pixel(seeds)
     return lut[nearest], dist
 
 
@@ -551,9 +557,11 @@ def split_along_halos(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, para
     """
     core = cv2.morphologyEx((inside & (z < params.halo_level)).astype(np.uint8), cv2.MORPH_OPEN, _disc(1))
     n, comp = cv2.connectedComponents(core, connectivity=4, ltype=cv2.CV_32S)
-    rows, cols = np.nonzero(seeds != 0)
-    key = np.unique(comp[rows, cols].astype(np.int64) * (int(seeds.max()) + 1) + seeds[rows, cols])
-    pairs = np.stack(np.divmod(key, int(seeds.max()) + 1))
+    rows, cols = np.nonzero(seeds != 0)  # on a bool array: faster
+    values = seeds[rows, cols]
+    top = int(values.max(initial=0)) + 1
+    key = np.unique(comp[rows, cols].astype(np.int64) * top + values)
+    pairs = np.stack(np.divmod(key, top))
     pairs = pairs[:, pairs[0] > 0]  # (body, group) for every seed in a body
     groups = np.bincount(pairs[0], minlength=n)
     one_cell = np.bincount(comp.ravel(), minlength=n) <= params.max_body_scale * _cell_area(params)
@@ -562,10 +570,13 @@ def split_along_halos(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, para
     owner = np.zeros(n, np.int32)
     sole = (groups == 1)[pairs[0]]
     owner[pairs[0][sole]] = pairs[1][sole]
-    body = np.where(claim[comp], owner[comp], 0)
-    rest = (core > 0) & ~claim[comp]
+    body = np.where(claim, owner, 0)[comp]
+    unclaimed = ~claim
+    unclaimed[0] = False  # label 0 is everything outside core
+    rest = unclaimed[comp]
     if rest.any():
-        body[rest] = nearest_label(np.where(inside, seeds, 0), inside)[rest]
+        lut, nearest, _ = _nearest_seed_pixel(np.where(inside, seeds, 0))
+        body[rest] = lut[nearest[rest]]
     shared = np.flatnonzero(claim & (groups > 1))
     if len(shared):
         boxes = ndi.find_objects(comp)
@@ -573,10 +584,10 @@ def split_along_halos(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, para
             part = comp[boxes[index - 1]] == index
             local = nearest_label(np.where(part, seeds[boxes[index - 1]], 0), part)
             body[boxes[index - 1]][part] = local[part]
-    present = np.zeros(int(seeds.max()) + 1, bool)
-    present[seeds[rows, cols][body[rows, cols] == seeds[rows, cols]]] = True
-    lost = ~present[seeds[rows, cols]]  # a group that holds none of its own seeds
-    body[rows[lost], cols[lost]] = seeds[rows[lost], cols[lost]]
+    present = np.zeros(top, bool)
+    present[values[body[rows, cols] == values]] = True
+    lost = ~present[values]  # a group that holds none of its own seeds
+    body[rows[lost], cols[lost]] = values[lost]
     return nearest_label(body, inside)
 
 
