@@ -103,6 +103,36 @@ def test_pending_crops_replaced_after_the_check_are_not_adopted(data_root, monke
     assert set(pq.read_table(crops_file, columns=["crop_size"])["crop_size"].to_pylist()) == {64}
 
 
+def test_coordinates_replaced_by_another_run_while_cell_crops_runs_are_not_mixed(data_root, monkeypatch):
+    """Another run of the same plate writes new coordinates, masks and pending crops after
+    cell_crops has read the coordinates: cell_crops must not adopt crops cut from coordinates
+    other than those it read (and counts against), nor crop with masks of another run."""
+    plate_id, instance, data = _setup(data_root)
+    coords_file, masks = plate_file(data.coordinates, plate_id), plate_file(data.masks, plate_id)
+    crops_file = plate_file(data.crops, plate_id)
+    pending = pending_crops_path(crops_file)
+    assert _run(data_root, plate_id, instance, INGEST, finding={"cell_diameter_px": 41}).success
+    first = {path: path.read_bytes() for path in (coords_file, masks)}
+    with monkeypatch.context() as patch:  # the other run: its cell_crops has not adopted its crops yet
+        patch.setattr(cells_module, "parquet_plate_version", lambda *a: (_ for _ in ()).throw(OSError("later")))
+        _run(data_root, plate_id, instance, INGEST, finding={"cell_diameter_px": 25}, raise_on_error=False)
+    other = {path: path.read_bytes() for path in (coords_file, masks, pending)}
+    for path, content in first.items():
+        path.write_bytes(content)
+    pending.unlink()
+    where = cells_module.pending_crops_path
+
+    def the_other_run_finishes_now(path):
+        for written, content in other.items():
+            written.write_bytes(content)
+        return where(path)
+
+    monkeypatch.setattr(cells_module, "pending_crops_path", the_other_run_finishes_now)
+    result = _run(data_root, plate_id, instance, [cell_crops], raise_on_error=False)
+    assert not result.success
+    assert "another cell_coordinates run" in str(result.all_events)
+
+
 @pytest.mark.parametrize(
     ("crops", "problem"),
     [({"crop_size": 63}, "crop_size"), ({"crop_size": 0}, "crop_size"), ({"keep_qc": ["cells"]}, "keep_qc")],

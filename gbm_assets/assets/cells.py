@@ -296,16 +296,24 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
             f"label masks of plate {plate_id!r} are of another plate version "
             "than its cell coordinates; materialize cell_coordinates again",
         )
-    if pass_token(masks_file(data, plate_id)) != pass_token(plate_file(data.coordinates, plate_id)):
-        raise PlateError(
-            masks_file(data, plate_id),
-            f"label masks of plate {plate_id!r} are of another cell_coordinates run than its cell "
-            "coordinates (a run stopped between writing them); materialize cell_coordinates again",
-        )
     manifest = read_manifest(plate_dir)
     version = check_plate_unchanged(plate_dir, plate_id, used, "cell_coordinates found its cells", manifest["image"])
     coords_file = plate_file(data.coordinates, plate_id)
-    coords = pd.read_parquet(coords_file)
+    coords_table = pq.read_table(coords_file)
+    coords = coords_table.to_pandas()
+
+    def read_masks(columns: list[str] | None = None) -> pa.Table:
+        """The label masks, only if of the coordinates just read (their pass token; files read once each)."""
+        table = pq.read_table(masks_file(data, plate_id), columns=columns)
+        if pass_token(table.schema) != pass_token(coords_table.schema):
+            raise PlateError(
+                masks_file(data, plate_id),
+                f"label masks of plate {plate_id!r} are of another cell_coordinates run than its cell "
+                "coordinates (a run stopped between writing them, or another run meanwhile); "
+                "materialize cell_coordinates again",
+            )
+        return table
+
     request = config.request(manifest)
     filters = request.filters
     out = plate_file(data.crops, plate_id)
@@ -316,20 +324,19 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
     try:
         made_in_pass = (
             claimed is not None
-            and pending_crops_match(claimed, coords_file, request)
+            and pending_crops_match(claimed, coords_table.schema, request)
             and parquet_plate_version(claimed) == version
         )
         if made_in_pass:  # crops cell_coordinates made in its pass over these very coordinates
+            sizes = read_masks(["image", "height", "width"]).to_pandas()
             # Still the same plate: else the previous crops file stays.
             check_plate_unchanged(plate_dir, plate_id, version, "cell_crops began", manifest["image"])
             os.replace(claimed, out)
     finally:
         if claimed is not None:  # not adopted: made from other coordinates or settings
             claimed.unlink(missing_ok=True)
-    if made_in_pass:
-        sizes = pq.read_table(masks_file(data, plate_id), columns=["image", "height", "width"]).to_pandas()
-    else:
-        masks_tbl = pq.read_table(masks_file(data, plate_id))
+    if not made_in_pass:
+        masks_tbl = read_masks()
         labels = "labels_zstd" if "labels_zstd" in masks_tbl.column_names else LEGACY_LABELS_COLUMN  # older: PNG
         masks = dict(zip(masks_tbl["image"].to_pylist(), masks_tbl[labels].to_pylist(), strict=False))
         with AtomicParquetWriter(

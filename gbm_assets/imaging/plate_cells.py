@@ -541,17 +541,20 @@ def crops_pass_metadata(token: str, request: CropRequest | None = None) -> dict[
     return meta
 
 
-def pass_token(parquet_file: str | Path) -> bytes | None:
+def pass_token(source: str | Path | pa.Schema) -> bytes | None:
     """The cell-finding pass token recorded in a Parquet file's key-value metadata (coordinates,
-    label masks or pending crops of one pass share it); None when it records none (files written
-    before tokens existed). Raises OSError or pyarrow's error for a missing or unreadable file."""
-    return (pq.read_schema(parquet_file).metadata or {}).get(CROPS_PASS_KEY)
+    label masks and pending crops of one pass share it), from the file or from a schema already
+    read; None when it records none (files written before tokens existed). Raises OSError or
+    pyarrow's error for a missing or unreadable file."""
+    schema = source if isinstance(source, pa.Schema) else pq.read_schema(source)
+    return (schema.metadata or {}).get(CROPS_PASS_KEY)
 
 
-def pending_crops_match(pending: str | Path, coordinates_file: str | Path, request: CropRequest) -> bool:
+def pending_crops_match(pending: str | Path, coordinates_file: str | Path | pa.Schema, request: CropRequest) -> bool:
     """True when `pending` (crops made in a cell-finding pass) is what crop_plate would make now:
-    cut from the coordinates now in coordinates_file (same pass token) with request's settings.
-    False when either file is missing or lacks the records, or any of them differs."""
+    cut from the coordinates in coordinates_file (or of that schema, as read; same pass token)
+    with request's settings. False when either file is missing or lacks the records, or any of
+    them differs."""
     try:
         made = pq.read_schema(pending).metadata or {}
         coords_token = pass_token(coordinates_file)
