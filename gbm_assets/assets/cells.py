@@ -80,7 +80,7 @@ class CellFindingConfig(dg.Config):
     use_cellprofiler_table: bool = True
     # Which CellProfiler objects to use when the plate holds several object tables (e.g. "Cells").
     cellprofiler_objects: str | None = None
-    workers: int = 0  # 0 = all cores
+    workers: int = 0  # 0 = all cores, at most 8 (plate_cells.default_workers)
 
     def params(self) -> SegmentationParams:
         names = {f.name for f in fields(SegmentationParams)}
@@ -95,7 +95,7 @@ class CropConfig(dg.Config):
     max_cells_per_image: int | None = None
     min_timepoint_h: float | None = None
     max_timepoint_h: float | None = None
-    workers: int = 0  # 0 = all cores
+    workers: int = 0  # 0 = all cores, at most 8 (plate_cells.default_workers)
 
     @pydantic.field_validator("crop_size")
     @classmethod
