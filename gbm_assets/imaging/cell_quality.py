@@ -52,16 +52,19 @@ class QualityRules:
     dark_level: float = 5.0  # darker than this (noise units) counts as dark body
 
 
-def _borders(labels: np.ndarray) -> pd.DataFrame:
-    """Shared border length (pixel pairs) of every pair of touching labels (a < b)."""
+def _borders(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shared border length (pixel pairs) of every pair of touching labels: arrays a, b
+    (a < b, int64, in increasing order of the pair) and length (int64)."""
     n = np.int64(labels.max(initial=0)) + 1
     keys = []
     for p, q in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
-        touch = (p != q) & (p > 0) & (q > 0)
+        differ = p != q  # borders are a small share of the pixels: pick them out first
+        p, q = p[differ], q[differ]
+        touch = (p > 0) & (q > 0)
         a, b = p[touch].astype(np.int64), q[touch].astype(np.int64)
         keys.append(np.minimum(a, b) * n + np.maximum(a, b))
     key, counts = np.unique(np.concatenate(keys), return_counts=True)
-    return pd.DataFrame({"a": key // n, "b": key % n, "length": counts})
+    return key // n, key % n, counts
 
 
 def merge_fragments(
@@ -80,28 +83,30 @@ def merge_fragments(
     n = int(labels.max(initial=0)) + 1
     if n <= 2:
         return labels, 0
-    area = np.bincount(labels.ravel(), minlength=n)
+    flat = labels.ravel()
+    area = np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n)  # area[0] (background) stays 0
     small = area < rules.fragment_area_scale * np.pi * cell_diameter_px**2 / 4
     small[0] = False
     if compact is not None and len(compact):
         small[np.asarray(compact)[(compact > 0) & (compact < n)]] = False
     if not small.any():
         return labels, 0
-    borders = _borders(labels)
+    first, second, length = _borders(labels)
     parent = np.arange(n)
-    if len(borders):
-        both = pd.concat([borders, borders.rename(columns={"a": "b", "b": "a"})], ignore_index=True)
-        both = both[small[both["a"].to_numpy()]]
-        # for each small piece: the neighbour with the longest shared border (ties: the larger one)
-        both = both.assign(size=area[both["b"].to_numpy()]).sort_values(
-            ["a", "length", "size"], ascending=[True, False, False]
-        )
-        best = both.drop_duplicates("a")
-        for a, b in zip(best["a"].to_numpy(), best["b"].to_numpy(), strict=False):
-            # a small piece never adopts a smaller one: the larger of two small pieces is the root
-            if small[b] and area[b] < area[a]:
-                continue
-            parent[a] = b
+    # every border from both sides, as (small piece a, neighbour b)
+    a, b, length = np.r_[first, second], np.r_[second, first], np.r_[length, length]
+    mine = small[a]
+    a, b, length = a[mine], b[mine], length[mine]
+    if len(a):
+        # for each small piece: the neighbour with the longest shared border (ties: the larger
+        # one, then the first listed); a stable sort by piece, length and size, first per piece
+        order = np.lexsort((-area[b], -length, a))
+        a, b = a[order], b[order]
+        best = np.r_[True, a[1:] != a[:-1]]
+        a, b = a[best], b[best]
+        # a small piece never adopts a smaller one: the larger of two small pieces is the root
+        adopt = ~(small[b] & (area[b] < area[a]))
+        parent[a[adopt]] = b[adopt]
 
     def root(i: int) -> int:
         seen = 0
@@ -143,7 +148,7 @@ def quality_measures(
     where = np.flatnonzero(labels.ravel() != 0)  # on a bool array: several times faster
     label = labels.ravel()[where]
     count = np.maximum(np.bincount(label, minlength=n), 1)
-    dark = np.bincount(label, weights=z.ravel()[where] < -rules.dark_level, minlength=n) / count
+    dark = np.bincount(label[z.ravel()[where] < -rules.dark_level], minlength=n) / count
     texture = np.bincount(label, weights=tex.ravel()[where], minlength=n) / count / max(float(texture_threshold), 1e-9)
     # the ring just outside each candidate: where a 5 x 5 maximum of the labels reaches the medium
     as_image = labels.astype(np.uint16 if n <= 65536 else np.float32)  # OpenCV dilates neither int32
