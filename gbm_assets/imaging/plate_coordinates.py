@@ -103,7 +103,10 @@ def plate_coordinates(
     return PlateCoordinates(coords, pa.Table.from_pylist(mask_rows), size, params)
 
 
-MIXED_FINE_SCALES = 1.5  # sampled images' fine scales further apart than this ratio: two set-ups?
+# Sampled images' fine scales further apart than this ratio: two set-ups in one plate? Within one
+# set-up they span at most 1.2x (24 Usiigaci fields), 1.06x (6 T98G frames), 1.32x (3 probes of each
+# of 15 hard synthetic plates); T98G frames at 1x and 2x in one plate: 2.0x.
+MIXED_FINE_SCALES = 1.5
 
 
 def magnification_summary(size: CellSizeEstimate | None) -> dict:
