@@ -12,14 +12,17 @@ variant: models.training.train_encoder at a fixed number of steps (epochs x at m
 every crop (the cell alone for input_mask="cell", as the embeddings asset does),
 analysis.variant_evaluation.score_features held out by plate (culture and true
 morphotype kappa, random forest and linear probe, 5 group folds), the production clustering
-(analysis.clustering.fit_clusters, shipped ClusteringConfig) scored against the true morphotype
+(analysis.clustering.fit_clusters, shipped ClusteringConfig, or its preprocessing as --preprocess
+and --pca-components set it) scored against the true morphotype
 (GMM and HDBSCAN ARI) and the HDBSCAN composition error. Prints one JSON object: per variant and
 seed those numbers with the final loss, steps and seconds, and per variant their mean and sd over
 the seeds. A variant is a row of models.variants or a row with fields changed, NAME:FIELD=VALUE,...
 (a trial recipe that has no row yet). --baselines scores raw pixels and hand-crafted features
-(analysis.variant_evaluation.baseline_features_for; clustered z-scored) the same way, once;
---invariant scores the rotation/flip-invariant embedding too (keys ending in _invariant). The features benchmark scores one trained encoder per variant; differences between
-rows are of the size of the seed-to-seed spread, which this one measures.
+(analysis.variant_evaluation.baseline_features_for; hand-crafted features, of mixed units,
+clustered z-scored, raw pixels as they are) the same way, once; --invariant scores the
+rotation/flip-invariant embedding too (keys ending in _invariant); --save writes the embeddings
+(.npy) for offline clustering. The features benchmark scores one trained encoder per variant;
+differences between rows are of the size of the seed-to-seed spread, which this one measures.
 """
 
 from __future__ import annotations
@@ -55,7 +58,15 @@ def main() -> None:
     )
     parser.add_argument("--baselines", action="store_true", help="score raw pixels and hand-crafted features too")
     parser.add_argument("--invariant", action="store_true", help="score the rotation/flip-invariant embedding too")
-    parser.add_argument("--save", type=Path, help="save each embedding here as <variant>_seed<seed>.npy")
+    parser.add_argument(
+        "--save", type=Path, help="save each embedding here as <variant>_seed<seed>.npy (and _invariant.npy)"
+    )
+    parser.add_argument(
+        "--preprocess",
+        choices=("none", "standardize", "pca_whiten"),
+        help="ClusteringConfig.preprocess (default: the shipped ClusteringConfig's)",
+    )
+    parser.add_argument("--pca-components", type=int, help="ClusteringConfig.pca_components (default: shipped)")
     args = parser.parse_args()
 
     import numpy as np
@@ -77,6 +88,8 @@ def main() -> None:
     from gbm_assets.analysis.variant_report import labeling_metrics
     from gbm_assets.schema import PROVENANCE_COLUMNS
 
+    overrides = {"preprocess": args.preprocess, "pca_components": args.pca_components}
+    clustering = ClusteringConfig(seed=0, **{k: v for k, v in overrides.items() if v is not None})
     crops, raw = args.work / "data" / "cell_crops.parquet", args.work / "data" / "raw"
     columns = list(dict.fromkeys([*PROVENANCE_COLUMNS, "culture", "concentration"]))
     batches = list(iter_encoder_inputs(crops, 512, "cell", columns=columns))
@@ -95,7 +108,7 @@ def main() -> None:
             for s in scores.itertuples()
             if s.target in ("culture", "morphotype")
         }
-        _, labels = fit_clusters(clustered, ClusteringConfig(seed=0))
+        _, labels = fit_clusters(clustered, clustering)
         metrics = labeling_metrics(labels, rows["morphotype"], 0)
         error = composition_error(
             labels["hdbscan"].to_numpy()[known],
@@ -112,8 +125,11 @@ def main() -> None:
     baselines = {}
     if args.baselines:
         for name, x in baseline_features_for(crops, rows["crop_id"]).items():
-            z = (x - x.mean(axis=0)) / np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
-            baselines[name] = scored(x, z)
+            if name == "handcrafted":  # mixed units (pixels, pixel areas, ratios): z-scored, as pycytominer does
+                clustered = (x - x.mean(axis=0)) / np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+            else:  # raw pixels share one unit, as an embedding's features do: clustered as they are
+                clustered = x
+            baselines[name] = scored(x, clustered)
             print(name, json.dumps(baselines[name]), file=sys.stderr, flush=True)
     per_seed: dict = {}
     for seed in args.seeds:
@@ -141,6 +157,8 @@ def main() -> None:
                     ]
                 )
                 line.update({f"{k}_invariant": v for k, v in scored(invariant, invariant).items()})
+                if args.save:
+                    np.save(args.save / f"{variant.name}_seed{seed}_invariant.npy", invariant)
             line.update(
                 loss=round(result.history[-1]["loss"], 2),
                 steps=sum(h.get("steps", 0) for h in result.history),
@@ -158,7 +176,13 @@ def main() -> None:
         }
         for name, lines in per_seed.items()
     }
-    report = {"epochs": args.epochs, "max_steps_per_epoch": 12, "seeds": args.seeds, "n_crops": len(rows)}
+    report = {
+        "epochs": args.epochs,
+        "max_steps_per_epoch": 12,
+        "seeds": args.seeds,
+        "n_crops": len(rows),
+        "clustering": {"preprocess": clustering.preprocess, "pca_components": clustering.pca_components},
+    }
     out = {**report, "n_with_truth": int(known.sum()), "baselines": baselines, "per_seed": per_seed, "mean_sd": summary}
     print(json.dumps(out, indent=1))
 
