@@ -21,7 +21,7 @@ from gbm_assets.assets.raw_plates import raw_plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.errors import ImageReadError
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.plate_cells import find_plate_cells_sized, pending_crops_path
+from gbm_assets.imaging.plate_cells import CROPS_PASS_KEY, find_plate_cells_sized, pending_crops_path
 from gbm_assets.imaging.plate_coordinates import magnification_summary, plate_coordinates
 from gbm_assets.imaging.plates import find_ready_plates
 from gbm_assets.imaging.segmentation import SegmentationParams
@@ -80,6 +80,19 @@ def test_masks_of_a_run_killed_before_its_coordinates_are_not_paired_with_older_
     result = _run(data_root, plate_id, instance, [cell_crops], raise_on_error=False)
     assert not result.success
     assert "another cell_coordinates run" in str(result.all_events)
+
+
+def test_masks_written_before_they_carried_a_token_are_still_used(data_root):
+    """Masks of the version before this check (no pass token) beside coordinates with one: the
+    pair cannot be told apart from a stopped run, and cell_crops uses it as before."""
+    plate_id, instance, data = _setup(data_root)
+    assert _run(data_root, plate_id, instance, INGEST).success
+    masks = plate_file(data.masks, plate_id)
+    table = pq.read_table(masks)
+    meta = {k: v for k, v in table.schema.metadata.items() if k != CROPS_PASS_KEY}
+    pq.write_table(table.replace_schema_metadata(meta), masks)
+    result = _run(data_root, plate_id, instance, [cell_crops])
+    assert result.success and _cropped_in(result) == "this step"
 
 
 def test_pending_crops_replaced_after_the_check_are_not_adopted(data_root, monkeypatch):

@@ -303,9 +303,11 @@ def cell_crops(context: dg.AssetExecutionContext, config: CropConfig, data: Data
     coords = coords_table.to_pandas()
 
     def read_masks(columns: list[str] | None = None) -> pa.Table:
-        """The label masks, only if of the coordinates just read (their pass token; files read once each)."""
+        """The label masks, only if of the coordinates just read (their pass token; files read once
+        each). Masks written before they carried a token cannot tell and are taken."""
         table = pq.read_table(masks_file(data, plate_id), columns=columns)
-        if pass_token(table.schema) != pass_token(coords_table.schema):
+        token = pass_token(table.schema)
+        if token is not None and token != pass_token(coords_table.schema):
             raise PlateError(
                 masks_file(data, plate_id),
                 f"label masks of plate {plate_id!r} are of another cell_coordinates run than its cell "
