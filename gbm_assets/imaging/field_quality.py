@@ -115,10 +115,13 @@ def non_culture_regions(
     if bands.any():  # bridge the notches that bright blobs on the band's rim cut into it
         close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * max(1, round(d / factor)) + 1,) * 2)
         bands = cv2.morphologyEx(bands.astype(np.uint8), cv2.MORPH_CLOSE, close) > 0
-    if saturated_value is not None:
-        saturated = cv2.resize(
-            (image == saturated_value).astype(np.float32), small.shape[::-1], interpolation=cv2.INTER_AREA
-        )
+    at_maximum = image == saturated_value if saturated_value is not None else None
+    # A downsampled pixel is saturated when over half of its footprint is, and a saturated
+    # region needs cell_area / factor**2 of them: with under 0.4x that many footprints' worth of
+    # saturated pixels in the whole image there is none (0.4, not 0.5: a margin for rounding).
+    footprint = image.shape[0] / small.shape[0] * image.shape[1] / small.shape[1]
+    if at_maximum is not None and np.count_nonzero(at_maximum) > 0.4 * cell_area / factor**2 * footprint:
+        saturated = cv2.resize(at_maximum.astype(np.float32), small.shape[::-1], interpolation=cv2.INTER_AREA)
         regions |= _large_components((saturated > 0.5).astype(np.uint8), cell_area / factor**2)
     if not regions.any() and not bands.any():
         return out
