@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from gbm_assets.imaging.percentiles import percentiles
+
 IMAGE_QUALITY_COLUMNS = (
     "ImageQuality_FocusScore",
     "ImageQuality_PercentMaximal",
@@ -98,7 +100,7 @@ def non_culture_regions(
     out = np.zeros(image.shape, bool)
     if values.size < 100:
         return out
-    q25, q50, q75 = np.percentile(values, (25, 50, 75))
+    q25, q50, q75 = percentiles(values, (25, 50, 75))
     spread = (q75 - q25) / 1.349 or float(values.std())
     if spread <= 0:
         return out

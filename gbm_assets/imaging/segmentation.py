@@ -45,6 +45,7 @@ from scipy.spatial import cKDTree
 from gbm_assets.imaging.cell_quality import QualityRules, label_quality, merge_fragments, quality_measures
 from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.measurements import measure_cells
+from gbm_assets.imaging.percentiles import percentiles
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def robust_scale(values: np.ndarray, floor: float) -> tuple[float, float]:
     Where half or more of the values are equal (a flat, coarsely quantised or noiseless
     background) the IQR is about 0 and the SD stands in; a spread at or below floor is 0.
     """
-    q25, q50, q75 = np.percentile(values, (25, 50, 75))
+    q25, q50, q75 = percentiles(values, (25, 50, 75))
     spread = float(q75 - q25) / 1.349
     if spread <= floor:
         spread = float(np.std(values))
@@ -140,7 +141,7 @@ def texture(norm: np.ndarray, params: SegmentationParams) -> np.ndarray:
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold on log values, where medium and cell texture are closer to normal."""
     logs = np.log(values[::4, ::4] + 1e-3).ravel()
-    lo, hi = np.percentile(logs, (0.5, 99.5))
+    lo, hi = percentiles(logs, (0.5, 99.5))
     if hi - lo < 1e-6:  # a featureless image: nothing is textured
         return float("inf")
     hist, edges = np.histogram(logs, bins=bins, range=(lo, hi))
