@@ -290,10 +290,13 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     roundish = area <= params.compact_elongation * np.pi * radius**2
     compact = (dark >= params.solid_fraction) & small & roundish
     compact[0] = False
-    out = np.zeros(bodies.shape, np.int32)
-    out.ravel()[where] = np.where(compact, np.arange(n, dtype=np.int32), 0)[body]
     chains = (dark >= params.solid_fraction) & small & ~roundish
     chains[0] = False
+    least = params.min_compact_share * np.count_nonzero(obj)
+    if area[compact].sum() + area[chains].sum() < least:  # too few even if every chain were discs
+        return np.zeros(obj.shape, np.int32)
+    out = np.zeros(bodies.shape, np.int32)
+    out.ravel()[where] = np.where(compact, np.arange(n, dtype=np.int32), 0)[body]
     next_id = n
     for index, box in _boxes(where[chains[body]], body[chains[body]], core.shape[1]):
         inside = bodies[box] == index
@@ -306,7 +309,7 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
             if r >= params.fine_seed_scale * params.cell_diameter_px and disc.sum() <= 2 * np.pi * r**2:
                 out[box][disc > 0] = next_id
                 next_id += 1
-    if np.count_nonzero(out) < params.min_compact_share * np.count_nonzero(obj):
+    if np.count_nonzero(out) < least:
         return np.zeros(obj.shape, np.int32)
     return out
 
