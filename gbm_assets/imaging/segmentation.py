@@ -607,7 +607,9 @@ def assign_cells(
     seeds = np.zeros(obj.shape, np.int32)
     seeds[rows, cols] = group + 1
     groups_per_object = np.zeros(int(obj.max()) + 1, np.int64)
-    pairs = np.unique(np.stack([obj[rows, cols], group]), axis=1)
+    stride = np.int64(group.max(initial=0)) + 1  # (object, group) pairs as one sortable key
+    key = np.unique(obj[rows, cols].astype(np.int64) * stride + group)
+    pairs = np.stack([key // stride, key % stride])
     np.add.at(groups_per_object, pairs[0], 1)
     sole_group = np.zeros_like(groups_per_object, dtype=np.int32)
     sole = groups_per_object[pairs[0]] == 1
@@ -668,9 +670,10 @@ def find_candidates(
     mask = foreground(tex, params, threshold)
     depth = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_5)  # distance to the medium
     obj = objects(mask, depth, params)
-    z = noise_units(norm, obj == 0)
+    medium = obj == 0
+    z = noise_units(norm, medium)
     compact = compact_bodies(z, obj, params)
-    xy, scale, maps = dark_seeds(medium_units(norm, obj == 0), obj, compact, params)
+    xy, scale, maps = dark_seeds(medium_units(norm, medium), obj, compact, params)
     if compact.any():  # where compact cells are, rounded bright ones are cells too
         bright = bright_seeds(z, obj, params)
         xy, scale = np.concatenate([xy, bright]), np.concatenate([scale, np.zeros(len(bright), int)])
