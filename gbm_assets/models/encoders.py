@@ -74,18 +74,25 @@ def build_autoencoder(crop_size: int = 128, features: int = 64) -> tuple[keras.M
     return autoencoder, encoder
 
 
-def build_siamese_encoder(crop_size: int = 128, features: int = 128) -> keras.Model:
+def build_siamese_encoder(crop_size: int = 128, features: int = 128, downsample: int = 1) -> keras.Model:
     """The shared Barlow Twins branch: conv/max-pool/dropout blocks, GAP, dense, batch norm.
 
     Global average pooling makes the embedding independent of where in the crop a structure
-    lies; the final batch normalisation matches the standardisation inside the loss.
+    lies; the final batch normalisation matches the standardisation inside the loss. Each
+    output of the last block (four 3x3 convolutions, each followed by a 2x2 max-pool) sees at
+    most a 46-pixel square of its input, less than a large cell; `downsample` > 1 first
+    averages downsample x downsample pixel blocks (AveragePooling2D), so that square covers
+    46 x downsample crop pixels, the whole cell, at a quarter (downsample 2) of the
+    convolutions' cost. downsample 1 adds no layer: the thesis' encoder as it was.
 
     Parameters
     ----------
     crop_size : int
-        Side S of the square crops, in pixels; a positive multiple of 16.
+        Side S of the square crops, in pixels; a positive multiple of 16 x downsample.
     features : int
         Width D of the embedding.
+    downsample : int
+        Side of the pixel blocks averaged before the first convolution (1: none).
 
     Returns
     -------
@@ -95,11 +102,17 @@ def build_siamese_encoder(crop_size: int = 128, features: int = 128) -> keras.Mo
     Raises
     ------
     ValueError
-        If crop_size is not a positive multiple of 16.
+        If downsample < 1 or crop_size is not a positive multiple of 16 x downsample.
     """
-    _check_crop_size(crop_size)
+    if downsample < 1:
+        raise ValueError(f"downsample must be >= 1, got {downsample}")
+    step = 2 ** len(FILTERS) * downsample
+    if crop_size < step or crop_size % step:
+        raise ValueError(f"crop_size must be a positive multiple of {step}, got {crop_size}")
     inputs = keras.Input((crop_size, crop_size, 1), name="crop")
     x = inputs
+    if downsample > 1:
+        x = layers.AveragePooling2D(downsample, name="downsample")(x)
     for filters in FILTERS:
         x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
         x = layers.MaxPooling2D()(x)

@@ -269,7 +269,7 @@ def build_trainable(variant: Variant, crop_size: int) -> tuple[keras.Model, kera
         model, encoder = build_autoencoder(crop_size, variant.features)
         model.compile(optimizer=optimizer, loss="mse")
         return model, encoder, "loss"
-    encoder = build_siamese_encoder(crop_size, variant.features)
+    encoder = build_siamese_encoder(crop_size, variant.features, variant.downsample)
     projector = build_projector(variant.features, variant.projector_width) if variant.projector else None
     model = BarlowTwins(encoder, variant.lambda_, projector)
     model.compile(optimizer=optimizer)
