@@ -144,9 +144,9 @@ def quality_measures(
     units), qc_texture_contrast (mean tex inside / texture_threshold) and qc_nearest_cell_px
     (gap to the nearest other candidate's pixels, px; inf when alone in the image).
     """
-    n = int(labels.max(initial=0)) + 1
     where = np.flatnonzero(labels.ravel() != 0)  # on a bool array: several times faster
     label = labels.ravel()[where]
+    n = int(label.max(initial=0)) + 1
     count = np.maximum(np.bincount(label, minlength=n), 1)
     dark = np.bincount(label[z.ravel()[where] < -rules.dark_level], minlength=n) / count
     texture = np.bincount(label, weights=tex.ravel()[where], minlength=n) / count / max(float(texture_threshold), 1e-9)

@@ -282,7 +282,8 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     A thin, dark body too long to be roundish is either a spindle or a chain of touching
     round cells: cut at its necks, the chain falls into discs, each its own compact body.
     """
-    core = ((obj > 0) & (z < params.halo_level)).astype(np.uint8)
+    in_object = obj > 0
+    core = (in_object & (z < params.halo_level)).astype(np.uint8)
     core = cv2.morphologyEx(core, cv2.MORPH_OPEN, _disc(1))
     n, bodies, where, body, area, radius = _components(core, connectivity=4)
     dark = np.bincount(body[z.ravel()[where] < -params.dark_level], minlength=n) / area
@@ -292,7 +293,7 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     compact[0] = False
     chains = (dark >= params.solid_fraction) & small & ~roundish
     chains[0] = False
-    least = params.min_compact_share * np.count_nonzero(obj)
+    least = params.min_compact_share * np.count_nonzero(in_object)
     if area[compact].sum() + area[chains].sum() < least:  # too few even if every chain were discs
         return np.zeros(obj.shape, np.int32)
     out = np.zeros(bodies.shape, np.int32)
@@ -636,7 +637,7 @@ def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray
     """Drop objects outside the area limits and renumber the rest 1..n in label order."""
     where = np.flatnonzero(labels.ravel() != 0)
     label = labels.ravel()[where]
-    area = np.bincount(label, minlength=int(labels.max(initial=0)) + 1)
+    area = np.bincount(label, minlength=int(label.max(initial=0)) + 1)
     cell_area = _cell_area(params)
     keep = (area >= params.min_area_scale * cell_area) & (area <= params.max_area_scale * cell_area)
     keep[0] = False
