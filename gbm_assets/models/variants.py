@@ -5,8 +5,9 @@ paper and the thesis' own discussion suggest, each as fields whose defaults keep
 rows as they were: the paper's projector head (Zbontar J, Jing L, Misra I, LeCun Y, Deny S.
 "Barlow Twins: Self-Supervised Learning via Redundancy Reduction", ICML 2021,
 arXiv:2103.03230), small translations and scale jitter, brightness/contrast/gamma jitter and
-noise, filling the blacked-out background with the crop's mean instead of black, and showing
-the encoder the cell alone (input_mask).
+noise, filling the blacked-out background with the crop's mean instead of black, showing
+the encoder the cell alone (input_mask), and letting its field of view span the whole cell
+(downsample).
 """
 
 from __future__ import annotations
