@@ -504,7 +504,8 @@ def merge_wide_necks(pieces: np.ndarray, dist: np.ndarray, ratio: float) -> np.n
     not. Pairs are merged widest neck first, like Kruskal's algorithm.
     """
     n = int(pieces.max()) + 1
-    peak = ndi.maximum(dist, pieces, np.arange(n))
+    peak = np.zeros(n, dist.dtype)  # each piece's largest distance (dist >= 0; 0 off the pieces)
+    np.maximum.at(peak, pieces.ravel(), dist.ravel())
     found = []
     for p, q, dp, dq in (
         (pieces[:, :-1], pieces[:, 1:], dist[:, :-1], dist[:, 1:]),
