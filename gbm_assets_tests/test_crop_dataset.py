@@ -125,3 +125,7 @@ def test_cluster_config_fills_the_core_parameters():
     assert ClusterConfig(
         seed=3, gmm_components=5, hdbscan_min_samples=4, hdbscan_min_cluster_size=30, refit=True, fit_max_cells=9
     ).params() == ClusteringConfig(seed=3, gmm_components=5, hdbscan_min_samples=4, hdbscan_min_cluster_size=30)
+    # the clustering preprocessing is a run-config setting of the clusters asset too
+    assert ClusterConfig(preprocess="pca_whiten", pca_components=5).params() == ClusteringConfig(
+        preprocess="pca_whiten", pca_components=5
+    )

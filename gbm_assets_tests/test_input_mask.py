@@ -180,4 +180,5 @@ def test_input_mask_both_views_and_rotation_default_off_and_reach_mlflow():
     p = _training_params(recipe, plan, TrainingConfig())
     assert (p["input_mask"], p["both_views"], p["rotation"]) == ("cell", True, True)
     p = _training_params(get_variant("siamese_b"), plan, TrainingConfig())
-    assert (p["input_mask"], p["both_views"], p["rotation"]) == ("none", False, False)
+    assert (p["input_mask"], p["both_views"], p["rotation"], p["downsample"]) == ("none", False, False, 1)
+    assert _training_params(get_variant("siamese_b_ds2_cell"), plan, TrainingConfig())["downsample"] == 2

@@ -26,6 +26,8 @@ class ClusterConfig(dg.Config):
     gmm_components: int = 11
     hdbscan_min_samples: int = 10
     hdbscan_min_cluster_size: int | None = None  # None: 220 scaled by cells / 7,500
+    preprocess: str = "none"  # what UMAP sees: "none", "standardize" or "pca_whiten" (README, Cell types)
+    pca_components: int = 8  # components kept by "pca_whiten"
     explorer_max_points: int = 20_000  # cells shown in the explorer page (sampled across cultures and clusters)
 
     def params(self):

@@ -83,6 +83,7 @@ def _training_params(variant: Variant, plan, config: TrainingConfig) -> dict:
         "segmentation": variant.segmentation,
         "projector": variant.projector_width if variant.projector else 0,  # its width; 0: none
         **variant.distortions,  # geometric, photometric, background_fill, input_mask, both_views
+        "downsample": variant.downsample,  # pixel blocks averaged before the first convolution
         "learning_rate": variant.learning_rate,
         "batch_size": plan.batch_size,
         "configured_batch_size": config.batch_size,
