@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -312,10 +313,10 @@ def test_load_or_fit_reuses_models_only_for_the_same_encoder_run_and_labels(tmp_
     emb = _embeddings_file(tmp_path / "emb.parquet", 120)
     files, labels = ClusterModelFiles(tmp_path / "models"), tmp_path / "labels.parquet"
 
-    def run(encoder_run: str, refit: bool = False):
+    def run(encoder_run: str, refit: bool = False, config=CONFIG):
         log = _Log()
         with Staging() as stage:
-            models = load_or_fit(emb, files, labels, encoder_run, CONFIG, stage, 80, refit=refit, logger=log)
+            models = load_or_fit(emb, files, labels, encoder_run, config, stage, 80, refit=refit, logger=log)
             counts = write_labels(emb, models, stage.path(labels))
             stage.commit([*models.commit_order, labels])
         return models, counts, log
@@ -335,4 +336,9 @@ def test_load_or_fit_reuses_models_only_for_the_same_encoder_run_and_labels(tmp_
     pd.testing.assert_frame_equal(pq.read_table(labels).to_pandas(), before)
 
     assert run("run-2")[0].mode == "fit"  # embeddings of another encoder
+    assert run("run-2")[0].mode.startswith("assign")
+    # changed clustering settings are never answered by the stored models of the old ones
+    refitted, _, log = run("run-2", config=replace(CONFIG, gmm_components=CONFIG.gmm_components + 1))
+    assert refitted.mode == "fit" and refitted.fitted.config.gmm_components == CONFIG.gmm_components + 1
+    assert any("gmm_components" in line and "refitting" in line for _, line in log.lines)
     assert run("run-2", refit=True)[0].mode == "fit"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
 
@@ -156,7 +156,8 @@ def load_or_fit(
 
     Reused (no refit) only when the record (files.record) names a model file that exists, was
     fitted on the embeddings of `encoder_run_id` with the same `vector`, and its fingerprint is
-    the one recorded in the labels at labels_path; the model is loaded from arrays only and
+    the one recorded in the labels at labels_path, and its clustering settings equal `config`
+    (a changed setting refits, with a log line naming it); the model is loaded from arrays only and
     verified against that fingerprint. Otherwise the models are fitted on at most
     max(fit_max_cells, MIN_CELLS) cells and written, with the record, into `stage` under a new
     model-<fingerprint>.npz name; older model files and a legacy pickle (model.joblib, never
@@ -181,15 +182,18 @@ def load_or_fit(
         and labels_model_fingerprint(labels_path) == record.get("fingerprint")
     ):
         fitted = load_clustering(model_path, expected_fingerprint=record["fingerprint"])  # arrays only, verified
-        # only what label_cells copies (no provenance strings, whose Python objects cost ~0.5 KB a cell)
-        known = pd.read_parquet(labels_path, columns=["crop_id", *LABEL_COLUMNS]).set_index("crop_id")
-        return ClusterModels(
-            fitted,
-            known,
-            record,
-            "assign new cells (no refit)",
-            shrunk=shrunk_parameters(fitted.config, fitted.n_train),
-        )
+        if fitted.config == config:
+            # only what label_cells copies (no provenance strings, whose Python objects cost ~0.5 KB a cell)
+            known = pd.read_parquet(labels_path, columns=["crop_id", *LABEL_COLUMNS]).set_index("crop_id")
+            return ClusterModels(
+                fitted,
+                known,
+                record,
+                "assign new cells (no refit)",
+                shrunk=shrunk_parameters(fitted.config, fitted.n_train),
+            )
+        changed = {k: (v, getattr(config, k)) for k, v in asdict(fitted.config).items() if v != getattr(config, k)}
+        logger.info(f"clustering settings changed since the stored models were fitted (old, new): {changed}; refitting")
     logger.info(f"fitting UMAP, HDBSCAN and GMMs on up to {fit_max_cells} cells of {embeddings_path}")
     fitted, known = fit_on_sample(embeddings_path, config, max(fit_max_cells, MIN_CELLS), vector)
     fingerprint = fitted.fingerprint()
