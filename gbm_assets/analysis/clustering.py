@@ -197,7 +197,8 @@ class FeatureTransform:
 
 
 def fit_feature_transform(x: np.ndarray, how: str, n_components: int = 8) -> FeatureTransform | None:
-    """The preprocessing `how` (one of PREPROCESSING) fitted on the cells x (n, d); None for "none".
+    """The preprocessing `how` (one of PREPROCESSING) fitted on the cells x (n, d), any real dtype
+    (computed in float64); None for "none".
 
     "standardize": each feature z-scored over the cells (sklearn StandardScaler; a constant
     feature keeps scale 1), as pycytominer's normalize does. "pca_whiten": the first
