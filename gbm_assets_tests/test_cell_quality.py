@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gbm_assets.imaging.cell_quality import QC_LABELS, QualityRules, label_quality, merge_fragments
+from gbm_assets.imaging.cell_quality import QC_LABELS, QualityRules, inscribed_radius, label_quality, merge_fragments
 from gbm_assets.imaging.cell_size import CellSizeEstimate, estimate_cell_diameter, sample_images
 from gbm_assets.imaging.field_quality import IMAGE_QUALITY_COLUMNS, field_quality, focus_score
 from gbm_assets.imaging.io import read_image
@@ -164,6 +164,52 @@ def test_a_small_piece_against_a_cell_is_merged_into_it_and_a_speck_alone_is_deb
     assert verdict["qc_reason"].iloc[0] == "" and "no neighbour" in verdict["qc_reason"].iloc[1]
     compact = label_quality(measures, np.ones(3, bool), 40, QualityRules(), compact=np.array([False, False, True]))
     assert compact["qc"].iloc[2] == "cell"  # a small rounded cell is not a fragment
+
+
+def test_a_thin_piece_against_a_cell_is_merged_into_it_whatever_its_area():
+    labels = np.zeros((200, 260), np.int32)
+    cv2.circle(labels, (60, 100), 22, 1, -1)  # a cell (1.2 cell areas at d = 40)
+    cv2.rectangle(labels, (83, 97), (210, 104), 2, -1)  # a process 8 px wide, 0.8 cell areas
+    radius = inscribed_radius(labels)
+    assert radius[1] >= 20 and radius[2] <= 5  # px: the process is thin, the cell is not
+    # too big for the area rule alone: kept apart without the thickness rule
+    assert merge_fragments(labels, cell_diameter_px=40)[1] == 0
+    merged, n = merge_fragments(labels, cell_diameter_px=40, thin=np.flatnonzero(radius < 0.15 * 40))
+    assert n == 1 and len(np.unique(merged)) == 2  # background and the cell with its process
+
+
+def test_a_thin_candidate_is_not_a_cell_even_when_compact():
+    measures = pd.DataFrame(
+        {
+            "qc_area_ratio": [1.3, 0.8, 0.8, 0.3],
+            "qc_nearest_cell_px": [0.0, 80.0, 0.0, 0.0],
+            "qc_texture_contrast": [3.0, 3.0, 3.0, 3.0],
+            "qc_thickness": [0.4, 0.1, 0.1, 0.12],
+        }
+    )
+    compact = np.array([False, False, False, True])
+    verdict = label_quality(measures, np.ones(4, bool), 40, QualityRules(), compact=compact)
+    assert verdict["qc"].tolist() == ["cell", "debris", "fragment", "fragment"]
+    assert all("thinner than a cell body" in why for why in verdict["qc_reason"].iloc[1:])
+    off = label_quality(measures, np.ones(4, bool), 40, QualityRules(min_thickness_scale=0), compact=compact)
+    assert off["qc"].tolist() == ["cell", "cell", "cell", "cell"]
+
+
+@needs_usiigaci
+def test_usiigaci_thin_pieces_are_not_cells():
+    """On set9 (spread cells with long processes) the thickness rule takes away false detections
+    (thin processes, halo slivers) and no annotated cell's detection."""
+    image = read_image(USIIGACI / "images" / "set9.tif")
+    truth = cv2.imread(str(USIIGACI / "masks" / "set9.png"), cv2.IMREAD_UNCHANGED)
+    scores = {}
+    for name, rules in (("on", QualityRules()), ("off", QualityRules(min_thickness_scale=0))):
+        candidates = find_candidates(image, SegmentationParams(), rules)[0]
+        cells = candidates[candidates["qc"] == "cell"]
+        scores[name] = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
+        if name == "on":
+            assert (cells["qc_thickness"] >= 0.15).all()
+    assert scores["on"]["tp"] == scores["off"]["tp"]
+    assert scores["on"]["fp"] <= scores["off"]["fp"] - 4
 
 
 def test_a_faint_candidate_is_debris_and_an_off_culture_one_is_edge():

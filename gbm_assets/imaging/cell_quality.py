@@ -8,12 +8,16 @@ well's edge or other non-culture areas (see field_quality). The rules are relati
 typical cell's size (cell areas, pi d^2 / 4 of the segmentation's cell_diameter_px) and to
 the image's own noise, never absolute:
 
-- fragment, merged: a candidate smaller than fragment_area_scale cell areas that shares a
-  border with a neighbour is merged into the neighbour it shares most border with;
+- fragment, merged: a candidate smaller than fragment_area_scale cell areas, or thinner than a
+  cell body (its largest inscribed disc under min_thickness_scale diameters in radius: a thin
+  process, a sliver of halo, whatever its area), that shares a border with a neighbour is
+  merged into the neighbour it shares most border with;
 - edge: the candidate's centre lies outside the culture surface;
 - debris: smaller than debris_area_scale cell areas with no other candidate within
   isolation_scale diameters, or too faint to be a cell (its texture contrast, the mean local
   standard deviation inside it over the foreground threshold, below min_texture_contrast);
+- debris / fragment: thinner than a cell body (as above; compact cells too, which are round
+  and thicker than that), alone / near, but not touching, a cell;
 - fragment: smaller than fragment_area_scale cell areas and near, but not touching, a cell;
 - cell: everything else.
 
@@ -38,6 +42,7 @@ QUALITY_COLUMNS = (
     "qc_halo_strength",
     "qc_texture_contrast",
     "qc_nearest_cell_px",
+    "qc_thickness",
 )
 
 
@@ -50,6 +55,7 @@ class QualityRules:
     isolation_scale: float = 0.5  # "alone": no other candidate within this gap, d
     min_texture_contrast: float = 1.0  # mean texture inside / foreground threshold; fainter is debris
     dark_level: float = 5.0  # darker than this (noise units) counts as dark body
+    min_thickness_scale: float = 0.15  # thinnest cell body (inscribed radius), d; thinner is a process or halo sliver
 
 
 def _borders(labels: np.ndarray) -> pd.DataFrame:
@@ -64,14 +70,40 @@ def _borders(labels: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"a": key // n, "b": key % n, "length": counts})
 
 
+def inscribed_radius(labels: np.ndarray) -> np.ndarray:
+    """float32 (n + 1,) radius (px) of the largest disc inside each label of labels (int (H, W),
+    0 = background; index = label value, 0 for background and absent labels): the distance from
+    its deepest pixel to the background or to another label, so a piece is as thick as its own
+    pixels make it, not as the object it was cut from."""
+    labels = np.asarray(labels)
+    n = int(labels.max(initial=0)) + 1
+    inner = labels > 0
+    inner[:, 1:] &= labels[:, 1:] == labels[:, :-1]
+    inner[:, :-1] &= labels[:, :-1] == labels[:, 1:]
+    inner[1:] &= labels[1:] == labels[:-1]
+    inner[:-1] &= labels[:-1] == labels[1:]
+    where = np.flatnonzero(labels.ravel() != 0)
+    depth = cv2.distanceTransform(inner.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5).ravel()[where] + 1
+    radius = np.zeros(n, np.float32)
+    np.maximum.at(radius, labels.ravel()[where], depth)
+    radius[0] = 0
+    return radius
+
+
 def merge_fragments(
-    labels: np.ndarray, cell_diameter_px: float, rules: QualityRules = QualityRules(), compact: np.ndarray | None = None
+    labels: np.ndarray,
+    cell_diameter_px: float,
+    rules: QualityRules = QualityRules(),
+    compact: np.ndarray | None = None,
+    thin: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Merge small candidates into the touching neighbour they share most border with.
+    """Merge small or thin candidates into the touching neighbour they share most border with.
 
     labels: int32 (H, W) instance labels, 0 = background. compact: optional int array of the
     label values of compact (rounded) cells, found as such by their own seeds: small by
-    nature, they are never merged away. Returns (labels, n_merged): the
+    nature, they are never merged away. thin: optional int array of label values merged like
+    small ones whatever their area (pieces thinner than a cell body: processes, halo slivers;
+    see inscribed_radius and min_thickness_scale). Returns (labels, n_merged): the
     merged labels renumbered 1..n in order of first appearance of their old numbers, and how
     many candidates were merged away. A chain of small pieces ends in the first piece that is
     not small (or in the largest of a group of small pieces that touch only each other).
@@ -82,6 +114,8 @@ def merge_fragments(
         return labels, 0
     area = np.bincount(labels.ravel(), minlength=n)
     small = area < rules.fragment_area_scale * np.pi * cell_diameter_px**2 / 4
+    if thin is not None and len(thin):
+        small[np.asarray(thin)[(thin > 0) & (thin < n)]] = True
     small[0] = False
     if compact is not None and len(compact):
         small[np.asarray(compact)[(compact > 0) & (compact < n)]] = False
@@ -136,8 +170,9 @@ def quality_measures(
     foreground's texture threshold (same units as tex); cells: cell_id, x, y, area (px).
     Columns: qc_area_ratio (area / pi d^2 / 4), qc_dark_fraction (share of pixels darker than
     -dark_level), qc_halo_strength (mean z on a ring two pixels wide just outside, noise
-    units), qc_texture_contrast (mean tex inside / texture_threshold) and qc_nearest_cell_px
-    (gap to the nearest other candidate's pixels, px; inf when alone in the image).
+    units), qc_texture_contrast (mean tex inside / texture_threshold), qc_nearest_cell_px
+    (gap to the nearest other candidate's pixels, px; inf when alone in the image) and
+    qc_thickness (inscribed_radius, d).
     """
     n = int(labels.max(initial=0)) + 1
     where = np.flatnonzero(labels.ravel() != 0)  # on a bool array: several times faster
@@ -160,6 +195,7 @@ def quality_measures(
             "qc_halo_strength": halo[cell_ids],
             "qc_texture_contrast": texture[cell_ids],
             "qc_nearest_cell_px": gap,
+            "qc_thickness": inscribed_radius(labels)[cell_ids] / cell_diameter_px,
         },
         index=cells.index,
     )
@@ -211,6 +247,8 @@ def label_quality(
     area = measures["qc_area_ratio"].to_numpy()
     gap = measures["qc_nearest_cell_px"].to_numpy()
     texture = measures["qc_texture_contrast"].to_numpy()
+    thickness = measures["qc_thickness"].to_numpy() if "qc_thickness" in measures else np.full(len(measures), np.inf)
+    thin = thickness < rules.min_thickness_scale
     alone = gap > rules.isolation_scale * cell_diameter_px
     qc = np.full(len(measures), "cell", dtype=object)
     reason = np.full(len(measures), "", dtype=object)
@@ -222,6 +260,16 @@ def label_quality(
             f"smaller than {rules.debris_area_scale:g} cell areas with no neighbour within {rules.isolation_scale:g} diameters",
         ),
         (texture < rules.min_texture_contrast, "debris", "too faint: texture below the foreground threshold"),
+        (
+            thin & alone,
+            "debris",
+            f"thinner than a cell body (inscribed radius under {rules.min_thickness_scale:g} diameters), alone",
+        ),
+        (
+            thin,
+            "fragment",
+            f"thinner than a cell body (inscribed radius under {rules.min_thickness_scale:g} diameters): a process or a sliver of halo",
+        ),
         (
             (area < rules.fragment_area_scale) & ~compact,
             "fragment",

@@ -42,7 +42,13 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from gbm_assets.imaging.cell_quality import QualityRules, label_quality, merge_fragments, quality_measures
+from gbm_assets.imaging.cell_quality import (
+    QualityRules,
+    inscribed_radius,
+    label_quality,
+    merge_fragments,
+    quality_measures,
+)
 from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.measurements import measure_cells
 
@@ -663,7 +669,8 @@ def find_candidates(
     is_compact[compact_ids] = True
     is_compact[0] = False
     before = labels
-    labels, merged = merge_fragments(labels, d, rules, np.flatnonzero(is_compact))
+    thin = np.flatnonzero(inscribed_radius(labels) < rules.min_thickness_scale * d)
+    labels, merged = merge_fragments(labels, d, rules, np.flatnonzero(is_compact), thin[thin > 0])
     cells = measure_cells(labels)
     field = field_quality(image, obj, d)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
