@@ -209,7 +209,33 @@ def test_usiigaci_thin_pieces_are_not_cells():
         if name == "on":
             assert (cells["qc_thickness"] >= 0.15).all()
     assert scores["on"]["tp"] == scores["off"]["tp"]
-    assert scores["on"]["fp"] <= scores["off"]["fp"] - 4
+    assert scores["on"]["fp"] <= scores["off"]["fp"] - 3
+
+
+def test_a_candidate_whose_centre_lies_off_its_own_pixels_is_not_a_cell():
+    measures = pd.DataFrame(
+        {"qc_area_ratio": [1.5, 1.5, 1.5], "qc_nearest_cell_px": [0.0, 0.0, 80.0], "qc_texture_contrast": [3.0] * 3}
+    )
+    inside = np.array([True, False, False])
+    verdict = label_quality(measures, np.ones(3, bool), 40, centres_inside=inside)
+    assert verdict["qc"].tolist() == ["cell", "fragment", "debris"]
+    assert "off its own pixels" in verdict["qc_reason"].iloc[1]
+    assert label_quality(measures, np.ones(3, bool), 40)["qc"].tolist() == ["cell"] * 3
+
+
+@needs_usiigaci
+def test_usiigaci_crescents_of_halo_are_not_cells():
+    """On set20 several candidates are crescents of halo hugging a cell, their centre off their
+    own pixels: labelled fragment, and every one of them was a false detection."""
+    image = read_image(USIIGACI / "images" / "set20.tif")
+    truth = cv2.imread(str(USIIGACI / "masks" / "set20.png"), cv2.IMREAD_UNCHANGED)
+    candidates = find_candidates(image, SegmentationParams())[0]
+    cells = candidates[candidates["qc"] == "cell"]
+    hollow = candidates[candidates["qc_reason"].str.contains("off its own pixels")]
+    assert len(hollow) >= 5
+    kept = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
+    with_hollow = score_point_in_mask(pd.concat([cells, hollow])[["x", "y"]].to_numpy(float), truth)
+    assert with_hollow["tp"] == kept["tp"] and with_hollow["fp"] == kept["fp"] + len(hollow)
 
 
 def test_a_faint_candidate_is_debris_and_an_off_culture_one_is_edge():

@@ -18,6 +18,9 @@ the image's own noise, never absolute:
   standard deviation inside it over the foreground threshold, below min_texture_contrast);
 - debris / fragment: thinner than a cell body (as above; compact cells too, which are round
   and thicker than that), alone / near, but not touching, a cell;
+- debris / fragment: its centre (centroid) lies off its own pixels, alone / next to other
+  candidates: a crescent of halo hugging a cell or a ring, not a cell body (a cell body holds
+  its centre; on the Usiigaci fields every such candidate labelled a cell was a false one);
 - fragment: smaller than fragment_area_scale cell areas and near, but not touching, a cell;
 - cell: everything else.
 
@@ -235,13 +238,15 @@ def label_quality(
     cell_diameter_px: float,
     rules: QualityRules = QualityRules(),
     compact: np.ndarray | None = None,
+    centres_inside: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """qc label and qc_reason per candidate from its measures (see module docstring).
 
     measures: quality_measures' table; centres_usable: bool per row, True when the centre lies
     on culture surface; compact: bool per row, True for compact (rounded) cells, which are
-    small by nature and never called fragments. Returns a DataFrame with columns qc (one of
-    QC_LABELS) and qc_reason.
+    small by nature and never called fragments; centres_inside: bool per row, False when the
+    candidate's centre (centroid) lies off its own pixels (None: all inside). Returns a
+    DataFrame with columns qc (one of QC_LABELS) and qc_reason.
     """
     compact = np.zeros(len(measures), bool) if compact is None else np.asarray(compact, bool)
     area = measures["qc_area_ratio"].to_numpy()
@@ -249,6 +254,7 @@ def label_quality(
     texture = measures["qc_texture_contrast"].to_numpy()
     thickness = measures["qc_thickness"].to_numpy() if "qc_thickness" in measures else np.full(len(measures), np.inf)
     thin = thickness < rules.min_thickness_scale
+    hollow = np.zeros(len(measures), bool) if centres_inside is None else ~np.asarray(centres_inside, bool)
     alone = gap > rules.isolation_scale * cell_diameter_px
     qc = np.full(len(measures), "cell", dtype=object)
     reason = np.full(len(measures), "", dtype=object)
@@ -270,6 +276,8 @@ def label_quality(
             "fragment",
             f"thinner than a cell body (inscribed radius under {rules.min_thickness_scale:g} diameters): a process or a sliver of halo",
         ),
+        (hollow & alone, "debris", "its centre lies off its own pixels (a crescent or ring, not a cell body), alone"),
+        (hollow, "fragment", "its centre lies off its own pixels: a crescent of halo or a ring around a neighbour"),
         (
             (area < rules.fragment_area_scale) & ~compact,
             "fragment",

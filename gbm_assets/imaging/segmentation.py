@@ -681,7 +681,8 @@ def find_candidates(
     if len(fine):
         compact_now[labels[fine[:, 1], fine[:, 0]]] = is_compact[before[fine[:, 1], fine[:, 0]]]
     compact_now[0] = False
-    verdict = label_quality(measures, field.usable[rows, cols], d, rules, compact_now[cells["cell_id"].to_numpy()])
+    ids = cells["cell_id"].to_numpy()
+    verdict = label_quality(measures, field.usable[rows, cols], d, rules, compact_now[ids], labels[rows, cols] == ids)
     candidates = pd.concat([cells, verdict, measures], axis=1)
     return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged)}
 
