@@ -10,10 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gbm_assets.imaging.cell_quality import QC_LABELS, QualityRules, inscribed_radius, label_quality, merge_fragments
+from gbm_assets.imaging.cell_quality import (
+    QC_LABELS,
+    QualityRules,
+    centres_inside,
+    inscribed_radius,
+    label_quality,
+    merge_fragments,
+)
 from gbm_assets.imaging.cell_size import CellSizeEstimate, estimate_cell_diameter, sample_images
 from gbm_assets.imaging.field_quality import IMAGE_QUALITY_COLUMNS, field_quality, focus_score
 from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.measurements import measure_cells
 from gbm_assets.imaging.scoring import score_point_in_mask
 from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates, find_cells
 from gbm_assets.imaging.synthetic import CULTURE_MIXTURES, synthesize_image
@@ -219,23 +227,35 @@ def test_a_candidate_whose_centre_lies_off_its_own_pixels_is_not_a_cell():
     inside = np.array([True, False, False])
     verdict = label_quality(measures, np.ones(3, bool), 40, centres_inside=inside)
     assert verdict["qc"].tolist() == ["cell", "fragment", "debris"]
-    assert "off its own pixels" in verdict["qc_reason"].iloc[1]
+    assert "of its own pixels" in verdict["qc_reason"].iloc[1]
     assert label_quality(measures, np.ones(3, bool), 40)["qc"].tolist() == ["cell"] * 3
+
+
+def test_a_centre_off_or_at_the_edge_of_its_own_pixels_is_not_inside():
+    labels = np.zeros((200, 340), np.int32)
+    cv2.circle(labels, (50, 100), 30, 1, -1)  # a cell body: its centre deep inside
+    cv2.ellipse(labels, (170, 100), (40, 40), 0, 200, 340, 2, 12)  # a crescent: its centre off it
+    cv2.rectangle(labels, (230, 40), (325, 50), 3, -1)  # an L: its centre 1 px inside its edge
+    cv2.rectangle(labels, (230, 40), (252, 160), 3, -1)
+    cells = measure_cells(labels)
+    assert centres_inside(labels, cells).tolist() == [True, False, False]
+    assert centres_inside(labels, cells, QualityRules(min_centre_depth=0)).tolist() == [True, False, True]
 
 
 @needs_usiigaci
 def test_usiigaci_crescents_of_halo_are_not_cells():
-    """On set20 several candidates are crescents of halo hugging a cell, their centre off their
-    own pixels: labelled fragment, and every one of them was a false detection."""
+    """On set20 several candidates are crescents of halo hugging a cell or pieces bent around a
+    neighbour, their centre off or at the edge of their own pixels: labelled fragment, and all
+    but at most one of them were false detections."""
     image = read_image(USIIGACI / "images" / "set20.tif")
     truth = cv2.imread(str(USIIGACI / "masks" / "set20.png"), cv2.IMREAD_UNCHANGED)
     candidates = find_candidates(image, SegmentationParams())[0]
     cells = candidates[candidates["qc"] == "cell"]
-    hollow = candidates[candidates["qc_reason"].str.contains("off its own pixels")]
-    assert len(hollow) >= 5
+    hollow = candidates[candidates["qc_reason"].str.contains("of its own pixels")]
+    assert len(hollow) >= 10
     kept = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
     with_hollow = score_point_in_mask(pd.concat([cells, hollow])[["x", "y"]].to_numpy(float), truth)
-    assert with_hollow["tp"] == kept["tp"] and with_hollow["fp"] == kept["fp"] + len(hollow)
+    assert with_hollow["tp"] - kept["tp"] <= 1 and with_hollow["fp"] - kept["fp"] >= len(hollow) - 1
 
 
 def test_a_faint_candidate_is_debris_and_an_off_culture_one_is_edge():

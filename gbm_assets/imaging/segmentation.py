@@ -44,6 +44,7 @@ from scipy.spatial import cKDTree
 
 from gbm_assets.imaging.cell_quality import (
     QualityRules,
+    centres_inside,
     inscribed_radius,
     label_quality,
     merge_fragments,
@@ -682,7 +683,9 @@ def find_candidates(
         compact_now[labels[fine[:, 1], fine[:, 0]]] = is_compact[before[fine[:, 1], fine[:, 0]]]
     compact_now[0] = False
     ids = cells["cell_id"].to_numpy()
-    verdict = label_quality(measures, field.usable[rows, cols], d, rules, compact_now[ids], labels[rows, cols] == ids)
+    verdict = label_quality(
+        measures, field.usable[rows, cols], d, rules, compact_now[ids], centres_inside(labels, cells, rules)
+    )
     candidates = pd.concat([cells, verdict, measures], axis=1)
     return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged)}
 
