@@ -13,6 +13,7 @@ import pytest
 from gbm_assets.imaging.cell_quality import (
     QC_LABELS,
     QualityRules,
+    body_centres,
     centres_inside,
     inscribed_radius,
     label_quality,
@@ -242,20 +243,50 @@ def test_a_centre_off_or_at_the_edge_of_its_own_pixels_is_not_inside():
     assert centres_inside(labels, cells, QualityRules(min_centre_depth=0)).tolist() == [True, False, True]
 
 
+def test_a_cells_position_is_its_bodys_centre_not_pulled_by_a_process():
+    labels = np.zeros((200, 300), np.int32)
+    cv2.circle(labels, (70, 100), 30, 1, -1)  # a cell body
+    cv2.rectangle(labels, (95, 96), (280, 104), 1, -1)  # and its long thin process
+    cells = measure_cells(labels)
+    assert cells["x"].iloc[0] > 90  # the centroid: pulled off the body's centre toward the process
+    moved = body_centres(labels, cells)
+    assert abs(moved["x"].iloc[0] - 70) <= 2 and abs(moved["y"].iloc[0] - 100) <= 1
+    assert moved["area"].equals(cells["area"])  # only the position moves
+
+
+@needs_usiigaci
+def test_usiigaci_body_centres_land_in_more_cells_than_centroids():
+    """On set13 (spread cells with processes) the centroids of several found cells fall in the
+    medium beside them; their bodies' centres are inside: more true and fewer false detections
+    than the same candidates' centroids."""
+    image = read_image(USIIGACI / "images" / "set13.tif")
+    truth = cv2.imread(str(USIIGACI / "masks" / "set13.png"), cv2.IMREAD_UNCHANGED)
+    candidates, labels, _ = find_candidates(image, SegmentationParams())
+    cells = candidates[candidates["qc"] == "cell"]
+    centroids = measure_cells(labels).set_index("cell_id").loc[cells["cell_id"]]
+    body = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
+    centroid = score_point_in_mask(centroids[["x", "y"]].to_numpy(float), truth)
+    assert body["tp"] >= centroid["tp"] + 5 and body["fp"] <= centroid["fp"] - 5
+
+
 @needs_usiigaci
 def test_usiigaci_crescents_of_halo_are_not_cells():
-    """On set20 several candidates are crescents of halo hugging a cell or pieces bent around a
-    neighbour, their centre off or at the edge of their own pixels: labelled fragment, and all
-    but at most one of them were false detections."""
-    image = read_image(USIIGACI / "images" / "set20.tif")
-    truth = cv2.imread(str(USIIGACI / "masks" / "set20.png"), cv2.IMREAD_UNCHANGED)
-    candidates = find_candidates(image, SegmentationParams())[0]
-    cells = candidates[candidates["qc"] == "cell"]
-    hollow = candidates[candidates["qc_reason"].str.contains("of its own pixels")]
-    assert len(hollow) >= 10
-    kept = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
-    with_hollow = score_point_in_mask(pd.concat([cells, hollow])[["x", "y"]].to_numpy(float), truth)
-    assert with_hollow["tp"] - kept["tp"] <= 1 and with_hollow["fp"] - kept["fp"] >= len(hollow) - 1
+    """On set8 and set9 (spread cells, sparse) some candidates are crescents of halo hugging a
+    cell or pieces bent around a neighbour, their centre off or at the edge of their own pixels:
+    labelled fragment, and all but at most one of them were false detections."""
+    found, false, true = 0, 0, 0
+    for name in ("set8", "set9"):
+        image = read_image(USIIGACI / "images" / f"{name}.tif")
+        truth = cv2.imread(str(USIIGACI / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        candidates = find_candidates(image, SegmentationParams())[0]
+        cells = candidates[candidates["qc"] == "cell"]
+        hollow = candidates[candidates["qc_reason"].str.contains("of its own pixels")]
+        kept = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
+        with_hollow = score_point_in_mask(pd.concat([cells, hollow])[["x", "y"]].to_numpy(float), truth)
+        found += len(hollow)
+        false += with_hollow["fp"] - kept["fp"]
+        true += with_hollow["tp"] - kept["tp"]
+    assert found >= 10 and true <= 1 and false >= found - 1
 
 
 def test_a_faint_candidate_is_debris_and_an_off_culture_one_is_edge():

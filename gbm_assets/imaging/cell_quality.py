@@ -62,6 +62,7 @@ class QualityRules:
     dark_level: float = 5.0  # darker than this (noise units) counts as dark body
     min_thickness_scale: float = 0.15  # thinnest cell body (inscribed radius), d; thinner is a process or halo sliver
     min_centre_depth: float = 0.25  # a cell body holds its centre at least this x its inscribed radius inside
+    body_depth: float = 0.6  # a candidate's position: centroid of its pixels at least this x its inscribed radius deep
 
 
 def _borders(labels: np.ndarray) -> pd.DataFrame:
@@ -313,16 +314,41 @@ def label_quality(
     return pd.DataFrame({"qc": qc, "qc_reason": reason}, index=measures.index)
 
 
-def centres_inside(labels: np.ndarray, cells: pd.DataFrame, rules: QualityRules = QualityRules()) -> np.ndarray:
+def body_centres(
+    labels: np.ndarray, cells: pd.DataFrame, rules: QualityRules = QualityRules(), depth: np.ndarray | None = None
+) -> pd.DataFrame:
+    """cells (cell_id, x, y in px) with x, y moved to the centre of each candidate's body: the
+    centroid of its pixels of labels (int (H, W)) at least body_depth times its inscribed radius
+    deep (inner_depth, or the depth given). Thin processes, lamellipodia and the halo ring pull
+    a spread cell's centroid off its body, often into the medium; its body's centre stays on
+    it. For a compact, convex cell the two are the same point to a pixel or two."""
+    depth = inner_depth(labels) if depth is None else depth
+    radius = inscribed_radius(labels, depth)
+    where = np.flatnonzero(labels.ravel() != 0)
+    label = labels.ravel()[where]
+    core = depth.ravel()[where] >= rules.body_depth * radius[label]
+    rows, cols = np.divmod(where[core], labels.shape[1])
+    n = len(radius)
+    count = np.maximum(np.bincount(label[core], minlength=n), 1)
+    ids = cells["cell_id"].to_numpy()
+    x = (np.bincount(label[core], cols, n) / count)[ids]
+    y = (np.bincount(label[core], rows, n) / count)[ids]
+    return cells.assign(x=x, y=y)
+
+
+def centres_inside(
+    labels: np.ndarray, cells: pd.DataFrame, rules: QualityRules = QualityRules(), depth: np.ndarray | None = None
+) -> np.ndarray:
     """bool per row of cells (cell_id, x, y in px): True when the candidate's centre lies on its
     own pixels of labels (int (H, W)) at least min_centre_depth times its inscribed radius deep.
     A cell body is roughly convex and holds its centre well inside; the centre of a crescent of
-    halo hugging a cell, of a ring or of a piece bent around a neighbour lies at or off its edge."""
+    halo hugging a cell, of a ring or of a piece bent around a neighbour lies at or off its edge.
+    depth: inner_depth(labels) when already computed."""
     ids = cells["cell_id"].to_numpy()
     h, w = labels.shape
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, h - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, w - 1)
-    depth = inner_depth(labels)
+    depth = inner_depth(labels) if depth is None else depth
     radius = inscribed_radius(labels, depth)
     return (labels[rows, cols] == ids) & (depth[rows, cols] >= rules.min_centre_depth * radius[ids])
 

@@ -44,7 +44,9 @@ from scipy.spatial import cKDTree
 
 from gbm_assets.imaging.cell_quality import (
     QualityRules,
+    body_centres,
     centres_inside,
+    inner_depth,
     inscribed_radius,
     label_quality,
     merge_fragments,
@@ -673,6 +675,9 @@ def find_candidates(
     thin = np.flatnonzero(inscribed_radius(labels) < rules.min_thickness_scale * d)
     labels, merged = merge_fragments(labels, d, rules, np.flatnonzero(is_compact), thin[thin > 0])
     cells = measure_cells(labels)
+    depth = inner_depth(labels)
+    inside = centres_inside(labels, cells, rules, depth)  # judged at the centroid: the outline's shape
+    cells = body_centres(labels, cells, rules, depth)  # x, y: the centre of the cell's body
     field = field_quality(image, obj, d)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
@@ -682,9 +687,8 @@ def find_candidates(
     if len(fine):
         compact_now[labels[fine[:, 1], fine[:, 0]]] = is_compact[before[fine[:, 1], fine[:, 0]]]
     compact_now[0] = False
-    ids = cells["cell_id"].to_numpy()
     verdict = label_quality(
-        measures, field.usable[rows, cols], d, rules, compact_now[ids], centres_inside(labels, cells, rules)
+        measures, field.usable[rows, cols], d, rules, compact_now[cells["cell_id"].to_numpy()], inside
     )
     candidates = pd.concat([cells, verdict, measures], axis=1)
     return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged)}
