@@ -254,6 +254,20 @@ def test_a_cells_position_is_its_bodys_centre_not_pulled_by_a_process():
     assert moved["area"].equals(cells["area"])  # only the position moves
 
 
+def test_a_cells_position_is_on_its_dark_body_not_its_bright_lamellipodium():
+    labels = np.zeros((200, 300), np.int32)
+    cv2.rectangle(labels, (40, 60), (240, 140), 1, -1)  # one candidate, as thick all along
+    z = np.full(labels.shape, 4.0, np.float32)  # bright: a lamellipodium, halo
+    cv2.circle(z, (80, 100), 30, -20.0, -1)  # its dark body at one end
+    cells = measure_cells(labels)
+    assert abs(cells["x"].iloc[0] - 140) <= 1  # the centroid: the middle of the outline
+    assert abs(body_centres(labels, cells)["x"].iloc[0] - 140) <= 1  # without z: the geometric body
+    moved = body_centres(labels, cells, z=z)
+    assert abs(moved["x"].iloc[0] - 80) <= 10 and abs(moved["y"].iloc[0] - 100) <= 2  # inside the dark disc
+    no_dark = body_centres(labels, cells, z=np.zeros_like(z))  # no dark pixel: the geometric body
+    assert abs(no_dark["x"].iloc[0] - 140) <= 1
+
+
 @needs_usiigaci
 def test_usiigaci_body_centres_land_in_more_cells_than_centroids():
     """On set13 (spread cells with processes) the centroids of several found cells fall in the

@@ -62,7 +62,9 @@ class QualityRules:
     dark_level: float = 5.0  # darker than this (noise units) counts as dark body
     min_thickness_scale: float = 0.15  # thinnest cell body (inscribed radius), d; thinner is a process or halo sliver
     min_centre_depth: float = 0.25  # a cell body holds its centre at least this x its inscribed radius inside
-    body_depth: float = 0.6  # a candidate's position: centroid of its pixels at least this x its inscribed radius deep
+    body_depth: float = (
+        0.6  # a candidate's position: centroid of its dark pixels at least this x as deep as its deepest
+    )
 
 
 def _borders(labels: np.ndarray) -> pd.DataFrame:
@@ -315,24 +317,39 @@ def label_quality(
 
 
 def body_centres(
-    labels: np.ndarray, cells: pd.DataFrame, rules: QualityRules = QualityRules(), depth: np.ndarray | None = None
+    labels: np.ndarray,
+    cells: pd.DataFrame,
+    rules: QualityRules = QualityRules(),
+    depth: np.ndarray | None = None,
+    z: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """cells (cell_id, x, y in px) with x, y moved to the centre of each candidate's body: the
-    centroid of its pixels of labels (int (H, W)) at least body_depth times its inscribed radius
-    deep (inner_depth, or the depth given). Thin processes, lamellipodia and the halo ring pull
-    a spread cell's centroid off its body, often into the medium; its body's centre stays on
-    it. For a compact, convex cell the two are the same point to a pixel or two."""
+    """cells (cell_id, x, y in px) with x, y moved to the centre of each candidate's body.
+
+    The body is the candidate's dark part where it is thickest: its pixels of labels (int
+    (H, W)) darker than -dark_level in z (float (H, W), noise units, dark negative; phase
+    contrast shows a cell's body darker than the medium, its halo and lamellipodia brighter)
+    that lie at least body_depth times as deep (inner_depth, or the depth given) as its deepest
+    such pixel. Without z, or for a candidate with no dark pixel, all its pixels count. Thin
+    processes, lamellipodia and the halo ring pull a spread cell's centroid off its body, often
+    into the medium; its body's centre stays on it. For a compact, convex cell the two are the
+    same point to a pixel or two."""
     depth = inner_depth(labels) if depth is None else depth
-    radius = inscribed_radius(labels, depth)
     where = np.flatnonzero(labels.ravel() != 0)
     label = labels.ravel()[where]
-    core = depth.ravel()[where] >= rules.body_depth * radius[label]
-    rows, cols = np.divmod(where[core], labels.shape[1])
-    n = len(radius)
-    count = np.maximum(np.bincount(label[core], minlength=n), 1)
     ids = cells["cell_id"].to_numpy()
-    x = (np.bincount(label[core], cols, n) / count)[ids]
-    y = (np.bincount(label[core], rows, n) / count)[ids]
+    n = max(int(labels.max(initial=0)), int(ids.max(initial=0))) + 1
+    deep = depth.ravel()[where]
+    dark = np.ones(len(where), bool) if z is None else z.ravel()[where] < -rules.dark_level
+    has_dark = np.bincount(label[dark], minlength=n) > 0
+    body = dark | ~has_dark[label]  # its dark pixels, or all of them when it has none
+    radius = np.zeros(n, np.float32)
+    np.maximum.at(radius, label[body], deep[body])
+    core = body & (deep >= rules.body_depth * radius[label])
+    rows, cols = np.divmod(where[core], labels.shape[1])
+    count = np.bincount(label[core], minlength=n)[ids]
+    found = count > 0  # a label absent from labels keeps its x, y
+    x = np.where(found, np.bincount(label[core], cols, n)[ids] / np.maximum(count, 1), cells["x"].to_numpy(float))
+    y = np.where(found, np.bincount(label[core], rows, n)[ids] / np.maximum(count, 1), cells["y"].to_numpy(float))
     return cells.assign(x=x, y=y)
 
 

@@ -677,7 +677,7 @@ def find_candidates(
     cells = measure_cells(labels)
     depth = inner_depth(labels)
     inside = centres_inside(labels, cells, rules, depth)  # judged at the centroid: the outline's shape
-    cells = body_centres(labels, cells, rules, depth)  # x, y: the centre of the cell's body
+    cells = body_centres(labels, cells, rules, depth, z)  # x, y: the centre of the cell's body
     field = field_quality(image, obj, d)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
