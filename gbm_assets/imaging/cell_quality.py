@@ -62,9 +62,7 @@ class QualityRules:
     dark_level: float = 5.0  # darker than this (noise units) counts as dark body
     min_thickness_scale: float = 0.15  # thinnest cell body (inscribed radius), d; thinner is a process or halo sliver
     min_centre_depth: float = 0.25  # a cell body holds its centre at least this x its inscribed radius inside
-    body_depth: float = (
-        0.6  # a candidate's position: centroid of its dark pixels at least this x as deep as its deepest
-    )
+    body_depth: float = 0.6  # position: centroid of its dark pixels at least this x as deep as its deepest
 
 
 def _borders(labels: np.ndarray) -> pd.DataFrame:
