@@ -639,7 +639,8 @@ def find_candidates(
 
     image: 2-D array, any numeric dtype. Returns (candidates, labels, image_measures):
     candidates has one row per candidate, with measure_cells' columns (cell_id is its value
-    in labels; x, y in px) and cell_quality.QUALITY_COLUMNS (qc is "cell", "debris",
+    in labels; x, y in px, the centre of its dark body: cell_quality.body_centres) and
+    cell_quality.QUALITY_COLUMNS (qc is "cell", "debris",
     "fragment" or "edge"); labels is an int32 (H, W) instance mask, 0 for background, of every
     candidate (fragments against a neighbour already merged into it); image_measures holds
     field_quality's ImageQuality_* measures and ImageQuality_FragmentsMerged (a count).
