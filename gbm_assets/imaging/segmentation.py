@@ -42,7 +42,16 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from gbm_assets.imaging.cell_quality import QualityRules, label_quality, merge_fragments, quality_measures
+from gbm_assets.imaging.cell_quality import (
+    QualityRules,
+    body_centres,
+    centres_inside,
+    inner_depth,
+    inscribed_radius,
+    label_quality,
+    merge_fragments,
+    quality_measures,
+)
 from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.measurements import measure_cells
 from gbm_assets.imaging.percentiles import percentiles
@@ -656,7 +665,8 @@ def find_candidates(
 
     image: 2-D array, any numeric dtype. Returns (candidates, labels, image_measures):
     candidates has one row per candidate, with measure_cells' columns (cell_id is its value
-    in labels; x, y in px) and cell_quality.QUALITY_COLUMNS (qc is "cell", "debris",
+    in labels; x, y in px, the centre of its dark body: cell_quality.body_centres) and
+    cell_quality.QUALITY_COLUMNS (qc is "cell", "debris",
     "fragment" or "edge"); labels is an int32 (H, W) instance mask, 0 for background, of every
     candidate (fragments against a neighbour already merged into it); image_measures holds
     field_quality's ImageQuality_* measures and ImageQuality_FragmentsMerged (a count).
@@ -690,8 +700,12 @@ def find_candidates(
     is_compact[compact_ids] = True
     is_compact[0] = False
     before = labels
-    labels, merged = merge_fragments(labels, d, rules, np.flatnonzero(is_compact))
+    thin = np.flatnonzero(inscribed_radius(labels) < rules.min_thickness_scale * d)
+    labels, merged = merge_fragments(labels, d, rules, np.flatnonzero(is_compact), thin[thin > 0])
     cells = measure_cells(labels)
+    depth = inner_depth(labels)
+    inside = centres_inside(labels, cells, rules, depth)  # judged at the centroid: the outline's shape
+    cells = body_centres(labels, cells, rules, depth, z)  # x, y: the centre of the cell's body
     field = field_quality(image, obj, d)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
@@ -701,7 +715,9 @@ def find_candidates(
     if len(fine):
         compact_now[labels[fine[:, 1], fine[:, 0]]] = is_compact[before[fine[:, 1], fine[:, 0]]]
     compact_now[0] = False
-    verdict = label_quality(measures, field.usable[rows, cols], d, rules, compact_now[cells["cell_id"].to_numpy()])
+    verdict = label_quality(
+        measures, field.usable[rows, cols], d, rules, compact_now[cells["cell_id"].to_numpy()], inside
+    )
     candidates = pd.concat([cells, verdict, measures], axis=1)
     return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged)}
 
