@@ -129,7 +129,8 @@ def test_8bit_and_jpeg_keep_precision_and_recall(variant, set12_baseline, tmp_pa
             2.0,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason=AT_TWICE_THE_MAGNIFICATION + " (measured: precision 0.71 -> 0.60, recall 0.89 -> 0.96; "
+                reason=AT_TWICE_THE_MAGNIFICATION
+                + " (measured: precision 0.74 -> 0.61, recall 0.93 -> 0.98 with cells placed on their dark bodies, 0.71 -> 0.60 and 0.89 -> 0.96 before; "
                 "0.18 / 0.93 before the scale followed the magnification)",
             ),
         ),
