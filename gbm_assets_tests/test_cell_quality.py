@@ -593,3 +593,20 @@ def test_the_size_estimates_first_pass_is_not_redone_at_the_same_scale(tmp_path,
     given = plate_coordinates("specks", plate, ["img0.tif", "img1.tif"], estimate_size=False, workers=1)
     pd.testing.assert_frame_equal(estimated.coordinates, given.coordinates)
     assert estimated.masks.equals(given.masks)
+
+
+def test_inner_depth_counts_other_labels_as_edges_not_the_image_border_and_both_paths_agree():
+    from gbm_assets.imaging.cell_quality import inner_depth
+
+    labels = np.zeros((9, 12), np.int32)
+    labels[:, :6] = 1  # touches the image's top, bottom and left border
+    labels[2:7, 6:11] = 2  # touches label 1 on its left
+    depth = inner_depth(labels)
+    assert depth.dtype == np.float32 and depth.shape == labels.shape
+    assert (depth[labels == 0] == 0).all()
+    assert depth[4, 5] == 1 and depth[4, 6] == 1  # the border between two labels is an edge of both
+    assert depth[0, 0] > 1  # the image's border is not background
+    assert depth[4, 8] == 3  # the centre of the 5 x 5 square: two pixels in from its edge, counting itself
+    # labels too large for the uint16 path take the neighbour tests, with the same result
+    big = np.where(labels > 0, labels + 70_000, 0)
+    np.testing.assert_array_equal(inner_depth(big), depth)

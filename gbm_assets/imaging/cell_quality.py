@@ -85,11 +85,19 @@ def inner_depth(labels: np.ndarray) -> np.ndarray:
     (H, W), 0 = background), its distance to the nearest pixel of the background or of another
     label, counting itself (1 on a label's edge); 0 on the background."""
     labels = np.asarray(labels)
-    inner = labels > 0
-    inner[:, 1:] &= labels[:, 1:] == labels[:, :-1]
-    inner[:, :-1] &= labels[:, :-1] == labels[:, 1:]
-    inner[1:] &= labels[1:] == labels[:-1]
-    inner[:-1] &= labels[:-1] == labels[1:]
+    if labels.size and labels.max() <= 65535 and labels.min() >= 0:
+        # inner: the pixel and its 4 neighbours in the image carry one label (the minimum over
+        # the cross equals its maximum); OpenCV's erode/dilate ignore the image's border as the
+        # neighbour tests below do, and run several times faster than them on uint16
+        as16 = labels.astype(np.uint16)
+        cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+        inner = (cv2.erode(as16, cross) == cv2.dilate(as16, cross)) & (as16 > 0)
+    else:
+        inner = labels > 0
+        inner[:, 1:] &= labels[:, 1:] == labels[:, :-1]
+        inner[:, :-1] &= labels[:, :-1] == labels[:, 1:]
+        inner[1:] &= labels[1:] == labels[:-1]
+        inner[:-1] &= labels[:-1] == labels[1:]
     depth = cv2.distanceTransform(inner.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5) + 1
     depth[labels == 0] = 0
     return depth
@@ -183,6 +191,7 @@ def quality_measures(
     cells: pd.DataFrame,
     cell_diameter_px: float,
     rules: QualityRules = QualityRules(),
+    depth: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Per-candidate quality measures, one row per row of cells (same order).
 
@@ -193,7 +202,7 @@ def quality_measures(
     -dark_level), qc_halo_strength (mean z on a ring two pixels wide just outside, noise
     units), qc_texture_contrast (mean tex inside / texture_threshold), qc_nearest_cell_px
     (gap to the nearest other candidate's pixels, px; inf when alone in the image) and
-    qc_thickness (inscribed_radius, d).
+    qc_thickness (inscribed_radius, d). depth: inner_depth(labels) when already computed.
     """
     where = np.flatnonzero(labels.ravel() != 0)  # on a bool array: several times faster
     label = labels.ravel()[where]
@@ -216,7 +225,7 @@ def quality_measures(
             "qc_halo_strength": halo[cell_ids],
             "qc_texture_contrast": texture[cell_ids],
             "qc_nearest_cell_px": gap,
-            "qc_thickness": inscribed_radius(labels)[cell_ids] / cell_diameter_px,
+            "qc_thickness": inscribed_radius(labels, depth)[cell_ids] / cell_diameter_px,
         },
         index=cells.index,
     )

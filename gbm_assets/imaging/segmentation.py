@@ -709,7 +709,7 @@ def find_candidates(
     field = field_quality(image, obj, d)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
-    measures = quality_measures(labels, z, tex, threshold, cells, d, rules)
+    measures = quality_measures(labels, z, tex, threshold, cells, d, rules, depth)
     # a merged label keeps the old number of its root, so compact cells are found by position
     compact_now = np.zeros(int(labels.max(initial=0)) + 1, bool)
     if len(fine):
