@@ -704,12 +704,13 @@ def find_candidates(
     labels, merged = merge_fragments(labels, d, rules, np.flatnonzero(is_compact), thin[thin > 0])
     cells = measure_cells(labels)
     depth = inner_depth(labels)
-    inside = centres_inside(labels, cells, rules, depth)  # judged at the centroid: the outline's shape
+    radius = inscribed_radius(labels, depth)
+    inside = centres_inside(labels, cells, rules, depth, radius)  # judged at the centroid: the outline's shape
     cells = body_centres(labels, cells, rules, depth, z)  # x, y: the centre of the cell's body
     field = field_quality(image, obj, d)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
-    measures = quality_measures(labels, z, tex, threshold, cells, d, rules, depth)
+    measures = quality_measures(labels, z, tex, threshold, cells, d, rules, radius)
     # a merged label keeps the old number of its root, so compact cells are found by position
     compact_now = np.zeros(int(labels.max(initial=0)) + 1, bool)
     if len(fine):
