@@ -58,3 +58,31 @@ def write_tiny_plate(plate_dir: Path, n: int = 2, size=(64, 64), dtype=np.uint16
         names.append(name)
     pd.DataFrame({"image": names, "culture": culture}).to_csv(plate_dir / "manifest.csv", index=False)
     return plate_dir
+
+
+def materialize_ingest(data_root, plate_id, instance, assets, crops=None, finding=None, raise_on_error=True):
+    """Materialize the ingest assets given (raw_plates, cell_coordinates, cell_crops or some of
+    them) for one plate in-process, one worker, 64-px crops unless `crops` (cell_crops' config)
+    says otherwise; `finding`: cell_coordinates' config."""
+    import dagster as dg
+
+    from gbm_assets.assets.resources import DataDirs
+
+    ops = {
+        "cell_crops": {"config": {"crop_size": 64, "workers": 1, **(crops or {})}},
+        "cell_coordinates": {"config": {"workers": 1, **(finding or {})}},
+    }
+    names = {a.key.path[-1] for a in assets}
+    return dg.materialize(
+        assets,
+        partition_key=plate_id,
+        instance=instance,
+        resources={"data": DataDirs(root=str(data_root))},
+        run_config={"ops": {k: v for k, v in ops.items() if k in names}},
+        raise_on_error=raise_on_error,
+    )
+
+
+def cropped_in(result) -> str:
+    """Where the run's cell_crops took its crops from (its `cropped_in` metadata)."""
+    return result.asset_materializations_for_node("cell_crops")[0].metadata["cropped_in"].value

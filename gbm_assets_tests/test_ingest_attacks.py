@@ -27,24 +27,9 @@ from gbm_assets.imaging.plates import find_ready_plates
 from gbm_assets.imaging.segmentation import SegmentationParams
 from gbm_assets.paths import plate_file
 from gbm_assets.storage import host_tag, plate_dataset
+from gbm_assets_tests.conftest import cropped_in, materialize_ingest
 
 INGEST = [raw_plates, cell_coordinates, cell_crops]
-
-
-def _run(data_root, plate_id, instance, assets, crops=None, finding=None, raise_on_error=True):
-    ops = {
-        "cell_crops": {"config": {"crop_size": 64, "workers": 1, **(crops or {})}},
-        "cell_coordinates": {"config": {"workers": 1, **(finding or {})}},
-    }
-    names = {a.key.path[-1] for a in assets}
-    return dg.materialize(
-        assets,
-        partition_key=plate_id,
-        instance=instance,
-        resources={"data": DataDirs(root=str(data_root))},
-        run_config={"ops": {k: v for k, v in ops.items() if k in names}},
-        raise_on_error=raise_on_error,
-    )
 
 
 def _setup(data_root):
@@ -55,16 +40,12 @@ def _setup(data_root):
     return plate_id, instance, data
 
 
-def _cropped_in(result) -> str:
-    return result.asset_materializations_for_node("cell_crops")[0].metadata["cropped_in"].value
-
-
 def test_masks_of_a_run_killed_before_its_coordinates_are_not_paired_with_older_coordinates(data_root, monkeypatch):
     """A cell_coordinates run that wrote its label masks but died before its coordinates left
     masks whose labels are not the stored coordinates' cell ids: cell_crops must refuse them,
     not cut each crop's mask from another segmentation."""
     plate_id, instance, data = _setup(data_root)
-    assert _run(data_root, plate_id, instance, INGEST, finding={"cell_diameter_px": 41}).success
+    assert materialize_ingest(data_root, plate_id, instance, INGEST, finding={"cell_diameter_px": 41}).success
     coords_file = plate_file(data.coordinates, plate_id)
     write = cells_module.write_parquet_atomic
 
@@ -75,9 +56,9 @@ def test_masks_of_a_run_killed_before_its_coordinates_are_not_paired_with_older_
 
     monkeypatch.setattr(cells_module, "write_parquet_atomic", dies_at_coordinates)
     with pytest.raises(KeyboardInterrupt):
-        _run(data_root, plate_id, instance, [cell_coordinates], finding={"cell_diameter_px": 25})
+        materialize_ingest(data_root, plate_id, instance, [cell_coordinates], finding={"cell_diameter_px": 25})
     monkeypatch.undo()
-    result = _run(data_root, plate_id, instance, [cell_crops], raise_on_error=False)
+    result = materialize_ingest(data_root, plate_id, instance, [cell_crops], raise_on_error=False)
     assert not result.success
     assert "another cell_coordinates run" in str(result.all_events)
 
@@ -86,13 +67,13 @@ def test_masks_written_before_they_carried_a_token_are_still_used(data_root):
     """Masks of the version before this check (no pass token) beside coordinates with one: the
     pair cannot be told apart from a stopped run, and cell_crops uses it as before."""
     plate_id, instance, data = _setup(data_root)
-    assert _run(data_root, plate_id, instance, INGEST).success
+    assert materialize_ingest(data_root, plate_id, instance, INGEST).success
     masks = plate_file(data.masks, plate_id)
     table = pq.read_table(masks)
     meta = {k: v for k, v in table.schema.metadata.items() if k != CROPS_PASS_KEY}
     pq.write_table(table.replace_schema_metadata(meta), masks)
-    result = _run(data_root, plate_id, instance, [cell_crops])
-    assert result.success and _cropped_in(result) == "this step"
+    result = materialize_ingest(data_root, plate_id, instance, [cell_crops])
+    assert result.success and cropped_in(result) == "this step"
 
 
 def test_pending_crops_replaced_after_the_check_are_not_adopted(data_root, monkeypatch):
@@ -100,7 +81,7 @@ def test_pending_crops_replaced_after_the_check_are_not_adopted(data_root, monke
     that they match and its adopting them: what is adopted must be what was checked."""
     plate_id, instance, data = _setup(data_root)
     crops_file = plate_file(data.crops, plate_id)
-    assert _run(data_root, plate_id, instance, INGEST, crops={"crop_size": 32}).success
+    assert materialize_ingest(data_root, plate_id, instance, INGEST, crops={"crop_size": 32}).success
     foreign = crops_file.with_name("other-run.parquet")
     shutil.copy(crops_file, foreign)  # crops of another run, at another size
     check = cells_module.check_plate_unchanged
@@ -111,7 +92,7 @@ def test_pending_crops_replaced_after_the_check_are_not_adopted(data_root, monke
         return check(plate_dir, pid, version, since, *a, **k)
 
     monkeypatch.setattr(cells_module, "check_plate_unchanged", meanwhile_another_run_writes)
-    result = _run(data_root, plate_id, instance, [cell_coordinates, cell_crops], crops={"crop_size": 64})
+    result = materialize_ingest(data_root, plate_id, instance, [cell_coordinates, cell_crops], crops={"crop_size": 64})
     assert result.success
     assert set(pq.read_table(crops_file, columns=["crop_size"])["crop_size"].to_pylist()) == {64}
 
@@ -124,11 +105,13 @@ def test_coordinates_replaced_by_another_run_while_cell_crops_runs_are_not_mixed
     coords_file, masks = plate_file(data.coordinates, plate_id), plate_file(data.masks, plate_id)
     crops_file = plate_file(data.crops, plate_id)
     pending = pending_crops_path(crops_file)
-    assert _run(data_root, plate_id, instance, INGEST, finding={"cell_diameter_px": 41}).success
+    assert materialize_ingest(data_root, plate_id, instance, INGEST, finding={"cell_diameter_px": 41}).success
     first = {path: path.read_bytes() for path in (coords_file, masks)}
     with monkeypatch.context() as patch:  # the other run: its cell_crops has not adopted its crops yet
         patch.setattr(cells_module, "parquet_plate_version", lambda *a: (_ for _ in ()).throw(OSError("later")))
-        _run(data_root, plate_id, instance, INGEST, finding={"cell_diameter_px": 25}, raise_on_error=False)
+        materialize_ingest(
+            data_root, plate_id, instance, INGEST, finding={"cell_diameter_px": 25}, raise_on_error=False
+        )
     other = {path: path.read_bytes() for path in (coords_file, masks, pending)}
     for path, content in first.items():
         path.write_bytes(content)
@@ -141,7 +124,7 @@ def test_coordinates_replaced_by_another_run_while_cell_crops_runs_are_not_mixed
         return where(path)
 
     monkeypatch.setattr(cells_module, "pending_crops_path", the_other_run_finishes_now)
-    result = _run(data_root, plate_id, instance, [cell_crops], raise_on_error=False)
+    result = materialize_ingest(data_root, plate_id, instance, [cell_crops], raise_on_error=False)
     assert not result.success
     assert "another cell_coordinates run" in str(result.all_events)
 
@@ -155,7 +138,7 @@ def test_bad_crop_settings_fail_cell_crops_not_cell_finding(data_root, crops, pr
     positive even number or an unknown qc label fails cell_crops with a message naming the
     setting, and cell_coordinates (which crops in the same pass) still succeeds."""
     plate_id, instance, data = _setup(data_root)
-    result = _run(data_root, plate_id, instance, INGEST, crops=crops, raise_on_error=False)
+    result = materialize_ingest(data_root, plate_id, instance, INGEST, crops=crops, raise_on_error=False)
     assert not result.success
     assert result.asset_materializations_for_node("cell_coordinates")
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
@@ -170,10 +153,12 @@ def test_no_pending_crops_outlive_the_coordinates_they_were_cut_from(data_root, 
     run, even one without cell_crops; meanwhile dataset readers of the crops folder skip them."""
     plate_id, instance, data = _setup(data_root)
     crops_file = plate_file(data.crops, plate_id)
-    assert _run(data_root, plate_id, instance, INGEST).success
+    assert materialize_ingest(data_root, plate_id, instance, INGEST).success
     before = pq.read_table(crops_file)
     monkeypatch.setattr(cells_module, "parquet_plate_version", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
-    assert not _run(data_root, plate_id, instance, [cell_coordinates, cell_crops], raise_on_error=False).success
+    assert not materialize_ingest(
+        data_root, plate_id, instance, [cell_coordinates, cell_crops], raise_on_error=False
+    ).success
     monkeypatch.undo()
     pending = pending_crops_path(crops_file)
     assert pending.exists()  # cell_crops failed before adopting them
@@ -182,7 +167,7 @@ def test_no_pending_crops_outlive_the_coordinates_they_were_cut_from(data_root, 
     assert pd.read_parquet(crops_file.parent).shape[0] == before.num_rows  # readers skip hidden files
     assert plate_dataset(data.crops).count_rows() == before.num_rows
 
-    assert _run(data_root, plate_id, instance, [cell_coordinates]).success
+    assert materialize_ingest(data_root, plate_id, instance, [cell_coordinates]).success
     assert not pending.exists() and not half.exists()
     assert sorted(p.name for p in crops_file.parent.iterdir()) == [crops_file.name]
 
@@ -208,7 +193,7 @@ def test_images_too_small_to_hold_a_cell_are_refused_naming_the_file(tmp_path):
         names = _write_plate(root / "raw" / "tiny", [rng.integers(900, 1100, shape).astype(np.uint16)] * 2)
         instance = dg.DagsterInstance.ephemeral()
         instance.add_dynamic_partitions(plates.name, ["tiny"])
-        result = _run(root, "tiny", instance, [raw_plates], raise_on_error=False)
+        result = materialize_ingest(root, "tiny", instance, [raw_plates], raise_on_error=False)
         assert not result.success
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
         message = failure.event_specific_data.error.to_string()
@@ -249,7 +234,7 @@ def test_cell_coordinates_metadata_says_when_the_magnification_was_not_measured(
     _write_plate(tmp_path / "raw" / "blank", [np.full((300, 300), 1000, np.uint16)] * 2)
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(plates.name, ["blank"])
-    result = _run(tmp_path, "blank", instance, [raw_plates, cell_coordinates])
+    result = materialize_ingest(tmp_path, "blank", instance, [raw_plates, cell_coordinates])
     meta = result.asset_materializations_for_node("cell_coordinates")[0].metadata
     summary = meta["magnification"].value
     assert summary["relative"] is None and summary["used"].startswith("not measured")

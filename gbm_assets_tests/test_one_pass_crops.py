@@ -20,21 +20,7 @@ from gbm_assets.imaging.plate_coordinates import plate_coordinates
 from gbm_assets.imaging.plates import find_ready_plates
 from gbm_assets.imaging.synthetic import write_plates
 from gbm_assets.paths import plate_file
-
-
-def _run(data_root, plate_id, instance, assets, crop_size=64):
-    ops = {
-        "cell_crops": {"config": {"crop_size": crop_size, "workers": 1}},
-        "cell_coordinates": {"config": {"workers": 1}},
-    }
-    names = {a.key.path[-1] for a in assets}
-    return dg.materialize(
-        assets,
-        partition_key=plate_id,
-        instance=instance,
-        resources={"data": DataDirs(root=str(data_root))},
-        run_config={"ops": {k: v for k, v in ops.items() if k in names}},
-    )
+from gbm_assets_tests.conftest import cropped_in, materialize_ingest
 
 
 def _setup(data_root):
@@ -45,55 +31,55 @@ def _setup(data_root):
     return plate_id, instance, plate_file(data.crops, plate_id), plate_file(data.coordinates, plate_id)
 
 
-def _cropped_in(result) -> str:
-    return result.asset_materializations_for_node("cell_crops")[0].metadata["cropped_in"].value
-
-
 def test_one_run_reads_each_image_once_and_crops_as_cell_crops_alone(data_root, monkeypatch):
     plate_id, instance, crops_file, _ = _setup(data_root)
     reads = []
     read = plate_cells.read_image
     monkeypatch.setattr(plate_cells, "read_image", lambda path: reads.append(path.name) or read(path))
-    result = _run(data_root, plate_id, instance, [raw_plates, cell_coordinates, cell_crops])
+    result = materialize_ingest(data_root, plate_id, instance, [raw_plates, cell_coordinates, cell_crops])
     assert result.success
     n_images = len(pd.read_csv(data_root / "raw" / plate_id / "manifest.csv"))
     assert sorted(reads) == sorted(set(reads)) and len(reads) == n_images  # cell finding and cropping: one read
-    assert _cropped_in(result).startswith("cell_coordinates' pass")
+    assert cropped_in(result).startswith("cell_coordinates' pass")
     assert not pending_crops_path(crops_file).exists()
     one_pass = pq.read_table(crops_file)
     assert one_pass.num_rows > 0
 
     reads.clear()
-    alone = _run(data_root, plate_id, instance, [cell_crops])  # nothing pending: crops from the stored masks
-    assert alone.success and _cropped_in(alone) == "this step"
+    alone = materialize_ingest(
+        data_root, plate_id, instance, [cell_crops]
+    )  # nothing pending: crops from the stored masks
+    assert alone.success and cropped_in(alone) == "this step"
     assert len(reads) > 0
     assert pq.read_table(crops_file).equals(one_pass)  # same rows, pixels and masks
 
 
 def test_cell_coordinates_alone_makes_no_crops(data_root):
     plate_id, instance, crops_file, _ = _setup(data_root)
-    assert _run(data_root, plate_id, instance, [raw_plates, cell_coordinates]).success
+    assert materialize_ingest(data_root, plate_id, instance, [raw_plates, cell_coordinates]).success
     assert not pending_crops_path(crops_file).exists() and not crops_file.exists()
 
 
 def test_crops_of_other_settings_or_other_coordinates_are_not_adopted(data_root):
     plate_id, instance, crops_file, _ = _setup(data_root)
-    assert _run(data_root, plate_id, instance, [raw_plates, cell_coordinates, cell_crops], crop_size=64).success
+    assert materialize_ingest(
+        data_root, plate_id, instance, [raw_plates, cell_coordinates, cell_crops], crops={"crop_size": 64}
+    ).success
     made_64 = pq.read_table(crops_file)
 
     # left over from a pass at crop size 64: cell_crops at 32 crops anew and drops it
     shutil.copy(crops_file, pending_crops_path(crops_file))
-    result = _run(data_root, plate_id, instance, [cell_crops], crop_size=32)
-    assert result.success and _cropped_in(result) == "this step"
+    result = materialize_ingest(data_root, plate_id, instance, [cell_crops], crops={"crop_size": 32})
+    assert result.success and cropped_in(result) == "this step"
     assert set(pq.read_table(crops_file, columns=["crop_size"])["crop_size"].to_pylist()) == {32}
     assert not pending_crops_path(crops_file).exists()
 
     # crops made at 64 from coordinates that were found again since (a new pass, a new token)
     shutil.copy(crops_file, crops_file.with_name("at32.parquet"))
     pq.write_table(made_64, pending_crops_path(crops_file))
-    assert _run(data_root, plate_id, instance, [cell_coordinates]).success
-    result = _run(data_root, plate_id, instance, [cell_crops], crop_size=64)
-    assert result.success and _cropped_in(result) == "this step"
+    assert materialize_ingest(data_root, plate_id, instance, [cell_coordinates]).success
+    result = materialize_ingest(data_root, plate_id, instance, [cell_crops], crops={"crop_size": 64})
+    assert result.success and cropped_in(result) == "this step"
     assert not pending_crops_path(crops_file).exists()
 
 
