@@ -15,8 +15,8 @@ finds pieces or merged neighbours whose size is set by its own scale (58 px for 
 twice the magnification), so the set-up's magnification is measured first, from the scale of the
 image's fine structure (see magnification), and where it is far from the reference the first pass
 and the default scale are multiplied by it. Cell finding then runs at that scale (41 px at the
-reference magnification) moved just enough to lie within SCALE_RANGE of the estimate. The segmentation's length scale is that of a cell's dark body and seeds rather
-than of its whole outline with halo and protrusions, so the best scale hardly follows the outline:
+reference magnification) moved just enough to lie within SCALE_RANGE of the estimate. The
+segmentation's length scale is that of a cell's dark body and seeds rather than of its whole outline with halo and protrusions, so the best scale hardly follows the outline:
 on the 24 hand-annotated Usiigaci fields the per-field best scale was 45-50 px for cells of 40
 px as for cells of 72 px, and T98G's 40-50 px (cells of 54-65 px), while the densest synthetic
 fields (4,000 cells plated) lose recall above about 41 px (0.91 at 41, 0.90 at 42, 0.88 at 43).
@@ -61,7 +61,7 @@ class CellSizeEstimate:
         """One line for logs and metadata."""
         if self.magnification is None:
             seen = ""
-        elif magnification.magnified(SegmentationParams(), self.magnification) == SegmentationParams():
+        elif not magnification.rescales(self.magnification):
             seen = f"; magnification {self.magnification}x the reference set-up's (default scale kept)"
         else:
             seen = f"; magnification {self.magnification}x the reference set-up's (scale multiplied by it)"

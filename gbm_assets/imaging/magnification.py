@@ -87,9 +87,15 @@ def relative_magnification(fine_scales: Iterable[float]) -> float | None:
     return round(float(np.median(finite)) / REFERENCE_FINE_SCALE_PX, 3) if finite else None
 
 
+def rescales(magnification: float | None) -> bool:
+    """True when a plate of this relative magnification is searched at a multiplied scale: outside
+    MAGNIFICATION_BAND (False inside it, or for None: not measured)."""
+    return magnification is not None and not MAGNIFICATION_BAND[0] <= magnification <= MAGNIFICATION_BAND[1]
+
+
 def magnified(params: SegmentationParams, magnification: float | None) -> SegmentationParams:
     """params with cell_diameter_px multiplied by magnification when it lies outside
     MAGNIFICATION_BAND (unchanged inside it, or for None)."""
-    if magnification is None or MAGNIFICATION_BAND[0] <= magnification <= MAGNIFICATION_BAND[1]:
+    if not rescales(magnification):
         return params
     return replace(params, cell_diameter_px=round(params.cell_diameter_px * magnification, 1))

@@ -131,7 +131,7 @@ def magnification_summary(size: CellSizeEstimate | None) -> dict:
             f"not measured: no sampled image gave a fine scale (images under {magnification.MIN_SIDE_PX} px on a "
             "side, blank, saturated or without textured cells); the reference set-up is assumed"
         )
-    elif magnification.magnified(SegmentationParams(), size.magnification) == SegmentationParams():
+    elif not magnification.rescales(size.magnification):
         used = f"{size.magnification}x the reference set-up: inside {magnification.MAGNIFICATION_BAND}, default scale"
     else:
         used = f"{size.magnification}x the reference set-up: the default scale is multiplied by it"
