@@ -703,10 +703,10 @@ def find_candidates(
     thin = np.flatnonzero(inscribed_radius(labels) < rules.min_thickness_scale * d)
     labels, merged = merge_fragments(labels, d, rules, np.flatnonzero(is_compact), thin[thin > 0])
     cells = measure_cells(labels)
-    depth = inner_depth(labels)
-    radius = inscribed_radius(labels, depth)
-    inside = centres_inside(labels, cells, rules, depth, radius)  # judged at the centroid: the outline's shape
-    cells = body_centres(labels, cells, rules, depth, z)  # x, y: the centre of the cell's body
+    cell_depth = inner_depth(labels)  # depth inside each candidate (`depth` above: inside the foreground)
+    radius = inscribed_radius(labels, cell_depth)
+    inside = centres_inside(labels, cells, rules, cell_depth, radius)  # judged at the centroid: the outline's shape
+    cells = body_centres(labels, cells, rules, cell_depth, z)  # x, y: the centre of the cell's body
     field = field_quality(image, obj, d)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
