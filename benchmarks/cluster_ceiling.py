@@ -141,8 +141,10 @@ def embedding_sets(rows: pd.DataFrame, crops: Path, variants: list[str]) -> dict
 
 
 def _standardized(x: np.ndarray) -> np.ndarray:
-    scale = x.std(axis=0)
-    return (x - x.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
+    """Each column z-scored over the cells: the clustering's own "standardize" preprocessing."""
+    from gbm_assets.analysis.clustering import fit_feature_transform
+
+    return fit_feature_transform(x, "standardize").apply(x)
 
 
 def probe_accuracy(x: np.ndarray, truth: np.ndarray, seed: int) -> float:

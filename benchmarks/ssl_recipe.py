@@ -81,7 +81,7 @@ def main() -> None:
     )
 
     limit_cpu_threads()
-    from gbm_assets.analysis.clustering import ClusteringConfig, fit_clusters
+    from gbm_assets.analysis.clustering import ClusteringConfig, fit_clusters, fit_feature_transform
     from gbm_assets.analysis.composition import composition_error
     from gbm_assets.analysis.truth import true_morphotypes
     from gbm_assets.analysis.variant_evaluation import baseline_features_for, score_features
@@ -126,7 +126,7 @@ def main() -> None:
     if args.baselines:
         for name, x in baseline_features_for(crops, rows["crop_id"]).items():
             if name == "handcrafted":  # mixed units (pixels, pixel areas, ratios): z-scored, as pycytominer does
-                clustered = (x - x.mean(axis=0)) / np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+                clustered = fit_feature_transform(x, "standardize").apply(x)
             else:  # raw pixels share one unit, as an embedding's features do: clustered as they are
                 clustered = x
             baselines[name] = scored(x, clustered)
