@@ -18,8 +18,8 @@ FILTERS = (16, 32, 64, 128)
 DROPOUT = 0.1
 
 
-def _check_crop_size(crop_size: int) -> None:
-    step = 2 ** len(FILTERS)
+def _check_crop_size(crop_size: int, downsample: int = 1) -> None:
+    step = 2 ** len(FILTERS) * downsample
     if crop_size < step or crop_size % step:
         raise ValueError(f"crop_size must be a positive multiple of {step}, got {crop_size}")
 
@@ -106,9 +106,7 @@ def build_siamese_encoder(crop_size: int = 128, features: int = 128, downsample:
     """
     if downsample < 1:
         raise ValueError(f"downsample must be >= 1, got {downsample}")
-    step = 2 ** len(FILTERS) * downsample
-    if crop_size < step or crop_size % step:
-        raise ValueError(f"crop_size must be a positive multiple of {step}, got {crop_size}")
+    _check_crop_size(crop_size, downsample)
     inputs = keras.Input((crop_size, crop_size, 1), name="crop")
     x = inputs
     if downsample > 1:
