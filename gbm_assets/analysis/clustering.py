@@ -209,12 +209,15 @@ def fit_feature_transform(x: np.ndarray, how: str, n_components: int = 8) -> Fea
     not at all. "spherize": every principal component (sklearn PCA, all min(d, n) of them)
     divided by sqrt(lambda_i + epsilon), lambda_i its variance and epsilon the mean of the
     lambda_i (the total variance / number of components). This is pycytominer's "spherize"
-    (PCA-whitening with epsilon added to the eigenvalues, Way et al. 2021, Mol Biol Cell 32:995)
-    with epsilon set by the data instead of pycytominer's 1e-6: components of more than the mean
+    normalisation (PCA whitening with epsilon added to the eigenvalues; Serrano et al. 2023,
+    arXiv:2311.13417; on whitening, Kessy, Lewin & Strimmer 2018, Am Stat 72:309) with epsilon
+    set by the data instead of pycytominer's 1e-6: components of more than the mean
     variance are brought to nearly equal weight (lambda >> epsilon: unit variance), components of
     less keep their share (lambda << epsilon: their scale divided by one common sqrt(epsilon)),
     so no number of components is chosen and noise directions are not amplified as full
-    whitening amplifies them. n_components is not used.
+    whitening amplifies them. n_components is not used. Measured (README, Cell types):
+    siamese_b_ds2_cell's invariant embedding, 3 training seeds, HDBSCAN ARI 0.30 as it is, 0.60
+    spherized, 0.01 with every component whitened.
 
     Raises ValueError for an unknown `how`.
     """
