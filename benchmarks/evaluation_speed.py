@@ -179,7 +179,7 @@ def time_clusters(data, variant: str, work: Path) -> dict:
     from gbm_assets.assets.clusters import ClusterConfig, _score_and_explore
     from gbm_assets.models.embedding_table import sample_embeddings
 
-    config = ClusterConfig()
+    config = ClusterConfig(vector="embedding", preprocess="none")  # the path timed before per-variant defaults
     t = time.perf_counter()
     fitted, known = fit_on_sample(data.embeddings_file(variant), config.params(), config.fit_max_cells)
     fit_s = time.perf_counter() - t

@@ -20,7 +20,10 @@ the seeds. A variant is a row of models.variants or a row with fields changed, N
 (a trial recipe that has no row yet). --baselines scores raw pixels and hand-crafted features
 (analysis.variant_evaluation.baseline_features_for; hand-crafted features, of mixed units,
 clustered z-scored, raw pixels as they are) the same way, once; --invariant scores the
-rotation/flip-invariant embedding too (keys ending in _invariant); --save writes the embeddings
+rotation/flip-invariant embedding too (keys ending in _invariant); a row whose clusters asset
+clusters another vector or preprocessing (Variant.cluster_vector, cluster_preprocess) is scored
+that way too (keys ending in _shipped: ARI of GMM, HDBSCAN and automatic-k GMM, HDBSCAN and GMM
+composition error); --save writes the embeddings
 (.npy) for offline clustering. The features benchmark scores one trained encoder per variant;
 differences between rows are of the size of the seed-to-seed spread, which this one measures.
 """
@@ -69,6 +72,8 @@ def main() -> None:
     parser.add_argument("--pca-components", type=int, help="ClusteringConfig.pca_components (default: shipped)")
     args = parser.parse_args()
 
+    from dataclasses import replace
+
     import numpy as np
     import pandas as pd
 
@@ -100,7 +105,7 @@ def main() -> None:
     rows["morphotype"] = true_morphotypes(rows, raw)
     known = rows["morphotype"].notna().to_numpy()
 
-    def scored(features: np.ndarray, clustered: np.ndarray) -> dict:
+    def scored(features: np.ndarray, clustered: np.ndarray, clustering: ClusteringConfig = clustering) -> dict:
         """Plate-held-out kappas of features; ARI and composition error of the production clustering of clustered."""
         scores = score_features(rows, {"x": features}, seed=0, splits=("plate",))
         line = {
@@ -110,16 +115,21 @@ def main() -> None:
         }
         _, labels = fit_clusters(clustered, clustering)
         metrics = labeling_metrics(labels, rows["morphotype"], 0)
-        error = composition_error(
-            labels["hdbscan"].to_numpy()[known],
-            rows["morphotype"][known].astype(str).to_numpy(),
-            rows["culture"].astype(str).to_numpy()[known],
-        )
+        error = {
+            method: composition_error(
+                labels[method].to_numpy()[known],
+                rows["morphotype"][known].astype(str).to_numpy(),
+                rows["culture"].astype(str).to_numpy()[known],
+            )["mae"]
+            for method in ("hdbscan", "gmm")
+        }
         return {
             **line,
             "ari_gmm": round(metrics["gmm"]["ari"], 3),
             "ari_hdbscan": round(metrics["hdbscan"]["ari"], 3),
-            "composition_error": round(float(error["mae"]), 4),
+            "ari_auto": round(metrics["auto"]["ari"], 3),
+            "composition_error": round(float(error["hdbscan"]), 4),
+            "composition_error_gmm": round(float(error["gmm"]), 4),
         }
 
     baselines = {}
@@ -159,6 +169,20 @@ def main() -> None:
                 line.update({f"{k}_invariant": v for k, v in scored(invariant, invariant).items()})
                 if args.save:
                     np.save(args.save / f"{variant.name}_seed{seed}_invariant.npy", invariant)
+            if (variant.cluster_vector, variant.cluster_preprocess) != ("embedding", "none"):
+                # the clusters asset's own settings for this row (Variant.cluster_vector / cluster_preprocess)
+                own = replace(clustering, preprocess=args.preprocess or variant.cluster_preprocess)
+                x = embedding
+                if variant.cluster_vector == "embedding_invariant":
+                    x = np.concatenate(
+                        [
+                            embed_batch(result.encoder, pixels[i : i + 256], True, keep[i : i + 256] if cell else None)
+                            for i in range(0, len(pixels), 256)
+                        ]
+                    )
+                line.update(
+                    {f"{k}_shipped": v for k, v in scored(x, x, own).items() if not k.startswith(("culture", "morph"))}
+                )
             line.update(
                 loss=round(result.history[-1]["loss"], 2),
                 steps=sum(h.get("steps", 0) for h in result.history),

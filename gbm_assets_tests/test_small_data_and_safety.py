@@ -484,3 +484,35 @@ def test_one_culture_four_images_few_crops_give_embeddings_clusters_and_report(t
     assert emb_file.stat().st_ino == inode and emb_file.read_bytes() == before
     assert {p: p.read_bytes() for p in (root / "evaluation" / VARIANT).rglob("*") if p.is_file()} == evaluation
     assert _leftovers(root) == []
+
+
+def test_clusters_asset_clusters_a_row_by_its_own_vector_and_preprocessing(clustered):
+    """siamese_b_ds2_cell (Variant.cluster_vector/cluster_preprocess): the invariant embedding, spherized;
+    the run config still overrides the row."""
+    root, db, _ = clustered
+    variant = "siamese_b_ds2_cell"
+    rows = plate_dataset(root / "cell_crops.parquet").to_table(columns=list(PROVENANCE_COLUMNS)).to_pandas()
+    rng = np.random.default_rng(0)
+    invariant = rng.normal(0, 1, (len(rows), 128)).astype(np.float32)
+    plain = invariant + rng.normal(0, 1, invariant.shape).astype(np.float32)
+    data = DataDirs(root=str(root))
+    write_parquet_atomic(embedding_batch(rows, plain, invariant), data.embeddings_file(variant))
+    data.encoder_dir(variant).mkdir(parents=True, exist_ok=True)
+    data.encoder_record(variant).write_text(json.dumps({"run_id": "encoder-run-of-the-test"}))
+
+    def run(config):
+        assert dg.materialize(
+            [clusters],
+            partition_key=variant,
+            instance=dg.DagsterInstance.ephemeral(),
+            resources={"data": data, "mlflow_tracking": _tracking(db)},
+            run_config={"ops": {"clusters": {"config": config}}},
+        ).success
+        record = json.loads(data.cluster_models(variant).record.read_text())
+        return record["vector"], load_clustering(data.cluster_models(variant).folder / record["model_file"])
+
+    vector, fitted = run({})
+    assert vector == "embedding_invariant" and fitted.config.preprocess == "spherize"
+    np.testing.assert_allclose(fitted.transform.center, invariant.mean(axis=0), atol=1e-5)
+    vector, fitted = run({"vector": "embedding", "preprocess": "none"})
+    assert vector == "embedding" and fitted.config.preprocess == "none" and fitted.transform is None

@@ -173,7 +173,7 @@ def scaled_min_cluster_size(n_cells: int, floor: int = 15) -> int:
     return max(floor, round(THESIS_MIN_CLUSTER_SIZE * n_cells / THESIS_N_CELLS))
 
 
-PREPROCESSING = ("none", "standardize", "pca_whiten")
+PREPROCESSING = ("none", "standardize", "pca_whiten", "spherize")
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,8 @@ class FeatureTransform:
 
     center : (d,) float64 ndarray, in the features' units.
     matrix : (d, k) float64 ndarray; k = d for "standardize" (diagonal 1 / sd), k <= d for
-        "pca_whiten" (the principal axes divided by the square root of their variance).
+        "pca_whiten" (the principal axes divided by the square root of their variance), k =
+        min(d, n) for "spherize" (the principal axes divided by sqrt(variance + mean variance)).
     """
 
     center: np.ndarray
@@ -205,7 +206,18 @@ def fit_feature_transform(x: np.ndarray, how: str, n_components: int = 8) -> Fea
     min(n_components, d, n) principal components (sklearn PCA), each scaled to unit variance
     (a component of zero variance is set to 0), so that UMAP's Euclidean distances weigh the
     few directions that carry most of the variance equally, and the many low-variance ones
-    not at all.
+    not at all. "spherize": every principal component (sklearn PCA, all min(d, n) of them)
+    divided by sqrt(lambda_i + epsilon), lambda_i its variance and epsilon the mean of the
+    lambda_i (the total variance / number of components). This is pycytominer's "spherize"
+    normalisation (PCA whitening with epsilon added to the eigenvalues; Serrano et al. 2023,
+    arXiv:2311.13417; on whitening, Kessy, Lewin & Strimmer 2018, Am Stat 72:309) with epsilon
+    set by the data instead of pycytominer's 1e-6: components of more than the mean
+    variance are brought to nearly equal weight (lambda >> epsilon: unit variance), components of
+    less keep their share (lambda << epsilon: their scale divided by one common sqrt(epsilon)),
+    so no number of components is chosen and noise directions are not amplified as full
+    whitening amplifies them. n_components is not used. Measured (README, Cell types):
+    siamese_b_ds2_cell's invariant embedding, 3 training seeds, HDBSCAN ARI 0.29 as it is, 0.60
+    spherized, 0.02 with every component whitened.
 
     Raises ValueError for an unknown `how`.
     """
@@ -221,6 +233,11 @@ def fit_feature_transform(x: np.ndarray, how: str, n_components: int = 8) -> Fea
         return FeatureTransform(scaler.mean_, np.diag(1.0 / scaler.scale_))
     from sklearn.decomposition import PCA
 
+    if how == "spherize":
+        with np.errstate(invalid="ignore", divide="ignore"):  # constant features: sklearn's variance ratio is 0/0
+            pca = PCA(min(x.shape), random_state=0).fit(x)
+        variance = pca.explained_variance_
+        return FeatureTransform(pca.mean_, pca.components_.T / np.sqrt(variance + max(variance.mean(), 1e-300)))
     pca = PCA(min(n_components, *x.shape), random_state=0).fit(x)
     sd = np.sqrt(pca.explained_variance_)
     scale = np.divide(1.0, sd, out=np.zeros_like(sd), where=sd > 1e-12 * max(sd.max(), 1e-300))
@@ -268,7 +285,7 @@ class ClusteringConfig:
     auto_k_min_stability: float = 0.8  # mean pairwise ARI a k must reach
     auto_k_max_candidates: int = 5  # stability is measured for at most this many k
     auto_k_criterion: str = "icl"  # "icl" (integrated completed likelihood) or "bic" (as before)
-    preprocess: str = "none"  # "none", "standardize" or "pca_whiten": what UMAP sees (feature_transform)
+    preprocess: str = "none"  # "none", "standardize", "pca_whiten" or "spherize": what UMAP sees (feature_transform)
     pca_components: int = 8  # components kept by preprocess="pca_whiten"
     n_jobs: int = -1  # HDBSCAN core distances; UMAP is seeded, so 1 thread
 

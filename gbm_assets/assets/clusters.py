@@ -16,24 +16,33 @@ from gbm_assets.staging import Staging
 class ClusterConfig(dg.Config):
     """Clustering settings; thesis values by default. refit=True refits instead of labelling new cells.
 
-    params() gives the core's analysis.clustering.ClusteringConfig (fields of the same name).
+    params(variant) gives the core's analysis.clustering.ClusteringConfig (fields of the same
+    name). vector and preprocess left empty (None) take the variant's own (Variant.cluster_vector,
+    Variant.cluster_preprocess: the plain embedding as it is for the thesis' rows).
     """
 
     refit: bool = False
     fit_max_cells: int = 50_000  # cells the models are fitted on (seeded sample); the rest are predicted
-    vector: str = "embedding"  # or "embedding_invariant" (rotation/flip-invariant)
+    vector: str | None = None  # "embedding" or "embedding_invariant" (rotation/flip-invariant); None: the variant's
     seed: int = 0
     gmm_components: int = 11
     hdbscan_min_samples: int = 10
     hdbscan_min_cluster_size: int | None = None  # None: 220 scaled by cells / 7,500
-    preprocess: str = "none"  # what UMAP sees: "none", "standardize" or "pca_whiten" (README, Cell types)
+    # what UMAP sees: "none", "standardize", "pca_whiten" or "spherize" (README, Cell types); None: the variant's
+    preprocess: str | None = None
     pca_components: int = 8  # components kept by "pca_whiten"
     explorer_max_points: int = 20_000  # cells shown in the explorer page (sampled across cultures and clusters)
 
-    def params(self):
+    def params(self, variant=None):
+        """ClusteringConfig of these settings; an empty preprocess is variant.cluster_preprocess ("none" without one)."""
         from gbm_assets.analysis.clustering import ClusteringConfig
 
-        return core_params(self, ClusteringConfig)
+        preprocess = self.preprocess or (variant.cluster_preprocess if variant is not None else "none")
+        return core_params(self.model_copy(update={"preprocess": preprocess}), ClusteringConfig)
+
+    def vector_for(self, variant) -> str:
+        """The embedding column to cluster: the configured one, else variant.cluster_vector."""
+        return self.vector or variant.cluster_vector
 
 
 @dg.asset(
@@ -65,7 +74,8 @@ def clusters(
     from gbm_assets.analysis.cell_labels import count_cells, load_or_fit, stage_not_clustered, write_labels
     from gbm_assets.analysis.clustering import MIN_CELLS
 
-    variant = get_variant(context.partition_key).name
+    row = get_variant(context.partition_key)
+    variant, vector = row.name, config.vector_for(row)
     emb_path, out, explorer = data.embeddings_file(variant), data.labels_file(variant), data.explorer_file(variant)
     encoder_run = json.loads(data.encoder_record(variant).read_text())["run_id"]
     files, n_cells = data.cluster_models(variant), count_cells(emb_path)
@@ -95,10 +105,10 @@ def clusters(
             files,
             out,
             encoder_run,
-            config.params(),
+            config.params(row),
             stage,
             config.fit_max_cells,
-            config.vector,
+            vector,
             config.refit,
             logger=context.log,
         )
@@ -106,7 +116,7 @@ def clusters(
             context.log.warning(
                 f"{variant}: {models.fitted.n_train} cells; parameters shrunk to fit them: {models.shrunk}"
             )
-        n_total, n_new = write_labels(emb_path, models, stage.path(out), config.vector)
+        n_total, n_new = write_labels(emb_path, models, stage.path(out), vector)
         context.log.info(f"{variant}: {models.mode}; {n_total} cells labelled, {n_new} by prediction")
         scored, points, staged_explorer = _score_and_explore(
             config, data, variant, stage.path(out), stage.path(explorer)
@@ -180,7 +190,8 @@ def _cluster_params(config: ClusterConfig, models, variant: str) -> dict:
     fitted, record = models.fitted, models.record
     return {
         "variant": variant,
-        "vector": config.vector,
+        "vector": record["vector"],
+        "preprocess": fitted.config.preprocess,
         "fit_max_cells": config.fit_max_cells,
         "gmm_components": fitted.gmm.n_components,
         "min_cluster_size": record["min_cluster_size"],

@@ -50,6 +50,13 @@ class Variant:
         The encoder averages downsample x downsample pixel blocks before its first convolution
         (models.encoders.build_siamese_encoder), so that its last block sees the whole cell
         rather than a 46-pixel part of it; 1: the thesis' encoder.
+    cluster_vector : {"embedding", "embedding_invariant"}
+        The vector the clusters asset clusters by default (its run config's `vector` overrides
+        it): the plain embedding (the thesis) or its rotation/flip-invariant mean.
+    cluster_preprocess : str
+        The map the clusters asset puts before UMAP by default (analysis.clustering
+        ClusteringConfig.preprocess; its run config's `preprocess` overrides it); "none": the
+        thesis' UMAP of the embedding as it is.
     """
 
     name: str
@@ -67,6 +74,8 @@ class Variant:
     both_views: bool = False
     rotation: bool = False
     downsample: int = 1
+    cluster_vector: Literal["embedding", "embedding_invariant"] = "embedding"
+    cluster_preprocess: str = "none"
 
     @property
     def distortions(self) -> dict:
@@ -106,8 +115,22 @@ _TABLE = (
     Variant("siamese_b_cell", "siamese", 128, 0.1, "none", 0.001, input_mask="cell"),
     # siamese_b_cell at half resolution: the encoder's last block sees 92 crop pixels, the whole
     # cell, instead of 46, and its convolutions cost a quarter. Ahead of siamese_b_cell in every
-    # kappa and ARI in two seeds at the shipped budget (README, "SSL recipe rows").
-    Variant("siamese_b_ds2_cell", "siamese", 128, 0.1, "none", 0.001, input_mask="cell", downsample=2),
+    # kappa and ARI in two seeds at the shipped budget (README, "SSL recipe rows"). Clustered by
+    # its invariant embedding, spherized: its first principal component (the cell's area, ~90 %
+    # of the variance) otherwise decides UMAP's neighbours and merges stars with large flat cells
+    # of the same area (README, Cell types).
+    Variant(
+        "siamese_b_ds2_cell",
+        "siamese",
+        128,
+        0.1,
+        "none",
+        0.001,
+        input_mask="cell",
+        downsample=2,
+        cluster_vector="embedding_invariant",
+        cluster_preprocess="spherize",
+    ),
 )
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in _TABLE}
