@@ -214,8 +214,9 @@ def test_a_dark_piece_joined_to_its_cell_by_dark_cytoplasm_is_merged_into_it():
     seam[:, 101:106] = 8.0
     assert len(dark_joined_pairs(labels, seam)) == 0
     assert merge_dark_joined(labels, seam, cell_diameter_px=40)[1].sum() == 0
-    # cytoplasm no darker than the medium (a pale spot between two cells) joins nothing either
-    assert len(dark_joined_pairs(labels, np.where(labels > 0, 0.5, 1.0).astype(np.float32))) == 0
+    # cytoplasm paler than the medium by more than its noise (a bright gap between two cells)
+    # joins nothing either
+    assert len(dark_joined_pairs(labels, np.where(labels > 0, 1.5, 0.0).astype(np.float32))) == 0
     # compact (rounded) cells touch as solid dark discs: never merged
     assert merge_dark_joined(labels, z, 40, compact=np.array([2]))[1].sum() == 0
 

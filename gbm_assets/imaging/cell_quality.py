@@ -12,14 +12,16 @@ the image's own noise, never absolute:
   cell body (its largest inscribed disc under min_thickness_scale diameters in radius: a thin
   process, a sliver of halo, whatever its area), that shares a border with a neighbour is
   merged into the neighbour it shares most border with;
-- joined, merged: two touching candidates whose darkest parts are joined by a path darker than
-  the medium (no bright seam between them: in phase contrast two touching cells meet along
-  the bright halos of their membranes, while a nucleus and a patch of dark granular cytoplasm
-  of one spread cell are joined through cytoplasm darker than the medium) are one cell when
-  the smaller is no bigger than a typical cell of the image (typical_cell_area: from the
-  candidates' own median size, as cell_size estimates a plate's); qc_joined counts the pieces
-  merged into each candidate (dark_joined_pairs, merge_dark_joined). On the 24 Usiigaci fields
-  it took away 115 second detections in a cell and 14 true ones;
+- joined, merged: two touching candidates whose darkest parts are joined by a path that never
+  rises more than the noise (join_level, 1 noise unit) above the medium: no bright seam between
+  them. In phase contrast two touching cells meet along a bright seam, the halos of their
+  membranes, while a nucleus and a patch of dark granular cytoplasm of one spread cell are
+  joined through cytoplasm darker than the medium. They are one cell when the smaller is no
+  bigger than a typical cell of the image (typical_cell_area: from the candidates' own median
+  size, as cell_size estimates a plate's), except in a crowded field (medium under half of it:
+  cells pressed on each other show no halo between them); qc_joined counts the pieces merged
+  into each candidate (dark_joined_pairs, merge_dark_joined). On the 24 Usiigaci fields it took
+  away about 120 false detections, mostly second detections in a cell, and 19 true ones;
 - edge: the candidate's centre lies outside the culture surface;
 - debris: smaller than debris_area_scale cell areas with no other candidate within
   isolation_scale diameters, or too faint to be a cell (its texture contrast, the mean local
@@ -74,7 +76,9 @@ class QualityRules:
     min_thickness_scale: float = 0.15  # thinnest cell body (inscribed radius), d; thinner is a process or halo sliver
     min_centre_depth: float = 0.25  # a cell body holds its centre at least this x its inscribed radius inside
     body_depth: float = 0.6  # position: centroid of its dark pixels at least this x as deep as its deepest
-    join_level: float = 0.0  # a path between dark parts darker than this crosses no seam, noise units (0: medium)
+    join_level: float = (
+        1.0  # a path between dark parts below this crosses no seam, noise units (medium 0: one noise unit above it)
+    )
     join_area_scale: float = 1.0  # the smaller dark-joined candidate is merged up to this x a typical cell area
     join_pixel_scale: float = 0.05  # the join test samples pixels this far apart, d (a seam is wider)
     join_min_medium_share: float = 0.5  # joined only where the medium covers this share of the field
@@ -202,15 +206,16 @@ def _inner(labels: np.ndarray) -> np.ndarray:
     return inner
 
 
-def dark_joined_pairs(labels: np.ndarray, z: np.ndarray, level: float = 0.0) -> np.ndarray:
+def dark_joined_pairs(labels: np.ndarray, z: np.ndarray, level: float = 1.0) -> np.ndarray:
     """int64 (k, 2) pairs (a < b) of touching labels whose darkest parts are joined by a path
-    darker than level: a watershed saddle below level between the two.
+    below level: a watershed saddle below level between the two (level 1: one noise unit above
+    the medium, the faintest seam that shows).
 
     labels: int (H, W) instance labels, 0 = background; z: float (H, W) image in background-noise
     units, 0 = the medium, dark negative. Each label's darkest part is the connected region
-    (4-connected, within the label, off its edge pixels) of pixels darker than level that holds
-    its darkest pixel. Two labels are joined when their darkest parts both reach one stretch of
-    their shared border whose pixels are darker than level too (the path crosses the border
+    (4-connected, within the label, off its edge pixels) of pixels below level that holds its
+    darkest pixel. Two labels are joined when their darkest parts both reach one stretch of
+    their shared border whose pixels are below level too (the path crosses the border
     once, straight: from the pixel two steps inside one label to the pixel two steps inside the
     other). In phase contrast two touching cells meet along a bright seam, the halos of their
     two membranes, so the brightest point of the best path between their bodies lies above the
@@ -286,8 +291,8 @@ def merge_dark_joined(
     background-noise units (0 = the medium, dark negative); compact: optional int array of the
     label values of compact (rounded) cells, which touch as solid dark discs and are never
     merged. A candidate is merged into a touching one when the two are dark_joined_pairs at
-    join_level (their darkest parts joined by a path darker than the medium: a saddle below the
-    medium level) and it is the smaller of the two and at most join_area_scale times the image's
+    join_level (their darkest parts joined by a path that never rises more than the noise above
+    the medium: no seam between them) and it is the smaller of the two and at most join_area_scale times the image's
     typical cell area (typical_cell_area: one dark part of a large spread cell, not a second
     cell of its own); among several such neighbours, into the largest, and a chain of pieces
     ends in its largest. The test runs on every join_pixel_scale d-th pixel (a seam between two
