@@ -52,6 +52,7 @@ from gbm_assets.imaging.cell_quality import (
     merge_dark_joined,
     merge_fragments,
     quality_measures,
+    typical_cell_area,
 )
 from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.measurements import measure_cells
@@ -710,7 +711,8 @@ def find_candidates(
     # of it than the medium) cells press on each other with no medium, hence no halo, between
     # them, and a dark path between two candidates tells nothing
     joined = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
-    if medium[::4, ::4].mean() >= rules.join_min_medium_share:
+    uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
+    if uncrowded:
         compact_after = np.unique(labels[fine[:, 1], fine[:, 0]][is_compact[before[fine[:, 1], fine[:, 0]]]])
         labels, joined = merge_dark_joined(labels, z, d, rules, compact_after[compact_after > 0])
     cells = measure_cells(labels)
@@ -728,8 +730,9 @@ def find_candidates(
     if len(fine):
         compact_now[labels[fine[:, 1], fine[:, 0]]] = is_compact[before[fine[:, 1], fine[:, 0]]]
     compact_now[0] = False
+    typical = typical_cell_area(cells["area"].to_numpy(), d, rules) if uncrowded else None
     verdict = label_quality(
-        measures, field.usable[rows, cols], d, rules, compact_now[cells["cell_id"].to_numpy()], inside
+        measures, field.usable[rows, cols], d, rules, compact_now[cells["cell_id"].to_numpy()], inside, typical
     )
     candidates = pd.concat([cells, verdict, measures], axis=1)
     return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged + joined.sum())}
