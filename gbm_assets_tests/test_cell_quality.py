@@ -15,9 +15,12 @@ from gbm_assets.imaging.cell_quality import (
     QualityRules,
     body_centres,
     centres_inside,
+    dark_joined_pairs,
     inscribed_radius,
     label_quality,
+    merge_dark_joined,
     merge_fragments,
+    typical_cell_area,
 )
 from gbm_assets.imaging.cell_size import CellSizeEstimate, estimate_cell_diameter, sample_images
 from gbm_assets.imaging.field_quality import IMAGE_QUALITY_COLUMNS, field_quality, focus_score
@@ -187,6 +190,115 @@ def test_a_thin_piece_against_a_cell_is_merged_into_it_whatever_its_area():
     assert n == 1 and len(np.unique(merged)) == 2  # background and the cell with its process
 
 
+def _cell_and_piece(piece_width: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """labels: a spread cell's large part (1) and a dark piece of it (2) cut off by a straight
+    line; z (noise units, 0 = medium): both darker than the medium, each with its darkest spot."""
+    labels = np.zeros((160, 220), np.int32)
+    cv2.circle(labels, (70, 80), 34, 1, -1)  # 2.9 cell areas at d = 40
+    labels[60:100, 104 : 104 + piece_width] = 2  # against it on its right
+    z = np.full(labels.shape, 1.0, np.float32)  # the medium, a little above 0 (its noise)
+    z[labels > 0] = -3.0  # cytoplasm: darker than the medium
+    cv2.circle(z, (70, 80), 8, -12.0, -1)  # the nucleus
+    cv2.circle(z, (104 + piece_width // 2, 80), 5, -10.0, -1)  # a cluster of granules
+    return labels, z
+
+
+def test_a_dark_piece_joined_to_its_cell_by_dark_cytoplasm_is_merged_into_it():
+    labels, z = _cell_and_piece()
+    assert dark_joined_pairs(labels, z).tolist() == [[1, 2]]
+    merged, joined = merge_dark_joined(labels, z, cell_diameter_px=40)
+    assert len(np.unique(merged)) == 2  # background and one cell
+    assert joined.tolist() == [0, 1]  # one candidate merged into label 1
+    # a bright seam (the halos of two touching cells) along their contact keeps them apart
+    seam = z.copy()
+    seam[:, 101:106] = 8.0
+    assert len(dark_joined_pairs(labels, seam)) == 0
+    assert merge_dark_joined(labels, seam, cell_diameter_px=40)[1].sum() == 0
+    # cytoplasm paler than the medium by more than its noise (a bright gap between two cells)
+    # joins nothing either
+    assert len(dark_joined_pairs(labels, np.where(labels > 0, 1.5, 0.0).astype(np.float32))) == 0
+    # compact (rounded) cells touch as solid dark discs: never merged
+    assert merge_dark_joined(labels, z, 40, compact=np.array([2]))[1].sum() == 0
+
+
+def test_a_dark_joined_neighbour_as_big_as_a_typical_cell_is_a_cell_of_its_own():
+    labels, z = _cell_and_piece(piece_width=40)  # 1,600 px: more than a cell area (1,257 px) at d = 40
+    assert dark_joined_pairs(labels, z).tolist() == [[1, 2]]
+    assert merge_dark_joined(labels, z, cell_diameter_px=40)[1].sum() == 0
+    # the typical cell is the image's own: the median candidate's (its equivalent diameter / 1.2)
+    # once there are enough candidates, one cell area at the segmentation's scale before
+    assert typical_cell_area(np.full(5, 5000), 40) == pytest.approx(np.pi * 40**2 / 4)
+    assert typical_cell_area(np.r_[np.full(30, 2880), np.full(10, 100)], 40) == pytest.approx(2000)
+
+
+@needs_usiigaci
+def test_usiigaci_second_detections_in_one_cell_are_joined():
+    """On set2, set11 and set25 (spread cells, each with a nucleus and dark granular cytoplasm)
+    many annotated cells were found as two or three candidates: their dark parts joined through
+    cytoplasm darker than the medium are one cell now, and no true detection is lost (41 second
+    detections in a cell and 161 true ones before)."""
+    second, true = 0, 0
+    for name in ("set2", "set11", "set25"):
+        image = read_image(USIIGACI / "images" / f"{name}.tif")
+        truth = cv2.imread(str(USIIGACI / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        candidates = find_candidates(image, SegmentationParams())[0]
+        cells = candidates[candidates["qc"] == "cell"]
+        hit = truth[
+            np.rint(cells["y"]).astype(int).clip(0, truth.shape[0] - 1),
+            np.rint(cells["x"]).astype(int).clip(0, truth.shape[1] - 1),
+        ]
+        second += int(len(hit[hit > 0]) - len(np.unique(hit[hit > 0])))
+        true += score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)["tp"]
+        assert (candidates["qc_joined"] > 0).any()
+    assert second <= 25 and true >= 161
+
+
+def _labelled_away(names: tuple[str, ...], reason: str) -> tuple[int, int, int]:
+    """Over the named Usiigaci fields: how many candidates a rule labels away (qc_reason holding
+    reason), and how many of those would have been false and true detections as cells."""
+    found, false, true = 0, 0, 0
+    for name in names:
+        image = read_image(USIIGACI / "images" / f"{name}.tif")
+        truth = cv2.imread(str(USIIGACI / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        candidates = find_candidates(image, SegmentationParams())[0]
+        cells = candidates[candidates["qc"] == "cell"]
+        away = candidates[candidates["qc_reason"].str.contains(reason)]
+        kept = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
+        with_away = score_point_in_mask(pd.concat([cells, away])[["x", "y"]].to_numpy(float), truth)
+        found += len(away)
+        false += with_away["fp"] - kept["fp"]
+        true += with_away["tp"] - kept["tp"]
+    return found, false, true
+
+
+def test_a_candidate_small_against_the_images_typical_cell_is_not_a_cell():
+    """Half a cell area at the segmentation's scale passes the fragment rule, but where the
+    image's cells are larger than that scale (typical cell of 3,000 px against 1,257 px at d =
+    40) it is under 0.4 of a typical cell: a fragment beside others, debris alone. A rounded
+    (compact) cell is small by nature and stays a cell; without a typical size nothing changes."""
+    measures = pd.DataFrame(
+        {
+            "qc_area_ratio": [0.8, 0.8, 0.8, 2.0],
+            "qc_nearest_cell_px": [0.0, 80.0, 0.0, 0.0],
+            "qc_texture_contrast": [3.0, 3.0, 3.0, 3.0],
+        }
+    )
+    usable, compact = np.ones(4, bool), np.array([False, False, True, False])
+    verdict = label_quality(measures, usable, 40, QualityRules(), compact, typical_area_px=3000.0)
+    assert verdict["qc"].tolist() == ["fragment", "debris", "cell", "cell"]
+    assert "typical cell of this image" in verdict["qc_reason"].iloc[0]
+    assert (label_quality(measures, usable, 40, QualityRules(), compact)["qc"] == "cell").all()
+
+
+@needs_usiigaci
+def test_usiigaci_candidates_small_against_a_typical_cell_are_false_detections():
+    """On set12, set17, set18, set22 and set24 the candidates under 0.4 of the field's typical
+    cell (specks of debris, pieces of halo and protrusions) are labelled fragment or debris, and
+    all but at most one of them were false detections (16 of 16 when measured)."""
+    found, false, true = _labelled_away(("set12", "set17", "set18", "set22", "set24"), "typical cell of this image")
+    assert found >= 12 and true <= 1 and false >= found - 1
+
+
 def test_a_thin_candidate_is_not_a_cell_even_when_compact():
     measures = pd.DataFrame(
         {
@@ -288,18 +400,7 @@ def test_usiigaci_crescents_of_halo_are_not_cells():
     """On set8 and set9 (spread cells, sparse) some candidates are crescents of halo hugging a
     cell or pieces bent around a neighbour, their centre off or at the edge of their own pixels:
     labelled fragment, and all but at most one of them were false detections."""
-    found, false, true = 0, 0, 0
-    for name in ("set8", "set9"):
-        image = read_image(USIIGACI / "images" / f"{name}.tif")
-        truth = cv2.imread(str(USIIGACI / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
-        candidates = find_candidates(image, SegmentationParams())[0]
-        cells = candidates[candidates["qc"] == "cell"]
-        hollow = candidates[candidates["qc_reason"].str.contains("of its own pixels")]
-        kept = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
-        with_hollow = score_point_in_mask(pd.concat([cells, hollow])[["x", "y"]].to_numpy(float), truth)
-        found += len(hollow)
-        false += with_hollow["fp"] - kept["fp"]
-        true += with_hollow["tp"] - kept["tp"]
+    found, false, true = _labelled_away(("set8", "set9"), "of its own pixels")
     assert found >= 10 and true <= 1 and false >= found - 1
 
 
@@ -376,7 +477,9 @@ def test_size_estimate_follows_a_synthetic_plate_drawn_at_another_scale():
         score_point_in_mask(find_cells(image, params)[0][["x", "y"]].to_numpy(), labels) for image, labels in fields
     ]
     default = [score_point_in_mask(find_cells(image)[0][["x", "y"]].to_numpy(), labels) for image, labels in fields]
-    assert np.mean([s["precision"] for s in found]) > np.mean([s["precision"] for s in default])
+    # the default scale cuts these cells in pieces; merging dark-joined pieces mends most of
+    # that (precision 0.97 against 0.96 at the estimated scale), not all (recall 0.94 against 0.975)
+    assert np.mean([s["f1"] for s in found]) > np.mean([s["f1"] for s in default])
     assert min(s["recall"] for s in found) >= 0.85
 
 

@@ -86,14 +86,13 @@ def test_t98g_size_estimate_on_696x520_tiles():
     assert abs(estimate / truth - 1) <= 0.25, f"estimate {estimate} px, annotated {truth:.1f} px"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=AT_TWICE_THE_MAGNIFICATION + " (measured on this plate: 97.0 px for cells of 130.3, 0.74x, magnification "
-    "1.92; 54.6 px, 0.42x, before the scale followed the magnification)",
-)
 def test_size_estimate_on_a_u373_like_plate(tmp_path):
     """T98G frames at twice the magnification, cut into 696x520 tiles, 8-bit (the held-out U373
-    set-up): the plate's estimate lands within 25% of the annotated mean diameter x 2."""
+    set-up): the plate's estimate lands within 25% of the annotated mean diameter x 2. The first
+    pass at the magnified scale finds pieces a little smaller than whole cells; with the dark
+    parts of one cell joined (cell_quality.merge_dark_joined) the estimate is 102 px for cells of
+    130.3 (0.78x, magnification 1.92; 97.0 px, 0.74x, before; 54.6 px, 0.42x, before the scale
+    followed the magnification)."""
     image, mask = _field(T98G, "20180101ef002xy01t07")
     image, mask = rescale(image, mask, 2.0)
     image = to_8bit(image)

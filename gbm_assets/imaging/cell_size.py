@@ -37,11 +37,10 @@ import numpy as np
 import pandas as pd
 
 from gbm_assets.imaging import magnification
+from gbm_assets.imaging.cell_quality import FOUND_PER_TRUE_DIAMETER, MIN_CELLS
 from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates
 
-FOUND_PER_TRUE_DIAMETER = 1.2  # first-pass objects' median equivalent diameter / annotated mean diameter
 SCALE_RANGE = (0.6, 1.4)  # segmentation scales that find cells of a diameter well, in diameters
-MIN_CELLS = 20  # fewer first-pass cells than this: no estimate
 MIN_DIAMETER_PX, MAX_DIAMETER_PX = 8.0, 400.0
 
 

@@ -49,8 +49,10 @@ from gbm_assets.imaging.cell_quality import (
     inner_depth,
     inscribed_radius,
     label_quality,
+    merge_dark_joined,
     merge_fragments,
     quality_measures,
+    typical_cell_area,
 )
 from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.measurements import measure_cells
@@ -667,9 +669,11 @@ def find_candidates(
     candidates has one row per candidate, with measure_cells' columns (cell_id is its value
     in labels; x, y in px, the centre of its dark body: cell_quality.body_centres) and
     cell_quality.QUALITY_COLUMNS (qc is "cell", "debris",
-    "fragment" or "edge"); labels is an int32 (H, W) instance mask, 0 for background, of every
-    candidate (fragments against a neighbour already merged into it); image_measures holds
-    field_quality's ImageQuality_* measures and ImageQuality_FragmentsMerged (a count).
+    "fragment" or "edge"; qc_joined: how many dark-joined pieces were merged into it); labels is
+    an int32 (H, W) instance mask, 0 for background, of every candidate (fragments against a
+    neighbour, and pieces joined to one by dark cytoplasm, cell_quality.merge_dark_joined,
+    already merged into it); image_measures holds field_quality's ImageQuality_* measures and
+    ImageQuality_FragmentsMerged (a count of both kinds of merge).
     Raises ValueError when the image is not 2-D.
     """
     image = np.asarray(image)
@@ -702,6 +706,15 @@ def find_candidates(
     before = labels
     thin = np.flatnonzero(inscribed_radius(labels) < rules.min_thickness_scale * d)
     labels, merged = merge_fragments(labels, d, rules, np.flatnonzero(is_compact), thin[thin > 0])
+    # pieces of one cell joined by dark cytoplasm (no bright seam between them); compact cells,
+    # found again by position after the renumbering, never; in a crowded field (cells over more
+    # of it than the medium) cells press on each other with no medium, hence no halo, between
+    # them, and a dark path between two candidates tells nothing
+    joined = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
+    uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
+    if uncrowded:
+        compact_after = np.unique(labels[fine[:, 1], fine[:, 0]][is_compact[before[fine[:, 1], fine[:, 0]]]])
+        labels, joined = merge_dark_joined(labels, z, d, rules, compact_after[compact_after > 0])
     cells = measure_cells(labels)
     cell_depth = inner_depth(labels)  # depth inside each candidate (`depth` above: inside the foreground)
     radius = inscribed_radius(labels, cell_depth)
@@ -711,16 +724,18 @@ def find_candidates(
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
     measures = quality_measures(labels, z, tex, threshold, cells, d, rules, radius)
+    measures["qc_joined"] = joined[cells["cell_id"].to_numpy()]
     # a merged label keeps the old number of its root, so compact cells are found by position
     compact_now = np.zeros(int(labels.max(initial=0)) + 1, bool)
     if len(fine):
         compact_now[labels[fine[:, 1], fine[:, 0]]] = is_compact[before[fine[:, 1], fine[:, 0]]]
     compact_now[0] = False
+    typical = typical_cell_area(cells["area"].to_numpy(), d, rules) if uncrowded else None
     verdict = label_quality(
-        measures, field.usable[rows, cols], d, rules, compact_now[cells["cell_id"].to_numpy()], inside
+        measures, field.usable[rows, cols], d, rules, compact_now[cells["cell_id"].to_numpy()], inside, typical
     )
     candidates = pd.concat([cells, verdict, measures], axis=1)
-    return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged)}
+    return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged + joined.sum())}
 
 
 def find_cells(image: np.ndarray, params: SegmentationParams = SegmentationParams()) -> tuple[pd.DataFrame, np.ndarray]:
