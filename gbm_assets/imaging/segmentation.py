@@ -53,6 +53,7 @@ from gbm_assets.imaging.cell_quality import (
     merge_fragments,
     quality_measures,
     typical_cell_area,
+    within_border_frame,
 )
 from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.measurements import measure_cells
@@ -732,7 +733,16 @@ def find_candidates(
     compact_now[0] = False
     typical = typical_cell_area(cells["area"].to_numpy(), d, rules) if uncrowded else None
     verdict = label_quality(
-        measures, field.usable[rows, cols], d, rules, compact_now[cells["cell_id"].to_numpy()], inside, typical
+        measures,
+        field.usable[rows, cols],
+        d,
+        rules,
+        compact_now[cells["cell_id"].to_numpy()],
+        inside,
+        typical,
+        None
+        if typical is None
+        else within_border_frame(labels, cells, rules.min_cut_reach_scale * np.sqrt(typical / np.pi)),
     )
     candidates = pd.concat([cells, verdict, measures], axis=1)
     return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged + joined.sum())}
