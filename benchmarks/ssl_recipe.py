@@ -23,7 +23,7 @@ clustered z-scored, raw pixels as they are) the same way, once; --invariant scor
 rotation/flip-invariant embedding too (keys ending in _invariant); a row whose clusters asset
 clusters another vector or preprocessing (Variant.cluster_vector, cluster_preprocess) is scored
 that way too (keys ending in _shipped: ARI of GMM, HDBSCAN and automatic-k GMM, HDBSCAN and GMM
-composition error); --context W scores, for a row that sees the cell alone, its shipped vector
+composition error); --context W scores, for such a row that sees the cell alone, its shipped vector
 spherized and concatenated with the same encoder's invariant embedding of the whole crop (the
 cell with its neighbours) spherized and scaled by W (keys ending in _context); --save writes the embeddings
 (.npy) for offline clustering. The features benchmark scores one trained encoder per variant;
