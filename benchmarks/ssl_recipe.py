@@ -23,7 +23,9 @@ clustered z-scored, raw pixels as they are) the same way, once; --invariant scor
 rotation/flip-invariant embedding too (keys ending in _invariant); a row whose clusters asset
 clusters another vector or preprocessing (Variant.cluster_vector, cluster_preprocess) is scored
 that way too (keys ending in _shipped: ARI of GMM, HDBSCAN and automatic-k GMM, HDBSCAN and GMM
-composition error); --save writes the embeddings
+composition error); --context W scores, for such a row that sees the cell alone, its shipped vector
+spherized and concatenated with the same encoder's invariant embedding of the whole crop (the
+cell with its neighbours) spherized and scaled by W (keys ending in _context); --save writes the embeddings
 (.npy) for offline clustering. The features benchmark scores one trained encoder per variant;
 differences between rows are of the size of the seed-to-seed spread, which this one measures.
 """
@@ -70,6 +72,12 @@ def main() -> None:
         help="ClusteringConfig.preprocess (default: the shipped ClusteringConfig's)",
     )
     parser.add_argument("--pca-components", type=int, help="ClusteringConfig.pca_components (default: shipped)")
+    parser.add_argument(
+        "--context",
+        type=float,
+        metavar="W",
+        help="also score a cell-alone row's shipped vector with its whole-crop embedding at weight W beside it",
+    )
     args = parser.parse_args()
 
     from dataclasses import replace
@@ -121,7 +129,7 @@ def main() -> None:
                 rows["morphotype"][known].astype(str).to_numpy(),
                 rows["culture"].astype(str).to_numpy()[known],
             )["mae"]
-            for method in ("hdbscan", "gmm")
+            for method in ("hdbscan", "gmm", "auto")
         }
         return {
             **line,
@@ -130,6 +138,7 @@ def main() -> None:
             "ari_auto": round(metrics["auto"]["ari"], 3),
             "composition_error": round(float(error["hdbscan"]), 4),
             "composition_error_gmm": round(float(error["gmm"]), 4),
+            "composition_error_auto": round(float(error["auto"]), 4),
         }
 
     baselines = {}
@@ -183,6 +192,23 @@ def main() -> None:
                 line.update(
                     {f"{k}_shipped": v for k, v in scored(x, x, own).items() if not k.startswith(("culture", "morph"))}
                 )
+                if args.context is not None and cell:
+                    # the same encoder on the whole crop (neighbours in view), invariant, beside the shipped vector
+                    context = np.concatenate(
+                        [embed_batch(result.encoder, pixels[i : i + 256], True) for i in range(0, len(pixels), 256)]
+                    )
+                    if args.save:
+                        np.save(args.save / f"{variant.name}_seed{seed}_context.npy", context)
+                    shipped = fit_feature_transform(x, own.preprocess)
+                    joint = np.hstack(
+                        [
+                            x if shipped is None else shipped.apply(x),
+                            args.context * fit_feature_transform(context, "spherize").apply(context),
+                        ]
+                    )
+                    line.update(
+                        {f"{k}_context": v for k, v in scored(joint, joint, replace(own, preprocess="none")).items()}
+                    )
             line.update(
                 loss=round(result.history[-1]["loss"], 2),
                 steps=sum(h.get("steps", 0) for h in result.history),
