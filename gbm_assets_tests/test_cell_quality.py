@@ -752,3 +752,32 @@ def test_inner_depth_counts_other_labels_as_edges_not_the_image_border_and_both_
     # labels too large for the uint16 path take the neighbour tests, with the same result
     big = np.where(labels > 0, labels + 70_000, 0)
     np.testing.assert_array_equal(inner_depth(big), depth)
+
+
+def test_depth_and_radius_after_merges_equal_those_measured_again():
+    """find_candidates measures depth once before the merges and again only for merged labels
+    (merged_depth): the result equals inner_depth and inscribed_radius of the merged labels,
+    on a field of touching cells, some cut by the image's border, with pieces merged in chains."""
+    from gbm_assets.imaging.cell_quality import inner_depth, inscribed_radius, merged_depth
+
+    rng = np.random.default_rng(5)
+    field = synthesize_image(rng, CULTURE_MIXTURES["GBM03"], 120, size=256)
+    labels = field.labels.astype(np.int32)
+    n = int(labels.max()) + 1
+    depth, radius = inner_depth(labels), inscribed_radius(labels)
+    # merge each label into the next one present in 1 of 3 cases (touching or not: a label
+    # made of several pieces), and renumber the rest 1..k as fragment_map does
+    present = np.flatnonzero(radius > 0)
+    roots = np.arange(n)
+    roots[present[:-1:3]] = present[1::3][: len(present[:-1:3])]
+    keep = np.unique(roots[present])
+    renumber = np.zeros(n, np.int32)
+    renumber[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
+    mapping = renumber[roots]
+    merged = mapping[labels]
+    import scipy.ndimage as ndi
+
+    assert (np.bincount(mapping[present]) > 1).sum() >= 5
+    got_depth, got_radius = merged_depth(depth.copy(), radius, mapping, merged, ndi.find_objects(merged))
+    np.testing.assert_array_equal(got_depth, inner_depth(merged))
+    np.testing.assert_array_equal(got_radius, inscribed_radius(merged))

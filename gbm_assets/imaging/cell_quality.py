@@ -129,6 +129,41 @@ def inner_depth(labels: np.ndarray) -> np.ndarray:
     return depth
 
 
+def merged_depth(
+    depth: np.ndarray, radius: np.ndarray, mapping: np.ndarray, labels: np.ndarray, boxes: list
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inner_depth(labels), inscribed_radius(labels)) after merges, from those before them.
+
+    depth, radius: inner_depth and inscribed_radius of the labels before the merges; mapping:
+    int (n,) the label value each earlier value became (fragment_map, dark_joined_map);
+    labels: int (H, W), the labels after (mapping applied); boxes: scipy.ndimage.find_objects
+    of labels. A label's depth depends on its own pixels alone (its edge encloses its inner
+    pixels), so only labels made of more than one earlier label are measured again, each on its
+    bounding box grown by one pixel; every other label keeps its depth and radius. Cell finding
+    merges a few pieces per image, so this costs a small share of a second full distance
+    transform. depth (float32 (H, W)) is modified in place; the radius returned is float32
+    (labels.max() + 1,).
+    """
+    present = np.flatnonzero(radius > 0)
+    sources = np.bincount(mapping[present], minlength=int(mapping[present].max(initial=0)) + 1)
+    out = np.zeros(len(sources), np.float32)
+    single = sources[mapping[present]] == 1
+    out[mapping[present][single]] = radius[present][single]
+    h, w = labels.shape
+    for value in np.flatnonzero(sources > 1).tolist():
+        box = boxes[value - 1]
+        rows = slice(max(box[0].start - 1, 0), min(box[0].stop + 1, h))
+        cols = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, w))
+        part = labels[rows, cols]
+        mine = part == value
+        inner = (_inner(part) & mine).astype(np.uint8)
+        values = (cv2.distanceTransform(inner, cv2.DIST_L2, cv2.DIST_MASK_5) + 1)[mine]
+        depth[rows, cols][mine] = values
+        out[value] = values.max()
+    out[0] = 0
+    return depth, out
+
+
 def inscribed_radius(labels: np.ndarray, depth: np.ndarray | None = None) -> np.ndarray:
     """float32 (n + 1,) radius (px) of the largest disc inside each label of labels (int (H, W),
     0 = background; index = label value, 0 for background and absent labels): the depth
@@ -162,9 +197,26 @@ def merge_fragments(
     not small (or in the largest of a group of small pieces that touch only each other).
     """
     labels = np.asarray(labels, np.int32)
+    mapping, merged = fragment_map(labels, cell_diameter_px, rules, compact, thin)
+    return (mapping[labels] if merged else labels), merged
+
+
+def fragment_map(
+    labels: np.ndarray,
+    cell_diameter_px: float,
+    rules: QualityRules = QualityRules(),
+    compact: np.ndarray | None = None,
+    thin: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """merge_fragments as a map: (mapping, n_merged), mapping int32 (n,) the new number of each
+    old label value (0 for the background and absent values; the identity when none merged), so
+    that merge_fragments(labels) is mapping[labels] and maps can be composed before relabelling
+    the image once."""
+    labels = np.asarray(labels, np.int32)
     n = int(labels.max(initial=0)) + 1
+    identity = np.arange(n, dtype=np.int32)
     if n <= 2:
-        return labels, 0
+        return identity, 0
     flat = labels.ravel()
     area = np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n)  # area[0] (background) stays 0
     small = area < rules.fragment_area_scale * np.pi * cell_diameter_px**2 / 4
@@ -174,7 +226,7 @@ def merge_fragments(
     if compact is not None and len(compact):
         small[np.asarray(compact)[(compact > 0) & (compact < n)]] = False
     if not small.any():
-        return labels, 0
+        return identity, 0
     first, second, length = _borders(labels)
     parent = np.arange(n)
     # every border from both sides, as (small piece a, neighbour b)
@@ -202,11 +254,11 @@ def merge_fragments(
     roots = np.array([root(i) for i in range(n)])
     merged = int(np.count_nonzero(roots[1:] != np.arange(1, n)))
     if merged == 0:
-        return labels, 0
+        return identity, 0
     keep = np.unique(roots[1:][area[1:] > 0])
     renumber = np.zeros(n, np.int32)
     renumber[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
-    return renumber[roots][labels], merged
+    return renumber[roots], merged
 
 
 def _inner(labels: np.ndarray) -> np.ndarray:
@@ -320,21 +372,46 @@ def merge_dark_joined(
     joined, int64 (n + 1,), how many candidates were merged into each label.
     """
     labels = np.asarray(labels, np.int32)
+    step = join_step(cell_diameter_px, rules)
     n = int(labels.max(initial=0)) + 1
+    mapping, joined = dark_joined_map(
+        labels[::step, ::step], z[::step, ::step], n, cell_diameter_px, step, rules, compact
+    )
+    return (mapping[labels] if joined.any() else labels), joined
+
+
+def join_step(cell_diameter_px: float, rules: QualityRules = QualityRules()) -> int:
+    """The pixel step (px) of the dark-join test: join_pixel_scale cell diameters, at least 1."""
+    return max(1, int(cell_diameter_px * rules.join_pixel_scale))
+
+
+def dark_joined_map(
+    sampled: np.ndarray,
+    z: np.ndarray,
+    n: int,
+    cell_diameter_px: float,
+    step: int,
+    rules: QualityRules = QualityRules(),
+    compact: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """merge_dark_joined as a map, from the labels and z sampled on every step-th pixel (join_step)
+    and n, one more than the largest label value of the whole image: (mapping, joined), mapping
+    int32 (n,) the new number of each old label value (0 for the background; the identity, with
+    joined all 0, when none is merged), so that merge_dark_joined(labels) is mapping[labels]."""
+    identity = np.arange(n, dtype=np.int32)
     none = np.zeros(n, np.int64)
     if n <= 2:
-        return labels, none
+        return identity, none
     # on every step-th pixel: a seam between two cells is wider, and the areas only need to be
     # compared with a typical cell's
-    step = max(1, int(cell_diameter_px * rules.join_pixel_scale))
-    sampled = np.ascontiguousarray(labels[::step, ::step])
-    pairs = dark_joined_pairs(sampled, np.ascontiguousarray(z[::step, ::step]), rules.join_level)
+    sampled = np.ascontiguousarray(sampled)
+    pairs = dark_joined_pairs(sampled, np.ascontiguousarray(z), rules.join_level)
     if compact is not None and len(compact):
         is_compact = np.zeros(n, bool)
         is_compact[np.asarray(compact)[(compact > 0) & (compact < n)]] = True
         pairs = pairs[~(is_compact[pairs[:, 0]] | is_compact[pairs[:, 1]])]
     if len(pairs) == 0:
-        return labels, none
+        return identity, none
     flat = sampled.ravel()
     area = np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n) * step**2  # px, near enough
     a, b = pairs[:, 0], pairs[:, 1]
@@ -342,7 +419,7 @@ def merge_dark_joined(
     keep = area[small] <= rules.join_area_scale * typical_cell_area(area[1:], cell_diameter_px, rules)
     small, large = small[keep], large[keep]
     if len(small) == 0:
-        return labels, none
+        return identity, none
     order = np.lexsort((-area[large], small))  # per small piece: its largest joined neighbour first
     small, large = small[order], large[order]
     best = np.r_[True, small[1:] != small[:-1]]
@@ -358,10 +435,7 @@ def merge_dark_joined(
     renumber = np.zeros(n, np.int32)
     renumber[keep_ids] = np.arange(1, len(keep_ids) + 1, dtype=np.int32)
     moved = roots != np.arange(n)
-    where = np.flatnonzero(labels.ravel() != 0)
-    out = np.zeros_like(labels)
-    out.ravel()[where] = renumber[roots][labels.ravel()[where]]
-    return out, np.bincount(renumber[roots[moved]], minlength=len(keep_ids) + 1)
+    return renumber[roots], np.bincount(renumber[roots[moved]], minlength=len(keep_ids) + 1)
 
 
 def quality_measures(

@@ -43,7 +43,7 @@ def _convex_area(obj: np.ndarray) -> int:
     return int(np.count_nonzero(filled))
 
 
-def measure_cells(labels: np.ndarray) -> pd.DataFrame:
+def measure_cells(labels: np.ndarray, boxes: list | None = None) -> pd.DataFrame:
     """One row per labelled object: cell_id, centroid x, y and CellProfiler AreaShape measures.
 
     Axis lengths are those of the ellipse with the same second central moments
@@ -56,6 +56,8 @@ def measure_cells(labels: np.ndarray) -> pd.DataFrame:
     labels : (H, W) ndarray of non-negative int
         Instance labels: 0 is background, object k is the pixels equal to k. Missing label
         values are skipped.
+    boxes : list of (slice, slice) or None, optional
+        scipy.ndimage.find_objects(labels), when the caller has it already (found here otherwise).
 
     Returns
     -------
@@ -67,7 +69,7 @@ def measure_cells(labels: np.ndarray) -> pd.DataFrame:
     """
     labels = np.asarray(labels)
     rows = []
-    for index, box in enumerate(ndi.find_objects(labels), start=1):
+    for index, box in enumerate(ndi.find_objects(labels) if boxes is None else boxes, start=1):
         if box is None:
             continue
         obj = (labels[box] == index).astype(np.uint8)

@@ -46,11 +46,13 @@ from gbm_assets.imaging.cell_quality import (
     QualityRules,
     body_centres,
     centres_inside,
+    dark_joined_map,
+    fragment_map,
     inner_depth,
     inscribed_radius,
+    join_step,
     label_quality,
-    merge_dark_joined,
-    merge_fragments,
+    merged_depth,
     quality_measures,
     typical_cell_area,
     within_border_frame,
@@ -705,20 +707,36 @@ def find_candidates(
     is_compact[compact_ids] = True
     is_compact[0] = False
     before = labels
-    thin = np.flatnonzero(inscribed_radius(labels) < rules.min_thickness_scale * d)
-    labels, merged = merge_fragments(labels, d, rules, np.flatnonzero(is_compact), thin[thin > 0])
+    depth_before = inner_depth(before)
+    radius_before = inscribed_radius(before, depth_before)
+    thin = np.flatnonzero(radius_before < rules.min_thickness_scale * d)
+    mapping, merged = fragment_map(before, d, rules, np.flatnonzero(is_compact), thin[thin > 0])
     # pieces of one cell joined by dark cytoplasm (no bright seam between them); compact cells,
     # found again by position after the renumbering, never; in a crowded field (cells over more
     # of it than the medium) cells press on each other with no medium, hence no halo, between
     # them, and a dark path between two candidates tells nothing
-    joined = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
+    joined = np.zeros(int(mapping.max(initial=0)) + 1, np.int64)
     uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
     if uncrowded:
-        compact_after = np.unique(labels[fine[:, 1], fine[:, 0]][is_compact[before[fine[:, 1], fine[:, 0]]]])
-        labels, joined = merge_dark_joined(labels, z, d, rules, compact_after[compact_after > 0])
-    cells = measure_cells(labels)
-    cell_depth = inner_depth(labels)  # depth inside each candidate (`depth` above: inside the foreground)
-    radius = inscribed_radius(labels, cell_depth)
+        step = join_step(d, rules)
+        at_fine = before[fine[:, 1], fine[:, 0]]
+        compact_after = np.unique(mapping[at_fine][is_compact[at_fine]])
+        joined_map, joined = dark_joined_map(
+            mapping[before[::step, ::step]],
+            z[::step, ::step],
+            len(mapping),
+            d,
+            step,
+            rules,
+            compact_after[compact_after > 0],
+        )
+        mapping = joined_map[mapping]
+    # the maps composed, the image relabelled once; only merged labels are measured again
+    labels = mapping[before] if merged or joined.any() else before
+    boxes = ndi.find_objects(labels)
+    cells = measure_cells(labels, boxes)
+    # depth inside each candidate (`depth` above: inside the foreground)
+    cell_depth, radius = merged_depth(depth_before, radius_before, mapping, labels, boxes)
     inside = centres_inside(labels, cells, rules, cell_depth, radius)  # judged at the centroid: the outline's shape
     cells = body_centres(labels, cells, rules, cell_depth, z)  # x, y: the centre of the cell's body
     field = field_quality(image, obj, d)
