@@ -80,14 +80,13 @@ def plate_coordinates(
             plate_dir, images, params, objects, workers=workers, progress=progress, crop=crop
         )
     diameter = size.diameter_px if size is not None and size.diameter_px else params.cell_diameter_px
-    frames, mask_rows = [], []
+    frames, names, measures, mask_rows = [], [], [], []
     for found in found_cells:
         if found.crops is not None and on_crops is not None:
             on_crops(found)
-        cells = found.cells.assign(**found.measures, cell_diameter_px=float(diameter))
-        cells.insert(0, "image", found.image)
-        cells.insert(0, "plate", plate_id)
-        frames.append(cells)
+        frames.append(found.cells)
+        names.append(found.image)
+        measures.append(found.measures)
         mask_rows.append(
             {
                 "image": found.image,
@@ -98,9 +97,34 @@ def plate_coordinates(
                 **found.measures,
             }
         )
-    coords = pd.concat(frames, ignore_index=True)
+    coords = _with_image_columns(plate_id, frames, names, measures, float(diameter))
     coords["cell_id"] = coords["cell_id"].astype(np.int32)
     return PlateCoordinates(coords, pa.Table.from_pylist(mask_rows), size, params)
+
+
+def _with_image_columns(
+    plate_id: str, frames: list[pd.DataFrame], names: list[str], measures: list[dict], diameter: float
+) -> pd.DataFrame:
+    """The images' candidate tables as one, with plate and image first and each image's
+    measures and the cell diameter last (one value per image, repeated over its rows).
+
+    The columns are added once to the plate's table, not per image: pandas inserts a column
+    into a frame at a cost that does not shrink with its rows, and an image's table is small.
+    Images whose measures differ in their keys (none in one plate: every image takes the same
+    path) are given them one by one instead.
+    """
+    keys = list(measures[0]) if measures else []
+    if any(list(m) != keys for m in measures):
+        frames = [f.assign(**m) for f, m in zip(frames, measures, strict=True)]
+        keys, measures = [], [{} for _ in frames]
+    coords = pd.concat(frames, ignore_index=True)
+    lengths = [len(f) for f in frames]
+    extra = {key: np.repeat([m[key] for m in measures], lengths) for key in keys}
+    coords = coords.assign(**extra, cell_diameter_px=diameter)
+    image = [name for name, n in zip(names, lengths, strict=True) for _ in range(n)]
+    coords.insert(0, "image", pd.array(image, dtype="str"))
+    coords.insert(0, "plate", plate_id)
+    return coords
 
 
 # Sampled images' fine scales further apart than this ratio: two set-ups in one plate? Within one
