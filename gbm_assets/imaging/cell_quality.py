@@ -156,8 +156,7 @@ def merged_depth(
         cols = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, w))
         part = labels[rows, cols]
         mine = part == value
-        inner = (_inner(part) & mine).astype(np.uint8)
-        values = (cv2.distanceTransform(inner, cv2.DIST_L2, cv2.DIST_MASK_5) + 1)[mine]
+        values = inner_depth(part)[mine]
         depth[rows, cols][mine] = values
         out[value] = values.max()
     out[0] = 0

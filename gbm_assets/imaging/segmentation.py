@@ -702,9 +702,9 @@ def find_candidates(
         group = np.unique(obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
     labels = filter_by_area(assign_cells(obj, xy, group, z, params), params)
     fine = xy[scale == 0].astype(int)
-    compact_ids = np.unique(labels[fine[:, 1], fine[:, 0]]) if len(fine) else np.zeros(0, np.int32)
+    at_fine = labels[fine[:, 1], fine[:, 0]]  # the label under each fine seed: compact cells
     is_compact = np.zeros(int(labels.max(initial=0)) + 1, bool)
-    is_compact[compact_ids] = True
+    is_compact[at_fine] = True
     is_compact[0] = False
     before = labels
     depth_before = inner_depth(before)
@@ -719,7 +719,6 @@ def find_candidates(
     uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
     if uncrowded:
         step = join_step(d, rules)
-        at_fine = before[fine[:, 1], fine[:, 0]]
         compact_after = np.unique(mapping[at_fine][is_compact[at_fine]])
         joined_map, joined = dark_joined_map(
             mapping[before[::step, ::step]],
@@ -744,10 +743,9 @@ def find_candidates(
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
     measures = quality_measures(labels, z, tex, threshold, cells, d, rules, radius)
     measures["qc_joined"] = joined[cells["cell_id"].to_numpy()]
-    # a merged label keeps the old number of its root, so compact cells are found by position
+    # compact cells after the merges: the labels their fine seeds' labels became
     compact_now = np.zeros(int(labels.max(initial=0)) + 1, bool)
-    if len(fine):
-        compact_now[labels[fine[:, 1], fine[:, 0]]] = is_compact[before[fine[:, 1], fine[:, 0]]]
+    compact_now[mapping[at_fine]] = is_compact[at_fine]
     compact_now[0] = False
     typical = typical_cell_area(cells["area"].to_numpy(), d, rules) if uncrowded else None
     verdict = label_quality(
