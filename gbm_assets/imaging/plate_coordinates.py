@@ -109,17 +109,13 @@ def _with_image_columns(
     measures and the cell diameter last (one value per image, repeated over its rows).
 
     The columns are added once to the plate's table, not per image: pandas inserts a column
-    into a frame at a cost that does not shrink with its rows, and an image's table is small.
-    Images whose measures differ in their keys (none in one plate: every image takes the same
-    path) are given them one by one instead.
+    into a frame at a cost that does not shrink with its rows, and an image's table is small. A
+    measure some image lacks is NaN on its rows.
     """
-    keys = list(measures[0]) if measures else []
-    if any(list(m) != keys for m in measures):
-        frames = [f.assign(**m) for f, m in zip(frames, measures, strict=True)]
-        keys, measures = [], [{} for _ in frames]
     coords = pd.concat(frames, ignore_index=True)
     lengths = [len(f) for f in frames]
-    extra = {key: np.repeat([m[key] for m in measures], lengths) for key in keys}
+    per_image = pd.DataFrame.from_records(measures, index=range(len(frames)))
+    extra = {key: np.repeat(per_image[key].to_numpy(), lengths) for key in per_image.columns}
     coords = coords.assign(**extra, cell_diameter_px=diameter)
     image = [name for name, n in zip(names, lengths, strict=True) for _ in range(n)]
     coords.insert(0, "image", pd.array(image, dtype="str"))
