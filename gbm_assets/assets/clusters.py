@@ -33,12 +33,11 @@ class ClusterConfig(dg.Config):
     pca_components: int = 8  # components kept by "pca_whiten"
     explorer_max_points: int = 20_000  # cells shown in the explorer page (sampled across cultures and clusters)
 
-    def params(self, variant):
-        """ClusteringConfig of these settings for a variant (models.variants.Variant); an empty
-        preprocess is variant.cluster_preprocess."""
+    def params(self, variant=None):
+        """ClusteringConfig of these settings; an empty preprocess is variant.cluster_preprocess ("none" without one)."""
         from gbm_assets.analysis.clustering import ClusteringConfig
 
-        preprocess = self.preprocess or variant.cluster_preprocess
+        preprocess = self.preprocess or (variant.cluster_preprocess if variant is not None else "none")
         return core_params(self.model_copy(update={"preprocess": preprocess}), ClusteringConfig)
 
     def vector_for(self, variant) -> str:
