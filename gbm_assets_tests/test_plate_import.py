@@ -92,6 +92,9 @@ def test_plate_map_must_cover_every_well(tmp_path):
         ("well\nB2\n", "at least one of"),
         ("well,culture\nB2,A\nb02,B\n", "B2 is listed more than once"),
         ("well,replicate\nB2,1.5\n", r"line 2, column 'replicate'.*not a whole number"),
+        # a column named otherwise would be dropped, leaving the default for every well
+        ("Well,Culture,Conc\nB2,A,1000\n", r"column 'conc' looks like 'concentration'"),
+        ("well,culture,Rep.\nB2,A,1\n", r"column 'rep.' looks like 'replicate'"),
     ],
 )
 def test_bad_plate_maps(tmp_path, content, message):
@@ -310,3 +313,17 @@ def test_add_plate_of_a_folder_with_a_manifest_keeps_what_it_says(tmp_path):
         make_plate(source, tmp_path / "raw", "other", culture="GBM04")
     with pytest.raises(PlateError, match=r"--timepoint-pattern cannot apply"):
         make_plate(source, tmp_path / "raw", "other", timepoint_pattern=r"t(\d+)")
+
+
+def test_instrument_names_of_ome_tiffs_keep_their_well(tmp_path):
+    """bfconvert and Fiji write <name>.ome.tif: the well, position and time are still in the name."""
+    parsed = parse_instrument_name("GBM03_Phase_B2_3_01d02h30m.ome.tif")
+    assert (parsed.group, parsed.well, parsed.position, parsed.timepoint_h) == ("GBM03_Phase", "B2", "3", 26.5)
+
+
+def test_a_file_named_unlike_the_export_beside_it_is_an_error(tmp_path):
+    """A stray 'copy (1)' would otherwise join the plate with well and position 'na' and time 0."""
+    export = _export(tmp_path / "export", ["B2"], stamps=("00d00h00m", "00d01h00m"))
+    tifffile.imwrite(export / "GBM03_Phase_B2_1_00d01h00m (1).tif", np.zeros((48, 64), np.uint16))
+    with pytest.raises(PlateError, match=r"00d01h00m \(1\)\.tif: is not named like the instrument export beside it"):
+        make_plate(export, tmp_path / "raw", "p", culture="A")

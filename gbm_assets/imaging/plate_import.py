@@ -29,8 +29,10 @@ from gbm_assets.imaging.io import frame_interval_h as recorded_interval_h
 from gbm_assets.imaging.plates import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
+    check_look_alikes,
     check_plate_id,
-    decimal_points,
+    column_name,
+    concentration_labels,
     normalise_well,
     read_manifest,
     safe_plate_id,
@@ -84,7 +86,7 @@ def parse_instrument_name(name: str) -> SourceImage | None:
     PlateError
         Naming the file when its absolute stamp (``YYYYyMMmDDd_HHhMMm``) is not a valid date and time.
     """
-    match = INSTRUMENT_NAME.match(Path(name).stem)
+    match = INSTRUMENT_NAME.match(re.sub(r"\.ome$", "", Path(name).stem, flags=re.IGNORECASE))  # x.ome.tif
     if not match:
         return None
     stamp = match["time"]
@@ -184,6 +186,14 @@ def source_images(
     regex = _timepoint_regex(timepoint_pattern) if timepoint_pattern else None
     images = [_describe(p, regex) for p in files]
     groups = sorted({im.group for im in images if im.group})
+    odd = [im for im in images if not im.group]
+    if groups and odd:
+        raise PlateError(
+            odd[0].source,
+            f"is not named like the instrument export beside it ({len(images) - len(odd)} files named "
+            "<vessel>_<channel>_<well>_<position>_<time>), so its well, position and time are unknown "
+            "(a renamed copy?); move it out or choose the export's files with --include",
+        )
     if len(groups) > 1:
         raise PlateError(
             source,
@@ -229,7 +239,8 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     try:
         table = read_delimited(path, what="plate map")
-        table.columns = [c if c == LINE_COLUMN else c.strip().lower() for c in table.columns]
+        table.columns = [c if c == LINE_COLUMN else column_name(c) for c in table.columns]
+        check_look_alikes(path, [c for c in table.columns if c != LINE_COLUMN], ("well", *PLATE_MAP_COLUMNS))
         if "well" not in table.columns:
             raise PlateError(
                 path, f"plate map needs a 'well' column; {describe_header(table.columns, ('well', *PLATE_MAP_COLUMNS))}"
@@ -242,7 +253,7 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
         if not dup.empty:
             raise PlateError(path, f"well {dup.iloc[0]} is listed more than once")
         if "concentration" in present:
-            table["concentration"] = decimal_points(table, "concentration")
+            table["concentration"] = concentration_labels(table, "concentration")
         if "replicate" in present:
             table["replicate"] = parse_numbers(table, "replicate", kind=int, what="plate map")
     except InputError as exc:
