@@ -197,9 +197,14 @@ def column_name(name: str) -> str:
 
 
 def check_look_alikes(table: Path, header: list[str], columns=MANIFEST_COLUMNS) -> None:
-    """A header that names one of `columns` in other words ('Time', 'Rep', 'Site'), when that
-    column is absent, is a PlateError naming both: the images would silently get the column's
-    default instead of what it says."""
+    """Refuse a header that names one of `columns` in other words ('Time', 'Rep', 'Site') when that
+    column is absent: the images would silently get the column's default instead of what it says.
+
+    Raises
+    ------
+    PlateError
+        Naming the table, the header found and the column it looks like.
+    """
     for column, names in _LOOK_ALIKES.items():
         if column in header or column not in columns:
             continue
