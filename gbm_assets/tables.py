@@ -1,7 +1,7 @@
 """Reading delimited text tables the way spreadsheet programs and instruments write them.
 
 One reader for manifests, plate maps and CellProfiler exports: UTF-8 with or without a byte-order
-mark, UTF-16 with one (Excel's "Unicode text"), else Windows-1252 (Excel's "CSV" on Windows);
+mark, UTF-16 with one (Excel's "Unicode text") or without, else Windows-1252 (Excel's "CSV" on Windows);
 CRLF, CR or LF line ends; the delimiter (comma, semicolon, tab or pipe) detected by the standard
 library's csv.Sniffer; surrounding spaces stripped; rows with every cell empty dropped. Every row
 keeps the line number it had in the file, so errors can name it.
@@ -33,6 +33,8 @@ def decode_text(path: Path, data: bytes) -> str:
         text = data[len(codecs.BOM_UTF8) :].decode("utf-8", errors="strict")
     elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         text = data.decode("utf-16")
+    elif _utf16_without_bom(data):
+        text = data.decode(_utf16_without_bom(data), errors="replace")
     else:
         try:
             text = data.decode("utf-8")
@@ -41,6 +43,20 @@ def decode_text(path: Path, data: bytes) -> str:
     if "\x00" in text:
         raise InputError(path, "not a text table (binary content)")
     return text
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """ "utf-16-le" / "utf-16-be" for UTF-16 text written without a byte-order mark (some
+    instruments and scripts do): ASCII text then has a zero in every second byte."""
+    if len(data) < 4 or len(data) % 2:
+        return None
+    head = data[:512]
+    even, odd = head[0::2], head[1::2]
+    if not any(odd) and all(even):
+        return "utf-16-le"
+    if not any(even) and all(odd):
+        return "utf-16-be"
+    return None
 
 
 def sniff_delimiter(lines: list[str]) -> str:
@@ -169,7 +185,11 @@ def parse_numbers(
         try:
             number = float(candidate)
         except ValueError:
-            hint = " (a decimal comma? the table is comma-delimited: use '.' or ';' as separator)" if "," in raw else ""
+            hint = (
+                " (a decimal comma? the table is comma-delimited: use '.' or ';' as separator)"
+                if "," in raw and not decimal_comma
+                else ""
+            )
             raise InputError(path, f"line {line}, column {column!r}: {raw!r} is not a number{hint}") from None
         if finite and not math.isfinite(number):
             raise InputError(path, f"line {line}, column {column!r}: {raw!r} is not a finite number")

@@ -92,6 +92,9 @@ def test_plate_map_must_cover_every_well(tmp_path):
         ("well\nB2\n", "at least one of"),
         ("well,culture\nB2,A\nb02,B\n", "B2 is listed more than once"),
         ("well,replicate\nB2,1.5\n", r"line 2, column 'replicate'.*not a whole number"),
+        # a column named otherwise would be dropped, leaving the default for every well
+        ("Well,Culture,Conc\nB2,A,1000\n", r"column 'conc' looks like 'concentration'"),
+        ("well,culture,Rep.\nB2,A,1\n", r"column 'rep.' looks like 'replicate'"),
     ],
 )
 def test_bad_plate_maps(tmp_path, content, message):
@@ -234,3 +237,93 @@ def test_plate_map_linked_to_a_private_file_is_not_quoted(tmp_path):
     with pytest.raises(PlateError, match="needs a 'well' column; its header has 1 column") as err:
         read_plate_map(tmp_path / "map.csv")
     assert "abc123" not in str(err.value).lower()
+
+
+# ---------------------------------------------------------------- what an export folder holds besides images
+
+
+def test_time_by_z_hyperstack_is_refused_not_given_a_time_point_per_plane(tmp_path):
+    """3 time points x 2 focal planes: frame k is not at k hours, and two planes of one time point
+    would count the same cells twice; the file is refused, naming both axes, and no plate is left."""
+    source = tmp_path / "src"
+    source.mkdir()
+    data = np.zeros((3, 2, 32, 40), np.uint16)
+    tifffile.imwrite(source / "xy01.tif", data, imagej=True, metadata={"axes": "TZYX", "finterval": 3600})
+    with pytest.raises(PlateError, match=r"xy01\.tif: is a stack of 3 time points x 2 focal planes \(Z\)"):
+        make_plate(source, tmp_path / "raw", "tz", culture="A")
+    assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
+
+
+def _cellprofiler_export(folder):
+    """Two fields and CellProfiler's tables beside them, ImageNumber 1 = b.tif (not the name order)."""
+    folder.mkdir(parents=True)
+    for name in ("a.tif", "b.tif"):
+        tifffile.imwrite(folder / name, np.zeros((48, 64), np.uint16))
+    (folder / "MyExpt_Image.csv").write_text("ImageNumber,FileName_Phase,Count_Cells\n1,b.tif,2\n2,a.tif,1\n")
+    (folder / "MyExpt_Cells.csv").write_text(
+        "ImageNumber,ObjectNumber,Location_Center_X,Location_Center_Y\n1,1,10.5,20\n1,2,30,40\n2,1,5,6\n"
+    )
+    return folder
+
+
+def test_add_plate_carries_the_cellprofiler_tables_of_the_folder(tmp_path):
+    """Left behind, the tables' cells would silently give way to our segmentation."""
+    from gbm_assets.imaging.cellprofiler import read_plate_objects
+
+    plate = make_plate(_cellprofiler_export(tmp_path / "export"), tmp_path / "raw", "cp", culture="A")
+    objects = read_plate_objects(plate, read_manifest(plate))
+    assert objects is not None and objects.objects_name == "Cells"
+    assert objects.table[["image", "x", "y"]].values.tolist() == [
+        ["b.tif", 10.5, 20.0],
+        ["b.tif", 30.0, 40.0],
+        ["a.tif", 5.0, 6.0],
+    ]
+
+
+def test_add_plate_checks_the_tables_it_carries_and_names_the_users_file(tmp_path):
+    export = _cellprofiler_export(tmp_path / "export")
+    with pytest.raises(PlateError, match=r"export/MyExpt_Image\.csv: the Image table names files that are not"):
+        make_plate(export, tmp_path / "raw", "cp", culture="A", include="a*")
+    (export / "notes.csv").write_text("what,when\nsplit,monday\n")
+    with pytest.raises(PlateError, match=r"export/notes\.csv: not a table gbm-assets understands"):
+        make_plate(export, tmp_path / "raw", "cp", culture="A")
+    assert [p.name for p in (tmp_path / "raw").iterdir()] == []
+
+
+def test_add_plate_of_a_folder_with_a_manifest_keeps_what_it_says(tmp_path):
+    """A plate folder whose name is no safe id: its manifest's concentration, time points and
+    extra columns are kept (not replaced by defaults), a stack it lists becomes frames at the
+    row's time plus the recorded interval, and an option contradicting it is an error."""
+    source = tmp_path / "GBM03 plate 1"
+    source.mkdir()
+    tifffile.imwrite(source / "t07.tif", np.zeros((32, 40), np.uint16))
+    tifffile.imwrite(
+        source / "xy02.tif", np.zeros((2, 32, 40), np.uint16), imagej=True, metadata={"axes": "TYX", "finterval": 1800}
+    )
+    (source / "manifest.csv").write_text(
+        "image,culture,concentration,timepoint_h,operator\nt07.tif,GBM03,1000,7,ana\nxy02.tif,GBM03,500,3,ben\n"
+    )
+    m = read_manifest(make_plate(source, tmp_path / "raw", culture="GBM03"))
+    assert m["image"].tolist() == ["t07.tif", "xy02_frame000.tif", "xy02_frame001.tif"]
+    assert m["concentration"].tolist() == ["1000", "500", "500"]
+    assert m["timepoint_h"].tolist() == [7.0, 3.0, 3.5]
+    assert m["operator"].tolist() == ["ana", "ben", "ben"]
+    assert m["source"].tolist() == ["t07.tif", "xy02.tif", "xy02.tif"]
+    with pytest.raises(PlateError, match=r"manifest\.csv: --culture 'GBM04' contradicts the manifest"):
+        make_plate(source, tmp_path / "raw", "other", culture="GBM04")
+    with pytest.raises(PlateError, match=r"--timepoint-pattern cannot apply"):
+        make_plate(source, tmp_path / "raw", "other", timepoint_pattern=r"t(\d+)")
+
+
+def test_instrument_names_of_ome_tiffs_keep_their_well(tmp_path):
+    """bfconvert and Fiji write <name>.ome.tif: the well, position and time are still in the name."""
+    parsed = parse_instrument_name("GBM03_Phase_B2_3_01d02h30m.ome.tif")
+    assert (parsed.group, parsed.well, parsed.position, parsed.timepoint_h) == ("GBM03_Phase", "B2", "3", 26.5)
+
+
+def test_a_file_named_unlike_the_export_beside_it_is_an_error(tmp_path):
+    """A stray 'copy (1)' would otherwise join the plate with well and position 'na' and time 0."""
+    export = _export(tmp_path / "export", ["B2"], stamps=("00d00h00m", "00d01h00m"))
+    tifffile.imwrite(export / "GBM03_Phase_B2_1_00d01h00m (1).tif", np.zeros((48, 64), np.uint16))
+    with pytest.raises(PlateError, match=r"00d01h00m \(1\)\.tif: is not named like the instrument export beside it"):
+        make_plate(export, tmp_path / "raw", "p", culture="A")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -138,6 +140,12 @@ def _manifest_bytes(plate, text: str, encoding: str = "utf-8") -> None:
         ('"image","culture","timepoint_h"\nimg0.tif,"Zürich",1\n"img1.tif",Zürich,2.0\n', "utf-8"),
         ("image,culture,timepoint_h,,\nimg0.tif,Zürich,1,,\nimg1.tif,Zürich,2,,\n", "utf-8"),
         ("sep=;\r\nimage;culture;timepoint_h\r\nimg0.tif;Zürich;1\r\nimg1.tif;Zürich;2\r\n", "utf-8"),
+        # UTF-16 without a byte-order mark, as some instruments and scripts write it
+        ("image\tculture\ttimepoint_h\r\nimg0.tif\tZürich\t1\r\nimg1.tif\tZürich\t2\r\n", "utf-16-le"),
+        ("image\tculture\ttimepoint_h\nimg0.tif\tZürich\t1\nimg1.tif\tZürich\t2\n", "utf-16-be"),
+        # the column names spelled otherwise, or with the unit in brackets
+        ("Image;Culture;Time point (h)\nimg0.tif;Zürich;1\nimg1.tif;Zürich;2\n", "utf-8"),
+        ("IMAGE,culture,TimePoint_Hours\nimg0.tif,Zürich,1\nimg1.tif,Zürich,2\n", "utf-8"),
     ],
 )
 def test_manifests_as_spreadsheets_save_them(tmp_path, text, encoding):
@@ -202,3 +210,39 @@ def test_manifest_linked_to_a_private_file_is_not_quoted(tmp_path):
     with pytest.raises(PlateError, match="lacks required column") as err:
         read_manifest(plate)
     assert "hunter2" not in str(err.value) and "swordfish" not in str(err.value)
+
+
+def test_one_concentration_written_several_ways_is_one_label(tmp_path):
+    """A script writes 1000.0, a spreadsheet 1e3 or "1 000": one plated concentration, not four
+    classes; a comma-decimal table's "1.000" may be a thousand and is kept as written."""
+    plate = write_tiny_plate(tmp_path / "p", n=6)
+    _manifest_bytes(
+        plate,
+        "image,culture,concentration\nimg0.tif,A,1000.0\nimg1.tif,A,1e3\nimg2.tif,A,1 000\n"
+        "img3.tif,A,1000\nimg4.tif,A,0.50\nimg5.tif,A,1000 cells/well\n",
+    )
+    assert read_manifest(plate)["concentration"].tolist() == ["1000"] * 4 + ["0.5", "1000 cells/well"]
+    _manifest_bytes(plate, "image;culture;concentration\nimg0.tif;A;0,50\nimg1.tif;A;1.000\nimg2.tif;A;1\u00a0000\n")
+    assert read_manifest(plate)["concentration"].tolist()[:3] == ["0.5", "1.000", "1000"]
+
+
+@pytest.mark.parametrize(
+    "header, column",
+    [
+        ("image,culture,Time", "timepoint_h"),
+        ("image,culture,time (min)", "timepoint_h"),
+        ("image,culture,Elapsed", "timepoint_h"),
+        ("image,culture,Rep", "replicate"),
+        ("image,culture,Conc", "concentration"),
+        ("image,culture,Site", "position"),
+        ("image,culture,Well ID", "well"),
+        ("File name,culture,timepoint_h", "image"),
+    ],
+)
+def test_manifest_column_under_another_name_is_an_error_not_a_default(tmp_path, header, column):
+    """Kept as an extra column, it would leave every image at the default (time 0, replicate 1...)."""
+    plate = write_tiny_plate(tmp_path / "p", n=2)
+    _manifest_bytes(plate, f"{header}\nimg0.tif,A,1\nimg1.tif,A,2\n")
+    name = header.split(",")[2 if column != "image" else 0].strip().lower()
+    with pytest.raises(PlateError, match=rf"manifest\.csv: column '{re.escape(name)}' looks like '{column}'"):
+        read_manifest(plate)

@@ -128,6 +128,38 @@ def read_plate_objects(
     AreaShape measurements may be empty, NaN or infinite (they become NaN).
     """
     plate_dir = Path(plate_dir)
+    found = _plate_sources(plate_dir)
+    if found is None:
+        return None
+    sources, image_table = found
+    source = _choose(plate_dir, sources, objects_name)
+    table = _objects_table(plate_dir, source, image_table, manifest)
+    return PlateObjects(path=source.path, objects_name=source.name, table=table)
+
+
+def check_plate_tables(plate_dir: str | Path, manifest: pd.DataFrame) -> list[str]:
+    """Check every CellProfiler object table of a plate folder against its manifest, as
+    read_plate_objects would use it; return the object names found ([] without tables).
+
+    For `gbm-assets add-plate`, which carries the tables of an export folder into the plate: a
+    table that cannot be used is found then, not when cell finding runs. Several object tables
+    pass (the cell_coordinates config chooses one later) when each of them can be used.
+
+    Raises PlateError as read_plate_objects does.
+    """
+    plate_dir = Path(plate_dir)
+    found = _plate_sources(plate_dir)
+    if found is None:
+        return []
+    sources, image_table = found
+    for source in sources:
+        _objects_table(plate_dir, source, image_table, manifest)
+    return [source.name for source in sources]
+
+
+def _plate_sources(plate_dir: Path) -> tuple[list[_ObjectSource], tuple[Path, pd.DataFrame] | None] | None:
+    """The object sources of a plate folder, named, and its Image table; None without tables."""
+    plate_dir = Path(plate_dir)
     if not plate_dir.is_dir():
         raise PlateError(plate_dir, "plate folder not found")
     sources: list[_ObjectSource] = []
@@ -164,9 +196,7 @@ def read_plate_objects(
             "with the cells' centres; export the objects with ExportToSpreadsheet too",
         )
     _name_sources(sources, image_table)
-    source = _choose(plate_dir, sources, objects_name)
-    table = _objects_table(plate_dir, source, image_table, manifest)
-    return PlateObjects(path=source.path, objects_name=source.name, table=table)
+    return sources, image_table
 
 
 def _check_coverage(
@@ -209,6 +239,12 @@ def _check_coverage(
 
 
 # ---------------------------------------------------------------- finding and classifying tables
+
+
+def table_files(plate_dir: str | Path) -> list[Path]:
+    """The files of a folder that read_plate_objects reads as tables (text tables and workbooks,
+    other than the plate's own manifest.csv and ground_truth.csv and hidden files), sorted."""
+    return _table_files(Path(plate_dir))
 
 
 def _table_files(plate_dir: Path) -> list[Path]:

@@ -14,7 +14,8 @@ Frames
     A file holds one or more 2-D grey frames: the pages of a plain multi-page TIFF, the T/Z (and
     other non-channel) positions of an ImageJ, OME or vendor series. Frames are never blended.
     read_image reads a file of exactly one frame; read_frames yields every frame, decoded one at a
-    time; count_frames counts them from the header. An RGB(A) image (samples) is one frame. A file
+    time; count_frames counts them from the header and frame_axes says which axes (T, Z...) they
+    run along. An RGB(A) image (samples) is one frame. A file
     with more than one channel (C > 1, e.g. phase + fluorescence) or more than one image series /
     scene (positions) is refused: phase contrast is one channel, and each position should be its own
     file.
@@ -159,6 +160,24 @@ def count_frames(path: str | Path, *, max_pixels: int | None = None) -> int:
     path = Path(path)
     with _open(path, max_pixels) as source:
         return source.n_frames
+
+
+def frame_axes(path: str | Path, *, max_pixels: int | None = None) -> dict[str, int]:
+    """The axes a file's frames run along, outermost first, with their lengths, from the header only.
+
+    Only axes longer than 1 are given: {} for one frame, {"T": 3} for a time-lapse, {"T": 3, "Z": 2}
+    for an ImageJ hyperstack of 3 time points by 2 focal planes (frames in the order read_frames
+    yields them: T outer, Z inner). Axis letters are tifffile's (T time, Z depth, I an unlabelled
+    page sequence, ...) or bioio's (T, Z).
+
+    Raises
+    ------
+    ImageReadError
+        As count_frames does.
+    """
+    path = Path(path)
+    with _open(path, max_pixels) as source:
+        return {axis: n for axis, n in source.frame_sizes.items() if n > 1}
 
 
 def image_size(path: str | Path, *, max_pixels: int | None = None) -> tuple[int, int, int]:
@@ -314,10 +333,12 @@ class _Source:
     height: int
     width: int
     bits: int
+    frame_sizes: dict[str, int]  # the frame axes in file order (outer first), with their lengths
 
     def __init__(self, path: Path):
         self.path = path
         self.max_pixels: int | None = None
+        self.frame_sizes = {}
         self._closers: list[Callable[[], None]] = []
 
     def frame(self, index: int) -> np.ndarray:
@@ -447,7 +468,8 @@ class _TiffSource(_Source):
         self.shape = shape
         self.height, self.width = sizes["Y"], sizes["X"]
         self.samples = sizes.get("S", 1)
-        self.n_frames = math.prod(n for a, n in zip(axes, shape, strict=False) if a not in _FRAME_AXES_EXCLUDED)
+        self.frame_sizes = {a: n for a, n in zip(axes, shape, strict=False) if a not in _FRAME_AXES_EXCLUDED}
+        self.n_frames = math.prod(self.frame_sizes.values())
         page = series.keyframe
         self.keyframe = page
         self.photometric = page.photometric
@@ -643,6 +665,7 @@ class _BioioSource(_Source):
             raise ImageReadError(path, f"unsupported dimensions {order!r}")
         self.sizes = sizes
         self.height, self.width = sizes["Y"], sizes["X"]
+        self.frame_sizes = {"T": sizes.get("T", 1), "Z": sizes.get("Z", 1)}
         self.n_frames = sizes.get("T", 1) * sizes.get("Z", 1)
         self.bits = _output_bits(dtype)
 

@@ -17,20 +17,24 @@ import re
 import shutil
 from dataclasses import dataclass, replace
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 import tifffile
 
 from gbm_assets.errors import InputError, PlateError
-from gbm_assets.imaging.io import IMAGE_SUFFIXES, count_frames, image_files, read_frames
+from gbm_assets.imaging.cellprofiler import check_plate_tables, table_files
+from gbm_assets.imaging.io import IMAGE_SUFFIXES, frame_axes, image_files, read_frames
 from gbm_assets.imaging.io import frame_interval_h as recorded_interval_h
 from gbm_assets.imaging.plates import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
+    check_look_alikes,
     check_plate_id,
-    decimal_points,
+    column_name,
+    concentration_labels,
     normalise_well,
+    read_manifest,
     safe_plate_id,
     validate_plate,
 )
@@ -46,6 +50,7 @@ INSTRUMENT_NAME = re.compile(
     r"(?P<time>\d+d\d{1,2}h\d{1,2}m|\d{4}y\d{2}m\d{2}d_\d{2}h\d{2}m)(?:_(?P<tile>\d+))?$"
 )
 PLATE_MAP_COLUMNS = ("culture", "concentration", "replicate")
+_AXIS_NAMES = {"T": "time points", "Z": "focal planes (Z)", "I": "pages", "Q": "pages", "R": "tiles"}
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ def parse_instrument_name(name: str) -> SourceImage | None:
     PlateError
         Naming the file when its absolute stamp (``YYYYyMMmDDd_HHhMMm``) is not a valid date and time.
     """
-    match = INSTRUMENT_NAME.match(Path(name).stem)
+    match = INSTRUMENT_NAME.match(re.sub(r"\.ome$", "", Path(name).stem, flags=re.IGNORECASE))  # x.ome.tif
     if not match:
         return None
     stamp = match["time"]
@@ -128,10 +133,25 @@ def _describe(path: Path, timepoint_pattern: re.Pattern | None) -> SourceImage:
 
 def _expand_frames(image: SourceImage, interval_h: float | None) -> list[SourceImage]:
     """One entry per frame of a stack, else the image. Frame k is at the file's time plus k times
-    interval_h, or the interval the file records (ImageJ, OME, vendor metadata), or 1 h."""
-    n = count_frames(image.source)
-    if n == 1:
+    interval_h, or the interval the file records (ImageJ, OME, vendor metadata), or 1 h.
+
+    A stack must run along one axis: time, or an unlabelled page or slice sequence (ImageJ saves
+    a time-lapse as slices unless told otherwise), read as time. Frames along two axes (an ImageJ
+    hyperstack of time points x focal planes, an OME T x Z series) are refused: giving each frame
+    its own time point would be wrong, and giving a time point several planes of the same cells
+    would count them several times.
+    """
+    axes = frame_axes(image.source)
+    if not axes:
         return [image]
+    if len(axes) > 1:
+        shape = " x ".join(f"{n} {_AXIS_NAMES.get(a, a)}" for a, n in axes.items())
+        raise PlateError(
+            image.source,
+            f"is a stack of {shape}; a plate takes one image per field and time point: save one plane "
+            "per time point (e.g. ImageJ Image > Stacks > Z Project, or the in-focus plane) and add that",
+        )
+    n = next(iter(axes.values()))
     start = image.timepoint_h or 0.0
     step = interval_h if interval_h is not None else (recorded_interval_h(image.source) or 1.0)
     stem = Path(image.name).stem.removesuffix(".ome")
@@ -166,6 +186,14 @@ def source_images(
     regex = _timepoint_regex(timepoint_pattern) if timepoint_pattern else None
     images = [_describe(p, regex) for p in files]
     groups = sorted({im.group for im in images if im.group})
+    odd = [im for im in images if not im.group]
+    if groups and odd:
+        raise PlateError(
+            odd[0].source,
+            f"is not named like the instrument export beside it ({len(images) - len(odd)} files named "
+            "<vessel>_<channel>_<well>_<position>_<time>), so its well, position and time are unknown "
+            "(a renamed copy?); move it out or choose the export's files with --include",
+        )
     if len(groups) > 1:
         raise PlateError(
             source,
@@ -211,7 +239,8 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     try:
         table = read_delimited(path, what="plate map")
-        table.columns = [c if c == LINE_COLUMN else c.strip().lower() for c in table.columns]
+        table.columns = [c if c == LINE_COLUMN else column_name(c) for c in table.columns]
+        check_look_alikes(path, [c for c in table.columns if c != LINE_COLUMN], ("well", *PLATE_MAP_COLUMNS))
         if "well" not in table.columns:
             raise PlateError(
                 path, f"plate map needs a 'well' column; {describe_header(table.columns, ('well', *PLATE_MAP_COLUMNS))}"
@@ -224,7 +253,7 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
         if not dup.empty:
             raise PlateError(path, f"well {dup.iloc[0]} is listed more than once")
         if "concentration" in present:
-            table["concentration"] = decimal_points(table, "concentration")
+            table["concentration"] = concentration_labels(table, "concentration")
         if "replicate" in present:
             table["replicate"] = parse_numbers(table, "replicate", kind=int, what="plate map")
     except InputError as exc:
@@ -313,17 +342,30 @@ def make_plate(
     final = raw / plate_id
     if final.exists():
         raise PlateError(final, "a plate (or folder) of this id already exists; choose another --plate-id or remove it")
-    images = source_images(source, timepoint_pattern, include, frame_interval_h)
-    table = read_plate_map(plate_map) if plate_map else None
-    manifest = plate_manifest(images, culture, concentration, replicate, table, str(plate_map))
+    tables = _source_tables(source, plate_map)
+    if source.is_dir() and (source / MANIFEST_NAME).is_file():
+        options = {"--plate-map": plate_map, "--timepoint-pattern": timepoint_pattern, "--include": include}
+        images, manifest = _from_manifest(source, culture, concentration, replicate, frame_interval_h, options)
+    else:
+        images = source_images(source, timepoint_pattern, include, frame_interval_h)
+        table = read_plate_map(plate_map) if plate_map else None
+        manifest = plate_manifest(images, culture, concentration, replicate, table, str(plate_map))
     staging = raw / f".{plate_id}.adding-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
         _fill(staging, images, link)
+        for path in tables:
+            shutil.copy2(path, staging / path.name)
         manifest.to_csv(staging / MANIFEST_NAME, index=False)
         validate_plate(staging, plate_id=plate_id)
+        if tables:
+            try:
+                check_plate_tables(staging, read_manifest(staging))
+            except PlateError as exc:  # name the user's file, not the staging copy
+                where = exc.where.replace(str(staging), str(source), 1)
+                raise PlateError(where, exc.problem) from None
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -331,15 +373,77 @@ def make_plate(
     return final
 
 
+def _source_tables(source: Path, plate_map: str | Path | None) -> list[Path]:
+    """The CellProfiler tables of an export folder, which the plate carries (never left behind:
+    without them its cells would silently come from our segmentation instead)."""
+    if not source.is_dir():
+        return []
+    skip = Path(plate_map).resolve() if plate_map else None
+    return [p for p in table_files(source) if p.resolve() != skip]
+
+
 def _fill(plate_dir: Path, images: list[SourceImage], link: bool) -> None:
     stacks: dict[Path, list[SourceImage]] = {}
     for im in images:
         if im.frame is not None:
             stacks.setdefault(im.source, []).append(im)
-        elif link:
-            (plate_dir / im.name).symlink_to(im.source.resolve())
         else:
-            shutil.copy2(im.source, plate_dir / im.name)
+            (plate_dir / im.name).parent.mkdir(parents=True, exist_ok=True)  # a manifest may list sub/x.tif
+            if link:
+                (plate_dir / im.name).symlink_to(im.source.resolve())
+            else:
+                shutil.copy2(im.source, plate_dir / im.name)
     for path, frames in stacks.items():
         for im, pixels in zip(frames, read_frames(path), strict=False):
             tifffile.imwrite(plate_dir / im.name, pixels, photometric="minisblack", metadata=None)
+
+
+def _from_manifest(
+    source: Path, culture: str | None, concentration: str, replicate: int, frame_interval_h: float | None, options: dict
+) -> tuple[list[SourceImage], pd.DataFrame]:
+    """The images and manifest of a plate made from a folder that has a manifest already (a plate
+    whose folder name is not a safe id, say): its rows are kept as written, every column included,
+    with a stack's frames each made an image at the row's time plus the frame interval.
+
+    Raises PlateError naming the manifest when an option would replace what it says: a culture,
+    concentration or replicate that differs from its values, or a plate map, time-point pattern
+    or include pattern (which are for folders without a manifest).
+    """
+    path = source / MANIFEST_NAME
+    given = [name for name, value in options.items() if value]
+    if given:
+        raise PlateError(
+            path,
+            f"{', '.join(given)} cannot apply: this folder's manifest already says what each image is "
+            "(move the manifest out to build one from the file names and options)",
+        )
+    m = read_manifest(source)
+    for name, value, column in (
+        ("--culture", culture, "culture"),
+        ("--concentration", None if concentration == "na" else str(concentration), "concentration"),
+        ("--replicate", None if replicate == 1 else replicate, "replicate"),
+    ):
+        if value is not None and (m[column] != value).any():
+            other = m[column][m[column] != value].iloc[0]
+            raise PlateError(path, f"{name} {value!r} contradicts the manifest, which has {column} {other!r}")
+    images, rows = [], []
+    for row in m.to_dict("records"):
+        image = SourceImage(source / row["image"], row["image"], row["timepoint_h"], row["well"], row["position"])
+        for im in _expand_frames(image, frame_interval_h):
+            if im.frame is not None:
+                im = replace(im, name=str(PurePosixPath(row["image"]).with_name(im.name)))
+            frame = "" if im.frame is None else im.frame
+            rows.append(
+                {
+                    **row,
+                    "image": im.name,
+                    "timepoint_h": im.timepoint_h,
+                    "source": row.get("source") or row["image"],
+                    "frame": frame,
+                }
+            )
+            images.append(im)
+    manifest = pd.DataFrame(rows)
+    if (manifest["frame"] == "").all():
+        manifest = manifest.drop(columns="frame")
+    return images, manifest

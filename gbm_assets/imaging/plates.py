@@ -11,6 +11,7 @@ not a comma, header names in any case with surrounding spaces, trailing empty ro
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import unicodedata
@@ -32,6 +33,10 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PLATE_ID_RULE = "letters, digits, '.', '_', '-'; starting with a letter or digit; at most 128; no '..'"
 _WELL = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
+_GROUPED = re.compile(r"^[+-]?\d{1,3}(?:[ \u00a0\u202f']\d{3})+(?:\.\d+)?$")  # 1 000, 1'000.5
+_POINT_GROUPS = re.compile(r"^[+-]?\d{1,3}(?:\.\d{3})+$")
+_DIGIT_GROUPS = re.compile(r"[ \u00a0\u202f']")
+_NUMERIC = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
 
 def check_plate_id(plate_id: str) -> str:
@@ -72,12 +77,40 @@ def normalise_well(well: str) -> str:
     return f"{match.group(1).upper()}{int(match.group(2))}" if match else str(well).strip()
 
 
-def decimal_points(table: pd.DataFrame, column: str) -> list[str]:
-    """Labels of a column read by read_delimited, with "0,5" as 0.5 where the table is not
-    comma-delimited (what a European-locale spreadsheet writes)."""
+def concentration_labels(table: pd.DataFrame, column: str) -> list[str]:
+    """Concentration labels of a column read by read_delimited, one label per plated concentration.
+
+    A label that is a number is written one way, whatever a spreadsheet or script made of it:
+    "1000.0", "1e3", "1 000" (digit groups split by a space, no-break space or apostrophe) and
+    "1000" are all "1000"; "0.50" is "0.5"; "0,5" is "0.5" where the table is not comma-delimited
+    (a European-locale spreadsheet, where "1.000" may be a thousand and is kept as written).
+    Otherwise the plates of one concentration would fall into several classes. Other labels
+    ("na", "high", "1000 cells/well") are kept as written.
+    """
     if table.attrs.get("delimiter", ",") == ",":
-        return list(table[column])
-    return [c.replace(",", ".") if _DECIMAL_COMMA.match(c) else c for c in table[column]]
+        return [_number_label(c) for c in table[column]]
+    # Where the comma is the decimal mark, "1.000" may be a thousand: kept as written.
+    return [
+        _number_label(c.replace(",", "."))
+        if _DECIMAL_COMMA.match(c)
+        else c
+        if _POINT_GROUPS.match(c)
+        else _number_label(c)
+        for c in table[column]
+    ]
+
+
+def _number_label(text: str) -> str:
+    compact = _DIGIT_GROUPS.sub("", text) if _GROUPED.match(text) else text
+    try:
+        number = float(compact)
+    except ValueError:
+        return text
+    if not math.isfinite(number) or not _NUMERIC.match(compact):
+        return text  # "nan", "inf", "infinity": words, not amounts
+    if number.is_integer() and abs(number) < 1e15:
+        return str(int(number))
+    return f"{number:.15g}"
 
 
 def check_image_name(manifest: Path, row: int, name: str) -> str:
@@ -116,6 +149,76 @@ def _on_disk(plate_dir: Path, name: str) -> str:
     return name
 
 
+def _squash(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+# Header names a person writes for a manifest column, which would otherwise be kept as an extra
+# column while every image got the column's default (time point 0, replicate 1, well na...).
+_LOOK_ALIKES = {
+    "image": ("file", "filename", "imagename", "imagefile", "imagefilename", "img", "path", "filepath"),
+    "culture": ("cellline", "line", "cells", "celltype", "patient", "sample", "culturename"),
+    "concentration": ("conc", "cellsperwell", "density", "seedingdensity", "cellnumber", "dilution"),
+    "replicate": ("rep", "repl", "replica", "replicateno", "replicatenumber", "replicateid", "biologicalreplicate"),
+    "timepoint_h": (
+        "time",
+        "timepoint",
+        "timepoints",
+        "tp",
+        "timeh",
+        "timehours",
+        "timehrs",
+        "hours",
+        "hour",
+        "hrs",
+        "elapsed",
+        "elapsedh",
+        "elapsedtime",
+        "elapsedtimeh",
+        "elapsedhours",
+        "timemin",
+        "timepointmin",
+        "timeminutes",
+        "frame",
+    ),
+    "well": ("wellid", "wellname", "wellposition", "wells"),
+    "position": ("field", "site", "fov", "fieldofview", "pos", "fieldno", "siteno", "positionno"),
+}
+
+
+def column_name(name: str) -> str:
+    """A manifest header as the column it names: any case, surrounding spaces, and separators or
+    a unit in brackets spelled otherwise ('Time point (h)', 'TimePoint_h') -> 'timepoint_h'."""
+    name = name.strip().lower()
+    squashed = _squash(name)
+    if squashed == "timepointhours":
+        return "timepoint_h"
+    return next((column for column in MANIFEST_COLUMNS if squashed == _squash(column)), name)
+
+
+def check_look_alikes(table: Path, header: list[str], columns=MANIFEST_COLUMNS) -> None:
+    """Refuse a header that names one of `columns` in other words ('Time', 'Rep', 'Site') when that
+    column is absent: the images would silently get the column's default instead of what it says.
+
+    Raises
+    ------
+    PlateError
+        Naming the table, the header found and the column it looks like.
+    """
+    for column, names in _LOOK_ALIKES.items():
+        if column in header or column not in columns:
+            continue
+        for name in header:
+            squashed = _squash(name)
+            if squashed in names or (squashed.startswith(_squash(column)) and squashed != _squash(column)):
+                unit = " (hours after plating: convert other units)" if column == "timepoint_h" else ""
+                raise PlateError(
+                    table,
+                    f"column {name!r} looks like {column!r}, which is read only under that name{unit}; "
+                    f"rename it to {column!r}, or to something else if it means another thing",
+                )
+
+
 def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
     """Read and normalise a plate's manifest: required columns present, defaults filled, types set.
 
@@ -131,8 +234,9 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
         df = read_delimited(manifest, what="manifest")
     except InputError as exc:
         raise PlateError(manifest, exc.problem) from None
-    df.columns = [c if c == LINE_COLUMN else str(c).strip().lower() for c in df.columns]
+    df.columns = [c if c == LINE_COLUMN else column_name(str(c)) for c in df.columns]
     header = [c for c in df.columns if c != LINE_COLUMN]
+    check_look_alikes(manifest, header)
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise PlateError(
@@ -158,7 +262,7 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
     dup = df["image"][df["image"].duplicated()]
     if not dup.empty:
         raise PlateError(manifest, f"image {dup.iloc[0]!r} listed more than once")
-    df["concentration"] = decimal_points(df, "concentration")
+    df["concentration"] = concentration_labels(df, "concentration")
     df["well"] = df["well"].map(normalise_well)
     try:
         df["replicate"] = parse_numbers(df, "replicate", kind=int, what="manifest")
