@@ -20,7 +20,9 @@ chain of such discs is cut at its necks first, one compact body per disc. In a f
 spread cells the few compact bodies are organelles or debris, so fine seeds need compact
 bodies to hold a share of the cell area. Rounded cells that phase contrast shows bright (no
 dark blob) seed themselves as compact bright bodies where compact cells are, and anywhere as
-bright objects of their own, split at their necks.
+bright objects of their own, split at their necks. In a crowded field (the medium under half of
+it) cells merge into a few large objects: there bright bodies seed everywhere and are cut out as
+objects of their own, and seeds are grouped across nothing brighter than halo_level.
 
 Seeds of one cell are grouped (no halo, no dimming and no waist between them; fine seeds
 only within one compact body). Each object is then shared among its groups along the halos:
