@@ -20,7 +20,9 @@ chain of such discs is cut at its necks first, one compact body per disc. In a f
 spread cells the few compact bodies are organelles or debris, so fine seeds need compact
 bodies to hold a share of the cell area. Rounded cells that phase contrast shows bright (no
 dark blob) seed themselves as compact bright bodies where compact cells are, and anywhere as
-bright objects of their own, split at their necks.
+bright objects of their own, split at their necks. In a crowded field (the medium under half of
+it) cells merge into a few large objects: there bright bodies seed everywhere and are cut out as
+objects of their own, and seeds are grouped across nothing brighter than halo_level.
 
 Seeds of one cell are grouped (no halo, no dimming and no waist between them; fine seeds
 only within one compact body). Each object is then shared among its groups along the halos:
@@ -32,7 +34,7 @@ fractions or multiples of cell_diameter_px.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -329,22 +331,52 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     return out
 
 
-def bright_seeds(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
-    """Centres (x, y) of compact bright bodies: rounded cells, which phase contrast shows bright.
+def bright_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
+    """int32 (H, W) labels (0 elsewhere) of compact bright bodies: rounded cells, which phase
+    contrast shows bright.
 
-    A bright body is a hole-filled region brighter than bright_level, thick enough not to be
-    a halo line and as small and roundish as a compact dark body.
+    A bright body is a hole-filled region of obj brighter than bright_level (z: noise units),
+    thick enough not to be a halo line (inscribed radius at least fine_seed_scale d), thinner than
+    bright_radius_scale d and as roundish as a compact dark body.
     """
     d = params.cell_diameter_px
     bright = fill_holes(((obj > 0) & (z > params.bright_level)).astype(np.uint8), 0.1 * _cell_area(params))
-    n, _, where, body, area, radius = _components(bright, connectivity=8)
-    rows, cols = np.divmod(where, bright.shape[1])
+    n, labels, where, body, area, radius = _components(bright, connectivity=8)
     keep = (radius >= params.fine_seed_scale * d) & (radius < params.bright_radius_scale * d)
     keep &= area <= params.compact_elongation * np.pi * radius**2
     keep[0] = False
+    out = np.zeros(labels.shape, np.int32)
+    out.ravel()[where] = np.where(keep, np.arange(n, dtype=np.int32), 0)[body]
+    return out
+
+
+def bright_seeds(
+    z: np.ndarray, obj: np.ndarray, params: SegmentationParams, bodies: np.ndarray | None = None
+) -> np.ndarray:
+    """Centres (x, y), float (k, 2) px, of the compact bright bodies whose centre lies in obj
+    (bodies: bright_bodies(z, obj, params), computed when None)."""
+    bodies = bright_bodies(z, obj, params) if bodies is None else bodies
+    where = np.flatnonzero(bodies.ravel() != 0)
+    body = bodies.ravel()[where]
+    n = int(body.max(initial=0)) + 1
+    rows, cols = np.divmod(where, bodies.shape[1])
+    area = np.bincount(body, minlength=n)
+    keep = area > 0
     sums = np.stack([np.bincount(body, cols, n), np.bincount(body, rows, n)], 1)
     centres = np.rint(sums[keep] / area[keep, None])
     return centres[obj[centres[:, 1].astype(int), centres[:, 0].astype(int)] > 0]
+
+
+def with_bright_bodies(obj: np.ndarray, bodies: np.ndarray) -> np.ndarray:
+    """obj (int32 (H, W) object labels) with each bright body of bodies (bright_bodies' labels)
+    inside it made an object of its own, numbered after obj's labels.
+
+    For a crowded field, whose cells merge into a few large objects: a rounded bright cell is
+    then its bright disc, not the share of a large object nearest its seed (whose dark parts,
+    a neighbour's, would set its centre), and no seed outside it is grouped with one inside.
+    """
+    inside = (bodies > 0) & (obj > 0)
+    return np.where(inside, bodies + np.int32(obj.max(initial=0)), obj).astype(np.int32)
 
 
 @dataclass
@@ -691,16 +723,26 @@ def find_candidates(
     obj = objects(mask, depth, params)
     medium = obj == 0
     z = noise_units(norm, medium)
+    # a crowded field (cells over more of it than the medium): its cells press on each other
+    # and merge into a few large objects
+    uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
     compact = compact_bodies(z, obj, params)
     xy, scale, maps = dark_seeds(medium_units(norm, medium), obj, compact, params)
-    if compact.any():  # where compact cells are, rounded bright ones are cells too
-        bright = bright_seeds(z, obj, params)
+    cell_obj, group_params = obj, params
+    if compact.any() or not uncrowded:  # where compact cells are, or crowded: rounded bright ones are cells too
+        bodies = bright_bodies(z, obj, params)
+        bright = bright_seeds(z, obj, params, bodies)
         xy, scale = np.concatenate([xy, bright]), np.concatenate([scale, np.zeros(len(bright), int)])
+    if not uncrowded:
+        # each bright body an object of its own; and between cells pressed together only a
+        # faint seam shows, not the full halo of a free cell's edge: halo_level marks a border
+        cell_obj = with_bright_bodies(obj, bodies)
+        group_params = replace(params, merge_halo=params.halo_level)
     if params.declump:
-        group = group_seeds(xy, scale, maps, z, obj, depth, compact, params)
+        group = group_seeds(xy, scale, maps, z, cell_obj, depth, compact, group_params)
     else:  # one cell per object
-        group = np.unique(obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
-    labels = filter_by_area(assign_cells(obj, xy, group, z, params), params)
+        group = np.unique(cell_obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
+    labels = filter_by_area(assign_cells(cell_obj, xy, group, z, params), params)
     fine = xy[scale == 0].astype(int)
     at_fine = labels[fine[:, 1], fine[:, 0]]  # the label under each fine seed: compact cells
     is_compact = np.zeros(int(labels.max(initial=0)) + 1, bool)
@@ -716,7 +758,6 @@ def find_candidates(
     # of it than the medium) cells press on each other with no medium, hence no halo, between
     # them, and a dark path between two candidates tells nothing
     joined = np.zeros(int(mapping.max(initial=0)) + 1, np.int64)
-    uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
     if uncrowded:
         step = join_step(d, rules)
         compact_after = np.unique(mapping[at_fine][is_compact[at_fine]])
