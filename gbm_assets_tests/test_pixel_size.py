@@ -111,6 +111,16 @@ def test_manifest_pixel_size_supplies_the_size_and_is_validated(tmp_path):
             read_manifest(plate)
 
 
+def test_manifest_header_that_only_looks_like_the_pixel_size_is_refused(tmp_path):
+    """'Pixel size' without a unit would be an extra column beside the file's size: refused."""
+    plate = _plate(tmp_path / "p", [None, None])
+    pd.DataFrame({"image": ["img0.tif", "img1.tif"], "culture": "A", "Pixel size": [0.65, 0.65]}).to_csv(
+        plate / "manifest.csv", index=False
+    )
+    with pytest.raises(PlateError, match=r"'pixel size' looks like 'pixel_size_um'.*µm per pixel"):
+        read_manifest(plate)
+
+
 def test_manifest_pixel_size_disagreeing_with_the_file_is_an_error(tmp_path):
     plate = _plate(tmp_path / "p", [0.325, 0.325], files=["0.65", "0.65"])
     with pytest.raises(PlateError, match=r"manifest\.csv.*'img0\.tif'.*pixel_size_um 0\.65 µm.*img0\.tif.*0\.325 µm"):
