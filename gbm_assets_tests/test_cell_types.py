@@ -328,3 +328,33 @@ def test_a_culture_of_one_unit_is_left_out_of_the_test_not_an_error():
     result = culture_difference_test(labels, cultures, units, n_perm=500)
     assert result["reason"] == "" and result["left_out"] == ["T98G"]
     assert result["n_cultures"] == 2 and result["n_units"] == 8 and result["p_value"] < 0.05
+
+
+def test_section_converts_areas_per_plate_and_says_the_unit(lab, tmp_path):
+    """{plate: µm per pixel} from cell_coordinates: every plate known -> areas in µm², each cell with
+    its plate's size, unit in the HTML and CSV tables, size in the per-cell table; one plate unknown
+    -> px² throughout."""
+    cells, files = lab
+    labels = pd.read_parquet(files["labels"]).drop(columns="gmm_probs")
+    plates = sorted(labels["plate"].unique())
+    sizes = {p: (0.5 if p.startswith("GBM01") else 1.0) for p in plates}
+    common = dict(n_boot=20, n_perm=99, per_cluster=2)
+    section = build_section(
+        "B", labels, files["crops"], tmp_path / "B", pixel_size_um=sizes, labels_path=files["labels"], **common
+    )
+    assert section.area_unit == "µm²"
+    measured = cells.set_index("crop_id").loc[labels["crop_id"]]
+    scale = labels["plate"].map(sizes).to_numpy() ** 2
+    clustered = labels["hdbscan"].to_numpy() == 0
+    expected = np.median(measured["area"].to_numpy()[clustered] * scale[clustered])
+    assert section.profiles.loc[0, "median_area"] == pytest.approx(expected)
+    table = pd.read_parquet(section.cell_table["parquet"])
+    assert table["Metadata_pixel_size_um"].tolist() == table["Metadata_plate"].map(sizes).tolist()
+    write_report(tmp_path / "report", pd.DataFrame(columns=list(COMPARISON_COLUMNS)), [section])
+    assert "median_area_um2" in pd.read_csv(tmp_path / "report" / "B_cell_types.csv").columns
+    partly = build_section(
+        "B", labels, files["crops"], tmp_path / "B2", pixel_size_um=sizes | {plates[0]: np.nan}, **common
+    )
+    assert partly.area_unit == "px²"
+    expected_px = np.median(measured["area"].to_numpy()[clustered])
+    assert partly.profiles.loc[0, "median_area"] == pytest.approx(expected_px)

@@ -15,6 +15,7 @@ than one plate's measurements or one batch of cells at a time.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -79,14 +80,21 @@ def read_measurements(crops_dir: str | Path, crop_ids) -> pd.DataFrame:
     return out
 
 
-def shape_measurements(cells: pd.DataFrame, pixel_size_um: float | None = None) -> pd.DataFrame:
+def shape_measurements(cells: pd.DataFrame, pixel_size_um=None) -> pd.DataFrame:
     """Per cell: area (µm² if pixel_size_um is given, else pixels²), elongation, solidity, form factor, eccentricity.
 
-    elongation = major_axis_length / minor_axis_length (1 for a circle; NaN where the minor axis
-    is 0). Columns the cells lack come back NaN. Raises ValueError for a pixel size <= 0.
+    pixel_size_um: None, one size in µm per pixel, or one per cell (array of len(cells), e.g.
+    cell_pixel_sizes' for plates of different set-ups). elongation = major_axis_length /
+    minor_axis_length (1 for a circle; NaN where the minor axis is 0). Columns the cells lack come
+    back NaN. Raises ValueError for a pixel size that is not > 0 and finite, or a per-cell array of
+    another length.
     """
-    if pixel_size_um is not None and not pixel_size_um > 0:
-        raise ValueError(f"pixel size must be > 0 µm, got {pixel_size_um}")
+    if pixel_size_um is not None:
+        sizes = np.asarray(pixel_size_um, float)
+        if not (np.all(sizes > 0) and np.all(np.isfinite(sizes))):
+            raise ValueError(f"pixel size must be > 0 µm and finite, got {pixel_size_um}")
+        if sizes.ndim and len(sizes) != len(cells):
+            raise ValueError(f"{len(sizes)} pixel sizes for {len(cells)} cells")
 
     def col(name):
         return pd.to_numeric(cells[name], errors="coerce") if name in cells else pd.Series(np.nan, index=cells.index)
@@ -94,7 +102,7 @@ def shape_measurements(cells: pd.DataFrame, pixel_size_um: float | None = None) 
     minor = col("minor_axis_length")
     return pd.DataFrame(
         {
-            "area": col("area") * (pixel_size_um**2 if pixel_size_um else 1.0),
+            "area": col("area") * (sizes**2 if pixel_size_um is not None else 1.0),
             "elongation": col("major_axis_length") / minor.where(minor > 0),
             "solidity": col("solidity"),
             "form_factor": col("form_factor"),
@@ -104,18 +112,31 @@ def shape_measurements(cells: pd.DataFrame, pixel_size_um: float | None = None) 
     )
 
 
-def area_unit(pixel_size_um: float | None) -> str:
-    return "µm²" if pixel_size_um else "px²"
+def area_unit(pixel_size_um) -> str:
+    """ "µm²" when a pixel size (one, or one per cell) is given, else "px²"."""
+    return "µm²" if pixel_size_um is not None else "px²"
 
 
-def cluster_profiles(
-    cells: pd.DataFrame, label_column: str = "hdbscan", pixel_size_um: float | None = None
-) -> pd.DataFrame:
+def cell_pixel_sizes(plates, pixel_size_um):
+    """The pixel size (µm) to measure each cell in, or None to measure all in pixels.
+
+    pixel_size_um: None, one size (float, returned as it is), or {plate: µm per pixel} (NaN or
+    missing where unknown). With a mapping: an array of each cell's plate's size (len(plates),
+    float64) when every plate's is known, else None: areas of some plates in µm² and others in
+    px² cannot share a table.
+    """
+    if not isinstance(pixel_size_um, Mapping):
+        return pixel_size_um
+    sizes = pd.Series(plates, dtype=str).map(lambda p: pixel_size_um.get(p, np.nan)).to_numpy(float)
+    return sizes if len(sizes) and np.isfinite(sizes).all() else None
+
+
+def cluster_profiles(cells: pd.DataFrame, label_column: str = "hdbscan", pixel_size_um=None) -> pd.DataFrame:
     """One row per cluster (noise left out): size, median shape, qc shares, artefact flag.
 
     cells: one row per cell with label_column and the measurement columns (read_measurements),
     optionally qc. Columns: cluster, n_cells, share (of clustered cells), median_<m> for m in
-    SHAPE_SUMMARY (area in area_unit(pixel_size_um)), qc_not_cell (share of cells whose qc label
+    SHAPE_SUMMARY (area in area_unit(pixel_size_um); pixel_size_um as in shape_measurements), qc_not_cell (share of cells whose qc label
     is not "cell"; NaN without qc labels), artefact (bool) and artefact_reason (str, "" if none).
     The rules (SMALL_AREA_FRACTION, LOW_SOLIDITY, QC_ARTEFACT_SHARE) are flags for a person to
     check in the gallery.
@@ -125,7 +146,7 @@ def cluster_profiles(
     KeyError
         If label_column is missing.
     ValueError
-        If pixel_size_um is given and not > 0 (shape_measurements).
+        If pixel_size_um is given and not > 0 and finite (shape_measurements).
     """
     labels = cells[label_column].to_numpy()
     clustered = labels != NOISE
@@ -205,6 +226,7 @@ def random_members(labels, per_cluster: int = 10, seed: int = 0) -> dict:
 
 # --- the per-cell table -----------------------------------------------------------------------
 
+PIXEL_SIZE_METADATA = "Metadata_pixel_size_um"  # µm per pixel of the cell's plate, NaN when unknown
 CELL_LABEL_COLUMNS = ("hdbscan", "hdbscan_noise", "gmm", "gmm_prob", "auto", "umap_x", "umap_y")
 
 
@@ -267,10 +289,11 @@ def _batch_measurements(rows: pd.DataFrame, crops_dir: Path, cache: OrderedDict)
     return measured.reindex(index=rows.index, columns=[*MEASUREMENT_COLUMNS, QC_COLUMN])
 
 
-def _cell_rows(rows: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
+def _cell_rows(rows: pd.DataFrame, measured: pd.DataFrame, pixel_sizes: Mapping | None = None) -> pd.DataFrame:
     table = pd.DataFrame({f"Metadata_{c}": rows[c] for c in PROVENANCE_COLUMNS if c in rows})
     qc = measured[QC_COLUMN].astype(object)
     table["Metadata_qc"] = qc.where(qc.notna(), None)
+    table[PIXEL_SIZE_METADATA] = rows["plate"].astype(str).map(pixel_sizes or {}).astype(float)
     for c in CELL_LABEL_COLUMNS:
         if c in rows:
             table[f"Metadata_{c}"] = rows[c]
@@ -283,7 +306,7 @@ def cell_table_columns(n_embedding: int = 0) -> list[str]:
     """Columns of write_cell_table's files, in order (pycytominer naming)."""
     return (
         [f"Metadata_{c}" for c in PROVENANCE_COLUMNS]
-        + ["Metadata_qc"]
+        + ["Metadata_qc", PIXEL_SIZE_METADATA]
         + [f"Metadata_{c}" for c in CELL_LABEL_COLUMNS]
         + [f"Cells_{CP_NAMES[m]}" for m in MEASUREMENT_COLUMNS]
         + [f"Cells_Embedding_{i:03d}" for i in range(n_embedding)]
@@ -296,12 +319,15 @@ def write_cell_table(
     out_stem: str | Path,
     embeddings_path: str | Path | None = None,
     batch_size: int = 4096,
+    pixel_sizes: Mapping[str, float] | None = None,
 ) -> dict:
     """Every cell of a labels file, with its measurements (and embedding), as <out_stem>.parquet and .csv.
 
     Columns follow pycytominer's convention (cell_table_columns): Metadata_<provenance>,
-    Metadata_qc (None where the crops have no qc label), Metadata_<label> for the cluster labels
-    and UMAP coordinates, Cells_AreaShape_<Measurement> (CellProfiler names, pixel units) and,
+    Metadata_qc (None where the crops have no qc label), Metadata_pixel_size_um (µm per pixel of
+    the cell's plate from pixel_sizes {plate: µm}, NaN where unknown: multiply areas by its square),
+    Metadata_<label> for the cluster labels and UMAP coordinates, Cells_AreaShape_<Measurement>
+    (CellProfiler names, pixel units, as CellProfiler writes them) and,
     when embeddings_path lists the same cells in the same order, Cells_Embedding_<i> (float32);
     otherwise the embedding columns are left out and "embedding" in the result says why.
     Streamed: one batch of batch_size labels (with their measurements and embeddings as a pandas
@@ -340,7 +366,7 @@ def write_cell_table(
         pf = stack.enter_context(pq.ParquetFile(labels_path))
         for batch in pf.iter_batches(batch_size=batch_size, columns=label_columns):
             rows = batch.to_pandas()
-            table = _cell_rows(rows, _batch_measurements(rows, crops_dir, cache))
+            table = _cell_rows(rows, _batch_measurements(rows, crops_dir, cache), pixel_sizes)
             if embeddings is not None:
                 col = embeddings.take(len(table)).column("embedding").combine_chunks()
                 vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(len(table), col.type.list_size)
@@ -367,7 +393,10 @@ def write_cell_table(
         if writer is None:  # no cells: still a valid, empty pair of files
             empty = pd.DataFrame(columns=cell_table_columns())
             schema = pa.schema(
-                [pa.field(c, pa.string() if c.startswith("Metadata_") else pa.float64()) for c in empty.columns]
+                [
+                    pa.field(c, pa.string() if c.startswith("Metadata_") and c != PIXEL_SIZE_METADATA else pa.float64())
+                    for c in empty.columns
+                ]
             )
             stack.enter_context(AtomicParquetWriter(parquet_path, schema))
             to_csv_safe(empty, csv_file, index=False)

@@ -444,7 +444,10 @@ def _variant_html(v: VariantSection, out_dir: Path) -> str:
             write_bytes_atomic(target, Path(png).read_bytes())
         parts.append(_figure(target.resolve().relative_to(out_dir.resolve()), caption, out_dir))
     if v.profiles is not None and len(v.profiles):
-        write_bytes_atomic(out_dir / f"{slug}_cell_types.csv", to_csv_safe(v.profiles, index=False).encode())
+        # The area's unit in its column name (ASCII: median_area_um2 or median_area_px2).
+        ascii_unit = v.area_unit.replace("µ", "u").replace("²", "2")
+        profiles_csv = v.profiles.rename(columns={"median_area": f"median_area_{ascii_unit}"})
+        write_bytes_atomic(out_dir / f"{slug}_cell_types.csv", to_csv_safe(profiles_csv, index=False).encode())
         flagged = int(v.profiles["artefact"].sum())
         parts += [
             "<h3>Cell types</h3>",

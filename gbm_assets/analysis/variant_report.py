@@ -7,6 +7,7 @@ crops are read only for the few cells a figure shows. The per-cell table streams
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 
 from gbm_assets.analysis.cell_types import (
     area_unit,
+    cell_pixel_sizes,
     cluster_profiles,
     nearest_to_centre,
     random_members,
@@ -91,7 +93,7 @@ def build_section(
     seed: int = 0,
     labels_path: str | Path | None = None,
     embeddings_path: str | Path | None = None,
-    pixel_size_um: float | None = None,
+    pixel_size_um: float | Mapping[str, float] | None = None,
     n_perm: int = 9999,
     per_cluster: int = 10,
 ) -> VariantSection:
@@ -106,7 +108,11 @@ def build_section(
     from crops_dir for the sampled cells only; the gallery reads per_cluster crops nearest each
     cluster's UMAP centre and per_cluster random ones. labels_path (the full labels file) makes
     the per-cell table <out_dir>/cells.parquet and cells.csv (cell_types.write_cell_table, with
-    embedding columns from embeddings_path when it matches). pixel_size_um turns areas into µm².
+    embedding columns from embeddings_path when it matches). pixel_size_um (µm per pixel) turns
+    areas into µm²: one size for every cell, or {plate: size} (pixel_size.coordinates_pixel_sizes),
+    each cell converted with its plate's, when every sampled cell's plate has one (else all stay in
+    px², and the section's area_unit says which); the mapping also fills the per-cell table's
+    Metadata_pixel_size_um.
     """
     out_dir = Path(out_dir)
     truth = labels["morphotype"] if "morphotype" in labels and has_truth(labels["morphotype"]) else None
@@ -128,8 +134,9 @@ def build_section(
     cells = pd.concat(
         [labels.reset_index(drop=True), read_measurements(crops_dir, labels["crop_id"]).drop(columns="crop_id")], axis=1
     )
-    profiles = cluster_profiles(cells, "hdbscan", pixel_size_um)
-    unit = area_unit(pixel_size_um)
+    sizes = cell_pixel_sizes(labels["plate"] if "plate" in labels else [], pixel_size_um)
+    profiles = cluster_profiles(cells, "hdbscan", sizes)
+    unit = area_unit(sizes)
     gallery = None
     nearest = nearest_to_centre(labels[["umap_x", "umap_y"]].to_numpy(), hdbscan, per_cluster)
     if nearest:
@@ -152,7 +159,10 @@ def build_section(
         error = composition_error(hdbscan[known], truth[known].astype(str).to_numpy(), cultures[known])
     table = None
     if labels_path is not None:
-        table = write_cell_table(labels_path, crops_dir, out_dir / "cells", embeddings_path=embeddings_path)
+        per_plate = pixel_size_um if isinstance(pixel_size_um, Mapping) else None
+        table = write_cell_table(
+            labels_path, crops_dir, out_dir / "cells", embeddings_path=embeddings_path, pixel_sizes=per_plate
+        )
     return VariantSection(
         variant=variant,
         confusion_matrices=list(confusion_pngs),

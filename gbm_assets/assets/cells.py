@@ -30,6 +30,7 @@ from gbm_assets.assets.resources import DataDirs
 from gbm_assets.errors import PlateError
 from gbm_assets.imaging.cell_quality import QC_LABELS, kept_candidates
 from gbm_assets.imaging.cellprofiler import read_plate_objects
+from gbm_assets.imaging.pixel_size import PIXEL_SIZE_COLUMN, plate_pixel_size
 from gbm_assets.imaging.plate_cells import (
     CropFilters,
     CropRequest,
@@ -238,7 +239,8 @@ def cell_coordinates(
     write_parquet_atomic(
         masks.replace_schema_metadata(masks.schema.metadata | crops_pass_metadata(token)), masks_file(data, plate_id)
     )
-    coords = plate.coordinates
+    pixel_size = plate_pixel_size(plate_dir, manifest)  # raw_plates checked it; NaN when unknown
+    coords = plate.coordinates.assign(**{PIXEL_SIZE_COLUMN: pixel_size.um if pixel_size else float("nan")})
     table = _with_version(pa.Table.from_pandas(coords, preserve_index=False), version)
     out = write_parquet_atomic(
         table.replace_schema_metadata(table.schema.metadata | crops_pass_metadata(token)),
@@ -259,6 +261,7 @@ def cell_coordinates(
                 k: dg.MetadataValue.json(v) if isinstance(v, dict) else v for k, v in coordinates_summary(plate).items()
             },
             "cell_diameter_px": float(coords["cell_diameter_px"].iloc[0]) if len(coords) else float("nan"),
+            PIXEL_SIZE_COLUMN: pixel_size.um if pixel_size else float("nan"),
             "cell_size": plate.size.note() if plate.size is not None else "given in the run config",
             "magnification": dg.MetadataValue.json(magnified),
             "cells_found_at_px": float(plate.params.cell_diameter_px),

@@ -275,6 +275,7 @@ def _variant_section(context, data: DataDirs, name: str, staged_dir):
     from gbm_assets.analysis.report import VariantSection
     from gbm_assets.analysis.truth import true_morphotypes
     from gbm_assets.analysis.variant_report import build_section, sample_labels
+    from gbm_assets.imaging.pixel_size import coordinates_pixel_sizes
 
     if not data.labels_file(name).is_file():
         return VariantSection(name, notes=f"Not clustered: {skipped_reason(data.cluster_models(name))}.")
@@ -291,6 +292,7 @@ def _variant_section(context, data: DataDirs, name: str, staged_dir):
         auto_k=meta["auto_k"],
         labels_path=data.labels_file(name),
         embeddings_path=data.embeddings_file(name),
+        pixel_size_um=coordinates_pixel_sizes(data.coordinates),  # {plate: µm}: areas in µm² when all known
     )
     if data.explorer_file(name).is_file():
         section.explorer = os.path.relpath(data.explorer_file(name), data.composition_dir)

@@ -57,5 +57,7 @@ def raw_plates(context: dg.AssetExecutionContext, data: DataDirs) -> dg.Material
             "replicates": ", ".join(str(r) for r in sorted(summary.manifest["replicate"].unique())),
             "timepoints_h": ", ".join(f"{t:g}" for t in sorted(summary.manifest["timepoint_h"].unique())),
             "wells": ", ".join(sorted(set(summary.manifest["well"]) - {"na"})) or "na",
+            "pixel_size_um": summary.pixel_size.um if summary.pixel_size else float("nan"),
+            "pixel_size_source": summary.pixel_size.source if summary.pixel_size else "not recorded (areas in px²)",
         }
     )

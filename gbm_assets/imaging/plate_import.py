@@ -26,6 +26,7 @@ from gbm_assets.errors import InputError, PlateError
 from gbm_assets.imaging.cellprofiler import check_plate_tables, table_files
 from gbm_assets.imaging.io import IMAGE_SUFFIXES, frame_axes, image_files, read_frames
 from gbm_assets.imaging.io import frame_interval_h as recorded_interval_h
+from gbm_assets.imaging.pixel_size import recorded_pixel_size
 from gbm_assets.imaging.plates import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
@@ -394,8 +395,11 @@ def _fill(plate_dir: Path, images: list[SourceImage], link: bool) -> None:
             else:
                 shutil.copy2(im.source, plate_dir / im.name)
     for path, frames in stacks.items():
+        # Each frame keeps the stack's pixel size, as a standard TIFF resolution in pixels per centimetre.
+        size = recorded_pixel_size(path)
+        calibration = {"resolution": (1e4 / size.um,) * 2, "resolutionunit": "CENTIMETER"} if size else {}
         for im, pixels in zip(frames, read_frames(path), strict=False):
-            tifffile.imwrite(plate_dir / im.name, pixels, photometric="minisblack", metadata=None)
+            tifffile.imwrite(plate_dir / im.name, pixels, photometric="minisblack", metadata=None, **calibration)
 
 
 def _from_manifest(

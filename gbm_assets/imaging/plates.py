@@ -1,7 +1,8 @@
 """The plate format: data/raw/<plate_id>/ holding images and a manifest.csv, and its validation.
 
 Only the manifest columns `image` and `culture` are required. Missing optional columns get
-defaults: concentration "na", replicate 1, timepoint_h 0.0, well "na", position "na". A plate is
+defaults: concentration "na", replicate 1, timepoint_h 0.0, well "na", position "na"; an optional
+pixel_size_um (µm per pixel) supplies or checks the size the image files record. A plate is
 ready once its manifest.csv exists (write the images first, the manifest last).
 
 The manifest is read as spreadsheet programs save it (see gbm_assets.tables): UTF-8 with or without
@@ -18,10 +19,12 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pandas as pd
 
 from gbm_assets.errors import InputError, PlateError
 from gbm_assets.imaging.io import IMAGE_SUFFIXES, image_size
+from gbm_assets.imaging.pixel_size import PIXEL_SIZE_COLUMN, PixelSize, plate_pixel_size
 from gbm_assets.tables import LINE_COLUMN, describe_header, parse_numbers, read_delimited
 
 MANIFEST_NAME = "manifest.csv"
@@ -183,7 +186,19 @@ _LOOK_ALIKES = {
     ),
     "well": ("wellid", "wellname", "wellposition", "wells"),
     "position": ("field", "site", "fov", "fieldofview", "pos", "fieldno", "siteno", "positionno"),
+    PIXEL_SIZE_COLUMN: (
+        "pixelsize",
+        "pixelsizenm",
+        "pixelsizemm",
+        "pixelwidth",
+        "pixelspacing",
+        "physicalsizex",
+        "calibration",
+        "resolution",
+    ),
 }
+# Header names of pixel_size_um, squashed after reading µ (micro sign or Greek mu) as "u".
+_PIXEL_SIZE_NAMES = ("pixelsizeum", "pixelsizemicron", "pixelsizemicrons", "umperpixel", "micronsperpixel")
 
 
 def column_name(name: str) -> str:
@@ -193,10 +208,12 @@ def column_name(name: str) -> str:
     squashed = _squash(name)
     if squashed == "timepointhours":
         return "timepoint_h"
+    if _squash(name.replace("\u00b5", "u").replace("\u03bc", "u")) in _PIXEL_SIZE_NAMES:
+        return PIXEL_SIZE_COLUMN
     return next((column for column in MANIFEST_COLUMNS if squashed == _squash(column)), name)
 
 
-def check_look_alikes(table: Path, header: list[str], columns=MANIFEST_COLUMNS) -> None:
+def check_look_alikes(table: Path, header: list[str], columns=(*MANIFEST_COLUMNS, PIXEL_SIZE_COLUMN)) -> None:
     """Refuse a header that names one of `columns` in other words ('Time', 'Rep', 'Site') when that
     column is absent: the images would silently get the column's default instead of what it says.
 
@@ -211,7 +228,10 @@ def check_look_alikes(table: Path, header: list[str], columns=MANIFEST_COLUMNS) 
         for name in header:
             squashed = _squash(name)
             if squashed in names or (squashed.startswith(_squash(column)) and squashed != _squash(column)):
-                unit = " (hours after plating: convert other units)" if column == "timepoint_h" else ""
+                unit = {
+                    "timepoint_h": " (hours after plating: convert other units)",
+                    PIXEL_SIZE_COLUMN: " (µm per pixel: convert other units)",
+                }.get(column, "")
                 raise PlateError(
                     table,
                     f"column {name!r} looks like {column!r}, which is read only under that name{unit}; "
@@ -223,7 +243,9 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
     """Read and normalise a plate's manifest: required columns present, defaults filled, types set.
 
     Returns one row per image with MANIFEST_COLUMNS first (image, culture, concentration: str;
-    replicate: int64; timepoint_h: float64; well, position: str), then any extra columns.
+    replicate: int64; timepoint_h: float64; well, position: str), then any extra columns; an
+    optional pixel_size_um column (header 'Pixel size (µm)' and the like) is float64 µm per pixel,
+    NaN where the cell is empty.
     Raises PlateError naming the manifest and, for a bad value, its line and column.
     """
     plate_dir = Path(plate_dir)
@@ -269,8 +291,33 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
         df["timepoint_h"] = parse_numbers(df, "timepoint_h", kind=float, what="manifest")
     except InputError as exc:
         raise PlateError(manifest, exc.problem) from None
+    if PIXEL_SIZE_COLUMN in df:
+        df[PIXEL_SIZE_COLUMN] = _pixel_sizes(manifest, df)
     extra = [c for c in header if c not in MANIFEST_COLUMNS]
     return df[list(MANIFEST_COLUMNS) + extra].reset_index(drop=True)
+
+
+def _pixel_sizes(manifest: Path, df: pd.DataFrame) -> pd.Series:
+    """The manifest's pixel_size_um column as float64 µm, NaN where a cell is empty (the file's own size
+    is used there); PlateError naming line and column for anything but a positive, finite number."""
+    given = df[PIXEL_SIZE_COLUMN].astype(str).str.strip() != ""
+    out = pd.Series(np.nan, index=df.index, dtype="float64", name=PIXEL_SIZE_COLUMN)
+    if not given.any():
+        return out
+    try:
+        values = parse_numbers(df[given], PIXEL_SIZE_COLUMN, kind=float, what="manifest")
+    except InputError as exc:
+        raise PlateError(manifest, f"{exc.problem} (the pixel size in µm)") from None
+    bad = ~(values > 0)
+    if bad.any():
+        line = df.loc[given, LINE_COLUMN][bad].iloc[0]
+        raise PlateError(
+            manifest,
+            f"line {line}, column {PIXEL_SIZE_COLUMN!r}: {values[bad].iloc[0]:g} is not a pixel size "
+            "(a positive number of µm per pixel)",
+        )
+    out[given] = values
+    return out
 
 
 @dataclass
@@ -285,6 +332,7 @@ class PlateSummary:
     bits: int
     cultures: list[str] = field(default_factory=list)
     concentrations: list[str] = field(default_factory=list)
+    pixel_size: PixelSize | None = None  # the plate's µm per pixel (pixel_size.plate_pixel_size), None if unknown
 
     @property
     def n_images(self) -> int:
@@ -302,10 +350,12 @@ def validate_plate(plate_dir: str | Path, check_pixels: bool = True, plate_id: s
     ------
     PlateError
         For an unsafe plate id, a missing folder, a bad manifest (see read_manifest), a listed
-        image that does not exist, or images of differing sizes (height x width).
+        image that does not exist, images of differing sizes (height x width), or a pixel size
+        that the manifest and a file disagree on or that differs between images
+        (pixel_size.plate_pixel_size).
     ImageReadError
         Naming the image that cannot be read (see io.read_image; io.image_size without
-        check_pixels).
+        check_pixels), or whose pixels are not square (pixel_size.recorded_pixel_size).
     """
     from gbm_assets.imaging.io import read_image
 
@@ -331,6 +381,7 @@ def validate_plate(plate_dir: str | Path, check_pixels: bool = True, plate_id: s
             (a, first), (b, _) = list(sizes.items())[:2]
             raise PlateError(path, f"mixed image sizes in plate: {first!r} is {a[1]}x{a[0]}, {name!r} is {b[1]}x{b[0]}")
     ((height, width),) = sizes.keys()
+    pixel_size = plate_pixel_size(plate_dir, manifest)
     return PlateSummary(
         plate_id=plate_id,
         path=plate_dir,
@@ -340,6 +391,7 @@ def validate_plate(plate_dir: str | Path, check_pixels: bool = True, plate_id: s
         bits=max(bits_seen),
         cultures=sorted(manifest["culture"].unique().tolist()),
         concentrations=sorted(manifest["concentration"].unique().tolist(), key=natural_key),
+        pixel_size=pixel_size,
     )
 
 
