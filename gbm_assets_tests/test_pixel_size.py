@@ -62,6 +62,9 @@ def test_plain_tiff_at_72_dpi_or_without_unit_is_not_recorded(tmp_path):
     tifffile.imwrite(tmp_path / "ratio.tif", IMAGE, resolution=(3, 3), resolutionunit="NONE")
     for name in ("dpi72", "dpi300", "none", "ratio"):
         assert recorded_pixel_size(tmp_path / f"{name}.tif") is None, name
+    # Print defaults that differ between the axes are no pixel size either, not "non-square pixels".
+    tifffile.imwrite(tmp_path / "dpi72x96.tif", IMAGE, resolution=(72, 96), resolutionunit="INCH")
+    assert recorded_pixel_size(tmp_path / "dpi72x96.tif") is None
     # A calibration written in inches (25,400 / 0.65 dpi) is one.
     tifffile.imwrite(tmp_path / "cal.tif", IMAGE, resolution=(25_400 / 0.65,) * 2, resolutionunit="INCH")
     assert recorded_pixel_size(tmp_path / "cal.tif").um == pytest.approx(0.65, rel=1e-6)
@@ -200,3 +203,15 @@ def test_raw_plates_and_cell_coordinates_record_the_plates_pixel_size(data_root)
         else:
             assert meta["pixel_size_um"].value == um and meta["pixel_size_source"].value == "manifest"
             assert (coords["pixel_size_um"] == um).all() and len(coords)
+
+
+def test_manifest_pixel_size_overrides_a_header_that_cannot_be_read_as_one(tmp_path):
+    """A header in a unit not known here refuses the plate only where the manifest gives no size."""
+    plate = _plate(tmp_path / "p", [None, None])
+    _imagej(plate / "img0.tif", 0.65, "furlong")
+    with pytest.raises(ImageReadError, match=r"img0\.tif.*'furlong'"):
+        validate_plate(plate)
+    pd.DataFrame({"image": ["img0.tif", "img1.tif"], "culture": "A", "pixel_size_um": [0.65, 0.65]}).to_csv(
+        plate / "manifest.csv", index=False
+    )
+    assert validate_plate(plate).pixel_size.um == pytest.approx(0.65)

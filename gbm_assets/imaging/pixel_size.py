@@ -185,7 +185,8 @@ def plate_pixel_size(plate_dir: str | Path, manifest: pd.DataFrame) -> PixelSize
         plate's images have different sizes (two set-ups: make them two plates), or when some have a
         size and others none (give pixel_size_um in the manifest for every image).
     ImageReadError
-        From recorded_pixel_size (non-square pixels, an unknown unit, an unreadable header).
+        From recorded_pixel_size (non-square pixels, an unknown unit, an unreadable header) for an
+        image whose manifest row gives no pixel_size_um (a row that gives one overrides the header).
     """
     plate_dir = Path(plate_dir)
     manifest_file = plate_dir / "manifest.csv"
@@ -194,8 +195,11 @@ def plate_pixel_size(plate_dir: str | Path, manifest: pd.DataFrame) -> PixelSize
     )
     sizes: list[tuple[str, PixelSize | None]] = []
     for name, stated in zip(manifest["image"], given, strict=True):
-        recorded = recorded_pixel_size(plate_dir / name)
         if math.isfinite(stated):
+            try:
+                recorded = recorded_pixel_size(plate_dir / name)
+            except ImageReadError:
+                recorded = None  # a header we cannot interpret (unit, non-square): the manifest decides
             if recorded is not None and not same_pixel_size(stated, recorded.um):
                 raise PlateError(
                     manifest_file,
@@ -205,7 +209,7 @@ def plate_pixel_size(plate_dir: str | Path, manifest: pd.DataFrame) -> PixelSize
                 )
             sizes.append((name, PixelSize(float(stated), "manifest")))
         else:
-            sizes.append((name, recorded))
+            sizes.append((name, recorded_pixel_size(plate_dir / name)))
     if not sizes:
         return None
     known = [(n, s) for n, s in sizes if s is not None]
@@ -304,10 +308,9 @@ def _from_resolution(
         return None
     per_unit = [r if math.isfinite(r) and r > 0 else None for r in resolution]
     x, y = (factor / r if r else None for r in (per_unit + [None])[:2])
-    size = _square(path, x, y, source)
-    if size is not None and unit.lower() in _UNIT_MEANS_PRINT and size.um >= COARSEST_CALIBRATED_UM:
-        return None  # 72, 96, 300 dpi...: a print resolution, not a calibration
-    return size
+    if unit.lower() in _UNIT_MEANS_PRINT and any(v is not None and v >= COARSEST_CALIBRATED_UM for v in (x, y)):
+        return None  # 72, 96, 300 dpi (even 72 x 96): a print resolution, not a calibration
+    return _square(path, x, y, source)
 
 
 def _ome(path: Path, xml: str) -> PixelSize | None:
