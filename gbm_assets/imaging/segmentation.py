@@ -242,6 +242,50 @@ def medium_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
     return (norm - centre) * (1 / spread)
 
 
+def confluent_medium(norm: np.ndarray, tex: np.ndarray, threshold: float, background: np.ndarray) -> np.ndarray:
+    """bool (H, W): the medium of a crowded field, or background (bool (H, W)) as it is.
+
+    In a crowded field the flat pixels left outside the objects are not all medium: the flat
+    grey interiors of large cells are flat too, and the medium is then a mix of cell interior
+    and medium, no darker than the cells' bodies. The flat pixels (tex, the local SD, below the
+    texture threshold) then fall into two modes of brightness (norm): cell interior, darker,
+    and medium, brighter (phase contrast shows cell bodies darker than the medium). Where their
+    histogram has a clear valley between two modes (below VALLEY_RATIO of the smaller peak),
+    the flat pixels brighter than the valley are the medium; otherwise background is returned.
+    """
+    low = tex[::4, ::4] < threshold
+    values = norm[::4, ::4][low]
+    if values.size < 100:
+        return background
+    lo, hi = percentiles(values, (0.5, 99.5))
+    if hi - lo < 1e-6:
+        return background
+    hist = np.histogram(values, bins=64, range=(lo, hi))[0].astype(float)
+    hist = np.convolve(hist, np.ones(3) / 3, mode="same")
+    # the other mode: the highest bin with a valley below VALLEY_RATIO of it between it and
+    # the highest bin (the lowest bin between the two is the valley)
+    top = int(np.argmax(hist))
+    best, best_height = None, 0.0
+    for step in (-1, 1):
+        side = hist[top + step :: step] if step > 0 or top > 0 else hist[:0]  # bins outward from the top
+        if side.size < 2:
+            continue
+        between = np.minimum.accumulate(side)[:-1]  # the lowest bin between the top and each farther one
+        ok = np.flatnonzero((between <= VALLEY_RATIO * side[1:]) & (side[1:] >= MODE_RATIO * hist[top])) + 1
+        if ok.size and side[ok].max() > best_height:
+            peak = int(ok[np.argmax(side[ok])])
+            best_height = float(side[peak])
+            best = top + step * (1 + int(np.argmin(side[:peak])))
+    if best is None:
+        return background
+    split = lo + (best + 0.5) * (hi - lo) / 64
+    return (tex < threshold) & (norm > split)
+
+
+VALLEY_RATIO = 0.8
+MODE_RATIO = 0.25
+
+
 def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
     """Lightly smoothed image in units of the background noise, measured off the cells."""
     smooth = cv2.GaussianBlur(norm, (0, 0), 1.0)
@@ -726,8 +770,9 @@ def find_candidates(
     # a crowded field (cells over more of it than the medium): its cells press on each other
     # and merge into a few large objects
     uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
+    reference = medium if uncrowded else confluent_medium(norm, tex, threshold, medium)
     compact = compact_bodies(z, obj, params)
-    xy, scale, maps = dark_seeds(medium_units(norm, medium), obj, compact, params)
+    xy, scale, maps = dark_seeds(medium_units(norm, reference), obj, compact, params)
     cell_obj, group_params = obj, params
     if compact.any() or not uncrowded:  # where compact cells are, or crowded: rounded bright ones are cells too
         bodies = bright_bodies(z, obj, params)
