@@ -785,7 +785,9 @@ def find_candidates(
     # in a crowded field whose flat pixels show two modes, the medium is the brighter one
     split = None if uncrowded else confluent_split(norm, tex, threshold)
     reference = medium if split is None else confluent_medium(norm, tex, threshold, split)
-    compact = compact_bodies(z, obj, params)
+    # in a crowded field a small, roundish body ringed by halo is a cell however dark: clumped
+    # round cells pressed together show no solidly dark body
+    compact = compact_bodies(z, obj, params if uncrowded else replace(params, solid_fraction=0.0))
     xy, scale, maps = dark_seeds(medium_units(norm, reference), obj, compact, params)
     cell_obj, group_params = obj, params
     if compact.any() or not uncrowded:  # where compact cells are, or crowded: rounded bright ones are cells too
