@@ -22,7 +22,11 @@ bodies to hold a share of the cell area. Rounded cells that phase contrast shows
 dark blob) seed themselves as compact bright bodies where compact cells are, and anywhere as
 bright objects of their own, split at their necks. In a crowded field (the medium under half of
 it) cells merge into a few large objects: there bright bodies seed everywhere and are cut out as
-objects of their own, and seeds are grouped across nothing brighter than halo_level.
+objects of their own, a small roundish halo-ringed body gets fine seeds however dark, and seeds
+are grouped across nothing brighter than halo_level. Where a crowded field's flat pixels show
+two modes (flat grey cell interiors left outside the objects, and the medium), darkness is
+measured against the brighter mode, and seeds are grouped across nothing brighter than the
+level between the two.
 
 Seeds of one cell are grouped (no halo, no dimming and no waist between them; fine seeds
 only within one compact body). Each object is then shared among its groups along the halos:
