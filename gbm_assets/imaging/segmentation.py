@@ -22,7 +22,11 @@ bodies to hold a share of the cell area. Rounded cells that phase contrast shows
 dark blob) seed themselves as compact bright bodies where compact cells are, and anywhere as
 bright objects of their own, split at their necks. In a crowded field (the medium under half of
 it) cells merge into a few large objects: there bright bodies seed everywhere and are cut out as
-objects of their own, and seeds are grouped across nothing brighter than halo_level.
+objects of their own, a small roundish halo-ringed body gets fine seeds however dark, and seeds
+are grouped across nothing brighter than halo_level. Where a crowded field's flat pixels show
+two modes (flat grey cell interiors left outside the objects, and the medium), darkness is
+measured against the brighter mode, and seeds are grouped across nothing brighter than the
+level between the two.
 
 Seeds of one cell are grouped (no halo, no dimming and no waist between them; fine seeds
 only within one compact body). Each object is then shared among its groups along the halos:
@@ -242,16 +246,72 @@ def medium_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
     return (norm - centre) * (1 / spread)
 
 
+def confluent_split(norm: np.ndarray, tex: np.ndarray, threshold: float) -> float | None:
+    """The level (norm's units) between cell interior and medium among a crowded field's flat
+    pixels, or None where they show one mode.
+
+    In a crowded field the flat pixels left outside the objects are not all medium: the flat
+    grey interiors of large cells are flat too, and the "medium" is then a mix of cell interior
+    and medium, no darker than the cells' bodies. The flat pixels (tex, the local SD, below the
+    texture threshold) then fall into two modes of brightness (norm, float32 (H, W)): cell
+    interior, darker, and medium, brighter (phase contrast shows cell bodies darker than the
+    medium). Two modes: in their lightly smoothed 64-bin histogram, a second peak at least
+    MODE_RATIO as high as the highest, with a valley below VALLEY_RATIO of it between the two;
+    the level returned is the valley's.
+    """
+    low = tex[::4, ::4] < threshold
+    values = norm[::4, ::4][low]
+    if values.size < 100:
+        return None
+    lo, hi = percentiles(values, (0.5, 99.5))
+    if hi - lo < 1e-6:
+        return None
+    hist = np.histogram(values, bins=64, range=(lo, hi))[0].astype(float)
+    hist = np.convolve(hist, np.ones(3) / 3, mode="same")
+    # the other mode: the highest bin with a valley below VALLEY_RATIO of it between it and
+    # the highest bin (the lowest bin between the two is the valley)
+    top = int(np.argmax(hist))
+    best, best_height = None, 0.0
+    for step in (-1, 1):
+        side = hist[top + step :: step] if step > 0 or top > 0 else hist[:0]  # bins outward from the top
+        if side.size < 2:
+            continue
+        between = np.minimum.accumulate(side)[:-1]  # the lowest bin between the top and each farther one
+        ok = np.flatnonzero((between <= VALLEY_RATIO * side[1:]) & (side[1:] >= MODE_RATIO * hist[top])) + 1
+        if ok.size and side[ok].max() > best_height:
+            peak = int(ok[np.argmax(side[ok])])
+            best_height = float(side[peak])
+            best = top + step * (1 + int(np.argmin(side[:peak])))
+    return None if best is None else float(lo + (best + 0.5) * (hi - lo) / 64)
+
+
+def confluent_medium(norm: np.ndarray, tex: np.ndarray, threshold: float, split: float) -> np.ndarray:
+    """bool (H, W): a crowded field's medium, its flat pixels (tex below threshold) brighter
+    than split (confluent_split's level)."""
+    return (tex < threshold) & (norm > split)
+
+
+VALLEY_RATIO = 0.8
+MODE_RATIO = 0.25
+
+
 def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
     """Lightly smoothed image in units of the background noise, measured off the cells."""
     smooth = cv2.GaussianBlur(norm, (0, 0), 1.0)
-    values = smooth[::4, ::4][background[::4, ::4]]
-    if values.size < 100:  # a confluent field: fall back to the whole image
-        values = smooth[::4, ::4].ravel()
-    centre, spread = robust_scale(values, floor=1e-6)
+    centre, spread = noise_scale(smooth, background)
     smooth -= centre
     smooth *= 1 / max(spread, 1e-6)
     return smooth
+
+
+def noise_scale(smooth: np.ndarray, background: np.ndarray) -> tuple[float, float]:
+    """noise_units' (centre, spread): the robust level and spread of smooth (float32 (H, W),
+    norm lightly smoothed) over background (bool (H, W)), over the whole image when under 100
+    of its pixels are sampled (a confluent field)."""
+    values = smooth[::4, ::4][background[::4, ::4]]
+    if values.size < 100:  # a confluent field: fall back to the whole image
+        values = smooth[::4, ::4].ravel()
+    return robust_scale(values, floor=1e-6)
 
 
 # ---- seeds --------------------------------------------------------------------------------
@@ -726,8 +786,13 @@ def find_candidates(
     # a crowded field (cells over more of it than the medium): its cells press on each other
     # and merge into a few large objects
     uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
-    compact = compact_bodies(z, obj, params)
-    xy, scale, maps = dark_seeds(medium_units(norm, medium), obj, compact, params)
+    # in a crowded field whose flat pixels show two modes, the medium is the brighter one
+    split = None if uncrowded else confluent_split(norm, tex, threshold)
+    reference = medium if split is None else confluent_medium(norm, tex, threshold, split)
+    # in a crowded field a small, roundish body ringed by halo is a cell however dark: clumped
+    # round cells pressed together show no solidly dark body
+    compact = compact_bodies(z, obj, params if uncrowded else replace(params, solid_fraction=0.0))
+    xy, scale, maps = dark_seeds(medium_units(norm, reference), obj, compact, params)
     cell_obj, group_params = obj, params
     if compact.any() or not uncrowded:  # where compact cells are, or crowded: rounded bright ones are cells too
         bodies = bright_bodies(z, obj, params)
@@ -739,7 +804,15 @@ def find_candidates(
         cell_obj = with_bright_bodies(obj, bodies)
         group_params = replace(params, merge_halo=params.halo_level)
     if params.declump:
-        group = group_seeds(xy, scale, maps, z, cell_obj, depth, compact, group_params)
+        group_z = z
+        if split is not None:
+            # the medium found, seeds are grouped across nothing brighter than the level between
+            # cell interior and medium: a path crossing it leaves the cell, whose bodies may show
+            # as little as a noise unit darker than the medium
+            group_z = noise_units(norm, reference)
+            centre, spread = noise_scale(cv2.GaussianBlur(norm, (0, 0), 1.0), reference)
+            group_params = replace(group_params, merge_halo=(split - centre) / max(spread, 1e-6))
+        group = group_seeds(xy, scale, maps, group_z, cell_obj, depth, compact, group_params)
     else:  # one cell per object
         group = np.unique(cell_obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
     labels = filter_by_area(assign_cells(cell_obj, xy, group, z, params), params)
