@@ -239,7 +239,9 @@ def cell_coordinates(
     write_parquet_atomic(
         masks.replace_schema_metadata(masks.schema.metadata | crops_pass_metadata(token)), masks_file(data, plate_id)
     )
-    pixel_size = plate_pixel_size(plate_dir, manifest)  # raw_plates checked it; NaN when unknown
+    # raw_plates checked that every image has this size and the plate is unchanged since: its first
+    # image's (and manifest row's) says it without opening every file again
+    pixel_size = plate_pixel_size(plate_dir, manifest.iloc[:1])
     coords = plate.coordinates.assign(**{PIXEL_SIZE_COLUMN: pixel_size.um if pixel_size else float("nan")})
     table = _with_version(pa.Table.from_pandas(coords, preserve_index=False), version)
     out = write_parquet_atomic(
