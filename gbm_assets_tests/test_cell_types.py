@@ -30,7 +30,7 @@ from gbm_assets.analysis.composition import (
 )
 from gbm_assets.analysis.report import COMPARISON_COLUMNS, write_report
 from gbm_assets.analysis.variant_report import build_section
-from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, PROVENANCE_COLUMNS, make_crop_id
+from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, NEIGHBOR_COLUMNS, PROVENANCE_COLUMNS, make_crop_id
 
 SIDE = 16
 # cluster -> (area px, major, minor, solidity, form factor): cluster 2 is small debris
@@ -87,6 +87,7 @@ def write_lab(root: Path, cells: pd.DataFrame, qc_plates: tuple[str, ...] = ()) 
             {
                 "cell_id": np.arange(len(group), dtype=np.int32),
                 **{m: group[m].to_numpy(float) for m in MEASUREMENT_COLUMNS},
+                **{m: np.full(len(group), np.nan) for m in (*NEIGHBOR_COLUMNS, "cell_diameter_px")},
                 # the per-cell quality label: debris for cluster 2 on the qc plates
                 "qc": np.where((group["hdbscan"] == 2) & (plate in qc_plates), "debris", "cell"),
                 "crop_size": np.full(len(group), SIDE, np.int16),

@@ -1,0 +1,124 @@
+"""CellProfiler's MeasureObjectNeighbors among an image's cells (imaging.neighbors), and the
+clustering's neighbour context (ClusteringConfig.neighbor_weight, issue 13: clump members look
+like small round cells once their neighbours are masked out of the crop)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from gbm_assets.analysis.clustering import (
+    ClusteringConfig,
+    assign_new,
+    fit_clusters,
+    load_clustering,
+    neighbor_contact,
+    save_clustering,
+)
+from gbm_assets.imaging.neighbors import measure_neighbors, neighbor_columns, with_neighbors
+from gbm_assets.schema import CROP_SCHEMA, NEIGHBOR_COLUMNS
+
+FAST = dict(seed=0, umap_n_epochs=80, gmm_components=3, auto_k_max=5, auto_k_stability_runs=2)
+
+
+def three_squares() -> tuple[np.ndarray, pd.DataFrame]:
+    """A 100 x 100 label mask: cells 1 and 2 (10 x 10 squares, rows 10-19) 3 px apart edge to
+    edge, cell 3 far away (rows and columns 60-69), and debris 4 touching cell 3."""
+    labels = np.zeros((100, 100), np.uint16)
+    labels[10:20, 10:20] = 1  # centroid (x, y) = (14.5, 14.5)
+    labels[10:20, 23:33] = 2  # centroid (27.5, 14.5): 3 background columns between 1 and 2
+    labels[60:70, 60:70] = 3  # centroid (64.5, 64.5)
+    labels[60:70, 70:72] = 4  # debris, adjacent to 3
+    cells = pd.DataFrame({"cell_id": [1, 2, 3, 4], "qc": ["cell", "cell", "cell", "debris"]})
+    return labels, cells
+
+
+def test_neighbour_measurements_of_a_hand_made_image_follow_cellprofiler():
+    labels, cells = three_squares()
+    out = with_neighbors(cells, labels, distance=5)
+    n, pt, first, first_d, second, second_d, angle = (out[c].to_numpy() for c in neighbor_columns(5))
+    assert neighbor_columns(5) == list(NEIGHBOR_COLUMNS) and neighbor_columns(5)[0] == "Neighbors_NumberOfNeighbors_5"
+    # within 5 px edge to edge: 1 and 2 (3 px apart) are neighbours; 3 has none (debris is no cell)
+    np.testing.assert_array_equal(n[:3], [1, 1, 0])
+    np.testing.assert_array_equal(first[:3], [2, 1, 2])
+    np.testing.assert_array_equal(second[:3], [3, 3, 1])
+    # centroid to centroid, px
+    np.testing.assert_allclose(first_d[:3], [13.0, 13.0, np.hypot(37, 50)])
+    np.testing.assert_allclose(second_d[:3], [np.hypot(50, 50), np.hypot(37, 50), np.hypot(50, 50)])
+    # angle at cell 1 between (13, 0) to cell 2 and (50, 50) to cell 3
+    assert angle[0] == pytest.approx(45.0)
+    # cell 1's outline: 36 px; those within 5.5 px of cell 2: its right column (10) and the next
+    # column's top and bottom pixels (2)
+    assert pt[0] == pytest.approx(100 * 12 / 36)
+    assert pt[2] == 0.0
+    # the debris is not measured
+    assert out.iloc[3][neighbor_columns(5)].isna().all()
+    # at 2 px, cells 1 and 2 are no longer neighbours; centroid distances do not change
+    near = measure_neighbors(labels, [1, 2, 3], distance=2)
+    np.testing.assert_array_equal(near["Neighbors_NumberOfNeighbors_2"], [0, 0, 0])
+    np.testing.assert_allclose(near["Neighbors_FirstClosestDistance_2"], first_d[:3])
+
+
+def test_a_cell_alone_has_no_closest_cell_and_bad_input_is_named():
+    labels, _ = three_squares()
+    alone = measure_neighbors(labels, [3], distance=5).iloc[0]
+    assert alone["Neighbors_NumberOfNeighbors_5"] == 0 and alone["Neighbors_FirstClosestObjectNumber_5"] == 0
+    assert np.isnan(alone["Neighbors_FirstClosestDistance_5"]) and np.isnan(alone["Neighbors_AngleBetweenNeighbors_5"])
+    assert measure_neighbors(labels, [], distance=5).empty
+    with pytest.raises(ValueError, match="2-D"):
+        measure_neighbors(labels[None], [1])
+    with pytest.raises(ValueError, match="repeat"):
+        measure_neighbors(labels, [1, 1])
+    assert all(c in CROP_SCHEMA.names for c in (*NEIGHBOR_COLUMNS, "cell_diameter_px"))
+
+
+def test_neighbor_contact_is_one_minus_the_closest_distance_in_cell_diameters():
+    cells = pd.DataFrame(
+        {
+            "Neighbors_FirstClosestDistance_5": [10.0, 25.0, 60.0, np.nan],
+            "Neighbors_NumberOfNeighbors_5": [1.0, 1.0, 0.0, 0.0],
+            "cell_diameter_px": 50.0,
+        }
+    )
+    np.testing.assert_allclose(neighbor_contact(cells), [0.8, 0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="materialize"):
+        neighbor_contact(cells.drop(columns="cell_diameter_px"))
+    with pytest.raises(ValueError, match="without neighbour measurements"):
+        neighbor_contact(cells.assign(Neighbors_NumberOfNeighbors_5=np.nan))
+
+
+def alike_but_touching(n: int = 450, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features (n, 16), contact (n,), type): type 0 "flat" cells sit apart in feature space;
+    types 1 ("round") and 2 ("clump") share one feature distribution and differ only in the
+    contact: 0 for round cells (alone), 0.4-0.8 for clump members."""
+    rng = np.random.default_rng(seed)
+    types = np.arange(n) % 3
+    x = rng.normal(0, 1.0, (n, 16))
+    x[types == 0, :2] += 8.0
+    contact = np.where(types == 2, rng.uniform(0.4, 0.8, n), 0.0)
+    return x.astype(np.float32), contact, types
+
+
+def test_neighbor_weight_separates_types_that_differ_only_by_their_neighbours(tmp_path):
+    x, contact, types = alike_but_touching()
+    _, plain = fit_clusters(x, ClusteringConfig(**FAST))
+    assert adjusted_rand_score(types, plain["hdbscan"]) < 0.7  # round and clump cells: one cluster
+    config = ClusteringConfig(**FAST, preprocess="spherize", neighbor_weight=1.0)
+    fitted, labels = fit_clusters(x, config, context=contact)
+    assert adjusted_rand_score(types, labels["hdbscan"]) > 0.9
+    assert fitted.n_features == 16 and fitted.umap._raw_data.shape[1] == 17
+    # later cells are placed with their context, as the training cells were; the stored models agree
+    x2, contact2, types2 = alike_but_touching(90, seed=1)
+    new = assign_new(fitted, x2, contact2)
+    assert adjusted_rand_score(types2, new["hdbscan"]) > 0.9
+    loaded = load_clustering(save_clustering(fitted, tmp_path / "m.npz"), fitted.fingerprint())
+    pd.testing.assert_frame_equal(assign_new(loaded, x2, contact2), new)
+    with pytest.raises(ValueError, match="context"):
+        assign_new(fitted, x2)
+    with pytest.raises(ValueError, match="context"):
+        fit_clusters(x, config)
+    # the weight is part of the models' fingerprint
+    other, _ = fit_clusters(x, ClusteringConfig(**FAST, preprocess="spherize", neighbor_weight=2.0), context=contact)
+    assert other.fingerprint() != fitted.fingerprint()
