@@ -122,3 +122,77 @@ def test_neighbor_weight_separates_types_that_differ_only_by_their_neighbours(tm
     # the weight is part of the models' fingerprint
     other, _ = fit_clusters(x, ClusteringConfig(**FAST, preprocess="spherize", neighbor_weight=2.0), context=contact)
     assert other.fingerprint() != fitted.fingerprint()
+
+
+def test_clusters_core_path_fits_and_labels_later_cells_with_their_contact(tmp_path):
+    """cell_labels.load_or_fit / write_labels (the clusters asset's core) with each crop's contact
+    by crop_id: fitted on a sample, the other cells placed with theirs; a changed weight refits."""
+    from dataclasses import replace
+
+    from gbm_assets.analysis.cell_labels import load_or_fit, write_labels
+    from gbm_assets.errors import InputError
+    from gbm_assets.models.embedding_table import embedding_batch
+    from gbm_assets.paths import ClusterModelFiles
+    from gbm_assets.schema import PROVENANCE_COLUMNS
+    from gbm_assets.staging import Staging
+    from gbm_assets.storage import write_parquet_atomic
+
+    x, contact, types = alike_but_touching(300)
+    ids = [f"P:img{i % 5}.tif:{i}" for i in range(len(x))]
+    rows = pd.DataFrame(
+        {
+            "crop_id": ids,
+            "plate": "P",
+            "image": [i.split(":")[1] for i in ids],
+            "x": np.int32(64),
+            "y": np.int32(64),
+            "culture": "GBM03",
+            "concentration": "1000",
+            "replicate": np.int32(1),
+            "timepoint_h": 0.0,
+            "well": "na",
+            "position": "na",
+        }
+    )[list(PROVENANCE_COLUMNS)]
+    emb = write_parquet_atomic(embedding_batch(rows, x, x), tmp_path / "emb.parquet")
+    by_crop = pd.Series(contact, index=pd.Index(ids, name="crop_id"))
+    files, labels = ClusterModelFiles(tmp_path / "models"), tmp_path / "labels.parquet"
+    files.folder.mkdir()
+    config = ClusteringConfig(**FAST, preprocess="spherize", neighbor_weight=1.0)
+
+    def run(config, contact=by_crop):
+        with Staging() as stage:
+            models = load_or_fit(emb, files, labels, "run-1", config, stage, 200, contact=contact)
+            counts = write_labels(emb, models, stage.path(labels), contact=contact)
+            stage.commit([*models.commit_order, labels])
+        return models, counts
+
+    models, counts = run(config)
+    assert models.mode == "fit" and counts == (300, 100)
+    out = pd.read_parquet(labels).set_index("crop_id").loc[ids]
+    assert adjusted_rand_score(types, out["hdbscan"]) > 0.9
+    assert run(config)[0].mode.startswith("assign")
+    assert run(replace(config, neighbor_weight=2.0))[0].mode == "fit"
+    with pytest.raises(InputError, match="no crop"):
+        run(replace(config, neighbor_weight=0.5), contact=by_crop.iloc[:250])
+
+
+def test_crop_contact_names_crops_made_before_neighbour_measurements(tmp_path):
+    from gbm_assets.analysis.cell_labels import crop_contact
+    from gbm_assets.errors import InputError
+    from gbm_assets.imaging.synthetic_crops import write_synthetic_crops
+
+    crops = write_synthetic_crops(tmp_path / "crops", plates=("P1",), per_plate=6)
+    with pytest.raises(InputError, match="materialize cell_coordinates and cell_crops again"):
+        crop_contact(crops)
+
+
+def test_cluster_config_takes_the_variants_neighbor_weight_unless_set():
+    from gbm_assets.assets.clusters import ClusterConfig
+    from gbm_assets.models.variants import get_variant
+
+    row = get_variant("siamese_b_ds2_cell")
+    assert ClusterConfig().params(row).neighbor_weight == row.cluster_neighbor_weight
+    assert ClusterConfig(neighbor_weight=0.0).params(row).neighbor_weight == 0.0
+    assert ClusterConfig(neighbor_weight=1.5).params(get_variant("siamese_b")).neighbor_weight == 1.5
+    assert ClusterConfig().params(get_variant("siamese_b")).neighbor_weight == 0.0
