@@ -249,6 +249,8 @@ def main() -> None:
                 x = embedding
                 if variant.cluster_vector == "embedding_invariant":
                     x = invariant_of(result, variant.name, seed, cell)
+                    if args.save:
+                        np.save(args.save / f"{variant.name}_seed{seed}_invariant.npy", x)
                 line.update({f"{k}_shipped": v for k, v in scored(x, x, own, kappas=False).items()})
                 for weight in args.neighbors or []:  # the cells' neighbour contact appended (neighbor_weight)
                     with_neighbors = replace(own, neighbor_weight=weight)
