@@ -196,3 +196,34 @@ def test_cluster_config_takes_the_variants_neighbor_weight_unless_set():
     assert ClusterConfig(neighbor_weight=0.0).params(row).neighbor_weight == 0.0
     assert ClusterConfig(neighbor_weight=1.5).params(get_variant("siamese_b")).neighbor_weight == 1.5
     assert ClusterConfig().params(get_variant("siamese_b")).neighbor_weight == 0.0
+
+
+def test_cell_coordinates_and_crops_carry_the_neighbour_measurements_of_each_image(tmp_path):
+    """plate_coordinates measures every image's cells from its label mask after cell finding; the
+    crops made in the same pass carry the same values and the plate's cell diameter."""
+    from gbm_assets.imaging.plate_cells import CropRequest, decode_labels
+    from gbm_assets.imaging.plate_coordinates import plate_coordinates
+    from gbm_assets.imaging.synthetic import write_plates
+
+    # the most crowded of the hard plates: cells touch, some alone
+    plate = write_plates(tmp_path, 1, 5, images_per_plate=2, size=512, seed=3, difficulty="hard")[-1]
+    manifest = pd.read_csv(plate / "manifest.csv")
+    made = []
+    request = CropRequest(32, ("cell",), timepoints=dict(zip(manifest["image"], manifest["timepoint_h"], strict=True)))
+    found = plate_coordinates("p", plate, manifest["image"], crop=request, on_crops=made.append)
+    coords = found.coordinates
+    assert set(NEIGHBOR_COLUMNS) <= set(coords.columns)
+    cells = coords[coords["qc"] == "cell"]
+    assert len(cells) > 2 and cells["Neighbors_NumberOfNeighbors_5"].notna().all()
+    assert (cells["Neighbors_NumberOfNeighbors_5"] > 0).any() and (cells["Neighbors_NumberOfNeighbors_5"] == 0).any()
+    assert coords.loc[coords["qc"] != "cell", list(NEIGHBOR_COLUMNS)].isna().all().all()
+    for mask in found.masks.to_pylist():
+        labels = decode_labels(mask["labels_zstd"], (mask["height"], mask["width"]))
+        mine = cells[cells["image"] == mask["image"]]
+        expected = measure_neighbors(labels, mine["cell_id"].to_numpy(), 5)
+        np.testing.assert_allclose(mine[list(NEIGHBOR_COLUMNS)].to_numpy(float), expected.to_numpy(float))
+    crops = pd.concat([image.crops[0].assign(image=image.image) for image in made], ignore_index=True)
+    joined = crops.merge(cells, on=["image", "cell_id"], suffixes=("", "_coords"))
+    assert len(joined) == len(crops) > 0
+    for c in (*NEIGHBOR_COLUMNS, "cell_diameter_px"):
+        np.testing.assert_allclose(joined[c].to_numpy(float), joined[f"{c}_coords"].to_numpy(float))
