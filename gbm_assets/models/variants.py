@@ -135,6 +135,9 @@ _TABLE = (
         downsample=2,
         cluster_vector="embedding_invariant",
         cluster_preprocess="spherize",
+        # its cell-alone crop hides the neighbours that make a cell a clump member; the neighbour
+        # contact beside it splits clumps from small round cells (README, Cell types)
+        cluster_neighbor_weight=2.0,
     ),
 )
 
