@@ -25,7 +25,12 @@ clusters another vector or preprocessing (Variant.cluster_vector, cluster_prepro
 that way too (keys ending in _shipped: ARI of GMM, HDBSCAN and automatic-k GMM, HDBSCAN and GMM
 composition error); --context W scores, for such a row that sees the cell alone, its shipped vector
 spherized and concatenated with the same encoder's invariant embedding of the whole crop (the
-cell with its neighbours) spherized and scaled by W (keys ending in _context); --save writes the embeddings
+cell with its neighbours) spherized and scaled by W (keys ending in _context); --neighbors W [W ...]
+scores such a row's shipped clustering with the cells' neighbour contact appended at each weight
+(ClusteringConfig.neighbor_weight; keys ending in _neighbors<W>; the crops must carry CellProfiler's
+neighbour measurements, or --coordinates names a data folder whose cell_coordinates and cell_masks
+they are measured from); --embeddings DIR clusters embeddings saved by --save there instead of
+training (seed s of the variant: <variant>_seed<s>[_invariant].npy); --save writes the embeddings
 (.npy) for offline clustering. The features benchmark scores one trained encoder per variant;
 differences between rows are of the size of the seed-to-seed spread, which this one measures.
 """
@@ -78,6 +83,20 @@ def main() -> None:
         metavar="W",
         help="also score a cell-alone row's shipped vector with its whole-crop embedding at weight W beside it",
     )
+    parser.add_argument(
+        "--neighbors",
+        type=float,
+        nargs="+",
+        metavar="W",
+        help="also score a row's shipped clustering with the neighbour contact appended at weight W",
+    )
+    parser.add_argument(
+        "--coordinates",
+        type=Path,
+        help="data folder with cell_coordinates.parquet and cell_masks to measure neighbours from "
+        "(for crops made before they were carried)",
+    )
+    parser.add_argument("--embeddings", type=Path, help="cluster the embeddings --save wrote here; no training")
     args = parser.parse_args()
 
     from dataclasses import replace
@@ -94,7 +113,13 @@ def main() -> None:
     )
 
     limit_cpu_threads()
-    from gbm_assets.analysis.clustering import ClusteringConfig, fit_clusters, fit_feature_transform
+    from gbm_assets.analysis.clustering import (
+        CONTEXT_COLUMNS,
+        ClusteringConfig,
+        fit_clusters,
+        fit_feature_transform,
+        neighbor_contact,
+    )
     from gbm_assets.analysis.composition import composition_error
     from gbm_assets.analysis.truth import true_morphotypes
     from gbm_assets.analysis.variant_evaluation import baseline_features_for, score_features
@@ -113,15 +138,39 @@ def main() -> None:
     rows["morphotype"] = true_morphotypes(rows, raw)
     known = rows["morphotype"].notna().to_numpy()
 
-    def scored(features: np.ndarray, clustered: np.ndarray, clustering: ClusteringConfig = clustering) -> dict:
+    contact = None
+    if args.neighbors:
+        rows = rows.drop(columns=[c for c in CONTEXT_COLUMNS if c in rows])
+        if args.coordinates:
+            measured = measured_neighbors(args.coordinates, rows)
+        else:
+            from gbm_assets.imaging.crop_dataset import CropSelection, iter_record_batches
+
+            measured = pd.concat(
+                [b.to_pandas() for b in iter_record_batches(CropSelection.of(crops), ["crop_id", *CONTEXT_COLUMNS])]
+            )
+        rows = rows.merge(measured, on="crop_id", how="left", validate="one_to_one")
+        contact = neighbor_contact(rows)
+        by_type = rows.assign(contact=contact).groupby("morphotype")["contact"]
+        print(
+            "neighbour contact > 0 by type:",
+            by_type.apply(lambda c: round(float((c > 0).mean()), 3)).to_dict(),
+            file=sys.stderr,
+        )
+
+    def scored(
+        features: np.ndarray, clustered: np.ndarray, clustering: ClusteringConfig = clustering, kappas: bool = True
+    ) -> dict:
         """Plate-held-out kappas of features; ARI and composition error of the production clustering of clustered."""
-        scores = score_features(rows, {"x": features}, seed=0, splits=("plate",))
-        line = {
-            f"{s.target}_kappa_plate_{s.classifier}": round(float(s.kappa), 3)
-            for s in scores.itertuples()
-            if s.target in ("culture", "morphotype")
-        }
-        _, labels = fit_clusters(clustered, clustering)
+        line = {}
+        if kappas:
+            scores = score_features(rows, {"x": features}, seed=0, splits=("plate",))
+            line = {
+                f"{s.target}_kappa_plate_{s.classifier}": round(float(s.kappa), 3)
+                for s in scores.itertuples()
+                if s.target in ("culture", "morphotype")
+            }
+        _, labels = fit_clusters(clustered, clustering, context=contact if clustering.neighbor_weight > 0 else None)
         metrics = labeling_metrics(labels, rows["morphotype"], 0)
         error = {
             method: composition_error(
@@ -133,6 +182,7 @@ def main() -> None:
         }
         return {
             **line,
+            "n_hdbscan": int(labels["hdbscan"].max() + 1),
             "ari_gmm": round(metrics["gmm"]["ari"], 3),
             "ari_hdbscan": round(metrics["hdbscan"]["ari"], 3),
             "ari_auto": round(metrics["auto"]["ari"], 3),
@@ -150,31 +200,46 @@ def main() -> None:
                 clustered = x
             baselines[name] = scored(x, clustered)
             print(name, json.dumps(baselines[name]), file=sys.stderr, flush=True)
+
+    def invariant_of(result, name: str, seed: int, cell: bool) -> np.ndarray:
+        """The rotation/flip-invariant embedding of the cells (the saved one with --embeddings)."""
+        if result is None:
+            return np.load(args.embeddings / f"{name}_seed{seed}_invariant.npy")
+        return np.concatenate(
+            [
+                embed_batch(result.encoder, pixels[i : i + 256], True, keep[i : i + 256] if cell else None)
+                for i in range(0, len(pixels), 256)
+            ]
+        )
+
     per_seed: dict = {}
     for seed in args.seeds:
         for name in args.variants:
             started = time.perf_counter()
             variant = parse_variant(name)
-            config = TrainConfig(epochs=args.epochs, max_steps_per_epoch=12, seed=seed)
-            result = train_encoder(variant, crops, config)
             cell = variant.input_mask == "cell"
-            embedding = np.concatenate(
-                [
-                    embed_batch(result.encoder, pixels[i : i + 256], keep=keep[i : i + 256] if cell else None)
-                    for i in range(0, len(pixels), 256)
-                ]
-            )
-            if args.save:
-                args.save.mkdir(parents=True, exist_ok=True)
-                np.save(args.save / f"{variant.name}_seed{seed}.npy", embedding)
-            line = scored(embedding, embedding)
-            if args.invariant:  # the clusters asset's vector="embedding_invariant"
-                invariant = np.concatenate(
+            if args.embeddings:  # saved by an earlier --save: no training
+                result = None
+                saved = args.embeddings / f"{variant.name}_seed{seed}"
+                embedding = np.load(f"{saved}.npy")
+                if len(embedding) != len(rows):
+                    sys.exit(f"{saved}.npy: {len(embedding)} rows, the crops {len(rows)}: saved from other crops")
+            else:
+                config = TrainConfig(epochs=args.epochs, max_steps_per_epoch=12, seed=seed)
+                result = train_encoder(variant, crops, config)
+                embedding = np.concatenate(
                     [
-                        embed_batch(result.encoder, pixels[i : i + 256], True, keep[i : i + 256] if cell else None)
+                        embed_batch(result.encoder, pixels[i : i + 256], keep=keep[i : i + 256] if cell else None)
                         for i in range(0, len(pixels), 256)
                     ]
                 )
+            if args.save:
+                args.save.mkdir(parents=True, exist_ok=True)
+                np.save(args.save / f"{variant.name}_seed{seed}.npy", embedding)
+
+            line = scored(embedding, embedding)
+            if args.invariant:  # the clusters asset's vector="embedding_invariant"
+                invariant = invariant_of(result, variant.name, seed, cell)
                 line.update({f"{k}_invariant": v for k, v in scored(invariant, invariant).items()})
                 if args.save:
                     np.save(args.save / f"{variant.name}_seed{seed}_invariant.npy", invariant)
@@ -183,16 +248,16 @@ def main() -> None:
                 own = replace(clustering, preprocess=args.preprocess or variant.cluster_preprocess)
                 x = embedding
                 if variant.cluster_vector == "embedding_invariant":
-                    x = np.concatenate(
-                        [
-                            embed_batch(result.encoder, pixels[i : i + 256], True, keep[i : i + 256] if cell else None)
-                            for i in range(0, len(pixels), 256)
-                        ]
+                    x = invariant_of(result, variant.name, seed, cell)
+                    if args.save:
+                        np.save(args.save / f"{variant.name}_seed{seed}_invariant.npy", x)
+                line.update({f"{k}_shipped": v for k, v in scored(x, x, own, kappas=False).items()})
+                for weight in args.neighbors or []:  # the cells' neighbour contact appended (neighbor_weight)
+                    with_neighbors = replace(own, neighbor_weight=weight)
+                    line.update(
+                        {f"{k}_neighbors{weight:g}": v for k, v in scored(x, x, with_neighbors, kappas=False).items()}
                     )
-                line.update(
-                    {f"{k}_shipped": v for k, v in scored(x, x, own).items() if not k.startswith(("culture", "morph"))}
-                )
-                if args.context is not None and cell:
+                if args.context is not None and cell and result is not None:
                     # the same encoder on the whole crop (neighbours in view), invariant, beside the shipped vector
                     context = np.concatenate(
                         [embed_batch(result.encoder, pixels[i : i + 256], True) for i in range(0, len(pixels), 256)]
@@ -209,11 +274,11 @@ def main() -> None:
                     line.update(
                         {f"{k}_context": v for k, v in scored(joint, joint, replace(own, preprocess="none")).items()}
                     )
-            line.update(
-                loss=round(result.history[-1]["loss"], 2),
-                steps=sum(h.get("steps", 0) for h in result.history),
-                seconds=round(time.perf_counter() - started, 1),
-            )
+            if result is not None:
+                line.update(
+                    loss=round(result.history[-1]["loss"], 2), steps=sum(h.get("steps", 0) for h in result.history)
+                )
+            line.update(seconds=round(time.perf_counter() - started, 1))
             per_seed.setdefault(name, {})[seed] = line
             print(name, seed, json.dumps(line), file=sys.stderr, flush=True)
     summary = {
@@ -235,6 +300,32 @@ def main() -> None:
     }
     out = {**report, "n_with_truth": int(known.sum()), "baselines": baselines, "per_seed": per_seed, "mean_sd": summary}
     print(json.dumps(out, indent=1))
+
+
+def measured_neighbors(data: Path, rows):
+    """CONTEXT_COLUMNS per crop_id of rows, measured (imaging.neighbors, as cell_coordinates does)
+    from DATA/cell_coordinates.parquet and DATA/cell_masks, for crops made before they were carried."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from gbm_assets.imaging.neighbors import with_neighbors
+    from gbm_assets.imaging.plate_cells import decode_labels
+    from gbm_assets.schema import NEIGHBOR_COLUMNS, make_crop_id
+
+    frames = []
+    for plate in sorted(rows["plate"].unique()):
+        coords = pd.read_parquet(data / "cell_coordinates.parquet" / f"plate={plate}" / "part-0.parquet")
+        masks = pq.read_table(data / "cell_masks" / f"plate={plate}" / "part-0.parquet").to_pandas()
+        for m in masks.itertuples():
+            cells = coords[coords["image"] == m.image].drop(columns=list(NEIGHBOR_COLUMNS), errors="ignore")
+            labels = decode_labels(m.labels_zstd, (m.height, m.width), m.image)
+            frames.append(with_neighbors(cells, labels).assign(plate=plate))
+    table = pd.concat(frames, ignore_index=True)
+    table["crop_id"] = [
+        make_crop_id(p, i, c) for p, i, c in zip(table["plate"], table["image"], table["cell_id"], strict=True)
+    ]
+    return table[["crop_id", *NEIGHBOR_COLUMNS, "cell_diameter_px"]].astype({"cell_diameter_px": np.float64})
 
 
 def parse_variant(spec: str):

@@ -30,6 +30,20 @@ MEASUREMENT_COLUMNS = (
     "form_factor",
 )
 
+# CellProfiler's MeasureObjectNeighbors ("Within a specified distance", its default 5 px) among
+# an image's cells: Neighbors_<Feature>_<distance> (imaging.neighbors computes them).
+NEIGHBOR_DISTANCE_PX = 5
+NEIGHBOR_FEATURES = (
+    "NumberOfNeighbors",
+    "PercentTouching",
+    "FirstClosestObjectNumber",
+    "FirstClosestDistance",
+    "SecondClosestObjectNumber",
+    "SecondClosestDistance",
+    "AngleBetweenNeighbors",
+)
+NEIGHBOR_COLUMNS = tuple(f"Neighbors_{feature}_{NEIGHBOR_DISTANCE_PX}" for feature in NEIGHBOR_FEATURES)
+
 PROVENANCE_SCHEMA = pa.schema(
     [
         ("crop_id", pa.string()),
@@ -47,8 +61,10 @@ PROVENANCE_SCHEMA = pa.schema(
 )
 
 MEASUREMENT_SCHEMA = pa.schema([(name, pa.float64()) for name in MEASUREMENT_COLUMNS])
+# float64 in crops: NaN where a crop's cell was not measured (crops of other qc labels).
+NEIGHBOR_SCHEMA = pa.schema([(name, pa.float64()) for name in NEIGHBOR_COLUMNS])
 
-# cell_crops rows: provenance, cell id, measurements, the candidate's qc label (cell_quality:
+# cell_crops rows: provenance, cell id, measurements, neighbour measurements, the candidate's qc label (cell_quality:
 # "cell" unless keep_qc kept others), then the crop itself.
 # pixels: crop_size*crop_size uint8 bytes, row-major, per-crop normalised (see imaging.crops).
 # mask: crop_size*crop_size uint8 bytes, 1 inside the connected cell component at the centre.
@@ -56,6 +72,8 @@ CROP_SCHEMA = pa.schema(
     list(PROVENANCE_SCHEMA)
     + [("cell_id", pa.int32())]
     + list(MEASUREMENT_SCHEMA)
+    + list(NEIGHBOR_SCHEMA)
+    + [("cell_diameter_px", pa.float64())]  # the plate's typical cell diameter (px): the neighbours' scale
     + [("qc", pa.string()), ("crop_size", pa.int16()), ("pixels", pa.binary()), ("mask", pa.binary())]
 )
 

@@ -30,7 +30,7 @@ from gbm_assets.analysis.composition import (
 )
 from gbm_assets.analysis.report import COMPARISON_COLUMNS, write_report
 from gbm_assets.analysis.variant_report import build_section
-from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, PROVENANCE_COLUMNS, make_crop_id
+from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, NEIGHBOR_COLUMNS, PROVENANCE_COLUMNS, make_crop_id
 
 SIDE = 16
 # cluster -> (area px, major, minor, solidity, form factor): cluster 2 is small debris
@@ -87,6 +87,8 @@ def write_lab(root: Path, cells: pd.DataFrame, qc_plates: tuple[str, ...] = ()) 
             {
                 "cell_id": np.arange(len(group), dtype=np.int32),
                 **{m: group[m].to_numpy(float) for m in MEASUREMENT_COLUMNS},
+                **{m: group["area"].to_numpy(float) % 3 for m in NEIGHBOR_COLUMNS},  # stand-in values
+                "cell_diameter_px": np.full(len(group), 40.0),
                 # the per-cell quality label: debris for cluster 2 on the qc plates
                 "qc": np.where((group["hdbscan"] == 2) & (plate in qc_plates), "debris", "cell"),
                 "crop_size": np.full(len(group), SIDE, np.int16),
@@ -261,6 +263,8 @@ def test_per_cell_table_streams_every_cell_with_pycytominer_columns(lab, tmp_pat
     assert list(table.columns) == cell_table_columns(4)
     assert table["Metadata_crop_id"].tolist() == cells["crop_id"].tolist()
     np.testing.assert_allclose(table["Cells_AreaShape_Area"], cells["area"])
+    for m in NEIGHBOR_COLUMNS:  # CellProfiler's neighbour measurements the crops carry
+        np.testing.assert_allclose(table[f"Cells_{m}"], cells["area"].to_numpy(float) % 3)
     np.testing.assert_allclose(table[[f"Cells_Embedding_{i:03d}" for i in range(4)]].to_numpy(), files["vectors"])
     assert table["Metadata_hdbscan"].tolist() == cells["hdbscan"].tolist()
     assert set(table.loc[table["Metadata_plate"] == "GBM01-r1", "Metadata_qc"]) <= {"cell", "debris"}

@@ -93,7 +93,8 @@ def test_shipped_clustering_of_the_chosen_variant_separates_what_the_thesis_clus
     shipped = ClusterConfig(gmm_components=4).params(get_variant("siamese_b_ds2_cell"))
     thesis = ClusterConfig(gmm_components=4).params(get_variant("siamese_b"))
     fast = dict(umap_n_epochs=80, auto_k_max=6, auto_k_stability_runs=2)
-    _, ours = fit_clusters(x, ClusteringConfig(**{**shipped.__dict__, **fast}))
+    alone = np.zeros(len(x))  # the row's neighbour contact: here every cell alone in its image
+    _, ours = fit_clusters(x, ClusteringConfig(**{**shipped.__dict__, **fast}), context=alone)
     _, before = fit_clusters(x, ClusteringConfig(**{**thesis.__dict__, **fast}))
     assert adjusted_rand_score(types, ours["hdbscan"]) > 0.9
     assert adjusted_rand_score(types, before["hdbscan"]) < 0.6

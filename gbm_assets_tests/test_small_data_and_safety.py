@@ -514,5 +514,9 @@ def test_clusters_asset_clusters_a_row_by_its_own_vector_and_preprocessing(clust
     vector, fitted = run({})
     assert vector == "embedding_invariant" and fitted.config.preprocess == "spherize"
     np.testing.assert_allclose(fitted.transform.center, invariant.mean(axis=0), atol=1e-5)
-    vector, fitted = run({"vector": "embedding", "preprocess": "none"})
+    # with the row's neighbour contact from the crops' CellProfiler neighbour measurements
+    assert fitted.config.neighbor_weight == 2.0 and fitted.context_transform is not None
+    assert fitted.umap._raw_data.shape[1] == fitted.transform.matrix.shape[1] + 1
+    vector, fitted = run({"vector": "embedding", "preprocess": "none", "neighbor_weight": 0.0})
     assert vector == "embedding" and fitted.config.preprocess == "none" and fitted.transform is None
+    assert fitted.context_transform is None

@@ -57,7 +57,7 @@ def test_the_row_is_the_masked_b_at_half_resolution_and_the_thesis_rows_are_unto
     row = get_variant(ROW)
     assert row.downsample == 2
     # beyond the encoder, only how the clusters asset clusters it differs (test_cluster_spherize.py)
-    same_clustering = dict(cluster_vector="embedding", cluster_preprocess="none")
+    same_clustering = dict(cluster_vector="embedding", cluster_preprocess="none", cluster_neighbor_weight=0.0)
     assert replace(row, name="siamese_b_cell", downsample=1, **same_clustering) == get_variant("siamese_b_cell")
     assert all(VARIANTS[name].downsample == 1 for name in THESIS)
     assert not _pooling(build_trainable(get_variant("siamese_b"), 64)[1])

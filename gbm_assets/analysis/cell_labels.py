@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gbm_assets.analysis.clustering import (
+    CONTEXT_COLUMNS,
     MIN_CELLS,
     ClusteringConfig,
     FittedClustering,
@@ -28,9 +29,12 @@ from gbm_assets.analysis.clustering import (
     assign_new,
     fit_clusters,
     load_clustering,
+    neighbor_contact,
     save_clustering,
     shrunk_parameters,
 )
+from gbm_assets.errors import InputError
+from gbm_assets.imaging.crop_dataset import CropSelection, iter_record_batches
 from gbm_assets.models.embedding_table import iter_embeddings, sample_embeddings
 from gbm_assets.paths import ClusterModelFiles
 from gbm_assets.schema import PROVENANCE_COLUMNS, PROVENANCE_SCHEMA
@@ -42,12 +46,50 @@ log = logging.getLogger(__name__)
 LABEL_COLUMNS = ("umap_x", "umap_y", "hdbscan", "hdbscan_noise", "gmm", "gmm_prob", "gmm_probs", "auto")
 
 
+def crop_contact(crops_dir: str | Path) -> pd.Series:
+    """Each crop's neighbour contact (clustering.neighbor_contact, 0-1 float64), indexed by crop_id.
+
+    Reads only crop_id and clustering.CONTEXT_COLUMNS of the cell_crops dataset. Raises
+    InputError naming the dataset when it lacks them or a crop was not measured (crops made
+    before cell_crops carried CellProfiler's neighbour measurements: materialize
+    cell_coordinates and cell_crops again).
+    """
+    table = pd.concat(
+        [b.to_pandas() for b in iter_record_batches(CropSelection.of(crops_dir), ["crop_id", *CONTEXT_COLUMNS], 65536)],
+        ignore_index=True,
+    )
+    try:
+        return pd.Series(neighbor_contact(table), index=pd.Index(table["crop_id"], name="crop_id"))
+    except ValueError as exc:
+        raise InputError(crops_dir, str(exc)) from exc
+
+
+def _context(rows: pd.DataFrame, contact: pd.Series | None) -> np.ndarray | None:
+    """The contact of rows' crops (None without one); InputError for a crop it lacks."""
+    if contact is None:
+        return None
+    missing = ~rows["crop_id"].isin(contact.index)
+    if missing.any():
+        raise InputError(
+            "cell_crops",
+            f"{int(missing.sum())} embedded cells have no crop (first {rows['crop_id'][missing].iloc[0]!r}): "
+            "materialize cell_crops and embeddings again to cluster with neighbor_weight > 0",
+        )
+    return contact.loc[rows["crop_id"]].to_numpy()
+
+
 def fit_on_sample(
-    embeddings_path: str | Path, config: ClusteringConfig, fit_max_cells: int, vector: str = "embedding"
+    embeddings_path: str | Path,
+    config: ClusteringConfig,
+    fit_max_cells: int,
+    vector: str = "embedding",
+    contact: pd.Series | None = None,
 ) -> tuple[FittedClustering, pd.DataFrame]:
-    """Fit the clusterings on a seeded sample; return the models and the sample's labels."""
+    """Fit the clusterings on a seeded sample; return the models and the sample's labels.
+
+    contact: each crop's neighbour contact by crop_id (crop_contact), for config.neighbor_weight > 0."""
     rows, vectors = sample_embeddings(embeddings_path, fit_max_cells, seed=config.seed, vectors=[vector])
-    return fit_clusters(rows.assign(embedding=list(vectors[vector])), config)
+    return fit_clusters(rows.assign(embedding=list(vectors[vector])), config, _context(rows, contact))
 
 
 def label_cells(
@@ -56,10 +98,12 @@ def label_cells(
     known: pd.DataFrame | None = None,
     vector: str = "embedding",
     batch_size: int = 8192,
+    contact: pd.Series | None = None,
 ) -> Iterator[tuple[pd.DataFrame, int]]:
     """(labels with provenance, number newly assigned) per batch, in the embeddings' row order.
 
     known: labels already decided (the fit sample, or an earlier run), indexed by crop_id.
+    contact: each crop's neighbour contact by crop_id, for models fitted with it.
     """
     known = known if known is not None and len(known) else None
     for rows, x in iter_embeddings(embeddings_path, batch_size=batch_size, vector=vector):
@@ -69,7 +113,8 @@ def label_cells(
             old = known.loc[rows.loc[have, "crop_id"], list(LABEL_COLUMNS)].reset_index(drop=True)
             parts.append((np.flatnonzero(have), pd.concat([rows[have].reset_index(drop=True), old], axis=1)))
         if (~have).any():
-            new = assign_new(fitted, rows[~have].reset_index(drop=True).assign(embedding=list(x[~have])))
+            todo = rows[~have].reset_index(drop=True)
+            new = assign_new(fitted, todo.assign(embedding=list(x[~have])), _context(todo, contact))
             parts.append((np.flatnonzero(~have), new))
         order = np.concatenate([idx for idx, _ in parts])
         merged = pd.concat([frame for _, frame in parts], ignore_index=True).iloc[np.argsort(order)]
@@ -151,6 +196,7 @@ def load_or_fit(
     vector: str = "embedding",
     refit: bool = False,
     logger=log,
+    contact: pd.Series | None = None,
 ) -> ClusterModels:
     """Reuse the stored cluster models of a variant, or fit new ones on a seeded sample and stage them.
 
@@ -164,6 +210,7 @@ def load_or_fit(
     loaded) are removed when the stage commits. Commit ClusterModels.commit_order before the
     labels: the record is the switch to the new model. Raises TooFewCells (fit) when the file
     holds fewer than MIN_CELLS cells. logger: any object with info/warning (a Dagster log).
+    contact: each crop's neighbour contact by crop_id (crop_contact), for config.neighbor_weight > 0.
     """
     if files.legacy_pickle.is_file():
         logger.warning(
@@ -195,7 +242,7 @@ def load_or_fit(
         changed = {k: (v, getattr(config, k)) for k, v in asdict(fitted.config).items() if v != getattr(config, k)}
         logger.info(f"clustering settings changed since the stored models were fitted (old, new): {changed}; refitting")
     logger.info(f"fitting UMAP, HDBSCAN and GMMs on up to {fit_max_cells} cells of {embeddings_path}")
-    fitted, known = fit_on_sample(embeddings_path, config, max(fit_max_cells, MIN_CELLS), vector)
+    fitted, known = fit_on_sample(embeddings_path, config, max(fit_max_cells, MIN_CELLS), vector, contact)
     fingerprint = fitted.fingerprint()
     model_path = files.model(fingerprint)
     save_clustering(fitted, stage.path(model_path))
@@ -223,16 +270,21 @@ def load_or_fit(
 
 
 def write_labels(
-    embeddings_path: str | Path, models: ClusterModels, path: str | Path, vector: str = "embedding"
+    embeddings_path: str | Path,
+    models: ClusterModels,
+    path: str | Path,
+    vector: str = "embedding",
+    contact: pd.Series | None = None,
 ) -> tuple[int, int]:
     """Label every cell of the embeddings file into one labels Parquet file (labels_schema); return (cells, newly assigned).
 
-    The file records the models' fingerprint and appears atomically when complete.
+    The file records the models' fingerprint and appears atomically when complete. contact: each
+    crop's neighbour contact by crop_id, for models fitted with it.
     """
     n_total = n_new = 0
     schema = labels_schema(models.fitted.gmm.n_components, models.record["fingerprint"])
     with AtomicParquetWriter(path, schema) as writer:
-        for labels, new in label_cells(embeddings_path, models.fitted, models.known, vector):
+        for labels, new in label_cells(embeddings_path, models.fitted, models.known, vector, contact=contact):
             writer.write(labels_table(labels, schema))
             n_total, n_new = n_total + len(labels), n_new + new
     return n_total, n_new

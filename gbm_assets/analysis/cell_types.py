@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from gbm_assets.analysis.safe_csv import to_csv_safe
 from gbm_assets.imaging.cellprofiler import AREASHAPE_COLUMNS
 from gbm_assets.paths import plate_file
-from gbm_assets.schema import MEASUREMENT_COLUMNS, PROVENANCE_COLUMNS
+from gbm_assets.schema import MEASUREMENT_COLUMNS, NEIGHBOR_COLUMNS, PROVENANCE_COLUMNS
 from gbm_assets.storage import AtomicParquetWriter, atomic_path, plate_dataset
 
 NOISE = -1
@@ -235,7 +235,7 @@ def _plate_measurements(crops_dir: Path, plate: str) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame(columns=["crop_id"]).set_index("crop_id")
     names = pq.read_schema(path).names
-    have = [c for c in (*MEASUREMENT_COLUMNS, QC_COLUMN) if c in names]
+    have = [c for c in (*MEASUREMENT_COLUMNS, *NEIGHBOR_COLUMNS, QC_COLUMN) if c in names]
     return pq.read_table(path, columns=["crop_id", *have]).to_pandas().set_index("crop_id")
 
 
@@ -286,7 +286,7 @@ def _batch_measurements(rows: pd.DataFrame, crops_dir: Path, cache: OrderedDict)
                 cache.popitem(last=False)
         parts.append(cache[plate].reindex(rows.loc[idx, "crop_id"].to_numpy()).set_axis(idx))
     measured = pd.concat(parts) if parts else pd.DataFrame(index=rows.index)
-    return measured.reindex(index=rows.index, columns=[*MEASUREMENT_COLUMNS, QC_COLUMN])
+    return measured.reindex(index=rows.index, columns=[*MEASUREMENT_COLUMNS, *NEIGHBOR_COLUMNS, QC_COLUMN])
 
 
 def _cell_rows(rows: pd.DataFrame, measured: pd.DataFrame, pixel_sizes: Mapping | None = None) -> pd.DataFrame:
@@ -299,6 +299,8 @@ def _cell_rows(rows: pd.DataFrame, measured: pd.DataFrame, pixel_sizes: Mapping 
             table[f"Metadata_{c}"] = rows[c]
     for m in MEASUREMENT_COLUMNS:
         table[f"Cells_{CP_NAMES[m]}"] = pd.to_numeric(measured[m], errors="coerce").astype(float)
+    for m in NEIGHBOR_COLUMNS:  # NaN for crops made before they were measured
+        table[f"Cells_{m}"] = pd.to_numeric(measured[m], errors="coerce").astype(float)
     return table
 
 
@@ -309,6 +311,7 @@ def cell_table_columns(n_embedding: int = 0) -> list[str]:
         + ["Metadata_qc", PIXEL_SIZE_METADATA]
         + [f"Metadata_{c}" for c in CELL_LABEL_COLUMNS]
         + [f"Cells_{CP_NAMES[m]}" for m in MEASUREMENT_COLUMNS]
+        + [f"Cells_{m}" for m in NEIGHBOR_COLUMNS]
         + [f"Cells_Embedding_{i:03d}" for i in range(n_embedding)]
     )
 
@@ -327,7 +330,9 @@ def write_cell_table(
     Metadata_qc (None where the crops have no qc label), Metadata_pixel_size_um (µm per pixel of
     the cell's plate from pixel_sizes {plate: µm}, NaN where unknown: multiply areas by its square),
     Metadata_<label> for the cluster labels and UMAP coordinates, Cells_AreaShape_<Measurement>
-    (CellProfiler names, pixel units, as CellProfiler writes them) and,
+    (CellProfiler names, pixel units, as CellProfiler writes them),
+    Cells_Neighbors_<Feature>_<distance> (CellProfiler's MeasureObjectNeighbors; NaN for crops
+    made before they were measured) and,
     when embeddings_path lists the same cells in the same order, Cells_Embedding_<i> (float32);
     otherwise the embedding columns are left out and "embedding" in the result says why.
     Streamed: one batch of batch_size labels (with their measurements and embeddings as a pandas

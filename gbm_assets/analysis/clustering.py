@@ -36,7 +36,7 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from gbm_assets.errors import InputError
-from gbm_assets.schema import PROVENANCE_COLUMNS
+from gbm_assets.schema import NEIGHBOR_DISTANCE_PX, PROVENANCE_COLUMNS
 
 
 def _import_umap():
@@ -174,6 +174,10 @@ def scaled_min_cluster_size(n_cells: int, floor: int = 15) -> int:
 
 
 PREPROCESSING = ("none", "standardize", "pca_whiten", "spherize")
+# CellProfiler's neighbour measurements that neighbor_contact reads (imaging.neighbors, cell_crops).
+NEIGHBOR_CLOSEST_COLUMN = f"Neighbors_FirstClosestDistance_{NEIGHBOR_DISTANCE_PX}"
+NEIGHBOR_COUNT_COLUMN = f"Neighbors_NumberOfNeighbors_{NEIGHBOR_DISTANCE_PX}"
+CONTEXT_COLUMNS = (NEIGHBOR_CLOSEST_COLUMN, NEIGHBOR_COUNT_COLUMN, "cell_diameter_px")
 
 
 @dataclass(frozen=True)
@@ -287,6 +291,8 @@ class ClusteringConfig:
     auto_k_criterion: str = "icl"  # "icl" (integrated completed likelihood) or "bic" (as before)
     preprocess: str = "none"  # "none", "standardize", "pca_whiten" or "spherize": what UMAP sees (feature_transform)
     pca_components: int = 8  # components kept by preprocess="pca_whiten"
+    # weight of the neighbour contact (neighbor_contact) appended to what UMAP sees; 0: not used
+    neighbor_weight: float = 0.0
     n_jobs: int = -1  # HDBSCAN core distances; UMAP is seeded, so 1 thread
 
     def __post_init__(self):
@@ -301,6 +307,8 @@ class ClusteringConfig:
                 raise ValueError(f"ClusteringConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.pca_components < 1:
             raise ValueError(f"ClusteringConfig.pca_components must be >= 1, got {self.pca_components}")
+        if not self.neighbor_weight >= 0:
+            raise ValueError(f"ClusteringConfig.neighbor_weight must be >= 0, got {self.neighbor_weight}")
 
     def min_cluster_size(self, n_cells: int) -> int:
         return self.hdbscan_min_cluster_size or scaled_min_cluster_size(n_cells)
@@ -363,6 +371,7 @@ class FittedClustering:
     timings: dict[str, float] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
     transform: FeatureTransform | None = None  # config.preprocess fitted on the training cells
+    context_transform: FeatureTransform | None = None  # the neighbour context's scaling (config.neighbor_weight > 0)
 
     def fingerprint(self) -> str:
         """sha256 over every fitted parameter, to prove that assigning new cells changed nothing."""
@@ -378,6 +387,8 @@ class FittedClustering:
             arrays += [gmm.weights_, gmm.means_, gmm.covariances_]
         if self.transform is not None:
             arrays += [self.transform.center, self.transform.matrix]
+        if self.context_transform is not None:
+            arrays += [self.context_transform.center, self.context_transform.matrix]
         for a in arrays:
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()
@@ -552,11 +563,15 @@ def choose_k(points_2d: np.ndarray, config: ClusteringConfig, k_max: int | None 
 
 
 def fit_clusters(
-    features: pd.DataFrame | np.ndarray, config: ClusteringConfig = ClusteringConfig()
+    features: pd.DataFrame | np.ndarray,
+    config: ClusteringConfig = ClusteringConfig(),
+    context: np.ndarray | None = None,
 ) -> tuple[FittedClustering, pd.DataFrame]:
     """Fit UMAP, HDBSCAN, the GMM and the auto-k GMM; return them and one label row per cell.
 
-    Parameters are shrunk for small data (sized_parameters, recorded in fitted.params).
+    Parameters are shrunk for small data (sized_parameters, recorded in fitted.params). With
+    config.neighbor_weight > 0, UMAP sees the (preprocessed) features with the cells' context
+    (neighbor_contact) appended, scaled by fit_context_transform.
 
     Parameters
     ----------
@@ -564,6 +579,9 @@ def fit_clusters(
         An embeddings table or a bare matrix (see split_embedding_table); d features per cell.
     config : ClusteringConfig
         Seeds and parameters.
+    context : (n,) or (n, c) ndarray of float, optional
+        Per-cell context, in input order (neighbor_contact); required when
+        config.neighbor_weight > 0, else not used.
 
     Returns
     -------
@@ -580,7 +598,8 @@ def fit_clusters(
     TooFewCells
         If there are fewer than MIN_CELLS cells.
     ValueError
-        If the features are not a non-empty 2-D matrix or hold NaN or infinite values.
+        If the features are not a non-empty 2-D matrix or hold NaN or infinite values, or the
+        context is missing, of another length or not finite while config.neighbor_weight > 0.
     """
     prov, x = split_embedding_table(features)
     x = _checked(x)
@@ -589,6 +608,11 @@ def fit_clusters(
     n_features = x.shape[1]
     transform = fit_feature_transform(x, config.preprocess, config.pca_components)
     x = x if transform is None else transform.apply(x)
+    context_transform = None
+    if config.neighbor_weight > 0:
+        context = _checked_context(context, len(x))
+        context_transform = fit_context_transform(x, context, config.neighbor_weight)
+        x = np.hstack([x, context_transform.apply(context)])
     t = time.perf_counter()
     reducer = _umap(config, params["umap_neighbors"])
     xy = reducer.fit_transform(x).astype(np.float32)
@@ -626,8 +650,88 @@ def fit_clusters(
         timings=timings,
         params=params,
         transform=transform,
+        context_transform=context_transform,
     )
     return fitted, labels
+
+
+def neighbor_contact(cells: pd.DataFrame) -> np.ndarray:
+    """How closely each cell's nearest cell sits, 0 to 1: max(0, 1 - FirstClosestDistance / cell_diameter_px).
+
+    FirstClosestDistance is CellProfiler's centroid-to-centroid distance to the nearest other
+    cell of the image (Neighbors_FirstClosestDistance_<distance>, px; imaging.neighbors) and
+    cell_diameter_px the plate's typical cell diameter (px) from cell finding: 1 for two centres
+    in one place, 0 for a nearest centre one typical cell diameter away or farther (two typical
+    round cells then no longer touch), and 0 for a cell alone in its image (NaN distance).
+
+    Parameters
+    ----------
+    cells : DataFrame
+        One row per cell with CONTEXT_COLUMNS (CellProfiler's FirstClosestDistance and
+        NumberOfNeighbors at schema.NEIGHBOR_DISTANCE_PX, and cell_diameter_px), as cell_crops
+        carries them.
+
+    Returns
+    -------
+    (n,) ndarray of float64 in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        If a column is missing, or a cell has no diameter or was not measured (crops made
+        before neighbour measurements existed: materialize cell_coordinates and cell_crops again).
+    """
+    missing = [c for c in CONTEXT_COLUMNS if c not in cells]
+    if missing:
+        raise ValueError(
+            f"cells lack {missing}: crops made before neighbour measurements existed; materialize "
+            "cell_coordinates and cell_crops again to cluster with neighbor_weight > 0"
+        )
+    measured = cells[NEIGHBOR_COUNT_COLUMN]
+    diameter = cells["cell_diameter_px"].to_numpy(np.float64)
+    if measured.isna().any() or not (np.isfinite(diameter) & (diameter > 0)).all():
+        raise ValueError(
+            f"{int(measured.isna().sum())} cells without neighbour measurements or a cell diameter "
+            "(cells that are not qc 'cell', or crops made before they existed): materialize "
+            "cell_coordinates and cell_crops again to cluster with neighbor_weight > 0"
+        )
+    distance = cells[NEIGHBOR_CLOSEST_COLUMN].to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        contact = np.clip(1.0 - distance / diameter, 0.0, 1.0)
+    return np.where(np.isnan(distance), 0.0, contact)
+
+
+def fit_context_transform(x: np.ndarray, context: np.ndarray, weight: float) -> FeatureTransform:
+    """The scaling of per-cell context before it is appended to the features UMAP sees.
+
+    Each context column is centred and divided by its standard deviation over the cells (a
+    constant column keeps scale 1), then multiplied by weight times the standard deviation of
+    x along its first principal component: at weight 1 a context column spreads as widely as
+    the features' widest direction (about 1 for spherized features), whatever their units.
+
+    x : (n, k) ndarray of float, the features as UMAP sees them (after
+    ClusteringConfig.preprocess); context : (n, c) ndarray of float; weight >= 0. Returns a
+    FeatureTransform: center (c,) float64, matrix (c, c) float64 diagonal.
+    """
+    context = np.asarray(context, np.float64)
+    sd = context.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    centred = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(axis=0)
+    top = float(np.linalg.svd(centred, compute_uv=False)[0] / np.sqrt(max(len(x), 1))) if len(x) else 1.0
+    return FeatureTransform(context.mean(axis=0), np.diag(weight * top / sd))
+
+
+def _checked_context(context: np.ndarray | None, n_cells: int) -> np.ndarray:
+    """context as (n, c) float64; ValueError when missing, of another length or not finite."""
+    if context is None:
+        raise ValueError("ClusteringConfig.neighbor_weight > 0 needs each cell's context (neighbor_contact)")
+    context = np.asarray(context, np.float64)
+    context = context[:, None] if context.ndim == 1 else context
+    if context.ndim != 2 or len(context) != n_cells:
+        raise ValueError(f"context has shape {context.shape}, expected ({n_cells}, c)")
+    if not np.isfinite(context).all():
+        raise ValueError("context contains NaN or infinite values")
+    return context
 
 
 def _umap(config: ClusteringConfig, n_neighbors: int):
@@ -701,7 +805,7 @@ MODEL_FORMAT = "gbm-assets.clustering/1"
 _GMM_ARRAYS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
 _AUTO_K_COLUMNS = ("k", "bic", "icl", "candidate", "stability")
 # ClusteringConfig fields added after format 1 was first written, with the value older files were fitted with.
-_CONFIG_BEFORE = {"auto_k_criterion": "bic", "preprocess": "none"}
+_CONFIG_BEFORE = {"auto_k_criterion": "bic", "preprocess": "none", "neighbor_weight": 0.0}
 _UMAP_SCALARS = ("_a", "_b", "_n_neighbors", "_disconnection_distance", "_initial_alpha", "_input_hash")
 
 
@@ -719,7 +823,8 @@ def save_clustering(fitted: FittedClustering, path: str | Path) -> Path:
     kept beside the file proves nothing (whoever plants the file rewrites the digest).
 
     What is stored: the fitted preprocessing (FeatureTransform's center and matrix, float64,
-    when config.preprocess is not "none"); UMAP's training vectors (n_train, features after the
+    when config.preprocess is not "none") and the context's scaling (likewise, when
+    config.neighbor_weight > 0); UMAP's training vectors (n_train, features after the
     preprocessing) float32 and 2-D layout
     (n_train, 2) float32 with its fitted constants; HDBSCAN's training points, condensed tree,
     labels and membership strengths (its prediction data is rebuilt from them); both GMMs'
@@ -761,6 +866,10 @@ def save_clustering(fitted: FittedClustering, path: str | Path) -> Path:
     }
     if fitted.transform is not None:
         arrays.update({"transform.center": fitted.transform.center, "transform.matrix": fitted.transform.matrix})
+    if fitted.context_transform is not None:
+        arrays.update(
+            {"context.center": fitted.context_transform.center, "context.matrix": fitted.context_transform.matrix}
+        )
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     path.write_bytes(buffer.getvalue())
@@ -846,6 +955,13 @@ def _restore(header: dict, arrays: dict) -> FittedClustering:
         if transform.center.shape != (header["n_features"],) or transform.matrix.shape[0] != header["n_features"]:
             raise ValueError(f"transform arrays have shapes {transform.center.shape} and {transform.matrix.shape}")
     umap_features = header["n_features"] if transform is None else transform.matrix.shape[1]
+    context_transform = None
+    if config.neighbor_weight > 0:
+        context_transform = FeatureTransform(arrays["context.center"], arrays["context.matrix"])
+        c = context_transform.center.shape[0]
+        if context_transform.matrix.shape != (c, c):
+            raise ValueError(f"context arrays have shapes {(c,)} and {context_transform.matrix.shape}")
+        umap_features += c
     if raw.ndim != 2 or layout.shape != (len(raw), 2) or raw.shape[1] != umap_features:
         raise ValueError(f"UMAP arrays have shapes {raw.shape} and {layout.shape}")
     reducer = _umap(config, params["umap_neighbors"])
@@ -879,10 +995,13 @@ def _restore(header: dict, arrays: dict) -> FittedClustering:
         timings=dict(header.get("timings", {})),
         params=params,
         transform=transform,
+        context_transform=context_transform,
     )
 
 
-def assign_new(fitted: FittedClustering, features: pd.DataFrame | np.ndarray) -> pd.DataFrame:
+def assign_new(
+    fitted: FittedClustering, features: pd.DataFrame | np.ndarray, context: np.ndarray | None = None
+) -> pd.DataFrame:
     """Label cells of later plates with the fitted models, without refitting any of them.
 
     Parameters
@@ -891,6 +1010,9 @@ def assign_new(fitted: FittedClustering, features: pd.DataFrame | np.ndarray) ->
         From fit_clusters or load_clustering.
     features : DataFrame or (n, d) ndarray of float
         An embeddings table or a bare matrix (see split_embedding_table), d = fitted.n_features.
+    context : (n,) or (n, c) ndarray of float, optional
+        The cells' context as fit_clusters took it; required when the models were fitted with
+        config.neighbor_weight > 0.
 
     Returns
     -------
@@ -901,12 +1023,19 @@ def assign_new(fitted: FittedClustering, features: pd.DataFrame | np.ndarray) ->
     ------
     ValueError
         If the features are not a non-empty 2-D matrix of fitted.n_features columns, or hold
-        NaN or infinite values.
+        NaN or infinite values, or the context is missing or not as fit_clusters took it.
     """
     prov, x = split_embedding_table(features)
     x = _checked(x, fitted.n_features)
     if fitted.transform is not None:
         x = fitted.transform.apply(x)
+    if fitted.context_transform is not None:
+        context = _checked_context(context, len(x))
+        if context.shape[1] != fitted.context_transform.center.shape[0]:
+            raise ValueError(
+                f"context has {context.shape[1]} columns, the fitted models {fitted.context_transform.center.shape[0]}"
+            )
+        x = np.hstack([x, fitted.context_transform.apply(context)])
     xy = fitted.umap.transform(x).astype(np.float32)
     hdb, _strength = hdbscan.approximate_predict(fitted.hdbscan, xy)
     with _single_threaded():

@@ -17,8 +17,9 @@ class ClusterConfig(dg.Config):
     """Clustering settings; thesis values by default. refit=True refits instead of labelling new cells.
 
     params(variant) gives the core's analysis.clustering.ClusteringConfig (fields of the same
-    name). vector and preprocess left empty (None) take the variant's own (Variant.cluster_vector,
-    Variant.cluster_preprocess: the plain embedding as it is for the thesis' rows).
+    name). vector, preprocess and neighbor_weight left empty (None) take the variant's own
+    (Variant.cluster_vector, cluster_preprocess, cluster_neighbor_weight: the plain embedding as
+    it is, without neighbours, for the thesis' rows).
     """
 
     refit: bool = False
@@ -31,14 +32,23 @@ class ClusterConfig(dg.Config):
     # what UMAP sees: "none", "standardize", "pca_whiten" or "spherize" (README, Cell types); None: the variant's
     preprocess: str | None = None
     pca_components: int = 8  # components kept by "pca_whiten"
+    # weight of the neighbour contact (CellProfiler's neighbour measurements the crops carry) beside
+    # the vector; 0: not used; None: the variant's (README, Cell types)
+    neighbor_weight: float | None = None
     explorer_max_points: int = 20_000  # cells shown in the explorer page (sampled across cultures and clusters)
 
     def params(self, variant=None):
-        """ClusteringConfig of these settings; an empty preprocess is variant.cluster_preprocess ("none" without one)."""
+        """ClusteringConfig of these settings; an empty preprocess or neighbor_weight is the variant's
+        (Variant.cluster_preprocess, cluster_neighbor_weight; "none" and 0 without one)."""
         from gbm_assets.analysis.clustering import ClusteringConfig
 
         preprocess = self.preprocess or (variant.cluster_preprocess if variant is not None else "none")
-        return core_params(self.model_copy(update={"preprocess": preprocess}), ClusteringConfig)
+        weight = self.neighbor_weight
+        if weight is None:
+            weight = variant.cluster_neighbor_weight if variant is not None else 0.0
+        return core_params(
+            self.model_copy(update={"preprocess": preprocess, "neighbor_weight": weight}), ClusteringConfig
+        )
 
     def vector_for(self, variant) -> str:
         """The embedding column to cluster: the configured one, else variant.cluster_vector."""
@@ -71,7 +81,13 @@ def clusters(
     Fewer cells than clustering.MIN_CELLS: no models or labels; skipped.json and the Dagster
     metadata say why, and the composition report shows it in the variant's section.
     """
-    from gbm_assets.analysis.cell_labels import count_cells, load_or_fit, stage_not_clustered, write_labels
+    from gbm_assets.analysis.cell_labels import (
+        count_cells,
+        crop_contact,
+        load_or_fit,
+        stage_not_clustered,
+        write_labels,
+    )
     from gbm_assets.analysis.clustering import MIN_CELLS
 
     row = get_variant(context.partition_key)
@@ -100,23 +116,26 @@ def clusters(
                     "mlflow_run": dg.MetadataValue.url(url),
                 }
             )
+        params = config.params(row)
+        contact = crop_contact(data.crops) if params.neighbor_weight > 0 else None
         models = load_or_fit(
             emb_path,
             files,
             out,
             encoder_run,
-            config.params(row),
+            params,
             stage,
             config.fit_max_cells,
             vector,
             config.refit,
             logger=context.log,
+            contact=contact,
         )
         if models.shrunk:
             context.log.warning(
                 f"{variant}: {models.fitted.n_train} cells; parameters shrunk to fit them: {models.shrunk}"
             )
-        n_total, n_new = write_labels(emb_path, models, stage.path(out), vector)
+        n_total, n_new = write_labels(emb_path, models, stage.path(out), vector, contact)
         context.log.info(f"{variant}: {models.mode}; {n_total} cells labelled, {n_new} by prediction")
         scored, points, staged_explorer = _score_and_explore(
             config, data, variant, stage.path(out), stage.path(explorer)
@@ -192,6 +211,7 @@ def _cluster_params(config: ClusterConfig, models, variant: str) -> dict:
         "variant": variant,
         "vector": record["vector"],
         "preprocess": fitted.config.preprocess,
+        "neighbor_weight": fitted.config.neighbor_weight,
         "fit_max_cells": config.fit_max_cells,
         "gmm_components": fitted.gmm.n_components,
         "min_cluster_size": record["min_cluster_size"],

@@ -33,7 +33,7 @@ from gbm_assets.imaging.crops import extract_crops
 from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates
-from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
+from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, NEIGHBOR_COLUMNS, make_crop_id
 
 Progress = Callable[[int, int], None] | None
 
@@ -293,12 +293,13 @@ CROP_CELL_COLUMNS = ["cell_id", "x", "y", *MEASUREMENT_COLUMNS, "qc"]
 def _cells_to_crop(
     cells: pd.DataFrame, keep_qc: Iterable[str], filters: CropFilters, timepoint_h: float
 ) -> pd.DataFrame | None:
-    """One image's candidates that get crops (those whose qc is in keep_qc; CROP_CELL_COLUMNS),
+    """One image's candidates that get crops (those whose qc is in keep_qc; CROP_CELL_COLUMNS and
+    the neighbour measurements and cell_diameter_px the table has),
     None when there is none or the image filters drop the image. Both cropping paths use it."""
     kept = kept_candidates(cells, keep_qc).reset_index(drop=True)
     if kept.empty or not filters.keep_image(len(kept), timepoint_h):
         return None
-    return kept[CROP_CELL_COLUMNS]
+    return kept[CROP_CELL_COLUMNS + [c for c in (*NEIGHBOR_COLUMNS, "cell_diameter_px") if c in kept]]
 
 
 def _image_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, crop: tuple | None):
@@ -587,6 +588,11 @@ def crops_table(
         "position": [str(row.position)] * n,
         "cell_id": cells["cell_id"].to_numpy(np.int32),
         **{m: cells[m].to_numpy(np.float64) for m in MEASUREMENT_COLUMNS},
+        # neighbour measurements: NaN for coordinates written before they were measured
+        **{
+            m: cells[m].to_numpy(np.float64) if m in cells else np.full(n, np.nan)
+            for m in (*NEIGHBOR_COLUMNS, "cell_diameter_px")
+        },
         "qc": cells["qc"].astype(str).tolist() if "qc" in cells else ["cell"] * n,
         "crop_size": np.full(n, crop_size, np.int16),
         "pixels": [p.tobytes() for p in pixels],

@@ -57,6 +57,10 @@ class Variant:
         The map the clusters asset puts before UMAP by default (analysis.clustering
         ClusteringConfig.preprocess; its run config's `preprocess` overrides it); "none": the
         thesis' UMAP of the embedding as it is.
+    cluster_neighbor_weight : float
+        The weight of the cells' neighbour contact beside the vector by default (analysis.
+        clustering ClusteringConfig.neighbor_weight; the run config's `neighbor_weight`
+        overrides it); 0: not used (the thesis).
     """
 
     name: str
@@ -76,6 +80,7 @@ class Variant:
     downsample: int = 1
     cluster_vector: Literal["embedding", "embedding_invariant"] = "embedding"
     cluster_preprocess: str = "none"
+    cluster_neighbor_weight: float = 0.0
 
     @property
     def distortions(self) -> dict:
@@ -130,6 +135,9 @@ _TABLE = (
         downsample=2,
         cluster_vector="embedding_invariant",
         cluster_preprocess="spherize",
+        # its cell-alone crop hides the neighbours that make a cell a clump member; the neighbour
+        # contact beside it splits clumps from small round cells (README, Cell types)
+        cluster_neighbor_weight=2.0,
     ),
 )
 
