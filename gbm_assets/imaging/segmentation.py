@@ -227,18 +227,21 @@ def objects(mask: np.ndarray, depth: np.ndarray, params: SegmentationParams) -> 
     return out
 
 
-def medium_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """norm, re-referenced to the medium (background) pixels when cells cover most of the field.
+def medium_units(norm: np.ndarray, background: np.ndarray, crowded: bool) -> np.ndarray:
+    """norm (float32 (H, W)), re-referenced to the medium (background, bool (H, W)) pixels in a
+    crowded field.
 
     normalise() measures level and spread over the whole image. Where the medium is most of
-    it (a sparse or ordinary field) those are the medium's, and norm is returned as is. Where
-    cells cover more than half the field they are the cells' own: the cells are then no darker
-    than "the image" and no seed would pass seed_darkness, so level and spread are measured on
-    the medium alone. With too little medium visible (confluent) norm is returned as is.
+    it (a field that is not crowded) those are the medium's, and norm is returned as is. Where
+    cells cover most of the field (crowded, see crowded_field) they are the cells' own: the
+    cells are then no darker than "the image" and no seed would pass seed_darkness, so level
+    and spread are measured on the medium alone. With too little medium visible (under 100
+    sampled pixels) norm is returned as is.
     """
-    sample = background[::4, ::4]
-    values = norm[::4, ::4][sample]
-    if values.size < 100 or sample.mean() >= 0.5:
+    if not crowded:
+        return norm
+    values = norm[::4, ::4][background[::4, ::4]]
+    if values.size < 100:
         return norm
     centre, spread = robust_scale(values, floor=1e-6)
     if spread <= 0:
@@ -792,7 +795,7 @@ def find_candidates(
     # in a crowded field a small, roundish body ringed by halo is a cell however dark: clumped
     # round cells pressed together show no solidly dark body
     compact = compact_bodies(z, obj, params if uncrowded else replace(params, solid_fraction=0.0))
-    xy, scale, maps = dark_seeds(medium_units(norm, reference), obj, compact, params)
+    xy, scale, maps = dark_seeds(medium_units(norm, reference, not uncrowded), obj, compact, params)
     cell_obj, group_params = obj, params
     if compact.any() or not uncrowded:  # where compact cells are, or crowded: rounded bright ones are cells too
         bodies = bright_bodies(z, obj, params)
