@@ -758,6 +758,40 @@ def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray
     return out
 
 
+# A field whose objects cover at least FEW_SEEDS_COVER of it (so the whole image's level and
+# spread are partly the cells') and whose dark seeds, measured against them, number under
+# FEW_SEEDS per cell area of its objects, is seeded as crowded. On the 24 Usiigaci and 6 T98G
+# fields (objects over 26-44% of the field) these seeds number 0.25-0.50 per cell area.
+FEW_SEEDS = 0.1
+FEW_SEEDS_COVER = 1 / 3
+
+
+def _seeds(
+    norm: np.ndarray,
+    tex: np.ndarray,
+    threshold: float,
+    z: np.ndarray,
+    obj: np.ndarray,
+    medium: np.ndarray,
+    crowded: bool,
+    params: SegmentationParams,
+) -> tuple[float | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[_BlobMap]]:
+    """find_candidates' seeding: (split, reference, compact, xy, scale, maps).
+
+    split: confluent_split's level (None when not crowded or one mode); reference: bool (H, W),
+    the medium darkness is measured against; compact: compact_bodies' labels; xy, scale, maps:
+    dark_seeds' seeds (x, y px), scales and maps.
+    """
+    # in a crowded field whose flat pixels show two modes, the medium is the brighter one
+    split = confluent_split(norm, tex, threshold) if crowded else None
+    reference = medium if split is None else confluent_medium(norm, tex, threshold, split)
+    # in a crowded field a small, roundish body ringed by halo is a cell however dark: clumped
+    # round cells pressed together show no solidly dark body
+    compact = compact_bodies(z, obj, replace(params, solid_fraction=0.0) if crowded else params)
+    xy, scale, maps = dark_seeds(medium_units(norm, reference, crowded), obj, compact, params)
+    return split, reference, compact, xy, scale, maps
+
+
 def find_candidates(
     image: np.ndarray, params: SegmentationParams = SegmentationParams(), rules: QualityRules = QualityRules()
 ) -> tuple[pd.DataFrame, np.ndarray, dict[str, float]]:
@@ -787,15 +821,17 @@ def find_candidates(
     medium = obj == 0
     z = noise_units(norm, medium)
     # a crowded field (cells over more of it than the medium): its cells press on each other
-    # and merge into a few large objects
-    uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
-    # in a crowded field whose flat pixels show two modes, the medium is the brighter one
-    split = None if uncrowded else confluent_split(norm, tex, threshold)
-    reference = medium if split is None else confluent_medium(norm, tex, threshold, split)
-    # in a crowded field a small, roundish body ringed by halo is a cell however dark: clumped
-    # round cells pressed together show no solidly dark body
-    compact = compact_bodies(z, obj, params if uncrowded else replace(params, solid_fraction=0.0))
-    xy, scale, maps = dark_seeds(medium_units(norm, reference, not uncrowded), obj, compact, params)
+    # and merge into a few large objects; or a field whose whole-image statistics show next to
+    # no dark seed in its foreground (cells over about half of it, darkness measured against a
+    # level and spread that are half the cells')
+    crowded = medium[::4, ::4].mean() < rules.join_min_medium_share
+    split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
+    covered = 1 - medium[::4, ::4].mean()
+    few = len(xy) < FEW_SEEDS * np.count_nonzero(obj) / _cell_area(params)
+    if not crowded and covered >= FEW_SEEDS_COVER and few:
+        crowded = True
+        split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
+    uncrowded = not crowded
     cell_obj, group_params = obj, params
     if compact.any() or not uncrowded:  # where compact cells are, or crowded: rounded bright ones are cells too
         bodies = bright_bodies(z, obj, params)
