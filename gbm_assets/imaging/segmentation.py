@@ -21,7 +21,9 @@ spread cells the few compact bodies are organelles or debris, so fine seeds need
 bodies to hold a share of the cell area. Rounded cells that phase contrast shows bright (no
 dark blob) seed themselves as compact bright bodies where compact cells are, and anywhere as
 bright objects of their own, split at their necks. In a crowded field (the medium under half of
-it) cells merge into a few large objects: there bright bodies seed everywhere and are cut out as
+it; or objects over a third of it with under FEW_SEEDS dark seeds per cell area of them, measured
+against the whole image's statistics, which are then partly the cells') cells merge into a few
+large objects: there bright bodies seed everywhere and are cut out as
 objects of their own, a small roundish halo-ringed body gets fine seeds however dark, and seeds
 are grouped across nothing brighter than halo_level. Where a crowded field's flat pixels show
 two modes (flat grey cell interiors left outside the objects, and the medium), darkness is
