@@ -826,20 +826,23 @@ def find_candidates(
     # and merge into a few large objects; or a field whose whole-image statistics show next to
     # no dark seed in its foreground (cells over about half of it, darkness measured against a
     # level and spread that are half the cells')
-    crowded = medium[::4, ::4].mean() < rules.join_min_medium_share
+    uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
+    crowded = not uncrowded
     split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
     covered = 1 - medium[::4, ::4].mean()
     few = len(xy) < FEW_SEEDS * np.count_nonzero(obj) / _cell_area(params)
     if not crowded and covered >= FEW_SEEDS_COVER and few:
         crowded = True
         split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
-    uncrowded = not crowded
+    # (the rules after seeding, joining pieces and judging sizes by the field's typical cell,
+    # follow the medium share alone: with the medium over half the field, cells have medium
+    # between them)
     cell_obj, group_params = obj, params
-    if compact.any() or not uncrowded:  # where compact cells are, or crowded: rounded bright ones are cells too
+    if compact.any() or crowded:  # where compact cells are, or crowded: rounded bright ones are cells too
         bodies = bright_bodies(z, obj, params)
         bright = bright_seeds(z, obj, params, bodies)
         xy, scale = np.concatenate([xy, bright]), np.concatenate([scale, np.zeros(len(bright), int)])
-    if not uncrowded:
+    if crowded:
         # each bright body an object of its own; and between cells pressed together only a
         # faint seam shows, not the full halo of a free cell's edge: halo_level marks a border
         cell_obj = with_bright_bodies(obj, bodies)
