@@ -21,7 +21,9 @@ spread cells the few compact bodies are organelles or debris, so fine seeds need
 bodies to hold a share of the cell area. Rounded cells that phase contrast shows bright (no
 dark blob) seed themselves as compact bright bodies where compact cells are, and anywhere as
 bright objects of their own, split at their necks. In a crowded field (the medium under half of
-it) cells merge into a few large objects: there bright bodies seed everywhere and are cut out as
+it; or objects over a third of it with under FEW_SEEDS dark seeds per cell area of them, measured
+against the whole image's statistics, which are then partly the cells') cells merge into a few
+large objects: there bright bodies seed everywhere and are cut out as
 objects of their own, a small roundish halo-ringed body gets fine seeds however dark, and seeds
 are grouped across nothing brighter than halo_level. Where a crowded field's flat pixels show
 two modes (flat grey cell interiors left outside the objects, and the medium), darkness is
@@ -227,18 +229,21 @@ def objects(mask: np.ndarray, depth: np.ndarray, params: SegmentationParams) -> 
     return out
 
 
-def medium_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """norm, re-referenced to the medium (background) pixels when cells cover most of the field.
+def medium_units(norm: np.ndarray, background: np.ndarray, crowded: bool) -> np.ndarray:
+    """norm (float32 (H, W)), re-referenced to the medium (background, bool (H, W)) pixels in a
+    crowded field.
 
     normalise() measures level and spread over the whole image. Where the medium is most of
-    it (a sparse or ordinary field) those are the medium's, and norm is returned as is. Where
-    cells cover more than half the field they are the cells' own: the cells are then no darker
-    than "the image" and no seed would pass seed_darkness, so level and spread are measured on
-    the medium alone. With too little medium visible (confluent) norm is returned as is.
+    it (a field that is not crowded) those are the medium's, and norm is returned as is. Where
+    cells cover most of the field (crowded, see crowded_field) they are the cells' own: the
+    cells are then no darker than "the image" and no seed would pass seed_darkness, so level
+    and spread are measured on the medium alone. With too little medium visible (under 100
+    sampled pixels) norm is returned as is.
     """
-    sample = background[::4, ::4]
-    values = norm[::4, ::4][sample]
-    if values.size < 100 or sample.mean() >= 0.5:
+    if not crowded:
+        return norm
+    values = norm[::4, ::4][background[::4, ::4]]
+    if values.size < 100:
         return norm
     centre, spread = robust_scale(values, floor=1e-6)
     if spread <= 0:
@@ -755,6 +760,40 @@ def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray
     return out
 
 
+# A field whose objects cover at least FEW_SEEDS_COVER of it (so the whole image's level and
+# spread are partly the cells') and whose dark seeds, measured against them, number under
+# FEW_SEEDS per cell area of its objects, is seeded as crowded. On the 24 Usiigaci and 6 T98G
+# fields (objects over 26-44% of the field) these seeds number 0.25-0.50 per cell area.
+FEW_SEEDS = 0.1
+FEW_SEEDS_COVER = 1 / 3
+
+
+def _seeds(
+    norm: np.ndarray,
+    tex: np.ndarray,
+    threshold: float,
+    z: np.ndarray,
+    obj: np.ndarray,
+    medium: np.ndarray,
+    crowded: bool,
+    params: SegmentationParams,
+) -> tuple[float | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[_BlobMap]]:
+    """find_candidates' seeding: (split, reference, compact, xy, scale, maps).
+
+    split: confluent_split's level (None when not crowded or one mode); reference: bool (H, W),
+    the medium darkness is measured against; compact: compact_bodies' labels; xy, scale, maps:
+    dark_seeds' seeds (x, y px), scales and maps.
+    """
+    # in a crowded field whose flat pixels show two modes, the medium is the brighter one
+    split = confluent_split(norm, tex, threshold) if crowded else None
+    reference = medium if split is None else confluent_medium(norm, tex, threshold, split)
+    # in a crowded field a small, roundish body ringed by halo is a cell however dark: clumped
+    # round cells pressed together show no solidly dark body
+    compact = compact_bodies(z, obj, replace(params, solid_fraction=0.0) if crowded else params)
+    xy, scale, maps = dark_seeds(medium_units(norm, reference, crowded), obj, compact, params)
+    return split, reference, compact, xy, scale, maps
+
+
 def find_candidates(
     image: np.ndarray, params: SegmentationParams = SegmentationParams(), rules: QualityRules = QualityRules()
 ) -> tuple[pd.DataFrame, np.ndarray, dict[str, float]]:
@@ -784,21 +823,26 @@ def find_candidates(
     medium = obj == 0
     z = noise_units(norm, medium)
     # a crowded field (cells over more of it than the medium): its cells press on each other
-    # and merge into a few large objects
+    # and merge into a few large objects; or a field whose whole-image statistics show next to
+    # no dark seed in its foreground (cells over about half of it, darkness measured against a
+    # level and spread that are half the cells')
     uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
-    # in a crowded field whose flat pixels show two modes, the medium is the brighter one
-    split = None if uncrowded else confluent_split(norm, tex, threshold)
-    reference = medium if split is None else confluent_medium(norm, tex, threshold, split)
-    # in a crowded field a small, roundish body ringed by halo is a cell however dark: clumped
-    # round cells pressed together show no solidly dark body
-    compact = compact_bodies(z, obj, params if uncrowded else replace(params, solid_fraction=0.0))
-    xy, scale, maps = dark_seeds(medium_units(norm, reference), obj, compact, params)
+    crowded = not uncrowded
+    split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
+    covered = 1 - medium[::4, ::4].mean()
+    few = len(xy) < FEW_SEEDS * np.count_nonzero(obj) / _cell_area(params)
+    if not crowded and covered >= FEW_SEEDS_COVER and few:
+        crowded = True
+        split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
+    # (the rules after seeding, joining pieces and judging sizes by the field's typical cell,
+    # follow the medium share alone: with the medium over half the field, cells have medium
+    # between them)
     cell_obj, group_params = obj, params
-    if compact.any() or not uncrowded:  # where compact cells are, or crowded: rounded bright ones are cells too
+    if compact.any() or crowded:  # where compact cells are, or crowded: rounded bright ones are cells too
         bodies = bright_bodies(z, obj, params)
         bright = bright_seeds(z, obj, params, bodies)
         xy, scale = np.concatenate([xy, bright]), np.concatenate([scale, np.zeros(len(bright), int)])
-    if not uncrowded:
+    if crowded:
         # each bright body an object of its own; and between cells pressed together only a
         # faint seam shows, not the full halo of a free cell's edge: halo_level marks a border
         cell_obj = with_bright_bodies(obj, bodies)
