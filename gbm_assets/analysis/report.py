@@ -353,10 +353,17 @@ def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> s
         )
     if margins:
         beats = bool((kappa > baselines["culture_kappa"].astype(float)).all())
+        # a margin smaller than the spread of the variant's kappa between folds is no clear gain
+        sd = float(best.get("culture_kappa_sd", float("nan")))
+        smallest = kappa - float(baselines["culture_kappa"].astype(float).max())
+        clear = not (math.isfinite(sd) and smallest <= sd)
         text.append(
             f"That is {'; '.join(margins)}: "
             + (
                 "the learned features earn their cost."
+                if beats and clear
+                else f"above every baseline, but by less than the spread between folds (sd {_fmt(sd)}): "
+                "no clear gain yet."
                 if beats
                 else "the learned features do not beat every baseline yet."
             )
