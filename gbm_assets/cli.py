@@ -58,6 +58,17 @@ def expand_image_args(args: list[str]) -> list[Path]:
             matches = sorted(
                 Path(p) for p in glob.glob(arg, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES
             )
+        if not matches and path.is_dir():
+            subfolders = any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
+            raise ImageReadError(
+                arg,
+                "folder holds no image"
+                + (
+                    f" (its sub-folders are not searched: give a pattern such as '{path}/**/*.tif')"
+                    if subfolders
+                    else ""
+                ),
+            )
         if not matches:
             raise ImageReadError(arg, "no such image, folder or matching pattern")
         found.update(dict.fromkeys(p.absolute() for p in matches))
@@ -71,8 +82,23 @@ def mask_names(images: list[Path]) -> dict[Path, Path]:
     return {p: p.relative_to(common).with_name(p.stem + "_labels.png") for p in images}
 
 
+def pixel_size_note(sizes: dict) -> str:
+    """One line on the images' recorded pixel sizes ({path: PixelSize or None}) and the area unit."""
+    known = {round(s.um, 6): s.source for s in sizes.values() if s is not None}
+    missing = sum(s is None for s in sizes.values())
+    if not known:
+        return "pixel size: not recorded in any image; measurements in pixels (column pixel_size_um NaN)"
+    found = ", ".join(f"{um:g} µm ({source})" for um, source in sorted(known.items()))
+    return (
+        f"pixel size: {found}"
+        + (f"; not recorded in {missing} image(s) (NaN)" if missing else "")
+        + "; measurements in pixels (area in px²: multiply by pixel_size_um squared for µm²)"
+    )
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from gbm_assets.analysis.safe_csv import to_csv_safe
+    from gbm_assets.imaging.pixel_size import PIXEL_SIZE_COLUMN, recorded_pixel_size
     from gbm_assets.imaging.plate_cells import decode_labels, default_workers, png_labels
     from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
     from gbm_assets.imaging.segmentation import SegmentationParams
@@ -100,10 +126,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
             labels = decode_labels(row["labels_zstd"], (row["height"], row["width"]), row["image"])
             write_bytes_atomic(masks_dir / names[Path(row["image"])], png_labels(labels))  # 16-bit PNG, every candidate
     table = plate.coordinates.drop(columns=["plate"])
+    # Each image's recorded pixel size (µm per pixel, NaN when its header records none), so that a
+    # reader can convert the pixel measurements; the areas stay in px², as CellProfiler writes them.
+    sizes = {p: recorded_pixel_size(p) for p in images}
+    table[PIXEL_SIZE_COLUMN] = table["image"].map({str(p): s.um if s else float("nan") for p, s in sizes.items()})
     with atomic_path(args.out) as tmp:
         to_csv_safe(table, tmp, index=False)  # image names are data: never a spreadsheet formula
     if plate.size is not None:
         print(plate.size.note())
+    print(pixel_size_note(sizes))
     counts = coordinates_summary(plate)["qc_counts"]
     others = ", ".join(f"{n} {label}" for label, n in counts.items() if label != "cell" and n)
     print(

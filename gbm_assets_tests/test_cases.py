@@ -312,3 +312,42 @@ def test_livecell_style_8bit_lzw_tiles_ingest_with_plausible_counts(tmp_path):
         "B2": {"position": ["1"], "replicate": [1]},
         "B3": {"position": ["1"], "replicate": [2]},
     }
+
+
+def test_segment_writes_each_images_recorded_pixel_size(tmp_path, capsys):
+    """An OME-TIFF with PhysicalSizeX gives its cells pixel_size_um (in µm whatever the unit), an
+    image that records none NaN, and the command says areas are in px² (they were unitless)."""
+    import tifffile
+
+    src = case("01-lzw-tiff") / "raw" / "t98g-lzw" / "t07_lzw.tif"
+    pixels = tifffile.imread(src)
+    ome = tmp_path / "t07.ome.tif"
+    tifffile.imwrite(
+        ome,
+        pixels,
+        ome=True,
+        metadata={
+            "axes": "YX",
+            "PhysicalSizeX": 871.0,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 871.0,
+            "PhysicalSizeYUnit": "nm",
+        },
+    )
+    plain = tmp_path / "t07.tif"
+    tifffile.imwrite(plain, pixels)
+    cells = _segment(tmp_path, ome, plain)
+    sizes = cells.groupby("image")["pixel_size_um"].agg(lambda s: s.iloc[0])
+    assert sizes[str(ome)] == pytest.approx(0.871)
+    assert pd.isna(sizes[str(plain)])
+    out = capsys.readouterr().out
+    assert "0.871 µm (OME PhysicalSizeX)" in out and "not recorded in 1 image(s)" in out and "px²" in out
+
+
+def test_segment_on_a_folder_of_sub_folders_says_they_are_not_searched(tmp_path, capsys):
+    (tmp_path / "plates" / "a").mkdir(parents=True)
+    (tmp_path / "plates" / "a" / "t07.tif").write_bytes(b"")
+    assert main(["segment", str(tmp_path / "plates"), "--out", str(tmp_path / "o.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "folder holds no image" in err and "sub-folders are not searched" in err and "**/*.tif" in err
+    assert "no such image" not in err

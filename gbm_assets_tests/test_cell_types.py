@@ -362,3 +362,28 @@ def test_section_converts_areas_per_plate_and_says_the_unit(lab, tmp_path):
     assert partly.area_unit == "px²"
     expected_px = np.median(measured["area"].to_numpy()[clustered])
     assert partly.profiles.loc[0, "median_area"] == pytest.approx(expected_px)
+
+
+def test_a_single_unit_culture_left_out_is_named_as_the_reason_the_test_cannot_run():
+    """Two cultures, one of a single replicate (a T98G plate beside a plate of two replicates): the
+    test cannot run because that culture is left out, not for lack of cells per unit (the message
+    said "needs >= 2 cultures with >= 5 clustered cells per unit (found 1)", with 100 per unit)."""
+    rng = np.random.default_rng(0)
+    labels = rng.choice(3, size=300)
+    cultures = np.repeat(["T98G", "USI", "USI"], 100)
+    units = np.repeat(["t98g:1", "usi:1", "usi:2"], 100)
+    result = culture_difference_test(labels, cultures, units, n_perm=99)
+    assert np.isnan(result["p_value"]) and result["left_out"] == ["T98G"]
+    assert "T98G has a single unit" in result["reason"] and "per unit" not in result["reason"]
+
+
+def test_a_single_unit_cultures_composition_shows_no_interval_not_a_certain_one():
+    from gbm_assets.analysis.report import _composition_wide
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(2, size=300)
+    cultures = np.repeat(["T98G", "USI", "USI"], 100)
+    units = np.repeat(["t98g:1", "usi:1", "usi:2"], 100)
+    wide = _composition_wide(composition_by_units(labels, cultures, units, n_boot=50)).set_index("culture")
+    assert all(cell.endswith("[no interval: 1 unit]") for cell in wide.loc["T98G"])
+    assert all("no interval" not in cell and cell.count("[") == 1 for cell in wide.loc["USI"])

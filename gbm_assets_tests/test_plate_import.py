@@ -327,3 +327,19 @@ def test_a_file_named_unlike_the_export_beside_it_is_an_error(tmp_path):
     tifffile.imwrite(export / "GBM03_Phase_B2_1_00d01h00m (1).tif", np.zeros((48, 64), np.uint16))
     with pytest.raises(PlateError, match=r"00d01h00m \(1\)\.tif: is not named like the instrument export beside it"):
         make_plate(export, tmp_path / "raw", "p", culture="A")
+
+
+def test_a_concentration_option_written_otherwise_agrees_with_the_manifests_number(tmp_path):
+    """`--concentration 1e3` (or 1000.0, "1 000") is the manifest's 1000, as in the manifest itself:
+    it was refused as contradicting it; a different number still is."""
+    source = tmp_path / "exp 12"
+    source.mkdir()
+    tifffile.imwrite(source / "t07.tif", np.zeros((32, 40), np.uint16))
+    (source / "manifest.csv").write_text("image,culture,concentration\nt07.tif,GBM03,1000\n")
+    for i, given in enumerate(["1e3", "1000.0", "1 000"]):
+        m = read_manifest(make_plate(source, tmp_path / "raw", f"p{i}", culture="GBM03", concentration=given))
+        assert m["concentration"].tolist() == ["1000"]
+    with pytest.raises(
+        PlateError, match=r"--concentration '500' contradicts the manifest, which has concentration '1000'"
+    ):
+        make_plate(source, tmp_path / "raw", "other", culture="GBM03", concentration="500")

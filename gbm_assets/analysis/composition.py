@@ -328,7 +328,12 @@ def culture_difference_test(
         "clusters": pd.DataFrame(),
         "left_out": [str(c) for c in single if (per_culture >= 2).any()],
     }
-    if g < 2:
+    if g < 2 and result["left_out"]:  # the others were left out for having a single unit, not for few cells
+        result["reason"] = (
+            f"needs >= 2 cultures with >= 2 units each (found {g}; "
+            f"{', '.join(result['left_out'])} has a single unit and is left out)"
+        )
+    elif g < 2:
         result["reason"] = f"needs >= 2 cultures with >= {min_unit_cells} clustered cells per unit (found {g})"
     elif n_units <= g:
         result["reason"] = f"needs >= 2 units in some culture (found {n_units} units for {g} cultures)"

@@ -260,10 +260,14 @@ def _percent(value: float) -> str:
 
 
 def _composition_wide(comp: pd.DataFrame) -> pd.DataFrame:
-    """Culture rows, cluster columns, cells "12.3% [9.1, 15.2]": readable at 10 x 11."""
+    """Culture rows, cluster columns, cells "12.3% [9.1, 15.2]": readable at 10 x 11.
+
+    A culture of a single unit has nothing to resample: its zero-width interval is shown as
+    "[no interval: 1 unit]", never as a certainty "[12.3, 12.3]"."""
+    units = comp["n_units"] if "n_units" in comp else pd.Series(2, index=comp.index)
     cell = [
-        f"{_percent(p)} [{100 * lo:.1f}, {100 * hi:.1f}]"
-        for p, lo, hi in zip(comp["proportion"], comp["ci_low"], comp["ci_high"], strict=False)
+        f"{_percent(p)} [no interval: 1 unit]" if n == 1 else f"{_percent(p)} [{100 * lo:.1f}, {100 * hi:.1f}]"
+        for p, lo, hi, n in zip(comp["proportion"], comp["ci_low"], comp["ci_high"], units, strict=False)
     ]
     wide = comp.assign(cell=cell).pivot(index="culture", columns="cluster", values="cell")
     return wide.rename(columns=lambda c: f"cluster {c}").rename_axis(columns=None).reset_index()
@@ -349,10 +353,17 @@ def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> s
         )
     if margins:
         beats = bool((kappa > baselines["culture_kappa"].astype(float)).all())
+        # a margin smaller than the spread of the variant's kappa between folds is no clear gain
+        sd = float(best.get("culture_kappa_sd", float("nan")))
+        smallest = kappa - float(baselines["culture_kappa"].astype(float).max())
+        clear = not (math.isfinite(sd) and smallest <= sd)
         text.append(
             f"That is {'; '.join(margins)}: "
             + (
                 "the learned features earn their cost."
+                if beats and clear
+                else f"above every baseline, but by less than the spread between folds (sd {_fmt(sd)}): "
+                "no clear gain yet."
                 if beats
                 else "the learned features do not beat every baseline yet."
             )

@@ -33,6 +33,7 @@ from gbm_assets.imaging.plates import (
     check_look_alikes,
     check_plate_id,
     column_name,
+    concentration_label,
     concentration_labels,
     normalise_well,
     read_manifest,
@@ -424,7 +425,7 @@ def _from_manifest(
     m = read_manifest(source)
     for name, value, column in (
         ("--culture", culture, "culture"),
-        ("--concentration", None if concentration == "na" else str(concentration), "concentration"),
+        ("--concentration", None if concentration == "na" else concentration_label(concentration), "concentration"),
         ("--replicate", None if replicate == 1 else replicate, "replicate"),
     ):
         if value is not None and (m[column] != value).any():

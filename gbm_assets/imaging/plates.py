@@ -103,6 +103,12 @@ def concentration_labels(table: pd.DataFrame, column: str) -> list[str]:
     ]
 
 
+def concentration_label(text: str) -> str:
+    """One concentration label as concentration_labels writes it ("1e3", "1000.0", "1 000" -> "1000"),
+    for a label given on the command line (comma-delimited rules: "1.000" is a number, 1)."""
+    return _number_label(str(text).strip())
+
+
 def _number_label(text: str) -> str:
     compact = _DIGIT_GROUPS.sub("", text) if _GROUPED.match(text) else text
     try:
