@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from gbm_assets.analysis.cell_labels import clustered_on
 from gbm_assets.analysis.clustering import (
     MIN_CELLS,
     TooFewCells,
@@ -517,6 +518,11 @@ def test_clusters_asset_clusters_a_row_by_its_own_vector_and_preprocessing(clust
     # with the row's neighbour contact from the crops' CellProfiler neighbour measurements
     assert fitted.config.neighbor_weight == 2.0 and fitted.context_transform is not None
     assert fitted.umap._raw_data.shape[1] == fitted.transform.matrix.shape[1] + 1
+    # the report's section says so (from the models' record)
+    said = clustered_on(json.loads(data.cluster_models(variant).record.read_text()))
+    assert "embedding_invariant" in said and "spherize" in said and "neighbour contact" in said and "weight 2" in said
     vector, fitted = run({"vector": "embedding", "preprocess": "none", "neighbor_weight": 0.0})
+    said = clustered_on(json.loads(data.cluster_models(variant).record.read_text()))
+    assert said == "Clustered on embedding."
     assert vector == "embedding" and fitted.config.preprocess == "none" and fitted.transform is None
     assert fitted.context_transform is None

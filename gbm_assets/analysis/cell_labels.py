@@ -249,6 +249,8 @@ def load_or_fit(
     record = {
         "encoder_run_id": encoder_run_id,
         "vector": vector,
+        "preprocess": fitted.config.preprocess,
+        "neighbor_weight": fitted.config.neighbor_weight,
         "n_train": fitted.n_train,
         "model_file": model_path.name,
         "format": "npz arrays (clustering.save_clustering)",
@@ -312,3 +314,18 @@ def stage_not_clustered(
 def skipped_reason(files: ClusterModelFiles) -> str | None:
     """Why the variant was not clustered (stage_not_clustered's note), or None when it was."""
     return json.loads(files.skipped.read_text())["reason"] if files.skipped.is_file() else None
+
+
+def clustered_on(record: dict) -> str:
+    """One sentence for a variant's report section: what its cells were clustered on (the stored
+    models' record: vector, preprocess, neighbor_weight; records written before these keys say
+    only the vector)."""
+    parts = [f"Clustered on {record.get('vector', 'embedding')}"]
+    if record.get("preprocess") not in (None, "none"):
+        parts.append(f"{record['preprocess']} before UMAP")
+    if record.get("neighbor_weight"):
+        parts.append(
+            f"with each cell's neighbour contact (1 - Neighbors_FirstClosestDistance_5 / cell diameter) "
+            f"at weight {record['neighbor_weight']:g}: cells touching a neighbour lean towards one cell type"
+        )
+    return ", ".join(parts) + "."

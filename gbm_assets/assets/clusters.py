@@ -291,7 +291,7 @@ def composition_report(
 
 def _variant_section(context, data: DataDirs, name: str, staged_dir):
     """The report section of one variant: its figures under staged_dir/<name>, or why it was not clustered."""
-    from gbm_assets.analysis.cell_labels import skipped_reason
+    from gbm_assets.analysis.cell_labels import clustered_on, skipped_reason
     from gbm_assets.analysis.report import VariantSection
     from gbm_assets.analysis.truth import true_morphotypes
     from gbm_assets.analysis.variant_report import build_section, sample_labels
@@ -314,6 +314,7 @@ def _variant_section(context, data: DataDirs, name: str, staged_dir):
         embeddings_path=data.embeddings_file(name),
         pixel_size_um=coordinates_pixel_sizes(data.coordinates),  # {plate: µm}: areas in µm² when all known
     )
+    section.notes = clustered_on(meta)
     if data.explorer_file(name).is_file():
         section.explorer = os.path.relpath(data.explorer_file(name), data.composition_dir)
     return section
