@@ -47,6 +47,7 @@ from gbm_assets.imaging.cell_quality import (
     body_centres,
     centres_inside,
     dark_joined_map,
+    faint_seam_map,
     fragment_map,
     inner_depth,
     inscribed_radius,
@@ -720,16 +721,17 @@ def find_candidates(
     if uncrowded:
         step = join_step(d, rules)
         compact_after = np.unique(mapping[at_fine][is_compact[at_fine]])
+        sampled = mapping[before[::step, ::step]]
         joined_map, joined = dark_joined_map(
-            mapping[before[::step, ::step]],
-            z[::step, ::step],
-            len(mapping),
-            d,
-            step,
-            rules,
-            compact_after[compact_after > 0],
+            sampled, z[::step, ::step], len(mapping), d, step, rules, compact_after[compact_after > 0]
         )
         mapping = joined_map[mapping]
+        # then pieces parted by no halo that together are no bigger than two typical cells
+        seam_map, seamed = faint_seam_map(
+            joined_map[sampled], z[::step, ::step], len(joined), d, step, rules, np.unique(joined_map[compact_after])
+        )
+        joined = seamed + np.bincount(seam_map, weights=joined, minlength=len(seamed)).astype(np.int64)
+        mapping = seam_map[mapping]
     # the maps composed, the image relabelled once; only merged labels are measured again
     labels = mapping[before] if merged or joined.any() else before
     boxes = ndi.find_objects(labels)
