@@ -247,17 +247,19 @@ def _two_pieces(side: int, seam: float) -> tuple[np.ndarray, np.ndarray]:
     return labels, z
 
 
-def test_pieces_parted_by_no_halo_and_together_under_two_typical_cells_are_one_cell():
-    """A seam fainter than a halo (2 noise units: above the dark-join level, below halo_level)
-    between two pieces of 900 px, together 1,800 px, under two typical cells (2 x 1,257 px at d =
-    40): one cell. The dark-join rule alone keeps them apart; a halo between them (8 noise units),
-    or pieces that together hold more than two typical cells (2 x 1,600 px), stay two."""
-    labels, z = _two_pieces(30, seam=2.0)
+def test_pieces_parted_by_no_clear_seam_and_together_under_two_typical_cells_are_one_cell():
+    """A seam hardly above the noise (1.5 noise units: above the dark-join level, below
+    seam_level) between two pieces of 900 px, together 1,800 px, under two typical cells (2 x
+    1,257 px at d = 40): one cell. The dark-join rule alone keeps them apart; a seam of 3 noise
+    units or a halo between them, or pieces that together hold more than two typical cells (2 x
+    1,600 px), stay two."""
+    labels, z = _two_pieces(30, seam=1.5)
     assert merge_dark_joined(labels, z, cell_diameter_px=40)[1].sum() == 0
     merged, joined = merge_faint_seams(labels, z, cell_diameter_px=40)
     assert len(np.unique(merged)) == 2 and joined.tolist() == [0, 1]
+    assert merge_faint_seams(*_two_pieces(30, seam=3.0), cell_diameter_px=40)[1].sum() == 0
     assert merge_faint_seams(*_two_pieces(30, seam=8.0), cell_diameter_px=40)[1].sum() == 0
-    assert merge_faint_seams(*_two_pieces(40, seam=2.0), cell_diameter_px=40)[1].sum() == 0
+    assert merge_faint_seams(*_two_pieces(40, seam=1.5), cell_diameter_px=40)[1].sum() == 0
     # two compact (rounded) cells touch with little halo between them: never merged; a compact
     # body (a nucleus) and a piece that is not (its lamella) are
     assert merge_faint_seams(labels, z, 40, compact=np.array([1, 2]))[1].sum() == 0
@@ -265,11 +267,12 @@ def test_pieces_parted_by_no_halo_and_together_under_two_typical_cells_are_one_c
 
 
 @needs_usiigaci
-def test_usiigaci_second_detections_parted_by_no_halo_are_merged():
+def test_usiigaci_second_detections_parted_by_no_clear_seam_are_merged():
     """On set6, set12, set15 and set16 (long and spread cells found as head and tail, or nucleus
     and lamella) 45 annotated cells held a second detection, 254 were found and 97 detections
-    were false; merging pieces parted by no halo that together are no bigger than two typical
-    cells leaves 34 second detections and 82 false ones and loses no true one."""
+    were false; merging pieces parted by no seam that stands clear of the noise and that together
+    are no bigger than two typical cells leaves 36 second detections and 84 false ones and loses
+    no true one."""
     second, true, false = 0, 0, 0
     for name in ("set6", "set12", "set15", "set16"):
         image = read_image(USIIGACI / "images" / f"{name}.tif")
@@ -290,8 +293,7 @@ def test_usiigaci_second_detections_in_one_cell_are_joined():
     """On set2, set11 and set25 (spread cells, each with a nucleus and dark granular cytoplasm)
     many annotated cells were found as two or three candidates: their dark parts joined through
     cytoplasm darker than the medium are one cell now, and no true detection is lost (41 second
-    detections in a cell and 161 true ones before; the faint-seam merge that follows it takes
-    one more second detection and one true one, on set2)."""
+    detections in a cell and 161 true ones before)."""
     second, true = 0, 0
     for name in ("set2", "set11", "set25"):
         image = read_image(USIIGACI / "images" / f"{name}.tif")
@@ -305,7 +307,7 @@ def test_usiigaci_second_detections_in_one_cell_are_joined():
         second += int(len(hit[hit > 0]) - len(np.unique(hit[hit > 0])))
         true += score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)["tp"]
         assert (candidates["qc_joined"] > 0).any()
-    assert second <= 25 and true >= 160
+    assert second <= 25 and true >= 161
 
 
 def _labelled_away(names: tuple[str, ...], reason: str) -> tuple[int, int, int]:

@@ -22,15 +22,15 @@ the image's own noise, never absolute:
   cells pressed on each other show no halo between them); qc_joined counts the pieces merged
   into each candidate (dark_joined_pairs, merge_dark_joined). On the 24 Usiigaci fields it took
   away about 120 false detections, mostly second detections in a cell, and 19 true ones;
-- seam, merged (after the joined rule, same fields): two touching candidates whose darkest parts
-  are joined by a path that stays below seam_level (3 noise units, the segmentation's halo_level:
-  it crosses no halo, though it may cross a faint seam) and that together hold at most
-  seam_area_scale (2) typical cells are one cell (merge_faint_seams, counted in qc_joined). Two
-  whole cells are each about as big as a cell is found (1.44 typical cells with its halo), so
-  together well above two typical cells; the head and tail of one long cell, or its nucleus and
-  its lamella found apart, share one cell's area. Two compact cells are never merged. On the 24
-  Usiigaci fields (find_cells at 41 px) it merged 36 candidates, for 35 fewer false detections
-  and 5 fewer true ones;
+- seam, merged (after the joined rule, not in a crowded field): two touching candidates whose
+  darkest parts are joined by a path that stays below seam_level (2 noise units above the
+  medium: it crosses no seam that stands clear of the noise, let alone a halo) and that together
+  hold at most seam_area_scale (2) typical cells are one cell (merge_faint_seams, counted in
+  qc_joined). Two whole cells are each about as big as a cell is found (1.44 typical cells with
+  its halo), so together well above two typical cells; the head and tail of one long cell, or its
+  nucleus and its lamella found apart, share one cell's area. Two compact cells are never
+  merged. On the 24 Usiigaci fields (find_cells at 41 px) it took away 23 false detections
+  and 1 true one;
 - edge: the candidate's centre lies outside the culture surface;
 - edge (checked after every rule below): cut by the image's border, reaching less than
   min_cut_reach_scale times the radius of the image's typical cell (typical_cell_area; not in
@@ -111,8 +111,8 @@ class QualityRules:
     join_min_medium_share: float = 0.5  # joined only where the medium covers this share of the field
     min_cut_reach_scale: float = 1.0  # cut by the image's border, reaching less than this x a typical cell's radius in
     min_cut_area_scale: float = 0.5  # and with less than this x a typical cell's area in view: centred outside
-    seam_level: float = 3.0  # a path below this crosses no halo, noise units (segmentation's halo_level)
-    seam_area_scale: float = 2.0  # pieces parted by no halo: one cell up to this x a typical cell area, together
+    seam_level: float = 2.0  # a path below this crosses no seam clear of the noise (two noise units), noise units
+    seam_area_scale: float = 2.0  # pieces parted by no clear seam: one cell up to this x a typical cell area, together
 
 
 def _borders(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -456,25 +456,27 @@ def merge_faint_seams(
     rules: QualityRules = QualityRules(),
     compact: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Merge touching candidates parted by no halo that together are no bigger than two typical cells.
+    """Merge touching candidates parted by no clear seam that together are no bigger than two typical cells.
 
     labels: int32 (H, W) instance labels, 0 = background; z: float (H, W) image in
     background-noise units (0 = the medium, dark negative). Two touching candidates whose darkest
-    parts are joined by a path that stays below seam_level (dark_joined_pairs at seam_level: 3
-    noise units, the segmentation's halo_level, so the path crosses no halo) are one cell when
-    their areas summed are at most seam_area_scale times the image's typical cell area
-    (typical_cell_area). Two whole touching cells are each about as big as a cell is found (the
-    typical cell with its halo, FOUND_PER_TRUE_DIAMETER**2 = 1.44 typical cells), so together
-    well above two typical cells; the head and tail of one long cell, or its nucleus and its
-    spread lamella, found apart, share one cell's area. compact: optional int array of the label
-    values of compact (rounded) cells; two of them are never merged (small rounded cells touch as
-    dark discs with little halo between them), but one is merged with a piece that is not: on the
-    Usiigaci fields a third of the candidates are fine-seeded compact bodies, mostly the nuclei of
-    spread cells, and leaving them out kept 4 in 5 of this rule's merges from happening. Pairs
-    are merged smallest union first, and a group stops growing at the limit. Like
-    merge_dark_joined, the test runs on every join_step-th pixel. Returns (labels, joined):
-    labels renumbered in order of their old numbers (1..n when the old ones were), and joined,
-    int64 (n + 1,), how many candidates were merged into each label.
+    parts are joined by a path that stays below seam_level (dark_joined_pairs at seam_level: 2
+    noise units above the medium, so the path crosses no seam that stands clear of the noise, let
+    alone a halo, 3 or more) are one cell when their areas summed are at most seam_area_scale
+    times the image's typical cell area (typical_cell_area). The dark-joined rule (join_level,
+    1 noise unit) merges a piece into a neighbour whatever their union; this one lets the path
+    rise one noise unit more but asks the pair to be small together. Two whole touching cells are
+    each about as big as a cell is found (the typical cell with its halo, FOUND_PER_TRUE_DIAMETER
+    ** 2 = 1.44 typical cells), so together well above two typical cells; the head and tail of
+    one long cell, or its nucleus and its spread lamella, found apart, share one cell's area.
+    compact: optional int array of the label values of compact (rounded) cells; two of them are
+    never merged (small rounded cells touch as dark discs with little halo between them), but one
+    is merged with a piece that is not: on the Usiigaci fields a third of the candidates are
+    fine-seeded compact bodies, mostly the nuclei of spread cells. Pairs are merged smallest union
+    first, and a group stops growing at the limit. Like merge_dark_joined, the test runs on every
+    join_step-th pixel. Returns (labels, joined): labels renumbered in order of their old numbers
+    (1..n when the old ones were), and joined, int64 (n + 1,), how many candidates were merged
+    into each label.
     """
     labels = np.asarray(labels, np.int32)
     step = join_step(cell_diameter_px, rules)

@@ -726,7 +726,7 @@ def find_candidates(
             sampled, z[::step, ::step], len(mapping), d, step, rules, compact_after[compact_after > 0]
         )
         mapping = joined_map[mapping]
-        # then pieces parted by no halo that together are no bigger than two typical cells
+        # then pieces parted by no seam clear of the noise that together are no bigger than two typical cells
         seam_map, seamed = faint_seam_map(
             joined_map[sampled], z[::step, ::step], len(joined), d, step, rules, np.unique(joined_map[compact_after])
         )
