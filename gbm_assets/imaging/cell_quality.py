@@ -360,6 +360,45 @@ def typical_cell_area(areas: np.ndarray, cell_diameter_px: float, rules: Quality
     return float(np.median(areas)) / FOUND_PER_TRUE_DIAMETER**2
 
 
+def _merged_on_samples(
+    merge_map, labels: np.ndarray, z: np.ndarray, cell_diameter_px: float, rules: QualityRules, compact
+) -> tuple[np.ndarray, np.ndarray]:
+    """merge_dark_joined / merge_faint_seams on a whole label image: merge_map (dark_joined_map or
+    faint_seam_map) run on every join_step-th pixel of labels and z, applied to labels."""
+    labels = np.asarray(labels, np.int32)
+    step = join_step(cell_diameter_px, rules)
+    n = int(labels.max(initial=0)) + 1
+    mapping, joined = merge_map(labels[::step, ::step], z[::step, ::step], n, cell_diameter_px, step, rules, compact)
+    return (mapping[labels] if joined.any() else labels), joined
+
+
+def _sampled_pairs(
+    sampled: np.ndarray, z: np.ndarray, n: int, step: int, level: float, compact: np.ndarray | None, which
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pairs, area): dark_joined_pairs of the sampled labels at level, less those of which
+    `which` (np.any: either, np.all: both) is compact, and each label's area (px, its sampled
+    pixels times step**2; int64 (n,))."""
+    sampled = np.ascontiguousarray(sampled)
+    pairs = dark_joined_pairs(sampled, np.ascontiguousarray(z), level)
+    if compact is not None and len(compact):
+        is_compact = np.zeros(n, bool)
+        is_compact[np.asarray(compact)[(compact > 0) & (compact < n)]] = True
+        pairs = pairs[~which(is_compact[pairs], axis=1)]
+    flat = sampled.ravel()
+    return pairs, np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n) * step**2  # px, near enough
+
+
+def _renumbered(roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mapping, joined) from roots (int (n,), each label's root label): the roots renumbered
+    1..k in order of their old numbers, and how many labels were merged into each."""
+    n = len(roots)
+    keep_ids = np.unique(roots[1:])
+    renumber = np.zeros(n, np.int32)
+    renumber[keep_ids] = np.arange(1, len(keep_ids) + 1, dtype=np.int32)
+    moved = roots != np.arange(n)
+    return renumber[roots], np.bincount(renumber[roots[moved]], minlength=len(keep_ids) + 1)
+
+
 def merge_dark_joined(
     labels: np.ndarray,
     z: np.ndarray,
@@ -382,13 +421,7 @@ def merge_dark_joined(
     joined): labels renumbered in order of their old numbers (1..n when the old ones were), and
     joined, int64 (n + 1,), how many candidates were merged into each label.
     """
-    labels = np.asarray(labels, np.int32)
-    step = join_step(cell_diameter_px, rules)
-    n = int(labels.max(initial=0)) + 1
-    mapping, joined = dark_joined_map(
-        labels[::step, ::step], z[::step, ::step], n, cell_diameter_px, step, rules, compact
-    )
-    return (mapping[labels] if joined.any() else labels), joined
+    return _merged_on_samples(dark_joined_map, labels, z, cell_diameter_px, rules, compact)
 
 
 def join_step(cell_diameter_px: float, rules: QualityRules = QualityRules()) -> int:
@@ -415,16 +448,9 @@ def dark_joined_map(
         return identity, none
     # on every step-th pixel: a seam between two cells is wider, and the areas only need to be
     # compared with a typical cell's
-    sampled = np.ascontiguousarray(sampled)
-    pairs = dark_joined_pairs(sampled, np.ascontiguousarray(z), rules.join_level)
-    if compact is not None and len(compact):
-        is_compact = np.zeros(n, bool)
-        is_compact[np.asarray(compact)[(compact > 0) & (compact < n)]] = True
-        pairs = pairs[~(is_compact[pairs[:, 0]] | is_compact[pairs[:, 1]])]
+    pairs, area = _sampled_pairs(sampled, z, n, step, rules.join_level, compact, np.any)
     if len(pairs) == 0:
         return identity, none
-    flat = sampled.ravel()
-    area = np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n) * step**2  # px, near enough
     a, b = pairs[:, 0], pairs[:, 1]
     small, large = np.where(area[a] <= area[b], a, b), np.where(area[a] <= area[b], b, a)
     keep = area[small] <= rules.join_area_scale * typical_cell_area(area[1:], cell_diameter_px, rules)
@@ -442,11 +468,7 @@ def dark_joined_map(
         if np.array_equal(nxt, roots):
             break
         roots = nxt
-    keep_ids = np.unique(roots[1:])
-    renumber = np.zeros(n, np.int32)
-    renumber[keep_ids] = np.arange(1, len(keep_ids) + 1, dtype=np.int32)
-    moved = roots != np.arange(n)
-    return renumber[roots], np.bincount(renumber[roots[moved]], minlength=len(keep_ids) + 1)
+    return _renumbered(roots)
 
 
 def merge_faint_seams(
@@ -480,13 +502,7 @@ def merge_faint_seams(
     (1..n when the old ones were), and joined, int64 (n + 1,), how many candidates were merged
     into each label.
     """
-    labels = np.asarray(labels, np.int32)
-    step = join_step(cell_diameter_px, rules)
-    n = int(labels.max(initial=0)) + 1
-    mapping, joined = faint_seam_map(
-        labels[::step, ::step], z[::step, ::step], n, cell_diameter_px, step, rules, compact
-    )
-    return (mapping[labels] if joined.any() else labels), joined
+    return _merged_on_samples(faint_seam_map, labels, z, cell_diameter_px, rules, compact)
 
 
 def faint_seam_map(
@@ -507,19 +523,12 @@ def faint_seam_map(
     none = np.zeros(n, np.int64)
     if n <= 2:
         return identity, none
-    sampled = np.ascontiguousarray(sampled)
-    pairs = dark_joined_pairs(sampled, np.ascontiguousarray(z), rules.seam_level)
-    if compact is not None and len(compact):
-        is_compact = np.zeros(n, bool)
-        is_compact[np.asarray(compact)[(compact > 0) & (compact < n)]] = True
-        pairs = pairs[~(is_compact[pairs[:, 0]] & is_compact[pairs[:, 1]])]
+    pairs, area = _sampled_pairs(sampled, z, n, step, rules.seam_level, compact, np.all)
     # a candidate cut by the image's border shows only part of its cell: its area says nothing
     cut = np.zeros(n, bool)
     cut[np.concatenate([sampled[0], sampled[-1], sampled[:, 0], sampled[:, -1]])] = True
     cut[0] = False
     pairs = pairs[~(cut[pairs[:, 0]] | cut[pairs[:, 1]])]
-    flat = sampled.ravel()
-    area = np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n) * step**2  # px, near enough
     limit = rules.seam_area_scale * typical_cell_area(area[1:], cell_diameter_px, rules)
     union = area[pairs[:, 0]] + area[pairs[:, 1]]
     order = np.argsort(union, kind="stable")
@@ -534,11 +543,7 @@ def faint_seam_map(
             groups.merge(a, b)
             total[groups[a]] = total[ra] + total[rb]
     roots = np.array([groups[i] for i in range(n)])
-    keep_ids = np.unique(roots[1:])
-    renumber = np.zeros(n, np.int32)
-    renumber[keep_ids] = np.arange(1, len(keep_ids) + 1, dtype=np.int32)
-    moved = roots != np.arange(n)
-    return renumber[roots], np.bincount(renumber[roots[moved]], minlength=len(keep_ids) + 1)
+    return _renumbered(roots)
 
 
 def quality_measures(
