@@ -673,11 +673,13 @@ def find_candidates(
     candidates has one row per candidate, with measure_cells' columns (cell_id is its value
     in labels; x, y in px, the centre of its dark body: cell_quality.body_centres) and
     cell_quality.QUALITY_COLUMNS (qc is "cell", "debris",
-    "fragment" or "edge"; qc_joined: how many dark-joined pieces were merged into it); labels is
-    an int32 (H, W) instance mask, 0 for background, of every candidate (fragments against a
-    neighbour, and pieces joined to one by dark cytoplasm, cell_quality.merge_dark_joined,
-    already merged into it); image_measures holds field_quality's ImageQuality_* measures and
-    ImageQuality_FragmentsMerged (a count of both kinds of merge).
+    "fragment" or "edge"; qc_joined: how many dark-joined or faint-seam pieces were merged into
+    it); labels is an int32 (H, W) instance mask, 0 for background, of every candidate
+    (fragments against a neighbour, pieces joined to one by dark cytoplasm,
+    cell_quality.merge_dark_joined, and pieces parted by no clear seam,
+    cell_quality.merge_faint_seams, already merged into it); image_measures holds
+    field_quality's ImageQuality_* measures and ImageQuality_FragmentsMerged (a count of every
+    kind of merge).
     Raises ValueError when the image is not 2-D.
     """
     image = np.asarray(image)
