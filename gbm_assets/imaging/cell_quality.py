@@ -22,6 +22,15 @@ the image's own noise, never absolute:
   cells pressed on each other show no halo between them); qc_joined counts the pieces merged
   into each candidate (dark_joined_pairs, merge_dark_joined). On the 24 Usiigaci fields it took
   away about 120 false detections, mostly second detections in a cell, and 19 true ones;
+- seam, merged (after the joined rule, not in a crowded field): two touching candidates whose
+  darkest parts are joined by a path that stays below seam_level (2 noise units above the
+  medium: it crosses no seam that stands clear of the noise, let alone a halo) and that together
+  hold at most seam_area_scale (2) typical cells are one cell (merge_faint_seams, counted in
+  qc_joined). Two whole cells are each about as big as a cell is found (1.44 typical cells with
+  its halo), so together well above two typical cells; the head and tail of one long cell, or its
+  nucleus and its lamella found apart, share one cell's area. Two compact cells are never
+  merged, nor a candidate cut by the image's border (it shows only part of its cell). On the 24
+  Usiigaci fields (find_cells at 41 px) it took away 18 false detections and 1 true one;
 - edge: the candidate's centre lies outside the culture surface;
 - edge (checked after every rule below): cut by the image's border, reaching less than
   min_cut_reach_scale times the radius of the image's typical cell (typical_cell_area; not in
@@ -63,6 +72,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pandas as pd
+from scipy.cluster.hierarchy import DisjointSet
 
 QC_LABELS = ("cell", "debris", "fragment", "edge")
 FOUND_PER_TRUE_DIAMETER = 1.2  # candidates' median equivalent diameter / annotated mean diameter (see cell_size)
@@ -101,6 +111,8 @@ class QualityRules:
     join_min_medium_share: float = 0.5  # joined only where the medium covers this share of the field
     min_cut_reach_scale: float = 1.0  # cut by the image's border, reaching less than this x a typical cell's radius in
     min_cut_area_scale: float = 0.5  # and with less than this x a typical cell's area in view: centred outside
+    seam_level: float = 2.0  # a path below this crosses no seam clear of the noise (two noise units), noise units
+    seam_area_scale: float = 2.0  # pieces parted by no clear seam: one cell up to this x a typical cell area, together
 
 
 def _borders(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -348,6 +360,45 @@ def typical_cell_area(areas: np.ndarray, cell_diameter_px: float, rules: Quality
     return float(np.median(areas)) / FOUND_PER_TRUE_DIAMETER**2
 
 
+def _merged_on_samples(
+    merge_map, labels: np.ndarray, z: np.ndarray, cell_diameter_px: float, rules: QualityRules, compact
+) -> tuple[np.ndarray, np.ndarray]:
+    """merge_dark_joined / merge_faint_seams on a whole label image: merge_map (dark_joined_map or
+    faint_seam_map) run on every join_step-th pixel of labels and z, applied to labels."""
+    labels = np.asarray(labels, np.int32)
+    step = join_step(cell_diameter_px, rules)
+    n = int(labels.max(initial=0)) + 1
+    mapping, joined = merge_map(labels[::step, ::step], z[::step, ::step], n, cell_diameter_px, step, rules, compact)
+    return (mapping[labels] if joined.any() else labels), joined
+
+
+def _sampled_pairs(
+    sampled: np.ndarray, z: np.ndarray, n: int, step: int, level: float, compact: np.ndarray | None, which
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pairs, area): dark_joined_pairs of the sampled labels at level, less those of which
+    `which` (np.any: either, np.all: both) is compact, and each label's area (px, its sampled
+    pixels times step**2; int64 (n,))."""
+    sampled = np.ascontiguousarray(sampled)
+    pairs = dark_joined_pairs(sampled, np.ascontiguousarray(z), level)
+    if compact is not None and len(compact):
+        is_compact = np.zeros(n, bool)
+        is_compact[np.asarray(compact)[(compact > 0) & (compact < n)]] = True
+        pairs = pairs[~which(is_compact[pairs], axis=1)]
+    flat = sampled.ravel()
+    return pairs, np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n) * step**2  # px, near enough
+
+
+def _renumbered(roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mapping, joined) from roots (int (n,), each label's root label): the roots renumbered
+    1..k in order of their old numbers, and how many labels were merged into each."""
+    n = len(roots)
+    keep_ids = np.unique(roots[1:])
+    renumber = np.zeros(n, np.int32)
+    renumber[keep_ids] = np.arange(1, len(keep_ids) + 1, dtype=np.int32)
+    moved = roots != np.arange(n)
+    return renumber[roots], np.bincount(renumber[roots[moved]], minlength=len(keep_ids) + 1)
+
+
 def merge_dark_joined(
     labels: np.ndarray,
     z: np.ndarray,
@@ -370,13 +421,7 @@ def merge_dark_joined(
     joined): labels renumbered in order of their old numbers (1..n when the old ones were), and
     joined, int64 (n + 1,), how many candidates were merged into each label.
     """
-    labels = np.asarray(labels, np.int32)
-    step = join_step(cell_diameter_px, rules)
-    n = int(labels.max(initial=0)) + 1
-    mapping, joined = dark_joined_map(
-        labels[::step, ::step], z[::step, ::step], n, cell_diameter_px, step, rules, compact
-    )
-    return (mapping[labels] if joined.any() else labels), joined
+    return _merged_on_samples(dark_joined_map, labels, z, cell_diameter_px, rules, compact)
 
 
 def join_step(cell_diameter_px: float, rules: QualityRules = QualityRules()) -> int:
@@ -403,16 +448,9 @@ def dark_joined_map(
         return identity, none
     # on every step-th pixel: a seam between two cells is wider, and the areas only need to be
     # compared with a typical cell's
-    sampled = np.ascontiguousarray(sampled)
-    pairs = dark_joined_pairs(sampled, np.ascontiguousarray(z), rules.join_level)
-    if compact is not None and len(compact):
-        is_compact = np.zeros(n, bool)
-        is_compact[np.asarray(compact)[(compact > 0) & (compact < n)]] = True
-        pairs = pairs[~(is_compact[pairs[:, 0]] | is_compact[pairs[:, 1]])]
+    pairs, area = _sampled_pairs(sampled, z, n, step, rules.join_level, compact, np.any)
     if len(pairs) == 0:
         return identity, none
-    flat = sampled.ravel()
-    area = np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n) * step**2  # px, near enough
     a, b = pairs[:, 0], pairs[:, 1]
     small, large = np.where(area[a] <= area[b], a, b), np.where(area[a] <= area[b], b, a)
     keep = area[small] <= rules.join_area_scale * typical_cell_area(area[1:], cell_diameter_px, rules)
@@ -430,11 +468,82 @@ def dark_joined_map(
         if np.array_equal(nxt, roots):
             break
         roots = nxt
-    keep_ids = np.unique(roots[1:])
-    renumber = np.zeros(n, np.int32)
-    renumber[keep_ids] = np.arange(1, len(keep_ids) + 1, dtype=np.int32)
-    moved = roots != np.arange(n)
-    return renumber[roots], np.bincount(renumber[roots[moved]], minlength=len(keep_ids) + 1)
+    return _renumbered(roots)
+
+
+def merge_faint_seams(
+    labels: np.ndarray,
+    z: np.ndarray,
+    cell_diameter_px: float,
+    rules: QualityRules = QualityRules(),
+    compact: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge touching candidates parted by no clear seam that together are no bigger than two typical cells.
+
+    labels: int32 (H, W) instance labels, 0 = background; z: float (H, W) image in
+    background-noise units (0 = the medium, dark negative). Two touching candidates whose darkest
+    parts are joined by a path that stays below seam_level (dark_joined_pairs at seam_level: 2
+    noise units above the medium, so the path crosses no seam that stands clear of the noise, let
+    alone a halo, 3 or more) are one cell when their areas summed are at most seam_area_scale
+    times the image's typical cell area (typical_cell_area). The dark-joined rule (join_level,
+    1 noise unit) merges a piece into a neighbour whatever their union; this one lets the path
+    rise one noise unit more but asks the pair to be small together. Two whole touching cells are
+    each about as big as a cell is found (the typical cell with its halo, FOUND_PER_TRUE_DIAMETER
+    ** 2 = 1.44 typical cells), so together well above two typical cells; the head and tail of
+    one long cell, or its nucleus and its spread lamella, found apart, share one cell's area.
+    compact: optional int array of the label values of compact (rounded) cells; two of them are
+    never merged (small rounded cells touch as dark discs with little halo between them), but one
+    is merged with a piece that is not: on the Usiigaci fields a third of the candidates are
+    fine-seeded compact bodies, mostly the nuclei of spread cells. A candidate cut by the image's
+    border shows only part of its cell, so its area says nothing: it is never merged here (two
+    T98G cells cut by the border were). Pairs are merged smallest union
+    first, and a group stops growing at the limit. Like merge_dark_joined, the test runs on every
+    join_step-th pixel. Returns (labels, joined): labels renumbered in order of their old numbers
+    (1..n when the old ones were), and joined, int64 (n + 1,), how many candidates were merged
+    into each label.
+    """
+    return _merged_on_samples(faint_seam_map, labels, z, cell_diameter_px, rules, compact)
+
+
+def faint_seam_map(
+    sampled: np.ndarray,
+    z: np.ndarray,
+    n: int,
+    cell_diameter_px: float,
+    step: int,
+    rules: QualityRules = QualityRules(),
+    compact: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """merge_faint_seams as a map, from the labels and z sampled on every step-th pixel
+    (join_step) and n, one more than the largest label value of the whole image: (mapping,
+    joined), mapping int32 (n,) the new number of each old label value (0 for the background;
+    the identity, with joined all 0, when none is merged), joined int64 (k + 1,) how many old
+    labels were merged into each new one, so that merge_faint_seams(labels) is mapping[labels]."""
+    identity = np.arange(n, dtype=np.int32)
+    none = np.zeros(n, np.int64)
+    if n <= 2:
+        return identity, none
+    pairs, area = _sampled_pairs(sampled, z, n, step, rules.seam_level, compact, np.all)
+    # a candidate cut by the image's border shows only part of its cell: its area says nothing
+    cut = np.zeros(n, bool)
+    cut[np.concatenate([sampled[0], sampled[-1], sampled[:, 0], sampled[:, -1]])] = True
+    cut[0] = False
+    pairs = pairs[~(cut[pairs[:, 0]] | cut[pairs[:, 1]])]
+    limit = rules.seam_area_scale * typical_cell_area(area[1:], cell_diameter_px, rules)
+    union = area[pairs[:, 0]] + area[pairs[:, 1]]
+    order = np.argsort(union, kind="stable")
+    order = order[union[order] <= limit]
+    if len(order) == 0:
+        return identity, none
+    groups = DisjointSet(range(n))
+    total = area.astype(np.float64)  # each group's area, kept at its root
+    for a, b in pairs[order].tolist():
+        ra, rb = groups[a], groups[b]
+        if ra != rb and total[ra] + total[rb] <= limit:
+            groups.merge(a, b)
+            total[groups[a]] = total[ra] + total[rb]
+    roots = np.array([groups[i] for i in range(n)])
+    return _renumbered(roots)
 
 
 def quality_measures(

@@ -55,6 +55,7 @@ from gbm_assets.imaging.cell_quality import (
     body_centres,
     centres_inside,
     dark_joined_map,
+    faint_seam_map,
     fragment_map,
     inner_depth,
     inscribed_radius,
@@ -803,11 +804,13 @@ def find_candidates(
     candidates has one row per candidate, with measure_cells' columns (cell_id is its value
     in labels; x, y in px, the centre of its dark body: cell_quality.body_centres) and
     cell_quality.QUALITY_COLUMNS (qc is "cell", "debris",
-    "fragment" or "edge"; qc_joined: how many dark-joined pieces were merged into it); labels is
-    an int32 (H, W) instance mask, 0 for background, of every candidate (fragments against a
-    neighbour, and pieces joined to one by dark cytoplasm, cell_quality.merge_dark_joined,
-    already merged into it); image_measures holds field_quality's ImageQuality_* measures and
-    ImageQuality_FragmentsMerged (a count of both kinds of merge).
+    "fragment" or "edge"; qc_joined: how many dark-joined or faint-seam pieces were merged into
+    it); labels is an int32 (H, W) instance mask, 0 for background, of every candidate
+    (fragments against a neighbour, pieces joined to one by dark cytoplasm,
+    cell_quality.merge_dark_joined, and pieces parted by no clear seam,
+    cell_quality.merge_faint_seams, already merged into it); image_measures holds
+    field_quality's ImageQuality_* measures and ImageQuality_FragmentsMerged (a count of every
+    kind of merge).
     Raises ValueError when the image is not 2-D.
     """
     image = np.asarray(image)
@@ -878,16 +881,17 @@ def find_candidates(
     if uncrowded:
         step = join_step(d, rules)
         compact_after = np.unique(mapping[at_fine][is_compact[at_fine]])
+        sampled = mapping[before[::step, ::step]]
         joined_map, joined = dark_joined_map(
-            mapping[before[::step, ::step]],
-            z[::step, ::step],
-            len(mapping),
-            d,
-            step,
-            rules,
-            compact_after[compact_after > 0],
+            sampled, z[::step, ::step], len(mapping), d, step, rules, compact_after[compact_after > 0]
         )
         mapping = joined_map[mapping]
+        # then pieces parted by no seam clear of the noise that together are no bigger than two typical cells
+        seam_map, seamed = faint_seam_map(
+            joined_map[sampled], z[::step, ::step], len(joined), d, step, rules, np.unique(joined_map[compact_after])
+        )
+        joined = seamed + np.bincount(seam_map, weights=joined, minlength=len(seamed)).astype(np.int64)
+        mapping = seam_map[mapping]
     # the maps composed, the image relabelled once; only merged labels are measured again
     labels = mapping[before] if merged or joined.any() else before
     boxes = ndi.find_objects(labels)
