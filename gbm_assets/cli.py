@@ -202,10 +202,13 @@ def _user_entries(raw: Path) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gbm_assets.imaging.plates import find_ready_plates, unusable_plate_folders
-    from gbm_assets.pipeline import run_main_job
+    from gbm_assets.pipeline import check_variants, load_run_config, run_main_job
 
     if args.data:
         os.environ["GBM_ASSETS_DATA"] = str(Path(args.data).resolve())
+    # Checked before anything runs: a misspelt variant or config key costs nothing.
+    variants = check_variants([v.strip() for v in args.variants.split(",") if v.strip()]) if args.variants else None
+    run_config = load_run_config(args.config) if args.config else None
     _dagster_home()
     raw = paths.raw_dir()
     for problem in unusable_plate_folders(raw):
@@ -251,7 +254,28 @@ def cmd_run(args: argparse.Namespace) -> int:
                     ]
                 )
             )
-    return run_main_job(bar=_bar, refresh=args.refresh or bool(stale))
+    return run_main_job(bar=_bar, refresh=args.refresh or bool(stale), variants=variants, run_config=run_config)
+
+
+def cmd_remove_plate(args: argparse.Namespace) -> int:
+    from gbm_assets.assets.resources import DataDirs
+    from gbm_assets.pipeline import remove_plate
+
+    if args.data:
+        os.environ["GBM_ASSETS_DATA"] = str(Path(args.data).resolve())
+    _dagster_home()
+    import dagster as dg
+
+    data = DataDirs()
+    removed, known = remove_plate(args.plate_id, dg.DagsterInstance.get(), data, raw=args.delete_raw)
+    kept = data.plate_dir(args.plate_id)
+    print(
+        f"plate {args.plate_id}: removed {len(removed)} output(s)"
+        + (" and its Dagster partition" if known else "")
+        + (f"; its folder {kept} is kept (delete it too, or pass --delete-raw)" if kept.exists() else "")
+        + "; the next `gbm-assets run` rebuilds the variants without it"
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,7 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", help="data folder (default: data/ or GBM_ASSETS_DATA)")
     r.add_argument("--no-synth", action="store_true", help="do not synthesize plates when data/raw is empty")
     r.add_argument("--refresh", action="store_true", help="re-materialize plates that are already done")
+    r.add_argument(
+        "--variants",
+        help="comma-separated model variants to train and cluster, e.g. autoencoder,siamese_b (default: all)",
+    )
+    r.add_argument(
+        "--config",
+        help="run config file (YAML or JSON) in Dagster's shape, as in the launchpad: "
+        "ops: {trained_encoders: {config: {epochs: 1}}}; each stage's run takes its assets' part",
+    )
     r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser(
+        "remove-plate",
+        parents=[common],
+        help="take a plate out of the analysis: its outputs and Dagster partition (its raw folder only with "
+        "--delete-raw); the next run rebuilds the variants without it",
+    )
+    d.add_argument("plate_id", help="the plate id (its folder name under data/raw)")
+    d.add_argument("--data", help="data folder (default: data/ or GBM_ASSETS_DATA)")
+    d.add_argument(
+        "--delete-raw", action="store_true", help="also delete the plate's folder under raw/ (the images or links)"
+    )
+    d.set_defaults(func=cmd_remove_plate)
     return parser
 
 

@@ -108,14 +108,15 @@ def register_plates(instance: dg.DagsterInstance) -> list[str]:
 
 
 def plates_to_ingest(instance: dg.DagsterInstance, ready: list[str], refresh: bool = False) -> list[str]:
-    """Plates never ingested, or whose crops were made from another manifest than today's (all with refresh).
+    """Plates never ingested, without a crops file, or whose crops were made from another manifest than
+    today's (all with refresh).
 
     Plates ingested before versions were recorded count as done, as the sensor treats them.
     """
     if refresh:
         return list(ready)
     data = DataDirs()
-    return [p for p in ready if built_version(instance, p) not in (manifest_version(data, p), LEGACY_VERSION)]
+    return [p for p in ready if built_version(instance, p, data) not in (manifest_version(data, p), LEGACY_VERSION)]
 
 
 class SilentBar:
@@ -212,21 +213,147 @@ def _first_error(result: dg.ExecuteInProcessResult) -> str:
     return "unknown error (see the run in the Dagster UI)"
 
 
+MAIN_JOBS = (INGEST_JOB_NAME, "train_all_variants", "cluster_all_variants", "refresh_report")
+
+
+def check_variants(names: Sequence[str]) -> list[str]:
+    """The variant names as given, each checked against the variant table; ValueError listing the valid ones."""
+    known = variant_names()
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        what = f"unknown model variant(s) {', '.join(map(repr, unknown))}" if unknown else "no model variant given"
+        raise ValueError(f"--variants: {what}; valid variants: {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def split_run_config(run_config: Mapping, source: str = "run config") -> dict[str, dict]:
+    """One Dagster run config (`ops: {asset: {config: ...}}`, as in the launchpad) split into the main
+    job's runs: {job name: the part of it that job's assets take}, each checked by Dagster.
+
+    Raises ValueError naming `source` for an asset that no main job has, for keys other than
+    `ops`, or for config Dagster rejects (its own words).
+    """
+    from gbm_assets.definitions import defs
+
+    if not isinstance(run_config, Mapping):
+        raise ValueError(f"{source}: run config must be a mapping with an `ops` key, got {type(run_config).__name__}")
+    extra = sorted(set(run_config) - {"ops"})
+    if extra:
+        raise ValueError(f"{source}: only `ops` (config per asset) can be given here, not {', '.join(extra)}")
+    ops = run_config.get("ops") or {}
+    if not isinstance(ops, Mapping):
+        raise ValueError(f"{source}: `ops` must map asset names to their config")
+    jobs = {name: defs.resolve_job_def(name) for name in MAIN_JOBS}
+    in_job = {name: {node.name for node in job.graph.nodes} for name, job in jobs.items()}
+    known = sorted(set().union(*in_job.values()))
+    unknown = sorted(set(ops) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: no asset named {', '.join(unknown)} in the main job; assets: {', '.join(known)}")
+    split = {}
+    for name, job in jobs.items():
+        part = {op: conf for op, conf in ops.items() if op in in_job[name]}
+        if not part:
+            continue
+        try:
+            dg.validate_run_config(job, {**QUIET, "ops": part})
+        except dg.DagsterInvalidConfigError as exc:
+            problems = "; ".join(error.message for error in exc.errors) or str(exc)
+            raise ValueError(f"{source}: {problems}") from None
+        split[name] = {"ops": part}
+    return split
+
+
+def load_run_config(path: str) -> dict[str, dict]:
+    """A run-config file (YAML or JSON, Dagster's shape) split per main job (split_run_config)."""
+    import yaml
+
+    try:
+        text = open(path, encoding="utf-8").read()  # noqa: SIM115
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not YAML or JSON ({str(exc).splitlines()[0]})") from None
+    return split_run_config(loaded or {}, path)
+
+
+def stale_variants(names: Sequence[str], data: DataDirs | None = None) -> dict[str, list[str]]:
+    """{variant: plates its embeddings hold that have no crops any more} for variants made with a removed plate."""
+    from gbm_assets.plate_removal import plates_gone
+
+    data = data or DataDirs()
+    gone = {v: plates_gone(data.embeddings_file(v), data.crops) for v in names}
+    return {v: plates for v, plates in gone.items() if plates}
+
+
+def orphan_warning(data: DataDirs | None = None) -> str | None:
+    """A warning naming plates that have outputs but no folder under raw/ (they are still analysed), or None."""
+    from gbm_assets.plate_removal import plates_without_folder
+
+    data = data or DataDirs()
+    orphans = plates_without_folder(data.base)
+    if not orphans:
+        return None
+    shown = ", ".join(orphans[:10]) + (f", ... ({len(orphans)} in all)" if len(orphans) > 10 else "")
+    return (
+        f"warning: {len(orphans)} plate(s) have outputs under {data.base} but no folder under {data.raw}: {shown}; "
+        "their cells are still analysed. Remove each from the analysis with `gbm-assets remove-plate ID`"
+    )
+
+
+def remove_plate(
+    plate_id: str, instance: dg.DagsterInstance | None = None, data: DataDirs | None = None, raw: bool = False
+) -> tuple[list, bool]:
+    """Take a plate out of the analysis: its outputs (plate_removal.remove_plate_outputs; its raw folder
+    only with raw=True), its materialization records and its dynamic partition in the Dagster instance.
+
+    Returns (paths removed, whether Dagster knew the plate). The variants made with it are stale
+    from then on (stale_variants) and are rebuilt without it by the next `gbm-assets run`.
+    Raises PlateError when nothing of the plate exists (naming the plates that do).
+    """
+    from gbm_assets.errors import PlateError
+    from gbm_assets.plate_removal import plates_with_outputs, remove_plate_outputs
+
+    data = data or DataDirs()
+    instance = instance or dg.DagsterInstance.get()
+    removed = remove_plate_outputs(plate_id, data.base, raw=raw)
+    known = plate_id in instance.get_dynamic_partitions(plates.name)
+    if known:
+        for asset in ("raw_plates", "cell_coordinates", "cell_crops"):
+            try:
+                instance.wipe_asset_partitions(dg.AssetKey(asset), [plate_id])
+            except NotImplementedError:  # SQLite event logs cannot wipe a partition; built_version checks the files
+                break
+        instance.delete_dynamic_partition(plates.name, plate_id)
+    if not removed and not known:
+        others = sorted(set(plates_with_outputs(data.base)) | set(instance.get_dynamic_partitions(plates.name)))
+        raise PlateError(
+            repr(plate_id),
+            f"no such plate: nothing under {data.base} and no Dagster partition; plates: {', '.join(others) or 'none'}",
+        )
+    return removed, known
+
+
 def run_main_job(
     bar, refresh: bool = False, variants: Sequence[str] | None = None, run_config: Mapping[str, Mapping] | None = None
 ) -> int:
     """Ingest every plate not yet done (all with refresh), then run every later stage; print the
     wall time of each stage at the end (from Dagster's step records). Returns the exit status.
 
-    `variants` limits the model variants (default: all); `run_config` maps a job name to run config
-    merged over QUIET (e.g. {"train_all_variants": {"ops": {"trained_encoders": {"config": ...}}}}).
+    `variants` limits the model variants (default: all; names checked, check_variants); `run_config`
+    maps a job name to run config merged over QUIET (e.g. {"train_all_variants": {"ops":
+    {"trained_encoders": {"config": ...}}}}; split_run_config makes it from one launchpad-shaped config).
+    A variant whose embeddings hold cells of a plate that has no crops any more (a removed plate)
+    is retrained without it; plates with outputs but no folder under raw/ are named in a warning.
     """
     from gbm_assets.definitions import defs
 
     started = time.monotonic()
+    names = check_variants(variants) if variants is not None else variant_names()
     config = dict(run_config or {})
     raw = paths.raw_dir()
     instance = dg.DagsterInstance.get()
+    warning = orphan_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     ready = register_plates(instance)
     if not ready:
         print(f"no usable plates under {raw} (a plate is a folder with images and manifest.csv, named by a safe id)")
@@ -241,9 +368,11 @@ def run_main_job(
     if failed:
         print(f"{len(failed)} plate(s) failed: {', '.join(failed)}; the others were processed")
     # Encoders retrain when plates changed (or on --refresh); clusters then label every cell.
-    names = list(variants) if variants is not None else variant_names()
     trained = set() if (refresh or todo) else instance.get_materialized_partitions(dg.AssetKey("embeddings"))
-    to_train = [v for v in names if v not in trained]
+    stale = stale_variants(names)
+    for variant, gone in stale.items():
+        print(f"{variant}: made with plate(s) {', '.join(gone)}, which have no crops any more: retraining without them")
+    to_train = [v for v in names if v not in trained or v in stale]
     bad = run_partitions(
         instance,
         defs,

@@ -138,8 +138,9 @@ def crop_thumbnails(
     The same array as make_thumbnails(read_crops(crops_dir, crop_ids), size, grey_levels), but
     streamed (crop_dataset.iter_crops_by_id): one record batch of batch_size full-size crops is
     held at a time besides the thumbnails, so memory does not grow with the number of crops
-    (a 48-pixel thumbnail is 1/7 of a 128-pixel crop). Raises KeyError naming up to 3 crop ids
-    that are not in the dataset, ValueError as make_thumbnails does or when crop_ids repeat an id.
+    (a 48-pixel thumbnail is 1/7 of a 128-pixel crop). Raises KeyError
+    (errors.MissingCropsError, naming their plates) for crop ids that are not in the dataset,
+    ValueError as make_thumbnails does or when crop_ids repeat an id.
     """
     from gbm_assets.imaging.crop_dataset import iter_crops_by_id
 
@@ -150,7 +151,9 @@ def crop_thumbnails(
         out[where] = make_thumbnails(crops, size, grey_levels)
         found[where] = True
     if not found.all():
-        raise KeyError(f"{crops_dir}: crops not found: {wanted[~found][:3].tolist()} ({(~found).sum()} missing)")
+        from gbm_assets.errors import missing_crops_error
+
+        raise missing_crops_error(crops_dir, wanted[~found], int((~found).sum()))
     return out
 
 

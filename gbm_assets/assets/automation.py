@@ -2,7 +2,8 @@
 refresh the report, and a schedule retrains the encoders (nightly by default).
 
 Sensors compare Dagster's own event-log storage ids (a monotonic counter): a variant whose
-latest embeddings are older than the latest crops of any plate is out of date. Requests carry
+latest embeddings are older than the latest crops of any plate, or whose embeddings hold cells of
+a plate that has no crops any more (removed), is out of date. Requests carry
 run keys built from those ids, so a tick repeated or raced never launches the same work twice,
 and nothing is requested while plates are still being ingested (one update after a batch of
 plates, not one per plate).
@@ -15,6 +16,7 @@ import dagster as dg
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.assets.sensors import INGEST_JOB_NAME
 from gbm_assets.models.variants import variant_names
+from gbm_assets.plate_removal import plates_gone
 
 UPDATE_JOB_NAME = "update_variant"
 REPORT_JOB_NAME = "refresh_report"
@@ -56,11 +58,12 @@ def stale_variants_sensor(context: dg.SensorEvaluationContext, data: DataDirs) -
     requests = []
     for variant in variant_names():
         trained = data.encoder_record(variant).is_file()
-        stale = embedded.get(variant, -1) < newest_crops
+        # A removed plate (gbm-assets remove-plate) leaves no newer crops, only embeddings holding its cells.
+        gone = plates_gone(data.embeddings_file(variant), data.crops) if trained else []
+        stale = embedded.get(variant, -1) < newest_crops or bool(gone)
         if trained and stale and not _busy(instance, UPDATE_JOB_NAME, {VARIANT_TAG: variant}):
-            requests.append(
-                dg.RunRequest(run_key=f"{variant}@{newest_crops}", partition_key=variant, tags={VARIANT_TAG: variant})
-            )
+            key = f"{variant}@{newest_crops}" + (f"-without-{'+'.join(gone)}" if gone else "")
+            requests.append(dg.RunRequest(run_key=key, partition_key=variant, tags={VARIANT_TAG: variant}))
     return (
         dg.SensorResult(run_requests=requests)
         if requests

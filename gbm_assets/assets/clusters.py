@@ -296,9 +296,18 @@ def _variant_section(context, data: DataDirs, name: str, staged_dir):
     from gbm_assets.analysis.truth import true_morphotypes
     from gbm_assets.analysis.variant_report import build_section, sample_labels
     from gbm_assets.imaging.pixel_size import coordinates_pixel_sizes
+    from gbm_assets.plate_removal import plates_gone
 
     if not data.labels_file(name).is_file():
         return VariantSection(name, notes=f"Not clustered: {skipped_reason(data.cluster_models(name))}.")
+    gone = plates_gone(data.labels_file(name), data.crops)
+    if gone:  # its cells include a removed plate's: out of date, and their crops cannot be shown
+        context.log.warning(f"report: {name} left out: made with removed plate(s) {', '.join(gone)}")
+        return VariantSection(
+            name,
+            notes=f"Left out: its clusters include plate(s) {', '.join(gone)}, whose crops were removed; "
+            f"`gbm-assets run --variants {name}` rebuilds it without them.",
+        )
     context.log.info(f"report: {name}")
     labels = sample_labels(data.labels_file(name), 20_000)
     labels["morphotype"] = true_morphotypes(labels, data.raw)

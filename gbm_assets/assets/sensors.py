@@ -20,6 +20,7 @@ from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.errors import PlateError
 from gbm_assets.imaging.plates import MANIFEST_NAME, find_ready_plates, manifest_sha256, unusable_plate_folders
+from gbm_assets.paths import plate_file
 
 INGEST_JOB_NAME = "ingest_plate"
 PLATE_TAG = "gbm/plate"
@@ -71,11 +72,15 @@ def manifest_version(data: DataDirs, plate_id: str) -> str:
     return manifest_sha256(data.plate_dir(plate_id))[:16]
 
 
-def built_version(instance: dg.DagsterInstance, plate_id: str) -> str | None:
+def built_version(instance: dg.DagsterInstance, plate_id: str, data: DataDirs | None = None) -> str | None:
     """Manifest version (16 hex digits) the plate's current cell_crops were made from.
 
-    None if cell_crops was never materialized for it; "legacy" if it was, before versions were recorded.
+    None if cell_crops was never materialized for it, or (given `data`) its crops file is gone
+    (removed by `gbm-assets remove-plate` or by hand: the event log may keep the record, SQLite
+    storage cannot wipe one partition); "legacy" if it was, before versions were recorded.
     """
+    if data is not None and not plate_file(data.crops, plate_id).is_file():
+        return None
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("cell_crops"), asset_partitions=[plate_id]), limit=1
     ).records

@@ -211,8 +211,8 @@ def read_crops(crops_dir: str | Path, crop_ids, column: str = "pixels", batch_si
     """(n, S, S) uint8 crops (or masks, column="mask") in the order of crop_ids.
 
     Streams the dataset with iter_crops_by_id (about one record batch of batch_size rows of
-    pixels at a time besides the result). Raises KeyError naming up to 3 crop ids that are not
-    in the dataset, ValueError when crop_ids repeat an id.
+    pixels at a time besides the result). Raises errors.MissingCropsError (a KeyError) naming the
+    plates of crop ids that are not in the dataset, ValueError when crop_ids repeat an id.
     """
     wanted = pd.Index(pd.Series(crop_ids, dtype=str))
     side = _crop_side(plate_dataset(crops_dir)) or 0
@@ -222,6 +222,7 @@ def read_crops(crops_dir: str | Path, crop_ids, column: str = "pixels", batch_si
         out[where] = crops
         found[where] = True
     if not found.all():
-        missing = wanted[~found][:3].tolist()
-        raise KeyError(f"{crops_dir}: crops not found: {missing} ({(~found).sum()} missing)")
+        from gbm_assets.errors import missing_crops_error
+
+        raise missing_crops_error(crops_dir, wanted[~found], int((~found).sum()))
     return out
