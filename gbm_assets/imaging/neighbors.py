@@ -19,9 +19,11 @@ closest object numbers are our cell_id (the label value), 0 for none, as CellPro
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 
 from gbm_assets.schema import NEIGHBOR_DISTANCE_PX as DEFAULT_DISTANCE_PX
 from gbm_assets.schema import NEIGHBOR_FEATURES
@@ -37,20 +39,6 @@ def _disk(radius: float) -> np.ndarray:
     r = int(radius)
     y, x = np.mgrid[-r : r + 1, -r : r + 1]
     return x * x + y * y <= radius * radius
-
-
-def _outline(labels: np.ndarray) -> np.ndarray:
-    """Object pixels with an 8-connected neighbour of another value, or on the image's edge
-    (centrosome.cpmorphology.outline, which CellProfiler's PercentTouching divides by)."""
-    padded = np.pad(labels.astype(np.int64), 1, constant_values=-1)
-    inner = padded[1:-1, 1:-1]
-    different = np.zeros(labels.shape, bool)
-    h, w = labels.shape
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                different |= padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] != inner
-    return different & (labels > 0)
 
 
 def measure_neighbors(labels: np.ndarray, cell_ids: np.ndarray, distance: int = DEFAULT_DISTANCE_PX) -> pd.DataFrame:
@@ -92,68 +80,61 @@ def measure_neighbors(labels: np.ndarray, cell_ids: np.ndarray, distance: int = 
     out[f"Neighbors_PercentTouching_{distance}"] = np.zeros(n)
     if n == 0:
         return pd.DataFrame(out, index=pd.Index(ids, name="cell_id"))
+    # Each object is measured on its box grown by the distance (+1 for the touching disc): the
+    # image is never copied or scanned per object, so this costs a few ms per image.
     top = int(max(labels.max(initial=0), ids.max()))
-    keep = np.zeros(top + 1, bool)
-    keep[ids[ids > 0]] = True
-    objects = np.where(keep[labels], labels, 0).astype(np.int64)
-    index = ids.tolist()
-    area = ndi.sum_labels(np.ones(objects.shape), objects, index)
-    has_pixels = area > 0
-    rows, cols = np.indices(objects.shape)
-    cy = np.asarray(ndi.sum_labels(rows, objects, index)) / np.maximum(area, 1)
-    cx = np.asarray(ndi.sum_labels(cols, objects, index)) / np.maximum(area, 1)
-
-    # Closest objects: centroid to centroid, over every object with pixels.
-    dy = cy[:, None] - cy[None, :]
-    dx = cx[:, None] - cx[None, :]
-    dist = np.hypot(dy, dx)
-    dist[~has_pixels, :] = np.inf
-    dist[:, ~has_pixels] = np.inf
-    np.fill_diagonal(dist, np.inf)
-    order = np.argsort(dist, axis=1, kind="stable")
-    for rank, name in ((0, "First"), (1, "Second")):
-        if rank >= n:
-            break
-        j = order[:, rank]
-        d = dist[np.arange(n), j]
-        found = np.isfinite(d)
-        out[f"Neighbors_{name}ClosestObjectNumber_{distance}"][found] = ids[j[found]]
-        out[f"Neighbors_{name}ClosestDistance_{distance}"][found] = d[found]
-    if n > 2:
-        j1, j2 = order[:, 0], order[:, 1]
-        v1 = np.stack([cx[j1] - cx, cy[j1] - cy])
-        v2 = np.stack([cx[j2] - cx, cy[j2] - cy])
-        both = np.isfinite(dist[np.arange(n), j2])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cos = (v1 * v2).sum(0) / np.sqrt((v1**2).sum(0) * (v2**2).sum(0))
-        angle = np.degrees(np.arccos(np.clip(cos, -1, 1)))
-        out[f"Neighbors_AngleBetweenNeighbors_{distance}"][both] = angle[both]
-
-    # Neighbours and touching: each object's box grown by the distance (+1 for the touching disc).
+    chosen = np.zeros(top + 1, bool)
+    chosen[ids[ids > 0]] = True
+    boxes = ndi.find_objects(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64))
+    h, w = labels.shape
     grow = distance + 1
-    strel, strel_touching = _disk(distance), _disk(distance + 0.5)
-    outline = _outline(objects)
-    boxes = ndi.find_objects(objects)
-    h, w = objects.shape
-    for i, cell in enumerate(index):
+    reach_kernel = _disk(distance).astype(np.uint8)
+    touch_kernel = _disk(distance + 0.5).astype(np.uint8)
+    ring = np.ones((3, 3), np.uint8)
+    cy, cx = np.full(n, np.nan), np.full(n, np.nan)
+    n_neighbors = out[f"Neighbors_NumberOfNeighbors_{distance}"]
+    touching = out[f"Neighbors_PercentTouching_{distance}"]
+    for i, cell in enumerate(ids.tolist()):
         if cell <= 0 or cell > len(boxes) or boxes[cell - 1] is None:
             continue
         ys, xs = boxes[cell - 1]
-        window = (
-            slice(max(ys.start - grow, 0), min(ys.stop + grow, h)),
-            slice(max(xs.start - grow, 0), min(xs.stop + grow, w)),
-        )
-        patch = objects[window]
-        mine = patch == cell
-        reach = ndi.binary_dilation(mine, strel) if distance > 0 else mine
-        found = np.unique(patch[reach])
-        out[f"Neighbors_NumberOfNeighbors_{distance}"][i] = int(np.count_nonzero((found != 0) & (found != cell)))
-        others = (patch != 0) & ~mine
-        edge = outline[window] & mine
-        touching = ndi.binary_dilation(others, strel_touching) & edge
-        out[f"Neighbors_PercentTouching_{distance}"][i] = (
-            100.0 * np.count_nonzero(touching) / max(np.count_nonzero(edge), 1)
-        )
+        y0, x0 = max(ys.start - grow, 0), max(xs.start - grow, 0)
+        patch = labels[y0 : min(ys.stop + grow, h), x0 : min(xs.stop + grow, w)]
+        mine = (patch == cell).view(np.uint8)
+        m = cv2.moments(mine, binaryImage=True)
+        cy[i], cx[i] = m["m01"] / m["m00"] + y0, m["m10"] / m["m00"] + x0
+        others = chosen[patch] & (mine == 0)
+        if not others.any():  # no other cell within reach: no neighbour, no touching
+            continue
+        reach = cv2.dilate(mine, reach_kernel) if distance > 0 else mine
+        n_neighbors[i] = len(np.unique(patch[(reach > 0) & others]))
+        # the outline: pixels of the object with an 8-connected neighbour outside it, or on the
+        # image's edge (the patch reaches past the object except where the image ends)
+        edge = (mine > 0) & (cv2.erode(mine, ring, borderType=cv2.BORDER_CONSTANT, borderValue=0) == 0)
+        near = cv2.dilate(others.view(np.uint8), touch_kernel) > 0
+        touching[i] = 100.0 * np.count_nonzero(near & edge) / max(np.count_nonzero(edge), 1)
+
+    # Closest objects: centroid to centroid, over every object with pixels.
+    has_pixels = np.isfinite(cy)
+    if n > 1 and has_pixels.sum() > 1:
+        where = np.flatnonzero(has_pixels)
+        centres = np.stack([cx[where], cy[where]], 1)
+        k = min(3, len(where))
+        dist, near_index = cKDTree(centres).query(centres, k=k)
+        dist, near_index = np.atleast_2d(dist)[:, 1:], np.atleast_2d(near_index)[:, 1:]  # self first
+        for rank, name in ((0, "First"), (1, "Second")):
+            if rank >= k - 1:
+                break
+            j = where[near_index[:, rank]]
+            out[f"Neighbors_{name}ClosestObjectNumber_{distance}"][where] = ids[j]
+            out[f"Neighbors_{name}ClosestDistance_{distance}"][where] = dist[:, rank]
+        if k == 3:
+            j1, j2 = where[near_index[:, 0]], where[near_index[:, 1]]
+            v1 = np.stack([cx[j1] - cx[where], cy[j1] - cy[where]])
+            v2 = np.stack([cx[j2] - cx[where], cy[j2] - cy[where]])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cos = (v1 * v2).sum(0) / np.sqrt((v1**2).sum(0) * (v2**2).sum(0))
+            out[f"Neighbors_AngleBetweenNeighbors_{distance}"][where] = np.degrees(np.arccos(np.clip(cos, -1, 1)))
     return pd.DataFrame(out, index=pd.Index(ids, name="cell_id"))[columns]
 
 

@@ -32,6 +32,7 @@ from gbm_assets.imaging.cellprofiler_masks import cells_at_objects
 from gbm_assets.imaging.crops import extract_crops
 from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.io import read_image
+from gbm_assets.imaging.neighbors import with_neighbors
 from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates
 from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, NEIGHBOR_COLUMNS, make_crop_id
 
@@ -321,6 +322,7 @@ def _segment_task(task: tuple, fine_scale: bool = False) -> ImageCells:
     image = read_image(plate_dir / name)
     check_image_size(image.shape, plate_dir / name)
     cells, labels, measures = find_candidates(image, params)
+    cells = with_neighbors(cells, labels)  # here, where the labels are: the main process never decodes them
     crops = _image_crops(image, cells, labels, crop[0] if crop else None)
     scale = magnification.fine_scale(image) if fine_scale else None
     return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *image.shape, measures, crops, scale)
@@ -332,7 +334,7 @@ def _objects_task(task: tuple) -> ImageCells:
     check_image_size(image.shape, plate_dir / name)
     cells, labels = cells_at_objects(image, objects, params)
     # CellProfiler's objects are the user's own choice of cells: kept as cells, not judged again
-    cells = cells.assign(qc="cell", qc_reason="CellProfiler object")
+    cells = with_neighbors(cells.assign(qc="cell", qc_reason="CellProfiler object"), labels)
     measures = field_quality(image, labels, params.cell_diameter_px).measures
     crops = _image_crops(image, cells, labels, crop[0] if crop else None)
     return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *labels.shape, measures, crops)

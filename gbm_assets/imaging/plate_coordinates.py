@@ -20,15 +20,7 @@ import pyarrow.parquet as pq
 from gbm_assets.imaging import magnification
 from gbm_assets.imaging.cell_quality import QC_LABELS, kept_candidates
 from gbm_assets.imaging.cell_size import CellSizeEstimate
-from gbm_assets.imaging.neighbors import DEFAULT_DISTANCE_PX, neighbor_columns, with_neighbors
-from gbm_assets.imaging.plate_cells import (
-    CropRequest,
-    ImageCells,
-    Progress,
-    decode_labels,
-    find_plate_cells,
-    find_plate_cells_sized,
-)
+from gbm_assets.imaging.plate_cells import CropRequest, ImageCells, Progress, find_plate_cells, find_plate_cells_sized
 from gbm_assets.imaging.segmentation import SegmentationParams
 
 MASK_COLUMNS = ("image", "height", "width", "n_cells", "labels_zstd")
@@ -42,7 +34,7 @@ class PlateCoordinates:
 
     coordinates: one row per candidate: plate, image, cell_id, x, y, measurements, the qc label
     and measures (cell_quality.QUALITY_COLUMNS), CellProfiler's neighbour measurements among the
-    image's cells (neighbors.neighbor_columns(DEFAULT_DISTANCE_PX), float64, NaN on candidates
+    image's cells (neighbors.neighbor_columns(), float64, NaN on candidates
     that are not cells), the image's ImageQuality_* measures and
     cell_diameter_px (the plate's typical cell diameter, px). masks: one row per image
     (MASK_COLUMNS plus the ImageQuality_* measures; labels_zstd is plate_cells.encode_labels'
@@ -76,9 +68,9 @@ def plate_coordinates(
     params.cell_diameter_px. Each image is read once, on `workers` processes; the result does
     not depend on their number. With `crop`, each image is also cropped in the same pass and
     on_crops(found) is called, in image order, for each image with crops (found.crops: cells,
-    pixels, masks as plate_cells.crop_plate makes them). After cell finding, each image's cells
-    get CellProfiler's neighbour measurements (neighbors.with_neighbors, at DEFAULT_DISTANCE_PX,
-    from its label mask), in found.cells and in found.crops' cells. Raises the image reader's errors,
+    pixels, masks as plate_cells.crop_plate makes them). Each image's cells get CellProfiler's
+    neighbour measurements (neighbors.with_neighbors, in the worker that found them, from its
+    label mask), in found.cells and in found.crops' cells. Raises the image reader's errors,
     naming the file, and whatever on_crops raises.
     """
     images = list(images)
@@ -94,13 +86,9 @@ def plate_coordinates(
     diameter = size.diameter_px if size is not None and size.diameter_px else params.cell_diameter_px
     frames, names, measures, mask_rows = [], [], [], []
     for found in found_cells:
-        labels = decode_labels(found.labels, (found.height, found.width), found.image)
-        found.cells = with_neighbors(found.cells, labels, DEFAULT_DISTANCE_PX)
         if found.crops is not None:
-            measured = found.cells.set_index("cell_id")[neighbor_columns(DEFAULT_DISTANCE_PX)]
             cells, pixels, masks = found.crops
-            cells = cells.join(measured, on="cell_id").assign(cell_diameter_px=float(diameter))
-            found.crops = (cells, pixels, masks)
+            found.crops = (cells.assign(cell_diameter_px=float(diameter)), pixels, masks)
         if found.crops is not None and on_crops is not None:
             on_crops(found)
         frames.append(found.cells)
