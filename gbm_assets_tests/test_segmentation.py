@@ -13,7 +13,7 @@ import pytest
 
 from gbm_assets.imaging.cell_quality import QUALITY_COLUMNS
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.measurements import CELL_COLUMNS, measure_cells
+from gbm_assets.imaging.measurements import CELL_COLUMNS, halo_rim_width, measure_cells
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, split_along_halos
 from gbm_assets.schema import MEASUREMENT_COLUMNS
@@ -141,6 +141,38 @@ def test_8_bit_and_noiseless_images(noise):
     for version in (image, (image // 256).astype(np.uint8)):
         cells, _ = find_cells(version)
         assert sorted(cells[["x", "y"]].round().itertuples(index=False)) == [(80, 80), (180, 170)]
+
+
+@pytest.mark.parametrize("radius", [14, 18, 24])
+def test_reported_area_is_the_drawn_body_not_its_halo(radius):
+    """The object holds the bright halo ring and the medium texture smears onto (about 2x the
+    body); the reported AreaShape measures are of the body's outline, the label mask unchanged."""
+    cells, labels = find_cells(_phase_contrast([(80, 80), (180, 170)], radius=radius))
+    body = np.pi * radius**2
+    assert len(cells) == 2
+    np.testing.assert_allclose(cells["area"], body, rtol=0.15)
+    assert (np.bincount(labels.ravel())[1:] > 1.5 * body).all()  # the mask keeps the whole object
+    np.testing.assert_allclose(cells["major_axis_length"], 2 * radius, rtol=0.1)
+
+
+def test_halo_rim_width_follows_the_halo_and_is_zero_without_one():
+    """Across a band of foreground: medium-level pixels, the halo's crest, then the dark body."""
+    depth = np.tile(np.repeat(np.arange(1, 21, dtype=np.float32), 2), (40, 1))  # two columns each
+    profile = np.array([1, 2, 4, 8, 10, 8, 4, 2, -5, -8] + [-8] * 10, np.float32)
+    z = np.tile(np.repeat(profile, 2), (40, 1))
+    inside = np.ones(z.shape, bool)
+    # the crest at distance 5; the median falls below 3 noise units at distance 8
+    assert halo_rim_width(depth, z, inside, 15, 3.0) == 8
+    assert halo_rim_width(depth, np.minimum(z, 2.0), inside, 15, 3.0) == 0  # no halo
+    assert halo_rim_width(depth, z, np.zeros_like(inside), 15, 3.0) == 0  # no foreground
+
+
+def test_measure_within_a_mask_measures_the_inner_pixels_or_the_whole_object():
+    labels = _ellipse(30, 30) + _ellipse(60, 60, size=200, label=2) * (_ellipse(30, 30) == 0)
+    within = _ellipse(20, 20) > 0  # inside object 1 only: object 2 has no pixel in it
+    cells = measure_cells(labels, within=within).set_index("cell_id")
+    assert cells.loc[1, "area"] == np.count_nonzero(within)
+    assert cells.loc[2, "area"] == np.count_nonzero(labels == 2)
 
 
 def test_two_touching_cells_are_split():

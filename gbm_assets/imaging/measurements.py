@@ -43,7 +43,7 @@ def _convex_area(obj: np.ndarray) -> int:
     return int(np.count_nonzero(filled))
 
 
-def measure_cells(labels: np.ndarray, boxes: list | None = None) -> pd.DataFrame:
+def measure_cells(labels: np.ndarray, boxes: list | None = None, within: np.ndarray | None = None) -> pd.DataFrame:
     """One row per labelled object: cell_id, centroid x, y and CellProfiler AreaShape measures.
 
     Axis lengths are those of the ellipse with the same second central moments
@@ -58,6 +58,10 @@ def measure_cells(labels: np.ndarray, boxes: list | None = None) -> pd.DataFrame
         values are skipped.
     boxes : list of (slice, slice) or None, optional
         scipy.ndimage.find_objects(labels), when the caller has it already (found here otherwise).
+    within : (H, W) bool ndarray or None, optional
+        Measure each object's pixels inside this mask only (its outline, without the halo rim
+        outside it: segmentation.find_candidates, halo_rim_width); an object with no pixel inside
+        it is measured whole. None: every object whole.
 
     Returns
     -------
@@ -73,6 +77,10 @@ def measure_cells(labels: np.ndarray, boxes: list | None = None) -> pd.DataFrame
         if box is None:
             continue
         obj = (labels[box] == index).astype(np.uint8)
+        if within is not None:
+            inner = obj & within[box]
+            if inner.any():
+                obj = inner
         obj = cv2.copyMakeBorder(obj, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
         m = cv2.moments(obj, binaryImage=True)
         area = m["m00"]
@@ -99,3 +107,40 @@ def measure_cells(labels: np.ndarray, boxes: list | None = None) -> pd.DataFrame
     return pd.DataFrame(
         {"cell_id": values[:, 0].astype(np.int32), **{name: values[:, i] for i, name in enumerate(CELL_COLUMNS) if i}}
     )
+
+
+def halo_rim_width(
+    depth: np.ndarray, z: np.ndarray, foreground: np.ndarray, max_width: float, halo_level: float
+) -> int:
+    """Width (px, int >= 0) of the phase halo ring that the foreground holds around its cells.
+
+    Phase contrast rings every cell with a bright halo just outside its outline, and texture
+    (a local SD over a window) marks the halo and the medium next to it as foreground too: the
+    foreground's outer band is the halo, not the cell. Across the band, the median brightness
+    of the foreground's pixels at each whole-pixel distance from the medium rises to the halo's
+    crest, then falls back, inside the cell, below halo_level. The rim is every distance up to
+    that fall (where the median never reaches halo_level, there is no halo: 0).
+
+    depth: float32 (H, W), distance (px) of each foreground pixel to the medium; z: float32
+    (H, W), the image in noise units (bright positive); foreground: bool (H, W); max_width: px,
+    the widest rim looked for; halo_level: noise units. Sampled every other row and column.
+    """
+    inside = foreground[::2, ::2]
+    dist = depth[::2, ::2][inside].astype(np.int64)
+    values = z[::2, ::2][inside]
+    top = max(1, int(max_width))
+    keep = dist <= top
+    dist, values = dist[keep], values[keep]
+    if dist.size == 0:
+        return 0
+    order = np.lexsort((values, dist))
+    dist, values = dist[order], values[order]
+    starts = np.searchsorted(dist, np.arange(top + 2))
+    medians = np.array(
+        [values[(starts[k] + starts[k + 1] - 1) // 2] if starts[k + 1] > starts[k] else np.nan for k in range(top + 1)]
+    )
+    if not np.nanmax(medians, initial=-np.inf) >= halo_level:
+        return 0
+    crest = int(np.nanargmax(medians))
+    below = np.flatnonzero(medians[crest:] < halo_level)
+    return crest + int(below[0]) if below.size else top
