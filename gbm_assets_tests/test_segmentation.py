@@ -19,6 +19,7 @@ from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, spli
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
 T98G = Path(__file__).resolve().parents[2] / "shared" / "data" / "t98g"
+USIIGACI = T98G.parent / "usiigaci"
 
 
 def _ellipse(a: float, b: float, angle: float = 0.0, size: int = 200, label: int = 1) -> np.ndarray:
@@ -313,3 +314,34 @@ def test_synthetic_plates_precision_recall_per_concentration(tmp_path):
         tp, fp, fn = (sum(s[k] for s in found) for k in ("tp", "fp", "fn"))
         assert tp / (tp + fp) >= 0.9 and tp / (tp + fn) >= 0.9, (concentration, tp, fp, fn)
     assert sum(s["tp"] + s["fn"] for found in scores.values() for s in found) > 500
+
+
+@pytest.mark.skipif(not (USIIGACI / "masks").is_dir(), reason="needs ../shared/data/usiigaci")
+def test_usiigaci_reported_areas_match_the_hand_drawn_cells():
+    """Each found cell's area over that of the hand-drawn cell under its centre: a median of
+    1.7-2.0 when the whole object was measured, about 1 for its outline."""
+    ratios = []
+    for name in ("set10", "set18", "set5"):
+        cells, _ = find_cells(read_image(USIIGACI / "images" / f"{name}.tif"))
+        hand = cv2.imread(str(USIIGACI / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        under = hand[np.rint(cells["y"]).astype(int), np.rint(cells["x"]).astype(int)]
+        drawn = np.bincount(hand.ravel())
+        first = np.unique(under, return_index=True)[1]  # one detection per drawn cell
+        first = first[under[first] > 0]
+        ratios += list(cells["area"].to_numpy()[first] / drawn[under[first]])
+    assert len(ratios) > 100
+    assert 0.8 <= np.median(ratios) <= 1.25
+
+
+def test_cell_diameters_are_of_the_whole_objects(tmp_path):
+    """The size estimate reads the objects' areas (the halo rim included, as it was calibrated),
+    not the reported outline's."""
+    from gbm_assets.imaging.cell_size import cell_diameters
+    from gbm_assets.imaging.segmentation import find_candidates
+
+    candidates, labels, _ = find_candidates(_phase_contrast([(80, 80), (180, 170)], radius=18))
+    objects = np.bincount(labels.ravel())[candidates["cell_id"].to_numpy()]
+    cells = (candidates["qc"] == "cell").to_numpy()
+    assert (candidates["area"].to_numpy() < objects).all()
+    diameters = cell_diameters(candidates, SegmentationParams().cell_diameter_px)
+    np.testing.assert_array_equal(diameters, 2 * np.sqrt(objects[cells] / np.pi))
