@@ -43,6 +43,33 @@ def _convex_area(obj: np.ndarray) -> int:
     return int(np.count_nonzero(filled))
 
 
+def object_moments(labels: np.ndarray, boxes: list | None = None) -> pd.DataFrame:
+    """measure_cells' table with only cell_id, x, y and area filled (the rest NaN), cheaply.
+
+    The same values, to the bit, as measure_cells(labels, boxes) gives in those columns:
+    the whole objects' pixel counts and centroids (px), for rules that need no more.
+    """
+    rows = []
+    for index, box in enumerate(ndi.find_objects(labels) if boxes is None else boxes, start=1):
+        if box is None:
+            continue
+        obj = cv2.copyMakeBorder((labels[box] == index).astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        m = cv2.moments(obj, binaryImage=True)
+        area = m["m00"]
+        rows.append((index, box[1].start - 1 + m["m10"] / area, box[0].start - 1 + m["m01"] / area, area))
+    values = np.array(rows, np.float64).reshape(len(rows), 4)
+    nan = np.full(len(rows), np.nan)
+    return pd.DataFrame(
+        {
+            "cell_id": values[:, 0].astype(np.int32),
+            "x": values[:, 1],
+            "y": values[:, 2],
+            "area": values[:, 3],
+            **{name: nan.copy() for name in CELL_COLUMNS[4:]},
+        }
+    )
+
+
 def measure_cells(labels: np.ndarray, boxes: list | None = None, within: np.ndarray | None = None) -> pd.DataFrame:
     """One row per labelled object: cell_id, centroid x, y and CellProfiler AreaShape measures.
 
