@@ -47,7 +47,9 @@ def object_moments(labels: np.ndarray, boxes: list | None = None) -> pd.DataFram
     """measure_cells' table with only cell_id, x, y and area filled (the rest NaN), cheaply.
 
     The same values, to the bit, as measure_cells(labels, boxes) gives in those columns:
-    the whole objects' pixel counts and centroids (px), for rules that need no more.
+    the whole objects' pixel counts and centroids (px), for rules that need no more. labels:
+    (H, W) int instance labels; boxes: find_objects(labels) or None. Returns one row per object,
+    cell_id int32, the rest float64.
     """
     rows = []
     for index, box in enumerate(ndi.find_objects(labels) if boxes is None else boxes, start=1):
