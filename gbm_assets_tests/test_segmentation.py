@@ -13,12 +13,13 @@ import pytest
 
 from gbm_assets.imaging.cell_quality import QUALITY_COLUMNS
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.measurements import CELL_COLUMNS, measure_cells
+from gbm_assets.imaging.measurements import CELL_COLUMNS, halo_rim_width, measure_cells
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, split_along_halos
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
 T98G = Path(__file__).resolve().parents[2] / "shared" / "data" / "t98g"
+USIIGACI = T98G.parent / "usiigaci"
 
 
 def _ellipse(a: float, b: float, angle: float = 0.0, size: int = 200, label: int = 1) -> np.ndarray:
@@ -141,6 +142,38 @@ def test_8_bit_and_noiseless_images(noise):
     for version in (image, (image // 256).astype(np.uint8)):
         cells, _ = find_cells(version)
         assert sorted(cells[["x", "y"]].round().itertuples(index=False)) == [(80, 80), (180, 170)]
+
+
+@pytest.mark.parametrize("radius", [14, 18, 24])
+def test_reported_area_is_the_drawn_body_not_its_halo(radius):
+    """The object holds the bright halo ring and the medium texture smears onto (about 2x the
+    body); the reported AreaShape measures are of the body's outline, the label mask unchanged."""
+    cells, labels = find_cells(_phase_contrast([(80, 80), (180, 170)], radius=radius))
+    body = np.pi * radius**2
+    assert len(cells) == 2
+    np.testing.assert_allclose(cells["area"], body, rtol=0.15)
+    assert (np.bincount(labels.ravel())[1:] > 1.5 * body).all()  # the mask keeps the whole object
+    np.testing.assert_allclose(cells["major_axis_length"], 2 * radius, rtol=0.1)
+
+
+def test_halo_rim_width_follows_the_halo_and_is_zero_without_one():
+    """Across a band of foreground: medium-level pixels, the halo's crest, then the dark body."""
+    depth = np.tile(np.repeat(np.arange(1, 21, dtype=np.float32), 2), (40, 1))  # two columns each
+    profile = np.array([1, 2, 4, 8, 10, 8, 4, 2, -5, -8] + [-8] * 10, np.float32)
+    z = np.tile(np.repeat(profile, 2), (40, 1))
+    inside = np.ones(z.shape, bool)
+    # the crest at distance 5; the median falls below 3 noise units at distance 8
+    assert halo_rim_width(depth, z, inside, 15, 3.0) == 8
+    assert halo_rim_width(depth, np.minimum(z, 2.0), inside, 15, 3.0) == 0  # no halo
+    assert halo_rim_width(depth, z, np.zeros_like(inside), 15, 3.0) == 0  # no foreground
+
+
+def test_measure_within_a_mask_measures_the_inner_pixels_or_the_whole_object():
+    labels = _ellipse(30, 30) + _ellipse(60, 60, size=200, label=2) * (_ellipse(30, 30) == 0)
+    within = _ellipse(20, 20) > 0  # inside object 1 only: object 2 has no pixel in it
+    cells = measure_cells(labels, within=within).set_index("cell_id")
+    assert cells.loc[1, "area"] == np.count_nonzero(within)
+    assert cells.loc[2, "area"] == np.count_nonzero(labels == 2)
 
 
 def test_two_touching_cells_are_split():
@@ -281,3 +314,45 @@ def test_synthetic_plates_precision_recall_per_concentration(tmp_path):
         tp, fp, fn = (sum(s[k] for s in found) for k in ("tp", "fp", "fn"))
         assert tp / (tp + fp) >= 0.9 and tp / (tp + fn) >= 0.9, (concentration, tp, fp, fn)
     assert sum(s["tp"] + s["fn"] for found in scores.values() for s in found) > 500
+
+
+@pytest.mark.skipif(not (USIIGACI / "masks").is_dir(), reason="needs ../shared/data/usiigaci")
+def test_usiigaci_reported_areas_match_the_hand_drawn_cells():
+    """Each found cell's area over that of the hand-drawn cell under its centre: a median of
+    1.7-2.0 when the whole object was measured, about 1 for its outline."""
+    ratios = []
+    for name in ("set10", "set18", "set5"):
+        cells, _ = find_cells(read_image(USIIGACI / "images" / f"{name}.tif"))
+        hand = cv2.imread(str(USIIGACI / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        under = hand[np.rint(cells["y"]).astype(int), np.rint(cells["x"]).astype(int)]
+        drawn = np.bincount(hand.ravel())
+        first = np.unique(under, return_index=True)[1]  # one detection per drawn cell
+        first = first[under[first] > 0]
+        ratios += list(cells["area"].to_numpy()[first] / drawn[under[first]])
+    assert len(ratios) > 100
+    assert 0.8 <= np.median(ratios) <= 1.25
+
+
+def test_cell_diameters_are_of_the_whole_objects(tmp_path):
+    """The size estimate reads the objects' areas (the halo rim included, as it was calibrated),
+    not the reported outline's."""
+    from gbm_assets.imaging.cell_size import cell_diameters
+    from gbm_assets.imaging.segmentation import find_candidates
+
+    candidates, labels, _ = find_candidates(_phase_contrast([(80, 80), (180, 170)], radius=18))
+    objects = np.bincount(labels.ravel())[candidates["cell_id"].to_numpy()]
+    cells = (candidates["qc"] == "cell").to_numpy()
+    assert (candidates["area"].to_numpy() < objects).all()
+    diameters = cell_diameters(candidates, SegmentationParams().cell_diameter_px)
+    np.testing.assert_array_equal(diameters, 2 * np.sqrt(objects[cells] / np.pi))
+
+
+def test_object_moments_are_measure_cells_area_and_centroid_to_the_bit():
+    from gbm_assets.imaging.measurements import object_moments
+
+    labels = _ellipse(60, 20, angle=30) + _ellipse(10, 10, size=200) * 0
+    labels[5:9, 5:12] = 3  # label 2 missing
+    quick, full = object_moments(labels), measure_cells(labels)
+    assert list(quick.columns) == list(full.columns)
+    pd.testing.assert_frame_equal(quick[["cell_id", "x", "y", "area"]], full[["cell_id", "x", "y", "area"]])
+    assert quick[list(MEASUREMENT_COLUMNS[1:])].isna().all().all()

@@ -86,13 +86,20 @@ def first_pass_diameters(image: np.ndarray, params: SegmentationParams = Segment
     The first pass runs at params' scale (default 41 px); only candidates labelled "cell" by
     the quality rules count. Raises ValueError when the image is not 2-D.
     """
-    return cell_diameters(find_candidates(image, params)[0])
+    return cell_diameters(find_candidates(image, params)[0], params.cell_diameter_px)
 
 
-def cell_diameters(candidates: pd.DataFrame) -> np.ndarray:
-    """float64 (n,) equivalent diameters (px) of the candidates labelled "cell" (area in px)."""
+def cell_diameters(candidates: pd.DataFrame, cell_diameter_px: float) -> np.ndarray:
+    """float64 (n,) equivalent diameters (px) of the candidates labelled "cell".
+
+    Of their whole objects (halo rim included: the areas FOUND_PER_TRUE_DIAMETER was measured
+    on), not of the reported outline: the object area is qc_area_ratio (cell areas, pi d^2 / 4
+    at cell_diameter_px, the scale the candidates were found at) times that, a whole number of
+    pixels.
+    """
     cells = candidates[candidates["qc"] == "cell"]
-    return 2 * np.sqrt(cells["area"].to_numpy(np.float64) / np.pi)
+    area = np.rint(cells["qc_area_ratio"].to_numpy(np.float64) * (np.pi * cell_diameter_px**2 / 4))
+    return 2 * np.sqrt(area / np.pi)
 
 
 def estimate_from_diameters(diameters: Iterable[np.ndarray]) -> CellSizeEstimate:

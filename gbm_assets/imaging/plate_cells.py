@@ -379,7 +379,7 @@ def find_plate_cells_sized(
     ) -> tuple[CellSizeEstimate, SegmentationParams]:
         """The estimate (with the magnification measured as `scales`: each probe's fine scale) and
         the scale cells are found at, from a first pass at `at`."""
-        found = estimate_from_diameters(cell_diameters(first[name].cells) for name in picked)
+        found = estimate_from_diameters(cell_diameters(first[name].cells, at.cell_diameter_px) for name in picked)
         ratio = magnification.relative_magnification(scales.values())
         return replace(found, magnification=ratio, fine_scales=tuple(scales.items())), found.params(at)
 

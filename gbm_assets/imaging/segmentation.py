@@ -67,8 +67,9 @@ from gbm_assets.imaging.cell_quality import (
     within_border_frame,
 )
 from gbm_assets.imaging.field_quality import field_quality
-from gbm_assets.imaging.measurements import measure_cells
+from gbm_assets.imaging.measurements import halo_rim_width, measure_cells, object_moments
 from gbm_assets.imaging.percentiles import percentiles
+from gbm_assets.schema import MEASUREMENT_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -767,6 +768,8 @@ def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray
 # fields (objects over 26-44% of the field) these seeds number 0.25-0.50 per cell area.
 FEW_SEEDS = 0.1
 FEW_SEEDS_COVER = 1 / 3
+# the widest halo rim looked for around the objects (measurements.halo_rim_width), diameters
+HALO_RIM_SCALE = 0.5
 
 
 def _seeds(
@@ -895,7 +898,7 @@ def find_candidates(
     # the maps composed, the image relabelled once; only merged labels are measured again
     labels = mapping[before] if merged or joined.any() else before
     boxes = ndi.find_objects(labels)
-    cells = measure_cells(labels, boxes)
+    cells = object_moments(labels, boxes)  # the quality rules read the whole object's area and centroid
     # depth inside each candidate (`depth` above: inside the foreground)
     cell_depth, radius = merged_depth(depth_before, radius_before, mapping, labels, boxes)
     inside = centres_inside(labels, cells, rules, cell_depth, radius)  # judged at the centroid: the outline's shape
@@ -922,6 +925,12 @@ def find_candidates(
         if typical is None
         else within_border_frame(labels, cells, rules.min_cut_reach_scale * np.sqrt(typical / np.pi)),
     )
+    # the reported AreaShape measures are of the cell's outline: the object without the halo rim
+    # that texture adds around it (the quality rules above judged the whole object)
+    rim = halo_rim_width(depth, z, obj > 0, HALO_RIM_SCALE * d, params.halo_level)
+    if len(cells):
+        outline = measure_cells(labels, boxes, depth >= rim if rim > 0 else None)
+        cells[list(MEASUREMENT_COLUMNS)] = outline[list(MEASUREMENT_COLUMNS)].to_numpy()
     candidates = pd.concat([cells, verdict, measures], axis=1)
     return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged + joined.sum())}
 
