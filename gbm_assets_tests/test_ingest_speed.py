@@ -178,6 +178,8 @@ class _FakeFinder:
                 "x": np.full(n, params.cell_diameter_px),
                 "y": np.arange(n, dtype=float),
                 "area": np.full(n, self.area),
+                # the whole object's area in cell areas at the scale found (what the size estimate reads)
+                "qc_area_ratio": np.full(n, self.area / (np.pi * params.cell_diameter_px**2 / 4)),
                 "qc": "cell",
             }
         )
