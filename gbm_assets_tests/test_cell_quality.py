@@ -233,9 +233,11 @@ def test_a_dark_joined_neighbour_as_big_as_a_typical_cell_is_a_cell_of_its_own()
     labels, z = _cell_and_piece(piece_width=40)  # 1,600 px: more than a cell area (1,257 px) at d = 40
     assert dark_joined_pairs(labels, z).tolist() == [[1, 2]]
     assert merge_dark_joined(labels, z, cell_diameter_px=40)[1].sum() == 0
-    # the typical cell is the image's own: the median candidate's (its equivalent diameter / 1.2)
-    # once there are enough candidates, one cell area at the segmentation's scale before
-    assert typical_cell_area(np.full(5, 5000), 40) == pytest.approx(np.pi * 40**2 / 4)
+    # the typical cell is the image's own: the median candidate's (its equivalent diameter / 1.2),
+    # from as few as 5 candidates (a small field of large cells), one cell area at the
+    # segmentation's scale with fewer
+    assert typical_cell_area(np.full(5, 5000), 40) == pytest.approx(5000 / 1.2**2)
+    assert typical_cell_area(np.full(4, 5000), 40) == pytest.approx(np.pi * 40**2 / 4)
     assert typical_cell_area(np.r_[np.full(30, 2880), np.full(10, 100)], 40) == pytest.approx(2000)
 
 

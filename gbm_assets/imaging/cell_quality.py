@@ -76,7 +76,8 @@ from scipy.cluster.hierarchy import DisjointSet
 
 QC_LABELS = ("cell", "debris", "fragment", "edge")
 FOUND_PER_TRUE_DIAMETER = 1.2  # candidates' median equivalent diameter / annotated mean diameter (see cell_size)
-MIN_CELLS = 20  # fewer candidates than this: no typical size from them
+MIN_CELLS = 20  # fewer candidates than this: no size estimate from them (cell_size)
+MIN_TYPICAL = 5  # fewer candidates than this: no typical cell area from them (typical_cell_area)
 QUALITY_COLUMNS = (
     "qc",
     "qc_reason",
@@ -347,15 +348,19 @@ def typical_cell_area(areas: np.ndarray, cell_diameter_px: float, rules: Quality
 
     As cell_size estimates a plate's cell diameter: the median equivalent diameter of the
     candidates at least fragment_area_scale cell areas big (pi d^2 / 4 of cell_diameter_px, the
-    segmentation's scale) over FOUND_PER_TRUE_DIAMETER; with fewer than MIN_CELLS of them, one
-    cell area at that scale. Cells are found at a scale set by their dark bodies, often well
+    segmentation's scale) over FOUND_PER_TRUE_DIAMETER, from as few as MIN_TYPICAL of them (a
+    median no one candidate decides); with fewer, one cell area at that scale. A small field of
+    large cells holds few (a 696 x 520 tile about 7 cells of 128 px), and the scale, set by the
+    cells' dark bodies, reads its whole cells at a third to half of their area (on U373-like tiles
+    of the Usiigaci fields, 0.33-0.43x what the whole field's candidates read): their pieces
+    then pass for cells. Cells are found at a scale set by their dark bodies, often well
     below the whole cell's outline (41 px against 61 px on the Usiigaci fields), so a rule on
     whole cells asks this, not the scale.
     """
     scale_area = np.pi * cell_diameter_px**2 / 4
     areas = np.asarray(areas)
     areas = areas[areas >= rules.fragment_area_scale * scale_area]
-    if len(areas) < MIN_CELLS:
+    if len(areas) < MIN_TYPICAL:
         return float(scale_area)
     return float(np.median(areas)) / FOUND_PER_TRUE_DIAMETER**2
 
