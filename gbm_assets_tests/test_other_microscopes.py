@@ -216,11 +216,12 @@ def test_u373_like_tiles_of_two_fields_as_one_plate(tmp_path):
     one plate (production path, size estimated): a tile holds about 7 cells, under the 20 that
     gave a typical cell area, so its whole cells were judged against one cell area at the
     segmentation's scale (a third of theirs) and their pieces passed for cells (measured: precision
-    0.562, recall 0.797 before; 0.579 / 0.791 with the typical area from 5 candidates)."""
+    0.562, recall 0.797 before; 0.579 / 0.791 with the typical area from 5 candidates; 0.609 / 0.791
+    since a medium share under half alone no longer makes a tile crowded)."""
     fields = []
     for stem in ("set10", "set22"):
         image, mask = rescale(*_field(USIIGACI, stem), 2.0)
         image = to_8bit(image)
         fields += [(image[w], mask[w]) for _, _, w in tiles(image, 696, 520)]
     scores, _ = _score_on_plate(tmp_path, fields)
-    assert scores["precision"] >= 0.57 and scores["recall"] >= 0.78, scores
+    assert scores["precision"] >= 0.6 and scores["recall"] >= 0.78, scores
