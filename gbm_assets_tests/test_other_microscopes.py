@@ -20,7 +20,7 @@ from gbm_assets.imaging.cell_size import estimate_cell_diameter
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.plate_coordinates import plate_coordinates
 from gbm_assets.imaging.scoring import score_point_in_mask
-from gbm_assets.imaging.segmentation import SegmentationParams
+from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the benchmarks/ folder
@@ -181,16 +181,47 @@ def test_cells_found_in_a_small_field_of_large_cells(tmp_path):
     assert scores["recall"] >= 0.5, scores
 
 
+def _u373_like_tile(stem: str, row: int, col: int) -> tuple[dict, int]:
+    """Precision / recall and second detections (beyond the first in an annotated cell) of find_cells
+    at 82 px (twice the default scale) on one 696x520 tile of a Usiigaci field at x2, 8-bit."""
+    image, mask = rescale(*_field(USIIGACI, stem), 2.0)
+    image = to_8bit(image)
+    window = next(w for i, j, w in tiles(image, 696, 520) if (i, j) == (row, col))
+    cells, _ = find_cells(image[window], SegmentationParams(cell_diameter_px=82.0))
+    xy = np.rint(cells[["x", "y"]].to_numpy(float)).astype(int)
+    hit = mask[window][xy[:, 1], xy[:, 0]]
+    hit = hit[hit > 0]
+    return score_point_in_mask(cells[["x", "y"]].to_numpy(float), mask[window]), len(hit) - len(np.unique(hit))
+
+
+def test_a_small_field_that_large_cells_fill_is_not_crowded():
+    """Tile (1, 0) of U373-like set6: large cells cover 58% of it (medium share 0.42, under the half
+    that alone made a field crowded), but darkness against its own statistics shows their dark
+    bodies (0.38 seeds per cell area of foreground, as the whole field's 0.39), so it is seeded and
+    joined as its whole field is, not as a crowded one (bright seeds everywhere, seeds grouped across
+    a faint seam): measured 9 second detections, precision 0.41, recall 0.79 as crowded; 1, 0.71, 0.71."""
+    scores, second = _u373_like_tile("set6", 1, 0)
+    assert second <= 3 and scores["precision"] >= 0.6 and scores["recall"] >= 0.6, (second, scores)
+
+
+def test_a_small_field_with_next_to_no_dark_seed_stays_crowded():
+    """Tile (2, 1) of U373-like set10: medium share 0.27 and no dark seed against its own statistics
+    (cells fill it): crowded, it keeps its cells (measured: recall 0.76, precision 0.50)."""
+    scores, _ = _u373_like_tile("set10", 2, 1)
+    assert scores["recall"] >= 0.6, scores
+
+
 def test_u373_like_tiles_of_two_fields_as_one_plate(tmp_path):
     """The U373-like set-up (x2, 696x520 tiles, 8-bit) on Usiigaci set10 and set22, their 24 tiles
     one plate (production path, size estimated): a tile holds about 7 cells, under the 20 that
     gave a typical cell area, so its whole cells were judged against one cell area at the
     segmentation's scale (a third of theirs) and their pieces passed for cells (measured: precision
-    0.562, recall 0.797 before; 0.579 / 0.791 with the typical area from 5 candidates)."""
+    0.562, recall 0.797 before; 0.579 / 0.791 with the typical area from 5 candidates; 0.609 / 0.791
+    since a medium share under half alone no longer makes a tile crowded)."""
     fields = []
     for stem in ("set10", "set22"):
         image, mask = rescale(*_field(USIIGACI, stem), 2.0)
         image = to_8bit(image)
         fields += [(image[w], mask[w]) for _, _, w in tiles(image, 696, 520)]
     scores, _ = _score_on_plate(tmp_path, fields)
-    assert scores["precision"] >= 0.57 and scores["recall"] >= 0.78, scores
+    assert scores["precision"] >= 0.6 and scores["recall"] >= 0.78, scores

@@ -20,9 +20,10 @@ chain of such discs is cut at its necks first, one compact body per disc. In a f
 spread cells the few compact bodies are organelles or debris, so fine seeds need compact
 bodies to hold a share of the cell area. Rounded cells that phase contrast shows bright (no
 dark blob) seed themselves as compact bright bodies where compact cells are, and anywhere as
-bright objects of their own, split at their necks. In a crowded field (the medium under half of
-it; or objects over a third of it with under FEW_SEEDS dark seeds per cell area of them, measured
-against the whole image's statistics, which are then partly the cells') cells merge into a few
+bright objects of their own, split at their necks. In a crowded field (objects over a third of
+it with under FEW_SEEDS dark seeds per cell area of them, measured against the whole image's
+statistics, which are then partly the cells'; a medium share under half alone does not make a
+field crowded: a small field that a few large cells fill shows their seeds) cells merge into a few
 large objects: there bright bodies seed everywhere and are cut out as
 objects of their own, a small roundish halo-ringed body gets fine seeds however dark, and seeds
 are grouped across nothing brighter than halo_level. Where a crowded field's flat pixels show
@@ -764,8 +765,10 @@ def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray
 
 # A field whose objects cover at least FEW_SEEDS_COVER of it (so the whole image's level and
 # spread are partly the cells') and whose dark seeds, measured against them, number under
-# FEW_SEEDS per cell area of its objects, is seeded as crowded. On the 24 Usiigaci and 6 T98G
-# fields (objects over 26-44% of the field) these seeds number 0.25-0.50 per cell area.
+# FEW_SEEDS per cell area of its objects, is crowded. On the 24 Usiigaci and 6 T98G fields
+# (objects over 26-44% of the field) these seeds number 0.25-0.50 per cell area; on the dense
+# synthetic and neuroblastoma-like tiles with under half of them medium, 0.00-0.07; on U373-like
+# tiles (Usiigaci at x2, 696 x 520) that large cells fill over half of, 0.16-0.47 (one at 0.00).
 FEW_SEEDS = 0.1
 FEW_SEEDS_COVER = 1 / 3
 # the widest halo rim looked for around the objects (measurements.halo_rim_width), diameters
@@ -828,21 +831,21 @@ def find_candidates(
     obj = objects(mask, depth, params)
     medium = obj == 0
     z = noise_units(norm, medium)
-    # a crowded field (cells over more of it than the medium): its cells press on each other
-    # and merge into a few large objects; or a field whose whole-image statistics show next to
-    # no dark seed in its foreground (cells over about half of it, darkness measured against a
-    # level and spread that are half the cells')
-    uncrowded = medium[::4, ::4].mean() >= rules.join_min_medium_share
-    crowded = not uncrowded
-    split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
-    covered = 1 - medium[::4, ::4].mean()
+    # a crowded field: its cells press on each other and merge into a few large objects, and
+    # the whole image's level and spread are the cells' own, so that darkness measured against
+    # them shows next to no dark seed in the foreground. Cells over more of the field than the
+    # medium alone do not make it crowded: in a small field that a few large cells fill, the
+    # medium left still shows their dark bodies, as their whole field does
+    share = medium[::4, ::4].mean()
+    split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, False, params)
     few = len(xy) < FEW_SEEDS * np.count_nonzero(obj) / _cell_area(params)
-    if not crowded and covered >= FEW_SEEDS_COVER and few:
-        crowded = True
+    crowded = 1 - share >= FEW_SEEDS_COVER and few
+    if crowded:
         split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
     # (the rules after seeding, joining pieces and judging sizes by the field's typical cell,
-    # follow the medium share alone: with the medium over half the field, cells have medium
-    # between them)
+    # hold where the medium covers over half the field, so that cells have medium between them,
+    # or where it is not crowded)
+    uncrowded = share >= rules.join_min_medium_share or not crowded
     cell_obj, group_params = obj, params
     if compact.any() or crowded:  # where compact cells are, or crowded: rounded bright ones are cells too
         bodies = bright_bodies(z, obj, params)
