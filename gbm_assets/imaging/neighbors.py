@@ -103,8 +103,11 @@ def measure_neighbors(labels: np.ndarray, cell_ids: np.ndarray, distance: int = 
         mine = (patch == cell).view(np.uint8)
         m = cv2.moments(mine, binaryImage=True)
         cy[i], cx[i] = m["m01"] / m["m00"] + y0, m["m10"] / m["m00"] + x0
-        others = chosen[patch] & (mine == 0)
-        if not others.any():  # no other cell within reach: no neighbour, no touching
+        others = (patch > 0) & (mine == 0)
+        if not others.any():  # no other object within reach: no neighbour, no touching
+            continue
+        others &= chosen[patch]  # (a label lookup only where another object is near)
+        if not others.any():
             continue
         reach = cv2.dilate(mine, reach_kernel) if distance > 0 else mine
         n_neighbors[i] = len(np.unique(patch[(reach > 0) & others]))
