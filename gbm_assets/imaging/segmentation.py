@@ -68,7 +68,7 @@ from gbm_assets.imaging.cell_quality import (
     within_border_frame,
 )
 from gbm_assets.imaging.field_quality import field_quality
-from gbm_assets.imaging.measurements import halo_rim_width, measure_cells, object_moments
+from gbm_assets.imaging.measurements import halo_rim_width, measure_objects
 from gbm_assets.imaging.percentiles import percentiles
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
@@ -901,7 +901,11 @@ def find_candidates(
     # the maps composed, the image relabelled once; only merged labels are measured again
     labels = mapping[before] if merged or joined.any() else before
     boxes = ndi.find_objects(labels)
-    cells = object_moments(labels, boxes)  # the quality rules read the whole object's area and centroid
+    # the quality rules read the whole object's area and centroid; the reported AreaShape
+    # measures are of the cell's outline: the object without the halo rim that texture adds
+    # around it (both from one pass over the objects)
+    rim = halo_rim_width(depth, z, obj > 0, HALO_RIM_SCALE * d, params.halo_level)
+    cells, outline = measure_objects(labels, boxes, depth >= rim if rim > 0 else None)
     # depth inside each candidate (`depth` above: inside the foreground)
     cell_depth, radius = merged_depth(depth_before, radius_before, mapping, labels, boxes)
     inside = centres_inside(labels, cells, rules, cell_depth, radius)  # judged at the centroid: the outline's shape
@@ -928,11 +932,8 @@ def find_candidates(
         if typical is None
         else within_border_frame(labels, cells, rules.min_cut_reach_scale * np.sqrt(typical / np.pi)),
     )
-    # the reported AreaShape measures are of the cell's outline: the object without the halo rim
-    # that texture adds around it (the quality rules above judged the whole object)
-    rim = halo_rim_width(depth, z, obj > 0, HALO_RIM_SCALE * d, params.halo_level)
+    # the outline's AreaShape measures reported (the quality rules above judged the whole object)
     if len(cells):
-        outline = measure_cells(labels, boxes, depth >= rim if rim > 0 else None)
         cells[list(MEASUREMENT_COLUMNS)] = outline[list(MEASUREMENT_COLUMNS)].to_numpy()
     candidates = pd.concat([cells, verdict, measures], axis=1)
     return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged + joined.sum())}
