@@ -600,7 +600,7 @@ def voronoi(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every pixel's nearest labelled pixel of seeds (int (H, W), 0 = none): its label (int32
     (H, W)) and the distance to it (float32 (H, W), px; 0 on labelled pixels). A Voronoi split."""
     lut, nearest, dist = _nearest_seed_pixel(seeds)
-    return lut[nearest], dist
+    return np.take(lut, nearest), dist
 
 
 def nearest_label(seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -899,7 +899,7 @@ def find_candidates(
         joined = seamed + np.bincount(seam_map, weights=joined, minlength=len(seamed)).astype(np.int64)
         mapping = seam_map[mapping]
     # the maps composed, the image relabelled once; only merged labels are measured again
-    labels = mapping[before] if merged or joined.any() else before
+    labels = np.take(mapping, before) if merged or joined.any() else before  # (take: twice as fast as mapping[before])
     boxes = ndi.find_objects(labels)
     # the quality rules read the whole object's area and centroid; the reported AreaShape
     # measures are of the cell's outline: the object without the halo rim that texture adds
@@ -951,4 +951,4 @@ def find_cells(image: np.ndarray, params: SegmentationParams = SegmentationParam
     lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
     renumbered = np.arange(1, len(cells) + 1, dtype=np.int32)
     lut[cells["cell_id"].to_numpy()] = renumbered
-    return cells.assign(cell_id=renumbered), lut[labels]
+    return cells.assign(cell_id=renumbered), np.take(lut, labels)  # (lut[labels], twice as fast)
