@@ -59,6 +59,11 @@ def object_moments(labels: np.ndarray, boxes: list | None = None) -> pd.DataFram
         m = cv2.moments(obj, binaryImage=True)
         area = m["m00"]
         rows.append((index, box[1].start - 1 + m["m10"] / area, box[0].start - 1 + m["m01"] / area, area))
+    return _moments_table(rows)
+
+
+def _moments_table(rows: list) -> pd.DataFrame:
+    """object_moments' table from its (cell_id, x, y, area) rows."""
     values = np.array(rows, np.float64).reshape(len(rows), 4)
     nan = np.full(len(rows), np.nan)
     return pd.DataFrame(
@@ -100,19 +105,39 @@ def measure_cells(labels: np.ndarray, boxes: list | None = None, within: np.ndar
         area (pixels); perimeter, major_axis_length, minor_axis_length (pixels); eccentricity,
         solidity, form_factor (float64, unitless, 0..1). Empty for a label image without objects.
     """
+    return _measured(labels, boxes, within)[1]
+
+
+def measure_objects(
+    labels: np.ndarray, boxes: list | None = None, within: np.ndarray | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(object_moments(labels, boxes), measure_cells(labels, boxes, within)) from one pass.
+
+    The same tables, to the bit, as those two calls give (see them for the arguments and
+    columns): each object's box is cut and its whole moments taken once, for both. labels:
+    (H, W) int instance labels; boxes: find_objects(labels) or None; within: (H, W) bool or None.
+    """
+    return _measured(labels, boxes, within)
+
+
+def _measured(labels: np.ndarray, boxes: list | None, within: np.ndarray | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """object_moments' and measure_cells' tables, from one loop over the objects."""
     labels = np.asarray(labels)
-    rows = []
+    whole, rows = [], []
     for index, box in enumerate(ndi.find_objects(labels) if boxes is None else boxes, start=1):
         if box is None:
             continue
-        obj = (labels[box] == index).astype(np.uint8)
-        if within is not None:
-            inner = obj & within[box]
-            if inner.any():
-                obj = inner
-        obj = cv2.copyMakeBorder(obj, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        cut = (labels[box] == index).astype(np.uint8)
+        obj = cv2.copyMakeBorder(cut, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
         m = cv2.moments(obj, binaryImage=True)
         area = m["m00"]
+        whole.append((index, box[1].start - 1 + m["m10"] / area, box[0].start - 1 + m["m01"] / area, area))
+        if within is not None:
+            inner = cut & within[box]
+            if inner.any():
+                obj = cv2.copyMakeBorder(inner, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+                m = cv2.moments(obj, binaryImage=True)
+                area = m["m00"]
         a, b, c = m["mu20"] / area, m["mu11"] / area, m["mu02"] / area
         spread = np.sqrt(((a - c) / 2) ** 2 + b * b)
         major_var, minor_var = (a + c) / 2 + spread, max((a + c) / 2 - spread, 0.0)
@@ -133,9 +158,10 @@ def measure_cells(labels: np.ndarray, boxes: list | None = None, within: np.ndar
         )
     # one float64 array, then the columns: several times faster than DataFrame.astype per column
     values = np.array(rows, np.float64).reshape(len(rows), len(CELL_COLUMNS))
-    return pd.DataFrame(
+    shapes = pd.DataFrame(
         {"cell_id": values[:, 0].astype(np.int32), **{name: values[:, i] for i, name in enumerate(CELL_COLUMNS) if i}}
     )
+    return _moments_table(whole), shapes
 
 
 _RIM_LOW, _RIM_STEP, _RIM_BINS = -50.0, 0.25, 400  # noise units: -50..50

@@ -66,6 +66,13 @@ def measure_neighbors(labels: np.ndarray, cell_ids: np.ndarray, distance: int = 
     ValueError
         If labels is not 2-D, distance is negative or cell_ids repeat an id.
     """
+    ids, out = _neighbor_arrays(labels, cell_ids, distance)
+    return pd.DataFrame(out, index=pd.Index(ids, name="cell_id"))
+
+
+def _neighbor_arrays(labels: np.ndarray, cell_ids: np.ndarray, distance: int) -> tuple[np.ndarray, dict]:
+    """measure_neighbors' ids (int64 (N,)) and columns, as a dict of (N,) arrays in
+    neighbor_columns(distance) order (counts and object numbers int64, the rest float64)."""
     labels = np.asarray(labels)
     ids = np.asarray(cell_ids, dtype=np.int64)
     if labels.ndim != 2:
@@ -79,7 +86,7 @@ def measure_neighbors(labels: np.ndarray, cell_ids: np.ndarray, distance: int = 
     out = {c: np.zeros(n, np.int64) if "Number" in c else np.full(n, np.nan) for c in columns}
     out[f"Neighbors_PercentTouching_{distance}"] = np.zeros(n)
     if n == 0:
-        return pd.DataFrame(out, index=pd.Index(ids, name="cell_id"))
+        return ids, {c: out[c] for c in columns}
     # Each object is measured on its box grown by the distance (+1 for the touching disc): the
     # image is never copied or scanned per object, so this costs a few ms per image.
     top = int(max(labels.max(initial=0), ids.max()))
@@ -94,27 +101,28 @@ def measure_neighbors(labels: np.ndarray, cell_ids: np.ndarray, distance: int = 
     cy, cx = np.full(n, np.nan), np.full(n, np.nan)
     n_neighbors = out[f"Neighbors_NumberOfNeighbors_{distance}"]
     touching = out[f"Neighbors_PercentTouching_{distance}"]
+    every = bool(chosen[1:].all())  # every object of the mask measured: "other" is any other label
     for i, cell in enumerate(ids.tolist()):
         if cell <= 0 or cell > len(boxes) or boxes[cell - 1] is None:
             continue
         ys, xs = boxes[cell - 1]
         y0, x0 = max(ys.start - grow, 0), max(xs.start - grow, 0)
         patch = labels[y0 : min(ys.stop + grow, h), x0 : min(xs.stop + grow, w)]
-        mine = (patch == cell).view(np.uint8)
+        is_mine = patch == cell
+        mine = is_mine.view(np.uint8)
         m = cv2.moments(mine, binaryImage=True)
         cy[i], cx[i] = m["m01"] / m["m00"] + y0, m["m10"] / m["m00"] + x0
-        others = (patch > 0) & (mine == 0)
+        # the other measured objects' pixels (the object's own are among the chosen: xor drops them)
+        others = ((patch > 0) if every else chosen[patch]) ^ is_mine
         if not others.any():  # no other object within reach: no neighbour, no touching
             continue
-        others &= chosen[patch]  # (a label lookup only where another object is near)
-        if not others.any():
-            continue
-        reach = cv2.dilate(mine, reach_kernel) if distance > 0 else mine
-        n_neighbors[i] = len(np.unique(patch[(reach > 0) & others]))
+        reach = cv2.dilate(mine, reach_kernel).view(bool) if distance > 0 else is_mine
+        # distinct labels in reach: a count of the label values present (labels are few per image)
+        n_neighbors[i] = np.count_nonzero(np.bincount(patch[reach & others].astype(np.intp), minlength=1))
         # the outline: pixels of the object with an 8-connected neighbour outside it, or on the
         # image's edge (the patch reaches past the object except where the image ends)
-        edge = (mine > 0) & (cv2.erode(mine, ring, borderType=cv2.BORDER_CONSTANT, borderValue=0) == 0)
-        near = cv2.dilate(others.view(np.uint8), touch_kernel) > 0
+        edge = is_mine & (cv2.erode(mine, ring, borderType=cv2.BORDER_CONSTANT, borderValue=0) == 0)
+        near = cv2.dilate(others.view(np.uint8), touch_kernel).view(bool)
         touching[i] = 100.0 * np.count_nonzero(near & edge) / max(np.count_nonzero(edge), 1)
 
     # Closest objects: centroid to centroid, over every object with pixels.
@@ -138,7 +146,7 @@ def measure_neighbors(labels: np.ndarray, cell_ids: np.ndarray, distance: int = 
             with np.errstate(invalid="ignore", divide="ignore"):
                 cos = (v1 * v2).sum(0) / np.sqrt((v1**2).sum(0) * (v2**2).sum(0))
             out[f"Neighbors_AngleBetweenNeighbors_{distance}"][where] = np.degrees(np.arccos(np.clip(cos, -1, 1)))
-    return pd.DataFrame(out, index=pd.Index(ids, name="cell_id"))[columns]
+    return ids, {c: out[c] for c in columns}
 
 
 def with_neighbors(
@@ -152,6 +160,16 @@ def with_neighbors(
     Raises what measure_neighbors raises.
     """
     chosen = cells if "qc" not in cells else cells[cells["qc"].isin(list(objects))]
-    measured = measure_neighbors(labels, chosen["cell_id"].to_numpy(), distance)
-    added = measured.reindex(cells["cell_id"].to_numpy()).astype(np.float64)
-    return cells.assign(**{c: added[c].to_numpy() for c in added.columns})
+    ids, measured = _neighbor_arrays(labels, chosen["cell_id"].to_numpy(), distance)
+    # each row's measured row by cell_id (-1: not measured, NaN), as reindex would
+    at = pd.Index(ids).get_indexer(cells["cell_id"].to_numpy()) if len(ids) else np.full(len(cells), -1)
+    missing = at < 0
+    added = {}
+    for name, values in measured.items():
+        column = values.astype(np.float64)[at] if len(ids) else np.empty(len(cells))
+        column[missing] = np.nan
+        added[name] = column
+    if any(name in cells.columns for name in added):  # measured again: replaced where they are
+        return cells.assign(**added)
+    # new columns appended: one concat, not a copy of the table per column as assign makes
+    return pd.concat([cells, pd.DataFrame(added, index=cells.index)], axis=1)

@@ -68,7 +68,7 @@ from gbm_assets.imaging.cell_quality import (
     within_border_frame,
 )
 from gbm_assets.imaging.field_quality import field_quality
-from gbm_assets.imaging.measurements import halo_rim_width, measure_cells, object_moments
+from gbm_assets.imaging.measurements import halo_rim_width, measure_objects
 from gbm_assets.imaging.percentiles import percentiles
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
@@ -600,7 +600,7 @@ def voronoi(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every pixel's nearest labelled pixel of seeds (int (H, W), 0 = none): its label (int32
     (H, W)) and the distance to it (float32 (H, W), px; 0 on labelled pixels). A Voronoi split."""
     lut, nearest, dist = _nearest_seed_pixel(seeds)
-    return lut[nearest], dist
+    return np.take(lut, nearest), dist
 
 
 def nearest_label(seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -899,9 +899,13 @@ def find_candidates(
         joined = seamed + np.bincount(seam_map, weights=joined, minlength=len(seamed)).astype(np.int64)
         mapping = seam_map[mapping]
     # the maps composed, the image relabelled once; only merged labels are measured again
-    labels = mapping[before] if merged or joined.any() else before
+    labels = np.take(mapping, before) if merged or joined.any() else before  # (take: twice as fast as mapping[before])
     boxes = ndi.find_objects(labels)
-    cells = object_moments(labels, boxes)  # the quality rules read the whole object's area and centroid
+    # the quality rules read the whole object's area and centroid; the reported AreaShape
+    # measures are of the cell's outline: the object without the halo rim that texture adds
+    # around it (both from one pass over the objects)
+    rim = halo_rim_width(depth, z, obj > 0, HALO_RIM_SCALE * d, params.halo_level)
+    cells, outline = measure_objects(labels, boxes, depth >= rim if rim > 0 else None)
     # depth inside each candidate (`depth` above: inside the foreground)
     cell_depth, radius = merged_depth(depth_before, radius_before, mapping, labels, boxes)
     inside = centres_inside(labels, cells, rules, cell_depth, radius)  # judged at the centroid: the outline's shape
@@ -928,11 +932,8 @@ def find_candidates(
         if typical is None
         else within_border_frame(labels, cells, rules.min_cut_reach_scale * np.sqrt(typical / np.pi)),
     )
-    # the reported AreaShape measures are of the cell's outline: the object without the halo rim
-    # that texture adds around it (the quality rules above judged the whole object)
-    rim = halo_rim_width(depth, z, obj > 0, HALO_RIM_SCALE * d, params.halo_level)
+    # the outline's AreaShape measures reported (the quality rules above judged the whole object)
     if len(cells):
-        outline = measure_cells(labels, boxes, depth >= rim if rim > 0 else None)
         cells[list(MEASUREMENT_COLUMNS)] = outline[list(MEASUREMENT_COLUMNS)].to_numpy()
     candidates = pd.concat([cells, verdict, measures], axis=1)
     return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged + joined.sum())}
@@ -950,4 +951,4 @@ def find_cells(image: np.ndarray, params: SegmentationParams = SegmentationParam
     lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
     renumbered = np.arange(1, len(cells) + 1, dtype=np.int32)
     lut[cells["cell_id"].to_numpy()] = renumbered
-    return cells.assign(cell_id=renumbered), lut[labels]
+    return cells.assign(cell_id=renumbered), np.take(lut, labels)  # (lut[labels], twice as fast)
