@@ -137,8 +137,8 @@ def inner_depth(labels: np.ndarray) -> np.ndarray:
     label, counting itself (1 on a label's edge); 0 on the background."""
     labels = np.asarray(labels)
     inner = _inner(labels)
-    depth = cv2.distanceTransform(inner.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5) + 1
-    depth[labels == 0] = 0
+    depth = cv2.distanceTransform(inner.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
+    depth += labels != 0  # 0 off the inner pixels: 1 on a label's edge, 0 on the background
     return depth
 
 
@@ -551,6 +551,18 @@ def faint_seam_map(
     return _renumbered(roots)
 
 
+def labelled_pixels(
+    labels: np.ndarray, z: np.ndarray | None, rules: QualityRules = QualityRules()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(where, label, dark) of the labelled pixels of labels (int (H, W), 0 = background):
+    their flat indices (intp), their labels (labels' dtype) and whether each is darker than
+    -dark_level in z (float (H, W), noise units; all True without z). quality_measures and
+    body_centres both read them."""
+    where = np.flatnonzero(labels.ravel() != 0)  # on a bool array: several times faster
+    dark = np.ones(len(where), bool) if z is None else z.ravel()[where] < -rules.dark_level
+    return where, labels.ravel()[where], dark
+
+
 def quality_measures(
     labels: np.ndarray,
     z: np.ndarray,
@@ -560,6 +572,7 @@ def quality_measures(
     cell_diameter_px: float,
     rules: QualityRules = QualityRules(),
     radius: np.ndarray | None = None,
+    pixels: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Per-candidate quality measures, one row per row of cells (same order).
 
@@ -571,12 +584,12 @@ def quality_measures(
     units), qc_texture_contrast (mean tex inside / texture_threshold), qc_nearest_cell_px
     (gap to the nearest other candidate's pixels, px; inf when alone in the image) and
     qc_thickness (inscribed_radius, d). radius: inscribed_radius(labels) when already computed.
+    pixels: labelled_pixels(labels, z, rules) when already computed.
     """
-    where = np.flatnonzero(labels.ravel() != 0)  # on a bool array: several times faster
-    label = labels.ravel()[where]
+    where, label, is_dark = labelled_pixels(labels, z, rules) if pixels is None else pixels
     n = int(label.max(initial=0)) + 1
     count = np.maximum(np.bincount(label, minlength=n), 1)
-    dark = np.bincount(label[z.ravel()[where] < -rules.dark_level], minlength=n) / count
+    dark = np.bincount(label[is_dark], minlength=n) / count
     texture = np.bincount(label, weights=tex.ravel()[where], minlength=n) / count / max(float(texture_threshold), 1e-9)
     # the ring just outside each candidate: where a 5 x 5 maximum of the labels reaches the medium
     as_image = labels.astype(np.uint16 if n <= 65536 else np.float32)  # OpenCV dilates neither int32
@@ -755,6 +768,7 @@ def body_centres(
     rules: QualityRules = QualityRules(),
     depth: np.ndarray | None = None,
     z: np.ndarray | None = None,
+    pixels: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """cells (cell_id, x, y in px) with x, y moved to the centre of each candidate's body.
 
@@ -765,14 +779,13 @@ def body_centres(
     such pixel. Without z, or for a candidate with no dark pixel, all its pixels count. Thin
     processes, lamellipodia and the halo ring pull a spread cell's centroid off its body, often
     into the medium; its body's centre stays on it. For a compact, convex cell the two are the
-    same point to a pixel or two."""
+    same point to a pixel or two. pixels: labelled_pixels(labels, z, rules) when already
+    computed."""
     depth = inner_depth(labels) if depth is None else depth
-    where = np.flatnonzero(labels.ravel() != 0)
-    label = labels.ravel()[where]
+    where, label, dark = labelled_pixels(labels, z, rules) if pixels is None else pixels
     ids = cells["cell_id"].to_numpy()
     n = max(int(labels.max(initial=0)), int(ids.max(initial=0))) + 1
     deep = depth.ravel()[where]
-    dark = np.ones(len(where), bool) if z is None else z.ravel()[where] < -rules.dark_level
     has_dark = np.bincount(label[dark], minlength=n) > 0
     body = dark | ~has_dark[label]  # its dark pixels, or all of them when it has none
     radius = np.zeros(n, np.float32)
