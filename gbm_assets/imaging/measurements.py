@@ -43,27 +43,8 @@ def _convex_area(obj: np.ndarray) -> int:
     return int(np.count_nonzero(filled))
 
 
-def object_moments(labels: np.ndarray, boxes: list | None = None) -> pd.DataFrame:
-    """measure_cells' table with only cell_id, x, y and area filled (the rest NaN), cheaply.
-
-    The same values, to the bit, as measure_cells(labels, boxes) gives in those columns:
-    the whole objects' pixel counts and centroids (px), for rules that need no more. labels:
-    (H, W) int instance labels; boxes: find_objects(labels) or None. Returns one row per object,
-    cell_id int32, the rest float64.
-    """
-    rows = []
-    for index, box in enumerate(ndi.find_objects(labels) if boxes is None else boxes, start=1):
-        if box is None:
-            continue
-        obj = cv2.copyMakeBorder((labels[box] == index).astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-        m = cv2.moments(obj, binaryImage=True)
-        area = m["m00"]
-        rows.append((index, box[1].start - 1 + m["m10"] / area, box[0].start - 1 + m["m01"] / area, area))
-    return _moments_table(rows)
-
-
 def _moments_table(rows: list) -> pd.DataFrame:
-    """object_moments' table from its (cell_id, x, y, area) rows."""
+    """measure_objects' whole-object table from its (cell_id, x, y, area) rows."""
     values = np.array(rows, np.float64).reshape(len(rows), 4)
     nan = np.full(len(rows), np.nan)
     return pd.DataFrame(
@@ -111,17 +92,20 @@ def measure_cells(labels: np.ndarray, boxes: list | None = None, within: np.ndar
 def measure_objects(
     labels: np.ndarray, boxes: list | None = None, within: np.ndarray | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(object_moments(labels, boxes), measure_cells(labels, boxes, within)) from one pass.
+    """(whole, outline): each object's whole moments, and measure_cells(labels, boxes, within), from one pass.
 
-    The same tables, to the bit, as those two calls give (see them for the arguments and
-    columns): each object's box is cut and its whole moments taken once, for both. labels:
+    whole is measure_cells' table with only cell_id, x, y and area filled (the rest NaN): the
+    whole objects' pixel counts and centroids (px), the same values to the bit as
+    measure_cells(labels, boxes) gives in those columns, for rules that need no more (the
+    quality rules judge the whole object). outline is measure_cells' table (see it for the
+    columns). Each object's box is cut and its whole moments taken once, for both. labels:
     (H, W) int instance labels; boxes: find_objects(labels) or None; within: (H, W) bool or None.
     """
     return _measured(labels, boxes, within)
 
 
 def _measured(labels: np.ndarray, boxes: list | None, within: np.ndarray | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """object_moments' and measure_cells' tables, from one loop over the objects."""
+    """measure_objects' two tables, from one loop over the objects."""
     labels = np.asarray(labels)
     whole, rows = [], []
     for index, box in enumerate(ndi.find_objects(labels) if boxes is None else boxes, start=1):
