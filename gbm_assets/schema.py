@@ -43,6 +43,9 @@ NEIGHBOR_FEATURES = (
     "AngleBetweenNeighbors",
 )
 NEIGHBOR_COLUMNS = tuple(f"Neighbors_{feature}_{NEIGHBOR_DISTANCE_PX}" for feature in NEIGHBOR_FEATURES)
+# what a crop carries of its cell's surroundings: the neighbour measurements and the plate's
+# typical cell diameter (px), their scale (float64 in crops, NaN where not measured)
+CONTEXT_COLUMNS = (*NEIGHBOR_COLUMNS, "cell_diameter_px")
 
 PROVENANCE_SCHEMA = pa.schema(
     [
@@ -62,7 +65,7 @@ PROVENANCE_SCHEMA = pa.schema(
 
 MEASUREMENT_SCHEMA = pa.schema([(name, pa.float64()) for name in MEASUREMENT_COLUMNS])
 # float64 in crops: NaN where a crop's cell was not measured (crops of other qc labels).
-NEIGHBOR_SCHEMA = pa.schema([(name, pa.float64()) for name in NEIGHBOR_COLUMNS])
+CONTEXT_SCHEMA = pa.schema([(name, pa.float64()) for name in CONTEXT_COLUMNS])
 
 # cell_crops rows: provenance, cell id, measurements, neighbour measurements, the candidate's qc label (cell_quality:
 # "cell" unless keep_qc kept others), then the crop itself.
@@ -72,8 +75,7 @@ CROP_SCHEMA = pa.schema(
     list(PROVENANCE_SCHEMA)
     + [("cell_id", pa.int32())]
     + list(MEASUREMENT_SCHEMA)
-    + list(NEIGHBOR_SCHEMA)
-    + [("cell_diameter_px", pa.float64())]  # the plate's typical cell diameter (px): the neighbours' scale
+    + list(CONTEXT_SCHEMA)  # neighbour measurements, then the plate's typical cell diameter (px)
     + [("qc", pa.string()), ("crop_size", pa.int16()), ("pixels", pa.binary()), ("mask", pa.binary())]
 )
 

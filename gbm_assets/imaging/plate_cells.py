@@ -34,7 +34,7 @@ from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.neighbors import with_neighbors
 from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates
-from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, NEIGHBOR_COLUMNS, make_crop_id
+from gbm_assets.schema import CONTEXT_COLUMNS, CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
 
 Progress = Callable[[int, int], None] | None
 
@@ -300,7 +300,7 @@ def _cells_to_crop(
     kept = kept_candidates(cells, keep_qc).reset_index(drop=True)
     if kept.empty or not filters.keep_image(len(kept), timepoint_h):
         return None
-    return kept[CROP_CELL_COLUMNS + [c for c in (*NEIGHBOR_COLUMNS, "cell_diameter_px") if c in kept]]
+    return kept[CROP_CELL_COLUMNS + [c for c in CONTEXT_COLUMNS if c in kept]]
 
 
 def _image_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, crop: tuple | None):
@@ -591,10 +591,7 @@ def crops_table(
         "cell_id": cells["cell_id"].to_numpy(np.int32),
         **{m: cells[m].to_numpy(np.float64) for m in MEASUREMENT_COLUMNS},
         # neighbour measurements: NaN for coordinates written before they were measured
-        **{
-            m: cells[m].to_numpy(np.float64) if m in cells else np.full(n, np.nan)
-            for m in (*NEIGHBOR_COLUMNS, "cell_diameter_px")
-        },
+        **{m: cells[m].to_numpy(np.float64) if m in cells else np.full(n, np.nan) for m in CONTEXT_COLUMNS},
         "qc": cells["qc"].astype(str).tolist() if "qc" in cells else ["cell"] * n,
         "crop_size": np.full(n, crop_size, np.int16),
         "pixels": [p.tobytes() for p in pixels],

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gbm_assets.schema import CROP_SCHEMA, MEASUREMENT_COLUMNS, NEIGHBOR_COLUMNS, make_crop_id
+from gbm_assets.schema import CONTEXT_COLUMNS, CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
 
 SHAPES = ("round", "long", "ring")
 
@@ -77,7 +77,7 @@ def write_synthetic_crops(
             "position": ["1"] * n,
             "cell_id": np.arange(n, dtype=np.int32),
             **{m: rng.random(n) for m in MEASUREMENT_COLUMNS},
-            **{m: np.full(n, np.nan) for m in (*NEIGHBOR_COLUMNS, "cell_diameter_px")},  # not measured
+            **{m: np.full(n, np.nan) for m in CONTEXT_COLUMNS},  # not measured
             "qc": ["cell"] * n,
             "crop_size": np.full(n, size, np.int16),
             "pixels": [c.tobytes() for c in pixels],
