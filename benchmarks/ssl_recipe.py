@@ -143,14 +143,12 @@ def main() -> None:
         rows = rows.drop(columns=[c for c in CONTEXT_COLUMNS if c in rows])
         if args.coordinates:
             measured = measured_neighbors(args.coordinates, rows)
-        else:
-            from gbm_assets.imaging.crop_dataset import CropSelection, iter_record_batches
+            rows = rows.merge(measured, on="crop_id", how="left", validate="one_to_one")
+            contact = neighbor_contact(rows)
+        else:  # what the clusters asset reads
+            from gbm_assets.analysis.cell_labels import crop_contact
 
-            measured = pd.concat(
-                [b.to_pandas() for b in iter_record_batches(CropSelection.of(crops), ["crop_id", *CONTEXT_COLUMNS])]
-            )
-        rows = rows.merge(measured, on="crop_id", how="left", validate="one_to_one")
-        contact = neighbor_contact(rows)
+            contact = crop_contact(crops).reindex(rows["crop_id"]).to_numpy()
         by_type = rows.assign(contact=contact).groupby("morphotype")["contact"]
         print(
             "neighbour contact > 0 by type:",
