@@ -360,6 +360,9 @@ def test_plates_ingested_before_versions_migrate_from_the_old_cursor(data_root):
     instance.add_dynamic_partitions(plates.name, [plate_id])
     # Crops materialized by the earlier code: no version in their metadata.
     instance.report_runless_asset_event(dg.AssetMaterialization("cell_crops", partition=plate_id))
+    crops = plate_file(data.crops, plate_id)
+    crops.parent.mkdir(parents=True)
+    pd.DataFrame({"plate": [plate_id]}).to_parquet(crops)
     manifest = data.plate_dir(plate_id) / "manifest.csv"
     old_cursor = json.dumps({plate_id: manifest.stat().st_mtime_ns})
     same = _tick(instance, data, old_cursor)

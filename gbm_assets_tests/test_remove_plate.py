@@ -14,6 +14,7 @@ from gbm_assets import pipeline
 from gbm_assets.assets.automation import stale_variants_sensor
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.resources import DataDirs
+from gbm_assets.assets.sensors import new_plate_sensor
 from gbm_assets.cli import main
 from gbm_assets.errors import MissingCropsError, PlateError
 from gbm_assets.imaging.crop_dataset import read_crops
@@ -72,6 +73,10 @@ def test_remove_plate_forgets_the_partition_and_its_records(tmp_path, monkeypatc
     # logs cannot wipe one partition's records, so the files decide).
     write_tiny_plate(data.plate_dir("t98g"))
     assert pipeline.plates_to_ingest(instance, ["t98g"]) == ["t98g"]
+    # The sensor agrees with `gbm-assets run` (before, it read the records alone and left the plate
+    # without crops on SQLite).
+    tick = new_plate_sensor(dg.build_sensor_context(instance=instance, resources={"data": data}))
+    assert [r.partition_key for r in tick.run_requests] == ["t98g"]
     with pytest.raises(PlateError, match="no such plate.*t98g-um"):
         pipeline.remove_plate("t98g", instance, data)
 

@@ -2,7 +2,8 @@
 
 A plate is (re)ingested when the manifest its crops were made from is not the manifest it has now
 (compared by content: gbm_assets.imaging.plates.manifest_sha256; touching an identical manifest
-changes nothing). A failed ingestion is retried with a new run key after a back-off, up to
+changes nothing), or when its crops file is gone (`gbm-assets remove-plate` without --delete-raw),
+as `gbm-assets run` does. A failed ingestion is retried with a new run key after a back-off, up to
 GBM_PLATE_RETRIES times (default 5); the waits are GBM_PLATE_RETRY_BACKOFF_S (default 60) seconds,
 doubling each time, counted from the end of the failed run. A changed manifest starts again from
 its first run.
@@ -180,7 +181,7 @@ def new_plate_sensor(context: dg.SensorEvaluationContext, data: DataDirs) -> dg.
         except PlateError as exc:  # removed or unreadable since it was listed: next tick
             context.log.warning(f"plate {plate_id} skipped this tick: {exc}")
             continue
-        built = built_version(instance, plate_id)
+        built = built_version(instance, plate_id, data)  # crops gone (remove-plate): not ingested
         if built == LEGACY_VERSION:
             if plate_id in adopted:
                 built = adopted[plate_id]
