@@ -21,6 +21,7 @@ from gbm_assets.analysis.report import (
     best_variant,
     displayed,
     lead,
+    lead_score,
     markdown_summary,
     write_report,
 )
@@ -240,18 +241,36 @@ def test_lead_names_best_variant_and_its_margin_over_the_baselines(sections, tmp
     assert lead(table.assign(culture_kappa=np.nan)).startswith("No variant has a culture kappa")
 
 
-def test_lead_names_the_best_variant_on_held_out_plates_when_another_leads_by_image(sections):
-    """A variant that wins by image may win on the plate's illumination: the lead also names the
-    best variant held out by plate, and says whether it beats every baseline there."""
+def test_lead_ranks_variants_held_out_by_plate_where_scored(sections, tmp_path):
+    """A variant that wins by image may win on the plate's illumination: where the plate split was
+    scored, the lead, the page's best variant and the Markdown summary rank by it, and give the
+    image split's figures after."""
     table = comparison_table()
     kappas = {"raw pixels": 0.03, "A": 0.05, "B": 0.02}
     table["culture_plate_kappa"] = table["variant"].map(kappas)
+    table["culture_plate_accuracy"] = table["variant"].map({"raw pixels": 0.2, "A": 0.25, "B": 0.21})
     text = lead(table, sections)
+    assert lead_score(table) == "culture_plate_kappa"
     assert best_variant(table)["variant"] == "B" and best_variant(table, "culture_plate_kappa")["variant"] == "A"
-    assert "B scores culture kappa 0.020 (raw pixels 0.030)" in text
-    assert "The best variant on held-out plates is A (culture kappa 0.050, above every baseline)." in text
+    assert text.startswith("Best variant: A (culture Cohen's kappa 0.050 held out by plate, culture accuracy 0.250).")
+    assert "0.020 above raw pixels (kappa 0.030): the learned features earn their cost." in text
+    assert "Held out by image, where a plate's illumination can stand in for morphology, A scores culture kappa" in text
+    assert "The best variant by image is B (culture kappa 0.370)." in text
+    assert "for A." in text  # the cell types discussed are the leader's
+    noisy = lead(table.assign(culture_plate_kappa_sd=0.05), sections)
+    assert "less than the spread between folds (sd 0.050)" in noisy
+    page = _Page()
+    page.feed(write_report(tmp_path, table, sections).read_text(encoding="utf-8"))
+    assert page.best == "A"
+    assert "**Best variant by culture kappa held out by plate: A** (kappa 0.050)" in markdown_summary(table, sections)
     table["culture_plate_kappa"] = table["variant"].map({"raw pixels": 0.03, "A": 0.01, "B": 0.02})
-    assert "best variant on held-out plates" not in lead(table, sections)  # B leads both ways
+    both = lead(table, sections)
+    assert both.startswith("Best variant: B (culture Cohen's kappa 0.020 held out by plate")
+    assert "The best variant by image" not in both  # B leads both ways
+    # without a plate split (too few plates) the image split ranks, as before
+    table["culture_plate_kappa"] = np.nan
+    assert lead_score(table) == "culture_kappa"
+    assert lead(table, sections).startswith("Best variant: B (culture Cohen's kappa 0.370 held out by image")
 
 
 def test_report_rewrites_in_place(sections, tmp_path):
@@ -266,7 +285,7 @@ def test_best_variant_and_markdown_summary(sections):
     md = markdown_summary(table, sections)
     assert md.splitlines()[0].startswith("| variant | features | lambda")
     assert "| B | 128 | 0.100 | none |" in md
-    assert "**Best variant by culture kappa: B**" in md
+    assert "**Best variant by culture kappa held out by image: B**" in md
     assert md.count("\n| A |") == 2  # comparison row and cluster row
 
 

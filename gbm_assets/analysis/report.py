@@ -89,6 +89,21 @@ def is_baseline(comparison: pd.DataFrame) -> pd.Series:
     return mask
 
 
+SPLIT_WORDS = {"culture_plate_kappa": "held out by plate", "culture_kappa": "held out by image"}
+
+
+def lead_score(comparison: pd.DataFrame) -> str:
+    """The score the report ranks variants by: "culture_plate_kappa" (culture kappa held out by plate,
+    where a plate's illumination cannot pass for morphology) when a variant has one, else
+    "culture_kappa" (held out by image)."""
+    if (
+        "culture_plate_kappa" in comparison
+        and comparison.loc[~is_baseline(comparison), "culture_plate_kappa"].notna().any()
+    ):
+        return "culture_plate_kappa"
+    return "culture_kappa"
+
+
 def best_variant(comparison: pd.DataFrame, score: str = "culture_kappa") -> pd.Series | None:
     """The row with the highest score (default culture kappa held out by image; "culture_plate_kappa":
     held out by plate), the baselines excluded (None if no row has one)."""
@@ -331,31 +346,35 @@ def _cluster_phrase(row: pd.Series, profiles: pd.DataFrame | None, area_unit: st
 def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> str:
     """The answer in plain sentences: the best variant, its margin over each baseline, the cell types that differ.
 
-    Margins are in culture Cohen's kappa (and accuracy against the majority-class rate where the
-    comparison has culture_majority); cell types are those whose per-replicate share differs
+    Variants are ranked by lead_score: culture Cohen's kappa held out by plate where the comparison
+    has it (a feature that recognises a plate's illumination scores high by image only), else held
+    out by image; the other split's figures follow. Margins are in that kappa (a margin under the
+    best variant's fold sd, "<score>_sd", is no clear gain), with the majority-class accuracy where
+    the comparison has culture_majority; cell types are those whose per-replicate share differs
     between cultures in the best variant's culture_test (Benjamini-Hochberg adjusted p < 0.05).
     """
-    best = best_variant(comparison)
+    score = lead_score(comparison)
+    best = best_variant(comparison, score)
     if best is None:
         return "No variant has a culture kappa yet, so none can be called best."
-    name, kappa = str(best["variant"]), float(best["culture_kappa"])
+    name, kappa, split = str(best["variant"]), float(best[score]), SPLIT_WORDS[score]
+    accuracy = score.replace("kappa", "accuracy")
     text = [
-        f"Best variant: {name} (culture Cohen's kappa {_fmt(kappa)}, culture accuracy "
-        f"{_fmt(best['culture_accuracy'])})."
+        f"Best variant: {name} (culture Cohen's kappa {_fmt(kappa)} {split}"
+        + (f", culture accuracy {_fmt(best[accuracy])})." if accuracy in best and pd.notna(best[accuracy]) else ").")
     ]
-    baselines = comparison[is_baseline(comparison)].dropna(subset=["culture_kappa"])
+    baselines = comparison[is_baseline(comparison)]
+    scored = baselines.dropna(subset=[score])
     margins = []
-    for _, base in baselines.iterrows():
-        diff = kappa - float(base["culture_kappa"])
+    for _, base in scored.iterrows():
+        diff = kappa - float(base[score])
         where = "above" if diff > 0 else "below" if diff < 0 else "level with"
-        margins.append(
-            f"{_fmt(abs(diff)) + ' ' if diff else ''}{where} {base['variant']} (kappa {_fmt(base['culture_kappa'])})"
-        )
+        margins.append(f"{_fmt(abs(diff)) + ' ' if diff else ''}{where} {base['variant']} (kappa {_fmt(base[score])})")
     if margins:
-        beats = bool((kappa > baselines["culture_kappa"].astype(float)).all())
+        beats = bool((kappa > scored[score].astype(float)).all())
         # a margin smaller than the spread of the variant's kappa between folds is no clear gain
-        sd = float(best.get("culture_kappa_sd", float("nan")))
-        smallest = kappa - float(baselines["culture_kappa"].astype(float).max())
+        sd = float(best.get(f"{score}{SD_SUFFIX}", float("nan")))
+        smallest = kappa - float(scored[score].astype(float).max())
         clear = not (math.isfinite(sd) and smallest <= sd)
         text.append(
             f"That is {'; '.join(margins)}: "
@@ -370,22 +389,20 @@ def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> s
         )
     else:
         text.append("No baseline was scored, so the margin is unknown.")
-    if "culture_plate_kappa" in comparison and pd.notna(best.get("culture_plate_kappa")):
+    if score == "culture_plate_kappa" and pd.notna(best.get("culture_kappa")):
         others = "; ".join(
-            f"{b['variant']} {_fmt(b['culture_plate_kappa'])}"
+            f"{b['variant']} {_fmt(b['culture_kappa'])}"
             for _, b in baselines.iterrows()
-            if pd.notna(b.get("culture_plate_kappa"))
+            if pd.notna(b.get("culture_kappa"))
         )
         text.append(
-            f"On held-out plates, where a plate's illumination cannot stand in for morphology, {name} "
-            f"scores culture kappa {_fmt(best['culture_plate_kappa'])}" + (f" ({others})." if others else ".")
+            f"Held out by image, where a plate's illumination can stand in for morphology, {name} scores "
+            f"culture kappa {_fmt(best['culture_kappa'])}" + (f" ({others})." if others else ".")
         )
-        held_out = best_variant(comparison, "culture_plate_kappa")
-        if held_out is not None and str(held_out["variant"]) != name:
-            beats = bool((held_out["culture_plate_kappa"] > baselines["culture_plate_kappa"].dropna()).all())
+        by_image = best_variant(comparison)
+        if by_image is not None and str(by_image["variant"]) != name:
             text.append(
-                f"The best variant on held-out plates is {held_out['variant']} (culture kappa "
-                f"{_fmt(held_out['culture_plate_kappa'])}" + (", above every baseline)." if beats and others else ").")
+                f"The best variant by image is {by_image['variant']} (culture kappa {_fmt(by_image['culture_kappa'])})."
             )
     chance = baselines["culture_majority"].dropna() if "culture_majority" in baselines else pd.Series([], dtype=float)
     if len(chance):
@@ -614,8 +631,8 @@ def write_report(
 ) -> Path:
     """Write report.html (thumbnails linking to full-size PNGs under figures/) and the CSVs; return the HTML path.
 
-    The page opens with lead(): the best variant (highest culture Cohen's kappa, baselines
-    excluded), its margin over the baselines, and the cell types that differ between cultures.
+    The page opens with lead(): the best variant (highest culture Cohen's kappa held out by plate
+    where scored, else by image; baselines excluded), its margin over the baselines, and the cell types that differ between cultures.
     cell_finding: plate_cells.cell_finding_quality's per-image table, shown (per plate, and per
     image up to MAX_IMAGE_ROWS images) and written to cell_finding.csv.
     Raises ValueError if comparison lacks a COMPARISON_COLUMNS column.
@@ -624,13 +641,13 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out_dir / "comparison.csv", to_csv_safe(comparison, index=False).encode())
-    best = best_variant(comparison)
+    score = lead_score(comparison)
+    best = best_variant(comparison, score)
     best_text = (
         "No variant has a culture kappa yet."
         if best is None
-        else f'Best variant by culture Cohen\'s kappa: <strong id="best-variant">'
-        f"{html.escape(str(best['variant']))}</strong> (kappa {_fmt(best['culture_kappa'])}, "
-        f"culture accuracy {_fmt(best['culture_accuracy'])})."
+        else f"Best variant by culture Cohen's kappa {SPLIT_WORDS[score]}: "
+        f'<strong id="best-variant">{html.escape(str(best["variant"]))}</strong> (kappa {_fmt(best[score])}).'
     )
     body = [
         f"<h1>{html.escape(title)}</h1>",
@@ -687,11 +704,13 @@ def markdown_summary(comparison: pd.DataFrame, variants: Sequence[VariantSection
     lines = [row(cols), row(["---"] * len(cols))]
     shown = displayed(_scores_or_reasons(with_sd(comparison))[cols])
     lines += [row(r) for r in shown.itertuples(index=False)]
-    best = best_variant(comparison)
+    score = lead_score(comparison)
+    best = best_variant(comparison, score)
     if best is not None:
         lines += [
             "",
-            f"**Best variant by culture kappa: {_md_text(best['variant'])}** (kappa {_fmt(best['culture_kappa'])})",
+            f"**Best variant by culture kappa {SPLIT_WORDS[score]}: {_md_text(best['variant'])}** "
+            f"(kappa {_fmt(best[score])})",
         ]
     lines += ["", _md_text(lead(comparison, variants))]
     if variants:
