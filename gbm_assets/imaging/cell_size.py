@@ -197,21 +197,34 @@ def estimate_from_diameters(
     return CellSizeEstimate(round(diameter, 1), len(pooled), len(per_image))
 
 
+def edge_corrected(relative_magnification: float | None) -> bool:
+    """True when a plate's size estimate is edge-corrected (estimate_from_diameters with
+    whole_cell_weights): at a magnification outside magnification.MAGNIFICATION_BAND, where the
+    first pass runs at a multiplied scale (magnification.rescales). At the reference set-up the
+    median of all the first pass's cells, cut ones included, is what FOUND_PER_TRUE_DIAMETER was
+    measured on, so the share of cut cells its fields show is in that calibration; at m times
+    the magnification a field of the same pixels holds m^2 fewer cells, each m times larger
+    against the field, more of them cut (about 2 in 3 on U373-like tiles, 1 in 5 on the
+    reference fields), and the calibration no longer holds."""
+    return magnification.rescales(relative_magnification)
+
+
 def estimate_cell_diameter(
     images: Iterable[np.ndarray], params: SegmentationParams = SegmentationParams()
 ) -> CellSizeEstimate:
     """Typical whole-cell diameter (px) of a set of 2-D images of one plate.
 
     As a plate's ingest does it: the set-up's magnification from up to magnification.IMAGES of
-    the images (spread over the list), then one pass over every image at params magnified by it.
-    Raises ValueError when an image is not 2-D.
+    the images (spread over the list), then one pass over every image at params magnified by it,
+    edge-corrected where the magnification calls for it (edge_corrected). Raises ValueError when
+    an image is not 2-D.
     """
     images = list(images)
     probes = sample_images(list(range(len(images))), magnification.IMAGES)
     ratio = magnification.relative_magnification(magnification.fine_scale(images[i]) for i in probes)
     params = magnification.magnified(params, ratio)
     passes = [first_pass(image, params) for image in images]
-    found = estimate_from_diameters([d for d, _ in passes], [w for _, w in passes])
+    found = estimate_from_diameters([d for d, _ in passes], [w for _, w in passes] if edge_corrected(ratio) else None)
     return replace(found, magnification=ratio)
 
 

@@ -30,6 +30,7 @@ from gbm_assets.imaging.cell_quality import kept_candidates
 from gbm_assets.imaging.cell_size import (
     CellSizeEstimate,
     cell_diameters,
+    edge_corrected,
     estimate_from_diameters,
     sample_images,
     whole_cell_weights,
@@ -385,11 +386,14 @@ def find_plate_cells_sized(
     ) -> tuple[CellSizeEstimate, SegmentationParams]:
         """The estimate (with the magnification measured as `scales`: each probe's fine scale) and
         the scale cells are found at, from a first pass at `at`."""
+        ratio = magnification.relative_magnification(scales.values())
         found = estimate_from_diameters(
             [cell_diameters(first[name].cells, at.cell_diameter_px) for name in picked],
-            [whole_cell_weights(first[name].cells, _labels_of(first[name])) for name in picked],
+            # edge-corrected at another magnification only (see cell_size.edge_corrected)
+            [whole_cell_weights(first[name].cells, _labels_of(first[name])) for name in picked]
+            if edge_corrected(ratio)
+            else None,
         )
-        ratio = magnification.relative_magnification(scales.values())
         return replace(found, magnification=ratio, fine_scales=tuple(scales.items())), found.params(at)
 
     again = {"workers": workers, "progress": progress, "crop": crop}
