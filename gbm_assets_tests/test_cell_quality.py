@@ -27,6 +27,7 @@ from gbm_assets.imaging.cell_quality import (
 from gbm_assets.imaging.cell_size import (
     CellSizeEstimate,
     cell_diameters,
+    edge_corrected,
     estimate_cell_diameter,
     estimate_from_diameters,
     sample_images,
@@ -603,6 +604,9 @@ def test_cells_cut_by_the_field_edge_do_not_pull_the_size_estimate_down():
     # fewer than 5 cells seen whole: the median of all
     few = estimate_from_diameters([diameters, diameters], [weights * (np.arange(10) < 2)] * 2)
     assert few.diameter_px == estimate_from_diameters([diameters, diameters]).diameter_px
+    # only above the magnification band: at the reference set-up (and below) the median of all,
+    # cut cells included, is what the calibration (1.2) was measured on
+    assert [edge_corrected(m) for m in (None, 0.5, 1.0, 1.5, 1.6, 2.0)] == [False] * 4 + [True] * 2
 
 
 def test_pieces_seen_whole_in_small_fields_do_not_pass_for_the_plates_cells():
