@@ -600,6 +600,7 @@ def test_cells_cut_by_the_field_edge_do_not_pull_the_size_estimate_down():
     whole = float(np.median(diameters[:4]))
     plate = estimate_from_diameters([diameters, diameters], [weights, weights])
     assert plate.diameter_px == round(whole / 1.24, 1) and plate.n_cells == 20  # WHOLE_FOUND_PER_TRUE_DIAMETER
+    assert plate.n_whole == 8 and "edge-corrected: the 8 seen whole" in plate.note()
     assert estimate_from_diameters([diameters, diameters]).diameter_px < 0.85 * plate.diameter_px  # unweighted
     # fewer than 5 cells seen whole: the median of all
     few = estimate_from_diameters([diameters, diameters], [weights * (np.arange(10) < 2)] * 2)

@@ -70,6 +70,7 @@ class CellSizeEstimate:
     reason: str = ""
     magnification: float | None = None  # relative to the reference set-up (see magnification); None: not measured
     fine_scales: tuple[tuple[str, float], ...] = ()  # (image, magnification.fine_scale px, nan: none) measured
+    n_whole: int | None = None  # cells seen whole that an edge-corrected estimate used; None: not edge-corrected
 
     def note(self) -> str:
         """One line for logs and metadata."""
@@ -81,8 +82,10 @@ class CellSizeEstimate:
             seen = f"; magnification {self.magnification}x the reference set-up's (scale multiplied by it)"
         if self.diameter_px is None:
             return f"cell diameter not estimated ({self.reason}); the default scale is used{seen}"
+        whole = f" (edge-corrected: the {self.n_whole} seen whole)" if self.n_whole is not None else ""
         return (
-            f"estimated cell diameter {self.diameter_px} px from {self.n_cells} cells in {self.n_images} images{seen}"
+            f"estimated cell diameter {self.diameter_px} px from {self.n_cells} cells in {self.n_images} images"
+            f"{whole}{seen}"
         )
 
     def params(self, params: SegmentationParams) -> SegmentationParams:
@@ -185,8 +188,9 @@ def estimate_from_diameters(
     - cut cells: of the rest, the edge-corrected median of the cells seen whole (weighted median
       under their weights, see whole_cell_weights) over WHOLE_FOUND_PER_TRUE_DIAMETER, when at
       least MIN_TYPICAL are; else the median of all, as without weights.
-    Returns diameter_px None (with the reason) when fewer than MIN_CELLS cells were found.
-    Raises ValueError when weights do not match diameters in length.
+    Returns diameter_px None (with the reason) when fewer than MIN_CELLS cells were found; n_whole
+    the cells the edge-corrected median used (None when it was not). Raises ValueError when
+    weights do not match diameters in length.
     """
     per_image = [np.asarray(d, np.float64) for d in diameters]
     pooled = np.concatenate(per_image) if per_image else np.zeros(0)
@@ -194,7 +198,7 @@ def estimate_from_diameters(
         return CellSizeEstimate(
             None, len(pooled), len(per_image), f"only {len(pooled)} cells in a first pass (need {MIN_CELLS})"
         )
-    typical, per_true = float(np.median(pooled)), FOUND_PER_TRUE_DIAMETER
+    typical, per_true, n_whole = float(np.median(pooled)), FOUND_PER_TRUE_DIAMETER, None
     if weights is not None:
         weight = np.concatenate([np.asarray(w, np.float64) for w in weights] or [np.zeros(0)])
         if weight.shape != pooled.shape:
@@ -203,8 +207,9 @@ def estimate_from_diameters(
         whole = (weight > 0) & (pooled >= least)
         if np.count_nonzero(whole) >= MIN_TYPICAL:
             typical, per_true = weighted_median(pooled[whole], weight[whole]), WHOLE_FOUND_PER_TRUE_DIAMETER
+            n_whole = int(np.count_nonzero(whole))
     diameter = float(np.clip(typical / per_true, MIN_DIAMETER_PX, MAX_DIAMETER_PX))
-    return CellSizeEstimate(round(diameter, 1), len(pooled), len(per_image))
+    return CellSizeEstimate(round(diameter, 1), len(pooled), len(per_image), n_whole=n_whole)
 
 
 def edge_corrected(relative_magnification: float | None) -> bool:
