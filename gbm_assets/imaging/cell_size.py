@@ -133,12 +133,11 @@ def whole_cell_weights(candidates: pd.DataFrame, labels: np.ndarray) -> np.ndarr
     A field sees a cell whole only when the cell lies inside it, and a large cell is more often
     cut by the field's edge than a small one, so the cells seen whole under-represent the large
     ones (minus-sampling). The Miles-Lantuejoul correction (Miles R.E. 1978, "The sampling, by
-    quadrats, of planar aggregates", J Microsc 113:257-267; Lantuejoul C. 1980, "On the use of
-    the geometric covariogram", Proc. 5th Int Congr Stereology; as in Baddeley A. & Jensen E.B.V.
-    "Stereology for Statisticians", 2005, ch. 3) weights each whole object by the inverse of the
-    chance that an object of its bounding box, placed at random, lies inside the field: H W /
-    ((H - h - 1)(W - w - 1)) for an h x w box in an H x W image (not touching the border: one
-    pixel left on each side). A candidate whose object touches the image's border (cut), or whose
+    quadrats, of planar aggregates", J Microsc 113:257-267; see Baddeley A. & Vedel Jensen E.B.
+    "Stereology for Statisticians", Chapman & Hall/CRC 2005) weights each whole object by the
+    inverse of the chance that an object of its bounding box, placed at random, lies inside the
+    field: H W / ((H - h - 1)(W - w - 1)) for an h x w box in an H x W image (not touching the
+    border: one pixel left on each side). A candidate whose object touches the image's border (cut), or whose
     label has no pixel in labels, gets 0. labels: int (H, W) instance labels of the candidates
     (find_candidates' labels, the whole objects), 0 = background.
     """

@@ -389,7 +389,7 @@ def find_plate_cells_sized(
         ratio = magnification.relative_magnification(scales.values())
         found = estimate_from_diameters(
             [cell_diameters(first[name].cells, at.cell_diameter_px) for name in picked],
-            # edge-corrected at another magnification only (see cell_size.edge_corrected)
+            # edge-corrected above the magnification band only (see cell_size.edge_corrected)
             [whole_cell_weights(first[name].cells, _labels_of(first[name])) for name in picked]
             if edge_corrected(ratio)
             else None,
