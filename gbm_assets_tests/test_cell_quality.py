@@ -24,7 +24,15 @@ from gbm_assets.imaging.cell_quality import (
     typical_cell_area,
     within_border_frame,
 )
-from gbm_assets.imaging.cell_size import CellSizeEstimate, estimate_cell_diameter, sample_images
+from gbm_assets.imaging.cell_size import (
+    CellSizeEstimate,
+    cell_diameters,
+    edge_corrected,
+    estimate_cell_diameter,
+    estimate_from_diameters,
+    sample_images,
+    whole_cell_weights,
+)
 from gbm_assets.imaging.field_quality import IMAGE_QUALITY_COLUMNS, field_quality, focus_score
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.measurements import measure_cells
@@ -561,6 +569,57 @@ def test_size_estimate_on_t98g_lands_within_25_percent_of_the_annotated_diameter
     )
     assert estimate.n_images == 6 and estimate.n_cells >= 100
     assert abs(estimate.diameter_px / truth - 1) <= 0.25, (estimate, truth)
+
+
+def _cells_in_a_small_field(d: float = 40.0) -> tuple[pd.DataFrame, np.ndarray]:
+    """Candidates and labels of a 260 x 400 field at scale d: 4 whole discs of radius 30 px, 6
+    of them cut by the border (half or less in view), and one whole disc labelled debris."""
+    labels = np.zeros((260, 400), np.int32)
+    centres = [(100, 90), (200, 80), (300, 170), (120, 180), (0, 60), (399, 120), (150, 0), (250, 259), (0, 259)]
+    centres += [(399, 0), (330, 60)]
+    for k, (x, y) in enumerate(centres, 1):
+        cv2.circle(labels, (x, y), 30 if k < 11 else 12, k, -1)
+    ids = np.arange(1, len(centres) + 1)
+    area = np.bincount(labels.ravel(), minlength=len(ids) + 1)[1:]
+    qc = np.where(ids == 11, "debris", "cell")
+    return pd.DataFrame({"cell_id": ids, "qc": qc, "qc_area_ratio": area / (np.pi * d**2 / 4)}), labels
+
+
+def test_cells_cut_by_the_field_edge_do_not_pull_the_size_estimate_down():
+    """A small field of large cells shows most of them cut by its edge (about 2 in 3 on the
+    U373-like tiles): their pieces were read as small cells. Only the cells seen whole count,
+    each weighted by the inverse of the chance that a cell of its bounding box lies inside the
+    field (Miles-Lantuejoul); the cut ones and the debris get weight 0. Before: the median of
+    all, halves included (here 0.71x the whole discs' diameter)."""
+    candidates, labels = _cells_in_a_small_field()
+    diameters, weights = cell_diameters(candidates, 40.0), whole_cell_weights(candidates, labels)
+    assert len(diameters) == len(weights) == 10
+    np.testing.assert_array_equal(weights[4:], 0)  # cut by the border
+    box = 61  # a disc of radius 30 spans 61 px
+    np.testing.assert_allclose(weights[:4], 260 * 400 / ((260 - box - 1) * (400 - box - 1)))
+    whole = float(np.median(diameters[:4]))
+    plate = estimate_from_diameters([diameters, diameters], [weights, weights])
+    assert plate.diameter_px == round(whole / 1.24, 1) and plate.n_cells == 20  # WHOLE_FOUND_PER_TRUE_DIAMETER
+    assert plate.n_whole == 8 and "edge-corrected: the 8 seen whole" in plate.note()
+    assert estimate_from_diameters([diameters, diameters]).diameter_px < 0.85 * plate.diameter_px  # unweighted
+    # fewer than 5 cells seen whole: the median of all
+    few = estimate_from_diameters([diameters, diameters], [weights * (np.arange(10) < 2)] * 2)
+    assert few.diameter_px == estimate_from_diameters([diameters, diameters]).diameter_px
+    # only above the magnification band: at the reference set-up (and below) the median of all,
+    # cut cells included, is what the calibration (1.2) was measured on
+    assert [edge_corrected(m) for m in (None, 0.5, 1.0, 1.5, 1.6, 2.0)] == [False] * 4 + [True] * 2
+
+
+def test_pieces_seen_whole_in_small_fields_do_not_pass_for_the_plates_cells():
+    """Small fields judge their candidates against a typical cell read from a few, mostly cut,
+    so pieces (and debris) seen whole pass there as cells. Those under 0.4 of the plate's typical
+    cell area (the median of all its first-pass cells over 1.2, as an image's quality rules do)
+    are left out before the edge-corrected median: here 8 pieces of 17 px outweigh the 5 whole
+    cells of 60 px, which the estimate keeps (60 / 1.24 px, not 17 / 1.24)."""
+    diameters = np.array([60.0] * 5 + [43.0] * 6 + [30.0] * 2 + [17.0] * 8)
+    weights = np.array([1.5] * 5 + [0.0] * 8 + [1.1] * 8)
+    assert estimate_from_diameters([diameters], [weights]).diameter_px == round(60.0 / 1.24, 1)
+    assert estimate_from_diameters([diameters]).diameter_px == round(43.0 / 1.2, 1)  # without weights: the median
 
 
 def _scaled_field(seed: int, factor: float) -> tuple[np.ndarray, np.ndarray]:

@@ -201,10 +201,9 @@ def test_idle_workers_start_on_the_other_images_before_the_size_estimate(tmp_pat
     started_at_estimate = []
     estimate = plate_cells.estimate_from_diameters
 
-    def recording_estimate(diameters):
-        diameters = list(diameters)
+    def recording_estimate(diameters, *weights):
         started_at_estimate.extend(name for name, _ in finder.calls)
-        return estimate(diameters)
+        return estimate(diameters, *weights)
 
     monkeypatch.setattr(plate_cells, "estimate_from_diameters", recording_estimate)
     reads = []

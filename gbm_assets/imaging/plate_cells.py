@@ -27,7 +27,14 @@ import pyarrow.parquet as pq
 from gbm_assets.errors import ImageReadError
 from gbm_assets.imaging import magnification
 from gbm_assets.imaging.cell_quality import kept_candidates
-from gbm_assets.imaging.cell_size import CellSizeEstimate, cell_diameters, estimate_from_diameters, sample_images
+from gbm_assets.imaging.cell_size import (
+    CellSizeEstimate,
+    cell_diameters,
+    edge_corrected,
+    estimate_from_diameters,
+    sample_images,
+    whole_cell_weights,
+)
 from gbm_assets.imaging.cellprofiler_masks import cells_at_objects
 from gbm_assets.imaging.crops import extract_crops
 from gbm_assets.imaging.field_quality import field_quality
@@ -379,8 +386,14 @@ def find_plate_cells_sized(
     ) -> tuple[CellSizeEstimate, SegmentationParams]:
         """The estimate (with the magnification measured as `scales`: each probe's fine scale) and
         the scale cells are found at, from a first pass at `at`."""
-        found = estimate_from_diameters(cell_diameters(first[name].cells, at.cell_diameter_px) for name in picked)
         ratio = magnification.relative_magnification(scales.values())
+        found = estimate_from_diameters(
+            [cell_diameters(first[name].cells, at.cell_diameter_px) for name in picked],
+            # edge-corrected above the magnification band only (see cell_size.edge_corrected)
+            [whole_cell_weights(first[name].cells, _labels_of(first[name])) for name in picked]
+            if edge_corrected(ratio)
+            else None,
+        )
         return replace(found, magnification=ratio, fine_scales=tuple(scales.items())), found.params(at)
 
     again = {"workers": workers, "progress": progress, "crop": crop}
@@ -423,6 +436,11 @@ def find_plate_cells_sized(
     for name in rest:
         futures[name] = pool.submit(_segment_task, task(name, params))
     return size, scaled, _results_in_order(futures, images, progress)
+
+
+def _labels_of(found: ImageCells) -> np.ndarray:
+    """The (H, W) uint16 label mask of an image's candidates, decoded from its ImageCells."""
+    return decode_labels(found.labels, (found.height, found.width), found.image)
 
 
 def _cancel(futures: Iterable[Future]) -> None:
