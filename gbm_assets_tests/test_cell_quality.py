@@ -282,7 +282,8 @@ def test_usiigaci_second_detections_parted_by_no_clear_seam_are_merged():
     and lamella) 62 annotated cells held a second detection, 212 were found and 111 detections
     were false; merging pieces parted by no seam that stands clear of the noise and that together
     are no bigger than two typical cells leaves 53 second detections and 100 false ones and loses
-    no true one."""
+    no true one. The speck and line rules after it take them to 47 and 85, and one true one
+    (211)."""
     second, true, false = 0, 0, 0
     for name in ("set6", "set8", "set12", "set16"):
         image = read_image(USIIGACI / "images" / f"{name}.tif")
@@ -295,7 +296,7 @@ def test_usiigaci_second_detections_parted_by_no_clear_seam_are_merged():
         second += int(len(hit[hit > 0]) - len(np.unique(hit[hit > 0])))
         score = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
         true, false = true + score["tp"], false + score["fp"]
-    assert second <= 54 and false <= 101 and true >= 212
+    assert second <= 48 and false <= 86 and true >= 211
 
 
 @needs_usiigaci
@@ -390,7 +391,9 @@ def test_usiigaci_thin_pieces_are_not_cells():
     image = read_image(USIIGACI / "images" / "set9.tif")
     truth = cv2.imread(str(USIIGACI / "masks" / "set9.png"), cv2.IMREAD_UNCHANGED)
     scores = {}
-    for name, rules in (("on", QualityRules()), ("off", QualityRules(min_thickness_scale=0))):
+    # the speck and line rules, judged after it, would label most of the same pieces: left out
+    alone = {"min_outline_scale": 0.0, "line_level": -np.inf}
+    for name, rules in (("on", QualityRules(**alone)), ("off", QualityRules(min_thickness_scale=0, **alone))):
         candidates = find_candidates(image, SegmentationParams(), rules)[0]
         cells = candidates[candidates["qc"] == "cell"]
         scores[name] = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
