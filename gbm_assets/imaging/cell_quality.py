@@ -626,15 +626,35 @@ def dark_line_pieces(
     small, large = small[keep], large[keep]
     if len(small) == 0:
         return out
-    smooth = cv2.GaussianBlur(z.astype(np.float32, copy=False), (0, 0), rules.line_smooth_scale * cell_diameter_px)
     x, y = cells["x"].to_numpy(float), cells["y"].to_numpy(float)
     h, w = z.shape
+    lines = []
     for i, j in zip(small.tolist(), large.tolist(), strict=True):
-        k = int(np.ceil(np.hypot(x[j] - x[i], y[j] - y[i]))) + 1
-        t = np.linspace(rules.line_end_share, 1 - rules.line_end_share, k)
+        t = np.linspace(
+            rules.line_end_share, 1 - rules.line_end_share, int(np.ceil(np.hypot(x[j] - x[i], y[j] - y[i]))) + 1
+        )
         cols = np.clip(np.rint(x[i] + (x[j] - x[i]) * t).astype(int), 0, w - 1)
         rows = np.clip(np.rint(y[i] + (y[j] - y[i]) * t).astype(int), 0, h - 1)
-        if smooth[rows, cols].max() <= rules.line_level:
+        lines.append((i, rows, cols))
+    z = z.astype(np.float32, copy=False)
+    sigma = rules.line_smooth_scale * cell_diameter_px
+    pad = (int(round(sigma * 8 + 1)) | 1) // 2  # OpenCV's kernel half-width for this sigma (float images)
+    boxes = [
+        (max(r.min() - pad, 0), min(r.max() + pad + 1, h), max(c.min() - pad, 0), min(c.max() + pad + 1, w))
+        for _, r, c in lines
+    ]
+    whole = None
+    if sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in boxes) > h * w // 2:
+        whole = cv2.GaussianBlur(z, (0, 0), sigma)
+    for (i, rows, cols), (r0, r1, c0, c1) in zip(lines, boxes, strict=True):
+        # smoothed around the line alone (the same values as the whole image smoothed: the
+        # box holds every pixel the kernel reaches from the line)
+        part = (
+            whole[rows, cols]
+            if whole is not None
+            else cv2.GaussianBlur(z[r0:r1, c0:c1], (0, 0), sigma)[rows - r0, cols - c0]
+        )
+        if part.max() <= rules.line_level:
             out[i] = True
     return out
 
