@@ -16,11 +16,13 @@ from gbm_assets.imaging.cell_quality import (
     body_centres,
     centres_inside,
     dark_joined_pairs,
+    dark_line_pieces,
     inscribed_radius,
     label_quality,
     merge_dark_joined,
     merge_faint_seams,
     merge_fragments,
+    specks,
     typical_cell_area,
     within_border_frame,
 )
@@ -290,7 +292,8 @@ def test_usiigaci_second_detections_parted_by_no_clear_seam_are_merged():
     and lamella) 62 annotated cells held a second detection, 212 were found and 111 detections
     were false; merging pieces parted by no seam that stands clear of the noise and that together
     are no bigger than two typical cells leaves 53 second detections and 100 false ones and loses
-    no true one."""
+    no true one. The speck and line rules after it take them to 47 and 85, and one true one
+    (211)."""
     second, true, false = 0, 0, 0
     for name in ("set6", "set8", "set12", "set16"):
         image = read_image(USIIGACI / "images" / f"{name}.tif")
@@ -303,7 +306,7 @@ def test_usiigaci_second_detections_parted_by_no_clear_seam_are_merged():
         second += int(len(hit[hit > 0]) - len(np.unique(hit[hit > 0])))
         score = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
         true, false = true + score["tp"], false + score["fp"]
-    assert second <= 54 and false <= 101 and true >= 212
+    assert second <= 48 and false <= 86 and true >= 211
 
 
 @needs_usiigaci
@@ -398,7 +401,9 @@ def test_usiigaci_thin_pieces_are_not_cells():
     image = read_image(USIIGACI / "images" / "set9.tif")
     truth = cv2.imread(str(USIIGACI / "masks" / "set9.png"), cv2.IMREAD_UNCHANGED)
     scores = {}
-    for name, rules in (("on", QualityRules()), ("off", QualityRules(min_thickness_scale=0))):
+    # the speck and line rules, judged after it, would label most of the same pieces: left out
+    alone = {"min_outline_scale": 0.0, "line_level": -np.inf}
+    for name, rules in (("on", QualityRules(**alone)), ("off", QualityRules(min_thickness_scale=0, **alone))):
         candidates = find_candidates(image, SegmentationParams(), rules)[0]
         cells = candidates[candidates["qc"] == "cell"]
         scores[name] = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
@@ -1003,3 +1008,91 @@ def test_depth_and_radius_after_merges_equal_those_measured_again():
     got_depth, got_radius = merged_depth(depth.copy(), radius, mapping, merged, ndi.find_objects(merged))
     np.testing.assert_array_equal(got_depth, inner_depth(merged))
     np.testing.assert_array_equal(got_radius, inscribed_radius(merged))
+
+
+def _body_and_piece(seam: float) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
+    """A body of 60 x 40 px (label 1) and a piece of 30 x 40 px (label 2) touching along a
+    vertical border, both 6 noise units darker than the medium, with a stripe 4 px wide of
+    `seam` noise units on their border; (labels, cells with centres and areas, z)."""
+    labels = np.zeros((80, 140), np.int32)
+    labels[20:60, 10:70], labels[20:60, 70:100] = 1, 2
+    z = np.zeros(labels.shape, np.float32)
+    z[labels > 0] = -6.0
+    z[20:60, 68:72] = seam
+    cells = pd.DataFrame({"cell_id": [1, 2], "x": [39.5, 84.5], "y": [39.5, 39.5], "area": [2400.0, 1200.0]})
+    return labels, cells, z
+
+
+def test_the_smaller_of_two_cells_joined_by_a_line_that_crosses_no_halo_is_a_piece():
+    """Two touching candidates whose bodies a straight line joins through cytoplasm (the line
+    never rises above 3 noise units): the smaller, no bigger than a typical cell, is a piece of
+    the larger. A halo (8 noise units) between them, a smaller one bigger than a typical cell,
+    or two compact cells: two cells."""
+    labels, cells, z = _body_and_piece(seam=-2.0)
+    assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1500).tolist() == [False, True]
+    assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1000).tolist() == [False, False]
+    assert dark_line_pieces(labels, cells, z, 40, 1500, compact=np.array([True, True])).tolist() == [False, False]
+    assert dark_line_pieces(labels, cells, z, 40, 1500, compact=np.array([False, True])).tolist() == [False, True]
+    labels, cells, z = _body_and_piece(seam=8.0)
+    assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1500).tolist() == [False, False]
+    # cells that do not touch are never pieces of each other
+    labels, cells, z = _body_and_piece(seam=-2.0)
+    labels[:, 68:72] = 0
+    assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1500).tolist() == [False, False]
+
+
+def test_a_candidate_whose_outline_is_a_speck_against_the_images_cells_is_not_a_cell():
+    """Five cells with outlines of 1,000 px; beside them, outlines of 100 px (under 0.12 of the
+    median): an elongated one (a fibre) and a round one that is not compact are specks, a fragment
+    next to other candidates or debris alone; a compact cell with a round, convex outline (a cell
+    rounded up) stays a cell. Fewer than 5 cell-sized candidates: no speck."""
+    n = 9
+    measures = pd.DataFrame(
+        {
+            "qc_area_ratio": [1.5] * 5 + [0.8] * 4,
+            "qc_nearest_cell_px": [0.0] * 8 + [200.0],
+            "qc_texture_contrast": [3.0] * n,
+        }
+    )
+    outline = pd.DataFrame(
+        {
+            "area": [1000.0] * 5 + [100.0] * 4,
+            "eccentricity": [0.5] * 5 + [0.95, 0.3, 0.3, 0.95],
+            "solidity": [0.9] * 5 + [0.9, 0.95, 0.95, 0.9],
+        }
+    )
+    compact = np.array([False] * 5 + [True, False, True, False])
+    assert specks(outline, measures["qc_area_ratio"].to_numpy(), compact).tolist() == [False] * 5 + [
+        True,
+        True,
+        False,
+        True,
+    ]
+    verdict = label_quality(measures, np.ones(n, bool), 40, compact=compact, typical_area_px=2000, outline=outline)
+    assert verdict["qc"].tolist() == ["cell"] * 5 + ["fragment", "fragment", "cell", "debris"]
+    assert "outline" in verdict["qc_reason"].iloc[5]
+    few = specks(outline.iloc[3:], measures["qc_area_ratio"].to_numpy()[3:], compact[3:])
+    assert not few.any()
+    # without a typical cell (a crowded field) or an outline, no rule on it
+    assert label_quality(measures, np.ones(n, bool), 40, compact=compact, outline=outline)["qc"].tolist()[5:7] == [
+        "cell",
+        "cell",
+    ]
+
+
+@needs_usiigaci
+def test_usiigaci_specks_are_not_cells():
+    """On set8, set19 and set20 (debris, floating particles ringed by their halo, dark fibres),
+    the candidates whose outline is a speck against the field's cells (17 of them at 41 px when
+    measured) were all false detections."""
+    found, false, true = _labelled_away(("set8", "set19", "set20"), "its outline")
+    assert found >= 14 and true <= 1 and false >= found - 1
+
+
+@needs_usiigaci
+def test_usiigaci_second_detections_joined_to_their_cell_by_a_dark_line_are_not_cells():
+    """On set6, set8 and set15 (spread and long cells found in two pieces), the smaller of two
+    touching cells whose bodies a straight line joins without crossing a halo (10 when measured)
+    were all false detections: second detections in one cell and pieces beside it."""
+    found, false, true = _labelled_away(("set6", "set8", "set15"), "straight line between their bodies")
+    assert found >= 8 and true <= 1 and false >= found - 1

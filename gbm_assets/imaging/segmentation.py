@@ -56,6 +56,7 @@ from gbm_assets.imaging.cell_quality import (
     body_centres,
     centres_inside,
     dark_joined_map,
+    dark_line_pieces,
     faint_seam_map,
     fragment_map,
     inner_depth,
@@ -933,7 +934,21 @@ def find_candidates(
         None
         if typical is None
         else within_border_frame(labels, cells, rules.min_cut_reach_scale * np.sqrt(typical / np.pi)),
+        outline,
     )
+    if typical is not None:
+        # of two touching cells whose bodies a straight line joins without crossing a halo, the
+        # smaller (no bigger than a typical cell) is a piece of the larger
+        is_cell = (verdict["qc"] == "cell").to_numpy()
+        piece = np.zeros(len(cells), bool)
+        piece[is_cell] = dark_line_pieces(
+            labels, cells[is_cell], z, d, typical, rules, compact_now[cells["cell_id"].to_numpy()][is_cell]
+        )
+        verdict.loc[piece, "qc"] = "fragment"
+        verdict.loc[piece, "qc_reason"] = (
+            "a piece of a larger touching cell: the straight line between their bodies crosses no halo "
+            f"(never above {rules.line_level:g} noise units)"
+        )
     # the outline's AreaShape measures reported (the quality rules above judged the whole object)
     if len(cells):
         cells[list(MEASUREMENT_COLUMNS)] = outline[list(MEASUREMENT_COLUMNS)].to_numpy()
