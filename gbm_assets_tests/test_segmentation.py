@@ -356,3 +356,17 @@ def test_whole_object_moments_are_measure_cells_area_and_centroid_to_the_bit():
     assert list(quick.columns) == list(full.columns)
     pd.testing.assert_frame_equal(quick[["cell_id", "x", "y", "area"]], full[["cell_id", "x", "y", "area"]])
     assert quick[list(MEASUREMENT_COLUMNS[1:])].isna().all().all()
+
+
+def test_component_centroids_are_opencvs_to_the_bit():
+    from gbm_assets.imaging.segmentation import component_centroids
+
+    rng = np.random.default_rng(3)
+    for density in (0.002, 0.05, 0.4):
+        mask = rng.random((97, 131)) < density
+        mask[40:44, 60:70] = True  # a plateau of several pixels: one component
+        expected = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)[3][1:]
+        found = component_centroids(mask)
+        assert found.dtype == np.float64 and found.shape == expected.shape
+        np.testing.assert_array_equal(found, expected)
+    assert component_centroids(np.zeros((5, 6), bool)).shape == (0, 2)
