@@ -49,7 +49,7 @@ from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.neighbors import with_neighbors
 from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
-from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
+from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, find_cells_boxed
 from gbm_assets.imaging.synthetic import GROUND_TRUTH_NAME, write_plates
 
 try:
@@ -74,9 +74,12 @@ def _process(task: tuple[str, str]) -> tuple[str, np.ndarray, int, float]:
     finder, path = task
     cpu = time.process_time()
     image = read_image(path)
-    cells, labels = FINDERS[finder](image)
-    if finder == "ours":  # production measures every image's neighbours in the same worker (plate_cells)
-        cells = with_neighbors(cells, labels)
+    if finder == "ours":  # production measures every image's neighbours in the same worker (plate_cells),
+        # on the boxes cell finding found
+        cells, labels, boxes = find_cells_boxed(image)
+        cells = with_neighbors(cells, labels, boxes=boxes)
+    else:
+        cells, labels = FINDERS[finder](image)
     n_crops = len(extract_crops(image, cells, labels, crop_size=128).cells) if extract_crops else 0
     return path, cells[["x", "y"]].to_numpy(float), n_crops, time.process_time() - cpu
 

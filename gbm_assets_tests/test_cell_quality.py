@@ -887,11 +887,10 @@ def test_the_size_estimates_first_pass_is_not_redone_at_the_same_scale(tmp_path,
 
     plate = _plate_with_debris(tmp_path / "raw")
     calls = []
-    real = plate_cells.find_candidates
-    for module in (plate_cells, cell_size):  # every way cell finding is reached
-        monkeypatch.setattr(
-            module, "find_candidates", lambda image, params: calls.append(params) or real(image, params)
-        )
+    for module, name in ((plate_cells, "find_candidates_boxed"), (cell_size, "find_candidates")):
+        # every way cell finding is reached
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda image, params, real=real: calls.append(params) or real(image, params))
     estimated = plate_coordinates("specks", plate, ["img0.tif", "img1.tif"], workers=1)
     assert estimated.params == SegmentationParams() and estimated.size.diameter_px is None  # 8 cells: no estimate
     assert len(calls) == 2

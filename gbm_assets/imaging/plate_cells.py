@@ -33,7 +33,7 @@ from gbm_assets.imaging.crops import extract_crops
 from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.neighbors import with_neighbors
-from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates
+from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates_boxed
 from gbm_assets.schema import CONTEXT_COLUMNS, CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
 
 Progress = Callable[[int, int], None] | None
@@ -321,8 +321,9 @@ def _segment_task(task: tuple, fine_scale: bool = False) -> ImageCells:
     plate_dir, name, params, *crop = task
     image = read_image(plate_dir / name)
     check_image_size(image.shape, plate_dir / name)
-    cells, labels, measures = find_candidates(image, params)
-    cells = with_neighbors(cells, labels)  # here, where the labels are: the main process never decodes them
+    cells, labels, measures, boxes = find_candidates_boxed(image, params)
+    # here, where the labels are (the main process never decodes them), on cell finding's boxes
+    cells = with_neighbors(cells, labels, boxes=boxes)
     crops = _image_crops(image, cells, labels, crop[0] if crop else None)
     scale = magnification.fine_scale(image) if fine_scale else None
     return ImageCells(name, cells, encode_labels(labels, str(plate_dir / name)), *image.shape, measures, crops, scale)

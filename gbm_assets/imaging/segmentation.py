@@ -819,7 +819,19 @@ def find_candidates(
 ) -> tuple[pd.DataFrame, np.ndarray, dict[str, float]]:
     """Find every cell candidate of one phase-contrast image and judge its quality.
 
-    image: 2-D array, any numeric dtype. Returns (candidates, labels, image_measures):
+    find_candidates_boxed's first three values (see it for the returns). Raises ValueError when
+    the image is not 2-D.
+    """
+    return find_candidates_boxed(image, params, rules)[:3]
+
+
+def find_candidates_boxed(
+    image: np.ndarray, params: SegmentationParams = SegmentationParams(), rules: QualityRules = QualityRules()
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, float], list]:
+    """Find every cell candidate of one phase-contrast image and judge its quality, with the
+    candidates' bounding boxes.
+
+    image: 2-D array, any numeric dtype. Returns (candidates, labels, image_measures, boxes):
     candidates has one row per candidate, with measure_cells' columns (cell_id is its value
     in labels; x, y in px, the centre of its dark body: cell_quality.body_centres) and
     cell_quality.QUALITY_COLUMNS (qc is "cell", "debris",
@@ -829,7 +841,9 @@ def find_candidates(
     cell_quality.merge_dark_joined, and pieces parted by no clear seam,
     cell_quality.merge_faint_seams, already merged into it); image_measures holds
     field_quality's ImageQuality_* measures and ImageQuality_FragmentsMerged (a count of every
-    kind of merge).
+    kind of merge); boxes is scipy.ndimage.find_objects(labels) (a (slice, slice) per label
+    value 1..labels.max(), None for a value without pixels), which cell finding has anyway and
+    the neighbour measurements take (neighbors.with_neighbors' boxes) instead of finding again.
     Raises ValueError when the image is not 2-D.
     """
     image = np.asarray(image)
@@ -950,7 +964,7 @@ def find_candidates(
     if len(cells):
         cells[list(MEASUREMENT_COLUMNS)] = outline[list(MEASUREMENT_COLUMNS)].to_numpy()
     candidates = pd.concat([cells, verdict, measures], axis=1)
-    return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged + joined.sum())}
+    return candidates, labels, {**field.measures, "ImageQuality_FragmentsMerged": float(merged + joined.sum())}, boxes
 
 
 def find_cells(image: np.ndarray, params: SegmentationParams = SegmentationParams()) -> tuple[pd.DataFrame, np.ndarray]:
@@ -960,9 +974,23 @@ def find_cells(image: np.ndarray, params: SegmentationParams = SegmentationParam
     1..n, is the cell's value in labels) and an int32 (H, W) instance mask of those cells
     alone, 0 for background. Raises ValueError when the image is not 2-D.
     """
-    candidates, labels, _ = find_candidates(image, params)
-    cells = candidates[(candidates["qc"] == "cell").to_numpy()].reset_index(drop=True)
+    return find_cells_boxed(image, params)[:2]
+
+
+def find_cells_boxed(
+    image: np.ndarray, params: SegmentationParams = SegmentationParams()
+) -> tuple[pd.DataFrame, np.ndarray, list]:
+    """find_cells' (cells, labels) and boxes, scipy.ndimage.find_objects(labels): the (slice,
+    slice) bounding box of each cell (cell_id k at boxes[k - 1]), the boxes cell finding found
+    for its candidates, for the neighbour measurements (neighbors.with_neighbors' boxes).
+    Raises ValueError when the image is not 2-D.
+    """
+    candidates, labels, _, boxes = find_candidates_boxed(image, params)
+    keep = (candidates["qc"] == "cell").to_numpy()
+    cells = candidates[keep].reset_index(drop=True)
     lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
     renumbered = np.arange(1, len(cells) + 1, dtype=np.int32)
-    lut[cells["cell_id"].to_numpy()] = renumbered
-    return cells.assign(cell_id=renumbered), np.take(lut, labels)  # (lut[labels], twice as fast)
+    ids = cells["cell_id"].to_numpy()
+    lut[ids] = renumbered
+    kept_boxes = [boxes[i - 1] for i in ids.tolist()]  # a cell's pixels are its candidate's
+    return cells.assign(cell_id=renumbered), np.take(lut, labels), kept_boxes  # (lut[labels], twice as fast)
