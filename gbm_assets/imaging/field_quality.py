@@ -93,10 +93,9 @@ def non_culture_regions(
     Returns all False when the medium cannot be measured (fewer than 100 medium pixels).
     """
     image = np.asarray(image)
-    medium = objects == 0
     d = max(float(cell_diameter_px), 4.0)
     cell_area = np.pi * d * d / 4
-    values = image[::4, ::4][medium[::4, ::4]].astype(np.float64)
+    values = image[::4, ::4][objects[::4, ::4] == 0].astype(np.float64)  # the medium, sampled
     out = np.zeros(image.shape, bool)
     if values.size < 100:
         return out
