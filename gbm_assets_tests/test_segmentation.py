@@ -370,3 +370,29 @@ def test_component_centroids_are_opencvs_to_the_bit():
         assert found.dtype == np.float64 and found.shape == expected.shape
         np.testing.assert_array_equal(found, expected)
     assert component_centroids(np.zeros((5, 6), bool)).shape == (0, 2)
+
+
+@pytest.mark.parametrize("min_area_scale", [0.0, 0.25])
+def test_filtered_by_area_counts_the_kept_labels_pixels_and_fragment_map_takes_them(min_area_scale):
+    from dataclasses import replace
+
+    from gbm_assets.imaging.cell_quality import fragment_map
+    from gbm_assets.imaging.segmentation import filter_by_area, filtered_by_area
+
+    rng = np.random.default_rng(5)
+    labels = np.zeros((120, 150), np.int32)
+    for value, (y, x, h, w) in enumerate(rng.integers(0, 100, (30, 4)) // [1, 1, 4, 4], start=3):
+        labels[y : y + h + 1, x : x + w + 1] = value  # overlapping boxes: touching pieces, some hidden
+    labels[(labels == 7) | (labels == labels.max())] = 0  # values without pixels, one of them the last
+    params = replace(SegmentationParams(cell_diameter_px=12), min_area_scale=min_area_scale)
+    out, area = filtered_by_area(labels, params)
+    np.testing.assert_array_equal(out, filter_by_area(labels, params))
+    assert area.dtype == np.int64 and len(area) == out.max() + 1 and area[0] == 0
+    np.testing.assert_array_equal(area[1:], np.bincount(out.ravel(), minlength=len(area))[1:])
+    merged = []
+    for thin in (None, np.arange(1, out.max() + 1, 2)):  # thin: every other piece merged like a small one
+        given, counted = fragment_map(out, 12, thin=thin, area=area), fragment_map(out, 12, thin=thin)
+        np.testing.assert_array_equal(given[0], counted[0])
+        assert given[1] == counted[1]
+        merged.append(given[1])
+    assert merged[-1] > 0

@@ -219,18 +219,24 @@ def fragment_map(
     rules: QualityRules = QualityRules(),
     compact: np.ndarray | None = None,
     thin: np.ndarray | None = None,
+    area: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """merge_fragments as a map: (mapping, n_merged), mapping int32 (n,) the new number of each
     old label value (0 for the background and absent values; the identity when none merged), so
     that merge_fragments(labels) is mapping[labels] and maps can be composed before relabelling
-    the image once."""
+    the image once. area: int (labels.max() + 1,) pixel count of each label value when the
+    caller has it (segmentation.filtered_by_area; area[0] is not read), else counted here."""
     labels = np.asarray(labels, np.int32)
-    n = int(labels.max(initial=0)) + 1
+    n = int(labels.max(initial=0)) + 1 if area is None else len(area)
     identity = np.arange(n, dtype=np.int32)
     if n <= 2:
         return identity, 0
-    flat = labels.ravel()
-    area = np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n)  # area[0] (background) stays 0
+    if area is None:
+        flat = labels.ravel()
+        area = np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n)  # area[0] (background) stays 0
+    else:
+        area = np.asarray(area, np.int64).copy()
+        area[0] = 0
     small = area < rules.fragment_area_scale * np.pi * cell_diameter_px**2 / 4
     if thin is not None and len(thin):
         small[np.asarray(thin)[(thin > 0) & (thin < n)]] = True

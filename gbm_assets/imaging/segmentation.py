@@ -765,6 +765,12 @@ def assign_cells(
 
 def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray:
     """Drop objects outside the area limits and renumber the rest 1..n in label order."""
+    return filtered_by_area(labels, params)[0]
+
+
+def filtered_by_area(labels: np.ndarray, params: SegmentationParams) -> tuple[np.ndarray, np.ndarray]:
+    """filter_by_area's int32 (H, W) labels and their areas: int64 (n + 1,), the pixel count of
+    each label value 0..n (0 for the background), which cell_quality.fragment_map reads."""
     where = np.flatnonzero(labels.ravel() != 0)
     label = labels.ravel()[where]
     area = np.bincount(label, minlength=int(label.max(initial=0)) + 1)
@@ -775,7 +781,12 @@ def filter_by_area(labels: np.ndarray, params: SegmentationParams) -> np.ndarray
     relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     out = np.zeros(labels.shape, np.int32)
     out.ravel()[where] = relabel[label]
-    return out
+    # (out.max() + 1,): label values kept without pixels (area limits at 0) past the last one dropped
+    present = np.flatnonzero(keep & (area > 0))
+    top = int(relabel[present[-1]]) if len(present) else 0
+    kept = np.zeros(top + 1, area.dtype)
+    kept[1:] = area[keep][:top]
+    return out, kept
 
 
 # A field whose objects cover at least FEW_SEEDS_COVER of it (so the whole image's level and
@@ -897,7 +908,7 @@ def find_candidates_boxed(
         group = group_seeds(xy, scale, maps, group_z, cell_obj, depth, compact, group_params)
     else:  # one cell per object
         group = np.unique(cell_obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
-    labels = filter_by_area(assign_cells(cell_obj, xy, group, z, params), params)
+    labels, area = filtered_by_area(assign_cells(cell_obj, xy, group, z, params), params)
     fine = xy[scale == 0].astype(int)
     at_fine = labels[fine[:, 1], fine[:, 0]]  # the label under each fine seed: compact cells
     is_compact = np.zeros(int(labels.max(initial=0)) + 1, bool)
@@ -907,7 +918,7 @@ def find_candidates_boxed(
     depth_before = inner_depth(before)
     radius_before = inscribed_radius(before, depth_before)
     thin = np.flatnonzero(radius_before < rules.min_thickness_scale * d)
-    mapping, merged = fragment_map(before, d, rules, np.flatnonzero(is_compact), thin[thin > 0])
+    mapping, merged = fragment_map(before, d, rules, np.flatnonzero(is_compact), thin[thin > 0], area)
     # pieces of one cell joined by dark cytoplasm (no bright seam between them); compact cells,
     # found again by position after the renumbering, never; in a crowded field (cells over more
     # of it than the medium) cells press on each other with no medium, hence no halo, between
