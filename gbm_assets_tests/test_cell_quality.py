@@ -943,3 +943,16 @@ def test_depth_and_radius_after_merges_equal_those_measured_again():
     got_depth, got_radius = merged_depth(depth.copy(), radius, mapping, merged, ndi.find_objects(merged))
     np.testing.assert_array_equal(got_depth, inner_depth(merged))
     np.testing.assert_array_equal(got_radius, inscribed_radius(merged))
+
+
+def test_pixels_compared_in_their_own_dtype_match_numpys_float_comparison():
+    from gbm_assets.imaging.field_quality import _as_pixel, _percent_at
+
+    rng = np.random.default_rng(4)
+    for dtype in (np.uint8, np.uint16, np.int16, np.int32, np.uint32, np.int64, np.float32, bool):
+        image = rng.integers(0, 200, (37, 41)).astype(dtype)
+        for value in (float(image.max()), float(image.min()), 3.0, 2.5, -1.0, 70000.0, float(2**40), np.nan):
+            np.testing.assert_array_equal(image == _as_pixel(image, value), image == value)
+            expected = 100.0 * float(np.count_nonzero(image == value)) / image.size
+            assert _percent_at(image, value) == expected
+    assert isinstance(_as_pixel(np.zeros(3, np.uint16), 65535.0), np.uint16)

@@ -55,8 +55,19 @@ def focus_score(image: np.ndarray) -> float:
     return var / mean if mean > 0 else 0.0
 
 
+def _as_pixel(image: np.ndarray, value: float) -> float | np.generic:
+    """value as a scalar of image's dtype where that is exact (an integer value, integer pixels of
+    at most 32 bits), so that image == value compares without a float64 copy of the image (NumPy
+    promotes integer pixels to float64 against a Python float); else value itself."""
+    if image.dtype.kind in "ui" and image.dtype.itemsize <= 4 and float(value).is_integer():
+        info = np.iinfo(image.dtype)
+        if info.min <= value <= info.max:
+            return image.dtype.type(value)
+    return value
+
+
 def _percent_at(image: np.ndarray, value: float) -> float:
-    return 100.0 * float(np.count_nonzero(image == value)) / image.size
+    return 100.0 * float(np.count_nonzero(image == _as_pixel(image, value))) / image.size
 
 
 def _saturation_value(image: np.ndarray) -> float | None:
@@ -116,7 +127,9 @@ def non_culture_regions(
     if bands.any():  # bridge the notches that bright blobs on the band's rim cut into it
         close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * max(1, round(d / factor)) + 1,) * 2)
         bands = cv2.morphologyEx(bands.astype(np.uint8), cv2.MORPH_CLOSE, close) > 0
-    at_maximum = image == saturated_value if saturated_value is not None else None
+    at_maximum = None
+    if saturated_value is not None:  # compared in the image's own dtype: no float copy of the image
+        at_maximum = image == _as_pixel(image, saturated_value)
     # A downsampled pixel is saturated when over half of its footprint is, and a saturated
     # region needs cell_area / factor**2 of them: with under 0.4x that many footprints' worth of
     # saturated pixels in the whole image there is none (0.4, not 0.5: a margin for rounding).
@@ -190,6 +203,6 @@ def field_quality(image: np.ndarray, objects: np.ndarray, cell_diameter_px: floa
         "ImageQuality_FocusScore": focus_score(image),
         "ImageQuality_PercentMaximal": _percent_at(image, float(image.max())) if image.size else 0.0,
         "ImageQuality_PercentMinimal": _percent_at(image, float(image.min())) if image.size else 0.0,
-        "ImageQuality_UsableFraction": float(usable.mean()) if usable.size else 0.0,
+        "ImageQuality_UsableFraction": np.count_nonzero(usable) / usable.size if usable.size else 0.0,
     }
     return FieldQuality(usable, measures)

@@ -911,7 +911,7 @@ def find_candidates_boxed(
     labels, area = filtered_by_area(assign_cells(cell_obj, xy, group, z, params), params)
     fine = xy[scale == 0].astype(int)
     at_fine = labels[fine[:, 1], fine[:, 0]]  # the label under each fine seed: compact cells
-    is_compact = np.zeros(int(labels.max(initial=0)) + 1, bool)
+    is_compact = np.zeros(len(area), bool)  # (len(area) is labels.max() + 1)
     is_compact[at_fine] = True
     is_compact[0] = False
     before = labels
