@@ -396,3 +396,28 @@ def test_filtered_by_area_counts_the_kept_labels_pixels_and_fragment_map_takes_t
         assert given[1] == counted[1]
         merged.append(given[1])
     assert merged[-1] > 0
+
+
+def test_sorted_histogram_is_numpys_histogram_to_the_bit():
+    from gbm_assets.imaging.segmentation import sorted_histogram
+
+    rng = np.random.default_rng(6)
+    samples = [
+        np.log(rng.gamma(2.0, 1.0, 20000).astype(np.float32) + 1e-3),
+        rng.integers(0, 40, 3000).astype(np.float32),  # ties on the edges
+        np.repeat(np.float32([1.0, 2.0, 3.0]), 500),
+    ]
+    for values in samples:
+        ordered = np.sort(values)
+        for lo, hi in [
+            tuple(np.percentile(ordered, (0.5, 99.5))),
+            (ordered[3], ordered[-3]),
+            (ordered[0], ordered[-1]),
+        ]:
+            counts, edges = np.histogram(values, bins=256, range=(lo, hi))
+            found = sorted_histogram(ordered, 256, lo, hi)
+            np.testing.assert_array_equal(found[0], counts)
+            np.testing.assert_array_equal(found[1], edges)
+            assert found[0].dtype == counts.dtype and found[1].dtype == edges.dtype
+    with pytest.raises(ValueError):
+        sorted_histogram(np.sort(samples[0]), 256, np.nan, 1.0)
