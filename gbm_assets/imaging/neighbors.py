@@ -97,11 +97,12 @@ def _neighbor_arrays(
         return ids, {c: out[c] for c in columns}
     # Each object is measured on its box grown by the distance (+1 for the touching disc): the
     # image is never copied or scanned per object, so this costs a few ms per image.
-    top = int(max(labels.max(initial=0), ids.max()))
-    chosen = np.zeros(top + 1, bool)
-    chosen[ids[ids > 0]] = True
     if boxes is None:
         boxes = ndi.find_objects(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64))
+    # labels' largest value: len(boxes) (find_objects gives one entry per value up to it)
+    top = int(max(len(boxes), ids.max()))
+    chosen = np.zeros(top + 1, bool)
+    chosen[ids[ids > 0]] = True
     h, w = labels.shape
     grow = distance + 1
     reach_kernel = _disk(distance).astype(np.uint8)

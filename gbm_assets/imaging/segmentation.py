@@ -1014,7 +1014,7 @@ def find_cells_boxed(
     candidates, labels, _, boxes = find_candidates_boxed(image, params)
     keep = (candidates["qc"] == "cell").to_numpy()
     cells = candidates[keep].reset_index(drop=True)
-    lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
+    lut = np.zeros(len(boxes) + 1, np.int32)  # (len(boxes) is labels.max())
     renumbered = np.arange(1, len(cells) + 1, dtype=np.int32)
     ids = cells["cell_id"].to_numpy()
     lut[ids] = renumbered
