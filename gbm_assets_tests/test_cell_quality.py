@@ -956,3 +956,21 @@ def test_pixels_compared_in_their_own_dtype_match_numpys_float_comparison():
             expected = 100.0 * float(np.count_nonzero(image == value)) / image.size
             assert _percent_at(image, value) == expected
     assert isinstance(_as_pixel(np.zeros(3, np.uint16), 65535.0), np.uint16)
+
+
+def test_large_components_are_opencvs_components_by_area_and_one_float_copy_serves_field_quality():
+    from gbm_assets.imaging.field_quality import _large_components
+
+    rng = np.random.default_rng(8)
+    for density in (0.05, 0.3, 0.6):
+        mask = (rng.random((90, 110)) < density).astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        for min_area in (1, 3, 12.5):
+            keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+            keep[0] = False
+            np.testing.assert_array_equal(_large_components(mask, min_area), keep[labels])
+    image = read_image(USIIGACI / "images" / sorted(p.name for p in (USIIGACI / "images").glob("*.tif"))[0])
+    objects = (np.arange(image.size).reshape(image.shape) // 997 % 5 == 0).astype(np.int32)
+    given, made = field_quality(image, objects, 40, image.astype(np.float32)), field_quality(image, objects, 40)
+    np.testing.assert_array_equal(given.usable, made.usable)
+    assert given.measures == made.measures

@@ -128,7 +128,7 @@ def _cell_area(params: SegmentationParams) -> float:
 
 def normalise(image: np.ndarray, params: SegmentationParams) -> np.ndarray:
     """Background-flattened float32 image in units of its robust spread (IQR / 1.349)."""
-    image = image.astype(np.float32)
+    image = np.ascontiguousarray(image, np.float32)  # (not modified: no copy of a float32 image)
     sigma = params.background_scale * params.cell_diameter_px
     # Blurring a downsampled copy is as good for a smooth background and far faster.
     factor = max(1, int(sigma // 8))
@@ -876,7 +876,8 @@ def find_candidates_boxed(
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D single-channel image, got shape {image.shape}")
     d = params.cell_diameter_px
-    norm = normalise(image, params)
+    as_float = np.ascontiguousarray(image, np.float32)  # one float copy, for normalise and field_quality
+    norm = normalise(as_float, params)
     tex = texture(norm, params)
     threshold = texture_threshold(tex, params)
     mask = foreground(tex, params, threshold)
@@ -964,7 +965,7 @@ def find_candidates_boxed(
     inside = centres_inside(labels, cells, rules, cell_depth, radius)  # judged at the centroid: the outline's shape
     pixels = labelled_pixels(labels, z, rules)  # read by body_centres and quality_measures
     cells = body_centres(labels, cells, rules, cell_depth, z, pixels)  # x, y: the centre of the cell's body
-    field = field_quality(image, obj, d)
+    field = field_quality(image, obj, d, as_float)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
     measures = quality_measures(labels, z, tex, threshold, cells, d, rules, radius, pixels)
