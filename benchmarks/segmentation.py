@@ -47,6 +47,7 @@ from benchmarks.reference_segmentation import reference_find_cells
 from gbm_assets.imaging.cell_quality import kept_candidates
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.neighbors import with_neighbors
+from gbm_assets.imaging.plate_cells import worker_setup
 from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
 from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, find_cells_boxed
@@ -65,7 +66,9 @@ WORKERS = 2
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)
+    # production's worker start-up (plate_cells' pool): one OpenCV thread, a heap that keeps
+    # freed image-sized buffers; for both finders' pools alike
+    worker_setup()
 
 
 def _process(task: tuple[str, str]) -> tuple[str, np.ndarray, int, float]:

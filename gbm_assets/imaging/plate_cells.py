@@ -34,6 +34,7 @@ from gbm_assets.imaging.field_quality import field_quality
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.neighbors import with_neighbors
 from gbm_assets.imaging.segmentation import SegmentationParams, find_candidates_boxed
+from gbm_assets.imaging.worker_memory import keep_freed_memory
 from gbm_assets.schema import CONTEXT_COLUMNS, CROP_SCHEMA, MEASUREMENT_COLUMNS, make_crop_id
 
 Progress = Callable[[int, int], None] | None
@@ -220,9 +221,16 @@ def _exit_with_owner(owner: int) -> None:
     threading.Thread(target=watch, name="gbm-owner-watch", daemon=True).start()
 
 
-def _init_worker(owner: int | None = None) -> None:
-    """Pool worker start-up: one OpenCV thread per worker; exit with `owner` (a pid) when given."""
+def worker_setup() -> None:
+    """What every cell-finding worker process sets at start: one OpenCV thread, and a heap that
+    keeps freed image-sized buffers for the next image (worker_memory.keep_freed_memory)."""
     cv2.setNumThreads(1)
+    keep_freed_memory()
+
+
+def _init_worker(owner: int | None = None) -> None:
+    """Pool worker start-up: worker_setup; exit with `owner` (a pid) when given."""
+    worker_setup()
     if owner is not None:
         _exit_with_owner(owner)
 

@@ -160,8 +160,13 @@ def texture(norm: np.ndarray, params: SegmentationParams) -> np.ndarray:
     """Local standard deviation over a window a fraction of a cell wide."""
     window = (max(3, round(params.texture_scale * params.cell_diameter_px) | 1),) * 2
     mean = cv2.blur(norm, window)
-    variance = cv2.subtract(cv2.blur(cv2.multiply(norm, norm), window), cv2.multiply(mean, mean))
-    return cv2.sqrt(cv2.max(variance, 0))
+    square = cv2.multiply(norm, norm)
+    variance = cv2.blur(square, window)
+    # the same operations into buffers already made: a fresh image-sized array costs page faults
+    cv2.multiply(mean, mean, dst=square)
+    cv2.subtract(variance, square, dst=variance)
+    cv2.max(variance, 0, dst=variance)
+    return cv2.sqrt(variance, dst=variance)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
