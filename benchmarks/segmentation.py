@@ -11,7 +11,8 @@ fields (each field its own plate: they come from different days and set-ups; sam
 on the synthetic plates (one-to-one within 8 px of the true centre, also per plated
 concentration), beside the reference on the same images at its fixed 40 px diameter; and how
 close the size estimate comes to the annotated mean diameter. Speed: images per second through
-a pool of 2 worker processes (one OpenCV thread each), reading the image, finding cells and
+a pool of 2 worker processes (started as production's are: plate_cells.worker_setup, one OpenCV
+thread each and a heap that keeps freed buffers; the reference's alike), reading the image, finding cells and
 cropping them, ours against the reference ("speedup"; "speedup_cpu": the same in the workers' CPU
 time per image, which the load of other processes changes less); and the end-to-end ingest of 5 synthetic plates of
 the thesis' length (144 images each, its hourly time points; --ingest-images-per-plate; the
