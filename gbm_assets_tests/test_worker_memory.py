@@ -53,6 +53,7 @@ def test_keep_freed_memory_says_whether_it_could_and_the_pool_workers_call_it(mo
     from gbm_assets.imaging import plate_cells
 
     calls = []
-    monkeypatch.setattr(plate_cells, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(plate_cells, "keep_freed_memory", lambda: calls.append("heap") or True)
+    monkeypatch.setattr(plate_cells.cv2, "setNumThreads", lambda n: calls.append(("threads", n)))
     plate_cells._init_worker()
-    assert calls == [1]
+    assert calls == [("threads", 1), "heap"]
