@@ -11,7 +11,8 @@ fields (each field its own plate: they come from different days and set-ups; sam
 on the synthetic plates (one-to-one within 8 px of the true centre, also per plated
 concentration), beside the reference on the same images at its fixed 40 px diameter; and how
 close the size estimate comes to the annotated mean diameter. Speed: images per second through
-a pool of 2 worker processes (one OpenCV thread each), reading the image, finding cells and
+a pool of 2 worker processes (started as production's are: plate_cells.worker_setup, one OpenCV
+thread each and a heap that keeps freed buffers; the reference's alike), reading the image, finding cells and
 cropping them, ours against the reference ("speedup"; "speedup_cpu": the same in the workers' CPU
 time per image, which the load of other processes changes less); and the end-to-end ingest of 5 synthetic plates of
 the thesis' length (144 images each, its hourly time points; --ingest-images-per-plate; the
@@ -47,9 +48,10 @@ from benchmarks.reference_segmentation import reference_find_cells
 from gbm_assets.imaging.cell_quality import kept_candidates
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.neighbors import with_neighbors
+from gbm_assets.imaging.plate_cells import worker_setup
 from gbm_assets.imaging.plate_coordinates import coordinates_summary, plate_coordinates
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
-from gbm_assets.imaging.segmentation import SegmentationParams, find_cells
+from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, find_cells_boxed
 from gbm_assets.imaging.synthetic import GROUND_TRUTH_NAME, write_plates
 
 try:
@@ -65,7 +67,9 @@ WORKERS = 2
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)
+    # production's worker start-up (plate_cells' pool): one OpenCV thread, a heap that keeps
+    # freed image-sized buffers; for both finders' pools alike
+    worker_setup()
 
 
 def _process(task: tuple[str, str]) -> tuple[str, np.ndarray, int, float]:
@@ -74,9 +78,12 @@ def _process(task: tuple[str, str]) -> tuple[str, np.ndarray, int, float]:
     finder, path = task
     cpu = time.process_time()
     image = read_image(path)
-    cells, labels = FINDERS[finder](image)
-    if finder == "ours":  # production measures every image's neighbours in the same worker (plate_cells)
-        cells = with_neighbors(cells, labels)
+    if finder == "ours":  # production measures every image's neighbours in the same worker (plate_cells),
+        # on the boxes cell finding found
+        cells, labels, boxes = find_cells_boxed(image)
+        cells = with_neighbors(cells, labels, boxes=boxes)
+    else:
+        cells, labels = FINDERS[finder](image)
     n_crops = len(extract_crops(image, cells, labels, crop_size=128).cells) if extract_crops else 0
     return path, cells[["x", "y"]].to_numpy(float), n_crops, time.process_time() - cpu
 

@@ -951,11 +951,10 @@ def test_the_size_estimates_first_pass_is_not_redone_at_the_same_scale(tmp_path,
 
     plate = _plate_with_debris(tmp_path / "raw")
     calls = []
-    real = plate_cells.find_candidates
-    for module in (plate_cells, cell_size):  # every way cell finding is reached
-        monkeypatch.setattr(
-            module, "find_candidates", lambda image, params: calls.append(params) or real(image, params)
-        )
+    for module, name in ((plate_cells, "find_candidates_boxed"), (cell_size, "find_candidates")):
+        # every way cell finding is reached
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda image, params, real=real: calls.append(params) or real(image, params))
     estimated = plate_coordinates("specks", plate, ["img0.tif", "img1.tif"], workers=1)
     assert estimated.params == SegmentationParams() and estimated.size.diameter_px is None  # 8 cells: no estimate
     assert len(calls) == 2
@@ -1096,3 +1095,34 @@ def test_usiigaci_second_detections_joined_to_their_cell_by_a_dark_line_are_not_
     were all false detections: second detections in one cell and pieces beside it."""
     found, false, true = _labelled_away(("set6", "set8", "set15"), "straight line between their bodies")
     assert found >= 8 and true <= 1 and false >= found - 1
+
+
+def test_pixels_compared_in_their_own_dtype_match_numpys_float_comparison():
+    from gbm_assets.imaging.field_quality import _as_pixel, _percent_at
+
+    rng = np.random.default_rng(4)
+    for dtype in (np.uint8, np.uint16, np.int16, np.int32, np.uint32, np.int64, np.float32, bool):
+        image = rng.integers(0, 200, (37, 41)).astype(dtype)
+        for value in (float(image.max()), float(image.min()), 3.0, 2.5, -1.0, 70000.0, float(2**40), np.nan):
+            np.testing.assert_array_equal(image == _as_pixel(image, value), image == value)
+            expected = 100.0 * float(np.count_nonzero(image == value)) / image.size
+            assert _percent_at(image, value) == expected
+    assert isinstance(_as_pixel(np.zeros(3, np.uint16), 65535.0), np.uint16)
+
+
+def test_large_components_are_opencvs_components_by_area_and_one_float_copy_serves_field_quality():
+    from gbm_assets.imaging.field_quality import _large_components
+
+    rng = np.random.default_rng(8)
+    for density in (0.05, 0.3, 0.6):
+        mask = (rng.random((90, 110)) < density).astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        for min_area in (1, 3, 12.5):
+            keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+            keep[0] = False
+            np.testing.assert_array_equal(_large_components(mask, min_area), keep[labels])
+    image = read_image(USIIGACI / "images" / sorted(p.name for p in (USIIGACI / "images").glob("*.tif"))[0])
+    objects = (np.arange(image.size).reshape(image.shape) // 997 % 5 == 0).astype(np.int32)
+    given, made = field_quality(image, objects, 40, image.astype(np.float32)), field_quality(image, objects, 40)
+    np.testing.assert_array_equal(given.usable, made.usable)
+    assert given.measures == made.measures

@@ -154,7 +154,7 @@ def _tiny_plate(folder, n):
 
 
 class _FakeFinder:
-    """find_candidates stand-in: 5 cells of equivalent diameter `diameter_px` per image, x = the
+    """find_candidates_boxed stand-in: 5 cells of equivalent diameter `diameter_px` per image, x = the
     scale they were found at; the sample image `hold` waits until some other image has started."""
 
     def __init__(self, names, diameter_px, hold=None):
@@ -183,7 +183,8 @@ class _FakeFinder:
                 "qc": "cell",
             }
         )
-        return cells, np.zeros(image.shape, np.int32), {"ImageQuality_FocusScore": 1.0}
+        # no label has pixels: find_objects gives no box
+        return cells, np.zeros(image.shape, np.int32), {"ImageQuality_FocusScore": 1.0}, []
 
 
 def _thread_pool(monkeypatch):
@@ -197,7 +198,7 @@ def test_idle_workers_start_on_the_other_images_before_the_size_estimate(tmp_pat
     names = _tiny_plate(tmp_path, 12)
     sample = sample_images(names)
     finder = _FakeFinder(names, diameter_px=48.0, hold=sample[-1])  # estimate 40 px: the default scale stays
-    monkeypatch.setattr(plate_cells, "find_candidates", finder)
+    monkeypatch.setattr(plate_cells, "find_candidates_boxed", finder)
     started_at_estimate = []
     estimate = plate_cells.estimate_from_diameters
 
@@ -230,7 +231,7 @@ def test_a_rescaled_plate_keeps_only_images_found_at_the_new_scale(tmp_path, mon
     names = _tiny_plate(tmp_path, 12)
     sample = sample_images(names)
     finder = _FakeFinder(names, diameter_px=240.0, hold=sample[-1])  # estimate 200 px: scale 0.6 x 200
-    monkeypatch.setattr(plate_cells, "find_candidates", finder)
+    monkeypatch.setattr(plate_cells, "find_candidates_boxed", finder)
     pools = _thread_pool(monkeypatch)
     try:
         plate = plate_coordinates("p", tmp_path, names, workers=2)

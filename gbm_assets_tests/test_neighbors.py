@@ -61,6 +61,30 @@ def test_neighbour_measurements_of_a_hand_made_image_follow_cellprofiler():
     np.testing.assert_allclose(near["Neighbors_FirstClosestDistance_2"], first_d[:3])
 
 
+def test_cell_findings_boxes_are_find_objects_and_give_the_same_neighbour_measurements():
+    from scipy import ndimage as ndi
+
+    from gbm_assets.imaging.segmentation import find_candidates_boxed, find_cells, find_cells_boxed
+    from gbm_assets.imaging.synthetic import CULTURE_MIXTURES, synthesize_image
+
+    image = synthesize_image(np.random.default_rng(2), CULTURE_MIXTURES["GBM02"], 40, size=512).image
+    candidates, labels, _, boxes = find_candidates_boxed(image)
+    assert boxes == ndi.find_objects(labels)
+    pd.testing.assert_frame_equal(with_neighbors(candidates, labels, boxes=boxes), with_neighbors(candidates, labels))
+    cells, cell_labels, cell_boxes = find_cells_boxed(image)
+    assert (cells["qc"] == "cell").sum() > 5 and cell_boxes == ndi.find_objects(cell_labels)
+    found = find_cells(image)
+    pd.testing.assert_frame_equal(found[0], cells)
+    np.testing.assert_array_equal(found[1], cell_labels)
+    pd.testing.assert_frame_equal(
+        with_neighbors(cells, cell_labels, boxes=cell_boxes), with_neighbors(cells, cell_labels)
+    )
+    hand, table = three_squares()
+    pd.testing.assert_frame_equal(
+        measure_neighbors(hand, [1, 2, 3], boxes=ndi.find_objects(hand)), measure_neighbors(hand, [1, 2, 3])
+    )
+
+
 def test_a_cell_alone_has_no_closest_cell_and_bad_input_is_named():
     labels, _ = three_squares()
     alone = measure_neighbors(labels, [3], distance=5).iloc[0]

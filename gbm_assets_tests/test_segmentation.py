@@ -356,3 +356,68 @@ def test_whole_object_moments_are_measure_cells_area_and_centroid_to_the_bit():
     assert list(quick.columns) == list(full.columns)
     pd.testing.assert_frame_equal(quick[["cell_id", "x", "y", "area"]], full[["cell_id", "x", "y", "area"]])
     assert quick[list(MEASUREMENT_COLUMNS[1:])].isna().all().all()
+
+
+def test_component_centroids_are_opencvs_to_the_bit():
+    from gbm_assets.imaging.segmentation import component_centroids
+
+    rng = np.random.default_rng(3)
+    for density in (0.002, 0.05, 0.4):
+        mask = rng.random((97, 131)) < density
+        mask[40:44, 60:70] = True  # a plateau of several pixels: one component
+        expected = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)[3][1:]
+        found = component_centroids(mask)
+        assert found.dtype == np.float64 and found.shape == expected.shape
+        np.testing.assert_array_equal(found, expected)
+    assert component_centroids(np.zeros((5, 6), bool)).shape == (0, 2)
+
+
+@pytest.mark.parametrize("min_area_scale", [0.0, 0.25])
+def test_filtered_by_area_counts_the_kept_labels_pixels_and_fragment_map_takes_them(min_area_scale):
+    from dataclasses import replace
+
+    from gbm_assets.imaging.cell_quality import fragment_map
+    from gbm_assets.imaging.segmentation import filter_by_area, filtered_by_area
+
+    rng = np.random.default_rng(5)
+    labels = np.zeros((120, 150), np.int32)
+    for value, (y, x, h, w) in enumerate(rng.integers(0, 100, (30, 4)) // [1, 1, 4, 4], start=3):
+        labels[y : y + h + 1, x : x + w + 1] = value  # overlapping boxes: touching pieces, some hidden
+    labels[(labels == 7) | (labels == labels.max())] = 0  # values without pixels, one of them the last
+    params = replace(SegmentationParams(cell_diameter_px=12), min_area_scale=min_area_scale)
+    out, area = filtered_by_area(labels, params)
+    np.testing.assert_array_equal(out, filter_by_area(labels, params))
+    assert area.dtype == np.int64 and len(area) == out.max() + 1 and area[0] == 0
+    np.testing.assert_array_equal(area[1:], np.bincount(out.ravel(), minlength=len(area))[1:])
+    merged = []
+    for thin in (None, np.arange(1, out.max() + 1, 2)):  # thin: every other piece merged like a small one
+        given, counted = fragment_map(out, 12, thin=thin, area=area), fragment_map(out, 12, thin=thin)
+        np.testing.assert_array_equal(given[0], counted[0])
+        assert given[1] == counted[1]
+        merged.append(given[1])
+    assert merged[-1] > 0
+
+
+def test_sorted_histogram_is_numpys_histogram_to_the_bit():
+    from gbm_assets.imaging.segmentation import sorted_histogram
+
+    rng = np.random.default_rng(6)
+    samples = [
+        np.log(rng.gamma(2.0, 1.0, 20000).astype(np.float32) + 1e-3),
+        rng.integers(0, 40, 3000).astype(np.float32),  # ties on the edges
+        np.repeat(np.float32([1.0, 2.0, 3.0]), 500),
+    ]
+    for values in samples:
+        ordered = np.sort(values)
+        for lo, hi in [
+            tuple(np.percentile(ordered, (0.5, 99.5))),
+            (ordered[3], ordered[-3]),
+            (ordered[0], ordered[-1]),
+        ]:
+            counts, edges = np.histogram(values, bins=256, range=(lo, hi))
+            found = sorted_histogram(ordered, 256, lo, hi)
+            np.testing.assert_array_equal(found[0], counts)
+            np.testing.assert_array_equal(found[1], edges)
+            assert found[0].dtype == counts.dtype and found[1].dtype == edges.dtype
+    with pytest.raises(ValueError):
+        sorted_histogram(np.sort(samples[0]), 256, np.nan, 1.0)

@@ -241,18 +241,24 @@ def fragment_map(
     rules: QualityRules = QualityRules(),
     compact: np.ndarray | None = None,
     thin: np.ndarray | None = None,
+    area: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """merge_fragments as a map: (mapping, n_merged), mapping int32 (n,) the new number of each
     old label value (0 for the background and absent values; the identity when none merged), so
     that merge_fragments(labels) is mapping[labels] and maps can be composed before relabelling
-    the image once."""
+    the image once. area: int (labels.max() + 1,) pixel count of each label value when the
+    caller has it (segmentation.filtered_by_area; area[0] is not read), else counted here."""
     labels = np.asarray(labels, np.int32)
-    n = int(labels.max(initial=0)) + 1
+    n = int(labels.max(initial=0)) + 1 if area is None else len(area)
     identity = np.arange(n, dtype=np.int32)
     if n <= 2:
         return identity, 0
-    flat = labels.ravel()
-    area = np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n)  # area[0] (background) stays 0
+    if area is None:
+        flat = labels.ravel()
+        area = np.bincount(flat[np.flatnonzero(flat != 0)], minlength=n)  # area[0] (background) stays 0
+    else:
+        area = np.asarray(area, np.int64).copy()
+        area[0] = 0
     small = area < rules.fragment_area_scale * np.pi * cell_diameter_px**2 / 4
     if thin is not None and len(thin):
         small[np.asarray(thin)[(thin > 0) & (thin < n)]] = True
@@ -705,7 +711,7 @@ def quality_measures(
     ring = np.flatnonzero((reach != as_image) & (as_image == 0))  # outside every candidate, within 2 px of one
     owner = reach.ravel()[ring].astype(np.int64)
     halo = np.bincount(owner, weights=z.ravel()[ring], minlength=n) / np.maximum(np.bincount(owner, minlength=n), 1)
-    gap = _nearest_gap(labels, cells)
+    gap = _nearest_gap(labels, cells, n)
     cell_ids = cells["cell_id"].to_numpy()
     return pd.DataFrame(
         {
@@ -720,17 +726,17 @@ def quality_measures(
     )
 
 
-def _nearest_gap(labels: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
+def _nearest_gap(labels: np.ndarray, cells: pd.DataFrame, n: int | None = None) -> np.ndarray:
     """Per candidate (cells order): the gap in px to the nearest pixel of another candidate.
 
     Every pixel gets its nearest candidate and the distance to it (a Voronoi split of the
     field, at a quarter of the resolution: the gap feeds a rule on the scale of half a cell
     diameter, where 4 px do not matter); where the regions of two candidates meet, their gap is
     the two distances summed.
-    inf for a candidate alone in the image.
+    inf for a candidate alone in the image. n: labels.max() + 1 when the caller knows it.
     """
     out = np.full(len(cells), np.inf)
-    n = int(labels.max(initial=0)) + 1
+    n = int(labels.max(initial=0)) + 1 if n is None else n
     if len(cells) < 2:
         return out
     from gbm_assets.imaging.segmentation import voronoi  # here: segmentation imports this module
@@ -938,7 +944,8 @@ def body_centres(
     depth = inner_depth(labels) if depth is None else depth
     where, label, dark = labelled_pixels(labels, z, rules) if pixels is None else pixels
     ids = cells["cell_id"].to_numpy()
-    n = max(int(labels.max(initial=0)), int(ids.max(initial=0))) + 1
+    # (labels' largest value from its labelled pixels: a pass over them, not over the image)
+    n = max(int(label.max(initial=0)), int(ids.max(initial=0)), 0) + 1
     deep = depth.ravel()[where]
     has_dark = np.bincount(label[dark], minlength=n) > 0
     body = dark | ~has_dark[label]  # its dark pixels, or all of them when it has none
@@ -946,10 +953,11 @@ def body_centres(
     np.maximum.at(radius, label[body], deep[body])
     core = body & (deep >= rules.body_depth * radius[label])
     rows, cols = np.divmod(where[core], labels.shape[1])
-    count = np.bincount(label[core], minlength=n)[ids]
+    in_core = label[core]
+    count = np.bincount(in_core, minlength=n)[ids]
     found = count > 0  # a label absent from labels keeps its x, y
-    x = np.where(found, np.bincount(label[core], cols, n)[ids] / np.maximum(count, 1), cells["x"].to_numpy(float))
-    y = np.where(found, np.bincount(label[core], rows, n)[ids] / np.maximum(count, 1), cells["y"].to_numpy(float))
+    x = np.where(found, np.bincount(in_core, cols, n)[ids] / np.maximum(count, 1), cells["x"].to_numpy(float))
+    y = np.where(found, np.bincount(in_core, rows, n)[ids] / np.maximum(count, 1), cells["y"].to_numpy(float))
     return cells.assign(x=x, y=y)
 
 

@@ -100,9 +100,10 @@ def centre_component(cell_mask: np.ndarray) -> np.ndarray:
         1 on the 8-connected component holding the centre pixel (S // 2, S // 2), or the one
         nearest to it when the centre is background; 0 elsewhere (all 0 for an empty mask).
     """
-    n, comp = cv2.connectedComponents(cell_mask.astype(np.uint8), connectivity=8)
-    if n <= 2:
-        return (comp > 0).astype(np.uint8)
+    mask = cell_mask.astype(np.uint8)
+    n, comp = cv2.connectedComponents(mask, connectivity=8)
+    if n <= 2:  # one component or none: the mask as 0/1
+        return mask if cell_mask.dtype == bool else (comp > 0).astype(np.uint8)
     c = cell_mask.shape[0] // 2
     label = comp[c, c]
     if label == 0:
@@ -152,7 +153,9 @@ def extract_crops(image: np.ndarray, cells: pd.DataFrame, labels: np.ndarray, cr
         rows, cols = slice(y0[i], y0[i] + crop_size), slice(x0[i], x0[i] + crop_size)
         windows.append(image[rows, cols])
         masks.append(centre_component(labels[rows, cols] == cell_ids[i]))
-    out = cells.set_index("cell_id").loc[cell_ids[inside].tolist()].reset_index()
+    # the kept rows, cell_id first as int64 (as set_index / loc / reset_index gave them, faster)
+    out = cells.take(inside).reset_index(drop=True)
+    out.insert(0, "cell_id", out.pop("cell_id").to_numpy(np.int64))
     out["x"] = cx[inside].astype(np.int32)
     out["y"] = cy[inside].astype(np.int32)
     if not len(inside):

@@ -41,7 +41,9 @@ def _disk(radius: float) -> np.ndarray:
     return x * x + y * y <= radius * radius
 
 
-def measure_neighbors(labels: np.ndarray, cell_ids: np.ndarray, distance: int = DEFAULT_DISTANCE_PX) -> pd.DataFrame:
+def measure_neighbors(
+    labels: np.ndarray, cell_ids: np.ndarray, distance: int = DEFAULT_DISTANCE_PX, boxes: list | None = None
+) -> pd.DataFrame:
     """CellProfiler's neighbour measurements of the objects `cell_ids` among themselves.
 
     Parameters
@@ -54,6 +56,9 @@ def measure_neighbors(labels: np.ndarray, cell_ids: np.ndarray, distance: int = 
         NumberOfNeighbors 0, PercentTouching 0 and NaN distances, as CellProfiler's empty objects).
     distance : int
         Neighbour distance in pixels (>= 0): objects within it edge to edge are neighbours.
+    boxes : list of (slice, slice) or None, optional
+        scipy.ndimage.find_objects(labels), when the caller has it already (cell finding does:
+        segmentation.find_candidates_boxed); found here otherwise.
 
     Returns
     -------
@@ -66,13 +71,16 @@ def measure_neighbors(labels: np.ndarray, cell_ids: np.ndarray, distance: int = 
     ValueError
         If labels is not 2-D, distance is negative or cell_ids repeat an id.
     """
-    ids, out = _neighbor_arrays(labels, cell_ids, distance)
+    ids, out = _neighbor_arrays(labels, cell_ids, distance, boxes)
     return pd.DataFrame(out, index=pd.Index(ids, name="cell_id"))
 
 
-def _neighbor_arrays(labels: np.ndarray, cell_ids: np.ndarray, distance: int) -> tuple[np.ndarray, dict]:
+def _neighbor_arrays(
+    labels: np.ndarray, cell_ids: np.ndarray, distance: int, boxes: list | None = None
+) -> tuple[np.ndarray, dict]:
     """measure_neighbors' ids (int64 (N,)) and columns, as a dict of (N,) arrays in
-    neighbor_columns(distance) order (counts and object numbers int64, the rest float64)."""
+    neighbor_columns(distance) order (counts and object numbers int64, the rest float64);
+    boxes: find_objects(labels) or None."""
     labels = np.asarray(labels)
     ids = np.asarray(cell_ids, dtype=np.int64)
     if labels.ndim != 2:
@@ -89,10 +97,12 @@ def _neighbor_arrays(labels: np.ndarray, cell_ids: np.ndarray, distance: int) ->
         return ids, {c: out[c] for c in columns}
     # Each object is measured on its box grown by the distance (+1 for the touching disc): the
     # image is never copied or scanned per object, so this costs a few ms per image.
-    top = int(max(labels.max(initial=0), ids.max()))
+    if boxes is None:
+        boxes = ndi.find_objects(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64))
+    # labels' largest value: len(boxes) (find_objects gives one entry per value up to it)
+    top = int(max(len(boxes), ids.max()))
     chosen = np.zeros(top + 1, bool)
     chosen[ids[ids > 0]] = True
-    boxes = ndi.find_objects(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64))
     h, w = labels.shape
     grow = distance + 1
     reach_kernel = _disk(distance).astype(np.uint8)
@@ -113,7 +123,7 @@ def _neighbor_arrays(labels: np.ndarray, cell_ids: np.ndarray, distance: int) ->
         m = cv2.moments(mine, binaryImage=True)
         cy[i], cx[i] = m["m01"] / m["m00"] + y0, m["m10"] / m["m00"] + x0
         # the other measured objects' pixels (the object's own are among the chosen: xor drops them)
-        others = ((patch > 0) if every else chosen[patch]) ^ is_mine
+        others = ((patch > 0) if every else np.take(chosen, patch)) ^ is_mine  # (take: faster than chosen[patch])
         if not others.any():  # no other object within reach: no neighbour, no touching
             continue
         reach = cv2.dilate(mine, reach_kernel).view(bool) if distance > 0 else is_mine
@@ -150,17 +160,24 @@ def _neighbor_arrays(labels: np.ndarray, cell_ids: np.ndarray, distance: int) ->
 
 
 def with_neighbors(
-    cells: pd.DataFrame, labels: np.ndarray, distance: int = DEFAULT_DISTANCE_PX, objects: tuple[str, ...] = ("cell",)
+    cells: pd.DataFrame,
+    labels: np.ndarray,
+    distance: int = DEFAULT_DISTANCE_PX,
+    objects: tuple[str, ...] = ("cell",),
+    boxes: list | None = None,
 ) -> pd.DataFrame:
     """One image's candidate table with measure_neighbors' columns added (float64).
 
     The object set (measured, and counted as neighbours) is the candidates whose qc label is in
     `objects` (every row when the table has no qc column); other rows get NaN. cells: one row per
-    candidate with cell_id (its label value in labels); labels: the image's (H, W) label mask.
-    Raises what measure_neighbors raises.
+    candidate with cell_id (its label value in labels); labels: the image's (H, W) label mask;
+    boxes: scipy.ndimage.find_objects(labels) when the caller has it (cell finding does), else
+    None. Raises what measure_neighbors raises.
     """
-    chosen = cells if "qc" not in cells else cells[cells["qc"].isin(list(objects))]
-    ids, measured = _neighbor_arrays(labels, chosen["cell_id"].to_numpy(), distance)
+    chosen = cells["cell_id"].to_numpy()
+    if "qc" in cells:
+        chosen = chosen[cells["qc"].isin(list(objects)).to_numpy()]
+    ids, measured = _neighbor_arrays(labels, chosen, distance, boxes)
     # each row's measured row by cell_id (-1: not measured, NaN), as reindex would
     at = pd.Index(ids).get_indexer(cells["cell_id"].to_numpy()) if len(ids) else np.full(len(cells), -1)
     missing = at < 0
