@@ -208,8 +208,9 @@ def test_report_lead_gives_the_plate_held_out_kappa_beside_the_baselines():
         }
     )
     text = lead(comparison)
-    assert "held-out plates" in text
-    assert "siamese_b scores culture kappa 0.310 (raw pixels 0.050; hand-crafted features 0.220)" in text
+    assert text.startswith("Best variant: siamese_b (culture Cohen's kappa 0.310 held out by plate)")
+    assert "0.260 above raw pixels (kappa 0.050); 0.090 above hand-crafted features (kappa 0.220)" in text
+    assert "siamese_b scores culture kappa 0.400 (raw pixels 0.300; hand-crafted features 0.350)" in text
 
 
 # ---- group folds: every crop tested once, mean and sd over folds ------------------------------
