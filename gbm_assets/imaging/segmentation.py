@@ -303,6 +303,20 @@ def confluent_medium(norm: np.ndarray, tex: np.ndarray, threshold: float, split:
 
 VALLEY_RATIO = 0.8
 MODE_RATIO = 0.25
+# a round cell's body covers at most this many of its inscribed discs (a star's or a spindle's more)
+DISC_AREA_RATIO = 2.0
+
+
+def confluent_units(norm: np.ndarray, medium: np.ndarray, split: float) -> tuple[np.ndarray, float]:
+    """norm (float32 (H, W)) in noise units of a confluent field's medium (bool (H, W):
+    confluent_medium's), and split (confluent_split's level, norm's units) in those units: the
+    level above which a pixel is medium, not cell (float32 (H, W), float)."""
+    smooth = cv2.GaussianBlur(norm, (0, 0), 1.0)  # (noise_units(norm, medium), its centre and spread at once)
+    centre, spread = noise_scale(smooth, medium)
+    spread = max(spread, 1e-6)
+    smooth -= centre
+    smooth *= 1 / spread
+    return smooth, (split - centre) / spread
 
 
 def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -714,12 +728,19 @@ def split_along_halos(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, para
 
 
 def assign_cells(
-    obj: np.ndarray, xy: np.ndarray, group: np.ndarray, z: np.ndarray, params: SegmentationParams
+    obj: np.ndarray,
+    xy: np.ndarray,
+    group: np.ndarray,
+    z: np.ndarray,
+    params: SegmentationParams,
+    bodies: tuple[np.ndarray, float] | None = None,
 ) -> np.ndarray:
     """Instance labels: each object split among its seed groups (nearest group wins).
 
     An object without seeds is a bright (rounded) cell when enough of it is bright, split at
-    its necks; otherwise it is debris or dish texture and dropped.
+    its necks; otherwise it is debris or dish texture and dropped. bodies: (z', level), where
+    the cell bodies split_along_halos shares are the pixels of z' below level rather than the
+    pixels of z below halo_level (a confluent field: confluent_units).
     """
     cols, rows = xy[:, 0].astype(int), xy[:, 1].astype(int)
     seeds = np.zeros(obj.shape, np.int32)
@@ -741,7 +762,13 @@ def assign_cells(
             continue
         inside = obj[box] == index
         if groups_per_object[index] > 1:
-            labels[box][inside] = split_along_halos(inside, seeds[box], z[box], params)[inside]
+            if bodies is None:
+                labels[box][inside] = split_along_halos(inside, seeds[box], z[box], params)[inside]
+            else:
+                body_z, level = bodies
+                labels[box][inside] = split_along_halos(
+                    inside, seeds[box], body_z[box], replace(params, halo_level=level)
+                )[inside]
         elif np.count_nonzero(z[box][inside] > params.bright_level) >= min_bright:
             pieces = split_at_necks(inside, params) if params.declump else inside.astype(np.int32)
             ids, piece = np.unique(pieces[inside], return_inverse=True)
@@ -786,21 +813,29 @@ def _seeds(
     medium: np.ndarray,
     crowded: bool,
     params: SegmentationParams,
-) -> tuple[float | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[_BlobMap]]:
-    """find_candidates' seeding: (split, reference, compact, xy, scale, maps).
+) -> tuple[tuple[np.ndarray, float] | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[_BlobMap]]:
+    """find_candidates' seeding: (confluent, reference, compact, xy, scale, maps).
 
-    split: confluent_split's level (None when not crowded or one mode); reference: bool (H, W),
-    the medium darkness is measured against; compact: compact_bodies' labels; xy, scale, maps:
-    dark_seeds' seeds (x, y px), scales and maps.
+    confluent: confluent_units' (z', level) where a crowded field's flat pixels show two modes
+    (else None); reference: bool (H, W), the medium darkness is measured against; compact:
+    compact_bodies' labels; xy, scale, maps: dark_seeds' seeds (x, y px), scales and maps.
     """
     # in a crowded field whose flat pixels show two modes, the medium is the brighter one
     split = confluent_split(norm, tex, threshold) if crowded else None
     reference = medium if split is None else confluent_medium(norm, tex, threshold, split)
     # in a crowded field a small, roundish body ringed by halo is a cell however dark: clumped
     # round cells pressed together show no solidly dark body
-    compact = compact_bodies(z, obj, replace(params, solid_fraction=0.0) if crowded else params)
+    body_z, body_params, confluent = z, replace(params, solid_fraction=0.0) if crowded else params, None
+    if split is not None:
+        # with the medium found, a cell's body is what is darker than the level between cell
+        # interior and medium (medium inside the merged objects, under halo_level, would join
+        # every body into one); a body counts as a round cell's only when it covers at most
+        # DISC_AREA_RATIO inscribed discs (a star-shaped cell is not one)
+        confluent = body_z, level = confluent_units(norm, reference, split)
+        body_params = replace(body_params, halo_level=level, compact_elongation=DISC_AREA_RATIO)
+    compact = compact_bodies(body_z, obj, body_params)
     xy, scale, maps = dark_seeds(medium_units(norm, reference, crowded), obj, compact, params)
-    return split, reference, compact, xy, scale, maps
+    return confluent, reference, compact, xy, scale, maps
 
 
 def find_candidates(
@@ -839,11 +874,11 @@ def find_candidates(
     # medium alone do not make it crowded: in a small field that a few large cells fill, the
     # medium left still shows their dark bodies, as their whole field does
     share = medium[::4, ::4].mean()
-    split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, False, params)
+    confluent, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, False, params)
     few = len(xy) < FEW_SEEDS * np.count_nonzero(obj) / _cell_area(params)
     crowded = 1 - share >= FEW_SEEDS_COVER and few
     if crowded:
-        split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
+        confluent, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
     # (the rules after seeding, joining pieces and judging sizes by the field's typical cell,
     # hold where the medium covers over half the field, so that cells have medium between them,
     # or where it is not crowded)
@@ -860,17 +895,18 @@ def find_candidates(
         group_params = replace(params, merge_halo=params.halo_level)
     if params.declump:
         group_z = z
-        if split is not None:
+        if confluent is not None:
             # the medium found, seeds are grouped across nothing brighter than the level between
             # cell interior and medium: a path crossing it leaves the cell, whose bodies may show
             # as little as a noise unit darker than the medium
-            group_z = noise_units(norm, reference)
-            centre, spread = noise_scale(cv2.GaussianBlur(norm, (0, 0), 1.0), reference)
-            group_params = replace(group_params, merge_halo=(split - centre) / max(spread, 1e-6))
+            group_z, level = confluent
+            group_params = replace(group_params, merge_halo=level)
         group = group_seeds(xy, scale, maps, group_z, cell_obj, depth, compact, group_params)
     else:  # one cell per object
         group = np.unique(cell_obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
-    labels = filter_by_area(assign_cells(cell_obj, xy, group, z, params), params)
+    # (in a confluent field, objects are shared along the same bodies: the pixels darker than the
+    # level between cell interior and medium)
+    labels = filter_by_area(assign_cells(cell_obj, xy, group, z, params, confluent), params)
     fine = xy[scale == 0].astype(int)
     at_fine = labels[fine[:, 1], fine[:, 0]]  # the label under each fine seed: compact cells
     is_compact = np.zeros(int(labels.max(initial=0)) + 1, bool)
