@@ -960,7 +960,12 @@ def find_candidates(
     cell_depth, radius = merged_depth(depth_before, radius_before, mapping, labels, boxes)
     inside = centres_inside(labels, cells, rules, cell_depth, radius)  # judged at the centroid: the outline's shape
     pixels = labelled_pixels(labels, z, rules)  # read by body_centres and quality_measures
-    cells = body_centres(labels, cells, rules, cell_depth, z, pixels)  # x, y: the centre of the cell's body
+    # x, y: the centre of the cell's body (in a confluent field, its pixels dark against the medium
+    # found, not against the mix of medium and cell interior outside the objects)
+    body_z, body_pixels = (
+        (z, pixels) if confluent is None else (confluent[0], labelled_pixels(labels, confluent[0], rules))
+    )
+    cells = body_centres(labels, cells, rules, cell_depth, body_z, body_pixels)
     field = field_quality(image, obj, d)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
