@@ -962,9 +962,10 @@ def find_candidates(
     pixels = labelled_pixels(labels, z, rules)  # read by body_centres and quality_measures
     # x, y: the centre of the cell's body (in a confluent field, its pixels dark against the medium
     # found, not against the mix of medium and cell interior outside the objects)
-    body_z, body_pixels = (
-        (z, pixels) if confluent is None else (confluent[0], labelled_pixels(labels, confluent[0], rules))
-    )
+    body_z, body_pixels = z, pixels
+    if confluent is not None:
+        body_z = confluent[0]
+        body_pixels = (pixels[0], pixels[1], body_z.ravel()[pixels[0]] < -rules.dark_level)  # (labelled_pixels')
     cells = body_centres(labels, cells, rules, cell_depth, body_z, body_pixels)
     field = field_quality(image, obj, d)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
