@@ -804,12 +804,32 @@ def test_cells_of_a_confluent_field_are_placed_on_their_bodies():
     """A confluent neuroblastoma-like tile: a cell's centre is its pixels darker than the medium
     by the solid-body level, and these were measured against the flat pixels outside the objects,
     half of them cell interior, so that centres of round cells fell beside them (precision 0.91;
-    0.92 originally). Measured against the medium found (the brighter mode), 0.96."""
+    0.92 originally). Measured against the medium found (the brighter mode), 0.96 (0.95 since
+    flat grey candidates there are no longer called faint debris, recall 0.78 -> 0.85)."""
     image, labels = _neuroblastoma_like_tile(3)
     cells, _ = find_cells(image)
     score = score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)
+    assert score["precision"] >= 0.94, score
+    assert score["recall"] >= 0.8, score
+
+
+def test_flat_grey_cells_of_a_confluent_field_are_not_called_debris():
+    """A confluent neuroblastoma-like tile: its cells are the flat grey interiors that made its
+    flat pixels two modes, so texture under the foreground threshold says nothing there, and a
+    cell is a share of a merged object whose centroid falls off its body. 12 candidates centred on
+    annotated cells that no cell claimed were labelled debris (too faint) or fragments (centroid at
+    their edge); judged at their body centre, without the texture rule, none (precision 0.97 and
+    0.97, recall 0.78 -> 0.83)."""
+    image, labels = _neuroblastoma_like_tile(2)
+    candidates, _, _ = find_candidates(image)
+    rows = np.clip(np.rint(candidates["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
+    cols = np.clip(np.rint(candidates["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
+    under = labels[rows, cols]
+    is_cell = (candidates["qc"] == "cell").to_numpy()
+    lost = np.setdiff1d(under[~is_cell & (under > 0)], under[is_cell])
+    assert len(lost) <= 2, lost
+    score = score_point_in_mask(candidates.loc[is_cell, ["x", "y"]].to_numpy(), labels)
     assert score["precision"] >= 0.95, score
-    assert score["recall"] >= 0.7, score
 
 
 def test_confluent_split_lies_between_interior_and_medium():
