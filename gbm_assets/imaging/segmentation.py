@@ -978,15 +978,13 @@ def find_candidates(
     compact_now[0] = False
     typical = typical_cell_area(cells["area"].to_numpy(), d, rules) if uncrowded else None
     judge = rules
-    if crowded:
-        # a crowded field's cell is a share of a merged object, medium and neighbours' processes
-        # included, whose centroid says little of its shape: its centre is judged where it is
-        # reported, at its body (a crescent of halo has no dark body: its body centre is its centroid)
-        inside = centres_inside(labels, cells, rules, cell_depth, radius)
     if confluent is not None:
         # a confluent field's cells are the flat grey interiors that made its flat pixels two
-        # modes: texture under the foreground threshold does not make one debris
+        # modes: texture under the foreground threshold does not make one debris; and a cell
+        # there is a share of a merged object, medium and neighbours' processes included, whose
+        # centroid says little of its shape: its centre is judged where it is reported, at its body
         judge = replace(rules, min_texture_contrast=0.0)
+        inside = centres_inside(labels, cells, rules, cell_depth, radius)
     verdict = label_quality(
         measures,
         field.usable[rows, cols],
