@@ -26,10 +26,12 @@ statistics, which are then partly the cells'; a medium share under half alone do
 field crowded: a small field that a few large cells fill shows their seeds) cells merge into a few
 large objects: there bright bodies seed everywhere and are cut out as
 objects of their own, a small roundish halo-ringed body gets fine seeds however dark, and seeds
-are grouped across nothing brighter than halo_level. Where a crowded field's flat pixels show
-two modes (flat grey cell interiors left outside the objects, and the medium), darkness is
-measured against the brighter mode, and seeds are grouped across nothing brighter than the
-level between the two.
+are grouped across nothing brighter than halo_level, and only up to CROWDED_SEED_REACH diameters
+apart. Where a crowded field's flat pixels show two modes (flat grey cell interiors left outside
+the objects, and the medium), darkness is measured against the brighter mode, cell bodies are
+the pixels darker than the level between the two (a body covering at most DISC_AREA_RATIO
+inscribed discs is a round cell's), seeds are grouped across nothing brighter than that level,
+and cell centres are placed on the pixels dark against that medium.
 
 Seeds of one cell are grouped (no halo, no dimming and no waist between them; fine seeds
 only within one compact body). Each object is then shared among its groups along the halos:
