@@ -818,12 +818,14 @@ FEW_SEEDS_COVER = 1 / 3
 # (1,573 cells): true / false detections 1,154 / 18 at 1.5 d, 1,230 / 19 at 1.0, 1,243 / 22 at
 # 0.75, 1,246 / 27 at 0.5.
 CROWDED_SEED_REACH = 1.0
-# In a crowded field whose flat pixels show one mode, a cell's body is what is darker than the
-# medium by this many noise units (the seam level mirrored: darker than the medium by more than
-# its noise). Measured (true / false detections): 12 dense synthetic tiles 1,230 / 19 -> 1,235 /
-# 17 (1,238 / 17 at 1.5, 1,218 / 19 at 2.5; with chains cut at their necks 1,270 / 45; with no
-# least thickness 1,302 / 137); neuroblastoma-like tiles of 350 cells (seeds 0-3, 4-7) 533 / 23 -> 623 /
-# 26, 572 / 19 -> 652 / 23
+# In a crowded field whose flat pixels show one mode, a cell's body is also what is darker than
+# the medium by this many noise units (the seam level mirrored: darker than the medium by more
+# than its noise). Measured (true / false detections), these discs added to the halo-bounded
+# compact bodies: 12 dense synthetic tiles 1,230 / 19 -> 1,268 / 22; 8 neuroblastoma-like tiles of
+# 350 cells 1,105 / 42 -> 1,283 / 49; U373-like T98G tiles (x2, 82 px) unchanged. In their place:
+# 1,235 / 17 and 1,275 / 49, but T98G tiles 405 / 114 -> 402 / 114 (1,238 / 17 at 1.5 and
+# 1,218 / 19 at 2.5 on the dense tiles; with chains cut at their necks 1,270 / 45; with no least
+# thickness 1,302 / 137)
 CROWDED_BODY_LEVEL = 2.0
 # the widest halo rim looked for around the objects (measurements.halo_rim_width), diameters
 HALO_RIM_SCALE = 0.5
@@ -851,22 +853,30 @@ def _seeds(
     # in a crowded field a small, roundish body ringed by halo is a cell however dark: clumped
     # round cells pressed together show no solidly dark body
     body_z, body_params, confluent = z, replace(params, solid_fraction=0.0) if crowded else params, None
-    discs_only = crowded and split is None
-    if discs_only:
-        # a crowded field whose flat pixels show one mode: medium shows inside its merged objects
-        # too, below halo_level, and joins the bodies of clumped round cells into one; a body is
-        # what is darker than the medium by CROWDED_BODY_LEVEL, and counts as a round cell's when
-        # it is a disc (at most DISC_AREA_RATIO inscribed discs, thick enough for a fine seed; a
-        # longer dark body there is a spread cell's granular patch, not a chain of round cells)
-        body_params = replace(body_params, halo_level=-CROWDED_BODY_LEVEL, compact_elongation=DISC_AREA_RATIO)
-    elif split is not None:
+    if split is not None:
         # with the medium found, a cell's body is what is darker than the level between cell
         # interior and medium (medium inside the merged objects, under halo_level, would join
         # every body into one); a body counts as a round cell's only when it covers at most
         # DISC_AREA_RATIO inscribed discs (a star-shaped cell is not one)
         confluent = body_z, level = confluent_units(norm, reference, split)
         body_params = replace(body_params, halo_level=level, compact_elongation=DISC_AREA_RATIO)
-    compact = compact_bodies(body_z, obj, body_params, discs_only)
+    compact = compact_bodies(body_z, obj, body_params)
+    if crowded and split is None:
+        # a crowded field whose flat pixels show one mode: medium shows inside its merged objects
+        # too, below halo_level, and joins the bodies of clumped round cells into one. There a
+        # body is also what is darker than the medium by CROWDED_BODY_LEVEL, and counts as a round
+        # cell's when it is a disc (at most DISC_AREA_RATIO inscribed discs, thick enough for a
+        # fine seed; a longer dark body there is a spread cell's granular patch, not a chain of
+        # round cells); such discs that no halo-bounded compact body overlaps are added to them
+        discs = compact_bodies(
+            z,
+            obj,
+            replace(body_params, halo_level=-CROWDED_BODY_LEVEL, compact_elongation=DISC_AREA_RATIO),
+            discs_only=True,
+        )
+        overlapping = np.unique(discs[(discs > 0) & (compact > 0)])
+        extra = (discs > 0) & ~np.isin(discs, overlapping)
+        compact = np.where(extra, discs + np.int32(compact.max(initial=0)), compact).astype(np.int32)
     xy, scale, maps = dark_seeds(medium_units(norm, reference, crowded), obj, compact, params)
     return confluent, reference, compact, xy, scale, maps
 
