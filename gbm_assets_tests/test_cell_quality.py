@@ -720,8 +720,9 @@ def test_rounded_bright_cells_of_a_crowded_field_are_found_on_their_disc():
 
 def test_clumped_round_cells_of_a_crowded_field_are_found():
     """A crowded tile with 72 cells in clumps of small round cells, whose bodies join through
-    the merged object and show no solidly dark disc: a detection's centre must fall on many of
-    them (13 of 72 were found), at no cost in precision."""
+    the merged object and show no solidly dark disc: a detection's centre must fall on most of
+    them (13 of 72 were found; 32 with halo-ringed bodies seeded however dark; 56 since the discs
+    darker than the medium by CROWDED_BODY_LEVEL are bodies too), at no cost in precision."""
     field = synthesize_image(np.random.default_rng(1), CULTURE_MIXTURES["GBM04"], 300, size=704)
     image, labels = field.image[:520], field.labels[:520]
     clumped = field.cells.loc[field.cells["morphotype"] == "clump", "mask_id"].to_numpy()
@@ -730,7 +731,7 @@ def test_clumped_round_cells_of_a_crowded_field_are_found():
     cells, _ = find_cells(image)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
-    assert np.isin(clumped, labels[rows, cols]).mean() >= 0.35
+    assert np.isin(clumped, labels[rows, cols]).mean() >= 0.7
     assert score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)["precision"] >= 0.95
 
 
