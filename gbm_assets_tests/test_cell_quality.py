@@ -46,6 +46,7 @@ from gbm_assets.imaging.segmentation import (
     find_candidates,
     find_cells,
     normalise,
+    seedless_body_seeds,
     texture,
     texture_threshold,
 )
@@ -852,6 +853,21 @@ def test_clumped_round_cells_of_a_crowded_field_with_one_medium_mode_are_found(s
     score = score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)
     assert score["recall"] >= 0.7, score
     assert score["precision"] >= 0.95, score
+
+
+def test_a_seedless_body_of_a_confluent_field_gets_a_seed_at_its_deepest_pixel():
+    """Three bodies darker than the level between interior and medium in one merged object: one
+    holds a seed, one is too small to be a cell (under min_object_area_scale cell areas): the
+    third, a flat grey cell that showed no dark blob, gets a seed at its centre."""
+    params = SegmentationParams()
+    z = np.full((200, 300), 2.0, np.float32)  # medium, in noise units of the confluent medium
+    cv2.circle(z, (60, 100), 18, -3.0, -1)  # seeded
+    cv2.circle(z, (150, 100), 18, -3.0, -1)  # no seed
+    cv2.circle(z, (240, 100), 5, -3.0, -1)  # a speck
+    obj = np.ones(z.shape, np.int32)
+    seeds = seedless_body_seeds(z, -1.0, obj, np.array([[60.0, 100.0]]), params)
+    assert seeds.shape == (1, 2)
+    assert np.abs(seeds[0] - (150, 100)).max() <= 1
 
 
 def test_confluent_split_lies_between_interior_and_medium():

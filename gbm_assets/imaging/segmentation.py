@@ -423,6 +423,29 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams, d
     return out
 
 
+def seedless_body_seeds(
+    z: np.ndarray, level: float, obj: np.ndarray, xy: np.ndarray, params: SegmentationParams
+) -> np.ndarray:
+    """Seeds (x, y), float (k, 2) px, for the bodies that hold none of the seeds xy (float (n, 2)
+    px): the connected pixels of obj (int (H, W) labels) darker than level in z (float32 (H, W),
+    noise units; a confluent field: confluent_units), lightly opened, at least
+    min_object_area_scale cell areas and fine_seed_scale d thick; each seed at its body's
+    deepest pixel (distance transform)."""
+    core = cv2.morphologyEx(((obj > 0) & (z < level)).astype(np.uint8), cv2.MORPH_OPEN, _disc(1))
+    n, bodies, where, body, area, radius = _components(core, connectivity=4)
+    held = np.zeros(n, bool)
+    held[bodies[xy[:, 1].astype(int), xy[:, 0].astype(int)]] = True
+    d = params.cell_diameter_px
+    want = ~held & (area >= params.min_object_area_scale * _cell_area(params)) & (radius >= params.fine_seed_scale * d)
+    want[0] = False
+    ids = np.flatnonzero(want)
+    if len(ids) == 0:
+        return np.zeros((0, 2))
+    depth = cv2.distanceTransform(core, cv2.DIST_L2, cv2.DIST_MASK_5)
+    rows_cols = ndi.maximum_position(depth, bodies, ids)
+    return np.array([(c, r) for r, c in rows_cols], float)
+
+
 def bright_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
     """int32 (H, W) labels (0 elsewhere) of compact bright bodies: rounded cells, which phase
     contrast shows bright.
@@ -923,6 +946,11 @@ def find_candidates(
     crowded = 1 - share >= FEW_SEEDS_COVER and few
     if crowded:
         confluent, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
+        if confluent is not None:
+            # a body of a confluent field (darker than the level between interior and medium) that
+            # no seed reached is a cell of its own: its flat grey interior shows no dark blob
+            extra = seedless_body_seeds(*confluent, obj, xy, params)
+            xy, scale = np.concatenate([xy, extra]), np.concatenate([scale, np.ones(len(extra), int)])
     # (the rules after seeding, joining pieces and judging sizes by the field's typical cell,
     # hold where the medium covers over half the field, so that cells have medium between them,
     # or where it is not crowded)
