@@ -31,7 +31,8 @@ apart. Where a crowded field's flat pixels show two modes (flat grey cell interi
 the objects, and the medium), darkness is measured against the brighter mode, cell bodies are
 the pixels darker than the level between the two (a body covering at most DISC_AREA_RATIO
 inscribed discs is a round cell's), seeds are grouped across nothing brighter than that level,
-and cell centres are placed on the pixels dark against that medium; where they show one mode,
+cell centres are placed on the pixels dark against that medium, and a body no seed reached gets
+one (seedless_body_seeds); where they show one mode,
 discs darker than the medium by CROWDED_BODY_LEVEL are compact bodies too.
 
 Seeds of one cell are grouped (no halo, no dimming and no waist between them; fine seeds
