@@ -947,11 +947,12 @@ def find_candidates(
     crowded = 1 - share >= FEW_SEEDS_COVER and few
     if crowded:
         confluent, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
-        if confluent is not None:
-            # a body of a confluent field (darker than the level between interior and medium) that
-            # no seed reached is a cell of its own: its flat grey interior shows no dark blob
-            extra = seedless_body_seeds(*confluent, obj, xy, params)
-            xy, scale = np.concatenate([xy, extra]), np.concatenate([scale, np.ones(len(extra), int)])
+        # a body that no seed reached is a cell of its own (a flat grey interior shows no dark
+        # blob): in a confluent field what is darker than the level between interior and medium,
+        # else what is darker than the medium by CROWDED_BODY_LEVEL
+        body_z, level = (z, -CROWDED_BODY_LEVEL) if confluent is None else confluent
+        extra = seedless_body_seeds(body_z, level, obj, xy, params)
+        xy, scale = np.concatenate([xy, extra]), np.concatenate([scale, np.ones(len(extra), int)])
     # (the rules after seeding, joining pieces and judging sizes by the field's typical cell,
     # hold where the medium covers over half the field, so that cells have medium between them,
     # or where it is not crowded)
