@@ -439,12 +439,14 @@ def seedless_body_seeds(
     d = params.cell_diameter_px
     want = ~held & (area >= params.min_object_area_scale * _cell_area(params)) & (radius >= params.fine_seed_scale * d)
     want[0] = False
-    ids = np.flatnonzero(want)
-    if len(ids) == 0:
+    if not want.any():
         return np.zeros((0, 2))
-    depth = cv2.distanceTransform(core, cv2.DIST_L2, cv2.DIST_MASK_5)
-    rows_cols = ndi.maximum_position(depth, bodies, ids)
-    return np.array([(c, r) for r, c in rows_cols], float)
+    # each wanted body's deepest pixel, the first in raster order (radius is the same transform's maximum)
+    depth = cv2.distanceTransform(core, cv2.DIST_L2, cv2.DIST_MASK_5).ravel()[where]
+    top = want[body] & (depth >= radius[body])
+    first = np.unique(body[top], return_index=True)[1]
+    rows, cols = np.divmod(where[top][first], core.shape[1])
+    return np.stack([cols, rows], 1).astype(float)
 
 
 def bright_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
