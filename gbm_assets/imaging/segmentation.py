@@ -32,8 +32,8 @@ the objects, and the medium), darkness is measured against the brighter mode, ce
 the pixels darker than the level between the two (a body covering at most DISC_AREA_RATIO
 inscribed discs is a round cell's), seeds are grouped across nothing brighter than that level,
 cell centres are placed on the pixels dark against that medium, and a body no seed reached gets
-one (seedless_body_seeds); where they show one mode,
-discs darker than the medium by CROWDED_BODY_LEVEL are compact bodies too.
+one (seedless_body_seeds); where they show one mode, a body is what is darker than the medium
+by CROWDED_BODY_LEVEL: seedless ones are seeded the same way, and discs are compact bodies too.
 
 Seeds of one cell are grouped (no halo, no dimming and no waist between them; fine seeds
 only within one compact body). Each object is then shared among its groups along the halos:
@@ -852,7 +852,9 @@ CROWDED_SEED_REACH = 1.0
 # 350 cells 1,105 / 42 -> 1,283 / 49; U373-like T98G tiles (x2, 82 px) unchanged. In their place:
 # 1,235 / 17 and 1,275 / 49, but T98G tiles 405 / 114 -> 402 / 114 (1,238 / 17 at 1.5 and
 # 1,218 / 19 at 2.5 on the dense tiles; with chains cut at their necks 1,270 / 45; with no least
-# thickness 1,302 / 137)
+# thickness 1,302 / 137). Such bodies that no seed reached, seeded (seedless_body_seeds): dense
+# tiles 1,268 / 22 -> 1,307 / 25, tiles of 350 cells 1,298 / 52 -> 1,320 / 53, the T98G tile at x2
+# (82 px) 5 / 1 -> 6 / 1 of 11 (at 3 noise units about the same: 1,299 / 24, 1,320 / 50)
 CROWDED_BODY_LEVEL = 2.0
 # the widest halo rim looked for around the objects (measurements.halo_rim_width), diameters
 HALO_RIM_SCALE = 0.5
