@@ -386,8 +386,8 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams, d
     A thin, dark body too long to be roundish is either a spindle or a chain of touching
     round cells: cut at its necks, the chain falls into discs, each its own compact body.
     discs_only: every body must be thick enough for a fine seed (inscribed radius at least
-    fine_seed_scale d, as a chain's discs) and chains are not cut (the bodies of a crowded field
-    that shows no medium mode, see _seeds).
+    fine_seed_scale d, as a chain's discs) and chains are not cut (the bodies darker than the medium
+    of a crowded field whose flat pixels show one mode, see _seeds).
     """
     in_object = obj > 0
     core = (in_object & (z < params.halo_level)).astype(np.uint8)
