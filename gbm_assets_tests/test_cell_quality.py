@@ -45,6 +45,10 @@ from gbm_assets.imaging.segmentation import (
     confluent_split,
     find_candidates,
     find_cells,
+    normalise,
+    seedless_body_seeds,
+    texture,
+    texture_threshold,
 )
 from gbm_assets.imaging.synthetic import CULTURE_MIXTURES, synthesize_image
 
@@ -717,8 +721,9 @@ def test_rounded_bright_cells_of_a_crowded_field_are_found_on_their_disc():
 
 def test_clumped_round_cells_of_a_crowded_field_are_found():
     """A crowded tile with 72 cells in clumps of small round cells, whose bodies join through
-    the merged object and show no solidly dark disc: a detection's centre must fall on many of
-    them (13 of 72 were found), at no cost in precision."""
+    the merged object and show no solidly dark disc: a detection's centre must fall on most of
+    them (13 of 72 were found; 32 with halo-ringed bodies seeded however dark; 56 since the discs
+    darker than the medium by CROWDED_BODY_LEVEL are bodies too), at no cost in precision."""
     field = synthesize_image(np.random.default_rng(1), CULTURE_MIXTURES["GBM04"], 300, size=704)
     image, labels = field.image[:520], field.labels[:520]
     clumped = field.cells.loc[field.cells["morphotype"] == "clump", "mask_id"].to_numpy()
@@ -727,17 +732,34 @@ def test_clumped_round_cells_of_a_crowded_field_are_found():
     cells, _ = find_cells(image)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
-    assert np.isin(clumped, labels[rows, cols]).mean() >= 0.35
+    assert np.isin(clumped, labels[rows, cols]).mean() >= 0.7
     assert score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)["precision"] >= 0.95
 
 
-def _neuroblastoma_like_tile(seed: int) -> tuple[np.ndarray, np.ndarray]:
+def test_large_flat_cells_pressed_together_in_a_crowded_field_are_told_apart():
+    """A crowded tile of large flat cells pressed on each other with no seam that stands above the
+    noise between them: their seeds, about 1.5 diameters apart, were grouped into one cell (52 of
+    the 64 cells found, precision 0.97). In a crowded field seeds more than a cell diameter apart
+    are two cells' (measured: 63 of 64, precision 0.98)."""
+    field = synthesize_image(np.random.default_rng(1), CULTURE_MIXTURES["GBM01"], 150, size=704)
+    image, labels = field.image[:520], field.labels[:520]
+    flat = field.cells.loc[field.cells["morphotype"] == "large_flat", "mask_id"].to_numpy()
+    flat = flat[np.isin(flat, labels)]
+    assert len(flat) >= 60
+    cells, _ = find_cells(image)
+    rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
+    cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
+    assert np.isin(flat, labels[rows, cols]).mean() >= 0.9
+    assert score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)["precision"] >= 0.95
+
+
+def _neuroblastoma_like_tile(seed: int, n_cells: int = 600) -> tuple[np.ndarray, np.ndarray]:
     """A confluent 704 x 520 8-bit tile drawn like a dense SH-SY5Y culture (uint8 image, int
-    labels): the hard drawing's small round, clumped, fusiform and multipolar cells, 600 asked
+    labels): the hard drawing's small round, clumped, fusiform and multipolar cells, n_cells asked
     for, with one to three 1 px dark neurites from each cell."""
     rng = np.random.default_rng(seed)
     mixture = {"small_round": 0.2, "fusiform": 0.3, "multipolar": 0.2, "clump": 0.3}
-    field = synthesize_image(rng, mixture, 600, size=704, difficulty="hard")
+    field = synthesize_image(rng, mixture, n_cells, size=704, difficulty="hard")
     image, labels = field.image[:520].astype(np.float32), field.labels[:520]
     neurites = np.zeros_like(image)
     for x0, y0 in field.cells.loc[field.cells["y"] < 519, ["x", "y"]].to_numpy():
@@ -766,6 +788,86 @@ def test_a_confluent_field_with_flat_grey_cells_gives_its_cells(seed):
     score = score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)
     assert score["recall"] >= 0.35, score
     assert score["precision"] >= 0.85, score
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_round_cells_of_a_confluent_field_are_found_on_their_own_bodies(seed):
+    """Confluent neuroblastoma-like tiles: the medium between the cells lies inside the merged
+    objects and is no brighter than halo_level, so it joined every cell's body into one and the
+    small round cells got no seed of their own (recall 0.53 and 0.45, precision 0.96). Their
+    bodies are what is darker than the level between cell interior and medium, and a body that
+    covers at most two of its inscribed discs is a round cell's (at four, each arm of a
+    star-shaped cell was seeded too: precision 0.95 and 0.89)."""
+    image, labels = _neuroblastoma_like_tile(seed)
+    cells, _ = find_cells(image)
+    score = score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)
+    assert score["recall"] >= 0.65, score
+    assert score["precision"] >= 0.9, score
+
+
+def test_cells_of_a_confluent_field_are_placed_on_their_bodies():
+    """A confluent neuroblastoma-like tile: a cell's centre is its pixels darker than the medium
+    by the solid-body level, and these were measured against the flat pixels outside the objects,
+    half of them cell interior, so that centres of round cells fell beside them (precision 0.91;
+    0.92 originally). Measured against the medium found (the brighter mode), 0.96 (0.95 since
+    flat grey candidates there are no longer called faint debris, recall 0.78 -> 0.85)."""
+    image, labels = _neuroblastoma_like_tile(3)
+    cells, _ = find_cells(image)
+    score = score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)
+    assert score["precision"] >= 0.94, score
+    assert score["recall"] >= 0.8, score
+
+
+def test_flat_grey_cells_of_a_confluent_field_are_not_called_debris():
+    """A confluent neuroblastoma-like tile: its cells are the flat grey interiors that made its
+    flat pixels two modes, so texture under the foreground threshold says nothing there, and a
+    cell is a share of a merged object whose centroid falls off its body. 12 candidates centred on
+    annotated cells that no cell claimed were labelled debris (too faint) or fragments (centroid at
+    their edge); judged at their body centre, without the texture rule, none (precision 0.97 and
+    0.97, recall 0.78 -> 0.83)."""
+    image, labels = _neuroblastoma_like_tile(2)
+    candidates, _, _ = find_candidates(image)
+    rows = np.clip(np.rint(candidates["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
+    cols = np.clip(np.rint(candidates["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
+    under = labels[rows, cols]
+    is_cell = (candidates["qc"] == "cell").to_numpy()
+    lost = np.setdiff1d(under[~is_cell & (under > 0)], under[is_cell])
+    assert len(lost) <= 2, lost
+    score = score_point_in_mask(candidates.loc[is_cell, ["x", "y"]].to_numpy(), labels)
+    assert score["precision"] >= 0.95, score
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_clumped_round_cells_of_a_crowded_field_with_one_medium_mode_are_found(seed):
+    """Crowded neuroblastoma-like tiles of 350 cells, whose flat pixels show one mode (no
+    confluent split): the medium inside the merged objects is below halo_level and joined the
+    bodies of clumped round cells into one, so they got no seed (recall 0.49 and 0.57, precision
+    0.96 and 0.97). A body there is what is darker than the medium by CROWDED_BODY_LEVEL, a round
+    cell's when it is a disc (measured: recall 0.78 and 0.80, precision 0.97 and 0.97)."""
+    image, labels = _neuroblastoma_like_tile(seed, 350)
+    params = SegmentationParams()
+    norm = normalise(image, params)
+    tex = texture(norm, params)
+    assert confluent_split(norm, tex, texture_threshold(tex, params)) is None
+    cells, _ = find_cells(image)
+    score = score_point_in_mask(cells[["x", "y"]].to_numpy(), labels)
+    assert score["recall"] >= 0.7, score
+    assert score["precision"] >= 0.95, score
+
+
+def test_a_seedless_body_of_a_confluent_field_gets_a_seed_at_its_deepest_pixel():
+    """Three bodies darker than the level between interior and medium in one merged object: one
+    holds a seed, one is too small to be a cell (under min_object_area_scale cell areas): the
+    third, a flat grey cell that showed no dark blob, gets a seed at its centre."""
+    params = SegmentationParams()
+    z = np.full((200, 300), 2.0, np.float32)  # medium, in noise units of the confluent medium
+    cv2.circle(z, (60, 100), 18, -3.0, -1)  # seeded
+    cv2.circle(z, (150, 100), 18, -3.0, -1)  # no seed
+    cv2.circle(z, (240, 100), 5, -3.0, -1)  # a speck
+    obj = np.ones(z.shape, np.int32)
+    seeds = seedless_body_seeds(z, -1.0, obj, np.array([[60.0, 100.0]]), params)
+    assert seeds.shape == (1, 2)
+    assert np.abs(seeds[0] - (150, 100)).max() <= 1
 
 
 def test_confluent_split_lies_between_interior_and_medium():

@@ -165,17 +165,13 @@ def test_a_field_whose_statistics_hide_its_cells_is_seeded_as_crowded(tmp_path):
     assert scores["tp"] >= 4 and scores["precision"] >= 0.8, scores
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 696x520 tile that large cells fill half of gives too few cells at the scale its magnification "
-    "calls for (measured: 5 of 11 annotated cells, precision 0.83, at 82 px; 0 before a field with next to "
-    "no dark seed for its foreground was seeded as crowded; the whole frame at x2 and 82 px: precision "
-    "0.83, recall 0.90). The tile's background share is 0.509, just above the 0.5 where a field is crowded",
-)
 def test_cells_found_in_a_small_field_of_large_cells(tmp_path):
     """The top-left 696x520 tile of a T98G frame at twice the magnification, cells found at twice
     the default scale (as `--cell-diameter` or a size estimate that follows the magnification
-    would set it): at least half of its annotated cells are found."""
+    would set it): at least half of its annotated cells are found. It gave 5 of 11 (precision
+    0.83; 0 before a field with next to no dark seed for its foreground was seeded as crowded):
+    a cell's flat body showed no dark blob; crowded, a body darker than the medium by
+    CROWDED_BODY_LEVEL that no seed reached is seeded (measured: 6 of 11, precision 0.86)."""
     cells, mask = _large_cell_tile(tmp_path)
     scores = score_point_in_mask(cells[["x", "y"]].to_numpy(float), mask)
     assert scores["recall"] >= 0.5, scores

@@ -26,10 +26,14 @@ statistics, which are then partly the cells'; a medium share under half alone do
 field crowded: a small field that a few large cells fill shows their seeds) cells merge into a few
 large objects: there bright bodies seed everywhere and are cut out as
 objects of their own, a small roundish halo-ringed body gets fine seeds however dark, and seeds
-are grouped across nothing brighter than halo_level. Where a crowded field's flat pixels show
-two modes (flat grey cell interiors left outside the objects, and the medium), darkness is
-measured against the brighter mode, and seeds are grouped across nothing brighter than the
-level between the two.
+are grouped across nothing brighter than halo_level, and only up to CROWDED_SEED_REACH diameters
+apart. Where a crowded field's flat pixels show two modes (flat grey cell interiors left outside
+the objects, and the medium), darkness is measured against the brighter mode, cell bodies are
+the pixels darker than the level between the two (a body covering at most DISC_AREA_RATIO
+inscribed discs is a round cell's), seeds are grouped across nothing brighter than that level,
+cell centres are placed on the pixels dark against that medium, and a body no seed reached gets
+one (seedless_body_seeds); where they show one mode, a body is what is darker than the medium
+by CROWDED_BODY_LEVEL: seedless ones are seeded the same way, and discs are compact bodies too.
 
 Seeds of one cell are grouped (no halo, no dimming and no waist between them; fine seeds
 only within one compact body). Each object is then shared among its groups along the halos:
@@ -320,6 +324,20 @@ def confluent_medium(norm: np.ndarray, tex: np.ndarray, threshold: float, split:
 
 VALLEY_RATIO = 0.8
 MODE_RATIO = 0.25
+# a round cell's body covers at most this many of its inscribed discs (a star's or a spindle's more)
+DISC_AREA_RATIO = 2.0
+
+
+def confluent_units(norm: np.ndarray, medium: np.ndarray, split: float) -> tuple[np.ndarray, float]:
+    """norm (float32 (H, W)) in noise units of a confluent field's medium (bool (H, W):
+    confluent_medium's), and split (confluent_split's level, norm's units) in those units: the
+    level above which a pixel is medium, not cell (float32 (H, W), float)."""
+    smooth = cv2.GaussianBlur(norm, (0, 0), 1.0)  # (noise_units(norm, medium), its centre and spread at once)
+    centre, spread = noise_scale(smooth, medium)
+    spread = max(spread, 1e-6)
+    smooth -= centre
+    smooth *= 1 / spread
+    return smooth, (split - centre) / spread
 
 
 def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -374,7 +392,7 @@ def _boxes(where: np.ndarray, label: np.ndarray, width: int) -> list[tuple[int, 
     ]
 
 
-def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
+def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams, discs_only: bool = False) -> np.ndarray:
     """Labels (0 elsewhere) of compact cell bodies: halo-enclosed, small and solidly dark.
 
     Removing halo pixels from the objects leaves each cell's body; touching rounded cells
@@ -384,6 +402,9 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     not cells: compact bodies count only when they hold a noticeable share of the cell area.
     A thin, dark body too long to be roundish is either a spindle or a chain of touching
     round cells: cut at its necks, the chain falls into discs, each its own compact body.
+    discs_only: every body must be thick enough for a fine seed (inscribed radius at least
+    fine_seed_scale d, as a chain's discs) and chains are not cut (the bodies darker than the medium
+    of a crowded field whose flat pixels show one mode, see _seeds).
     """
     in_object = obj > 0
     core = (in_object & (z < params.halo_level)).astype(np.uint8)
@@ -392,9 +413,11 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     dark = np.bincount(body[z.ravel()[where] < -params.dark_level], minlength=n) / area
     small = radius < params.compact_radius_scale * params.cell_diameter_px
     roundish = area <= params.compact_elongation * np.pi * radius**2
+    if discs_only:
+        small &= radius >= params.fine_seed_scale * params.cell_diameter_px
     compact = (dark >= params.solid_fraction) & small & roundish
     compact[0] = False
-    chains = (dark >= params.solid_fraction) & small & ~roundish
+    chains = (dark >= params.solid_fraction) & small & ~roundish & (not discs_only)
     chains[0] = False
     least = params.min_compact_share * np.count_nonzero(in_object)
     if area[compact].sum() + area[chains].sum() < least:  # too few even if every chain were discs
@@ -417,6 +440,31 @@ def compact_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -
     if np.count_nonzero(out) < least:
         return np.zeros(obj.shape, np.int32)
     return out
+
+
+def seedless_body_seeds(
+    z: np.ndarray, level: float, obj: np.ndarray, xy: np.ndarray, params: SegmentationParams
+) -> np.ndarray:
+    """Seeds (x, y), float (k, 2) px, for the bodies that hold none of the seeds xy (float (n, 2)
+    px): the connected pixels of obj (int (H, W) labels) darker than level in z (float32 (H, W),
+    noise units; a confluent field: confluent_units), lightly opened, at least
+    min_object_area_scale cell areas and fine_seed_scale d thick; each seed at its body's
+    deepest pixel (distance transform)."""
+    core = cv2.morphologyEx(((obj > 0) & (z < level)).astype(np.uint8), cv2.MORPH_OPEN, _disc(1))
+    n, bodies, where, body, area, radius = _components(core, connectivity=4)
+    held = np.zeros(n, bool)
+    held[bodies[xy[:, 1].astype(int), xy[:, 0].astype(int)]] = True
+    d = params.cell_diameter_px
+    want = ~held & (area >= params.min_object_area_scale * _cell_area(params)) & (radius >= params.fine_seed_scale * d)
+    want[0] = False
+    if not want.any():
+        return np.zeros((0, 2))
+    # each wanted body's deepest pixel, the first in raster order (radius is the same transform's maximum)
+    depth = cv2.distanceTransform(core, cv2.DIST_L2, cv2.DIST_MASK_5).ravel()[where]
+    top = want[body] & (depth >= radius[body])
+    first = np.unique(body[top], return_index=True)[1]
+    rows, cols = np.divmod(where[top][first], core.shape[1])
+    return np.stack([cols, rows], 1).astype(float)
 
 
 def bright_bodies(z: np.ndarray, obj: np.ndarray, params: SegmentationParams) -> np.ndarray:
@@ -543,6 +591,7 @@ def group_seeds(
     depth: np.ndarray,
     compact: np.ndarray,
     params: SegmentationParams,
+    near_scale: float = 1.5,
 ) -> np.ndarray:
     """Group index per seed: seeds joined by a path inside one cell form one group.
 
@@ -557,16 +606,18 @@ def group_seeds(
     one compact body. A long, thin cell (a spindle) shows its nucleus and the far end of its
     body as two dark blobs further apart than near cells' seeds: seeds joined by such a
     path (no halo, dark, no waist) inside a strip at most strip_scale half-wide are paired
-    up to strip_length_scale apart. Groups are the connected components.
+    up to strip_length_scale apart; other seeds only up to near_scale d apart (1.5 d: a spread
+    or long cell's seeds lie further apart than its diameter; a crowded field's cells press on
+    each other, so there CROWDED_SEED_REACH). Groups are the connected components.
     """
     n = len(xy)
     d = params.cell_diameter_px
-    reach = max(1.5, params.strip_length_scale) * d
+    reach = max(near_scale, params.strip_length_scale) * d
     pairs = cKDTree(xy).query_pairs(reach, output_type="ndarray") if n > 1 else np.zeros((0, 2), int)
     if len(pairs) == 0:
         return np.arange(n)
     a, b = xy[pairs[:, 0]], xy[pairs[:, 1]]
-    near = np.linalg.norm(b - a, axis=1) <= 1.5 * d
+    near = np.linalg.norm(b - a, axis=1) <= near_scale * d
     steps = np.linspace(0, 1, int(reach) + 2)[None, :, None]
     straight = a[:, None, :] + (b - a)[:, None, :] * steps
     start = obj[a[:, 1].astype(int), a[:, 0].astype(int)]
@@ -746,12 +797,19 @@ def split_along_halos(inside: np.ndarray, seeds: np.ndarray, z: np.ndarray, para
 
 
 def assign_cells(
-    obj: np.ndarray, xy: np.ndarray, group: np.ndarray, z: np.ndarray, params: SegmentationParams
+    obj: np.ndarray,
+    xy: np.ndarray,
+    group: np.ndarray,
+    z: np.ndarray,
+    params: SegmentationParams,
+    bodies: tuple[np.ndarray, float] | None = None,
 ) -> np.ndarray:
     """Instance labels: each object split among its seed groups (nearest group wins).
 
     An object without seeds is a bright (rounded) cell when enough of it is bright, split at
-    its necks; otherwise it is debris or dish texture and dropped.
+    its necks; otherwise it is debris or dish texture and dropped. bodies: (z', level), where
+    the cell bodies split_along_halos shares are the pixels of z' below level rather than the
+    pixels of z below halo_level (a confluent field: confluent_units).
     """
     cols, rows = xy[:, 0].astype(int), xy[:, 1].astype(int)
     seeds = np.zeros(obj.shape, np.int32)
@@ -773,7 +831,13 @@ def assign_cells(
             continue
         inside = obj[box] == index
         if groups_per_object[index] > 1:
-            labels[box][inside] = split_along_halos(inside, seeds[box], z[box], params)[inside]
+            if bodies is None:
+                labels[box][inside] = split_along_halos(inside, seeds[box], z[box], params)[inside]
+            else:
+                body_z, level = bodies
+                labels[box][inside] = split_along_halos(
+                    inside, seeds[box], body_z[box], replace(params, halo_level=level)
+                )[inside]
         elif np.count_nonzero(z[box][inside] > params.bright_level) >= min_bright:
             pieces = split_at_necks(inside, params) if params.declump else inside.astype(np.int32)
             ids, piece = np.unique(pieces[inside], return_inverse=True)
@@ -816,6 +880,25 @@ def filtered_by_area(labels: np.ndarray, params: SegmentationParams) -> tuple[np
 # tiles (Usiigaci at x2, 696 x 520) that large cells fill over half of, 0.16-0.47 (one at 0.00).
 FEW_SEEDS = 0.1
 FEW_SEEDS_COVER = 1 / 3
+# In a crowded field seeds more than one cell diameter apart are never grouped (but along a
+# strip): cells press on each other there, a seed lies in its cell, and pressed cells show next
+# to no seam between them (on the dense synthetic tiles the straight path between the seeds of
+# two large flat cells pressed together never rises a noise unit above the medium), so two seeds
+# further apart than a cell is wide are two cells'. Measured on the 12 dense synthetic tiles
+# (1,573 cells): true / false detections 1,154 / 18 at 1.5 d, 1,230 / 19 at 1.0, 1,243 / 22 at
+# 0.75, 1,246 / 27 at 0.5.
+CROWDED_SEED_REACH = 1.0
+# In a crowded field whose flat pixels show one mode, a cell's body is also what is darker than
+# the medium by this many noise units (the seam level mirrored: darker than the medium by more
+# than its noise). Measured (true / false detections), these discs added to the halo-bounded
+# compact bodies: 12 dense synthetic tiles 1,230 / 19 -> 1,268 / 22; 8 neuroblastoma-like tiles of
+# 350 cells 1,105 / 42 -> 1,283 / 49; U373-like T98G tiles (x2, 82 px) unchanged. In their place:
+# 1,235 / 17 and 1,275 / 49, but T98G tiles 405 / 114 -> 402 / 114 (1,238 / 17 at 1.5 and
+# 1,218 / 19 at 2.5 on the dense tiles; with chains cut at their necks 1,270 / 45; with no least
+# thickness 1,302 / 137). Such bodies that no seed reached, seeded (seedless_body_seeds): dense
+# tiles 1,268 / 22 -> 1,307 / 25, tiles of 350 cells 1,298 / 52 -> 1,320 / 53, the T98G tile at x2
+# (82 px) 5 / 1 -> 6 / 1 of 11 (at 3 noise units about the same: 1,299 / 24, 1,320 / 50)
+CROWDED_BODY_LEVEL = 2.0
 # the widest halo rim looked for around the objects (measurements.halo_rim_width), diameters
 HALO_RIM_SCALE = 0.5
 
@@ -829,21 +912,45 @@ def _seeds(
     medium: np.ndarray,
     crowded: bool,
     params: SegmentationParams,
-) -> tuple[float | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[_BlobMap]]:
-    """find_candidates' seeding: (split, reference, compact, xy, scale, maps).
+) -> tuple[tuple[np.ndarray, float] | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[_BlobMap]]:
+    """find_candidates' seeding: (confluent, reference, compact, xy, scale, maps).
 
-    split: confluent_split's level (None when not crowded or one mode); reference: bool (H, W),
-    the medium darkness is measured against; compact: compact_bodies' labels; xy, scale, maps:
-    dark_seeds' seeds (x, y px), scales and maps.
+    confluent: confluent_units' (z', level) where a crowded field's flat pixels show two modes
+    (else None); reference: bool (H, W), the medium darkness is measured against; compact:
+    compact_bodies' labels; xy, scale, maps: dark_seeds' seeds (x, y px), scales and maps.
     """
     # in a crowded field whose flat pixels show two modes, the medium is the brighter one
     split = confluent_split(norm, tex, threshold) if crowded else None
     reference = medium if split is None else confluent_medium(norm, tex, threshold, split)
     # in a crowded field a small, roundish body ringed by halo is a cell however dark: clumped
     # round cells pressed together show no solidly dark body
-    compact = compact_bodies(z, obj, replace(params, solid_fraction=0.0) if crowded else params)
+    body_z, body_params, confluent = z, replace(params, solid_fraction=0.0) if crowded else params, None
+    if split is not None:
+        # with the medium found, a cell's body is what is darker than the level between cell
+        # interior and medium (medium inside the merged objects, under halo_level, would join
+        # every body into one); a body counts as a round cell's only when it covers at most
+        # DISC_AREA_RATIO inscribed discs (a star-shaped cell is not one)
+        confluent = body_z, level = confluent_units(norm, reference, split)
+        body_params = replace(body_params, halo_level=level, compact_elongation=DISC_AREA_RATIO)
+    compact = compact_bodies(body_z, obj, body_params)
+    if crowded and split is None:
+        # a crowded field whose flat pixels show one mode: medium shows inside its merged objects
+        # too, below halo_level, and joins the bodies of clumped round cells into one. There a
+        # body is also what is darker than the medium by CROWDED_BODY_LEVEL, and counts as a round
+        # cell's when it is a disc (at most DISC_AREA_RATIO inscribed discs, thick enough for a
+        # fine seed; a longer dark body there is a spread cell's granular patch, not a chain of
+        # round cells); such discs that no halo-bounded compact body overlaps are added to them
+        discs = compact_bodies(
+            z,
+            obj,
+            replace(body_params, halo_level=-CROWDED_BODY_LEVEL, compact_elongation=DISC_AREA_RATIO),
+            discs_only=True,
+        )
+        overlapping = np.unique(discs[(discs > 0) & (compact > 0)])
+        extra = (discs > 0) & ~np.isin(discs, overlapping)
+        compact = np.where(extra, discs + np.int32(compact.max(initial=0)), compact).astype(np.int32)
     xy, scale, maps = dark_seeds(medium_units(norm, reference, crowded), obj, compact, params)
-    return split, reference, compact, xy, scale, maps
+    return confluent, reference, compact, xy, scale, maps
 
 
 def find_candidates(
@@ -897,11 +1004,17 @@ def find_candidates_boxed(
     # medium alone do not make it crowded: in a small field that a few large cells fill, the
     # medium left still shows their dark bodies, as their whole field does
     share = medium[::4, ::4].mean()
-    split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, False, params)
+    confluent, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, False, params)
     few = len(xy) < FEW_SEEDS * np.count_nonzero(obj) / _cell_area(params)
     crowded = 1 - share >= FEW_SEEDS_COVER and few
     if crowded:
-        split, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
+        confluent, reference, compact, xy, scale, maps = _seeds(norm, tex, threshold, z, obj, medium, crowded, params)
+        # a body that no seed reached is a cell of its own (a flat grey interior shows no dark
+        # blob): in a confluent field what is darker than the level between interior and medium,
+        # else what is darker than the medium by CROWDED_BODY_LEVEL
+        body_z, level = (z, -CROWDED_BODY_LEVEL) if confluent is None else confluent
+        extra = seedless_body_seeds(body_z, level, obj, xy, params)
+        xy, scale = np.concatenate([xy, extra]), np.concatenate([scale, np.ones(len(extra), int)])
     # (the rules after seeding, joining pieces and judging sizes by the field's typical cell,
     # hold where the medium covers over half the field, so that cells have medium between them,
     # or where it is not crowded)
@@ -918,17 +1031,19 @@ def find_candidates_boxed(
         group_params = replace(params, merge_halo=params.halo_level)
     if params.declump:
         group_z = z
-        if split is not None:
+        if confluent is not None:
             # the medium found, seeds are grouped across nothing brighter than the level between
             # cell interior and medium: a path crossing it leaves the cell, whose bodies may show
             # as little as a noise unit darker than the medium
-            group_z = noise_units(norm, reference)
-            centre, spread = noise_scale(cv2.GaussianBlur(norm, (0, 0), 1.0), reference)
-            group_params = replace(group_params, merge_halo=(split - centre) / max(spread, 1e-6))
-        group = group_seeds(xy, scale, maps, group_z, cell_obj, depth, compact, group_params)
+            group_z, level = confluent
+            group_params = replace(group_params, merge_halo=level)
+        reach = CROWDED_SEED_REACH if crowded else 1.5
+        group = group_seeds(xy, scale, maps, group_z, cell_obj, depth, compact, group_params, reach)
     else:  # one cell per object
         group = np.unique(cell_obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
-    labels, area = filtered_by_area(assign_cells(cell_obj, xy, group, z, params), params)
+    # (in a confluent field, objects are shared along the same bodies: the pixels darker than the
+    # level between cell interior and medium)
+    labels, area = filtered_by_area(assign_cells(cell_obj, xy, group, z, params, confluent), params)
     fine = xy[scale == 0].astype(int)
     at_fine = labels[fine[:, 1], fine[:, 0]]  # the label under each fine seed: compact cells
     is_compact = np.zeros(len(area), bool)  # (len(area) is labels.max() + 1)
@@ -970,7 +1085,13 @@ def find_candidates_boxed(
     cell_depth, radius = merged_depth(depth_before, radius_before, mapping, labels, boxes)
     inside = centres_inside(labels, cells, rules, cell_depth, radius)  # judged at the centroid: the outline's shape
     pixels = labelled_pixels(labels, z, rules)  # read by body_centres and quality_measures
-    cells = body_centres(labels, cells, rules, cell_depth, z, pixels)  # x, y: the centre of the cell's body
+    # x, y: the centre of the cell's body (in a confluent field, its pixels dark against the medium
+    # found, not against the mix of medium and cell interior outside the objects)
+    body_z, body_pixels = z, pixels
+    if confluent is not None:
+        body_z = confluent[0]
+        body_pixels = (pixels[0], pixels[1], body_z.ravel()[pixels[0]] < -rules.dark_level)  # (labelled_pixels')
+    cells = body_centres(labels, cells, rules, cell_depth, body_z, body_pixels)
     field = field_quality(image, obj, d, as_float)
     rows = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, image.shape[0] - 1)
     cols = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, image.shape[1] - 1)
@@ -981,11 +1102,19 @@ def find_candidates_boxed(
     compact_now[mapping[at_fine]] = is_compact[at_fine]
     compact_now[0] = False
     typical = typical_cell_area(cells["area"].to_numpy(), d, rules) if uncrowded else None
+    judge = rules
+    if confluent is not None:
+        # a confluent field's cells are the flat grey interiors that made its flat pixels two
+        # modes: texture under the foreground threshold does not make one debris; and a cell
+        # there is a share of a merged object, medium and neighbours' processes included, whose
+        # centroid says little of its shape: its centre is judged where it is reported, at its body
+        judge = replace(rules, min_texture_contrast=0.0)
+        inside = centres_inside(labels, cells, rules, cell_depth, radius)
     verdict = label_quality(
         measures,
         field.usable[rows, cols],
         d,
-        rules,
+        judge,
         compact_now[cells["cell_id"].to_numpy()],
         inside,
         typical,
