@@ -149,6 +149,8 @@ def main() -> None:
             from gbm_assets.analysis.cell_labels import crop_contact
 
             contact = crop_contact(crops).reindex(rows["crop_id"]).to_numpy()
+            if np.isnan(contact).any():
+                raise SystemExit(f"{int(np.isnan(contact).sum())} embedded crops have no neighbour contact in {crops}")
         by_type = rows.assign(contact=contact).groupby("morphotype")["contact"]
         print(
             "neighbour contact > 0 by type:",

@@ -33,6 +33,7 @@ from gbm_assets.imaging.cell_size import (
     estimate_cell_diameter,
     estimate_from_diameters,
     sample_images,
+    weighted_median,
     whole_cell_weights,
 )
 from gbm_assets.imaging.field_quality import IMAGE_QUALITY_COLUMNS, field_quality, focus_score
@@ -1212,6 +1213,7 @@ def test_pixels_compared_in_their_own_dtype_match_numpys_float_comparison():
     assert isinstance(_as_pixel(np.zeros(3, np.uint16), 65535.0), np.uint16)
 
 
+@needs_usiigaci
 def test_large_components_are_opencvs_components_by_area_and_one_float_copy_serves_field_quality():
     from gbm_assets.imaging.field_quality import _large_components
 
@@ -1228,3 +1230,11 @@ def test_large_components_are_opencvs_components_by_area_and_one_float_copy_serv
     given, made = field_quality(image, objects, 40, image.astype(np.float32)), field_quality(image, objects, 40)
     np.testing.assert_array_equal(given.usable, made.usable)
     assert given.measures == made.measures
+
+
+def test_weighted_median_averages_two_values_only_when_half_the_weight_is_reached_exactly():
+    values = np.array([30.0, 10.0, 20.0, 40.0])
+    assert weighted_median(values, np.ones(4)) == np.median(values) == 25.0
+    assert weighted_median(np.array([10.0, 20.0]), np.array([1.00001, 1.0])) == 10.0  # (15 before: "close" to half)
+    assert weighted_median(np.array([10.0, 20.0]), np.array([1.0, 1.00001])) == 20.0
+    assert weighted_median(values, np.array([1.0, 5.0, 1.0, 1.0])) == 10.0

@@ -267,6 +267,13 @@ def test_lead_ranks_variants_held_out_by_plate_where_scored(sections, tmp_path):
     both = lead(table, sections)
     assert both.startswith("Best variant: B (culture Cohen's kappa 0.020 held out by plate")
     assert "The best variant by image" not in both  # B leads both ways
+    # baselines scored by image alone: their margins are in that kappa, so it ranks
+    assert (
+        lead_score(
+            table.assign(culture_plate_kappa=table["culture_plate_kappa"].where(table["variant"] != "raw pixels"))
+        )
+        == "culture_kappa"
+    )
     # without a plate split (too few plates) the image split ranks, as before
     table["culture_plate_kappa"] = np.nan
     assert lead_score(table) == "culture_kappa"

@@ -370,6 +370,8 @@ def test_component_centroids_are_opencvs_to_the_bit():
         assert found.dtype == np.float64 and found.shape == expected.shape
         np.testing.assert_array_equal(found, expected)
     assert component_centroids(np.zeros((5, 6), bool)).shape == (0, 2)
+    with pytest.raises(TypeError, match="bool"):
+        component_centroids(np.ones((5, 6), np.int32))  # viewed as bytes it would be 4x as wide
 
 
 @pytest.mark.parametrize("min_area_scale", [0.0, 0.25])

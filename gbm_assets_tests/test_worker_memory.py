@@ -37,6 +37,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def _faults(mode: str) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.pop("GLIBC_TUNABLES", None)
+    env["NUMPY_MADVISE_HUGEPAGE"] = "0"  # huge pages would absorb some faults, machine by machine
     done = subprocess.run([sys.executable, "-c", _CYCLES, mode], capture_output=True, text=True, env=env, check=True)
     return int(done.stdout.strip())
 

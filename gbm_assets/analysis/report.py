@@ -94,12 +94,13 @@ SPLIT_WORDS = {"culture_plate_kappa": "held out by plate", "culture_kappa": "hel
 
 def lead_score(comparison: pd.DataFrame) -> str:
     """The score the report ranks variants by: "culture_plate_kappa" (culture kappa held out by plate,
-    where a plate's illumination cannot pass for morphology) when a variant has one, else
-    "culture_kappa" (held out by image)."""
-    if (
-        "culture_plate_kappa" in comparison
-        and comparison.loc[~is_baseline(comparison), "culture_plate_kappa"].notna().any()
-    ):
+    where a plate's illumination cannot pass for morphology) when a variant has one and so does a
+    baseline (or there is no baseline row), else "culture_kappa" (held out by image)."""
+    if "culture_plate_kappa" not in comparison:
+        return "culture_kappa"
+    scored = comparison["culture_plate_kappa"].notna()
+    baseline = is_baseline(comparison)
+    if scored[~baseline].any() and (scored[baseline].any() or not baseline.any()):
         return "culture_plate_kappa"
     return "culture_kappa"
 
@@ -389,16 +390,17 @@ def lead(comparison: pd.DataFrame, variants: Sequence[VariantSection] = ()) -> s
         )
     else:
         text.append("No baseline was scored, so the margin is unknown.")
-    if score == "culture_plate_kappa" and pd.notna(best.get("culture_kappa")):
+    if score == "culture_plate_kappa":
         others = "; ".join(
             f"{b['variant']} {_fmt(b['culture_kappa'])}"
             for _, b in baselines.iterrows()
             if pd.notna(b.get("culture_kappa"))
         )
-        text.append(
-            f"Held out by image, where a plate's illumination can stand in for morphology, {name} scores "
-            f"culture kappa {_fmt(best['culture_kappa'])}" + (f" ({others})." if others else ".")
-        )
+        if pd.notna(best.get("culture_kappa")):
+            text.append(
+                f"Held out by image, where a plate's illumination can stand in for morphology, {name} scores "
+                f"culture kappa {_fmt(best['culture_kappa'])}" + (f" ({others})." if others else ".")
+            )
         by_image = best_variant(comparison)
         if by_image is not None and str(by_image["variant"]) != name:
             text.append(

@@ -167,7 +167,7 @@ def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     order = np.argsort(values, kind="stable")
     values, cum = np.asarray(values, np.float64)[order], np.cumsum(np.asarray(weights, np.float64)[order])
     k = int(np.searchsorted(cum, cum[-1] / 2))
-    if k + 1 < len(values) and np.isclose(cum[k], cum[-1] / 2):
+    if k + 1 < len(values) and cum[k] == cum[-1] / 2:
         return float(values[k] + values[k + 1]) / 2
     return float(values[k])
 

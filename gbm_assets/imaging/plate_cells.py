@@ -338,7 +338,8 @@ def _segment_task(task: tuple, fine_scale: bool = False) -> ImageCells:
     image = read_image(plate_dir / name)
     check_image_size(image.shape, plate_dir / name)
     cells, labels, measures, boxes = find_candidates_boxed(image, params)
-    # here, where the labels are (the main process never decodes them), on cell finding's boxes
+    # here, where the labels are (the main process decodes them only for an edge-corrected size
+    # estimate's few sampled images), on cell finding's boxes
     cells = with_neighbors(cells, labels, boxes=boxes)
     crops = _image_crops(image, cells, labels, crop[0] if crop else None)
     scale = magnification.fine_scale(image) if fine_scale else None

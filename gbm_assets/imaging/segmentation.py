@@ -551,7 +551,10 @@ def component_centroids(mask: np.ndarray) -> np.ndarray:
     """Centroids (x, y; float64 (k, 2), px) of the 8-connected components of mask (bool (H, W)),
     in label order: the same values to the bit as cv2.connectedComponentsWithStats' centroids[1:]
     (integer coordinate sums over pixel counts), from the mask's pixels alone, about 3x faster
-    on a sparse mask (blob_map's peaks) than OpenCV's full-image statistics."""
+    on a sparse mask (blob_map's peaks) than OpenCV's full-image statistics. Raises TypeError
+    for a mask that is not bool (a wider dtype viewed as bytes would give other components)."""
+    if mask.dtype != bool:
+        raise TypeError(f"component_centroids takes a bool mask, not {mask.dtype}")
     n, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     where = np.flatnonzero(mask.ravel())
     label = labels.ravel()[where]
