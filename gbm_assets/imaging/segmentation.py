@@ -332,21 +332,23 @@ def confluent_units(norm: np.ndarray, medium: np.ndarray, split: float) -> tuple
     """norm (float32 (H, W)) in noise units of a confluent field's medium (bool (H, W):
     confluent_medium's), and split (confluent_split's level, norm's units) in those units: the
     level above which a pixel is medium, not cell (float32 (H, W), float)."""
-    smooth = cv2.GaussianBlur(norm, (0, 0), 1.0)  # (noise_units(norm, medium), its centre and spread at once)
-    centre, spread = noise_scale(smooth, medium)
-    spread = max(spread, 1e-6)
-    smooth -= centre
-    smooth *= 1 / spread
+    smooth, centre, spread = _noise_units_scaled(norm, medium)
     return smooth, (split - centre) / spread
 
 
 def noise_units(norm: np.ndarray, background: np.ndarray) -> np.ndarray:
     """Lightly smoothed image in units of the background noise, measured off the cells."""
+    return _noise_units_scaled(norm, background)[0]
+
+
+def _noise_units_scaled(norm: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(noise_units(norm, background), its centre and its spread, at least 1e-6, in norm's units)."""
     smooth = cv2.GaussianBlur(norm, (0, 0), 1.0)
     centre, spread = noise_scale(smooth, background)
+    spread = max(spread, 1e-6)
     smooth -= centre
-    smooth *= 1 / max(spread, 1e-6)
-    return smooth
+    smooth *= 1 / spread
+    return smooth, centre, spread
 
 
 def noise_scale(smooth: np.ndarray, background: np.ndarray) -> tuple[float, float]:
@@ -360,6 +362,10 @@ def noise_scale(smooth: np.ndarray, background: np.ndarray) -> tuple[float, floa
 
 
 # ---- seeds --------------------------------------------------------------------------------
+
+# seeds up to this many cell diameters apart may be one cell's (group_seeds' near_scale; a crowded
+# field uses CROWDED_SEED_REACH)
+SEED_REACH = 1.5
 
 
 def _components(mask: np.ndarray, connectivity: int) -> tuple[int, *tuple[np.ndarray, ...]]:
@@ -594,7 +600,7 @@ def group_seeds(
     depth: np.ndarray,
     compact: np.ndarray,
     params: SegmentationParams,
-    near_scale: float = 1.5,
+    near_scale: float = SEED_REACH,
 ) -> np.ndarray:
     """Group index per seed: seeds joined by a path inside one cell form one group.
 
@@ -1040,7 +1046,7 @@ def find_candidates_boxed(
             # as little as a noise unit darker than the medium
             group_z, level = confluent
             group_params = replace(group_params, merge_halo=level)
-        reach = CROWDED_SEED_REACH if crowded else 1.5
+        reach = CROWDED_SEED_REACH if crowded else SEED_REACH
         group = group_seeds(xy, scale, maps, group_z, cell_obj, depth, compact, group_params, reach)
     else:  # one cell per object
         group = np.unique(cell_obj[xy[:, 1].astype(int), xy[:, 0].astype(int)], return_inverse=True)[1]
@@ -1086,7 +1092,8 @@ def find_candidates_boxed(
     cells, outline = measure_objects(labels, boxes, depth >= rim if rim > 0 else None)
     # depth inside each candidate (`depth` above: inside the foreground)
     cell_depth, radius = merged_depth(depth_before, radius_before, mapping, labels, boxes)
-    inside = centres_inside(labels, cells, rules, cell_depth, radius)  # judged at the centroid: the outline's shape
+    # judged at the centroid, the outline's shape (in a confluent field at the body, below)
+    inside = centres_inside(labels, cells, rules, cell_depth, radius) if confluent is None else None
     pixels = labelled_pixels(labels, z, rules)  # read by body_centres and quality_measures
     # x, y: the centre of the cell's body (in a confluent field, its pixels dark against the medium
     # found, not against the mix of medium and cell interior outside the objects)
