@@ -93,14 +93,19 @@ def test_size_estimate_on_a_u373_like_plate(tmp_path):
     parts of one cell joined (cell_quality.merge_dark_joined) the estimate is 102 px for cells of
     130.3 (0.78x, magnification 1.92; 97.0 px, 0.74x, before; 54.6 px, 0.42x, before the scale
     followed the magnification); edge-corrected (cell_size.edge_corrected) 132.5 px, 1.02x."""
-    image, mask = _field(T98G, "20180101ef002xy01t07")
-    image, mask = rescale(image, mask, 2.0)
+    estimate, truth = _u373_like_plate_size(tmp_path, T98G, "20180101ef002xy01t07")
+    assert estimate is not None
+    assert abs(estimate / truth - 1) <= 0.25, f"estimate {estimate} px, annotated {truth}"
+
+
+def _u373_like_plate_size(tmp_path, root, name: str) -> tuple[float | None, float]:
+    """(the plate's size estimate, px, and 2 x the annotated mean diameter) of one field at twice
+    the magnification, cut into 696x520 8-bit tiles ingested as one plate."""
+    image, mask = rescale(*_field(root, name), 2.0)
     image = to_8bit(image)
     fields = [(image[w], mask[w]) for _, _, w in tiles(image, 696, 520)]
     _, plate = _score_on_plate(tmp_path, fields)
-    truth = 2 * annotated_diameter(_field(T98G, "20180101ef002xy01t07")[1])
-    assert plate.size.diameter_px is not None
-    assert abs(plate.size.diameter_px / truth - 1) <= 0.25, f"estimate {plate.size.diameter_px} px, annotated {truth}"
+    return plate.size.diameter_px, 2 * annotated_diameter(_field(root, name)[1])
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +234,6 @@ def test_size_estimate_on_u373_like_tiles_counts_the_cells_seen_whole(tmp_path):
     were read as small cells: estimate 0.74x the annotated mean diameter x 2. Counting only the
     cells seen whole, edge-corrected (cell_size.whole_cell_weights), it lands within 25%
     (measured: 0.94x, 119.2 px for cells of 127.3)."""
-    image, mask = rescale(*_field(USIIGACI, "set6"), 2.0)
-    image = to_8bit(image)
-    fields = [(image[w], mask[w]) for _, _, w in tiles(image, 696, 520)]
-    _, plate = _score_on_plate(tmp_path, fields)
-    truth = 2 * annotated_diameter(_field(USIIGACI, "set6")[1])
-    assert plate.size.diameter_px is not None
-    assert abs(plate.size.diameter_px / truth - 1) <= 0.25, f"estimate {plate.size.diameter_px} px, annotated {truth}"
+    estimate, truth = _u373_like_plate_size(tmp_path, USIIGACI, "set6")
+    assert estimate is not None
+    assert abs(estimate / truth - 1) <= 0.25, f"estimate {estimate} px, annotated {truth}"
