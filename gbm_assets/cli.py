@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from gbm_assets import paths
+from gbm_assets import interrupts, paths
 
 
 def _bar(total: int, desc: str, unit: str = "img"):
@@ -381,20 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (timeout, docker stop, a scheduler) stops like Ctrl-C: finished plates stay intact.
-
-    Dagster maps SIGTERM to the SIGINT handler during and after runs, as this does before them.
-    """
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error is one line on stderr and exit status 1 (--debug: traceback)."""
     args = build_parser().parse_args(argv)
-    _stop_on_sigterm()
+    interrupts.install()  # SIGTERM (timeout, docker stop, a scheduler) stops like Ctrl-C
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import dagster as dg
 
-from gbm_assets import paths
+from gbm_assets import interrupts, paths
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.assets.sensors import INGEST_JOB_NAME, LEGACY_VERSION, built_version, manifest_version
@@ -187,9 +187,12 @@ def run_partitions(
 def stop_if_interrupted(result: dg.ExecuteInProcessResult) -> None:
     """Raise KeyboardInterrupt when a run failed because the process was told to stop.
 
-    Dagster turns Ctrl-C and SIGTERM during a step into a failed step; without this check the
-    command would go on to the next plate or variant instead of stopping.
+    Dagster turns Ctrl-C and SIGTERM during a step into a failed step, and forgets one that lands
+    between steps (the run succeeds); without this check the command would go on to the next plate
+    or variant instead of stopping. The second kind is read from `interrupts`, where the CLI has
+    installed its record.
     """
+    interrupts.raise_if_received()
     for event in result.all_events:
         error = event.step_failure_data.error if event.is_step_failure and event.step_failure_data else None
         while error is not None:
