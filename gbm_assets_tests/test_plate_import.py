@@ -209,6 +209,38 @@ def test_stack_frame_interval_from_ome_metadata(tmp_path):
     assert m["timepoint_h"].tolist() == [0.0, 0.5, 1.0, 1.5]
 
 
+def test_irregular_ome_time_lapse_keeps_each_planes_recorded_time(tmp_path):
+    # An OME-TIFF time-lapse records each plane's time (Plane DeltaT) but no regular TimeIncrement
+    # (a pause overnight, a microscope that waits for autofocus): frames are at those times, never
+    # at a guessed one-hour step. Frame 0's DeltaT (acquisition started 2 min in) is the origin.
+    source = tmp_path / "src"
+    source.mkdir()
+    frames = np.stack([np.full((32, 40), k, np.uint16) for k in range(4)])
+    delta_min = [2, 32, 92, 272]  # 0, 0.5, 1.5 and 4.5 h after the first frame
+    tifffile.imwrite(
+        source / "pos1.ome.tif",
+        frames,
+        ome=True,
+        metadata={"axes": "TYX", "Plane": {"DeltaT": delta_min, "DeltaTUnit": ["min"] * 4}},
+    )
+    m = read_manifest(make_plate(source, tmp_path / "raw", "ome", culture="A"))
+    assert m["timepoint_h"].tolist() == [0.0, 0.5, 1.5, 4.5]
+    # An interval given by hand still wins.
+    m = read_manifest(make_plate(source, tmp_path / "raw", "by-hand", culture="A", frame_interval_h=2))
+    assert m["timepoint_h"].tolist() == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_imagej_time_lapse_interval_in_days(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    frames = np.stack([np.full((32, 40), k, np.uint16) for k in range(3)])
+    tifffile.imwrite(
+        source / "daily.tif", frames, imagej=True, metadata={"axes": "TYX", "finterval": 1, "tunit": "day"}
+    )
+    m = read_manifest(make_plate(source, tmp_path / "raw", "daily", culture="A"))
+    assert m["timepoint_h"].tolist() == [0.0, 24.0, 48.0]
+
+
 def test_stack_frames_may_not_collide_with_another_file(tmp_path):
     export = tmp_path / "export"
     export.mkdir()

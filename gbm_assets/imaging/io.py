@@ -217,6 +217,9 @@ _SECONDS = {
     "hr": 3600,
     "hour": 3600,
     "hours": 3600,
+    "d": 86400,
+    "day": 86400,
+    "days": 86400,
 }
 
 
@@ -253,6 +256,50 @@ def frame_interval_h(path: str | Path) -> float | None:
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
         return None
     return seconds / 3600
+
+
+def frame_times_h(path: str | Path) -> list[float] | None:
+    """Hours of each time point of a time-lapse file after its first, as the file records them, else None.
+
+    OME-TIFF: each Plane's DeltaT in its DeltaTUnit (seconds when absent), the actual time of every
+    frame, so an irregular series (a pause, a longer interval overnight) keeps its real times. Used
+    only when every time point has one (the lowest DeltaT among a time point's planes) and they
+    increase from the first; otherwise None, as for every other file (frame_interval_h then gives
+    a regular interval). Metadata are a hint, never an error: anything unreadable gives None.
+
+    Returns
+    -------
+    times : list of float, or None
+        One per time point (T), in hours, times[0] == 0.0.
+    """
+    path = Path(path)
+    if path.suffix.lower() in VENDOR_SUFFIXES:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not (tif.is_ome and tif.ome_metadata):
+                return None
+            image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+        n = int(pixels.get("SizeT", 1))
+        planes = pixels.get("Plane", [])
+        planes = planes if isinstance(planes, list) else [planes]
+        seconds: dict[int, float] = {}
+        for plane in planes:
+            if "DeltaT" not in plane:
+                continue
+            unit = str(plane.get("DeltaTUnit", "s")).lower()
+            t = int(plane.get("TheT", 0))
+            value = float(plane["DeltaT"]) * _SECONDS.get(unit, math.nan)
+            seconds[t] = min(seconds.get(t, math.inf), value)
+    except Exception:  # no metadata, another format, a damaged header: no hint
+        return None
+    if n < 2 or sorted(seconds) != list(range(n)):
+        return None
+    values = [seconds[t] for t in range(n)]
+    if not all(math.isfinite(v) for v in values) or any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        return None
+    return [(v - values[0]) / 3600 for v in values]
 
 
 def image_files(folder: str | Path) -> list[Path]:

@@ -24,7 +24,7 @@ import tifffile
 
 from gbm_assets.errors import InputError, PlateError
 from gbm_assets.imaging.cellprofiler import check_plate_tables, table_files
-from gbm_assets.imaging.io import IMAGE_SUFFIXES, frame_axes, image_files, read_frames
+from gbm_assets.imaging.io import IMAGE_SUFFIXES, frame_axes, frame_times_h, image_files, read_frames
 from gbm_assets.imaging.io import frame_interval_h as recorded_interval_h
 from gbm_assets.imaging.pixel_size import recorded_pixel_size
 from gbm_assets.imaging.plates import (
@@ -135,7 +135,9 @@ def _describe(path: Path, timepoint_pattern: re.Pattern | None) -> SourceImage:
 
 def _expand_frames(image: SourceImage, interval_h: float | None) -> list[SourceImage]:
     """One entry per frame of a stack, else the image. Frame k is at the file's time plus k times
-    interval_h, or the interval the file records (ImageJ, OME, vendor metadata), or 1 h.
+    interval_h; without it, plus the time the file records for frame k (OME Plane DeltaT, see
+    io.frame_times_h), else k times the interval the file records (ImageJ, OME, vendor metadata),
+    else k hours.
 
     A stack must run along one axis: time, or an unlabelled page or slice sequence (ImageJ saves
     a time-lapse as slices unless told otherwise), read as time. Frames along two axes (an ImageJ
@@ -155,9 +157,12 @@ def _expand_frames(image: SourceImage, interval_h: float | None) -> list[SourceI
         )
     n = next(iter(axes.values()))
     start = image.timepoint_h or 0.0
-    step = interval_h if interval_h is not None else (recorded_interval_h(image.source) or 1.0)
+    times = frame_times_h(image.source) if interval_h is None else None
+    if times is None or len(times) != n:
+        step = interval_h if interval_h is not None else (recorded_interval_h(image.source) or 1.0)
+        times = [k * step for k in range(n)]
     stem = Path(image.name).stem.removesuffix(".ome")
-    return [replace(image, name=f"{stem}_frame{k:03d}.tif", frame=k, timepoint_h=start + k * step) for k in range(n)]
+    return [replace(image, name=f"{stem}_frame{k:03d}.tif", frame=k, timepoint_h=start + times[k]) for k in range(n)]
 
 
 def source_images(
