@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -284,6 +286,33 @@ def test_time_by_z_hyperstack_is_refused_not_given_a_time_point_per_plane(tmp_pa
     with pytest.raises(PlateError, match=r"xy01\.tif: is a stack of 3 time points x 2 focal planes \(Z\)"):
         make_plate(source, tmp_path / "raw", "tz", culture="A")
     assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("zstack.ome.tif", {"ome": True, "metadata": {"axes": "ZYX", "PhysicalSizeZ": 2.0}}),
+        ("zstack.tif", {"imagej": True, "metadata": {"axes": "ZYX", "spacing": 2.0, "unit": "micron"}}),
+    ],
+)
+def test_a_stack_of_focal_planes_is_refused_not_read_as_a_time_lapse(tmp_path, name, options):
+    """An OME Z series, or an ImageJ stack with a z-step, is 3 planes of one moment: frame k at k
+    hours would be invented, and the same cells would be counted three times."""
+    source = tmp_path / "src"
+    source.mkdir()
+    tifffile.imwrite(source / name, np.zeros((3, 32, 40), np.uint16), **options)
+    with pytest.raises(PlateError, match=rf"{re.escape(name)}: is a stack of 3 focal planes \(Z\) of one time point"):
+        make_plate(source, tmp_path / "raw", "z", culture="A")
+    assert not (tmp_path / "raw" / "z").exists()
+
+
+def test_an_imagej_stack_of_slices_without_a_z_step_is_still_a_time_lapse(tmp_path):
+    # ImageJ calls every plain stack (a time-lapse opened as an image sequence) "slices".
+    source = tmp_path / "src"
+    source.mkdir()
+    tifffile.imwrite(source / "seq.tif", np.zeros((3, 32, 40), np.uint16), imagej=True, metadata={"axes": "ZYX"})
+    m = read_manifest(make_plate(source, tmp_path / "raw", "seq", culture="A"))
+    assert m["timepoint_h"].tolist() == [0.0, 1.0, 2.0]
 
 
 def _cellprofiler_export(folder):

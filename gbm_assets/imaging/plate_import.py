@@ -141,9 +141,10 @@ def _expand_frames(image: SourceImage, interval_h: float | None) -> list[SourceI
 
     A stack must run along one axis: time, or an unlabelled page or slice sequence (ImageJ saves
     a time-lapse as slices unless told otherwise), read as time. Frames along two axes (an ImageJ
-    hyperstack of time points x focal planes, an OME T x Z series) are refused: giving each frame
-    its own time point would be wrong, and giving a time point several planes of the same cells
-    would count them several times.
+    hyperstack of time points x focal planes, an OME T x Z series), and focal planes alone (OME Z,
+    an ImageJ stack with a z-step, a vendor Z series) are refused: giving each plane its own time
+    point would be wrong, and giving a time point several planes of the same cells would count them
+    several times.
     """
     axes = frame_axes(image.source)
     if not axes:
@@ -154,6 +155,13 @@ def _expand_frames(image: SourceImage, interval_h: float | None) -> list[SourceI
             image.source,
             f"is a stack of {shape}; a plate takes one image per field and time point: save one plane "
             "per time point (e.g. ImageJ Image > Stacks > Z Project, or the in-focus plane) and add that",
+        )
+    if "Z" in axes:
+        raise PlateError(
+            image.source,
+            f"is a stack of {axes['Z']} focal planes (Z) of one time point, not a time-lapse; a plate "
+            "takes one image per field and time point: save one plane (e.g. ImageJ Image > Stacks > "
+            "Z Project, or the in-focus plane) and add that",
         )
     n = next(iter(axes.values()))
     start = image.timepoint_h or 0.0
