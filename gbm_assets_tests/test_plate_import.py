@@ -315,6 +315,27 @@ def test_an_imagej_stack_of_slices_without_a_z_step_is_still_a_time_lapse(tmp_pa
     assert m["timepoint_h"].tolist() == [0.0, 1.0, 2.0]
 
 
+@pytest.mark.parametrize("nested", ["B2/GBM03_Phase_B2_1_00d04h00m.tif", "cp_output/MyExpt_Cells.csv"])
+def test_images_or_tables_in_a_sub_folder_are_an_error_not_left_out(tmp_path, nested):
+    """An export written one sub-folder per well, or CellProfiler's tables in an output folder: a
+    plate of the top-level files alone would silently lack them (wells, or CellProfiler's cells)."""
+    source = _export(tmp_path / "export", ["B3"], stamps=("00d04h00m",))
+    (source / nested).parent.mkdir()
+    if nested.endswith(".tif"):
+        tifffile.imwrite(source / nested, np.zeros((48, 64), np.uint16))
+    else:
+        (source / nested).write_text("ImageNumber,ObjectNumber,Location_Center_X,Location_Center_Y\n1,1,3,3\n")
+    (source / "maps").mkdir()
+    (source / "maps" / "map.csv").write_text("well,culture\nB2,A\nB3,A\n")
+    with pytest.raises(PlateError, match=rf"{re.escape(nested)}: is in a sub-folder, which add-plate does not search"):
+        make_plate(source, tmp_path / "raw", "p", plate_map=source / "maps" / "map.csv")
+    assert not (tmp_path / "raw" / "p").exists()
+    # Files the --include pattern leaves out, the plate map and hidden folders are no reason to refuse.
+    if nested.endswith(".tif"):
+        plate = make_plate(source, tmp_path / "raw", "p", plate_map=source / "maps" / "map.csv", include="*_B3_*")
+        assert read_manifest(plate)["well"].tolist() == ["B3"]
+
+
 def _cellprofiler_export(folder):
     """Two fields and CellProfiler's tables beside them, ImageNumber 1 = b.tif (not the name order)."""
     folder.mkdir(parents=True)

@@ -23,7 +23,13 @@ import pandas as pd
 import tifffile
 
 from gbm_assets.errors import InputError, PlateError
-from gbm_assets.imaging.cellprofiler import check_plate_tables, table_files
+from gbm_assets.imaging.cellprofiler import (
+    DATABASE_SUFFIXES,
+    TABLE_SUFFIXES,
+    WORKBOOK_SUFFIXES,
+    check_plate_tables,
+    table_files,
+)
 from gbm_assets.imaging.io import IMAGE_SUFFIXES, frame_axes, frame_times_h, image_files, read_frames
 from gbm_assets.imaging.io import frame_interval_h as recorded_interval_h
 from gbm_assets.imaging.pixel_size import recorded_pixel_size
@@ -245,6 +251,37 @@ def source_images(
     return expanded
 
 
+def _check_no_nested_inputs(source: Path, include: str | None, plate_map: str | Path | None, raw: Path) -> None:
+    """Refuse a folder whose sub-folders hold images (matching `include`) or tables: add-plate reads
+    one folder, and an export written one sub-folder per well or time point, or CellProfiler's
+    tables in an output sub-folder, would otherwise be left out without a word. The plate map may
+    lie anywhere, and the raw plates folder is not searched."""
+    skip = Path(plate_map).resolve() if plate_map else None
+    tables = (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES, *DATABASE_SUFFIXES)
+    for sub in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.resolve() == raw.resolve():
+            continue
+        for folder, dirs, names in os.walk(sub):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(folder) / d).resolve() != raw.resolve())
+            found = [
+                n
+                for n in sorted(names)
+                if not n.startswith(".")
+                and (Path(folder) / n).resolve() != skip
+                and (
+                    (Path(n).suffix.lower() in IMAGE_SUFFIXES and (not include or fnmatch.fnmatch(n, include)))
+                    or Path(n).suffix.lower() in tables
+                )
+            ]
+            if found:
+                raise PlateError(
+                    Path(folder) / found[0],
+                    "is in a sub-folder, which add-plate does not search (a plate is one folder, "
+                    "its images and tables side by side): add that folder as its own plate, move its "
+                    "files up, or move it out",
+                )
+
+
 def read_plate_map(path: str | Path) -> pd.DataFrame:
     """A plate map: index well ('B2'), columns among culture, concentration (str), replicate (int).
 
@@ -362,6 +399,8 @@ def make_plate(
         options = {"--plate-map": plate_map, "--timepoint-pattern": timepoint_pattern, "--include": include}
         images, manifest = _from_manifest(source, culture, concentration, replicate, frame_interval_h, options)
     else:
+        if source.is_dir():
+            _check_no_nested_inputs(source, include, plate_map, raw)
         images = source_images(source, timepoint_pattern, include, frame_interval_h)
         table = read_plate_map(plate_map) if plate_map else None
         manifest = plate_manifest(images, culture, concentration, replicate, table, str(plate_map))
