@@ -336,6 +336,23 @@ def test_images_or_tables_in_a_sub_folder_are_an_error_not_left_out(tmp_path, ne
         assert read_manifest(plate)["well"].tolist() == ["B3"]
 
 
+def test_add_plate_says_when_a_stack_records_no_frame_interval(tmp_path, capsys):
+    from gbm_assets.cli import main
+
+    source = tmp_path / "src"
+    source.mkdir()
+    tifffile.imwrite(source / "plain.tif", np.zeros((3, 32, 40), np.uint16), photometric="minisblack")  # 3 pages
+    tifffile.imwrite(
+        source / "timed.tif", np.zeros((2, 32, 40), np.uint16), imagej=True, metadata={"axes": "TYX", "finterval": 60}
+    )
+    assert main(["add-plate", str(source), "--culture", "A", "--raw", str(tmp_path / "raw"), "--plate-id", "p"]) == 0
+    err = capsys.readouterr().err
+    assert "plain.tif records no time between its frames, so they are 1 h apart" in err and "timed.tif" not in err
+    args = ["add-plate", str(source), "--culture", "A", "--raw", str(tmp_path / "raw"), "--plate-id", "q"]
+    assert main([*args, "--frame-interval-h", "0.5"]) == 0
+    assert "records no time" not in capsys.readouterr().err
+
+
 def _cellprofiler_export(folder):
     """Two fields and CellProfiler's tables beside them, ImageNumber 1 = b.tif (not the name order)."""
     folder.mkdir(parents=True)
