@@ -8,6 +8,7 @@ import struct
 import sys
 import time
 import tracemalloc
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,6 +250,24 @@ def test_rgb_tiffs(tmp_path):
     tifffile.imwrite(tmp_path / "colour.tif", coloured, photometric="rgb")
     expected = np.round(coloured[..., 0] * 0.299 + coloured[..., 1] * 0.587 + coloured[..., 2] * 0.114)
     assert np.array_equal(read_image(tmp_path / "colour.tif"), expected.astype(np.uint16))
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_a_script_saved_stack_of_3_or_4_frames_is_not_blended_as_colour(tmp_path, n):
+    """tifffile.imwrite(path, frames) and skimage.io.imsave store a (3, H, W) or (4, H, W) stack as
+    one planar RGB(A) page: its frames were blended into one "luminance" image (and a 4th dropped as
+    alpha). Now refused, naming the file; the same planes saved as pages are frames; one grey saved
+    as planar RGB (identical planes) still reads as that grey."""
+    frames = np.stack([grey16(seed=s) for s in range(n)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # tifffile: a future default changes this
+        tifffile.imwrite(tmp_path / "stack.tif", frames)
+        tifffile.imwrite(tmp_path / "grey.tif", np.stack([frames[0]] * 3))
+    with pytest.raises(ImageReadError, match=rf"stack\.tif: holds {n} different planes stored as one planar RGB"):
+        read_image(tmp_path / "stack.tif")
+    assert np.array_equal(read_image(tmp_path / "grey.tif"), frames[0])
+    tifffile.imwrite(tmp_path / "pages.tif", frames, photometric="minisblack")
+    assert np.array_equal(np.stack(list(read_frames(tmp_path / "pages.tif"))), frames)
 
 
 def test_min_is_white_and_palette_tiffs(tmp_path):

@@ -23,7 +23,10 @@ Frames
 Pixels
     RGB(A): alpha dropped; identical R, G, B (grey saved as colour) -> that channel; truly coloured ->
         luminance (0.299 R + 0.587 G + 0.114 B). Palette TIFFs go through their colour map;
-        "min-is-white" TIFFs are inverted.
+        "min-is-white" TIFFs are inverted. A planar RGB(A) TIFF written by tifffile from an array
+        of shape (3 or 4, H, W), which is how tifffile and scikit-image save a stack of 3 or 4
+        frames, is refused unless its colour planes are one grey (and alpha constant): frames
+        are never blended as colours.
     uint8 and uint16 are returned unchanged (12- or 14-bit data in 16-bit containers stay as they are:
         cell finding normalises by robust statistics, so a 12-bit image and its x16 twin give the same
         cells). Bilevel (1-bit) images become uint8 0/255.
@@ -553,6 +556,17 @@ class _TiffSource(_Source):
             tifffile.PHOTOMETRIC.PALETTE,
         ):
             raise ImageReadError(path, f"unsupported TIFF colour model ({self.photometric.name})")
+        # tifffile (and scikit-image, which writes through it) save an array of shape (3, H, W) or
+        # (4, H, W), a stack of 3 or 4 frames as often as not, as one planar RGB(A) page, and the
+        # file cannot tell which was meant: its planes are only taken as colour when they are the
+        # same grey (and an alpha plane constant); otherwise refused in _grey, never blended.
+        shaped = tif.shaped_metadata[0] if tif.is_shaped and tif.shaped_metadata else {}
+        self.planar_stack_suspect = (
+            page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
+            and self.photometric == tifffile.PHOTOMETRIC.RGB
+            and "axes" not in shaped
+            and list(shaped.get("shape", ()))[:1] == [self.samples]
+        )
         pages = series.pages
         page_pixels = math.prod(page.shaped)
         self.mode = (
@@ -603,6 +617,15 @@ class _TiffSource(_Source):
             data = data.astype(data.dtype.newbyteorder("="))
         if data.ndim == 3 and data.shape[-1] == 1:
             data = data[..., 0]
+        if self.planar_stack_suspect and data.ndim == 3 and _planes_differ(data):
+            n = data.shape[-1]
+            raise ImageReadError(
+                self.path,
+                f"holds {n} different planes stored as one planar RGB{'A' if n == 4 else ''} image, which is how "
+                f"tifffile and scikit-image save a stack of {n} frames (an array of shape ({n}, H, W)); it is "
+                "not known whether they are frames or colours: save frames as pages (ImageJ TIFF, or "
+                "tifffile.imwrite(..., photometric='minisblack')), colour as an (H, W, 3) array",
+            )
         photometric = self.photometric
         if photometric == tifffile.PHOTOMETRIC.PALETTE:
             colormap = self.keyframe.colormap
@@ -616,6 +639,14 @@ class _TiffSource(_Source):
         if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
             data = _invert(data, self.keyframe.bitspersample)
         return _samples_to_grey(data, rgb=photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR))
+
+
+def _planes_differ(data: np.ndarray) -> bool:
+    """(H, W, S): colour planes (the first 3) not all equal, or a further (alpha) plane not constant."""
+    colour = data[..., :3]
+    if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
+        return True
+    return any(data[..., k].min() != data[..., k].max() for k in range(3, data.shape[-1]))
 
 
 def _series_size(series) -> str:
