@@ -201,6 +201,19 @@ def test_manifest_names_match_files_in_any_unicode_normalisation(tmp_path):
     assert summary.manifest["image"].tolist() == [nfd]
 
 
+def test_manifest_names_match_a_file_differing_only_in_letter_case(tmp_path):
+    """A manifest typed on Windows or macOS (file systems that ignore case) says T07.TIF for t07.tif:
+    the one file of that name is used; with two such files, the name must be exact."""
+    plate = write_tiny_plate(tmp_path / "p", n=2)
+    (plate / "img0.tif").rename(plate / "t07.tif")
+    (plate / "img1.tif").rename(plate / "sub.tif")
+    _manifest_bytes(plate, "image,culture\nT07.TIF,A\nSub.tif,A\n")
+    assert validate_plate(plate).manifest["image"].tolist() == ["t07.tif", "sub.tif"]
+    (plate / "T07.tif").write_bytes((plate / "t07.tif").read_bytes())
+    with pytest.raises(PlateError, match=r"lists 'T07\.TIF' but .* does not exist"):
+        validate_plate(plate)
+
+
 def test_manifest_linked_to_a_private_file_is_not_quoted(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("SECRET-TOKEN-hunter2\nrecovery=swordfish\n")

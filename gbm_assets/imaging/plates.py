@@ -167,17 +167,23 @@ def check_image_name(manifest: Path, row: int, name: str) -> str:
 
 
 def _on_disk(plate_dir: Path, name: str) -> str:
-    """The name as stored on disk when it differs only in Unicode normalisation (macOS writes NFD)."""
+    """The name as stored on disk when it differs only in Unicode normalisation (macOS writes NFD),
+    or only in letter case from exactly one file (a manifest typed on Windows or macOS, whose file
+    systems ignore case: `T07.TIF` for t07.tif); otherwise the name as given."""
     if (plate_dir / name).exists():
         return name
     parent = (plate_dir / name).parent
     wanted = unicodedata.normalize("NFC", PurePosixPath(name).name)
     try:
-        for entry in os.listdir(parent):
-            if unicodedata.normalize("NFC", entry) == wanted:
-                return str(PurePosixPath(name).with_name(entry))
+        entries = os.listdir(parent)
     except OSError:
-        pass
+        return name
+    for entry in entries:
+        if unicodedata.normalize("NFC", entry) == wanted:
+            return str(PurePosixPath(name).with_name(entry))
+    folded = [entry for entry in entries if unicodedata.normalize("NFC", entry).casefold() == wanted.casefold()]
+    if len(folded) == 1 and (parent / folded[0]).is_file():
+        return str(PurePosixPath(name).with_name(folded[0]))
     return name
 
 
