@@ -105,6 +105,17 @@ def test_bad_plate_maps(tmp_path, content, message):
         read_plate_map(tmp_path / "map.csv")
 
 
+@pytest.mark.parametrize("name", ["map.xlsx", "map.csv"])
+def test_a_plate_map_saved_as_a_workbook_says_save_it_as_csv(tmp_path, name):
+    """An .xlsx (a ZIP archive), whatever its name, is named as a workbook, not as unreadable."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / name, "w") as workbook:
+        workbook.writestr("xl/workbook.xml", "<workbook/>")
+    with pytest.raises(PlateError, match=rf"{re.escape(name)}: is a spreadsheet workbook .* save it as CSV"):
+        read_plate_map(tmp_path / name)
+
+
 def test_plate_map_needs_wells_in_names(tmp_path):
     source = tmp_path / "src"
     source.mkdir()
