@@ -214,6 +214,17 @@ def test_manifest_names_match_a_file_differing_only_in_letter_case(tmp_path):
         validate_plate(plate)
 
 
+def test_a_time_point_that_is_a_spreadsheet_date_serial_or_in_seconds_is_refused(tmp_path):
+    """Excel turns a date into its serial number (44927 = 1 January 2023) when the column is
+    reformatted; read as hours it would put the image 5 years after plating, without a word."""
+    plate = write_tiny_plate(tmp_path / "p", n=2)
+    _manifest_bytes(plate, "image,culture,timepoint_h\nimg0.tif,A,144\nimg1.tif,A,44927\n")
+    with pytest.raises(PlateError, match=r"line 3, column 'timepoint_h': 44927 h is more than a year after plating"):
+        read_manifest(plate)
+    _manifest_bytes(plate, "image,culture,timepoint_h\nimg0.tif,A,144\nimg1.tif,A,8760\n")  # a year: still hours
+    assert read_manifest(plate)["timepoint_h"].tolist() == [144.0, 8760.0]
+
+
 def test_manifest_linked_to_a_private_file_is_not_quoted(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("SECRET-TOKEN-hunter2\nrecovery=swordfish\n")

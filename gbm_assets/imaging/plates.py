@@ -32,6 +32,7 @@ MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("image", "culture")
 OPTIONAL_DEFAULTS = {"concentration": "na", "replicate": 1, "timepoint_h": 0.0, "well": "na", "position": "na"}
 MANIFEST_COLUMNS = ("image", "culture", "concentration", "replicate", "timepoint_h", "well", "position")
+MAX_TIMEPOINT_H = 366 * 24.0  # a time point later than a year after plating is a unit or date mix-up
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PLATE_ID_RULE = "letters, digits, '.', '_', '-'; starting with a letter or digit; at most 128; no '..'"
@@ -281,7 +282,8 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
     replicate: int64; timepoint_h: float64; well, position: str), then any extra columns; an
     optional pixel_size_um column (header 'Pixel size (µm)' and the like) is float64 µm per pixel,
     NaN where the cell is empty.
-    Raises PlateError naming the manifest and, for a bad value, its line and column.
+    Raises PlateError naming the manifest and, for a bad value, its line and column (a time point
+    later than MAX_TIMEPOINT_H, a year, is one: a spreadsheet's date serial or another unit).
     """
     plate_dir = Path(plate_dir)
     manifest = plate_dir / MANIFEST_NAME
@@ -326,6 +328,14 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
         df["timepoint_h"] = parse_numbers(df, "timepoint_h", kind=float, what="manifest")
     except InputError as exc:
         raise PlateError(manifest, exc.problem) from None
+    late = df["timepoint_h"] > MAX_TIMEPOINT_H
+    if late.any():
+        raise PlateError(
+            manifest,
+            f"line {df[LINE_COLUMN][late].iloc[0]}, column 'timepoint_h': {df['timepoint_h'][late].iloc[0]:g} h is more "
+            "than a year after plating: a date or time a spreadsheet turned into a number (44927 is 1 January "
+            "2023), or minutes or seconds? give hours after plating",
+        )
     if PIXEL_SIZE_COLUMN in df:
         df[PIXEL_SIZE_COLUMN] = _pixel_sizes(manifest, df)
     extra = [c for c in header if c not in MANIFEST_COLUMNS]
