@@ -97,6 +97,8 @@ def test_plate_map_must_cover_every_well(tmp_path):
         # a column named otherwise would be dropped, leaving the default for every well
         ("Well,Culture,Conc\nB2,A,1000\n", r"column 'conc' looks like 'concentration'"),
         ("well,culture,Rep.\nB2,A,1\n", r"column 'rep.' looks like 'replicate'"),
+        # a plate drawn as a grid (rows A-H, columns 1-12), as labs keep plate maps in spreadsheets
+        (",1,2,3\nA,GBM03,GBM03,GBM05\nB,GBM03,GBM05,GBM05\n", r"needs a 'well' column.*a plate drawn as a grid"),
     ],
 )
 def test_bad_plate_maps(tmp_path, content, message):

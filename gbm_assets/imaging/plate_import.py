@@ -294,8 +294,17 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
         table.columns = [c if c == LINE_COLUMN else column_name(c) for c in table.columns]
         check_look_alikes(path, [c for c in table.columns if c != LINE_COLUMN], ("well", *PLATE_MAP_COLUMNS))
         if "well" not in table.columns:
+            header = [c for c in table.columns if c != LINE_COLUMN]
+            grid = sum(str(c).strip().isdigit() for c in header) >= 2  # "", 1, 2, ... 12: a plate drawn as a grid
+            hint = (
+                " (it looks like a plate drawn as a grid, rows A-H by columns 1-12: write one row per well, "
+                "well,culture,concentration,replicate)"
+                if grid
+                else ""
+            )
             raise PlateError(
-                path, f"plate map needs a 'well' column; {describe_header(table.columns, ('well', *PLATE_MAP_COLUMNS))}"
+                path,
+                f"plate map needs a 'well' column; {describe_header(table.columns, ('well', *PLATE_MAP_COLUMNS))}{hint}",
             )
         present = [c for c in PLATE_MAP_COLUMNS if c in table.columns]
         if not present:
