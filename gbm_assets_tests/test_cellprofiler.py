@@ -543,6 +543,11 @@ def test_a_cellprofiler_database_in_the_plate_folder_is_an_error_not_ignored(pla
         _read(plate)
 
 
+def test_windows_thumbs_db_beside_the_images_is_no_database(plate):
+    (plate / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1 thumbnail cache")
+    assert _read(plate) is None
+
+
 def test_add_plate_refuses_a_cellprofiler_database_naming_the_users_file(tmp_path):
     from gbm_assets.imaging.plate_import import make_plate
 

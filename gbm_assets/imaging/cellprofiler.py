@@ -56,6 +56,8 @@ WORKBOOK_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
 # MATLAB measurement files of its output settings): not read, and never silently ignored either,
 # since the cells would then come from our segmentation while the user meant CellProfiler's.
 DATABASE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".h5", ".hdf5", ".mat")
+# Known by content, so that Windows' Thumbs.db (an OLE2 file) beside the images is no database.
+DATABASE_MAGIC = (b"SQLite format 3\x00", b"\x89HDF\r\n\x1a\n", b"MATLAB")
 # A column starting with one of these makes a table look like a CellProfiler export.
 CP_PREFIXES = (
     "ImageNumber",
@@ -258,10 +260,24 @@ def _table_files(plate_dir: Path) -> list[Path]:
         p
         for p in plate_dir.iterdir()
         if p.is_file()
-        and p.suffix.lower() in (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES, *DATABASE_SUFFIXES)
+        and (p.suffix.lower() in (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES) or is_database_file(p))
         and p.name.lower() not in PLATE_FILES
         and not p.name.startswith(".")
     )
+
+
+def is_database_file(path: Path) -> bool:
+    """Whether a file is a database or measurements file (SQLite, HDF5, MATLAB) by its suffix
+    (DATABASE_SUFFIXES) and its first bytes (DATABASE_MAGIC); an unreadable one counts, so that
+    the table check names it instead of skipping it."""
+    if path.suffix.lower() not in DATABASE_SUFFIXES:
+        return False
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return True  # unreadable: let _classify name it rather than skip it
+    return head.startswith(DATABASE_MAGIC)
 
 
 def _looks_like_cellprofiler(columns) -> bool:

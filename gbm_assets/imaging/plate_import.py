@@ -24,10 +24,10 @@ import tifffile
 
 from gbm_assets.errors import InputError, PlateError
 from gbm_assets.imaging.cellprofiler import (
-    DATABASE_SUFFIXES,
     TABLE_SUFFIXES,
     WORKBOOK_SUFFIXES,
     check_plate_tables,
+    is_database_file,
     table_files,
 )
 from gbm_assets.imaging.io import IMAGE_SUFFIXES, frame_axes, frame_times_h, image_files, read_frames
@@ -257,7 +257,7 @@ def _check_no_nested_inputs(source: Path, include: str | None, plate_map: str | 
     tables in an output sub-folder, would otherwise be left out without a word. The plate map may
     lie anywhere, and the raw plates folder is not searched."""
     skip = Path(plate_map).resolve() if plate_map else None
-    tables = (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES, *DATABASE_SUFFIXES)
+    tables = (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES)
     for sub in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if sub.resolve() == raw.resolve():
             continue
@@ -271,6 +271,7 @@ def _check_no_nested_inputs(source: Path, include: str | None, plate_map: str | 
                 and (
                     (Path(n).suffix.lower() in IMAGE_SUFFIXES and (not include or fnmatch.fnmatch(n, include)))
                     or Path(n).suffix.lower() in tables
+                    or is_database_file(Path(folder) / n)
                 )
             ]
             if found:
