@@ -270,6 +270,28 @@ def test_a_script_saved_stack_of_3_or_4_frames_is_not_blended_as_colour(tmp_path
     assert np.array_equal(np.stack(list(read_frames(tmp_path / "pages.tif"))), frames)
 
 
+@pytest.mark.parametrize("thumbnail_first", [False, True])
+def test_a_thumbnail_page_flagged_as_reduced_resolution_is_skipped(tmp_path, thumbnail_first):
+    """Acquisition programs write a small RGB preview beside the image, flagged in NewSubfileType as
+    a reduced-resolution copy: it is no second image (the file was refused as holding 2 series)."""
+    image = grey16(shape=(64, 96))
+    preview = np.stack([(image[::4, ::4] >> 4).astype(np.uint8)] * 3, axis=-1)
+    with tifffile.TiffWriter(tmp_path / "with_preview.tif") as tif:
+        if thumbnail_first:
+            tif.write(preview, photometric="rgb", subfiletype=1)
+        tif.write(image)
+        if not thumbnail_first:
+            tif.write(preview, photometric="rgb", subfiletype=1)
+    assert count_frames(tmp_path / "with_preview.tif") == 1
+    assert np.array_equal(read_image(tmp_path / "with_preview.tif"), image)
+    # Without the flag, a second image of another size is still refused, never chosen between.
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tif:
+        tif.write(image)
+        tif.write(image[::4, ::4])
+    with pytest.raises(ImageReadError, match=r"two\.tif: holds 2 image series"):
+        read_image(tmp_path / "two.tif")
+
+
 def test_min_is_white_and_palette_tiffs(tmp_path):
     original = grey8()
     tifffile.imwrite(tmp_path / "white.tif", 255 - original, photometric="miniswhite")

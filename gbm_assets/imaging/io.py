@@ -13,6 +13,8 @@ Formats
 Frames
     A file holds one or more 2-D grey frames: the pages of a plain multi-page TIFF, the T/Z (and
     other non-channel) positions of an ImageJ, OME or vendor series. Frames are never blended.
+    TIFF pages flagged (NewSubfileType) as a reduced-resolution copy (thumbnail, preview) or a
+    transparency mask are skipped.
     read_image reads a file of exactly one frame; read_frames yields every frame, decoded one at a
     time; count_frames counts them from the header and frame_axes says which axes (T, Z...) they
     run along. An RGB(A) image (samples) is one frame. A file
@@ -494,6 +496,12 @@ class _TiffSource(_Source):
 
     def _setup(self, tif: tifffile.TiffFile, series_list) -> None:
         path = self.path
+        # A page the file itself flags (NewSubfileType) as a reduced-resolution copy of another image
+        # (a thumbnail or preview, which acquisition programs write beside the image) or as a
+        # transparency mask is no image of its own.
+        images = [s for s in series_list if not _is_thumbnail_or_mask(s)]
+        if images:
+            series_list = images
         if not series_list:
             raise ImageReadError(path, "unreadable or corrupt image (no image found in the TIFF)")
         if len(series_list) > 1:
@@ -647,6 +655,12 @@ def _planes_differ(data: np.ndarray) -> bool:
     if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
         return True
     return any(data[..., k].min() != data[..., k].max() for k in range(3, data.shape[-1]))
+
+
+def _is_thumbnail_or_mask(series) -> bool:
+    page = series.keyframe
+    flags = int(getattr(page, "subfiletype", 0) or 0)
+    return bool(flags & (int(tifffile.FILETYPE.REDUCEDIMAGE) | int(tifffile.FILETYPE.MASK)))
 
 
 def _series_size(series) -> str:

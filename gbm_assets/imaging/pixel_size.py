@@ -143,7 +143,7 @@ def recorded_pixel_size(path: str | Path) -> PixelSize | None:
         return None  # PNG, JPEG, BMP: a print density at most
     try:
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages.first
+            page = _image_page(tif)
             ome = tif.ome_metadata if tif.is_ome else None
             imagej = tif.imagej_metadata if tif.is_imagej else None
             metaseries = tif.metaseries_metadata if tif.is_metaseries else None
@@ -274,6 +274,15 @@ def coordinates_pixel_sizes(coordinates_dir: str | Path, plates=None) -> dict[st
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def _image_page(tif: tifffile.TiffFile):
+    """The first page that is the image itself, not a thumbnail or mask (NewSubfileType flags)."""
+    skip = int(tifffile.FILETYPE.REDUCEDIMAGE) | int(tifffile.FILETYPE.MASK)
+    for page in tif.pages:
+        if not int(getattr(page, "subfiletype", 0) or 0) & skip:
+            return page
+    return tif.pages.first
 
 
 def _rational(value) -> float:
