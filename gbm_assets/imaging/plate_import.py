@@ -394,8 +394,9 @@ def make_plate(
     own TIFF. plate_id defaults to a safe id derived from the folder name. timepoint_pattern: a
     regular expression with one group, read from each file name, giving the time point in hours
     (e.g. r"t(\\d+)"); without it, instrument stamps (DDdHHhMMm) are read, else time point 0.
-    Returns the plate folder. Raises PlateError / ImageReadError naming the file and problem; then
-    nothing is left under raw/.
+    Returns the plate folder. Raises PlateError / ImageReadError naming the file and problem (also
+    for images or tables in a sub-folder of a source folder without a manifest: sub-folders are not
+    searched, and their files would otherwise be left out unsaid); then nothing is left under raw/.
     """
     source = Path(source)
     name = source.name.split(".")[0] if source.is_file() else source.name  # xy01.ome.tif -> xy01
