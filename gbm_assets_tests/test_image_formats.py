@@ -195,6 +195,11 @@ def test_multichannel_files_are_refused(tmp_path):
         for reader in (count_frames, read_image, image_size, read_frames):
             with pytest.raises(ImageReadError, match=r"phase\+gfp.*2 channels"):
                 reader(path)
+    # The channels' names, where the file records them, tell the user which one to save.
+    named = tmp_path / "named.ome.tif"
+    tifffile.imwrite(named, data, ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["Phase", "GFP"]}})
+    with pytest.raises(ImageReadError, match=r"named\.ome\.tif: holds 2 channels \('Phase', 'GFP'\)"):
+        read_image(named)
 
 
 def test_tiff_with_two_series_is_refused(tmp_path):

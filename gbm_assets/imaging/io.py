@@ -516,8 +516,11 @@ class _TiffSource(_Source):
         shape = tuple(int(n) for n in series.get_shape(squeeze=False))
         sizes = dict(zip(axes, shape, strict=False))
         if sizes.get("C", 1) > 1:
+            names = _channel_names(tif)
+            named = f" ({', '.join(repr(n[:40]) for n in names[:8])})" if names else ""
             raise ImageReadError(
-                path, f"holds {sizes['C']} channels; phase contrast is one channel (save the phase channel alone)"
+                path,
+                f"holds {sizes['C']} channels{named}; phase contrast is one channel (save the phase channel alone)",
             )
         if "Y" not in sizes or "X" not in sizes:
             raise ImageReadError(path, f"unsupported TIFF layout (axes {axes!r})")
@@ -655,6 +658,21 @@ def _planes_differ(data: np.ndarray) -> bool:
     if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
         return True
     return any(data[..., k].min() != data[..., k].max() for k in range(3, data.shape[-1]))
+
+
+def _channel_names(tif: tifffile.TiffFile) -> list[str]:
+    """The channel names an OME-TIFF (Channel Name) or ImageJ TIFF (Labels) records, [] if none."""
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+            channels = (image[0] if isinstance(image, list) else image)["Pixels"].get("Channel", [])
+            channels = channels if isinstance(channels, list) else [channels]
+            return [str(c["Name"]) for c in channels if isinstance(c, dict) and c.get("Name")]
+        if tif.is_imagej and tif.imagej_metadata and tif.imagej_metadata.get("Labels"):
+            return [str(label) for label in tif.imagej_metadata["Labels"]]
+    except Exception:  # names are a courtesy in an error message, never an error of their own
+        return []
+    return []
 
 
 def _is_thumbnail_or_mask(series) -> bool:
