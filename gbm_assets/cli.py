@@ -188,14 +188,18 @@ def _note_guessed_frame_times(source: Path, manifest, interval_h: float | None) 
 
     if interval_h is not None or "frame" not in manifest or "source" not in manifest:
         return
+    untimed = []
     for name in manifest.loc[manifest["frame"].astype(str) != "", "source"].unique():
         path = source if source.is_file() else source / str(name)
         if frame_times_h(path) is None and frame_interval_h(path) is None:
-            print(
-                f"note: {path} records no time between its frames, so they are 1 h apart; if they are "
-                "not, re-add the plate with --frame-interval-h",
-                file=sys.stderr,
-            )
+            untimed.append(path)
+    if untimed:
+        which = str(untimed[0]) if len(untimed) == 1 else f"{len(untimed)} stacks ({untimed[0]}, ...)"
+        print(
+            f"note: {which} records no time between its frames, so they are 1 h apart; if they are "
+            "not, re-add the plate with --frame-interval-h",
+            file=sys.stderr,
+        )
 
 
 def _dagster_home() -> Path:
