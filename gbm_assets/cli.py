@@ -194,9 +194,9 @@ def _note_guessed_frame_times(source: Path, manifest, interval_h: float | None) 
         if frame_times_h(path) is None and frame_interval_h(path) is None:
             untimed.append(path)
     if untimed:
-        which = str(untimed[0]) if len(untimed) == 1 else f"{len(untimed)} stacks ({untimed[0]}, ...)"
+        which = f"{untimed[0]} records" if len(untimed) == 1 else f"{len(untimed)} stacks ({untimed[0]}, ...) record"
         print(
-            f"note: {which} records no time between its frames, so they are 1 h apart; if they are "
+            f"note: {which} no time between their frames, so they are 1 h apart; if they are "
             "not, re-add the plate with --frame-interval-h",
             file=sys.stderr,
         )
