@@ -118,6 +118,13 @@ def test_a_plate_map_saved_as_a_workbook_says_save_it_as_csv(tmp_path, name):
         read_plate_map(tmp_path / name)
 
 
+def test_plate_map_wells_written_with_a_separator_are_the_wells_of_the_names(tmp_path):
+    export = _export(tmp_path / "export", ["B2", "D7"])
+    (tmp_path / "map.csv").write_text("well,culture\nB-02,GBM03\nd_07,GBM05\n")
+    m = read_manifest(make_plate(export, tmp_path / "raw", "p", plate_map=tmp_path / "map.csv"))
+    assert dict(zip(m["well"], m["culture"], strict=True)) == {"B2": "GBM03", "D7": "GBM05"}
+
+
 def test_plate_map_needs_wells_in_names(tmp_path):
     source = tmp_path / "src"
     source.mkdir()

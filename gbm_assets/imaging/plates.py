@@ -36,7 +36,7 @@ MAX_TIMEPOINT_H = 366 * 24.0  # a time point later than a year after plating is 
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PLATE_ID_RULE = "letters, digits, '.', '_', '-'; starting with a letter or digit; at most 128; no '..'"
-_WELL = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
+_WELL = re.compile(r"^([A-Za-z]{1,2})[-_ ]?0*(\d{1,3})$")
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
 _GROUPED = re.compile(r"^[+-]?\d{1,3}(?:[ \u00a0\u202f']\d{3})+(?:\.\d+)?$")  # 1 000, 1'000.5
 _POINT_GROUPS = re.compile(r"^[+-]?\d{1,3}(?:\.\d{3})+$")
@@ -85,7 +85,7 @@ def safe_plate_id(name: str) -> str:
 
 
 def normalise_well(well: str) -> str:
-    """'b02' -> 'B2': plate maps and instruments write the same well differently. 'na' stays."""
+    """'b02', 'B-02', 'B_2' -> 'B2': plate maps and instruments write the same well differently. 'na' stays."""
     match = _WELL.match(str(well).strip())
     return f"{match.group(1).upper()}{int(match.group(2))}" if match else str(well).strip()
 
