@@ -516,7 +516,7 @@ class _TiffSource(_Source):
         shape = tuple(int(n) for n in series.get_shape(squeeze=False))
         sizes = dict(zip(axes, shape, strict=False))
         if sizes.get("C", 1) > 1:
-            names = _channel_names(tif)
+            names = _channel_names(tif, sizes["C"])
             named = f" ({', '.join(repr(n[:40]) for n in names[:8])})" if names else ""
             raise ImageReadError(
                 path,
@@ -660,16 +660,18 @@ def _planes_differ(data: np.ndarray) -> bool:
     return any(data[..., k].min() != data[..., k].max() for k in range(3, data.shape[-1]))
 
 
-def _channel_names(tif: tifffile.TiffFile) -> list[str]:
-    """The channel names an OME-TIFF (Channel Name) or ImageJ TIFF (Labels) records, [] if none."""
+def _channel_names(tif: tifffile.TiffFile, n: int) -> list[str]:
+    """The n channel names an OME-TIFF (Channel Name) or ImageJ TIFF (slice Labels, when there are n)
+    records, [] if none."""
     try:
         if tif.is_ome and tif.ome_metadata:
             image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
             channels = (image[0] if isinstance(image, list) else image)["Pixels"].get("Channel", [])
             channels = channels if isinstance(channels, list) else [channels]
             return [str(c["Name"]) for c in channels if isinstance(c, dict) and c.get("Name")]
-        if tif.is_imagej and tif.imagej_metadata and tif.imagej_metadata.get("Labels"):
-            return [str(label) for label in tif.imagej_metadata["Labels"]]
+        labels = (tif.imagej_metadata or {}).get("Labels") if tif.is_imagej else None
+        if labels and len(labels) == n:  # a label per slice: channel names only when the slices are the channels
+            return [str(label) for label in labels]
     except Exception:  # names are a courtesy in an error message, never an error of their own
         return []
     return []
