@@ -12,7 +12,7 @@ import tifffile
 
 from gbm_assets.errors import ImageReadError, PlateError
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.plate_import import make_plate
+from gbm_assets.imaging.plate_import import make_plate, read_plate_map
 from gbm_assets.imaging.plates import MANIFEST_COLUMNS, check_plate_id, find_ready_plates, read_manifest, validate_plate
 from gbm_assets_tests.conftest import write_tiny_plate
 
@@ -223,6 +223,23 @@ def test_a_time_point_that_is_a_spreadsheet_date_serial_or_in_seconds_is_refused
         read_manifest(plate)
     _manifest_bytes(plate, "image,culture,timepoint_h\nimg0.tif,A,144\nimg1.tif,A,8760\n")  # a year: still hours
     assert read_manifest(plate)["timepoint_h"].tolist() == [144.0, 8760.0]
+
+
+def test_one_culture_typed_two_ways_is_an_error_and_unicode_forms_are_one(tmp_path):
+    """'GBM03' and 'gbm 03' in one manifest (or plate map) would silently be two cultures; 'Zürich'
+    composed (Windows) and decomposed (macOS) is one culture, never two."""
+    import unicodedata
+
+    plate = write_tiny_plate(tmp_path / "p", n=3)
+    _manifest_bytes(plate, "image,culture\nimg0.tif,GBM03\nimg1.tif,GBM03\nimg2.tif,gbm 03\n")
+    with pytest.raises(PlateError, match=r"culture 'GBM03' \(line 2\) and 'gbm 03' \(line 4\) differ only in case"):
+        read_manifest(plate)
+    nfd = unicodedata.normalize("NFD", "GBM Zürich")
+    _manifest_bytes(plate, f"image,culture\nimg0.tif,GBM Zürich\nimg1.tif,{nfd}\nimg2.tif,GBM Zug\n")
+    assert read_manifest(plate)["culture"].tolist() == ["GBM Zürich", "GBM Zürich", "GBM Zug"]
+    (tmp_path / "map.csv").write_text("well,culture\nB2,U87\nB3,u-87\n")
+    with pytest.raises(PlateError, match=r"map\.csv: culture 'U87' \(line 2\) and 'u-87' \(line 3\)"):
+        read_plate_map(tmp_path / "map.csv")
 
 
 def test_manifest_linked_to_a_private_file_is_not_quoted(tmp_path):

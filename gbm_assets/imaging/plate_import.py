@@ -37,6 +37,7 @@ from gbm_assets.imaging.plates import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
     check_look_alikes,
+    check_one_spelling,
     check_plate_id,
     column_name,
     concentration_label,
@@ -314,6 +315,8 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
         dup = table["well"][table["well"].duplicated()]
         if not dup.empty:
             raise PlateError(path, f"well {dup.iloc[0]} is listed more than once")
+        if "culture" in present:
+            check_one_spelling(path, table, "culture")
         if "concentration" in present:
             table["concentration"] = concentration_labels(table, "concentration")
         if "replicate" in present:

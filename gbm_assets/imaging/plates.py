@@ -256,6 +256,28 @@ def column_name(name: str) -> str:
     return next((column for column in MANIFEST_COLUMNS if squashed == _squash(column)), name)
 
 
+def check_one_spelling(table: Path, df: pd.DataFrame, column: str) -> None:
+    """Refuse a table (read by read_delimited) in which two values of `column` differ only in case,
+    spaces or punctuation ('GBM03', 'gbm 03', 'GBM-03'): one culture typed two ways would silently
+    become two cultures.
+
+    Raises
+    ------
+    PlateError
+        Naming the table, both spellings and their lines.
+    """
+    first: dict[str, tuple[str, int]] = {}
+    for value, line in zip(df[column].astype(str), df[LINE_COLUMN], strict=False):
+        key = re.sub(r"[\W_]", "", value.casefold()) or value
+        seen = first.setdefault(key, (value, int(line)))
+        if seen[0] != value:
+            raise PlateError(
+                table,
+                f"{column} {seen[0]!r} (line {seen[1]}) and {value!r} (line {int(line)}) differ only in case, "
+                f"spaces or punctuation; write one {column} one way (if they are two, name them apart)",
+            )
+
+
 def check_look_alikes(table: Path, header: list[str], columns=(*MANIFEST_COLUMNS, PIXEL_SIZE_COLUMN)) -> None:
     """Refuse a header that names one of `columns` in other words ('Time', 'Rep', 'Site') when that
     column is absent: the images would silently get the column's default instead of what it says.
@@ -328,6 +350,7 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
     dup = df["image"][df["image"].duplicated()]
     if not dup.empty:
         raise PlateError(manifest, f"image {dup.iloc[0]!r} listed more than once")
+    check_one_spelling(manifest, df, "culture")
     df["concentration"] = concentration_labels(df, "concentration")
     df["well"] = df["well"].map(normalise_well)
     try:
