@@ -171,6 +171,7 @@ def cmd_add_plate(args: argparse.Namespace) -> int:
             r"--timepoint-pattern (e.g. 't(\d+)')",
             file=sys.stderr,
         )
+    _note_guessed_frame_times(Path(args.source), summary.manifest, args.frame_interval_h)
     wells = summary.manifest["well"].nunique() if (summary.manifest["well"] != "na").any() else 0
     print(
         f"plate {summary.plate_id}: {summary.n_images} images of {summary.width}x{summary.height}, "
@@ -179,6 +180,26 @@ def cmd_add_plate(args: argparse.Namespace) -> int:
         + f" -> {plate}"
     )
     return 0
+
+
+def _note_guessed_frame_times(source: Path, manifest, interval_h: float | None) -> None:
+    """Say so on stderr when a stack's frames were put 1 h apart because the file records no time."""
+    from gbm_assets.imaging.io import frame_interval_h, frame_times_h
+
+    if interval_h is not None or "frame" not in manifest or "source" not in manifest:
+        return
+    untimed = []
+    for name in manifest.loc[manifest["frame"].astype(str) != "", "source"].unique():
+        path = source if source.is_file() else source / str(name)
+        if frame_times_h(path) is None and frame_interval_h(path) is None:
+            untimed.append(path)
+    if untimed:
+        which = f"{untimed[0]} records" if len(untimed) == 1 else f"{len(untimed)} stacks ({untimed[0]}, ...) record"
+        print(
+            f"note: {which} no time between their frames, so they are 1 h apart; if they are "
+            "not, re-add the plate with --frame-interval-h",
+            file=sys.stderr,
+        )
 
 
 def _dagster_home() -> Path:

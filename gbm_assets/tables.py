@@ -13,6 +13,7 @@ import codecs
 import csv
 import math
 import re
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -22,13 +23,19 @@ from gbm_assets.errors import InputError
 DELIMITERS = ",;\t|"
 DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
 LINE_COLUMN = "_line"  # the 1-based line of the file each row came from
+_WORKBOOK_MAGIC = (b"PK\x03\x04", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1")  # ZIP (xlsx, ods), OLE2 (xls)
 
 
 def decode_text(path: Path, data: bytes) -> str:
-    """Text of a table file, whatever encoding a spreadsheet program chose.
+    """Text of a table file, whatever encoding a spreadsheet program chose, in Unicode NFC.
 
-    Raises InputError (naming the file) for binary content.
+    Raises InputError (naming the file) for binary content, saying so when it is a spreadsheet
+    workbook (.xlsx/.ods are ZIP archives, .xls an OLE2 compound file) whatever its name.
     """
+    if data.startswith(_WORKBOOK_MAGIC):
+        raise InputError(
+            path, "is a spreadsheet workbook (.xlsx, .xls or .ods), not a text table; save it as CSV (File > Save As)"
+        )
     if data.startswith(codecs.BOM_UTF8):
         text = data[len(codecs.BOM_UTF8) :].decode("utf-8", errors="strict")
     elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -42,7 +49,9 @@ def decode_text(path: Path, data: bytes) -> str:
             text = data.decode("cp1252", errors="replace")
     if "\x00" in text:
         raise InputError(path, "not a text table (binary content)")
-    return text
+    # One text, one spelling: macOS writes accents decomposed (NFD), most programs composed (NFC);
+    # "Zürich" in both forms must be one culture, not two.
+    return unicodedata.normalize("NFC", text)
 
 
 def _utf16_without_bom(data: bytes) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -510,3 +511,49 @@ def test_a_workbook_in_the_plate_folder_is_an_error_not_ignored(plate, suffix):
     (plate / f"Cells{suffix}").write_bytes(b"PK\x03\x04 workbook")
     with pytest.raises(PlateError, match=rf"Cells\{suffix}: a spreadsheet workbook .* save the table as CSV"):
         _read(plate)
+
+
+def _export_to_database(path: Path) -> Path:
+    """A SQLite file as CellProfiler's ExportToDatabase writes it (Per_Image, Per_Object)."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        pd.DataFrame({"ImageNumber": [1, 2], "Image_FileName_Phase": ["img1.tif", "img0.tif"]}).to_sql(
+            "Per_Image", db, index=False
+        )
+        pd.DataFrame(
+            {
+                "ImageNumber": [1, 1, 2],
+                "ObjectNumber": [1, 2, 1],
+                "Cells_Location_Center_X": [10.25, 30.0, 5.5],
+                "Cells_Location_Center_Y": [20.5, 40.75, 6.0],
+            }
+        ).to_sql("Per_Object", db, index=False)
+    return path
+
+
+@pytest.mark.parametrize("name", ["DefaultDB.db", "MyExpt.sqlite", "DefaultOUT.h5", "DefaultOUT.mat"])
+def test_a_cellprofiler_database_in_the_plate_folder_is_an_error_not_ignored(plate, name):
+    # Our segmentation must not silently replace the cells of a CellProfiler run saved as a database.
+    if name.endswith(".db"):
+        _export_to_database(plate / name)
+    else:
+        (plate / name).write_bytes(b"\x89HDF\r\n\x1a\n measurements")
+    with pytest.raises(PlateError, match=rf"{re.escape(name)}: a CellProfiler database .* ExportToSpreadsheet"):
+        _read(plate)
+
+
+def test_windows_thumbs_db_beside_the_images_is_no_database(plate):
+    (plate / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1 thumbnail cache")
+    assert _read(plate) is None
+
+
+def test_add_plate_refuses_a_cellprofiler_database_naming_the_users_file(tmp_path):
+    from gbm_assets.imaging.plate_import import make_plate
+
+    source = write_tiny_plate(tmp_path / "export", n=2, size=(64, 64))
+    (source / "manifest.csv").unlink()
+    _export_to_database(source / "DefaultDB.db")
+    with pytest.raises(PlateError, match=r"export/DefaultDB\.db: a CellProfiler database"):
+        make_plate(source, tmp_path / "raw", "p", culture="A")
+    assert not (tmp_path / "raw" / "p").exists()

@@ -8,6 +8,7 @@ import struct
 import sys
 import time
 import tracemalloc
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +195,11 @@ def test_multichannel_files_are_refused(tmp_path):
         for reader in (count_frames, read_image, image_size, read_frames):
             with pytest.raises(ImageReadError, match=r"phase\+gfp.*2 channels"):
                 reader(path)
+    # The channels' names, where the file records them, tell the user which one to save.
+    named = tmp_path / "named.ome.tif"
+    tifffile.imwrite(named, data, ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["Phase", "GFP"]}})
+    with pytest.raises(ImageReadError, match=r"named\.ome\.tif: holds 2 channels \('Phase', 'GFP'\)"):
+        read_image(named)
 
 
 def test_tiff_with_two_series_is_refused(tmp_path):
@@ -249,6 +255,46 @@ def test_rgb_tiffs(tmp_path):
     tifffile.imwrite(tmp_path / "colour.tif", coloured, photometric="rgb")
     expected = np.round(coloured[..., 0] * 0.299 + coloured[..., 1] * 0.587 + coloured[..., 2] * 0.114)
     assert np.array_equal(read_image(tmp_path / "colour.tif"), expected.astype(np.uint16))
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_a_script_saved_stack_of_3_or_4_frames_is_not_blended_as_colour(tmp_path, n):
+    """tifffile.imwrite(path, frames) and skimage.io.imsave store a (3, H, W) or (4, H, W) stack as
+    one planar RGB(A) page: its frames were blended into one "luminance" image (and a 4th dropped as
+    alpha). Now refused, naming the file; the same planes saved as pages are frames; one grey saved
+    as planar RGB (identical planes) still reads as that grey."""
+    frames = np.stack([grey16(seed=s) for s in range(n)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # tifffile: a future default changes this
+        tifffile.imwrite(tmp_path / "stack.tif", frames)
+        tifffile.imwrite(tmp_path / "grey.tif", np.stack([frames[0]] * 3))
+    with pytest.raises(ImageReadError, match=rf"stack\.tif: holds {n} different planes stored as one planar RGB"):
+        read_image(tmp_path / "stack.tif")
+    assert np.array_equal(read_image(tmp_path / "grey.tif"), frames[0])
+    tifffile.imwrite(tmp_path / "pages.tif", frames, photometric="minisblack")
+    assert np.array_equal(np.stack(list(read_frames(tmp_path / "pages.tif"))), frames)
+
+
+@pytest.mark.parametrize("thumbnail_first", [False, True])
+def test_a_thumbnail_page_flagged_as_reduced_resolution_is_skipped(tmp_path, thumbnail_first):
+    """Acquisition programs write a small RGB preview beside the image, flagged in NewSubfileType as
+    a reduced-resolution copy: it is no second image (the file was refused as holding 2 series)."""
+    image = grey16(shape=(64, 96))
+    preview = np.stack([(image[::4, ::4] >> 4).astype(np.uint8)] * 3, axis=-1)
+    with tifffile.TiffWriter(tmp_path / "with_preview.tif") as tif:
+        if thumbnail_first:
+            tif.write(preview, photometric="rgb", subfiletype=1)
+        tif.write(image)
+        if not thumbnail_first:
+            tif.write(preview, photometric="rgb", subfiletype=1)
+    assert count_frames(tmp_path / "with_preview.tif") == 1
+    assert np.array_equal(read_image(tmp_path / "with_preview.tif"), image)
+    # Without the flag, a second image of another size is still refused, never chosen between.
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tif:
+        tif.write(image)
+        tif.write(image[::4, ::4])
+    with pytest.raises(ImageReadError, match=r"two\.tif: holds 2 image series"):
+        read_image(tmp_path / "two.tif")
 
 
 def test_min_is_white_and_palette_tiffs(tmp_path):

@@ -40,6 +40,33 @@ def test_imagej_tiff_in_microns(tmp_path):
     assert recorded_pixel_size(_imagej(tmp_path / "px.tif", 1, "pixel")) is None  # uncalibrated ImageJ
 
 
+def _metaseries(path, state: str, x: float, y: float, units: str = "um"):
+    """A TIFF as MetaMorph / MetaXpress (ImageXpress) write it: MetaSeries XML, no resolution tags."""
+    props = {"spatial-calibration-state": ("bool", state), "spatial-calibration-x": ("float", x)}
+    props |= {"spatial-calibration-y": ("float", y), "spatial-calibration-units": ("string", units)}
+    plane = "".join(f'<prop id="{k}" type="{t}" value="{v}"/>' for k, (t, v) in props.items())
+    description = f"<MetaData><PlaneInfo>{plane}</PlaneInfo><SetInfo></SetInfo></MetaData>"
+    tifffile.imwrite(path, IMAGE, description=description, software="MetaSeries", metadata=None)
+    return path
+
+
+def test_metamorph_metaxpress_tiff_spatial_calibration(tmp_path):
+    size = recorded_pixel_size(_metaseries(tmp_path / "a.tif", "on", 0.65, 0.65))
+    assert size.um == pytest.approx(0.65) and "MetaSeries" in size.source
+    assert recorded_pixel_size(_metaseries(tmp_path / "b.tif", "on", 650, 650, "nm")).um == pytest.approx(0.65)
+    assert recorded_pixel_size(_metaseries(tmp_path / "c.tif", "off", 1, 1, "pixels")) is None  # uncalibrated
+    with pytest.raises(ImageReadError, match=r"d\.tif: non-square pixels"):
+        recorded_pixel_size(_metaseries(tmp_path / "d.tif", "on", 0.65, 1.3))
+
+
+def test_pixel_size_of_a_tiff_with_a_thumbnail_first_is_the_images(tmp_path):
+    path = tmp_path / "preview_first.tif"
+    with tifffile.TiffWriter(path) as tif:  # the preview's own resolution is 4x coarser
+        tif.write(IMAGE[::4, ::4], subfiletype=1, resolution=(1e4 / 2.6, 1e4 / 2.6), resolutionunit="CENTIMETER")
+        tif.write(IMAGE, resolution=(1e4 / 0.65, 1e4 / 0.65), resolutionunit="CENTIMETER")
+    assert recorded_pixel_size(path).um == pytest.approx(0.65)
+
+
 def test_ome_tiff_physical_size_in_nm_is_the_same_as_other_encodings(tmp_path):
     """650 nm in OME, 0.65 micron in ImageJ and 15,384.6 px/cm in a plain TIFF are one pixel size."""
     ome = recorded_pixel_size(_ome(tmp_path / "a.ome.tif", 650, unit="nm"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -95,12 +97,32 @@ def test_plate_map_must_cover_every_well(tmp_path):
         # a column named otherwise would be dropped, leaving the default for every well
         ("Well,Culture,Conc\nB2,A,1000\n", r"column 'conc' looks like 'concentration'"),
         ("well,culture,Rep.\nB2,A,1\n", r"column 'rep.' looks like 'replicate'"),
+        # a plate drawn as a grid (rows A-H, columns 1-12), as labs keep plate maps in spreadsheets
+        (",1,2,3\nA,GBM03,GBM03,GBM05\nB,GBM03,GBM05,GBM05\n", r"needs a 'well' column.*a plate drawn as a grid"),
     ],
 )
 def test_bad_plate_maps(tmp_path, content, message):
     (tmp_path / "map.csv").write_text(content)
     with pytest.raises(PlateError, match=message):
         read_plate_map(tmp_path / "map.csv")
+
+
+@pytest.mark.parametrize("name", ["map.xlsx", "map.csv"])
+def test_a_plate_map_saved_as_a_workbook_says_save_it_as_csv(tmp_path, name):
+    """An .xlsx (a ZIP archive), whatever its name, is named as a workbook, not as unreadable."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / name, "w") as workbook:
+        workbook.writestr("xl/workbook.xml", "<workbook/>")
+    with pytest.raises(PlateError, match=rf"{re.escape(name)}: is a spreadsheet workbook .* save it as CSV"):
+        read_plate_map(tmp_path / name)
+
+
+def test_plate_map_wells_written_with_a_separator_are_the_wells_of_the_names(tmp_path):
+    export = _export(tmp_path / "export", ["B2", "D7"])
+    (tmp_path / "map.csv").write_text("well,culture\nB-02,GBM03\nd_07,GBM05\n")
+    m = read_manifest(make_plate(export, tmp_path / "raw", "p", plate_map=tmp_path / "map.csv"))
+    assert dict(zip(m["well"], m["culture"], strict=True)) == {"B2": "GBM03", "D7": "GBM05"}
 
 
 def test_plate_map_needs_wells_in_names(tmp_path):
@@ -209,6 +231,38 @@ def test_stack_frame_interval_from_ome_metadata(tmp_path):
     assert m["timepoint_h"].tolist() == [0.0, 0.5, 1.0, 1.5]
 
 
+def test_irregular_ome_time_lapse_keeps_each_planes_recorded_time(tmp_path):
+    # An OME-TIFF time-lapse records each plane's time (Plane DeltaT) but no regular TimeIncrement
+    # (a pause overnight, a microscope that waits for autofocus): frames are at those times, never
+    # at a guessed one-hour step. Frame 0's DeltaT (acquisition started 2 min in) is the origin.
+    source = tmp_path / "src"
+    source.mkdir()
+    frames = np.stack([np.full((32, 40), k, np.uint16) for k in range(4)])
+    delta_min = [2, 32, 92, 272]  # 0, 0.5, 1.5 and 4.5 h after the first frame
+    tifffile.imwrite(
+        source / "pos1.ome.tif",
+        frames,
+        ome=True,
+        metadata={"axes": "TYX", "Plane": {"DeltaT": delta_min, "DeltaTUnit": ["min"] * 4}},
+    )
+    m = read_manifest(make_plate(source, tmp_path / "raw", "ome", culture="A"))
+    assert m["timepoint_h"].tolist() == [0.0, 0.5, 1.5, 4.5]
+    # An interval given by hand still wins.
+    m = read_manifest(make_plate(source, tmp_path / "raw", "by-hand", culture="A", frame_interval_h=2))
+    assert m["timepoint_h"].tolist() == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_imagej_time_lapse_interval_in_days(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    frames = np.stack([np.full((32, 40), k, np.uint16) for k in range(3)])
+    tifffile.imwrite(
+        source / "daily.tif", frames, imagej=True, metadata={"axes": "TYX", "finterval": 1, "tunit": "day"}
+    )
+    m = read_manifest(make_plate(source, tmp_path / "raw", "daily", culture="A"))
+    assert m["timepoint_h"].tolist() == [0.0, 24.0, 48.0]
+
+
 def test_stack_frames_may_not_collide_with_another_file(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
@@ -252,6 +306,71 @@ def test_time_by_z_hyperstack_is_refused_not_given_a_time_point_per_plane(tmp_pa
     with pytest.raises(PlateError, match=r"xy01\.tif: is a stack of 3 time points x 2 focal planes \(Z\)"):
         make_plate(source, tmp_path / "raw", "tz", culture="A")
     assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("zstack.ome.tif", {"ome": True, "metadata": {"axes": "ZYX", "PhysicalSizeZ": 2.0}}),
+        ("zstack.tif", {"imagej": True, "metadata": {"axes": "ZYX", "spacing": 2.0, "unit": "micron"}}),
+    ],
+)
+def test_a_stack_of_focal_planes_is_refused_not_read_as_a_time_lapse(tmp_path, name, options):
+    """An OME Z series, or an ImageJ stack with a z-step, is 3 planes of one moment: frame k at k
+    hours would be invented, and the same cells would be counted three times."""
+    source = tmp_path / "src"
+    source.mkdir()
+    tifffile.imwrite(source / name, np.zeros((3, 32, 40), np.uint16), **options)
+    with pytest.raises(PlateError, match=rf"{re.escape(name)}: is a stack of 3 focal planes \(Z\) of one time point"):
+        make_plate(source, tmp_path / "raw", "z", culture="A")
+    assert not (tmp_path / "raw" / "z").exists()
+
+
+def test_an_imagej_stack_of_slices_without_a_z_step_is_still_a_time_lapse(tmp_path):
+    # ImageJ calls every plain stack (a time-lapse opened as an image sequence) "slices".
+    source = tmp_path / "src"
+    source.mkdir()
+    tifffile.imwrite(source / "seq.tif", np.zeros((3, 32, 40), np.uint16), imagej=True, metadata={"axes": "ZYX"})
+    m = read_manifest(make_plate(source, tmp_path / "raw", "seq", culture="A"))
+    assert m["timepoint_h"].tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("nested", ["B2/GBM03_Phase_B2_1_00d04h00m.tif", "cp_output/MyExpt_Cells.csv"])
+def test_images_or_tables_in_a_sub_folder_are_an_error_not_left_out(tmp_path, nested):
+    """An export written one sub-folder per well, or CellProfiler's tables in an output folder: a
+    plate of the top-level files alone would silently lack them (wells, or CellProfiler's cells)."""
+    source = _export(tmp_path / "export", ["B3"], stamps=("00d04h00m",))
+    (source / nested).parent.mkdir()
+    if nested.endswith(".tif"):
+        tifffile.imwrite(source / nested, np.zeros((48, 64), np.uint16))
+    else:
+        (source / nested).write_text("ImageNumber,ObjectNumber,Location_Center_X,Location_Center_Y\n1,1,3,3\n")
+    (source / "maps").mkdir()
+    (source / "maps" / "map.csv").write_text("well,culture\nB2,A\nB3,A\n")
+    with pytest.raises(PlateError, match=rf"{re.escape(nested)}: is in a sub-folder, which add-plate does not search"):
+        make_plate(source, tmp_path / "raw", "p", plate_map=source / "maps" / "map.csv")
+    assert not (tmp_path / "raw" / "p").exists()
+    # Files the --include pattern leaves out, the plate map and hidden folders are no reason to refuse.
+    if nested.endswith(".tif"):
+        plate = make_plate(source, tmp_path / "raw", "p", plate_map=source / "maps" / "map.csv", include="*_B3_*")
+        assert read_manifest(plate)["well"].tolist() == ["B3"]
+
+
+def test_add_plate_says_when_a_stack_records_no_frame_interval(tmp_path, capsys):
+    from gbm_assets.cli import main
+
+    source = tmp_path / "src"
+    source.mkdir()
+    tifffile.imwrite(source / "plain.tif", np.zeros((3, 32, 40), np.uint16), photometric="minisblack")  # 3 pages
+    tifffile.imwrite(
+        source / "timed.tif", np.zeros((2, 32, 40), np.uint16), imagej=True, metadata={"axes": "TYX", "finterval": 60}
+    )
+    assert main(["add-plate", str(source), "--culture", "A", "--raw", str(tmp_path / "raw"), "--plate-id", "p"]) == 0
+    err = capsys.readouterr().err
+    assert "plain.tif records no time between their frames, so they are 1 h apart" in err and "timed.tif" not in err
+    args = ["add-plate", str(source), "--culture", "A", "--raw", str(tmp_path / "raw"), "--plate-id", "q"]
+    assert main([*args, "--frame-interval-h", "0.5"]) == 0
+    assert "records no time" not in capsys.readouterr().err
 
 
 def _cellprofiler_export(folder):

@@ -12,7 +12,7 @@ import tifffile
 
 from gbm_assets.errors import ImageReadError, PlateError
 from gbm_assets.imaging.io import read_image
-from gbm_assets.imaging.plate_import import make_plate
+from gbm_assets.imaging.plate_import import make_plate, read_plate_map
 from gbm_assets.imaging.plates import MANIFEST_COLUMNS, check_plate_id, find_ready_plates, read_manifest, validate_plate
 from gbm_assets_tests.conftest import write_tiny_plate
 
@@ -201,6 +201,47 @@ def test_manifest_names_match_files_in_any_unicode_normalisation(tmp_path):
     assert summary.manifest["image"].tolist() == [nfd]
 
 
+def test_manifest_names_match_a_file_differing_only_in_letter_case(tmp_path):
+    """A manifest typed on Windows or macOS (file systems that ignore case) says T07.TIF for t07.tif:
+    the one file of that name is used; with two such files, the name must be exact."""
+    plate = write_tiny_plate(tmp_path / "p", n=2)
+    (plate / "img0.tif").rename(plate / "t07.tif")
+    (plate / "img1.tif").rename(plate / "sub.tif")
+    _manifest_bytes(plate, "image,culture\nT07.TIF,A\nSub.tif,A\n")
+    assert validate_plate(plate).manifest["image"].tolist() == ["t07.tif", "sub.tif"]
+    (plate / "T07.tif").write_bytes((plate / "t07.tif").read_bytes())
+    with pytest.raises(PlateError, match=r"lists 'T07\.TIF' but .* does not exist"):
+        validate_plate(plate)
+
+
+def test_a_time_point_that_is_a_spreadsheet_date_serial_or_in_seconds_is_refused(tmp_path):
+    """Excel turns a date into its serial number (44927 = 1 January 2023) when the column is
+    reformatted; read as hours it would put the image 5 years after plating, without a word."""
+    plate = write_tiny_plate(tmp_path / "p", n=2)
+    _manifest_bytes(plate, "image,culture,timepoint_h\nimg0.tif,A,144\nimg1.tif,A,44927\n")
+    with pytest.raises(PlateError, match=r"line 3, column 'timepoint_h': 44927 h is more than a year after plating"):
+        read_manifest(plate)
+    _manifest_bytes(plate, "image,culture,timepoint_h\nimg0.tif,A,144\nimg1.tif,A,8760\n")  # a year: still hours
+    assert read_manifest(plate)["timepoint_h"].tolist() == [144.0, 8760.0]
+
+
+def test_one_culture_typed_two_ways_is_an_error_and_unicode_forms_are_one(tmp_path):
+    """'GBM03' and 'gbm 03' in one manifest (or plate map) would silently be two cultures; 'Zürich'
+    composed (Windows) and decomposed (macOS) is one culture, never two."""
+    import unicodedata
+
+    plate = write_tiny_plate(tmp_path / "p", n=3)
+    _manifest_bytes(plate, "image,culture\nimg0.tif,GBM03\nimg1.tif,GBM03\nimg2.tif,gbm 03\n")
+    with pytest.raises(PlateError, match=r"culture 'GBM03' \(line 2\) and 'gbm 03' \(line 4\) differ only in case"):
+        read_manifest(plate)
+    nfd = unicodedata.normalize("NFD", "GBM Zürich")
+    _manifest_bytes(plate, f"image,culture\nimg0.tif,GBM Zürich\nimg1.tif,{nfd}\nimg2.tif,GBM Zug\n")
+    assert read_manifest(plate)["culture"].tolist() == ["GBM Zürich", "GBM Zürich", "GBM Zug"]
+    (tmp_path / "map.csv").write_text("well,culture\nB2,U87\nB3,u-87\n")
+    with pytest.raises(PlateError, match=r"map\.csv: culture 'U87' \(line 2\) and 'u-87' \(line 3\)"):
+        read_plate_map(tmp_path / "map.csv")
+
+
 def test_manifest_linked_to_a_private_file_is_not_quoted(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("SECRET-TOKEN-hunter2\nrecovery=swordfish\n")
@@ -224,6 +265,29 @@ def test_one_concentration_written_several_ways_is_one_label(tmp_path):
     assert read_manifest(plate)["concentration"].tolist() == ["1000"] * 4 + ["0.5", "1000 cells/well"]
     _manifest_bytes(plate, "image;culture;concentration\nimg0.tif;A;0,50\nimg1.tif;A;1.000\nimg2.tif;A;1\u00a0000\n")
     assert read_manifest(plate)["concentration"].tolist()[:3] == ["0.5", "1.000", "1000"]
+
+
+def test_thousands_commas_molar_units_and_cells_per_well_are_one_label_per_amount(tmp_path):
+    """English Excel writes a formatted 1000 as "1,000" (quoted in a comma-delimited file); a lab
+    writes 1 µM as "1uM", "1 μM" (Greek mu) or "1000 nM". Each amount is one class, not several."""
+    plate = write_tiny_plate(tmp_path / "p", n=8)
+    _manifest_bytes(
+        plate,
+        'image,culture,concentration\nimg0.tif,A,"1,000"\nimg1.tif,A,1000\nimg2.tif,A,1 \u00b5M\n'
+        "img3.tif,A,1uM\nimg4.tif,A,1 \u03bcM\nimg5.tif,A,1000 nM\nimg6.tif,A,0.5 \u00b5mol/L\nimg7.tif,A,1 um\n",
+    )
+    labels = read_manifest(plate)["concentration"].tolist()
+    assert labels == ["1000", "1000"] + ["1 \u00b5M"] * 4 + ["500 nM", "1 um"]  # 1 um is a length: kept
+    _manifest_bytes(plate, "image;culture;concentration\nimg0.tif;A;0,5 \u00b5M\nimg1.tif;A;500 nM\n")
+    assert read_manifest(plate)["concentration"].tolist()[:2] == ["500 nM", "500 nM"]
+    _manifest_bytes(
+        plate,
+        'image,culture,concentration\nimg0.tif,A,1000 cells/well\nimg1.tif,A,"1,000 cells/well"\n'
+        "img2.tif,A,1000cells / well\nimg3.tif,A,1e3 cells per well\nimg4.tif,A,1:10\nimg5.tif,A,2D culture\n"
+        "img6.tif,A,5e4 cells/mL\nimg7.tif,A,50000 cells/ml\n",
+    )
+    labels = read_manifest(plate)["concentration"].tolist()
+    assert labels == ["1000 cells/well"] * 4 + ["1:10", "2D culture"] + ["50000 cells/ml"] * 2
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from gbm_assets.analysis.truth import has_truth, true_morphotypes
+from gbm_assets.errors import InputError
 from gbm_assets.models.embedding_table import embedding_batch, embedding_schema, iter_embeddings, sample_embeddings
 from gbm_assets.schema import PROVENANCE_COLUMNS
 from gbm_assets.storage import AtomicParquetWriter
@@ -68,5 +70,13 @@ def test_true_morphotypes_match_within_8_px(tmp_path):
     )
     got = true_morphotypes(rows, tmp_path / "raw")
     assert got.tolist() == ["round", "fusiform", None, None, None]
+    # The same truth as a European-locale spreadsheet saves it: BOM, semicolons, decimal commas, CRLF.
+    (plate / "ground_truth.csv").write_bytes(
+        "\ufeffImage;X;Y;Morphotype\r\na.tif;10,0;10;round\r\na.tif;100;100,0;fusiform\r\nb.tif;10;10;clump\r\n".encode()
+    )
+    assert true_morphotypes(rows, tmp_path / "raw").tolist() == ["round", "fusiform", None, None, None]
+    (plate / "ground_truth.csv").write_text("image,x,y,type\na.tif,1,1,round\n")
+    with pytest.raises(InputError, match=r"p1/ground_truth\.csv: ground truth lacks column\(s\) \['morphotype'\]"):
+        true_morphotypes(rows, tmp_path / "raw")
     assert not has_truth(got)  # 2 of 5 known
     assert has_truth(pd.Series(["a", "b", "a", None]))

@@ -12,7 +12,11 @@ from pathlib import Path
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from gbm_assets.errors import InputError
+from gbm_assets.tables import LINE_COLUMN, describe_header, parse_numbers, read_delimited
+
 GROUND_TRUTH_NAME = "ground_truth.csv"
+TRUTH_COLUMNS = ("image", "x", "y", "morphotype")
 
 
 def true_morphotypes(rows: pd.DataFrame, raw_dir: str | Path, max_dist: float = 8.0) -> pd.Series:
@@ -35,15 +39,15 @@ def true_morphotypes(rows: pd.DataFrame, raw_dir: str | Path, max_dist: float = 
 
     Raises
     ------
-    ValueError
-        From pandas, when a ground_truth.csv lacks one of the columns image, x, y, morphotype.
+    InputError
+        Naming the ground_truth.csv that cannot be read (see read_ground_truth).
     """
     out = pd.Series([None] * len(rows), index=rows.index, dtype=object)
     for plate, group in rows.groupby("plate", sort=False):
         path = Path(raw_dir) / str(plate) / GROUND_TRUTH_NAME
         if not path.is_file():
             continue
-        truth = pd.read_csv(path, usecols=["image", "x", "y", "morphotype"])
+        truth = read_ground_truth(path)
         for image, cells in group.groupby("image", sort=False):
             t = truth[truth["image"] == image]
             if t.empty:
@@ -52,6 +56,35 @@ def true_morphotypes(rows: pd.DataFrame, raw_dir: str | Path, max_dist: float = 
             hit = dist <= max_dist
             out.loc[cells.index[hit]] = t["morphotype"].to_numpy()[idx[hit]]
     return out
+
+
+def read_ground_truth(path: str | Path) -> pd.DataFrame:
+    """A plate's ground_truth.csv as columns image (str), x, y (float64 pixels) and morphotype (str).
+
+    Read as spreadsheet programs save it (gbm_assets.tables.read_delimited: any delimiter, BOM,
+    UTF-16, decimal commas where the delimiter is not a comma; header names in any case).
+
+    Raises
+    ------
+    InputError
+        Naming the file when it cannot be read, lacks one of the columns image, x, y, morphotype,
+        or (with its line and column) holds an x or y that is not a finite number.
+    """
+    table = read_delimited(path, what="ground truth")
+    table.columns = [c if c == LINE_COLUMN else str(c).strip().lower() for c in table.columns]
+    missing = [c for c in TRUTH_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputError(
+            path, f"ground truth lacks column(s) {missing}; {describe_header(table.columns, TRUTH_COLUMNS)}"
+        )
+    return pd.DataFrame(
+        {
+            "image": table["image"].astype(str),
+            "x": parse_numbers(table, "x", what="ground truth"),
+            "y": parse_numbers(table, "y", what="ground truth"),
+            "morphotype": table["morphotype"].astype(str),
+        }
+    )
 
 
 def has_truth(series: pd.Series, min_fraction: float = 0.5) -> bool:

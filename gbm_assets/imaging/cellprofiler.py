@@ -52,6 +52,12 @@ PLATE_FILES = ("manifest.csv", "ground_truth.csv")
 TABLE_SUFFIXES = (".csv", ".txt", ".tsv")
 # Tables saved as spreadsheet workbooks: never read, never silently ignored either.
 WORKBOOK_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
+# CellProfiler's other ways of saving measurements (ExportToDatabase's SQLite file; the HDF5 and
+# MATLAB measurement files of its output settings): not read, and never silently ignored either,
+# since the cells would then come from our segmentation while the user meant CellProfiler's.
+DATABASE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".h5", ".hdf5", ".mat")
+# Known by content, so that Windows' Thumbs.db (an OLE2 file) beside the images is no database.
+DATABASE_MAGIC = (b"SQLite format 3\x00", b"\x89HDF\r\n\x1a\n", b"MATLAB")
 # A column starting with one of these makes a table look like a CellProfiler export.
 CP_PREFIXES = (
     "ImageNumber",
@@ -242,8 +248,8 @@ def _check_coverage(
 
 
 def table_files(plate_dir: str | Path) -> list[Path]:
-    """The files of a folder that read_plate_objects reads as tables (text tables and workbooks,
-    other than the plate's own manifest.csv and ground_truth.csv and hidden files), sorted."""
+    """The files of a folder that read_plate_objects reads as tables (text tables, workbooks and
+    database or measurement files, which it refuses), other than the plate's own manifest.csv and ground_truth.csv and hidden files), sorted."""
     return _table_files(Path(plate_dir))
 
 
@@ -254,10 +260,24 @@ def _table_files(plate_dir: Path) -> list[Path]:
         p
         for p in plate_dir.iterdir()
         if p.is_file()
-        and p.suffix.lower() in (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES)
+        and (p.suffix.lower() in (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES) or is_database_file(p))
         and p.name.lower() not in PLATE_FILES
         and not p.name.startswith(".")
     )
+
+
+def is_database_file(path: Path) -> bool:
+    """Whether a file is a database or measurements file (SQLite, HDF5, MATLAB) by its suffix
+    (DATABASE_SUFFIXES) and its first bytes (DATABASE_MAGIC); an unreadable one counts, so that
+    the table check names it instead of skipping it."""
+    if path.suffix.lower() not in DATABASE_SUFFIXES:
+        return False
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return True  # unreadable: let _classify name it rather than skip it
+    return head.startswith(DATABASE_MAGIC)
 
 
 def _looks_like_cellprofiler(columns) -> bool:
@@ -295,6 +315,13 @@ def _classify(path: Path) -> tuple[str, pd.DataFrame | None]:
             path,
             "a spreadsheet workbook in the plate folder is not read; save the table as CSV "
             "(comma or tab delimited), as CellProfiler's ExportToSpreadsheet writes it, or move it out",
+        )
+    if path.suffix.lower() in DATABASE_SUFFIXES:
+        raise PlateError(
+            path,
+            "a CellProfiler database or measurements file (ExportToDatabase's SQLite, an .h5 or .mat "
+            "output) in the plate folder is not read; export the objects and the Image table with "
+            "ExportToSpreadsheet (CSV), or move the file out",
         )
     first = _first_fields(path)
     # The Experiment table holds the whole pipeline as one quoted value: recognised by its

@@ -13,6 +13,8 @@ Formats
 Frames
     A file holds one or more 2-D grey frames: the pages of a plain multi-page TIFF, the T/Z (and
     other non-channel) positions of an ImageJ, OME or vendor series. Frames are never blended.
+    TIFF pages flagged (NewSubfileType) as a reduced-resolution copy (thumbnail, preview) or a
+    transparency mask are skipped.
     read_image reads a file of exactly one frame; read_frames yields every frame, decoded one at a
     time; count_frames counts them from the header and frame_axes says which axes (T, Z...) they
     run along. An RGB(A) image (samples) is one frame. A file
@@ -23,7 +25,10 @@ Frames
 Pixels
     RGB(A): alpha dropped; identical R, G, B (grey saved as colour) -> that channel; truly coloured ->
         luminance (0.299 R + 0.587 G + 0.114 B). Palette TIFFs go through their colour map;
-        "min-is-white" TIFFs are inverted.
+        "min-is-white" TIFFs are inverted. A planar RGB(A) TIFF written by tifffile from an array
+        of shape (3 or 4, H, W), which is how tifffile and scikit-image save a stack of 3 or 4
+        frames, is refused unless its colour planes are one grey (and alpha constant): frames
+        are never blended as colours.
     uint8 and uint16 are returned unchanged (12- or 14-bit data in 16-bit containers stay as they are:
         cell finding normalises by robust statistics, so a 12-bit image and its x16 twin give the same
         cells). Bilevel (1-bit) images become uint8 0/255.
@@ -168,7 +173,8 @@ def frame_axes(path: str | Path, *, max_pixels: int | None = None) -> dict[str, 
     Only axes longer than 1 are given: {} for one frame, {"T": 3} for a time-lapse, {"T": 3, "Z": 2}
     for an ImageJ hyperstack of 3 time points by 2 focal planes (frames in the order read_frames
     yields them: T outer, Z inner). Axis letters are tifffile's (T time, Z depth, I an unlabelled
-    page sequence, ...) or bioio's (T, Z).
+    page sequence, ...) or bioio's (T, Z). An ImageJ stack of "slices" alone is Z only when ImageJ
+    recorded a z-step (spacing); otherwise it is I, since ImageJ calls every plain stack slices.
 
     Raises
     ------
@@ -217,6 +223,9 @@ _SECONDS = {
     "hr": 3600,
     "hour": 3600,
     "hours": 3600,
+    "d": 86400,
+    "day": 86400,
+    "days": 86400,
 }
 
 
@@ -253,6 +262,50 @@ def frame_interval_h(path: str | Path) -> float | None:
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
         return None
     return seconds / 3600
+
+
+def frame_times_h(path: str | Path) -> list[float] | None:
+    """Hours of each time point of a time-lapse file after its first, as the file records them, else None.
+
+    OME-TIFF: each Plane's DeltaT in its DeltaTUnit (seconds when absent), the actual time of every
+    frame, so an irregular series (a pause, a longer interval overnight) keeps its real times. Used
+    only when every time point has one (the lowest DeltaT among a time point's planes) and they
+    increase from the first; otherwise None, as for every other file (frame_interval_h then gives
+    a regular interval). Metadata are a hint, never an error: anything unreadable gives None.
+
+    Returns
+    -------
+    times : list of float, or None
+        One per time point (T), in hours, times[0] == 0.0.
+    """
+    path = Path(path)
+    if path.suffix.lower() in VENDOR_SUFFIXES:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not (tif.is_ome and tif.ome_metadata):
+                return None
+            image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+        n = int(pixels.get("SizeT", 1))
+        planes = pixels.get("Plane", [])
+        planes = planes if isinstance(planes, list) else [planes]
+        seconds: dict[int, float] = {}
+        for plane in planes:
+            if "DeltaT" not in plane:
+                continue
+            unit = str(plane.get("DeltaTUnit", "s")).lower()
+            t = int(plane.get("TheT", 0))
+            value = float(plane["DeltaT"]) * _SECONDS.get(unit, math.nan)
+            seconds[t] = min(seconds.get(t, math.inf), value)
+    except Exception:  # no metadata, another format, a damaged header: no hint
+        return None
+    if n < 2 or sorted(seconds) != list(range(n)):
+        return None
+    values = [seconds[t] for t in range(n)]
+    if not all(math.isfinite(v) for v in values) or any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        return None
+    return [(v - values[0]) / 3600 for v in values]
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -443,6 +496,12 @@ class _TiffSource(_Source):
 
     def _setup(self, tif: tifffile.TiffFile, series_list) -> None:
         path = self.path
+        # A page the file itself flags (NewSubfileType) as a reduced-resolution copy of another image
+        # (a thumbnail or preview, which acquisition programs write beside the image) or as a
+        # transparency mask is no image of its own.
+        images = [s for s in series_list if not _is_thumbnail_or_mask(s)]
+        if images:
+            series_list = images
         if not series_list:
             raise ImageReadError(path, "unreadable or corrupt image (no image found in the TIFF)")
         if len(series_list) > 1:
@@ -457,8 +516,11 @@ class _TiffSource(_Source):
         shape = tuple(int(n) for n in series.get_shape(squeeze=False))
         sizes = dict(zip(axes, shape, strict=False))
         if sizes.get("C", 1) > 1:
+            names = _channel_names(tif, sizes["C"])
+            named = f" ({', '.join(repr(n[:40]) for n in names[:8])})" if names else ""
             raise ImageReadError(
-                path, f"holds {sizes['C']} channels; phase contrast is one channel (save the phase channel alone)"
+                path,
+                f"holds {sizes['C']} channels{named}; phase contrast is one channel (save the phase channel alone)",
             )
         if "Y" not in sizes or "X" not in sizes:
             raise ImageReadError(path, f"unsupported TIFF layout (axes {axes!r})")
@@ -469,6 +531,14 @@ class _TiffSource(_Source):
         self.height, self.width = sizes["Y"], sizes["X"]
         self.samples = sizes.get("S", 1)
         self.frame_sizes = {a: n for a, n in zip(axes, shape, strict=False) if a not in _FRAME_AXES_EXCLUDED}
+        if (
+            tif.is_imagej
+            and [a for a, n in self.frame_sizes.items() if n > 1] == ["Z"]
+            and "spacing" not in (tif.imagej_metadata or {})
+        ):
+            # ImageJ calls every plain stack "slices" (a time-lapse opened as an image sequence too);
+            # only a z-step (spacing) says they are focal planes: otherwise an unlabelled page sequence.
+            self.frame_sizes = {("I" if a == "Z" else a): n for a, n in self.frame_sizes.items()}
         self.n_frames = math.prod(self.frame_sizes.values())
         page = series.keyframe
         self.keyframe = page
@@ -497,6 +567,17 @@ class _TiffSource(_Source):
             tifffile.PHOTOMETRIC.PALETTE,
         ):
             raise ImageReadError(path, f"unsupported TIFF colour model ({self.photometric.name})")
+        # tifffile (and scikit-image, which writes through it) save an array of shape (3, H, W) or
+        # (4, H, W), a stack of 3 or 4 frames as often as not, as one planar RGB(A) page, and the
+        # file cannot tell which was meant: its planes are only taken as colour when they are the
+        # same grey (and an alpha plane constant); otherwise refused in _grey, never blended.
+        shaped = tif.shaped_metadata[0] if tif.is_shaped and tif.shaped_metadata else {}
+        self.planar_stack_suspect = (
+            page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
+            and self.photometric == tifffile.PHOTOMETRIC.RGB
+            and "axes" not in shaped
+            and list(shaped.get("shape", ()))[:1] == [self.samples]
+        )
         pages = series.pages
         page_pixels = math.prod(page.shaped)
         self.mode = (
@@ -547,6 +628,15 @@ class _TiffSource(_Source):
             data = data.astype(data.dtype.newbyteorder("="))
         if data.ndim == 3 and data.shape[-1] == 1:
             data = data[..., 0]
+        if self.planar_stack_suspect and data.ndim == 3 and _planes_differ(data):
+            n = data.shape[-1]
+            raise ImageReadError(
+                self.path,
+                f"holds {n} different planes stored as one planar RGB{'A' if n == 4 else ''} image, which is how "
+                f"tifffile and scikit-image save a stack of {n} frames (an array of shape ({n}, H, W)); it is "
+                "not known whether they are frames or colours: save frames as pages (ImageJ TIFF, or "
+                "tifffile.imwrite(..., photometric='minisblack')), colour as an (H, W, 3) array",
+            )
         photometric = self.photometric
         if photometric == tifffile.PHOTOMETRIC.PALETTE:
             colormap = self.keyframe.colormap
@@ -560,6 +650,37 @@ class _TiffSource(_Source):
         if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
             data = _invert(data, self.keyframe.bitspersample)
         return _samples_to_grey(data, rgb=photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR))
+
+
+def _planes_differ(data: np.ndarray) -> bool:
+    """(H, W, S): colour planes (the first 3) not all equal, or a further (alpha) plane not constant."""
+    colour = data[..., :3]
+    if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
+        return True
+    return any(data[..., k].min() != data[..., k].max() for k in range(3, data.shape[-1]))
+
+
+def _channel_names(tif: tifffile.TiffFile, n: int) -> list[str]:
+    """The n channel names an OME-TIFF (Channel Name) or ImageJ TIFF (slice Labels, when there are n)
+    records, [] if none."""
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+            channels = (image[0] if isinstance(image, list) else image)["Pixels"].get("Channel", [])
+            channels = channels if isinstance(channels, list) else [channels]
+            return [str(c["Name"]) for c in channels if isinstance(c, dict) and c.get("Name")]
+        labels = (tif.imagej_metadata or {}).get("Labels") if tif.is_imagej else None
+        if labels and len(labels) == n:  # a label per slice: channel names only when the slices are the channels
+            return [str(label) for label in labels]
+    except Exception:  # names are a courtesy in an error message, never an error of their own
+        return []
+    return []
+
+
+def _is_thumbnail_or_mask(series) -> bool:
+    page = series.keyframe
+    flags = int(getattr(page, "subfiletype", 0) or 0)
+    return bool(flags & (int(tifffile.FILETYPE.REDUCEDIMAGE) | int(tifffile.FILETYPE.MASK)))
 
 
 def _series_size(series) -> str:

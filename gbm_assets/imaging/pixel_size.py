@@ -5,6 +5,9 @@ What is read (from the header only; no pixel is decoded):
         absent, as the OME schema says; every length unit of the schema converts: nm, mm, Å, ...).
     ImageJ TIFF: 1 / XResolution (and YResolution) in the `unit` of its ImageDescription (`micron`,
         `um`, `µm`, ImageJ's `\\u00B5m`, `nm`, `mm`, `cm`, `inch`...).
+    MetaMorph / MetaXpress (MetaSeries) TIFF: PlaneInfo spatial-calibration-x / -y in
+        spatial-calibration-units, when spatial-calibration-state is on (these files put no
+        calibration in the resolution tags).
     Other TIFFs: 1 / XResolution (YResolution) in ResolutionUnit (inch or centimetre; tifffile's
         millimetre and micrometre too).
     ND2, CZI, LIF: bioio's physical_pixel_sizes (µm), with the formats extra.
@@ -140,9 +143,10 @@ def recorded_pixel_size(path: str | Path) -> PixelSize | None:
         return None  # PNG, JPEG, BMP: a print density at most
     try:
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages.first
+            page = _image_page(tif)
             ome = tif.ome_metadata if tif.is_ome else None
             imagej = tif.imagej_metadata if tif.is_imagej else None
+            metaseries = tif.metaseries_metadata if tif.is_metaseries else None
             tags = page.tags
             resolution = tuple(_rational(tags[name].value) for name in ("XResolution", "YResolution") if name in tags)
             unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else None
@@ -150,6 +154,10 @@ def recorded_pixel_size(path: str | Path) -> PixelSize | None:
         raise ImageReadError(path, f"unreadable TIFF header ({type(exc).__name__})") from None
     if ome:
         found = _ome(path, ome)
+        if found is not None:
+            return found
+    if metaseries:
+        found = _metaseries(path, metaseries.get("PlaneInfo") or {})
         if found is not None:
             return found
     if imagej and str(imagej.get("unit", "")).strip():
@@ -268,6 +276,15 @@ def coordinates_pixel_sizes(coordinates_dir: str | Path, plates=None) -> dict[st
 # ------------------------------------------------------------------------------------------- helpers
 
 
+def _image_page(tif: tifffile.TiffFile):
+    """The first page that is the image itself, not a thumbnail or mask (NewSubfileType flags)."""
+    skip = int(tifffile.FILETYPE.REDUCEDIMAGE) | int(tifffile.FILETYPE.MASK)
+    for page in tif.pages:
+        if not int(getattr(page, "subfiletype", 0) or 0) & skip:
+            return page
+    return tif.pages.first
+
+
 def _rational(value) -> float:
     if isinstance(value, tuple):
         return value[0] / value[1] if len(value) == 2 and value[1] else math.nan
@@ -331,6 +348,21 @@ def _ome(path: Path, xml: str) -> PixelSize | None:
         except (TypeError, ValueError):
             raise ImageReadError(path, f"OME PhysicalSize{axis} {value!r} is not a number") from None
     return _square(path, *sizes, "OME PhysicalSizeX")
+
+
+def _metaseries(path: Path, plane: dict) -> PixelSize | None:
+    """MetaMorph / MetaXpress: PlaneInfo spatial-calibration-x/-y in spatial-calibration-units,
+    used when spatial-calibration-state is on (off: the image is uncalibrated, sizes are 1 pixel)."""
+    if plane.get("spatial-calibration-state") is not True:
+        return None
+    factor = _unit_um(path, str(plane.get("spatial-calibration-units", "")), "MetaSeries spatial-calibration-units")
+    if factor is None:
+        return None
+    try:
+        x, y = (float(plane[f"spatial-calibration-{axis}"]) * factor for axis in "xy")
+    except (KeyError, TypeError, ValueError):
+        raise ImageReadError(path, "MetaSeries spatial calibration is on but its x or y is not a number") from None
+    return _square(path, x, y, "MetaSeries spatial-calibration-x")
 
 
 def _vendor(path: Path, module: str) -> PixelSize | None:

@@ -23,14 +23,21 @@ import pandas as pd
 import tifffile
 
 from gbm_assets.errors import InputError, PlateError
-from gbm_assets.imaging.cellprofiler import check_plate_tables, table_files
-from gbm_assets.imaging.io import IMAGE_SUFFIXES, frame_axes, image_files, read_frames
+from gbm_assets.imaging.cellprofiler import (
+    TABLE_SUFFIXES,
+    WORKBOOK_SUFFIXES,
+    check_plate_tables,
+    is_database_file,
+    table_files,
+)
+from gbm_assets.imaging.io import IMAGE_SUFFIXES, frame_axes, frame_times_h, image_files, read_frames
 from gbm_assets.imaging.io import frame_interval_h as recorded_interval_h
 from gbm_assets.imaging.pixel_size import recorded_pixel_size
 from gbm_assets.imaging.plates import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
     check_look_alikes,
+    check_one_spelling,
     check_plate_id,
     column_name,
     concentration_label,
@@ -135,13 +142,16 @@ def _describe(path: Path, timepoint_pattern: re.Pattern | None) -> SourceImage:
 
 def _expand_frames(image: SourceImage, interval_h: float | None) -> list[SourceImage]:
     """One entry per frame of a stack, else the image. Frame k is at the file's time plus k times
-    interval_h, or the interval the file records (ImageJ, OME, vendor metadata), or 1 h.
+    interval_h; without it, plus the time the file records for frame k (OME Plane DeltaT, see
+    io.frame_times_h), else k times the interval the file records (ImageJ, OME, vendor metadata),
+    else k hours.
 
     A stack must run along one axis: time, or an unlabelled page or slice sequence (ImageJ saves
     a time-lapse as slices unless told otherwise), read as time. Frames along two axes (an ImageJ
-    hyperstack of time points x focal planes, an OME T x Z series) are refused: giving each frame
-    its own time point would be wrong, and giving a time point several planes of the same cells
-    would count them several times.
+    hyperstack of time points x focal planes, an OME T x Z series), and focal planes alone (OME Z,
+    an ImageJ stack with a z-step, a vendor Z series) are refused: giving each plane its own time
+    point would be wrong, and giving a time point several planes of the same cells would count them
+    several times.
     """
     axes = frame_axes(image.source)
     if not axes:
@@ -153,11 +163,21 @@ def _expand_frames(image: SourceImage, interval_h: float | None) -> list[SourceI
             f"is a stack of {shape}; a plate takes one image per field and time point: save one plane "
             "per time point (e.g. ImageJ Image > Stacks > Z Project, or the in-focus plane) and add that",
         )
+    if "Z" in axes:
+        raise PlateError(
+            image.source,
+            f"is a stack of {axes['Z']} focal planes (Z) of one time point, not a time-lapse; a plate "
+            "takes one image per field and time point: save one plane (e.g. ImageJ Image > Stacks > "
+            "Z Project, or the in-focus plane) and add that",
+        )
     n = next(iter(axes.values()))
     start = image.timepoint_h or 0.0
-    step = interval_h if interval_h is not None else (recorded_interval_h(image.source) or 1.0)
+    times = frame_times_h(image.source) if interval_h is None else None
+    if times is None or len(times) != n:
+        step = interval_h if interval_h is not None else (recorded_interval_h(image.source) or 1.0)
+        times = [k * step for k in range(n)]
     stem = Path(image.name).stem.removesuffix(".ome")
-    return [replace(image, name=f"{stem}_frame{k:03d}.tif", frame=k, timepoint_h=start + k * step) for k in range(n)]
+    return [replace(image, name=f"{stem}_frame{k:03d}.tif", frame=k, timepoint_h=start + times[k]) for k in range(n)]
 
 
 def source_images(
@@ -232,6 +252,38 @@ def source_images(
     return expanded
 
 
+def _check_no_nested_inputs(source: Path, include: str | None, plate_map: str | Path | None, raw: Path) -> None:
+    """Refuse a folder whose sub-folders hold images (matching `include`) or tables: add-plate reads
+    one folder, and an export written one sub-folder per well or time point, or CellProfiler's
+    tables in an output sub-folder, would otherwise be left out without a word. The plate map may
+    lie anywhere, and the raw plates folder is not searched."""
+    skip = Path(plate_map).resolve() if plate_map else None
+    tables = (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES)
+    for sub in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.resolve() == raw.resolve():
+            continue
+        for folder, dirs, names in os.walk(sub):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(folder) / d).resolve() != raw.resolve())
+            found = [
+                n
+                for n in sorted(names)
+                if not n.startswith(".")
+                and (Path(folder) / n).resolve() != skip
+                and (
+                    (Path(n).suffix.lower() in IMAGE_SUFFIXES and (not include or fnmatch.fnmatch(n, include)))
+                    or Path(n).suffix.lower() in tables
+                    or is_database_file(Path(folder) / n)
+                )
+            ]
+            if found:
+                raise PlateError(
+                    Path(folder) / found[0],
+                    "is in a sub-folder, which add-plate does not search (a plate is one folder, "
+                    "its images and tables side by side): add that folder as its own plate, move its "
+                    "files up, or move it out",
+                )
+
+
 def read_plate_map(path: str | Path) -> pd.DataFrame:
     """A plate map: index well ('B2'), columns among culture, concentration (str), replicate (int).
 
@@ -244,8 +296,17 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
         table.columns = [c if c == LINE_COLUMN else column_name(c) for c in table.columns]
         check_look_alikes(path, [c for c in table.columns if c != LINE_COLUMN], ("well", *PLATE_MAP_COLUMNS))
         if "well" not in table.columns:
+            header = [c for c in table.columns if c != LINE_COLUMN]
+            grid = sum(str(c).strip().isdigit() for c in header) >= 2  # "", 1, 2, ... 12: a plate drawn as a grid
+            hint = (
+                " (it looks like a plate drawn as a grid, rows A-H by columns 1-12: write one row per well, "
+                "well,culture,concentration,replicate)"
+                if grid
+                else ""
+            )
             raise PlateError(
-                path, f"plate map needs a 'well' column; {describe_header(table.columns, ('well', *PLATE_MAP_COLUMNS))}"
+                path,
+                f"plate map needs a 'well' column; {describe_header(table.columns, ('well', *PLATE_MAP_COLUMNS))}{hint}",
             )
         present = [c for c in PLATE_MAP_COLUMNS if c in table.columns]
         if not present:
@@ -254,6 +315,8 @@ def read_plate_map(path: str | Path) -> pd.DataFrame:
         dup = table["well"][table["well"].duplicated()]
         if not dup.empty:
             raise PlateError(path, f"well {dup.iloc[0]} is listed more than once")
+        if "culture" in present:
+            check_one_spelling(path, table, "culture")
         if "concentration" in present:
             table["concentration"] = concentration_labels(table, "concentration")
         if "replicate" in present:
@@ -334,8 +397,9 @@ def make_plate(
     own TIFF. plate_id defaults to a safe id derived from the folder name. timepoint_pattern: a
     regular expression with one group, read from each file name, giving the time point in hours
     (e.g. r"t(\\d+)"); without it, instrument stamps (DDdHHhMMm) are read, else time point 0.
-    Returns the plate folder. Raises PlateError / ImageReadError naming the file and problem; then
-    nothing is left under raw/.
+    Returns the plate folder. Raises PlateError / ImageReadError naming the file and problem (also
+    for images or tables in a sub-folder of a source folder without a manifest: sub-folders are not
+    searched, and their files would otherwise be left out unsaid); then nothing is left under raw/.
     """
     source = Path(source)
     name = source.name.split(".")[0] if source.is_file() else source.name  # xy01.ome.tif -> xy01
@@ -349,6 +413,8 @@ def make_plate(
         options = {"--plate-map": plate_map, "--timepoint-pattern": timepoint_pattern, "--include": include}
         images, manifest = _from_manifest(source, culture, concentration, replicate, frame_interval_h, options)
     else:
+        if source.is_dir():
+            _check_no_nested_inputs(source, include, plate_map, raw)
         images = source_images(source, timepoint_pattern, include, frame_interval_h)
         table = read_plate_map(plate_map) if plate_map else None
         manifest = plate_manifest(images, culture, concentration, replicate, table, str(plate_map))

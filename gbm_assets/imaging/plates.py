@@ -17,6 +17,7 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -31,15 +32,24 @@ MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS = ("image", "culture")
 OPTIONAL_DEFAULTS = {"concentration": "na", "replicate": 1, "timepoint_h": 0.0, "well": "na", "position": "na"}
 MANIFEST_COLUMNS = ("image", "culture", "concentration", "replicate", "timepoint_h", "well", "position")
+MAX_TIMEPOINT_H = 366 * 24.0  # a time point later than a year after plating is a unit or date mix-up
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PLATE_ID_RULE = "letters, digits, '.', '_', '-'; starting with a letter or digit; at most 128; no '..'"
-_WELL = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
+_WELL = re.compile(r"^([A-Za-z]{1,2})[-_ ]?0*(\d{1,3})$")
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
 _GROUPED = re.compile(r"^[+-]?\d{1,3}(?:[ \u00a0\u202f']\d{3})+(?:\.\d+)?$")  # 1 000, 1'000.5
 _POINT_GROUPS = re.compile(r"^[+-]?\d{1,3}(?:\.\d{3})+$")
 _DIGIT_GROUPS = re.compile(r"[ \u00a0\u202f']")
 _NUMERIC = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+_COMMA_GROUPS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")  # 1,000 and 1,000.5 (point as decimal mark)
+# A molar amount: a number, then an SI prefix (µ written as micro sign, Greek mu or u) and M or mol/L.
+_MOLAR = re.compile(r"^(?P<number>.*?\d\.?)\s*(?P<prefix>[fpnu\u00b5\u03bcm]?)(?:M|mol/[lL])$")
+# A number of cells: "1000 cells/well", "1 000cells / well", "1e3 cells per well" -> "1000 cells/well".
+_CELLS = re.compile(r"^(?P<number>.*?\d\.?)\s*(?P<unit>cells?(?:\s*(?:/|per)\s*(?:well|ml|mL|cm2|cm\u00b2))?)$")
+_PER = re.compile(r"\s*(?:/|per)\s*")
+_MOLAR_PREFIXES = {"": 0, "m": -3, "\u00b5": -6, "\u03bc": -6, "u": -6, "n": -9, "p": -12, "f": -15}
+_PREFIX_NAMES = {0: "", -3: "m", -6: "\u00b5", -9: "n", -12: "p", -15: "f"}
 
 
 def check_plate_id(plate_id: str) -> str:
@@ -75,7 +85,7 @@ def safe_plate_id(name: str) -> str:
 
 
 def normalise_well(well: str) -> str:
-    """'b02' -> 'B2': plate maps and instruments write the same well differently. 'na' stays."""
+    """'b02', 'B-02', 'B_2' -> 'B2': plate maps and instruments write the same well differently. 'na' stays."""
     match = _WELL.match(str(well).strip())
     return f"{match.group(1).upper()}{int(match.group(2))}" if match else str(well).strip()
 
@@ -84,29 +94,50 @@ def concentration_labels(table: pd.DataFrame, column: str) -> list[str]:
     """Concentration labels of a column read by read_delimited, one label per plated concentration.
 
     A label that is a number is written one way, whatever a spreadsheet or script made of it:
-    "1000.0", "1e3", "1 000" (digit groups split by a space, no-break space or apostrophe) and
-    "1000" are all "1000"; "0.50" is "0.5"; "0,5" is "0.5" where the table is not comma-delimited
-    (a European-locale spreadsheet, where "1.000" may be a thousand and is kept as written).
-    Otherwise the plates of one concentration would fall into several classes. Other labels
-    ("na", "high", "1000 cells/well") are kept as written.
+    "1000.0", "1e3", "1 000" (digit groups split by a space, no-break space or apostrophe), "1,000"
+    (a comma-delimited table, whose decimal mark is the point) and "1000" are all "1000"; "0.50" is
+    "0.5"; "0,5" is "0.5" where the table is not comma-delimited (a European-locale spreadsheet,
+    where "1.000" may be a thousand and is kept as written). A molar amount is written in the SI
+    prefix that puts its number in 1..999: "1 µM", "1uM", "1 μM", "1000 nM", "0.001 mM" and
+    "1 µmol/L" are all "1 µM" (prefixes f, p, n, µ/u/μ, m; "M" or "mol/L"); a number of cells is
+    written "<number> cells/well" ("1 000cells / well", "1e3 cells per well" -> "1000 cells/well";
+    also cells, cells/ml (mL), cells/cm2 (cm²)). Otherwise the plates of one concentration would fall into
+    several classes. Other labels ("na", "high", "1:10") are kept as written.
     """
-    if table.attrs.get("delimiter", ",") == ",":
-        return [_number_label(c) for c in table[column]]
-    # Where the comma is the decimal mark, "1.000" may be a thousand: kept as written.
-    return [
-        _number_label(c.replace(",", "."))
-        if _DECIMAL_COMMA.match(c)
-        else c
-        if _POINT_GROUPS.match(c)
-        else _number_label(c)
-        for c in table[column]
-    ]
+    decimal_comma = table.attrs.get("delimiter", ",") != ","
+    return [_label(str(c), decimal_comma) for c in table[column]]
 
 
 def concentration_label(text: str) -> str:
-    """One concentration label as concentration_labels writes it ("1e3", "1000.0", "1 000" -> "1000"),
-    for a label given on the command line (comma-delimited rules: "1.000" is a number, 1)."""
-    return _number_label(str(text).strip())
+    """One concentration label as concentration_labels writes it ("1e3", "1000.0", "1 000" -> "1000",
+    "1000 nM" -> "1 µM"), for a label given on the command line (comma-delimited rules: "1.000" is a
+    number, 1)."""
+    return _label(str(text).strip(), decimal_comma=False)
+
+
+def _label(text: str, decimal_comma: bool) -> str:
+    molar = _MOLAR.match(text)
+    cells = None if molar else _CELLS.match(text)
+    number = (molar or cells)["number"].strip() if (molar or cells) else text
+    if decimal_comma:
+        if _POINT_GROUPS.match(number):
+            return text  # "1.000" where the comma is the decimal mark: may be a thousand
+        if _DECIMAL_COMMA.match(number):
+            number = number.replace(",", ".")
+    elif _COMMA_GROUPS.match(number):
+        number = number.replace(",", "")
+    label = _number_label(number)
+    if molar is None and cells is None:
+        return label
+    if not _NUMERIC.match(label):
+        return text
+    if cells is not None:
+        return f"{label} {_PER.sub('/', cells['unit']).lower().replace(chr(0xB2), '2')}"
+    amount = Decimal(label).scaleb(_MOLAR_PREFIXES[molar["prefix"]])
+    exponent = 0
+    while exponent > min(_PREFIX_NAMES) and amount and abs(amount) < Decimal(1).scaleb(exponent):
+        exponent -= 3
+    return f"{amount.scaleb(-exponent).normalize():f} {_PREFIX_NAMES[exponent]}M"
 
 
 def _number_label(text: str) -> str:
@@ -144,17 +175,23 @@ def check_image_name(manifest: Path, row: int, name: str) -> str:
 
 
 def _on_disk(plate_dir: Path, name: str) -> str:
-    """The name as stored on disk when it differs only in Unicode normalisation (macOS writes NFD)."""
+    """The name as stored on disk when it differs only in Unicode normalisation (macOS writes NFD),
+    or only in letter case from exactly one file (a manifest typed on Windows or macOS, whose file
+    systems ignore case: `T07.TIF` for t07.tif); otherwise the name as given."""
     if (plate_dir / name).exists():
         return name
     parent = (plate_dir / name).parent
     wanted = unicodedata.normalize("NFC", PurePosixPath(name).name)
     try:
-        for entry in os.listdir(parent):
-            if unicodedata.normalize("NFC", entry) == wanted:
-                return str(PurePosixPath(name).with_name(entry))
+        entries = os.listdir(parent)
     except OSError:
-        pass
+        return name
+    for entry in entries:
+        if unicodedata.normalize("NFC", entry) == wanted:
+            return str(PurePosixPath(name).with_name(entry))
+    folded = [entry for entry in entries if unicodedata.normalize("NFC", entry).casefold() == wanted.casefold()]
+    if len(folded) == 1 and (parent / folded[0]).is_file():
+        return str(PurePosixPath(name).with_name(folded[0]))
     return name
 
 
@@ -219,6 +256,28 @@ def column_name(name: str) -> str:
     return next((column for column in MANIFEST_COLUMNS if squashed == _squash(column)), name)
 
 
+def check_one_spelling(table: Path, df: pd.DataFrame, column: str) -> None:
+    """Refuse a table (read by read_delimited) in which two values of `column` differ only in case,
+    spaces or punctuation ('GBM03', 'gbm 03', 'GBM-03'): one culture typed two ways would silently
+    become two cultures.
+
+    Raises
+    ------
+    PlateError
+        Naming the table, both spellings and their lines.
+    """
+    first: dict[str, tuple[str, int]] = {}
+    for value, line in zip(df[column].astype(str), df[LINE_COLUMN], strict=False):
+        key = re.sub(r"[\W_]", "", value.casefold()) or value
+        seen = first.setdefault(key, (value, int(line)))
+        if seen[0] != value:
+            raise PlateError(
+                table,
+                f"{column} {seen[0]!r} (line {seen[1]}) and {value!r} (line {int(line)}) differ only in case, "
+                f"spaces or punctuation; write one {column} one way (if they are two, name them apart)",
+            )
+
+
 def check_look_alikes(table: Path, header: list[str], columns=(*MANIFEST_COLUMNS, PIXEL_SIZE_COLUMN)) -> None:
     """Refuse a header that names one of `columns` in other words ('Time', 'Rep', 'Site') when that
     column is absent: the images would silently get the column's default instead of what it says.
@@ -252,7 +311,8 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
     replicate: int64; timepoint_h: float64; well, position: str), then any extra columns; an
     optional pixel_size_um column (header 'Pixel size (µm)' and the like) is float64 µm per pixel,
     NaN where the cell is empty.
-    Raises PlateError naming the manifest and, for a bad value, its line and column.
+    Raises PlateError naming the manifest and, for a bad value, its line and column (a time point
+    later than MAX_TIMEPOINT_H, a year, is one: a spreadsheet's date serial or another unit).
     """
     plate_dir = Path(plate_dir)
     manifest = plate_dir / MANIFEST_NAME
@@ -290,6 +350,7 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
     dup = df["image"][df["image"].duplicated()]
     if not dup.empty:
         raise PlateError(manifest, f"image {dup.iloc[0]!r} listed more than once")
+    check_one_spelling(manifest, df, "culture")
     df["concentration"] = concentration_labels(df, "concentration")
     df["well"] = df["well"].map(normalise_well)
     try:
@@ -297,6 +358,14 @@ def read_manifest(plate_dir: str | Path) -> pd.DataFrame:
         df["timepoint_h"] = parse_numbers(df, "timepoint_h", kind=float, what="manifest")
     except InputError as exc:
         raise PlateError(manifest, exc.problem) from None
+    late = df["timepoint_h"] > MAX_TIMEPOINT_H
+    if late.any():
+        raise PlateError(
+            manifest,
+            f"line {df[LINE_COLUMN][late].iloc[0]}, column 'timepoint_h': {df['timepoint_h'][late].iloc[0]:g} h is more "
+            "than a year after plating: a date or time a spreadsheet turned into a number (44927 is 1 January "
+            "2023), or minutes or seconds? give hours after plating",
+        )
     if PIXEL_SIZE_COLUMN in df:
         df[PIXEL_SIZE_COLUMN] = _pixel_sizes(manifest, df)
     extra = [c for c in header if c not in MANIFEST_COLUMNS]
