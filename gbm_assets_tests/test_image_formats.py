@@ -307,6 +307,19 @@ def test_min_is_white_and_palette_tiffs(tmp_path):
     assert image_size(tmp_path / "palette.tif")[2] == 8
 
 
+def test_imagej_min_is_white_keeps_its_pixel_values(tmp_path):
+    """ImageJ saves an image shown with an inverting LUT as min-is-white but leaves its pixel values
+    as they were (and reads them back so): inverting them would turn the halos of a phase-contrast
+    image dark and its cells bright."""
+    for original in (grey8(), grey16(high=4096)):
+        name = f"ij_{original.dtype}.tif"
+        tifffile.imwrite(tmp_path / name, original, imagej=True, photometric="miniswhite")
+        assert np.array_equal(read_image(tmp_path / name), original), name
+    stack = np.stack([grey8(), 255 - grey8()])
+    tifffile.imwrite(tmp_path / "ij_stack.tif", stack, imagej=True, photometric="miniswhite", metadata={"axes": "TYX"})
+    assert all(np.array_equal(a, b) for a, b in zip(read_frames(tmp_path / "ij_stack.tif"), stack, strict=True))
+
+
 # ------------------------------------------------------------------------------------ PNG, JPEG, BMP
 
 

@@ -25,7 +25,8 @@ Frames
 Pixels
     RGB(A): alpha dropped; identical R, G, B (grey saved as colour) -> that channel; truly coloured ->
         luminance (0.299 R + 0.587 G + 0.114 B). Palette TIFFs go through their colour map;
-        "min-is-white" TIFFs are inverted. A planar RGB(A) TIFF written by tifffile from an array
+        "min-is-white" TIFFs are inverted, except ImageJ's: ImageJ writes an image shown with an
+        inverting LUT as min-is-white with its pixel values unchanged, and reads them back unchanged. A planar RGB(A) TIFF written by tifffile from an array
         of shape (3 or 4, H, W), which is how tifffile and scikit-image save a stack of 3 or 4
         frames, is refused unless its colour planes are one grey (and alpha constant): frames
         are never blended as colours.
@@ -543,6 +544,9 @@ class _TiffSource(_Source):
         page = series.keyframe
         self.keyframe = page
         self.photometric = page.photometric
+        # ImageJ saves an image shown with an inverting LUT as min-is-white but keeps its pixel values
+        # (FileSaver: whiteIsZero = isInvertedLut) and reads it back so: the values are the camera's.
+        self.display_inverted_only = tif.is_imagej
         if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
             self.bits = _output_bits(page.dtype)
         else:
@@ -647,7 +651,7 @@ class _TiffSource(_Source):
                 colormap = (colormap >> 8 if colormap.max() > 255 else colormap).astype(np.uint8)
             index = data if data.ndim == 2 else data[..., 0]
             return _samples_to_grey(np.moveaxis(colormap[:, index], 0, -1), rgb=True)
-        if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        if photometric == tifffile.PHOTOMETRIC.MINISWHITE and not self.display_inverted_only:
             data = _invert(data, self.keyframe.bitspersample)
         return _samples_to_grey(data, rgb=photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR))
 
