@@ -237,3 +237,16 @@ def test_size_estimate_on_u373_like_tiles_counts_the_cells_seen_whole(tmp_path):
     estimate, truth = _u373_like_plate_size(tmp_path, USIIGACI, "set6")
     assert estimate is not None
     assert abs(estimate / truth - 1) <= 0.25, f"estimate {estimate} px, annotated {truth}"
+
+
+def test_a_usiigaci_field_at_1_5x_that_reads_inside_the_band_is_found_at_the_multiplied_scale(tmp_path):
+    """set22 at 1.5x the magnification reads 1.38x (inside the band, so before the check it was
+    found at the default 41 px, which cuts its cells of 108 px into pieces: precision 0.38, recall
+    1.00). Checked (magnification.checked), the first pass at 41 x 1.38 px finds cells of about
+    twice that scale, which confirms the magnification (cell_size.confirms_magnification):
+    measured 106.5 px, cells found at 63.9 px, precision 0.83, recall 0.93."""
+    image, mask = rescale(*_field(USIIGACI, "set22"), 1.5)
+    scores, plate = _score_on_plate(tmp_path, [(image, mask)])
+    assert plate.size.confirmed and 1.2 < plate.size.magnification <= 1.5, plate.size
+    assert plate.params.cell_diameter_px >= 1.2 * SegmentationParams().cell_diameter_px, plate.params
+    assert scores["precision"] >= 0.6 and scores["recall"] >= 0.85, scores
