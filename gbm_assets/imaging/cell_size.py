@@ -262,8 +262,8 @@ def estimate_cell_diameter(
     As a plate's ingest does it: the set-up's magnification from up to magnification.IMAGES of
     the images (spread over the list), then one pass over every image at params magnified by it,
     edge-corrected where the magnification calls for it (edge_corrected); a magnification inside
-    the band but checked (magnification.checked) runs that pass again at the multiplied scale,
-    kept when confirms_magnification. Raises ValueError when
+    the band but checked (magnification.checked), with enough cells found for an estimate, runs
+    that pass again at the multiplied scale, kept when confirms_magnification. Raises ValueError when
     an image is not 2-D.
     """
     images = list(images)
@@ -272,7 +272,8 @@ def estimate_cell_diameter(
     params = magnification.magnified(params, ratio)
     passes = [first_pass(image, params) for image in images]
     confirmed = False
-    if magnification.checked(ratio):  # inside the band, far from 1: the cells at the multiplied scale decide
+    seen = estimate_from_diameters([d for d, _ in passes]).diameter_px is not None
+    if seen and magnification.checked(ratio):  # inside the band, far from 1: the cells at the multiplied scale decide
         at = magnification.multiplied(params, ratio)
         again = [first_pass(image, at) for image in images]
         if confirms_magnification(at.cell_diameter_px, estimate_from_diameters([d for d, _ in again])):

@@ -394,13 +394,19 @@ def find_plate_cells_sized(
         return (plate_dir, name, at, crop.task(name)) if crop is not None else (plate_dir, name, at)
 
     def confirmed(
-        scales: dict[str, float], run: Callable[[SegmentationParams], dict[str, ImageCells]]
+        first: Mapping[str, ImageCells],
+        scales: dict[str, float],
+        run: Callable[[SegmentationParams], dict[str, ImageCells]],
     ) -> tuple[SegmentationParams, dict[str, ImageCells]] | None:
-        """Inside the magnification band but checked (magnification.checked): the multiplied
-        scale and the first pass run(at it) when the cells found there confirm it
-        (cell_size.confirms_magnification); else None (also when not checked)."""
+        """Inside the magnification band but checked (magnification.checked), with an estimate
+        from the first pass at params (`first`): the multiplied scale and the first pass run(at
+        it) when the cells found there confirm it (cell_size.confirms_magnification); else None
+        (also when not checked, or with too few cells for an estimate at params)."""
         ratio = magnification.relative_magnification(scales.values())
         if not magnification.checked(ratio):
+            return None
+        seen = estimate_from_diameters([cell_diameters(first[name].cells, params.cell_diameter_px) for name in picked])
+        if seen.diameter_px is None:  # too few cells at the default scale to check anything by
             return None
         at_m = magnification.multiplied(params, ratio)
         first_m = run(at_m)
@@ -432,7 +438,7 @@ def find_plate_cells_sized(
         at = magnification.magnified(params, magnification.relative_magnification(scales.values()))
         if at != params:  # another magnification: the first pass again at its scale
             first = {name: _segment_task(task(name, at)) for name in picked}
-        check = confirmed(scales, lambda at_m: {name: _segment_task(task(name, at_m)) for name in picked})
+        check = confirmed(first, scales, lambda at_m: {name: _segment_task(task(name, at_m)) for name in picked})
         if check is not None:
             at, first = check
         size, scaled = sized(first, at, scales, check is not None)
@@ -458,6 +464,7 @@ def find_plate_cells_sized(
                 zip(picked, _map_in_order(_segment_task, [task(n, at) for n in picked], workers, None), strict=True)
             )
         check = confirmed(
+            first,
             scales,
             lambda at_m: dict(
                 zip(picked, _map_in_order(_segment_task, [task(n, at_m) for n in picked], workers, None), strict=True)
