@@ -14,7 +14,9 @@ size, not of the cell line: 3.0-3.6 px on all 30 Usiigaci and T98G fields (cells
 10x, 2x2 binning) and on the synthetic plates, and it follows a rescaled field to within about
 10% between 0.5x and 2x. Its ratio to that reference is the set-up's magnification relative to
 the one cell finding's default scale was chosen on; where it is far from 1, the default scale
-is multiplied by it before the first pass.
+is multiplied by it before the first pass. Blur widens the fine structure too, so a reading
+inside the band but over CHECKED_ABOVE is checked against the cells found at the multiplied scale
+(checked; cell_size.confirms_magnification) before the scale follows it.
 """
 
 from __future__ import annotations
