@@ -278,8 +278,7 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants: {sorted(unknown)}")
-    if "baseline" not in variants:
-        variants.insert(0, "baseline")
+    variants = ["baseline", *(v for v in variants if v != "baseline")]  # the others are compared with it
     sets = {"usiigaci": (load_set(args.usiigaci, args.fields), False), "t98g": (load_set(args.t98g, None), True)}
     report: dict = {"fields": {name: len(f) for name, (f, _) in sets.items()}, "summary": {}, "variants": {}}
     if args.overlays:

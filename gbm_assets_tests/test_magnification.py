@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from gbm_assets.imaging import magnification
-from gbm_assets.imaging.cell_size import CellSizeEstimate, estimate_cell_diameter
+from gbm_assets.imaging.cell_size import (
+    REFERENCE_SCALE_PER_DIAMETER,
+    CellSizeEstimate,
+    confirms_magnification,
+    estimate_cell_diameter,
+)
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.segmentation import SegmentationParams
 from gbm_assets.imaging.synthetic import CULTURE_MIXTURES, PlateConditions, draw_plate_conditions, synthesize_image
@@ -84,3 +89,40 @@ def test_size_estimate_at_twice_the_magnification_finds_cells_at_twice_the_scale
     estimate = estimate_cell_diameter([image])
     assert 1.6 <= estimate.magnification <= 2.4
     assert estimate.params(SegmentationParams()).cell_diameter_px >= 65
+
+
+def test_a_reading_inside_the_band_far_from_1_is_checked_against_the_cells():
+    """Inside the band, readings above CHECKED_ABOVE are checked: the multiplied scale is kept
+    when the cells found at it are at least as large against it as the reference cells are
+    against the default scale (cell_size.confirms_magnification)."""
+    assert not magnification.checked(None) and not magnification.checked(1.1) and not magnification.checked(1.6)
+    assert magnification.checked(1.3) and magnification.checked(magnification.MAGNIFICATION_BAND[1])
+    assert magnification.multiplied(SegmentationParams(), 1.4).cell_diameter_px == 57.4
+    scale = 57.4
+    assert confirms_magnification(scale, CellSizeEstimate(scale / REFERENCE_SCALE_PER_DIAMETER, 40, 1))
+    assert not confirms_magnification(scale, CellSizeEstimate(scale / REFERENCE_SCALE_PER_DIAMETER - 1, 40, 1))
+    assert not confirms_magnification(scale, CellSizeEstimate(None, 3, 1, "too few"))
+    # a confirmed magnification multiplies the scale though inside the band, and says so
+    confirmed = CellSizeEstimate(100.0, 40, 1, magnification=1.4, confirmed=True)
+    assert confirmed.params(SegmentationParams()).cell_diameter_px == 60.0  # 57.4 moved into 0.6-1.4 x 100
+    assert "confirmed" in confirmed.note()
+    assert CellSizeEstimate(100.0, 40, 1, magnification=1.4).params(SegmentationParams()).cell_diameter_px == 60.0
+    assert CellSizeEstimate(80.0, 40, 1, magnification=1.4).params(SegmentationParams()).cell_diameter_px == 48.0
+    assert (
+        CellSizeEstimate(80.0, 40, 1, magnification=1.4, confirmed=True).params(SegmentationParams()).cell_diameter_px
+        == 57.4
+    )
+
+
+def test_a_blurred_hard_synthetic_plate_read_inside_the_band_keeps_the_default_scale():
+    """The hard generator's widest halo and strongest defocus read up to about 1.4x the reference
+    (checked), but its cells, found at the multiplied scale, read about as large as that scale,
+    not larger: the magnification is not confirmed and the default scale is kept."""
+    rng = np.random.default_rng(7)
+    conditions = [draw_plate_conditions(rng) for _ in range(3)][1]
+    widest = PlateConditions(**{**conditions.__dict__, "halo_sigma": 3.8, "focus_sigma": 1.3})
+    field = synthesize_image(rng, CULTURE_MIXTURES["GBM02"], 150, difficulty="hard", plate=widest)
+    estimate = estimate_cell_diameter([field.image])
+    assert magnification.checked(estimate.magnification), estimate.magnification
+    assert not estimate.confirmed, estimate
+    assert estimate.params(SegmentationParams()).cell_diameter_px <= 45, estimate

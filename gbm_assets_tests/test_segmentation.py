@@ -4,6 +4,7 @@ on real T98G phase-contrast frames and on synthetic plates."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -15,7 +16,13 @@ from gbm_assets.imaging.cell_quality import QUALITY_COLUMNS
 from gbm_assets.imaging.io import read_image
 from gbm_assets.imaging.measurements import CELL_COLUMNS, halo_rim_width, measure_cells
 from gbm_assets.imaging.scoring import score_point_in_mask, score_within_distance
-from gbm_assets.imaging.segmentation import SegmentationParams, find_cells, split_along_halos
+from gbm_assets.imaging.segmentation import (
+    MIN_SPREAD_PER_NOISE,
+    SegmentationParams,
+    find_cells,
+    seed_params,
+    split_along_halos,
+)
 from gbm_assets.schema import MEASUREMENT_COLUMNS
 
 T98G = Path(__file__).resolve().parents[2] / "shared" / "data" / "t98g"
@@ -423,3 +430,14 @@ def test_sorted_histogram_is_numpys_histogram_to_the_bit():
             assert found[0].dtype == counts.dtype and found[1].dtype == edges.dtype
     with pytest.raises(ValueError):
         sorted_histogram(np.sort(samples[0]), 256, np.nan, 1.0)
+
+
+def test_seed_darkness_is_measured_against_at_least_a_share_of_the_medium_noise():
+    """Where the image's spread is under MIN_SPREAD_PER_NOISE medium noise units (a field that is
+    mostly medium), seed darkness is raised to that many noise units; elsewhere unchanged."""
+    params = SegmentationParams()
+    assert seed_params(params, 0.5) == params  # spread = 2 noise units
+    assert seed_params(params, 1 / MIN_SPREAD_PER_NOISE) == params
+    raised = seed_params(params, 0.8)  # spread = 1.25 noise units
+    assert raised.seed_darkness == pytest.approx(params.seed_darkness * MIN_SPREAD_PER_NOISE * 0.8)
+    assert replace(raised, seed_darkness=params.seed_darkness) == params

@@ -27,6 +27,11 @@ above 1.4 diameters (a culture of mixed sizes, many small rounded cells among sp
 the median down, and finding it at that median lost recall) or below 0.6 diameters (20x, 40x,
 other binning: cells cut in pieces).
 
+Inside the band a reading over magnification.CHECKED_ABOVE may be magnification or blur; the
+first pass then runs again at the multiplied scale, kept when the cells found there confirm it
+(confirms_magnification: x1.5 Usiigaci fields reading 1.38-1.48 were found at 41 px, precision
+0.38-0.45 on cells of 95-109 px; with the check 4 of those 5 at about 60 px, set9 at 41).
+
 Above the magnification band a field holds fewer, larger cells, and more of them are cut by its
 edge (about 2 in 3 on 696 x 520 tiles at twice the magnification, 1 in 5 on the reference fields,
 whose share is in the 1.2 above): their pieces read as small cells, and so do pieces of cells that
@@ -57,6 +62,10 @@ MIN_DIAMETER_PX, MAX_DIAMETER_PX = 8.0, 400.0
 # annotated mean diameter: measured as FOUND_PER_TRUE_DIAMETER was (the median of all, cut cells
 # included, 1.2), on the 24 Usiigaci and 6 T98G fields it reads 1.035x that median (median 1.243)
 WHOLE_FOUND_PER_TRUE_DIAMETER = 1.24
+# The default scale over the cells it was chosen on: 41 px over the mean annotated diameter of the
+# 24 Usiigaci and 6 T98G fields (60.2 px). A magnification read inside the band (checked) is
+# confirmed when the cells found at the multiplied scale are at least this large against it.
+REFERENCE_SCALE_PER_DIAMETER = 0.68
 
 
 @dataclass(frozen=True)
@@ -71,11 +80,17 @@ class CellSizeEstimate:
     magnification: float | None = None  # relative to the reference set-up (see magnification); None: not measured
     fine_scales: tuple[tuple[str, float], ...] = ()  # (image, magnification.fine_scale px, nan: none) measured
     n_whole: int | None = None  # cells seen whole that an edge-corrected estimate used; None: not edge-corrected
+    confirmed: bool = False  # a magnification inside the band, confirmed by the cells (confirms_magnification)
 
     def note(self) -> str:
         """One line for logs and metadata."""
         if self.magnification is None:
             seen = ""
+        elif self.confirmed:
+            seen = (
+                f"; magnification {self.magnification}x the reference set-up's, inside the band but confirmed by "
+                "the cells found at the multiplied scale (scale multiplied by it)"
+            )
         elif not magnification.rescales(self.magnification):
             seen = f"; magnification {self.magnification}x the reference set-up's (default scale kept)"
         else:
@@ -89,9 +104,13 @@ class CellSizeEstimate:
         )
 
     def params(self, params: SegmentationParams) -> SegmentationParams:
-        """params magnified as self.magnification calls for (magnification.magnified), then with
+        """params magnified as self.magnification calls for (magnification.magnified; multiplied by
+        it inside the band when confirmed), then with
         their scale moved into SCALE_RANGE of this diameter (without one, just magnified)."""
-        params = magnification.magnified(params, self.magnification)
+        if self.confirmed and self.magnification is not None:
+            params = magnification.multiplied(params, self.magnification)
+        else:
+            params = magnification.magnified(params, self.magnification)
         if self.diameter_px is None:
             return params
         low, high = (f * self.diameter_px for f in SCALE_RANGE)
@@ -211,6 +230,22 @@ def estimate_from_diameters(
     return CellSizeEstimate(round(diameter, 1), len(pooled), len(per_image), n_whole=n_whole)
 
 
+def confirms_magnification(scale_px: float, estimate: CellSizeEstimate) -> bool:
+    """True when a first pass at a scale multiplied by a magnification read inside the band
+    (magnification.checked) found cells large enough to confirm it.
+
+    scale_px: the multiplied scale (px); estimate: estimate_from_diameters of that pass. The fine
+    scale reads blur as well as magnification, so inside the band it alone does not decide: the
+    multiplied scale is kept when it is at most REFERENCE_SCALE_PER_DIAMETER of the diameter the
+    cells found at it show, as the default scale is of the cells it was chosen on. Cells of the
+    reference size, blurred, found at a larger scale read about as large as it (0.76-1.13x it on
+    hard synthetic plates reading 1.09-1.41); cells truly magnified read about twice it. At the
+    default scale a field at 1.5x shows no such thing: its cells are cut into pieces the size of
+    the scale (0.53-0.59x the multiplied scale read at 41 px). Without an estimate, False.
+    """
+    return estimate.diameter_px is not None and scale_px <= REFERENCE_SCALE_PER_DIAMETER * estimate.diameter_px
+
+
 def edge_corrected(relative_magnification: float | None) -> bool:
     """True when a plate's size estimate is edge-corrected (estimate_from_diameters with
     whole_cell_weights): above magnification.MAGNIFICATION_BAND, where the first pass runs at a
@@ -231,7 +266,9 @@ def estimate_cell_diameter(
 
     As a plate's ingest does it: the set-up's magnification from up to magnification.IMAGES of
     the images (spread over the list), then one pass over every image at params magnified by it,
-    edge-corrected where the magnification calls for it (edge_corrected). Raises ValueError when
+    edge-corrected where the magnification calls for it (edge_corrected); a magnification inside
+    the band but checked (magnification.checked), with enough cells found for an estimate, runs
+    that pass again at the multiplied scale, kept when confirms_magnification. Raises ValueError when
     an image is not 2-D.
     """
     images = list(images)
@@ -239,8 +276,15 @@ def estimate_cell_diameter(
     ratio = magnification.relative_magnification(magnification.fine_scale(images[i]) for i in probes)
     params = magnification.magnified(params, ratio)
     passes = [first_pass(image, params) for image in images]
+    confirmed = False
+    seen = estimate_from_diameters([d for d, _ in passes]).diameter_px is not None
+    if seen and magnification.checked(ratio):  # inside the band, far from 1: the cells at the multiplied scale decide
+        at = magnification.multiplied(params, ratio)
+        again = [first_pass(image, at) for image in images]
+        if confirms_magnification(at.cell_diameter_px, estimate_from_diameters([d for d, _ in again])):
+            passes, confirmed = again, True
     found = estimate_from_diameters([d for d, _ in passes], [w for _, w in passes] if edge_corrected(ratio) else None)
-    return replace(found, magnification=ratio)
+    return replace(found, magnification=ratio, confirmed=confirmed)
 
 
 def sample_images(names: list[str], k: int = 8) -> list[str]:

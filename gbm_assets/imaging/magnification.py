@@ -14,7 +14,9 @@ size, not of the cell line: 3.0-3.6 px on all 30 Usiigaci and T98G fields (cells
 10x, 2x2 binning) and on the synthetic plates, and it follows a rescaled field to within about
 10% between 0.5x and 2x. Its ratio to that reference is the set-up's magnification relative to
 the one cell finding's default scale was chosen on; where it is far from 1, the default scale
-is multiplied by it before the first pass.
+is multiplied by it before the first pass. Blur widens the fine structure too, so a reading
+inside the band but over CHECKED_ABOVE is checked against the cells found at the multiplied scale
+(checked; cell_size.confirms_magnification) before the scale follows it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ IMAGES = 3  # images of a plate whose fine scale is measured (their median is th
 # Smaller images give no fine scale: on T98G tiles 18% of 64-px, 5% of 128-px and 1% of 192-px
 # ones read outside MAGNIFICATION_BAND (up to 4.5x), none of 256 px (2.7-3.6 px, like whole fields).
 MIN_SIDE_PX = 256
+# Readings inside the band but above this are checked against the cells themselves (see
+# checked and cell_size.confirms_magnification): further from 1 than any reference field (0.91-1.09
+# per field) or easy synthetic plate (at most 1.125) reads, but the fine scale reads blur as well
+# as magnification (the hard generator's widest halo and defocus read up to 1.39 for cells of the
+# reference size), and a real field at 1.5x reads 1.38-1.60 (benchmarks/microscopes.py).
+CHECKED_ABOVE = 1.2
 
 
 def fine_scale(image: np.ndarray) -> float:
@@ -93,9 +101,21 @@ def rescales(magnification: float | None) -> bool:
     return magnification is not None and not MAGNIFICATION_BAND[0] <= magnification <= MAGNIFICATION_BAND[1]
 
 
+def checked(magnification: float | None) -> bool:
+    """True when a plate of this relative magnification, inside MAGNIFICATION_BAND, reads above
+    CHECKED_ABOVE: its first pass is run again at the multiplied scale, which is kept when the
+    cells found there confirm it (cell_size.confirms_magnification)."""
+    return magnification is not None and CHECKED_ABOVE < magnification <= MAGNIFICATION_BAND[1]
+
+
+def multiplied(params: SegmentationParams, magnification: float) -> SegmentationParams:
+    """params with cell_diameter_px multiplied by magnification (rounded to 0.1 px)."""
+    return replace(params, cell_diameter_px=round(params.cell_diameter_px * magnification, 1))
+
+
 def magnified(params: SegmentationParams, magnification: float | None) -> SegmentationParams:
     """params with cell_diameter_px multiplied by magnification when it lies outside
     MAGNIFICATION_BAND (unchanged inside it, or for None)."""
     if not rescales(magnification):
         return params
-    return replace(params, cell_diameter_px=round(params.cell_diameter_px * magnification, 1))
+    return multiplied(params, magnification)

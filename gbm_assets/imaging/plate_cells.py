@@ -30,6 +30,7 @@ from gbm_assets.imaging.cell_quality import kept_candidates
 from gbm_assets.imaging.cell_size import (
     CellSizeEstimate,
     cell_diameters,
+    confirms_magnification,
     edge_corrected,
     estimate_from_diameters,
     sample_images,
@@ -392,11 +393,32 @@ def find_plate_cells_sized(
     def task(name: str, at: SegmentationParams) -> tuple:
         return (plate_dir, name, at, crop.task(name)) if crop is not None else (plate_dir, name, at)
 
+    def confirmed(
+        first: Mapping[str, ImageCells],
+        scales: dict[str, float],
+        run: Callable[[SegmentationParams], dict[str, ImageCells]],
+    ) -> tuple[SegmentationParams, dict[str, ImageCells]] | None:
+        """Inside the magnification band but checked (magnification.checked), with an estimate
+        from the first pass at params (`first`): the multiplied scale and the first pass run(at
+        it) when the cells found there confirm it (cell_size.confirms_magnification); else None
+        (also when not checked, or with too few cells for an estimate at params)."""
+        ratio = magnification.relative_magnification(scales.values())
+        if not magnification.checked(ratio):
+            return None
+        seen = estimate_from_diameters([cell_diameters(first[name].cells, params.cell_diameter_px) for name in picked])
+        if seen.diameter_px is None:  # too few cells at the default scale to check anything by
+            return None
+        at_m = magnification.multiplied(params, ratio)
+        first_m = run(at_m)
+        found = estimate_from_diameters([cell_diameters(first_m[name].cells, at_m.cell_diameter_px) for name in picked])
+        return (at_m, first_m) if confirms_magnification(at_m.cell_diameter_px, found) else None
+
     def sized(
-        first: Mapping[str, ImageCells], at: SegmentationParams, scales: dict[str, float]
+        first: Mapping[str, ImageCells], at: SegmentationParams, scales: dict[str, float], confirmed: bool = False
     ) -> tuple[CellSizeEstimate, SegmentationParams]:
-        """The estimate (with the magnification measured as `scales`: each probe's fine scale) and
-        the scale cells are found at, from a first pass at `at`."""
+        """The estimate (with the magnification measured as `scales`: each probe's fine scale;
+        confirmed: a magnification inside the band confirmed) and the scale cells are found at,
+        from a first pass at `at`."""
         ratio = magnification.relative_magnification(scales.values())
         found = estimate_from_diameters(
             [cell_diameters(first[name].cells, at.cell_diameter_px) for name in picked],
@@ -405,7 +427,9 @@ def find_plate_cells_sized(
             if edge_corrected(ratio)
             else None,
         )
-        return replace(found, magnification=ratio, fine_scales=tuple(scales.items())), found.params(at)
+        return replace(
+            found, magnification=ratio, fine_scales=tuple(scales.items()), confirmed=confirmed
+        ), found.params(at)
 
     again = {"workers": workers, "progress": progress, "crop": crop}
     if workers <= 1 or len(images) <= 1:
@@ -414,7 +438,10 @@ def find_plate_cells_sized(
         at = magnification.magnified(params, magnification.relative_magnification(scales.values()))
         if at != params:  # another magnification: the first pass again at its scale
             first = {name: _segment_task(task(name, at)) for name in picked}
-        size, scaled = sized(first, at, scales)
+        check = confirmed(first, scales, lambda at_m: {name: _segment_task(task(name, at_m)) for name in picked})
+        if check is not None:
+            at, first = check
+        size, scaled = sized(first, at, scales, check is not None)
         kept = first if scaled == at else {}
         return size, scaled, find_plate_cells(plate_dir, images, scaled, found=kept, **(again | {"workers": 1}))
     pool = _pool(workers)
@@ -436,7 +463,17 @@ def find_plate_cells_sized(
             first = dict(
                 zip(picked, _map_in_order(_segment_task, [task(n, at) for n in picked], workers, None), strict=True)
             )
-        size, scaled = sized(first, at, scales)
+        check = confirmed(
+            first,
+            scales,
+            lambda at_m: dict(
+                zip(picked, _map_in_order(_segment_task, [task(n, at_m) for n in picked], workers, None), strict=True)
+            ),
+        )
+        if check is not None:
+            _cancel(futures.values())
+            at, first = check
+        size, scaled = sized(first, at, scales, check is not None)
     except BaseException:
         _cancel(futures.values())
         raise

@@ -889,6 +889,25 @@ def filtered_by_area(labels: np.ndarray, params: SegmentationParams) -> tuple[np
 # tiles (Usiigaci at x2, 696 x 520) that large cells fill over half of, 0.16-0.47 (one at 0.00).
 FEW_SEEDS = 0.1
 FEW_SEEDS_COVER = 1 / 3
+# The least ratio of the image's spread (normalise's unit) to the medium's noise (noise_units')
+# that seed darkness is measured against (seed_params). The spread is the unit of seed darkness
+# because it follows the culture's contrast; but in a field that is mostly medium (a small field
+# of a few large cells, a sparse plate) it is the medium's own, debris and all, and dark specks of
+# debris pass seed_darkness. On the 24 Usiigaci and 6 T98G fields the ratio is 1.54-2.34 (easy
+# synthetic fields 1.54-2.81), so none of them is changed; U373-like tiles (Usiigaci and T98G at
+# x2, 696 x 520, 8-bit) with under a fifth of them objects read 1.29-1.38, their whole fields 1.5-1.85.
+MIN_SPREAD_PER_NOISE = 1.5
+
+
+def seed_params(params: SegmentationParams, noise: float) -> SegmentationParams:
+    """params with seed_darkness raised so that it is measured against at least MIN_SPREAD_PER_NOISE
+    medium noise units: noise is the medium's noise in the image's spread units (noise_units'
+    spread, _noise_units_scaled's third value); unchanged when the spread is at least that many."""
+    if noise * MIN_SPREAD_PER_NOISE <= 1:
+        return params
+    return replace(params, seed_darkness=params.seed_darkness * MIN_SPREAD_PER_NOISE * noise)
+
+
 # In a crowded field seeds more than one cell diameter apart are never grouped (but along a
 # strip): cells press on each other there, a seed lies in its cell, and pressed cells show next
 # to no seam between them (on the dense synthetic tiles the straight path between the seeds of
@@ -1006,7 +1025,10 @@ def find_candidates_boxed(
     depth = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_5)  # distance to the medium
     obj = objects(mask, depth, params)
     medium = obj == 0
-    z = noise_units(norm, medium)
+    z, _, noise = _noise_units_scaled(norm, medium)
+    # seed darkness is in units of the image's spread, which a field that is mostly medium reads
+    # as the medium's own: there it is measured against at least MIN_SPREAD_PER_NOISE noise units
+    params = seed_params(params, noise)
     # a crowded field: its cells press on each other and merge into a few large objects, and
     # the whole image's level and spread are the cells' own, so that darkness measured against
     # them shows next to no dark seed in the foreground. Cells over more of the field than the
