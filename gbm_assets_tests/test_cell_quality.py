@@ -298,8 +298,8 @@ def test_usiigaci_second_detections_parted_by_no_clear_seam_are_merged():
     were false; merging pieces parted by no seam that stands clear of the noise and that together
     are no bigger than two typical cells leaves 53 second detections and 100 false ones and loses
     no true one. The speck and line rules after it take them to 47 and 85, and one true one
-    (211); the line's corridor (a path beside the straight line) to 36 and 72, and two more
-    true ones (209)."""
+    (211); the line's corridor (a path beside the straight line) to 37 and 74, and no true one
+    (211)."""
     second, true, false = 0, 0, 0
     for name in ("set6", "set8", "set12", "set16"):
         image = read_image(USIIGACI / "images" / f"{name}.tif")
@@ -312,7 +312,7 @@ def test_usiigaci_second_detections_parted_by_no_clear_seam_are_merged():
         second += int(len(hit[hit > 0]) - len(np.unique(hit[hit > 0])))
         score = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
         true, false = true + score["tp"], false + score["fp"]
-    assert second <= 37 and false <= 73 and true >= 209
+    assert second <= 38 and false <= 75 and true >= 211
 
 
 @needs_usiigaci
@@ -1145,29 +1145,30 @@ def test_the_smaller_of_two_cells_joined_by_a_line_that_crosses_no_halo_is_a_pie
 
 
 def test_a_piece_joined_to_its_cell_past_a_bright_granule_on_the_line_is_a_piece():
-    """A bright granule (a 5 x 5 px spot, 20 noise units) on the straight line between the two
+    """A bright granule (a 3 x 3 px spot, 30 noise units) on the straight line between the two
     bodies of one cell lifts the line over the halo level, but a path beside it, within the
-    corridor around the line (0.1 diameters, 4 px to either side at 40 px), runs through dark
+    corridor around the line (0.05 diameters, 2 px to either side at 40 px), runs through dark
     cytoplasm: the smaller is a piece. A seam across the whole contact (8 noise units) blocks
     every such path; a corridor of 0 px is the straight line alone."""
     labels, cells, z = _body_and_piece(seam=-2.0)
-    z[37:42, 52:57] = 20.0  # on the line y = 39.5, between the two centres
+    z[39:42, 53:56] = 30.0  # on the line (row 40), between the two centres
     assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1500).tolist() == [False, True]
     straight = QualityRules(line_corridor_scale=0.0)
     assert dark_line_pieces(labels, cells, z, 40, 1500, straight).tolist() == [False, False]
     labels, cells, z = _body_and_piece(seam=8.0)
-    z[37:42, 52:57] = 20.0
+    z[39:42, 53:56] = 30.0
     assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1500).tolist() == [False, False]
 
 
 def test_a_path_round_a_short_seam_through_the_medium_does_not_join_two_cells():
-    """Two candidates touching along 6 px only, with a bright seam (8 noise units) over the whole
-    contact: beside it the corridor reaches into the medium (0 noise units, under the halo
-    level), which is no path through cytoplasm, so neither is a piece of the other."""
+    """Two candidates touching along 3 px only, with a bright seam (8 noise units) over the whole
+    contact: beside it the corridor (2 px to either side of the line at 40 px) reaches into the
+    medium (0 noise units, under the halo level), which is no path through cytoplasm, so neither
+    is a piece of the other."""
     labels, cells, z = _body_and_piece(seam=8.0)
-    labels[20:37, 70:72], labels[43:60, 70:72] = 0, 0  # the two touch at rows 37..42 alone
+    labels[20:39, 70:72], labels[42:60, 70:72] = 0, 0  # the two touch at rows 39..41 alone
     z[labels == 0] = 0.0
-    z[37:43, 68:74] = 8.0
+    z[39:42, 68:74] = 8.0
     cells["area"] = [float((labels == 1).sum()), float((labels == 2).sum())]
     assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1500).tolist() == [False, False]
 
@@ -1225,10 +1226,10 @@ def test_usiigaci_second_detections_joined_to_their_cell_by_a_dark_line_are_not_
     """On set6, set7, set8 and set9 (large spread cells, rounded bright ones full of vacuoles,
     found in two or three pieces), the smaller of two touching cells whose bodies a path along
     the straight line between them joins without crossing a halo were all false detections:
-    second detections in one cell and pieces beside it (27 of 27 when measured; 10 of 10 with
+    second detections in one cell and pieces beside it (25 of 25 when measured; 10 of 10 with
     the straight line alone, which a bright granule or vacuole on it interrupts)."""
     found, false, true = _labelled_away(("set6", "set7", "set8", "set9"), "straight line between their bodies")
-    assert found >= 24 and true <= 1 and false >= found - 1
+    assert found >= 22 and true <= 1 and false >= found - 1
 
 
 def test_pixels_compared_in_their_own_dtype_match_numpys_float_comparison():

@@ -66,7 +66,7 @@ the image's own noise, never absolute:
   cell's edge are mostly halo (specks). Judged after the edge rule. On the 24 Usiigaci fields
   it labelled 32 detections, 28 of them false;
 - fragment (line, judged last, among the cells left, not in a crowded field): of two touching
-  cells whose body centres are joined by a path inside the two, within line_corridor_scale (0.1)
+  cells whose body centres are joined by a path inside the two, within line_corridor_scale (0.05)
   diameters of the straight line between them, that never rises above line_level (3 noise
   units, the halo level) in the lightly smoothed image, the smaller, when no bigger than a
   typical cell and the two are not both compact: the path from one cell's body to a touching
@@ -135,7 +135,7 @@ class QualityRules:
     )
     line_smooth_scale: float = 0.05  # the line is read on the image smoothed this wide (Gaussian sigma), d
     line_end_share: float = 0.125  # each end of the line left unread, share of its length (it lies in the body itself)
-    line_corridor_scale: float = 0.1  # a path between the bodies may stray this far from the straight line, d
+    line_corridor_scale: float = 0.05  # a path between the bodies may stray this far from the line (its smoothing), d
     min_outline_scale: float = 0.12  # an outline under this x the median outline of cell-sized candidates: not a cell
     round_eccentricity: float = 0.7  # a rounded cell's outline is at most this eccentric (minor / major axis >= 0.71)
     round_solidity: float = 0.85  # and at least this solid (area / convex hull area)
