@@ -73,7 +73,7 @@ the image's own noise, never absolute:
   cell's crosses both membranes and the bright seam between them, while two dark parts of one
   spread cell are joined through cytoplasm, past its bright granules and vacuoles
   (dark_line_pieces). Labelled, not merged, so the larger keeps its centre. On the 24 Usiigaci
-  fields it labelled 80 detections, 66 false (the straight line alone: 30, 29 false);
+  fields it labelled 57 detections, 54 false (the straight line alone: 30, 29 false);
 - cell: everything else.
 
 Non-cells stay in the table with their label and reason, so nothing is dropped silently.
