@@ -608,14 +608,15 @@ def dark_line_pieces(
     path inside the corridor and inside the two candidates (8-connected) runs from one end to
     the other without rising above line_level (3 noise units, segmentation's halo level; the
     straight line itself is one such path) and the smaller of the two holds at most
-    line_area_scale typical cell areas, the smaller is a piece of the larger. In phase contrast every cell is ringed by its bright halo,
-    so any path from the body of one cell to the body of a touching one crosses both membranes
-    and the bright seam between them, a ridge that runs across the whole corridor; two dark parts
-    of one spread cell (its nucleus and a granular patch, the head and tail of a long cell) are
-    joined through cytoplasm, whose bright granules and vacuoles are spots a path passes beside.
-    Two compact cells are never judged so: small rounded cells touch as dark discs with little
-    halo between them (as in merge_faint_seams). The piece is labelled, not merged, so the larger
-    keeps its centre. Raises nothing; an empty or one-row cells gives all False.
+    line_area_scale typical cell areas, the smaller is a piece of the larger. In phase contrast
+    every cell is ringed by its bright halo, so any path from the body of one cell to the body of
+    a touching one crosses both membranes and the bright seam between them, a ridge that runs
+    across the whole corridor; two dark parts of one spread cell (its nucleus and a granular
+    patch, the head and tail of a long cell) are joined through cytoplasm, whose bright granules
+    and vacuoles are spots a path passes beside. Two compact cells are never judged so: small
+    rounded cells touch as dark discs with little halo between them (as in merge_faint_seams).
+    The piece is labelled, not merged, so the larger keeps its centre. Raises nothing; an empty
+    or one-row cells gives all False.
     """
     out = np.zeros(len(cells), bool)
     if len(cells) < 2:
@@ -656,9 +657,8 @@ def dark_line_pieces(
         corridors.append((i, j, py, px))
     z = z.astype(np.float32, copy=False)
     sigma = rules.line_smooth_scale * cell_diameter_px
-    pad = (
-        int(round(sigma * 8 + 1)) | 1
-    ) // 2 + 1  # OpenCV's kernel half-width for this sigma (float images), + 1 for bilinear
+    # OpenCV's kernel half-width for this sigma (float images), and a pixel more for the bilinear reads
+    pad = (int(round(sigma * 8 + 1)) | 1) // 2 + 1
     boxes = [
         (
             max(int(py.min()) - pad, 0),
