@@ -298,6 +298,7 @@ def test_usiigaci_second_detections_parted_by_no_clear_seam_are_merged():
     were false; merging pieces parted by no seam that stands clear of the noise and that together
     are no bigger than two typical cells leaves 53 second detections and 100 false ones and loses
     no true one. The speck and line rules after it take them to 47 and 85, and one true one
+    (211); the line's corridor (a path beside the straight line) to 37 and 74, and no true one
     (211)."""
     second, true, false = 0, 0, 0
     for name in ("set6", "set8", "set12", "set16"):
@@ -311,7 +312,7 @@ def test_usiigaci_second_detections_parted_by_no_clear_seam_are_merged():
         second += int(len(hit[hit > 0]) - len(np.unique(hit[hit > 0])))
         score = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
         true, false = true + score["tp"], false + score["fp"]
-    assert second <= 48 and false <= 86 and true >= 211
+    assert second <= 38 and false <= 75 and true >= 211
 
 
 @needs_usiigaci
@@ -319,7 +320,8 @@ def test_usiigaci_second_detections_in_one_cell_are_joined():
     """On set2, set11 and set25 (spread cells, each with a nucleus and dark granular cytoplasm)
     many annotated cells were found as two or three candidates: their dark parts joined through
     cytoplasm darker than the medium are one cell now, and no true detection is lost (41 second
-    detections in a cell and 161 true ones before)."""
+    detections in a cell and 161 true ones before). The line's corridor, judged last, labels two
+    more second detections and one true one (11 and 160)."""
     second, true = 0, 0
     for name in ("set2", "set11", "set25"):
         image = read_image(USIIGACI / "images" / f"{name}.tif")
@@ -333,7 +335,7 @@ def test_usiigaci_second_detections_in_one_cell_are_joined():
         second += int(len(hit[hit > 0]) - len(np.unique(hit[hit > 0])))
         true += score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)["tp"]
         assert (candidates["qc_joined"] > 0).any()
-    assert second <= 25 and true >= 161
+    assert second <= 25 and true >= 160
 
 
 def _labelled_away(names: tuple[str, ...], reason: str) -> tuple[int, int, int]:
@@ -1142,6 +1144,35 @@ def test_the_smaller_of_two_cells_joined_by_a_line_that_crosses_no_halo_is_a_pie
     assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1500).tolist() == [False, False]
 
 
+def test_a_piece_joined_to_its_cell_past_a_bright_granule_on_the_line_is_a_piece():
+    """A bright granule (a 3 x 3 px spot, 30 noise units) on the straight line between the two
+    bodies of one cell lifts the line over the halo level, but a path beside it, within the
+    corridor around the line (0.05 diameters, 2 px to either side at 40 px), runs through dark
+    cytoplasm: the smaller is a piece. A seam across the whole contact (8 noise units) blocks
+    every such path; a corridor of 0 px is the straight line alone."""
+    labels, cells, z = _body_and_piece(seam=-2.0)
+    z[39:42, 53:56] = 30.0  # on the line (row 40), between the two centres
+    assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1500).tolist() == [False, True]
+    straight = QualityRules(line_corridor_scale=0.0)
+    assert dark_line_pieces(labels, cells, z, 40, 1500, straight).tolist() == [False, False]
+    labels, cells, z = _body_and_piece(seam=8.0)
+    z[39:42, 53:56] = 30.0
+    assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1500).tolist() == [False, False]
+
+
+def test_a_path_round_a_short_seam_through_the_medium_does_not_join_two_cells():
+    """Two candidates touching along 3 px only, with a bright seam (8 noise units) over the whole
+    contact: beside it the corridor (2 px to either side of the line at 40 px) reaches into the
+    medium (0 noise units, under the halo level), which is no path through cytoplasm, so neither
+    is a piece of the other."""
+    labels, cells, z = _body_and_piece(seam=8.0)
+    labels[20:39, 70:72], labels[42:60, 70:72] = 0, 0  # the two touch at rows 39..41 alone
+    z[labels == 0] = 0.0
+    z[39:42, 68:74] = 8.0
+    cells["area"] = [float((labels == 1).sum()), float((labels == 2).sum())]
+    assert dark_line_pieces(labels, cells, z, 40, typical_area_px=1500).tolist() == [False, False]
+
+
 def test_a_candidate_whose_outline_is_a_speck_against_the_images_cells_is_not_a_cell():
     """Five cells with outlines of 1,000 px; beside them, outlines of 100 px (under 0.12 of the
     median): an elongated one (a fibre) and a round one that is not compact are specks, a fragment
@@ -1192,11 +1223,13 @@ def test_usiigaci_specks_are_not_cells():
 
 @needs_usiigaci
 def test_usiigaci_second_detections_joined_to_their_cell_by_a_dark_line_are_not_cells():
-    """On set6, set8 and set15 (spread and long cells found in two pieces), the smaller of two
-    touching cells whose bodies a straight line joins without crossing a halo (10 when measured)
-    were all false detections: second detections in one cell and pieces beside it."""
-    found, false, true = _labelled_away(("set6", "set8", "set15"), "straight line between their bodies")
-    assert found >= 8 and true <= 1 and false >= found - 1
+    """On set6, set7, set8 and set9 (large spread cells, rounded bright ones full of vacuoles,
+    found in two or three pieces), the smaller of two touching cells whose bodies a path along
+    the straight line between them joins without crossing a halo were all false detections:
+    second detections in one cell and pieces beside it (25 of 25 when measured; 10 of 10 with
+    the straight line alone, which a bright granule or vacuole on it interrupts)."""
+    found, false, true = _labelled_away(("set6", "set7", "set8", "set9"), "straight line between their bodies")
+    assert found >= 22 and true <= 1 and false >= found - 1
 
 
 def test_pixels_compared_in_their_own_dtype_match_numpys_float_comparison():

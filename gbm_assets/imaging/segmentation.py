@@ -1156,8 +1156,9 @@ def find_candidates_boxed(
         outline,
     )
     if typical is not None:
-        # of two touching cells whose bodies a straight line joins without crossing a halo, the
-        # smaller (no bigger than a typical cell) is a piece of the larger
+        # of two touching cells whose bodies a path along the straight line between them (within
+        # a corridor around it) joins without crossing a halo, the smaller (no bigger than a
+        # typical cell) is a piece of the larger
         is_cell = (verdict["qc"] == "cell").to_numpy()
         piece = np.zeros(len(cells), bool)
         piece[is_cell] = dark_line_pieces(
@@ -1165,8 +1166,8 @@ def find_candidates_boxed(
         )
         verdict.loc[piece, "qc"] = "fragment"
         verdict.loc[piece, "qc_reason"] = (
-            "a piece of a larger touching cell: the straight line between their bodies crosses no halo "
-            f"(never above {rules.line_level:g} noise units)"
+            "a piece of a larger touching cell: the straight line between their bodies, or a path beside it "
+            f"within {rules.line_corridor_scale:g} diameters, crosses no halo (never above {rules.line_level:g} noise units)"
         )
     # the outline's AreaShape measures reported (the quality rules above judged the whole object)
     if len(cells):
