@@ -101,7 +101,7 @@ def concentration_labels(table: pd.DataFrame, column: str) -> list[str]:
     prefix that puts its number in 1..999: "1 µM", "1uM", "1 μM", "1000 nM", "0.001 mM" and
     "1 µmol/L" are all "1 µM" (prefixes f, p, n, µ/u/μ, m; "M" or "mol/L"); a number of cells is
     written "<number> cells/well" ("1 000cells / well", "1e3 cells per well" -> "1000 cells/well";
-    also cells, cells/ml (mL), cells/cm2 (cm²)). Otherwise the plates of one concentration would fall into
+    also cells, cells/ml, cells/cm2). Otherwise the plates of one concentration would fall into
     several classes. Other labels ("na", "high", "1:10") are kept as written.
     """
     decimal_comma = table.attrs.get("delimiter", ",") != ","
@@ -132,7 +132,7 @@ def _label(text: str, decimal_comma: bool) -> str:
     if not _NUMERIC.match(label):
         return text
     if cells is not None:
-        return f"{label} {_PER.sub('/', cells['unit']).lower().replace(chr(0xB2), '2')}"
+        return f"{label} {_PER.sub('/', cells['unit'])}"
     amount = Decimal(label).scaleb(_MOLAR_PREFIXES[molar["prefix"]])
     exponent = 0
     while exponent > min(_PREFIX_NAMES) and amount and abs(amount) < Decimal(1).scaleb(exponent):
