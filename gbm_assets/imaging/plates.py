@@ -45,9 +45,6 @@ _NUMERIC = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _COMMA_GROUPS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")  # 1,000 and 1,000.5 (point as decimal mark)
 # A molar amount: a number, then an SI prefix (µ written as micro sign, Greek mu or u) and M or mol/L.
 _MOLAR = re.compile(r"^(?P<number>.*?\d\.?)\s*(?P<prefix>[fpnu\u00b5\u03bcm]?)(?:M|mol/[lL])$")
-# A number of cells: "1000 cells/well", "1 000cells / well", "1e3 cells per well" -> "1000 cells/well".
-_CELLS = re.compile(r"^(?P<number>.*?\d\.?)\s*(?P<unit>cells?(?:\s*(?:/|per)\s*(?:well|ml|mL|cm2|cm\u00b2))?)$")
-_PER = re.compile(r"\s*(?:/|per)\s*")
 _MOLAR_PREFIXES = {"": 0, "m": -3, "\u00b5": -6, "\u03bc": -6, "u": -6, "n": -9, "p": -12, "f": -15}
 _PREFIX_NAMES = {0: "", -3: "m", -6: "\u00b5", -9: "n", -12: "p", -15: "f"}
 
@@ -99,10 +96,9 @@ def concentration_labels(table: pd.DataFrame, column: str) -> list[str]:
     "0.5"; "0,5" is "0.5" where the table is not comma-delimited (a European-locale spreadsheet,
     where "1.000" may be a thousand and is kept as written). A molar amount is written in the SI
     prefix that puts its number in 1..999: "1 µM", "1uM", "1 μM", "1000 nM", "0.001 mM" and
-    "1 µmol/L" are all "1 µM" (prefixes f, p, n, µ/u/μ, m; "M" or "mol/L"); a number of cells is
-    written "<number> cells/well" ("1 000cells / well", "1e3 cells per well" -> "1000 cells/well";
-    also cells, cells/ml, cells/cm2). Otherwise the plates of one concentration would fall into
-    several classes. Other labels ("na", "high", "1:10") are kept as written.
+    "1 µmol/L" are all "1 µM" (prefixes f, p, n, µ/u/μ, m; "M" or "mol/L"). Otherwise the plates of
+    one concentration would fall into several classes. Other labels ("na", "high", "1000
+    cells/well") are kept as written.
     """
     decimal_comma = table.attrs.get("delimiter", ",") != ","
     return [_label(str(c), decimal_comma) for c in table[column]]
@@ -117,8 +113,7 @@ def concentration_label(text: str) -> str:
 
 def _label(text: str, decimal_comma: bool) -> str:
     molar = _MOLAR.match(text)
-    cells = None if molar else _CELLS.match(text)
-    number = (molar or cells)["number"].strip() if (molar or cells) else text
+    number = molar["number"].strip() if molar else text
     if decimal_comma:
         if _POINT_GROUPS.match(number):
             return text  # "1.000" where the comma is the decimal mark: may be a thousand
@@ -127,12 +122,10 @@ def _label(text: str, decimal_comma: bool) -> str:
     elif _COMMA_GROUPS.match(number):
         number = number.replace(",", "")
     label = _number_label(number)
-    if molar is None and cells is None:
+    if molar is None:
         return label
     if not _NUMERIC.match(label):
         return text
-    if cells is not None:
-        return f"{label} {_PER.sub('/', cells['unit'])}"
     amount = Decimal(label).scaleb(_MOLAR_PREFIXES[molar["prefix"]])
     exponent = 0
     while exponent > min(_PREFIX_NAMES) and amount and abs(amount) < Decimal(1).scaleb(exponent):
