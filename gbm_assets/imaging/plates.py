@@ -17,7 +17,6 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -42,11 +41,6 @@ _GROUPED = re.compile(r"^[+-]?\d{1,3}(?:[ \u00a0\u202f']\d{3})+(?:\.\d+)?$")  # 
 _POINT_GROUPS = re.compile(r"^[+-]?\d{1,3}(?:\.\d{3})+$")
 _DIGIT_GROUPS = re.compile(r"[ \u00a0\u202f']")
 _NUMERIC = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
-_COMMA_GROUPS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")  # 1,000 and 1,000.5 (point as decimal mark)
-# A molar amount: a number, then an SI prefix (µ written as micro sign, Greek mu or u) and M or mol/L.
-_MOLAR = re.compile(r"^(?P<number>.*?\d\.?)\s*(?P<prefix>[fpnu\u00b5\u03bcm]?)(?:M|mol/[lL])$")
-_MOLAR_PREFIXES = {"": 0, "m": -3, "\u00b5": -6, "\u03bc": -6, "u": -6, "n": -9, "p": -12, "f": -15}
-_PREFIX_NAMES = {0: "", -3: "m", -6: "\u00b5", -9: "n", -12: "p", -15: "f"}
 
 
 def check_plate_id(plate_id: str) -> str:
@@ -91,46 +85,29 @@ def concentration_labels(table: pd.DataFrame, column: str) -> list[str]:
     """Concentration labels of a column read by read_delimited, one label per plated concentration.
 
     A label that is a number is written one way, whatever a spreadsheet or script made of it:
-    "1000.0", "1e3", "1 000" (digit groups split by a space, no-break space or apostrophe), "1,000"
-    (a comma-delimited table, whose decimal mark is the point) and "1000" are all "1000"; "0.50" is
-    "0.5"; "0,5" is "0.5" where the table is not comma-delimited (a European-locale spreadsheet,
-    where "1.000" may be a thousand and is kept as written). A molar amount is written in the SI
-    prefix that puts its number in 1..999: "1 µM", "1uM", "1 μM", "1000 nM", "0.001 mM" and
-    "1 µmol/L" are all "1 µM" (prefixes f, p, n, µ/u/μ, m; "M" or "mol/L"). Otherwise the plates of
-    one concentration would fall into several classes. Other labels ("na", "high", "1000
-    cells/well") are kept as written.
+    "1000.0", "1e3", "1 000" (digit groups split by a space, no-break space or apostrophe) and
+    "1000" are all "1000"; "0.50" is "0.5"; "0,5" is "0.5" where the table is not comma-delimited
+    (a European-locale spreadsheet, where "1.000" may be a thousand and is kept as written).
+    Otherwise the plates of one concentration would fall into several classes. Other labels
+    ("na", "high", "1000 cells/well") are kept as written.
     """
-    decimal_comma = table.attrs.get("delimiter", ",") != ","
-    return [_label(str(c), decimal_comma) for c in table[column]]
+    if table.attrs.get("delimiter", ",") == ",":
+        return [_number_label(c) for c in table[column]]
+    # Where the comma is the decimal mark, "1.000" may be a thousand: kept as written.
+    return [
+        _number_label(c.replace(",", "."))
+        if _DECIMAL_COMMA.match(c)
+        else c
+        if _POINT_GROUPS.match(c)
+        else _number_label(c)
+        for c in table[column]
+    ]
 
 
 def concentration_label(text: str) -> str:
-    """One concentration label as concentration_labels writes it ("1e3", "1000.0", "1 000" -> "1000",
-    "1000 nM" -> "1 µM"), for a label given on the command line (comma-delimited rules: "1.000" is a
-    number, 1)."""
-    return _label(str(text).strip(), decimal_comma=False)
-
-
-def _label(text: str, decimal_comma: bool) -> str:
-    molar = _MOLAR.match(text)
-    number = molar["number"].strip() if molar else text
-    if decimal_comma:
-        if _POINT_GROUPS.match(number):
-            return text  # "1.000" where the comma is the decimal mark: may be a thousand
-        if _DECIMAL_COMMA.match(number):
-            number = number.replace(",", ".")
-    elif _COMMA_GROUPS.match(number):
-        number = number.replace(",", "")
-    label = _number_label(number)
-    if molar is None:
-        return label
-    if not _NUMERIC.match(label):
-        return text
-    amount = Decimal(label).scaleb(_MOLAR_PREFIXES[molar["prefix"]])
-    exponent = 0
-    while exponent > min(_PREFIX_NAMES) and amount and abs(amount) < Decimal(1).scaleb(exponent):
-        exponent -= 3
-    return f"{amount.scaleb(-exponent).normalize():f} {_PREFIX_NAMES[exponent]}M"
+    """One concentration label as concentration_labels writes it ("1e3", "1000.0", "1 000" -> "1000"),
+    for a label given on the command line (comma-delimited rules: "1.000" is a number, 1)."""
+    return _number_label(str(text).strip())
 
 
 def _number_label(text: str) -> str:
