@@ -227,9 +227,9 @@ def column_name(name: str) -> str:
 
 
 def check_one_spelling(table: Path, df: pd.DataFrame, column: str) -> None:
-    """Refuse a table (read by read_delimited) in which two values of `column` differ only in case,
-    spaces or punctuation ('GBM03', 'gbm 03', 'GBM-03'): one culture typed two ways would silently
-    become two cultures.
+    """Refuse a table (read by read_delimited) in which two values of `column` differ only in letter
+    case or spaces ('GBM03', 'gbm 03'): one culture typed two ways would silently become two
+    cultures. Punctuation is kept apart: 'CD133+' and 'CD133-', 'GBM1.2' and 'GBM12' are different.
 
     Raises
     ------
@@ -238,13 +238,13 @@ def check_one_spelling(table: Path, df: pd.DataFrame, column: str) -> None:
     """
     first: dict[str, tuple[str, int]] = {}
     for value, line in zip(df[column].astype(str), df[LINE_COLUMN], strict=False):
-        key = re.sub(r"[\W_]", "", value.casefold()) or value
+        key = re.sub(r"\s+", "", value.casefold()) or value
         seen = first.setdefault(key, (value, int(line)))
         if seen[0] != value:
             raise PlateError(
                 table,
-                f"{column} {seen[0]!r} (line {seen[1]}) and {value!r} (line {int(line)}) differ only in case, "
-                f"spaces or punctuation; write one {column} one way (if they are two, name them apart)",
+                f"{column} {seen[0]!r} (line {seen[1]}) and {value!r} (line {int(line)}) differ only in case "
+                f"or spaces; write one {column} one way (if they are two, name them apart)",
             )
 
 
