@@ -312,7 +312,6 @@ def test_time_by_z_hyperstack_is_refused_not_given_a_time_point_per_plane(tmp_pa
     "name, options",
     [
         ("zstack.ome.tif", {"ome": True, "metadata": {"axes": "ZYX", "PhysicalSizeZ": 2.0}}),
-        ("zstack.tif", {"imagej": True, "metadata": {"axes": "ZYX", "spacing": 2.0, "unit": "micron"}}),
     ],
 )
 def test_a_stack_of_focal_planes_is_refused_not_read_as_a_time_lapse(tmp_path, name, options):
@@ -326,11 +325,17 @@ def test_a_stack_of_focal_planes_is_refused_not_read_as_a_time_lapse(tmp_path, n
     assert not (tmp_path / "raw" / "z").exists()
 
 
-def test_an_imagej_stack_of_slices_without_a_z_step_is_still_a_time_lapse(tmp_path):
-    # ImageJ calls every plain stack (a time-lapse opened as an image sequence) "slices".
+@pytest.mark.parametrize(
+    "metadata",
+    [{"axes": "ZYX"}, {"axes": "ZYX", "spacing": 0.65, "unit": "micron"}],
+    ids=["plain", "calibrated"],
+)
+def test_an_imagej_stack_of_slices_is_still_a_time_lapse(tmp_path, metadata):
+    """ImageJ calls every plain stack (a time-lapse opened as an image sequence) "slices", and writes
+    a z-step (spacing, the pixel width) for any calibrated image: neither makes it focal planes."""
     source = tmp_path / "src"
     source.mkdir()
-    tifffile.imwrite(source / "seq.tif", np.zeros((3, 32, 40), np.uint16), imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(source / "seq.tif", np.zeros((3, 32, 40), np.uint16), imagej=True, metadata=metadata)
     m = read_manifest(make_plate(source, tmp_path / "raw", "seq", culture="A"))
     assert m["timepoint_h"].tolist() == [0.0, 1.0, 2.0]
 

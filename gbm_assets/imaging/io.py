@@ -174,8 +174,8 @@ def frame_axes(path: str | Path, *, max_pixels: int | None = None) -> dict[str, 
     Only axes longer than 1 are given: {} for one frame, {"T": 3} for a time-lapse, {"T": 3, "Z": 2}
     for an ImageJ hyperstack of 3 time points by 2 focal planes (frames in the order read_frames
     yields them: T outer, Z inner). Axis letters are tifffile's (T time, Z depth, I an unlabelled
-    page sequence, ...) or bioio's (T, Z). An ImageJ stack of "slices" alone is Z only when ImageJ
-    recorded a z-step (spacing); otherwise it is I, since ImageJ calls every plain stack slices.
+    page sequence, ...) or bioio's (T, Z). An ImageJ stack of "slices" alone is I, an unlabelled page
+    sequence: ImageJ calls every plain stack slices and records a z-step for any calibrated image.
 
     Raises
     ------
@@ -532,13 +532,10 @@ class _TiffSource(_Source):
         self.height, self.width = sizes["Y"], sizes["X"]
         self.samples = sizes.get("S", 1)
         self.frame_sizes = {a: n for a, n in zip(axes, shape, strict=False) if a not in _FRAME_AXES_EXCLUDED}
-        if (
-            tif.is_imagej
-            and [a for a, n in self.frame_sizes.items() if n > 1] == ["Z"]
-            and "spacing" not in (tif.imagej_metadata or {})
-        ):
-            # ImageJ calls every plain stack "slices" (a time-lapse opened as an image sequence too);
-            # only a z-step (spacing) says they are focal planes: otherwise an unlabelled page sequence.
+        if tif.is_imagej and [a for a, n in self.frame_sizes.items() if n > 1] == ["Z"]:
+            # ImageJ calls every plain stack "slices" (a time-lapse opened as an image sequence too),
+            # and writes a z-step (spacing) whenever the image is calibrated: neither says focal
+            # planes, so they are an unlabelled page sequence (a hyperstack's own T and Z are kept).
             self.frame_sizes = {("I" if a == "Z" else a): n for a, n in self.frame_sizes.items()}
         self.n_frames = math.prod(self.frame_sizes.values())
         page = series.keyframe
