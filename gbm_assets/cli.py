@@ -172,6 +172,8 @@ def cmd_add_plate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     _note_guessed_frame_times(Path(args.source), summary.manifest, args.frame_interval_h)
+    if not (Path(args.source) / "manifest.csv").is_file():
+        _note_nested_inputs(Path(args.source), args.include, args.plate_map, raw)
     wells = summary.manifest["well"].nunique() if (summary.manifest["well"] != "na").any() else 0
     print(
         f"plate {summary.plate_id}: {summary.n_images} images of {summary.width}x{summary.height}, "
@@ -180,6 +182,22 @@ def cmd_add_plate(args: argparse.Namespace) -> int:
         + f" -> {plate}"
     )
     return 0
+
+
+def _note_nested_inputs(source: Path, include: str | None, plate_map: str | None, raw: Path) -> None:
+    """Say so on stderr, naming them, when sub-folders of the source hold images or tables that are not
+    part of the plate (add-plate reads one folder)."""
+    from gbm_assets.imaging.plate_import import nested_inputs
+
+    found = nested_inputs(source, include, plate_map, raw)
+    if found:
+        folders = sorted({str(p.parent.relative_to(source)) for p in found})
+        print(
+            f"note: {len(found)} image(s) or table(s) in sub-folders of {source} are not part of the plate "
+            f"(add-plate reads one folder): {', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''} "
+            f"(e.g. {found[0]}); if they belong to it, add each folder as its own plate or move the files up",
+            file=sys.stderr,
+        )
 
 
 def _note_guessed_frame_times(source: Path, manifest, interval_h: float | None) -> None:

@@ -309,10 +309,7 @@ def test_time_by_z_hyperstack_is_refused_not_given_a_time_point_per_plane(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "name, options",
-    [
-        ("zstack.ome.tif", {"ome": True, "metadata": {"axes": "ZYX", "PhysicalSizeZ": 2.0}}),
-    ],
+    "name, options", [("zstack.ome.tif", {"ome": True, "metadata": {"axes": "ZYX", "PhysicalSizeZ": 2.0}})]
 )
 def test_a_stack_of_focal_planes_is_refused_not_read_as_a_time_lapse(tmp_path, name, options):
     """An OME Z series, or an ImageJ stack with a z-step, is 3 planes of one moment: frame k at k
@@ -326,9 +323,7 @@ def test_a_stack_of_focal_planes_is_refused_not_read_as_a_time_lapse(tmp_path, n
 
 
 @pytest.mark.parametrize(
-    "metadata",
-    [{"axes": "ZYX"}, {"axes": "ZYX", "spacing": 0.65, "unit": "micron"}],
-    ids=["plain", "calibrated"],
+    "metadata", [{"axes": "ZYX"}, {"axes": "ZYX", "spacing": 0.65, "unit": "micron"}], ids=["plain", "calibrated"]
 )
 def test_an_imagej_stack_of_slices_is_still_a_time_lapse(tmp_path, metadata):
     """ImageJ calls every plain stack (a time-lapse opened as an image sequence) "slices", and writes
@@ -341,9 +336,12 @@ def test_an_imagej_stack_of_slices_is_still_a_time_lapse(tmp_path, metadata):
 
 
 @pytest.mark.parametrize("nested", ["B2/GBM03_Phase_B2_1_00d04h00m.tif", "cp_output/MyExpt_Cells.csv"])
-def test_images_or_tables_in_a_sub_folder_are_an_error_not_left_out(tmp_path, nested):
-    """An export written one sub-folder per well, or CellProfiler's tables in an output folder: a
-    plate of the top-level files alone would silently lack them (wells, or CellProfiler's cells)."""
+def test_images_or_tables_in_a_sub_folder_are_named_in_a_note_not_left_out_unsaid(tmp_path, nested, capsys):
+    """An export written one sub-folder per well, or CellProfiler's tables in an output folder: the
+    plate of the top-level files lacks them, and add-plate says so naming them (thumbnails and
+    metadata folders are common in ordinary exports, so it is a note, not a refusal)."""
+    from gbm_assets.cli import main
+
     source = _export(tmp_path / "export", ["B3"], stamps=("00d04h00m",))
     (source / nested).parent.mkdir()
     if nested.endswith(".tif"):
@@ -352,13 +350,16 @@ def test_images_or_tables_in_a_sub_folder_are_an_error_not_left_out(tmp_path, ne
         (source / nested).write_text("ImageNumber,ObjectNumber,Location_Center_X,Location_Center_Y\n1,1,3,3\n")
     (source / "maps").mkdir()
     (source / "maps" / "map.csv").write_text("well,culture\nB2,A\nB3,A\n")
-    with pytest.raises(PlateError, match=rf"{re.escape(nested)}: is in a sub-folder, which add-plate does not search"):
-        make_plate(source, tmp_path / "raw", "p", plate_map=source / "maps" / "map.csv")
-    assert not (tmp_path / "raw" / "p").exists()
-    # Files the --include pattern leaves out, the plate map and hidden folders are no reason to refuse.
+    args = ["add-plate", str(source), "--raw", str(tmp_path / "raw"), "--plate-map", str(source / "maps" / "map.csv")]
+    assert main([*args, "--plate-id", "p"]) == 0
+    err = capsys.readouterr().err
+    assert f"1 image(s) or table(s) in sub-folders of {source} are not part of the plate" in err, err
+    assert str(source / nested) in err and "map.csv" not in err
+    assert read_manifest(tmp_path / "raw" / "p")["well"].tolist() == ["B3"]
+    # Files the --include pattern leaves out, the plate map and hidden folders are not named.
     if nested.endswith(".tif"):
-        plate = make_plate(source, tmp_path / "raw", "p", plate_map=source / "maps" / "map.csv", include="*_B3_*")
-        assert read_manifest(plate)["well"].tolist() == ["B3"]
+        assert main([*args, "--plate-id", "q", "--include", "*_B3_*"]) == 0
+        assert "not part of the plate" not in capsys.readouterr().err
 
 
 def test_add_plate_says_when_a_stack_records_no_frame_interval(tmp_path, capsys):

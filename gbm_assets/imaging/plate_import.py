@@ -252,20 +252,29 @@ def source_images(
     return expanded
 
 
-def _check_no_nested_inputs(source: Path, include: str | None, plate_map: str | Path | None, raw: Path) -> None:
-    """Refuse a folder whose sub-folders hold images (matching `include`) or tables: add-plate reads
-    one folder, and an export written one sub-folder per well or time point, or CellProfiler's
-    tables in an output sub-folder, would otherwise be left out without a word. The plate map may
-    lie anywhere, and the raw plates folder is not searched."""
+def nested_inputs(source: str | Path, include: str | None = None, plate_map: str | Path | None = None, raw=None):
+    """Images (matching `include`) and tables in the sub-folders of an add-plate source folder, which
+    add-plate does not read: an export written one sub-folder per well, CellProfiler's tables in an
+    output folder, or merely thumbnails and metadata. The caller says so (the CLI prints a note
+    naming them), so none is left out without a word. The plate map and the raw plates folder are
+    not counted, nor hidden files and folders.
+
+    Returns the files found, sorted (list of Path; [] for a file source or a folder without any).
+    """
+    source = Path(source)
+    if not source.is_dir():
+        return []
     skip = Path(plate_map).resolve() if plate_map else None
+    raw_dir = Path(raw).resolve() if raw else None
     tables = (*TABLE_SUFFIXES, *WORKBOOK_SUFFIXES)
+    found = []
     for sub in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if sub.resolve() == raw.resolve():
+        if sub.resolve() == raw_dir:
             continue
         for folder, dirs, names in os.walk(sub):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(folder) / d).resolve() != raw.resolve())
-            found = [
-                n
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(folder) / d).resolve() != raw_dir)
+            found += [
+                Path(folder) / n
                 for n in sorted(names)
                 if not n.startswith(".")
                 and (Path(folder) / n).resolve() != skip
@@ -275,13 +284,7 @@ def _check_no_nested_inputs(source: Path, include: str | None, plate_map: str | 
                     or is_database_file(Path(folder) / n)
                 )
             ]
-            if found:
-                raise PlateError(
-                    Path(folder) / found[0],
-                    "is in a sub-folder, which add-plate does not search (a plate is one folder, "
-                    "its images and tables side by side): add that folder as its own plate, move its "
-                    "files up, or move it out",
-                )
+    return found
 
 
 def read_plate_map(path: str | Path) -> pd.DataFrame:
@@ -397,9 +400,8 @@ def make_plate(
     own TIFF. plate_id defaults to a safe id derived from the folder name. timepoint_pattern: a
     regular expression with one group, read from each file name, giving the time point in hours
     (e.g. r"t(\\d+)"); without it, instrument stamps (DDdHHhMMm) are read, else time point 0.
-    Returns the plate folder. Raises PlateError / ImageReadError naming the file and problem (also
-    for images or tables in a sub-folder of a source folder without a manifest: sub-folders are not
-    searched, and their files would otherwise be left out unsaid); then nothing is left under raw/.
+    Returns the plate folder. Raises PlateError / ImageReadError naming the file and problem; then
+    nothing is left under raw/. Sub-folders are not searched (`nested_inputs` lists what they hold).
     """
     source = Path(source)
     name = source.name.split(".")[0] if source.is_file() else source.name  # xy01.ome.tif -> xy01
@@ -413,8 +415,6 @@ def make_plate(
         options = {"--plate-map": plate_map, "--timepoint-pattern": timepoint_pattern, "--include": include}
         images, manifest = _from_manifest(source, culture, concentration, replicate, frame_interval_h, options)
     else:
-        if source.is_dir():
-            _check_no_nested_inputs(source, include, plate_map, raw)
         images = source_images(source, timepoint_pattern, include, frame_interval_h)
         table = read_plate_map(plate_map) if plate_map else None
         manifest = plate_manifest(images, culture, concentration, replicate, table, str(plate_map))
