@@ -468,3 +468,21 @@ def test_a_concentration_option_written_otherwise_agrees_with_the_manifests_numb
         PlateError, match=r"--concentration '500' contradicts the manifest, which has concentration '1000'"
     ):
         make_plate(source, tmp_path / "raw", "other", culture="GBM03", concentration="500")
+
+
+def test_add_plate_errors_name_the_users_files_not_the_staging_copy(tmp_path):
+    """Errors found while the plate is assembled name the file the user gave (the staging copy is
+    gone when the message is read), and a time-point pattern that reads a date names the pattern."""
+    source = tmp_path / "src"
+    source.mkdir()
+    tifffile.imwrite(source / "rgb3.tif", np.stack([np.full((32, 40), v, np.uint8) for v in (10, 90, 200)]))
+    with pytest.raises(ImageReadError, match=rf"^{re.escape(str(source / 'rgb3.tif'))}: "):
+        make_plate(source, tmp_path / "raw", "p", culture="A")
+    (source / "rgb3.tif").unlink()
+    for stamp in ("20230101", "20230102"):
+        tifffile.imwrite(source / f"img_t{stamp}.tif", np.zeros((32, 40), np.uint16))
+    with pytest.raises(
+        PlateError, match=r"img_t20230101\.tif: the time-point pattern .+ reads '20230101' from its name"
+    ):
+        make_plate(source, tmp_path / "raw", "q", culture="A", timepoint_pattern=r"t(\d+)")
+    assert not list((tmp_path / "raw").iterdir())

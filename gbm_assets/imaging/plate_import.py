@@ -36,6 +36,7 @@ from gbm_assets.imaging.pixel_size import recorded_pixel_size
 from gbm_assets.imaging.plates import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
+    MAX_TIMEPOINT_H,
     check_look_alikes,
     check_one_spelling,
     check_plate_id,
@@ -137,6 +138,13 @@ def _describe(path: Path, timepoint_pattern: re.Pattern | None) -> SourceImage:
             parsed = replace(parsed, timepoint_h=float(match.group(1)))
         except (TypeError, ValueError):
             raise PlateError(path, f"the time-point pattern's group matched {match.group(1)!r}, not a number") from None
+        if parsed.timepoint_h > MAX_TIMEPOINT_H:
+            raise PlateError(
+                path,
+                f"the time-point pattern {timepoint_pattern.pattern!r} reads {match.group(1)!r} from its name, "
+                f"{parsed.timepoint_h:g} h, more than a year after plating (a date, or minutes?): give a "
+                "--timepoint-pattern whose group is the hours after plating",
+            )
     return parsed
 
 
@@ -427,13 +435,15 @@ def make_plate(
         for path in tables:
             shutil.copy2(path, staging / path.name)
         manifest.to_csv(staging / MANIFEST_NAME, index=False)
-        validate_plate(staging, plate_id=plate_id)
-        if tables:
-            try:
+        try:
+            validate_plate(staging, plate_id=plate_id)
+            if tables:
                 check_plate_tables(staging, read_manifest(staging))
-            except PlateError as exc:  # name the user's file, not the staging copy
-                where = exc.where.replace(str(staging), str(source), 1)
-                raise PlateError(where, exc.problem) from None
+        except InputError as exc:  # name the user's file, not the staging copy (gone when this is read)
+            theirs = {str(staging / im.name): str(im.source) for im in images}
+            folder = source if source.is_dir() else source.parent
+            where = theirs.get(exc.where) or exc.where.replace(str(staging), str(folder), 1)
+            raise type(exc)(where, exc.problem) from None
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
