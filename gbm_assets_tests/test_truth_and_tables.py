@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -75,6 +77,10 @@ def test_true_morphotypes_match_within_8_px(tmp_path):
         "\ufeffImage;X;Y;Morphotype\r\na.tif;10,0;10;round\r\na.tif;100;100,0;fusiform\r\nb.tif;10;10;clump\r\n".encode()
     )
     assert true_morphotypes(rows, tmp_path / "raw").tolist() == ["round", "fusiform", None, None, None]
+    # A name decomposed on disk (macOS) and composed in the table is one image.
+    decomposed = rows.assign(image=rows["image"].replace({"a.tif": unicodedata.normalize("NFD", "zürich_a.tif")}))
+    (plate / "ground_truth.csv").write_text("image,x,y,morphotype\nzürich_a.tif,10,10,round\n", encoding="utf-8")
+    assert true_morphotypes(decomposed, tmp_path / "raw").tolist() == ["round", None, None, None, None]
     (plate / "ground_truth.csv").write_text("image,x,y,type\na.tif,1,1,round\n")
     with pytest.raises(InputError, match=r"p1/ground_truth\.csv: ground truth lacks column\(s\) \['morphotype'\]"):
         true_morphotypes(rows, tmp_path / "raw")

@@ -7,6 +7,7 @@ finding); crops of real plates, or without a match, get None.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -48,14 +49,20 @@ def true_morphotypes(rows: pd.DataFrame, raw_dir: str | Path, max_dist: float = 
         if not path.is_file():
             continue
         truth = read_ground_truth(path)
+        names = truth["image"].map(_same_form)  # a macOS name on disk is decomposed, the table's text composed
         for image, cells in group.groupby("image", sort=False):
-            t = truth[truth["image"] == image]
+            t = truth[names == _same_form(str(image))]
             if t.empty:
                 continue
             dist, idx = cKDTree(t[["x", "y"]].to_numpy(float)).query(cells[["x", "y"]].to_numpy(float))
             hit = dist <= max_dist
             out.loc[cells.index[hit]] = t["morphotype"].to_numpy()[idx[hit]]
     return out
+
+
+def _same_form(name: str) -> str:
+    """A file name in one Unicode form (NFC), so composed and decomposed accents match."""
+    return unicodedata.normalize("NFC", name)
 
 
 def read_ground_truth(path: str | Path) -> pd.DataFrame:
