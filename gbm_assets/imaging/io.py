@@ -500,7 +500,7 @@ class _TiffSource(_Source):
         # A page the file itself flags (NewSubfileType) as a reduced-resolution copy of another image
         # (a thumbnail or preview, which acquisition programs write beside the image) or as a
         # transparency mask is no image of its own.
-        images = [s for s in series_list if not _is_thumbnail_or_mask(s)]
+        images = [s for s in series_list if not is_thumbnail_or_mask(s.keyframe)]
         if images:
             series_list = images
         if not series_list:
@@ -678,8 +678,9 @@ def _channel_names(tif: tifffile.TiffFile, n: int) -> list[str]:
     return []
 
 
-def _is_thumbnail_or_mask(series) -> bool:
-    page = series.keyframe
+def is_thumbnail_or_mask(page) -> bool:
+    """Whether a TIFF page (tifffile TiffPage/TiffFrame) is flagged in NewSubfileType as a
+    reduced-resolution copy (thumbnail, preview) or a transparency mask, not the image itself."""
     flags = int(getattr(page, "subfiletype", 0) or 0)
     return bool(flags & (int(tifffile.FILETYPE.REDUCEDIMAGE) | int(tifffile.FILETYPE.MASK)))
 

@@ -41,6 +41,7 @@ import pandas as pd
 import tifffile
 
 from gbm_assets.errors import ImageReadError, PlateError
+from gbm_assets.imaging.io import is_thumbnail_or_mask
 
 PIXEL_SIZE_COLUMN = "pixel_size_um"  # manifest and cell_coordinates column, µm per pixel
 PIXEL_SIZE_TOLERANCE = 0.01  # relative: two sizes closer than 1% are one (rationals, rounding in writers)
@@ -278,11 +279,7 @@ def coordinates_pixel_sizes(coordinates_dir: str | Path, plates=None) -> dict[st
 
 def _image_page(tif: tifffile.TiffFile):
     """The first page that is the image itself, not a thumbnail or mask (NewSubfileType flags)."""
-    skip = int(tifffile.FILETYPE.REDUCEDIMAGE) | int(tifffile.FILETYPE.MASK)
-    for page in tif.pages:
-        if not int(getattr(page, "subfiletype", 0) or 0) & skip:
-            return page
-    return tif.pages.first
+    return next((page for page in tif.pages if not is_thumbnail_or_mask(page)), tif.pages.first)
 
 
 def _rational(value) -> float:
