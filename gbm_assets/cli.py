@@ -212,10 +212,13 @@ def _note_guessed_frame_times(source: Path, manifest, interval_h: float | None) 
         if frame_times_h(path) is None and frame_interval_h(path) is None:
             untimed.append(path)
     if untimed:
-        which = f"{untimed[0]} records" if len(untimed) == 1 else f"{len(untimed)} stacks ({untimed[0]}, ...) record"
+        which = (
+            f"{untimed[0]} records no time between its frames"
+            if len(untimed) == 1
+            else f"{len(untimed)} stacks ({untimed[0]}, ...) record no time between their frames"
+        )
         print(
-            f"note: {which} no time between their frames, so they are 1 h apart; if they are "
-            "not, re-add the plate with --frame-interval-h",
+            f"note: {which}, so they are 1 h apart; if they are not, re-add the plate with --frame-interval-h",
             file=sys.stderr,
         )
 

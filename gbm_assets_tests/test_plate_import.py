@@ -373,7 +373,7 @@ def test_add_plate_says_when_a_stack_records_no_frame_interval(tmp_path, capsys)
     )
     assert main(["add-plate", str(source), "--culture", "A", "--raw", str(tmp_path / "raw"), "--plate-id", "p"]) == 0
     err = capsys.readouterr().err
-    assert "plain.tif records no time between their frames, so they are 1 h apart" in err and "timed.tif" not in err
+    assert "plain.tif records no time between its frames, so they are 1 h apart" in err and "timed.tif" not in err
     args = ["add-plate", str(source), "--culture", "A", "--raw", str(tmp_path / "raw"), "--plate-id", "q"]
     assert main([*args, "--frame-interval-h", "0.5"]) == 0
     assert "records no time" not in capsys.readouterr().err
