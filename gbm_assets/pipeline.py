@@ -17,7 +17,7 @@ from gbm_assets import interrupts, paths
 from gbm_assets.assets.partitions import plates
 from gbm_assets.assets.resources import DataDirs
 from gbm_assets.assets.sensors import INGEST_JOB_NAME, LEGACY_VERSION, built_version, manifest_version
-from gbm_assets.imaging.plates import find_ready_plates
+from gbm_assets.imaging.plates import culture_spelling_clashes, find_ready_plates
 from gbm_assets.models.variants import variant_names
 
 # Failures are reported as one line each by run_partitions; their stack traces are in the Dagster UI.
@@ -358,6 +358,8 @@ def run_main_job(
     if warning:
         print(warning, file=sys.stderr)
     ready = register_plates(instance)
+    for clash in culture_spelling_clashes(raw):
+        print(f"warning: {clash}", file=sys.stderr)
     if not ready:
         print(f"no usable plates under {raw} (a plate is a folder with images and manifest.csv, named by a safe id)")
         return 1

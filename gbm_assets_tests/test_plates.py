@@ -245,6 +245,26 @@ def test_one_culture_typed_two_ways_is_an_error_and_unicode_forms_are_one(tmp_pa
     assert read_plate_map(tmp_path / "map.csv")["culture"].tolist() == ["CD133+", "CD133-", "GBM1.2", "GBM12"]
 
 
+def test_a_culture_spelled_two_ways_across_plates_is_named_in_a_warning(tmp_path):
+    """'GBM03' in one plate and 'gbm 03' in another are each valid, but the report would count two
+    cultures without a word: the clash is named, with the plates, for run and raw_plates to warn."""
+    from gbm_assets.imaging.plates import culture_spelling_clashes
+
+    raw = tmp_path / "raw"
+    write_tiny_plate(raw / "p1", culture="GBM03")
+    write_tiny_plate(raw / "p2", culture="gbm 03")
+    write_tiny_plate(raw / "p3", culture="CD133+")
+    write_tiny_plate(raw / "p4", culture="CD133-")
+    clashes = culture_spelling_clashes(raw)
+    assert clashes == [
+        "culture spelled 2 ways ('GBM03' in p1; 'gbm 03' in p2): each counts as a culture of its own; "
+        "write it one way in every plate's manifest if they are one culture"
+    ]
+    assert culture_spelling_clashes(raw, "p2") == clashes and culture_spelling_clashes(raw, "p3") == []
+    _manifest_bytes(raw / "p2", "image,culture\nimg0.tif,GBM03\nimg1.tif,GBM03\n")
+    assert culture_spelling_clashes(raw) == []
+
+
 def test_manifest_linked_to_a_private_file_is_not_quoted(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("SECRET-TOKEN-hunter2\nrecovery=swordfish\n")

@@ -14,6 +14,7 @@ from gbm_assets.imaging.plate_cells import check_image_size
 from gbm_assets.imaging.plates import (
     check_plate_id,
     check_plate_unchanged,
+    culture_spelling_clashes,
     plate_version,
     validate_plate,
     write_plate_version,
@@ -43,6 +44,8 @@ def raw_plates(context: dg.AssetExecutionContext, data: DataDirs) -> dg.Material
         summary.manifest["image"],
     )
     record = write_plate_version(data.plate_version_file(plate_id), plate_id, version, run_id=context.run_id)
+    for clash in culture_spelling_clashes(data.raw, plate_id):
+        context.log.warning(clash)
     return dg.MaterializeResult(
         metadata={
             "manifest_sha256": version.manifest_sha256,

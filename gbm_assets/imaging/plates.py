@@ -238,14 +238,50 @@ def check_one_spelling(table: Path, df: pd.DataFrame, column: str) -> None:
     """
     first: dict[str, tuple[str, int]] = {}
     for value, line in zip(df[column].astype(str), df[LINE_COLUMN], strict=False):
-        key = re.sub(r"\s+", "", value.casefold()) or value
-        seen = first.setdefault(key, (value, int(line)))
+        seen = first.setdefault(_spelling_key(value), (value, int(line)))
         if seen[0] != value:
             raise PlateError(
                 table,
                 f"{column} {seen[0]!r} (line {seen[1]}) and {value!r} (line {int(line)}) differ only in case "
                 f"or spaces; write one {column} one way (if they are two, name them apart)",
             )
+
+
+def _spelling_key(value: str) -> str:
+    """What is left of a name when letter case and spaces are set aside ('GBM 03' -> 'gbm03')."""
+    return re.sub(r"\s+", "", value.casefold()) or value
+
+
+def culture_spelling_clashes(raw: str | Path, plate_id: str | None = None) -> list[str]:
+    """One message per culture typed two ways across the plates under raw/ ('GBM03' in one
+    manifest, 'gbm 03' in another): each spelling would be counted as a culture of its own in the
+    composition report, without a word. Within one manifest this is an error (check_one_spelling);
+    across plates each plate is valid on its own, so the callers warn (gbm-assets run, raw_plates).
+
+    plate_id: only the clashes that involve this plate. Plates whose manifest cannot be read are
+    left out (their own ingest says why). Returns [] when every culture has one spelling.
+    """
+    spellings: dict[str, dict[str, list[str]]] = {}
+    for plate in find_ready_plates(raw):
+        try:
+            cultures = read_manifest(Path(raw) / plate)["culture"].unique()
+        except PlateError:
+            continue
+        for culture in cultures:
+            spellings.setdefault(_spelling_key(str(culture)), {}).setdefault(str(culture), []).append(plate)
+    messages = []
+    for forms in spellings.values():
+        if len(forms) < 2 or (plate_id is not None and not any(plate_id in p for p in forms.values())):
+            continue
+        listed = "; ".join(
+            f"{culture!r} in {', '.join(plates[:3])}{' ...' if len(plates) > 3 else ''}"
+            for culture, plates in forms.items()
+        )
+        messages.append(
+            f"culture spelled {len(forms)} ways ({listed}): each counts as a culture of its own; "
+            "write it one way in every plate's manifest if they are one culture"
+        )
+    return messages
 
 
 def check_look_alikes(table: Path, header: list[str], columns=(*MANIFEST_COLUMNS, PIXEL_SIZE_COLUMN)) -> None:
