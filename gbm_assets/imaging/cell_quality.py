@@ -69,11 +69,14 @@ the image's own noise, never absolute:
   cells whose body centres are joined by a path inside the two, within line_corridor_scale (0.05)
   diameters of the straight line between them, that never rises above line_level (3 noise
   units, the halo level) in the lightly smoothed image, the smaller, when no bigger than a
-  typical cell and the two are not both compact: the path from one cell's body to a touching
+  typical cell (the larger of typical_cell_area of all the candidates and of the cells alone, as
+  the size estimate reads them) and the two are not both compact: the path from one cell's body to a touching
   cell's crosses both membranes and the bright seam between them, while two dark parts of one
   spread cell are joined through cytoplasm, past its bright granules and vacuoles
   (dark_line_pieces). Labelled, not merged, so the larger keeps its centre. On the 24 Usiigaci
-  fields it labelled 57 detections, 54 false (the straight line alone: 30, 29 false);
+  fields it labelled 57 detections, 54 false (the straight line alone: 30, 29 false); judged
+  against the cells' typical cell where larger (large spread cells found as pieces, whose pieces
+  and specks pull all the candidates' median down), 11 detections fewer, 9 of them false;
 - cell: everything else.
 
 Non-cells stay in the table with their label and reason, so nothing is dropped silently.
@@ -598,7 +601,8 @@ def dark_line_pieces(
     each candidate's dark body, body_centres) and area (px, the whole object), the candidates
     judged (a pair with a label not in cells is not looked at); z: float (H, W) image in
     background-noise units (0 = the medium, dark negative); cell_diameter_px: the segmentation's
-    scale d; typical_area_px: the image's typical cell area (typical_cell_area, px); compact:
+    scale d; typical_area_px: the image's typical cell area (typical_cell_area, px; find_candidates
+    passes the larger of that of all its candidates and that of those labelled cell); compact:
     bool per row of cells, True for compact (rounded) cells, or None (none is). For two
     touching candidates (sharing a border on the grid of every join_step-th pixel), z smoothed
     by a Gaussian of line_smooth_scale diameters is read on a corridor along the straight line
