@@ -23,6 +23,7 @@ from gbm_assets.imaging.cell_quality import (
     merge_faint_seams,
     merge_fragments,
     specks,
+    spread_typical_area,
     typical_cell_area,
     within_border_frame,
 )
@@ -338,6 +339,50 @@ def test_usiigaci_second_detections_in_one_cell_are_joined():
     assert second <= 25 and true >= 160
 
 
+@needs_usiigaci
+def test_usiigaci_pieces_of_large_cells_are_judged_against_the_typical_spread_cell():
+    """On set5, set7, set8, set9 and set24 (large spread cells, 62-69 px across, found at 41 px)
+    the line rule's typical cell came from all the candidates, pieces, specks and fine-seeded
+    nuclei included (set8: 51 px across): pieces of the largest cells a little bigger than that
+    passed for cells, 47 second detections in an annotated cell and 73 false detections with 238
+    true ones. Judged against the typical spread (not compact) cell among the cells where that is
+    larger, 40 second detections and 64 false ones, 237 true."""
+    second, true, false = 0, 0, 0
+    for name in ("set5", "set7", "set8", "set9", "set24"):
+        image = read_image(USIIGACI / "images" / f"{name}.tif")
+        truth = cv2.imread(str(USIIGACI / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        candidates = find_candidates(image, SegmentationParams())[0]
+        cells = candidates[candidates["qc"] == "cell"]
+        hit = truth[
+            np.rint(cells["y"]).astype(int).clip(0, truth.shape[0] - 1),
+            np.rint(cells["x"]).astype(int).clip(0, truth.shape[1] - 1),
+        ]
+        second += int(len(hit[hit > 0]) - len(np.unique(hit[hit > 0])))
+        score = score_point_in_mask(cells[["x", "y"]].to_numpy(float), truth)
+        true, false = true + score["tp"], false + score["fp"]
+    assert second <= 40 and false <= 64 and true >= 237
+
+
+def test_the_line_rule_judges_pieces_against_the_typical_spread_cell():
+    """Five spread cells of 3,000 px among small compact bodies of 700 px and pieces of 900 px
+    (all the candidates: a typical cell of 900 / 1.44 = 625 px): the line rule judges pieces
+    against the spread cells' typical cell, 3,000 / 1.44 px. Never below the candidates' own; with
+    fewer than 5 spread cells as big as the fragment rule's least cell (half a cell area, 660 px
+    at 41 px), the candidates' own."""
+    areas = np.array([3000.0] * 5 + [700.0] * 8 + [900.0] * 6)
+    compact = np.array([False] * 5 + [True] * 8 + [False] * 6)
+    typical = typical_cell_area(areas, 41)
+    assert typical == pytest.approx(900 / 1.44)
+    assert spread_typical_area(typical, areas, compact, 41) == pytest.approx(900 / 1.44)  # the pieces are spread too
+    spread = ~compact & (areas > 1000)
+    assert spread_typical_area(typical, areas[spread | compact], compact[spread | compact], 41) == pytest.approx(
+        3000 / 1.44
+    )
+    assert spread_typical_area(5000.0, areas[spread | compact], compact[spread | compact], 41) == 5000.0
+    few = np.r_[np.flatnonzero(compact), np.flatnonzero(spread)[:4]]
+    assert spread_typical_area(typical, areas[few], compact[few], 41) == typical
+
+
 def _labelled_away(names: tuple[str, ...], reason: str) -> tuple[int, int, int]:
     """Over the named Usiigaci fields: how many candidates a rule labels away (qc_reason holding
     reason), and how many of those would have been false and true detections as cells."""
@@ -486,9 +531,11 @@ def test_usiigaci_body_centres_land_in_more_cells_than_centroids():
 def test_usiigaci_crescents_of_halo_are_not_cells():
     """On set8 and set9 (spread cells, sparse) some candidates are crescents of halo hugging a
     cell or pieces bent around a neighbour, their centre off or at the edge of their own pixels:
-    labelled fragment, and all but at most one of them were false detections."""
+    labelled fragment, and all but at most two of them were false detections (one was before the
+    line rule judged pieces against the typical spread cell: now set9's annotated cell 18 has no
+    other detection, its own, 2,677 px, being taken as a piece of a touching neighbour)."""
     found, false, true = _labelled_away(("set8", "set9"), "of its own pixels")
-    assert found >= 10 and true <= 1 and false >= found - 1
+    assert found >= 10 and true <= 2 and false >= found - 2
 
 
 def test_a_candidate_within_a_frame_along_the_border_is_cut_by_it():

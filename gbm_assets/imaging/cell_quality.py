@@ -69,11 +69,14 @@ the image's own noise, never absolute:
   cells whose body centres are joined by a path inside the two, within line_corridor_scale (0.05)
   diameters of the straight line between them, that never rises above line_level (3 noise
   units, the halo level) in the lightly smoothed image, the smaller, when no bigger than a
-  typical cell and the two are not both compact: the path from one cell's body to a touching
+  typical cell (spread_typical_area: the larger of typical_cell_area of all the candidates and of
+  the spread cells among the cells) and the two are not both compact: the path from one cell's body to a touching
   cell's crosses both membranes and the bright seam between them, while two dark parts of one
   spread cell are joined through cytoplasm, past its bright granules and vacuoles
   (dark_line_pieces). Labelled, not merged, so the larger keeps its centre. On the 24 Usiigaci
-  fields it labelled 57 detections, 54 false (the straight line alone: 30, 29 false);
+  fields it labelled 57 detections, 54 false (the straight line alone: 30, 29 false); judged
+  against the typical spread cell where larger (large spread cells found as pieces, whose pieces,
+  specks and nuclei pull all the candidates' median down), 23 detections fewer, 20 of them false;
 - cell: everything else.
 
 Non-cells stay in the table with their label and reason, so nothing is dropped silently.
@@ -396,6 +399,33 @@ def typical_cell_area(areas: np.ndarray, cell_diameter_px: float, rules: Quality
     return float(np.median(areas)) / FOUND_PER_TRUE_DIAMETER**2
 
 
+def spread_typical_area(
+    typical_area_px: float,
+    areas: np.ndarray,
+    compact: np.ndarray,
+    cell_diameter_px: float,
+    rules: QualityRules = QualityRules(),
+) -> float:
+    """The typical cell area (px) the line rule (dark_line_pieces) judges pieces against: the
+    larger of typical_area_px (typical_cell_area of all the candidates) and typical_cell_area of
+    the spread cells, areas (px) of the candidates labelled cell less those compact (bool, same
+    length), when at least MIN_TYPICAL of them are as big as the fragment rule's least cell
+    (fragment_area_scale cell areas at cell_diameter_px); else typical_area_px.
+
+    Where large spread cells are found as pieces at a scale well below them, the pieces, specks
+    and rounded bodies (the nuclei of spread cells, fine-seeded compact) among all the candidates
+    pull their median down, and a piece of one of the field's larger cells passes for a cell of
+    its own; compact cells are small by nature (a cell rounded up), so a typical whole spread
+    cell leaves them out. Never smaller than typical_area_px: a field whose cells are mostly
+    compact keeps its own typical cell.
+    """
+    areas = np.asarray(areas, np.float64)[~np.asarray(compact, bool)]
+    sized = np.count_nonzero(areas >= rules.fragment_area_scale * np.pi * cell_diameter_px**2 / 4)
+    if sized < MIN_TYPICAL:
+        return float(typical_area_px)
+    return max(float(typical_area_px), typical_cell_area(areas, cell_diameter_px, rules))
+
+
 def _merged_on_samples(
     merge_map, labels: np.ndarray, z: np.ndarray, cell_diameter_px: float, rules: QualityRules, compact
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -598,7 +628,9 @@ def dark_line_pieces(
     each candidate's dark body, body_centres) and area (px, the whole object), the candidates
     judged (a pair with a label not in cells is not looked at); z: float (H, W) image in
     background-noise units (0 = the medium, dark negative); cell_diameter_px: the segmentation's
-    scale d; typical_area_px: the image's typical cell area (typical_cell_area, px); compact:
+    scale d; typical_area_px: the image's typical cell area (typical_cell_area, px; find_candidates
+    passes spread_typical_area, the larger of that of all its candidates and that of the spread
+    cells among those labelled cell); compact:
     bool per row of cells, True for compact (rounded) cells, or None (none is). For two
     touching candidates (sharing a border on the grid of every join_step-th pixel), z smoothed
     by a Gaussian of line_smooth_scale diameters is read on a corridor along the straight line

@@ -70,6 +70,7 @@ from gbm_assets.imaging.cell_quality import (
     labelled_pixels,
     merged_depth,
     quality_measures,
+    spread_typical_area,
     typical_cell_area,
     within_border_frame,
 )
@@ -1161,9 +1162,11 @@ def find_candidates_boxed(
         # typical cell) is a piece of the larger
         is_cell = (verdict["qc"] == "cell").to_numpy()
         piece = np.zeros(len(cells), bool)
-        piece[is_cell] = dark_line_pieces(
-            labels, cells[is_cell], z, d, typical, rules, compact_now[cells["cell_id"].to_numpy()][is_cell]
-        )
+        compact_cells = compact_now[cells["cell_id"].to_numpy()][is_cell]
+        # judged against the typical spread cell among the cells, where that is larger (a field of
+        # large cells found as pieces: pieces, specks and nuclei pull all the candidates' median down)
+        line_typical = spread_typical_area(typical, cells["area"].to_numpy()[is_cell], compact_cells, d, rules)
+        piece[is_cell] = dark_line_pieces(labels, cells[is_cell], z, d, line_typical, rules, compact_cells)
         verdict.loc[piece, "qc"] = "fragment"
         verdict.loc[piece, "qc_reason"] = (
             "a piece of a larger touching cell: the straight line between their bodies, or a path beside it "
