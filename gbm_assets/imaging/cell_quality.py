@@ -77,6 +77,12 @@ the image's own noise, never absolute:
   fields it labelled 57 detections, 54 false (the straight line alone: 30, 29 false); judged
   against the typical spread cell where larger (large spread cells found as pieces, whose pieces,
   specks and nuclei pull all the candidates' median down), 23 detections fewer, 20 of them false;
+- debris / fragment (pale, judged before the line rule, among the cells left, not in a crowded
+  field): far paler, fainter and thinner than the image's own cells, the robust z-scores of its
+  dark fraction, texture contrast and thickness against them (each counted down to -2 at most)
+  summing under pale_level (-4; pale_outliers), alone / next to other candidates: flat debris,
+  out-of-focus material and dark fibres have no dark, grainy, thick body. On the 24 Usiigaci
+  fields 31 false detections fewer (17 far from any cell) for 1 true;
 - cell: everything else.
 
 Non-cells stay in the table with their label and reason, so nothing is dropped silently.
@@ -142,6 +148,8 @@ class QualityRules:
     min_outline_scale: float = 0.12  # an outline under this x the median outline of cell-sized candidates: not a cell
     round_eccentricity: float = 0.7  # a rounded cell's outline is at most this eccentric (minor / major axis >= 0.71)
     round_solidity: float = 0.85  # and at least this solid (area / convex hull area)
+    pale_level: float = -4.0  # dark + texture + thickness robust z vs the image's cells: under this, pale
+    pale_clip: float = 2.0  # each of those z-scores counts down to minus this at most (no one measure decides)
 
 
 def _borders(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -844,6 +852,41 @@ def specks(
         outline["solidity"].to_numpy(float) >= rules.round_solidity
     )
     return small & ~(np.asarray(compact, bool) & rounded)
+
+
+PALE_MEASURES = ("qc_dark_fraction", "qc_texture_contrast", "qc_thickness")
+
+
+def pale_outliers(measures: pd.DataFrame, is_cell: np.ndarray, rules: QualityRules = QualityRules()) -> np.ndarray:
+    """bool per row: cells far paler, fainter and thinner than the image's own cells.
+
+    measures: quality_measures' table; is_cell: bool per row, the candidates labelled cell so
+    far, the image's own population (only they can be flagged). Each of PALE_MEASURES
+    (dark-body fraction, texture contrast, thickness) becomes a robust z-score against that
+    population (its median and 1.4826 x its median absolute deviation; a measure whose deviation
+    is 0 counts 0), counted down to -pale_clip (2) at most, and a cell whose three summed lie
+    below pale_level (-4) is flagged: all three low together (two at the clip and the third at
+    the cells' median, or each 1.33 deviations below it). In phase contrast a living cell's thick
+    body is dark and grainy; flat pale debris lying on the surface, out-of-focus material, dark
+    fibres and pieces of halo are little darker than the medium, smooth and thin. One measure
+    alone does not carry the verdict: a rounded, phase-bright cell has no dark body at all, and
+    a minority cell type (the synthetic plates' small round cells and clumps) lies far out on one
+    or two measures (unclipped, a sum under -3.5 cut synthetic c4000 recall 0.904 -> 0.893).
+    None is flagged with fewer than MIN_CELLS cells (no population to judge against). On the 24
+    Usiigaci fields (production path) detections 1,631 -> 1,599: 31 false fewer (17 far from any
+    annotated cell, 8 second detections in one, 6 near one) and 1 true.
+    """
+    is_cell = np.asarray(is_cell, bool)
+    if is_cell.sum() < MIN_CELLS:
+        return np.zeros(len(measures), bool)
+    total = np.zeros(len(measures))
+    for column in PALE_MEASURES:
+        x = measures[column].to_numpy(float)
+        centre = float(np.median(x[is_cell]))
+        spread = 1.4826 * float(np.median(np.abs(x[is_cell] - centre)))
+        if spread > 0:
+            total += np.maximum((x - centre) / spread, -rules.pale_clip)
+    return is_cell & (total < rules.pale_level)
 
 
 def label_quality(

@@ -69,6 +69,7 @@ from gbm_assets.imaging.cell_quality import (
     label_quality,
     labelled_pixels,
     merged_depth,
+    pale_outliers,
     quality_measures,
     spread_typical_area,
     typical_cell_area,
@@ -1161,6 +1162,15 @@ def find_candidates_boxed(
         # a corridor around it) joins without crossing a halo, the smaller (no bigger than a
         # typical cell) is a piece of the larger
         is_cell = (verdict["qc"] == "cell").to_numpy()
+        # far paler, fainter and thinner than the image's own cells: flat debris, not a cell body
+        pale = pale_outliers(measures, is_cell, rules)
+        alone = measures["qc_nearest_cell_px"].to_numpy() > rules.isolation_scale * d
+        verdict.loc[pale, "qc"] = np.where(alone[pale], "debris", "fragment")
+        verdict.loc[pale, "qc_reason"] = (
+            "paler, fainter and thinner than this image's cells (dark fraction, texture and thickness robust "
+            f"z-scores against them, each down to -{rules.pale_clip:g}, summing under {rules.pale_level:g})"
+        )
+        is_cell = is_cell & ~pale
         piece = np.zeros(len(cells), bool)
         compact_cells = compact_now[cells["cell_id"].to_numpy()][is_cell]
         # judged against the typical spread cell among the cells, where that is larger (a field of
