@@ -1162,13 +1162,16 @@ def find_candidates_boxed(
         # a corridor around it) joins without crossing a halo, the smaller (no bigger than a
         # typical cell) is a piece of the larger
         is_cell = (verdict["qc"] == "cell").to_numpy()
-        # far paler, fainter and thinner than the image's own cells: flat debris, not a cell body
+        # far paler, fainter and thinner than the image's own cells (or moderately so, all three, and
+        # ringed like a cell): flat debris or a gap among cells' halos, not a cell body
         pale = pale_outliers(measures, is_cell, rules)
         alone = measures["qc_nearest_cell_px"].to_numpy() > rules.isolation_scale * d
         verdict.loc[pale, "qc"] = np.where(alone[pale], "debris", "fragment")
         verdict.loc[pale, "qc_reason"] = (
             "paler, fainter and thinner than this image's cells (dark fraction, texture and thickness robust "
-            f"z-scores against them, each down to -{rules.pale_clip:g}, summing under {rules.pale_level:g})"
+            f"z-scores against them, each down to -{rules.pale_clip:g}, summing under {rules.pale_level:g}; or "
+            f"under {rules.ringed_level:g}, each under {rules.ringed_each:g}, ringed at least as brightly as "
+            f"they are and not far smaller, area z at least {rules.ringed_min_area:g})"
         )
         is_cell = is_cell & ~pale
         piece = np.zeros(len(cells), bool)
