@@ -719,11 +719,8 @@ def dark_line_pieces(
         whole = cv2.GaussianBlur(z, (0, 0), sigma)
     for (i, j, py, px), (r0, r1, c0, c1) in zip(corridors, boxes, strict=True):
         # smoothed around the corridor alone (the same values as the whole image smoothed: the
-        # box holds every pixel the kernel reaches from it)
-        if whole is not None:
-            part, r0, c0 = whole, 0, 0
-        else:
-            part = cv2.GaussianBlur(z[r0:r1, c0:c1], (0, 0), sigma)
+        # box holds every pixel the kernel reaches from it, and every pixel a bilinear read needs)
+        part = whole[r0:r1, c0:c1] if whole is not None else cv2.GaussianBlur(z[r0:r1, c0:c1], (0, 0), sigma)
         strip = cv2.remap(part, px - c0, py - r0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         below = strip <= rules.line_level
         if below[:, half].all():  # the straight line itself
@@ -731,7 +728,7 @@ def dark_line_pieces(
             continue
         # the path stays inside the two candidates: beside a short contact the corridor reaches
         # into the medium, which lies below the halo level too
-        own = labels[r0:r1, c0:c1] if whole is None else labels
+        own = labels[r0:r1, c0:c1]
         pair = ((own == ids[i]) | (own == ids[j])).astype(np.uint8)
         below &= cv2.remap(pair, px - c0, py - r0, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE) > 0
         below = below.astype(np.uint8)
